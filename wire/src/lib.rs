@@ -1,0 +1,499 @@
+//! The report an agent sends to the collector: JSON, gzip-compressed, versioned.
+//!
+//! This crate is the single place both programs agree on. The agent builds a [`Report`] and
+//! calls [`encode`]; the collector calls [`decode`] with its limits, which checks every
+//! structural rule a hostile or buggy sender could break before anything reaches InfluxDB.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+pub mod logtext;
+
+/// Major version of the wire format. A collector rejects any other major with a 400.
+pub const VERSION: u32 = 1;
+
+/// InfluxDB's documented limit for one string field; longer log lines are split by the agent.
+pub const MAX_FIELD_STRING: usize = 64 * 1024 - 1;
+
+/// One batch from one agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// Wire format major version, [`VERSION`].
+    pub v: u32,
+    pub agent: Identity,
+    /// Increasing per agent; the collector drops a batch whose (instance, boot, seq) it already took.
+    pub seq: u64,
+    /// The agent's reporting interval, so the collector can tell "late" from "silent".
+    #[serde(default)]
+    pub interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<Point>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckResult>,
+}
+
+/// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
+/// `group` tags of every point, so an agent cannot tag points as another instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Identity {
+    pub instance_id: String,
+    pub image_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub hostname: String,
+    pub boot_id: String,
+    pub version: String,
+    /// Unix seconds at which this boot started; lets the collector compute instance age.
+    #[serde(default)]
+    pub boot_time: u64,
+}
+
+/// A metric point. Identity tags are added by the collector, not sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// Measurement name (Telegraf's: cpu, mem, net, disk, diskio, system; or phoenix_*).
+    pub m: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    pub fields: BTreeMap<String, Value>,
+    /// Unix nanoseconds, set by the agent so a retried batch overwrites itself.
+    pub ts: i64,
+}
+
+/// A field value. JSON keeps integers and floats apart (`5` vs `5.0`), which maps onto
+/// InfluxDB's integer and float field types.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+}
+
+/// One log line (or one piece of a line too long for one InfluxDB string).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    /// Source: the file path, or `journal`.
+    pub src: String,
+    /// Unix nanoseconds, strictly increasing per source and fixed at read time.
+    pub ts: i64,
+    /// Byte offset of the start of this text in the file (journal: 0).
+    #[serde(default)]
+    pub offset: u64,
+    /// The text; see [`logtext`] for how bytes that are not UTF-8 travel.
+    pub msg: String,
+    /// True when `msg` is in the escaped form of [`logtext::encode`] (the raw line was not UTF-8).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub escaped: bool,
+    /// For a line split because it was too long: this piece's number, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<u32>,
+    /// Extra tags (journal: unit, level); files get `level` from the text at the collector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Extra fields (journal: pid, comm, priority).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, Value>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The agent's current view of its watched files against its baseline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct DriftState {
+    /// Merkle root over the current entries (hex BLAKE3).
+    pub hash: String,
+    /// Root of the baseline the agent has on disk, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// What differs from the agent's baseline (empty when there is none or it matches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<FileChange>,
+    /// Entries hashed in the scan that produced `hash`.
+    #[serde(default)]
+    pub entries: u64,
+    /// Unix ns of the scan (or event) this state describes.
+    #[serde(default)]
+    pub ts: i64,
+    /// Set when inotify lost events (queue overflow, no more watches) and a rescan happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The full current entry list, sent so the collector can diff against a registered
+    /// baseline. Paths and hashes only, never contents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries_list: Option<Vec<FileEntry>>,
+}
+
+/// One watched file as hashed: never its contents, only their hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileEntry {
+    pub path: String,
+    /// `f` file, `d` directory, `l` symlink, `o` other, `e` unreadable.
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Hex BLAKE3 of the contents (files), of the target (symlinks), empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// For `e` entries: why the file could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How one file differs from the baseline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileChange {
+    pub path: String,
+    /// `added`, `removed` or `changed`.
+    pub change: String,
+    /// For `changed`: which attributes: content, mode, owner, type, target, error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attrs: Vec<String>,
+}
+
+/// The outcome of one local check this interval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckResult {
+    pub name: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+/// The collector's answer to an accepted report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ack {
+    pub accepted: u64,
+    #[serde(default)]
+    pub duplicate: bool,
+    /// Lines InfluxDB refused for good (logged at the collector); never retried.
+    #[serde(default)]
+    pub rejected_points: u64,
+}
+
+/// Limits a collector applies while decoding; every one has a reason in [`DecodeError`].
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_decompressed: usize,
+    pub max_points: usize,
+    pub max_tags: usize,
+    pub max_fields: usize,
+    pub max_string: usize,
+    pub max_checks: usize,
+    pub max_drift_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_decompressed: 64 << 20,
+            max_points: 100_000,
+            max_tags: 32,
+            max_fields: 256,
+            max_string: 64 << 10,
+            max_checks: 256,
+            max_drift_entries: 1_000_000,
+        }
+    }
+}
+
+/// Why a report was refused. `TooLarge` maps to 413, everything else to 400.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("body is not valid gzip: {0} (send the JSON report gzip-compressed, Content-Encoding: gzip)")]
+    Gzip(std::io::Error),
+    #[error("decompressed body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("report is not valid JSON for wire format v{VERSION}: {0}")]
+    Json(serde_json::Error),
+    #[error("unsupported wire format version {0}; this collector speaks v{VERSION}: upgrade the collector or pin the agent")]
+    Version(u32),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, DecodeError::TooLarge(_))
+    }
+}
+
+/// Serialise and gzip a report.
+pub fn encode(report: &Report) -> Vec<u8> {
+    let json = serde_json::to_vec(report).expect("a report always serialises");
+    gzip(&json)
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4 + 64), flate2::Compression::fast());
+    enc.write_all(data).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Decompress (bounded), parse and validate a report.
+pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, DecodeError> {
+    let json = if gzipped { gunzip_limited(body, limits.max_decompressed)? } else {
+        if body.len() > limits.max_decompressed {
+            return Err(DecodeError::TooLarge(limits.max_decompressed));
+        }
+        body.to_vec()
+    };
+    // Read the version first so a v2 report gets "unsupported version", not a field error.
+    #[derive(Deserialize)]
+    struct V {
+        v: Option<u32>,
+    }
+    match serde_json::from_slice::<V>(&json) {
+        Ok(V { v: Some(v) }) if v != VERSION => return Err(DecodeError::Version(v)),
+        Ok(V { v: None }) => return Err(DecodeError::Invalid("missing \"v\" (wire format version)".into())),
+        Err(e) => return Err(DecodeError::Json(e)),
+        _ => {}
+    }
+    let report: Report = serde_json::from_slice(&json).map_err(DecodeError::Json)?;
+    validate(&report, limits).map_err(DecodeError::Invalid)?;
+    Ok(report)
+}
+
+/// Gunzip at most `max` bytes; more is an error rather than an allocation (gzip bombs).
+pub fn gunzip_limited(body: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::with_capacity((body.len() * 4).min(max));
+    let mut dec = flate2::read::MultiGzDecoder::new(body).take(max as u64 + 1);
+    dec.read_to_end(&mut out).map_err(DecodeError::Gzip)?;
+    if out.len() > max {
+        return Err(DecodeError::TooLarge(max));
+    }
+    Ok(out)
+}
+
+/// Instance, image and group ids: what cloud providers use, nothing that needs escaping.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+/// Measurement, tag key and field key names an agent may use.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.starts_with('_')
+}
+
+fn validate(r: &Report, l: &Limits) -> Result<(), String> {
+    let a = &r.agent;
+    for (what, v) in [("instance_id", &a.instance_id), ("image_id", &a.image_id)] {
+        if !valid_id(v) {
+            return Err(format!("agent.{what} {v:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
+        }
+    }
+    if let Some(g) = &a.group {
+        if !valid_id(g) {
+            return Err(format!("agent.group {g:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
+        }
+    }
+    for (what, v) in [("hostname", &a.hostname), ("boot_id", &a.boot_id), ("version", &a.version)] {
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(format!("agent.{what} is longer than 256 bytes or holds control characters"));
+        }
+    }
+    if r.metrics.len() + r.logs.len() > l.max_points {
+        return Err(format!("{} points and lines in one report; the limit is {}", r.metrics.len() + r.logs.len(), l.max_points));
+    }
+    for (i, p) in r.metrics.iter().enumerate() {
+        if !valid_name(&p.m) {
+            return Err(format!("metrics[{i}]: measurement {:?} must be 1-64 chars of A-Z a-z 0-9 _", p.m));
+        }
+        if p.tags.len() > l.max_tags {
+            return Err(format!("metrics[{i}]: {} tags; the limit is {}", p.tags.len(), l.max_tags));
+        }
+        if p.fields.is_empty() || p.fields.len() > l.max_fields {
+            return Err(format!("metrics[{i}]: {} fields; a point needs 1 to {}", p.fields.len(), l.max_fields));
+        }
+        check_tags(&p.tags, l).map_err(|e| format!("metrics[{i}]: {e}"))?;
+        check_fields(&p.fields, l).map_err(|e| format!("metrics[{i}]: {e}"))?;
+    }
+    for (i, line) in r.logs.iter().enumerate() {
+        if line.src.is_empty() || line.src.len() > 1024 {
+            return Err(format!("logs[{i}]: src must be 1-1024 bytes"));
+        }
+        if line.msg.len() > l.max_string.max(MAX_FIELD_STRING) * 2 {
+            return Err(format!("logs[{i}]: message of {} bytes; split lines over {} bytes", line.msg.len(), MAX_FIELD_STRING));
+        }
+        if line.tags.len() > 8 || line.fields.len() > 16 {
+            return Err(format!("logs[{i}]: too many tags or fields"));
+        }
+        check_tags(&line.tags, l).map_err(|e| format!("logs[{i}]: {e}"))?;
+        check_fields(&line.fields, l).map_err(|e| format!("logs[{i}]: {e}"))?;
+    }
+    if r.checks.len() > l.max_checks {
+        return Err(format!("{} checks; the limit is {}", r.checks.len(), l.max_checks));
+    }
+    for c in &r.checks {
+        if !valid_id(&c.name) || c.name.len() > 64 {
+            return Err(format!("check name {:?} must be 1-64 chars of A-Z a-z 0-9 - _ . : /", c.name));
+        }
+        if c.detail.len() > 4096 {
+            return Err(format!("check {}: detail over 4096 bytes", c.name));
+        }
+    }
+    if let Some(d) = &r.drift {
+        if d.hash.len() > 128 || d.changes.len() > l.max_drift_entries {
+            return Err("drift: hash or change list too long".into());
+        }
+        if d.entries_list.as_ref().map_or(0, Vec::len) > l.max_drift_entries {
+            return Err(format!("drift: more than {} entries", l.max_drift_entries));
+        }
+    }
+    Ok(())
+}
+
+fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String> {
+    for (k, v) in tags {
+        if !valid_name(k) {
+            return Err(format!("tag key {k:?} must be 1-64 chars of A-Z a-z 0-9 _"));
+        }
+        if v.is_empty() || v.len() > 1024.min(l.max_string) {
+            return Err(format!("tag {k}: value must be 1-1024 bytes"));
+        }
+    }
+    Ok(())
+}
+
+fn check_fields(fields: &BTreeMap<String, Value>, l: &Limits) -> Result<(), String> {
+    for (k, v) in fields {
+        if !valid_name(k) {
+            return Err(format!("field key {k:?} must be 1-64 chars of A-Z a-z 0-9 _"));
+        }
+        match v {
+            Value::Str(s) if s.len() > l.max_string => {
+                return Err(format!("field {k}: string of {} bytes; the limit is {}", s.len(), l.max_string))
+            }
+            Value::Float(f) if !f.is_finite() => return Err(format!("field {k}: not a finite number")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Report {
+        let mut fields = BTreeMap::new();
+        fields.insert("usage_idle".to_string(), Value::Float(97.5));
+        fields.insert("n".to_string(), Value::Int(3));
+        Report {
+            v: VERSION,
+            agent: Identity {
+                instance_id: "i-0abc".into(),
+                image_id: "ami-1".into(),
+                group: Some("web".into()),
+                hostname: "web-1".into(),
+                boot_id: "b".into(),
+                version: "0.1.0".into(),
+                boot_time: 1,
+            },
+            seq: 7,
+            interval_ms: 10_000,
+            metrics: vec![Point { m: "cpu".into(), tags: [("cpu".to_string(), "cpu-total".to_string())].into(), fields, ts: 1 }],
+            logs: vec![],
+            drift: None,
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_int_and_float_apart() {
+        let mut r = sample();
+        r.metrics[0].fields.insert("whole_float".into(), Value::Float(5.0));
+        let back = decode(&encode(&r), true, &Limits::default()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.metrics[0].fields["whole_float"], Value::Float(5.0));
+        assert_eq!(back.metrics[0].fields["n"], Value::Int(3));
+    }
+
+    #[test]
+    fn unknown_version_is_named() {
+        let json = serde_json::to_vec(&serde_json::json!({"v": 2, "anything": true})).unwrap();
+        let e = decode(&json, false, &Limits::default()).unwrap_err();
+        assert!(matches!(e, DecodeError::Version(2)), "{e}");
+        assert!(e.to_string().contains("version 2"));
+    }
+
+    #[test]
+    fn gzip_bomb_is_too_large_not_oom() {
+        let zeros = vec![0u8; 8 << 20];
+        let bomb = gzip(&zeros);
+        assert!(bomb.len() < 64 << 10);
+        let e = decode(&bomb, true, &Limits { max_decompressed: 1 << 20, ..Limits::default() }).unwrap_err();
+        assert!(e.is_too_large());
+    }
+
+    #[test]
+    fn bad_ids_and_names_are_refused() {
+        let mut r = sample();
+        r.agent.instance_id = "i-1 evil=1".into();
+        assert!(decode(&encode(&r), true, &Limits::default()).unwrap_err().to_string().contains("instance_id"));
+        let mut r = sample();
+        r.metrics[0].m = "cpu,evil=1".into();
+        assert!(decode(&encode(&r), true, &Limits::default()).is_err());
+        let mut r = sample();
+        r.metrics[0].tags = (0..40).map(|i| (format!("t{i}"), "v".to_string())).collect();
+        assert!(decode(&encode(&r), true, &Limits::default()).unwrap_err().to_string().contains("40 tags"));
+    }
+
+    #[test]
+    fn not_gzip_is_a_clear_error() {
+        let e = decode(b"{\"v\":1}", true, &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("gzip"));
+    }
+}
+
+/// Durations as people write them in flags and config: `500ms`, `10s`, `2m`, `1h`, `7d`, or
+/// bare seconds. Shared so both programs accept exactly the same spellings.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 10s, 2m, 1h or 7d"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" | "mins" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?}; use ms, s, m, h or d")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    #[test]
+    fn spellings() {
+        use std::time::Duration;
+        assert_eq!(super::parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(super::parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(super::parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(super::parse_duration("300").unwrap(), Duration::from_secs(300));
+        assert!(super::parse_duration("ten").is_err());
+        assert!(super::parse_duration("5y").is_err());
+    }
+}
