@@ -1,1 +1,65 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+
+use phoenix_agent::config::RunArgs;
+
+/// Ships metrics, log lines and a config-drift hash off an immutable server to phoenix-collector.
+/// Reads only; listens on nothing.
+#[derive(Parser)]
+#[command(name = "phoenix-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: sample, tail, hash and ship until stopped.
+    Run(RunArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let json = match &cli.cmd {
+        Cmd::Run(a) => a.log_format.as_deref() == Some("json") || std::env::var("PHOENIX_LOG_FORMAT").is_ok_and(|v| v == "json"),
+    };
+    init_tracing(json);
+    let result = match cli.cmd {
+        Cmd::Run(args) => args.resolve().and_then(|cfg| phoenix_agent::run(cfg, spawn_signal_thread)).map(|_| 0u8),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("phoenix-agent: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// SIGTERM/SIGINT stop the agent cleanly: a dedicated thread waits for them with sigwait, so
+/// no handler runs in signal context. The signals are blocked in every thread first.
+fn spawn_signal_thread(spool: std::sync::Arc<phoenix_agent::spool::Spool>) {
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            tracing::info!(signal = sig, "stopping");
+            spool.stop();
+        });
+    }
+}
