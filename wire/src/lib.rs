@@ -9,6 +9,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+pub mod drift;
 pub mod logtext;
 
 /// Major version of the wire format. A collector rejects any other major with a 400.
