@@ -2,11 +2,10 @@
 //! No probe runs a shell or builds a command line from a report; `systemd:` runs the fixed
 //! program `systemctl is-active` on a unit name checked against systemd's own name syntax.
 
-use std::collections::BTreeMap;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use phoenix_wire::{CheckResult, Point, Value};
+use phoenix_wire::CheckResult;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Probe {
@@ -121,23 +120,6 @@ fn count_processes(name: &str) -> usize {
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
         .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
         .count()
-}
-
-/// Check results as points (`phoenix_check`), so Grafana can chart them.
-pub fn points(results: &[CheckResult], ts: i64) -> Vec<Point> {
-    results
-        .iter()
-        .map(|r| Point {
-            m: "phoenix_check".into(),
-            tags: BTreeMap::from([("check".to_string(), r.name.clone())]),
-            fields: BTreeMap::from([
-                ("ok".to_string(), Value::Bool(r.ok)),
-                ("duration_ms".to_string(), Value::Int(r.duration_ms as i64)),
-                ("detail".to_string(), Value::Str(r.detail.chars().take(512).collect())),
-            ]),
-            ts,
-        })
-        .collect()
 }
 
 #[cfg(test)]

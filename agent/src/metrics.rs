@@ -362,8 +362,8 @@ impl Source for MetricsSource {
             let mut report = ctx.report();
             report.metrics = self.sample(ts);
             if let Some(checks) = self.checks.as_mut() {
+                // The collector turns these into `phoenix_check` points and feeds its rules.
                 report.checks = checks.run_all();
-                report.metrics.extend(crate::checks::points(&report.checks, ts));
             }
             for extra in self.extras.iter_mut() {
                 extra(ts, &mut report.metrics);

@@ -1,0 +1,255 @@
+//! `phoenix-collector` settings: command line, `PHOENIX_*` env vars and a TOML file
+//! (`--config`), merged flag > env > file > default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::sink::influx::Api;
+
+/// Takes phoenix-agent reports, writes them to InfluxDB, and marks drifted or unhealthy
+/// instances for phoenix replacement.
+#[derive(Parser, Deserialize, Default, Debug, Clone)]
+#[command(name = "phoenix-collector", version)]
+#[serde(default, deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of these settings (flags and env override it).
+    #[arg(long, env = "PHOENIX_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "PHOENIX_LISTEN")]
+    pub listen: Option<String>,
+    /// Fleet state, generated tokens and (without InfluxDB) the points [default: ./phoenix-data].
+    #[arg(long, env = "PHOENIX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// InfluxDB base URL, e.g. http://127.0.0.1:8086. Without it points go to line-protocol
+    /// files under <data-dir>/influx.
+    #[arg(long, env = "PHOENIX_INFLUX_URL")]
+    pub influx_url: Option<String>,
+    /// v1 API: database [default: phoenix].
+    #[arg(long, env = "PHOENIX_INFLUX_DB")]
+    pub influx_db: Option<String>,
+    /// v1 API: retention policy.
+    #[arg(long, env = "PHOENIX_INFLUX_RP")]
+    pub influx_rp: Option<String>,
+    /// v1 API: user.
+    #[arg(long, env = "PHOENIX_INFLUX_USER")]
+    pub influx_user: Option<String>,
+    /// v1 API: password.
+    #[arg(long, env = "PHOENIX_INFLUX_PASSWORD", hide_env_values = true)]
+    pub influx_password: Option<String>,
+    /// v2 API: organisation (giving it selects the v2 API).
+    #[arg(long, env = "PHOENIX_INFLUX_ORG")]
+    pub influx_org: Option<String>,
+    /// v2 API: bucket.
+    #[arg(long, env = "PHOENIX_INFLUX_BUCKET")]
+    pub influx_bucket: Option<String>,
+    /// v2 API: token.
+    #[arg(long, env = "PHOENIX_INFLUX_TOKEN", hide_env_values = true)]
+    pub influx_token: Option<String>,
+    /// gzip writes to InfluxDB: true or false [default: true].
+    #[arg(long, env = "PHOENIX_INFLUX_GZIP")]
+    pub influx_gzip: Option<bool>,
+    /// Agent token (repeatable, for rotation).
+    #[arg(long = "agent-token", env = "PHOENIX_AGENT_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub agent_token: Vec<String>,
+    /// File(s) holding agent tokens, one per line.
+    #[arg(long = "agent-token-file", env = "PHOENIX_AGENT_TOKEN_FILE", value_delimiter = ',')]
+    pub agent_token_file: Vec<PathBuf>,
+    /// Recycler token: reads and acks the phoenix queue (repeatable).
+    #[arg(long = "recycler-token", env = "PHOENIX_RECYCLER_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub recycler_token: Vec<String>,
+    #[arg(long = "recycler-token-file", env = "PHOENIX_RECYCLER_TOKEN_FILE", value_delimiter = ',')]
+    pub recycler_token_file: Vec<PathBuf>,
+    /// Pipeline token: registers baked baselines (repeatable).
+    #[arg(long = "pipeline-token", env = "PHOENIX_PIPELINE_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub pipeline_token: Vec<String>,
+    #[arg(long = "pipeline-token-file", env = "PHOENIX_PIPELINE_TOKEN_FILE", value_delimiter = ',')]
+    pub pipeline_token_file: Vec<PathBuf>,
+    /// Reader token: fleet state and the fleet page (repeatable).
+    #[arg(long = "reader-token", env = "PHOENIX_READER_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub reader_token: Vec<String>,
+    #[arg(long = "reader-token-file", env = "PHOENIX_READER_TOKEN_FILE", value_delimiter = ',')]
+    pub reader_token_file: Vec<PathBuf>,
+    /// Largest request body, compressed [default: 8MiB].
+    #[arg(long, env = "PHOENIX_MAX_BODY")]
+    pub max_body: Option<String>,
+    /// Largest report once decompressed [default: 64MiB].
+    #[arg(long, env = "PHOENIX_MAX_REPORT")]
+    pub max_report: Option<String>,
+    /// After an instance's first report only drift counts for this long [default: 300s].
+    #[arg(long, env = "PHOENIX_GRACE")]
+    pub grace: Option<String>,
+    /// No report for this long: unhealthy (3 missed intervals: suspect) [default: 2m].
+    #[arg(long, env = "PHOENIX_SILENT_AFTER")]
+    pub silent_after: Option<String>,
+    /// A check failing in this many consecutive reports: unhealthy [default: 3].
+    #[arg(long, env = "PHOENIX_CHECK_FAILURES")]
+    pub check_failures: Option<u32>,
+    /// CPU or memory pegged (CPU > 95 %, available memory < 5 %) this long: unhealthy [default: 5m].
+    #[arg(long, env = "PHOENIX_PEGGED_FOR")]
+    pub pegged_for: Option<String>,
+    /// A filesystem fuller than this percentage: unhealthy [default: 95].
+    #[arg(long, env = "PHOENIX_DISK_FULL")]
+    pub disk_full: Option<f64>,
+    /// Instances older than this are marked for recycling (off by default).
+    #[arg(long, env = "PHOENIX_MAX_LIFETIME")]
+    pub max_lifetime: Option<String>,
+    /// Most of a group marked at once, e.g. 10% (at least 1 instance) [default: 10%].
+    #[arg(long, env = "PHOENIX_BUDGET")]
+    pub budget: Option<String>,
+    /// Most new marks per minute across the fleet [default: 10].
+    #[arg(long, env = "PHOENIX_MARK_RATE")]
+    pub mark_rate: Option<u32>,
+    /// Share of a group turning bad at once that holds marks and raises an alert [default: 50%].
+    #[arg(long, env = "PHOENIX_MASS_EVENT")]
+    pub mass_event: Option<String>,
+    /// Mark nothing; log what would have been marked.
+    #[arg(long, env = "PHOENIX_LOG_ONLY")]
+    pub log_only: bool,
+    /// URL to POST each new mark to (JSON, signed).
+    #[arg(long, env = "PHOENIX_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// Secret for the webhook's HMAC-SHA256 signature header.
+    #[arg(long, env = "PHOENIX_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Log format of the collector's own messages: text or json [default: text].
+    #[arg(long, env = "PHOENIX_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Merged, checked settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub influx: Option<(String, Api)>,
+    pub influx_gzip: bool,
+    pub tokens: Vec<(crate::auth::Role, String)>,
+    pub max_body: usize,
+    pub max_report: usize,
+    pub health: crate::health::Rules,
+    pub webhook: Option<(String, String)>,
+}
+
+fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
+    phoenix_wire::parse_duration(v.unwrap_or(default)).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+}
+
+fn size(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<usize> {
+    let s = v.unwrap_or(default).trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: usize = n.parse().with_context(|| format!("--{flag} {s:?}: write e.g. 8MiB"))?;
+    let m = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => bail!("--{flag}: unknown unit {u:?}; use KiB, MiB or GiB"),
+    };
+    Ok(n * m)
+}
+
+fn percent(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<f64> {
+    let s = v.unwrap_or(default).trim().trim_end_matches('%');
+    let p: f64 = s.parse().with_context(|| format!("--{flag}: write a percentage such as 10%"))?;
+    anyhow::ensure!((0.0..=100.0).contains(&p), "--{flag}: {p} is not between 0% and 100%");
+    Ok(p / 100.0)
+}
+
+impl Args {
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let f: Args = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+            }
+            None => Args::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.clone().or(f.$f.clone())
+            };
+        }
+        macro_rules! list {
+            ($f:ident) => {
+                if self.$f.is_empty() { f.$f.clone() } else { self.$f.clone() }
+            };
+        }
+        let listen = pick!(listen).unwrap_or_else(|| "127.0.0.1:7070".into());
+        let listen: SocketAddr = listen.parse().with_context(|| format!("--listen {listen:?}: give HOST:PORT, e.g. 0.0.0.0:7070"))?;
+        let data_dir = pick!(data_dir).unwrap_or_else(|| "./phoenix-data".into());
+        let influx = match pick!(influx_url) {
+            None => None,
+            Some(url) => {
+                anyhow::ensure!(url.starts_with("http://") || url.starts_with("https://"), "--influx-url {url:?}: give http(s)://HOST:PORT");
+                let api = match pick!(influx_org) {
+                    Some(org) => Api::V2 {
+                        org,
+                        bucket: pick!(influx_bucket).context("--influx-org selects the v2 API: give --influx-bucket too")?,
+                        token: pick!(influx_token),
+                    },
+                    None => Api::V1 { db: pick!(influx_db).unwrap_or_else(|| "phoenix".into()), rp: pick!(influx_rp), user: pick!(influx_user), password: pick!(influx_password) },
+                };
+                Some((url, api))
+            }
+        };
+        use crate::auth::Role;
+        let mut tokens = Vec::new();
+        for (role, values, files) in [
+            (Role::Agent, list!(agent_token), list!(agent_token_file)),
+            (Role::Recycler, list!(recycler_token), list!(recycler_token_file)),
+            (Role::Pipeline, list!(pipeline_token), list!(pipeline_token_file)),
+            (Role::Reader, list!(reader_token), list!(reader_token_file)),
+        ] {
+            for v in values {
+                tokens.push((role, v));
+            }
+            for p in files {
+                let text = crate::auth::read_token_file(&p).with_context(|| format!("reading {} token file {}", role.name(), p.display()))?;
+                tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| (role, l.to_owned())));
+            }
+        }
+        let log_only = self.log_only || f.log_only;
+        let max_lifetime = match pick!(max_lifetime).as_deref() {
+            None | Some("off") | Some("0") => None,
+            Some(v) => Some(dur(Some(v), "", "max-lifetime")?),
+        };
+        let health = crate::health::Rules {
+            grace: dur(pick!(grace).as_deref(), "300s", "grace")?,
+            silent_after: dur(pick!(silent_after).as_deref(), "2m", "silent-after")?,
+            check_failures: pick!(check_failures).unwrap_or(3).max(1),
+            pegged_for: dur(pick!(pegged_for).as_deref(), "5m", "pegged-for")?,
+            cpu_pegged: 95.0,
+            mem_available_min: 5.0,
+            disk_full: pick!(disk_full).unwrap_or(95.0),
+            max_lifetime,
+            budget: percent(pick!(budget).as_deref(), "10%", "budget")?,
+            mark_rate_per_min: pick!(mark_rate).unwrap_or(10).max(1),
+            mass_event: percent(pick!(mass_event).as_deref(), "50%", "mass-event")?,
+            log_only,
+        };
+        let webhook = match (pick!(webhook), pick!(webhook_secret)) {
+            (Some(u), Some(s)) => Some((u, s)),
+            (Some(_), None) => bail!("--webhook needs --webhook-secret: receivers verify the signature"),
+            (None, _) => None,
+        };
+        Ok(Config {
+            listen,
+            data_dir,
+            influx,
+            influx_gzip: pick!(influx_gzip).unwrap_or(true),
+            tokens,
+            max_body: size(pick!(max_body).as_deref(), "8MiB", "max-body")?,
+            max_report: size(pick!(max_report).as_deref(), "64MiB", "max-report")?,
+            health,
+            webhook,
+        })
+    }
+}

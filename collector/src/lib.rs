@@ -1,0 +1,95 @@
+//! phoenix-collector: takes agents' reports, writes every point to InfluxDB, keeps fleet
+//! state and marks drifted or unhealthy instances for phoenix replacement.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod fleet;
+pub mod health;
+pub mod lineproto;
+pub mod sink;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use auth::{Role, Tokens};
+use config::Config;
+use sink::Sink;
+
+/// Tokens from the configuration; for a role with none, a generated one kept in
+/// `<data-dir>/tokens/<role>.token` (mode 600), so a fresh collector is never open.
+pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
+    let mut t = Tokens::default();
+    for (role, v) in &cfg.tokens {
+        t.add(*role, v);
+    }
+    let dir = cfg.data_dir.join("tokens");
+    for role in Role::ALL {
+        if t.has(role) {
+            continue;
+        }
+        let path = dir.join(format!("{}.token", role.name()));
+        let token = if path.exists() {
+            auth::read_token_file(&path).with_context(|| format!("reading {}", path.display()))?
+        } else {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let token = auth::generate().context("reading /dev/urandom")?;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut f, token.as_bytes())?;
+            tracing::info!(role = role.name(), file = %path.display(), "no token given for this role; generated one");
+            token
+        };
+        t.add(role, &token);
+    }
+    Ok(t)
+}
+
+pub fn make_sink(cfg: &Config) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(match &cfg.influx {
+        Some((url, api)) => Arc::new(sink::influx::Influx::new(url, api.clone(), cfg.influx_gzip, Duration::from_secs(30))),
+        None => {
+            let db = "phoenix";
+            Arc::new(sink::file::FileSink::new(cfg.data_dir.join("influx"), db)?)
+        }
+    })
+}
+
+/// Run the collector until SIGTERM or SIGINT.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {} (give --data-dir a writable path)", cfg.data_dir.display()))?;
+    let tokens = load_tokens(&cfg)?;
+    let sink = make_sink(&cfg)?;
+    let store = sink.describe();
+    {
+        let sink = sink.clone();
+        // Not fatal: InfluxDB may come up after us; writes then answer 503 until it does.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = sink.prepare() {
+                tracing::warn!(error = %e, "store not ready yet");
+            }
+        });
+    }
+    let writer = writer::start(sink, writer::Settings::default());
+    let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, ..Default::default() };
+    let state = Arc::new(api::AppState { tokens, writer, fleet: Arc::new(fleet::Fleet::default()), limits, max_body: cfg.max_body, store: store.clone() });
+    let app = api::router(state);
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} (is another collector running? use --listen)", cfg.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, store = %store, "phoenix-collector ready");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("stopping");
+}

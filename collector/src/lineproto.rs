@@ -1,0 +1,227 @@
+//! InfluxDB line protocol, written with InfluxDB's escaping rules so that no input can end a
+//! line early, add a tag or field, or start a new point.
+//!
+//! Rules (as InfluxDB parses them):
+//! - measurement: `,` and space are escaped with `\`;
+//! - tag keys, tag values, field keys: `,`, `=` and space are escaped with `\`;
+//! - string field values: `"` and `\` are escaped with `\`; anything else, a newline
+//!   included, is taken literally inside the quotes;
+//! - names and tag values cannot hold a newline at all, and InfluxDB reads a backslash before
+//!   `,`, `=`, space (or at the very end) as an escape, with no way to write a literal one
+//!   there (1.x keeps `\\` as two characters). So newlines, carriage returns and tabs in them
+//!   are written as a space, and such a backslash as `/`. Reports are validated before they
+//!   get here, so this only ever applies to text an agent took from the box (file paths, unit
+//!   names); everywhere else a backslash is written as it is, which InfluxDB keeps.
+//!
+//! Lines are separated by `\n`, but a string field may hold a newline too, so the writer
+//! records where each line ends rather than leaving readers to split on newlines.
+
+use std::fmt::Write;
+
+use phoenix_wire::Value;
+
+/// Appends points to one newline-separated body.
+#[derive(Default)]
+pub struct Writer {
+    pub buf: String,
+    pub lines: usize,
+    /// Offset just past each line's terminating newline.
+    pub ends: Vec<usize>,
+}
+
+/// One point being written; finish with [`PointWriter::end`].
+pub struct PointWriter<'a> {
+    w: &'a mut Writer,
+    start: usize,
+    fields: usize,
+}
+
+impl Writer {
+    pub fn with_capacity(n: usize) -> Writer {
+        Writer { buf: String::with_capacity(n), lines: 0, ends: Vec::new() }
+    }
+
+    /// Each line, without its newline.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&e| {
+            let l = &self.buf[start..e - 1];
+            start = e;
+            l
+        })
+    }
+
+    pub fn point(&mut self, measurement: &str) -> PointWriter<'_> {
+        let start = self.buf.len();
+        escape_into(&mut self.buf, measurement, &[',', ' ']);
+        PointWriter { w: self, start, fields: 0 }
+    }
+}
+
+impl PointWriter<'_> {
+    /// Tags must be given sorted by key (InfluxDB's preferred order) and before any field.
+    pub fn tag(self, key: &str, value: &str) -> Self {
+        if key.is_empty() || value.is_empty() {
+            return self; // InfluxDB refuses empty tag keys and values; an absent tag is the same
+        }
+        debug_assert_eq!(self.fields, 0, "tags go before fields");
+        self.w.buf.push(',');
+        escape_into(&mut self.w.buf, key, &[',', '=', ' ']);
+        self.w.buf.push('=');
+        escape_into(&mut self.w.buf, value, &[',', '=', ' ']);
+        self
+    }
+
+    pub fn field(mut self, key: &str, value: &Value) -> Self {
+        if let Value::Float(f) = value {
+            if !f.is_finite() {
+                return self; // NaN and inf have no line-protocol spelling
+            }
+        }
+        self.w.buf.push(if self.fields == 0 { ' ' } else { ',' });
+        self.fields += 1;
+        escape_into(&mut self.w.buf, key, &[',', '=', ' ']);
+        self.w.buf.push('=');
+        let b = &mut self.w.buf;
+        match value {
+            Value::Int(i) => {
+                let _ = write!(b, "{i}i");
+            }
+            Value::Float(f) => {
+                // Debug formatting keeps a `.0` on whole numbers so InfluxDB types them as float.
+                let _ = write!(b, "{f:?}");
+            }
+            Value::Bool(v) => b.push_str(if *v { "true" } else { "false" }),
+            Value::Str(s) => {
+                b.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        b.push('\\');
+                    }
+                    b.push(c);
+                }
+                b.push('"');
+            }
+        }
+        self
+    }
+
+    pub fn str_field(self, key: &str, value: &str) -> Self {
+        self.field(key, &Value::Str(value.to_owned()))
+    }
+
+    /// Ends the line with its timestamp (ns). A point without fields is dropped: InfluxDB
+    /// refuses it and it would take its whole batch down with a 400.
+    pub fn end(self, ts: i64) -> bool {
+        if self.fields == 0 {
+            self.w.buf.truncate(self.start);
+            return false;
+        }
+        let _ = writeln!(self.w.buf, " {ts}");
+        self.w.lines += 1;
+        self.w.ends.push(self.w.buf.len());
+        true
+    }
+}
+
+fn escape_into(out: &mut String, s: &str, special: &[char]) {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(' '),
+            '\\' if chars.peek().is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) => out.push('/'),
+            c if special.contains(&c) => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use influxdb_line_protocol::{parse_lines, FieldValue};
+    use proptest::prelude::*;
+
+    #[test]
+    fn known_lines() {
+        let mut w = Writer::default();
+        w.point("cpu").tag("cpu", "cpu-total").tag("host", "web 1,x=y").field("usage_idle", &Value::Float(5.0)).field("n", &Value::Int(3)).end(1);
+        w.point("log").tag("path", "/var/log/a b.log").str_field("message", "he said \"hi\", C:\\temp\\ end\\").end(2);
+        assert_eq!(
+            w.buf,
+            "cpu,cpu=cpu-total,host=web\\ 1\\,x\\=y usage_idle=5.0,n=3i 1\nlog,path=/var/log/a\\ b.log message=\"he said \\\"hi\\\", C:\\\\temp\\\\ end\\\\\" 2\n"
+        );
+        assert_eq!(w.lines, 2);
+    }
+
+    #[test]
+    fn backslashes_in_tags() {
+        let mut w = Writer::default();
+        w.point("m").tag("p", "C:\\temp\\x").tag("q", "a\\ b\\").field("v", &Value::Int(1)).end(1);
+        assert_eq!(w.buf, "m,p=C:\\temp\\x,q=a/\\ b/ v=1i 1\n");
+    }
+
+    #[test]
+    fn injection_stays_inside_the_string() {
+        let mut w = Writer::default();
+        w.point("log").tag("host", "a").str_field("message", "x\"\nevil,host=a v=1 1").end(5);
+        let lines: Vec<_> = parse_lines(&w.buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].series.measurement.to_string(), "log");
+    }
+
+    #[test]
+    fn fieldless_points_are_dropped() {
+        let mut w = Writer::default();
+        assert!(!w.point("cpu").tag("a", "b").field("x", &Value::Float(f64::NAN)).end(1));
+        assert_eq!(w.buf, "");
+        assert_eq!(w.lines, 0);
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        // Any printable text with separators, but no backslash or newline: those are the
+        // documented substitutions, checked against a real InfluxDB in the end-to-end tests.
+        "[a-zA-Z0-9 ,=\"'_.:/é😀-]{1,20}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn every_input_parses_back_exactly(
+            m in name(),
+            tags in proptest::collection::btree_map(name(), name(), 0..5),
+            key in name().prop_filter("distinct", |k| k != "i_" && k != "f_"),
+            sval in any::<String>(),
+            ival in any::<i64>(),
+            fval in any::<f64>().prop_filter("finite", |f| f.is_finite()),
+            ts in any::<i64>(),
+        ) {
+            let mut w = Writer::default();
+            let mut p = w.point(&m);
+            for (k, v) in &tags { p = p.tag(k, v); }
+            let ok = p.field(&key, &Value::Str(sval.clone())).field("i_", &Value::Int(ival)).field("f_", &Value::Float(fval)).end(ts);
+            prop_assert!(ok);
+            let parsed: Vec<_> = parse_lines(&w.buf).collect::<Result<_, _>>().map_err(|e| TestCaseError::fail(format!("{e} in {:?}", w.buf)))?;
+            prop_assert_eq!(parsed.len(), 1);
+            let l = &parsed[0];
+            prop_assert_eq!(l.series.measurement.to_string(), m);
+            let got: Vec<(String, String)> = l.series.tag_set.as_ref().map(|t| t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
+            let want: Vec<(String, String)> = tags.into_iter().collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(l.timestamp, Some(ts));
+            let mut saw_string = false;
+            for (k, v) in &l.field_set {
+                match v {
+                    FieldValue::String(s) if k.to_string() == key => { prop_assert_eq!(s.to_string(), sval.clone()); saw_string = true; }
+                    FieldValue::I64(i) => prop_assert_eq!(*i, ival),
+                    FieldValue::F64(f) => prop_assert_eq!(*f, fval),
+                    other => prop_assert!(false, "unexpected field {k}={other:?}"),
+                }
+            }
+            prop_assert!(saw_string);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The embedded default when no InfluxDB is configured: line protocol appended to one file
+//! per day under `<data-dir>/influx/`, with the header `influx -import` expects, so the data
+//! can be loaded into a real InfluxDB later without loss.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::{Response, Sink, SinkError};
+
+pub struct FileSink {
+    dir: PathBuf,
+    db: String,
+    open: Mutex<Option<(String, File)>>,
+}
+
+impl FileSink {
+    pub fn new(dir: PathBuf, db: &str) -> Result<FileSink, SinkError> {
+        std::fs::create_dir_all(&dir).map_err(|e| SinkError::Setup(format!("creating {}: {e} (check --data-dir)", dir.display())))?;
+        Ok(FileSink { dir, db: db.into(), open: Mutex::new(None) })
+    }
+
+    fn day() -> String {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let (y, m, d) = civil_from_days((secs / 86400) as i64);
+        format!("{y:04}-{m:02}-{d:02}")
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl Sink for FileSink {
+    fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
+        let day = Self::day();
+        let mut g = self.open.lock().unwrap();
+        if g.as_ref().map(|(d, _)| d != &day).unwrap_or(true) {
+            let path = self.dir.join(format!("points-{day}.lp"));
+            let fresh = !path.exists();
+            let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| SinkError::Unreachable { what: path.display().to_string(), err: e.to_string() })?;
+            if fresh {
+                let _ = writeln!(f, "# DML\n# CONTEXT-DATABASE: {}", self.db);
+            }
+            *g = Some((day, f));
+        }
+        let (_, f) = g.as_mut().expect("opened above");
+        let res = f.write_all(body).and_then(|_| f.sync_data());
+        Ok(match res {
+            Ok(()) => Response { status: 204, retry_after: None, body: String::new() },
+            Err(e) => {
+                *g = None;
+                Response { status: 503, retry_after: Some(std::time::Duration::from_secs(5)), body: format!("writing {}: {e}", self.dir.display()) }
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("line-protocol files in {}", self.dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates() {
+        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(super::civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(super::civil_from_days(20_512), (2026, 2, 28));
+    }
+}
