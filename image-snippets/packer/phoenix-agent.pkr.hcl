@@ -1,0 +1,121 @@
+# Bakes phoenix-agent into an image. Paste the variables, the file and shell provisioners into
+# your own build; the source below only stands in for yours.
+#
+#   packer build -var collector_url=https://collector:7070 -var pipeline_token=... \
+#                -var agent_token=... -var agent_binary=target/release/phoenix-agent .
+#
+# The image id the baseline is registered under must be the one the instances later report.
+# The AMI id does not exist until after the build, so the build names the image itself
+# (image_id below), tags the AMI with it and writes it into agent.toml, which the agent's
+# identity prefers over what the metadata service says.
+
+variable "collector_url" {
+  type        = string
+  description = "phoenix-collector base URL; bake registers the baseline there, the agent reports there."
+}
+
+variable "pipeline_token" {
+  type        = string
+  description = "The collector's --pipeline-token: allowed to register baselines, nothing else."
+  sensitive   = true
+}
+
+variable "agent_token" {
+  type        = string
+  description = "The collector's --agent-token the instances report with (written 0600)."
+  sensitive   = true
+}
+
+variable "agent_binary" {
+  type        = string
+  default     = "target/release/phoenix-agent"
+  description = "The release binary of phoenix-agent (x86_64-unknown-linux-gnu or musl)."
+}
+
+variable "snippets_dir" {
+  type        = string
+  default     = "image-snippets"
+  description = "This directory: install.sh, agent.toml.example, systemd/phoenix-agent.service."
+}
+
+variable "agent_config" {
+  type        = string
+  default     = "image-snippets/agent.toml.example"
+  description = "The agent.toml to bake in; its drift_path must match the bake step's paths."
+}
+
+variable "image_name" {
+  type    = string
+  default = "phoenix-web"
+}
+
+variable "region" {
+  type    = string
+  default = "eu-west-1"
+}
+
+variable "source_ami" {
+  type        = string
+  default     = "ami-00000000000000000"
+  description = "The stock image to start from (Debian 12 or Ubuntu 22.04+)."
+}
+
+locals {
+  # One id for the AMI's name, its tag, the agent config and the registered baseline.
+  image_id = "${var.image_name}-${formatdate("YYYYMMDDhhmmss", timestamp())}"
+}
+
+source "amazon-ebs" "base" {
+  region        = var.region
+  source_ami    = var.source_ami
+  instance_type = "t3.small"
+  ssh_username  = "admin"
+  ami_name      = local.image_id
+  tags = {
+    phoenix_image_id = local.image_id
+  }
+}
+
+build {
+  sources = ["source.amazon-ebs.base"]
+
+  provisioner "file" {
+    source      = var.agent_binary
+    destination = "/tmp/phoenix-agent"
+  }
+
+  provisioner "file" {
+    source      = var.agent_config
+    destination = "/tmp/phoenix-agent.toml"
+  }
+
+  provisioner "file" {
+    source      = "${var.snippets_dir}/systemd/phoenix-agent.service"
+    destination = "/tmp/phoenix-agent.service"
+  }
+
+  provisioner "file" {
+    source      = "${var.snippets_dir}/install.sh"
+    destination = "/tmp/phoenix-install.sh"
+  }
+
+  # Everything the application needs is installed before this provisioner: bake must be the
+  # last thing that touches the watched paths, or the image starts out drifted.
+  provisioner "shell" {
+    environment_vars = ["PHOENIX_TOKEN=${var.agent_token}"]
+    execute_command  = "sudo -E sh -eu '{{ .Path }}'"
+    inline = [
+      "printf '\\nimage_id = \"%s\"\\n' '${local.image_id}' >> /tmp/phoenix-agent.toml",
+      "sh /tmp/phoenix-install.sh --binary /tmp/phoenix-agent --config /tmp/phoenix-agent.toml --unit /tmp/phoenix-agent.service --enable",
+      "rm -f /tmp/phoenix-agent /tmp/phoenix-agent.toml /tmp/phoenix-agent.service /tmp/phoenix-install.sh",
+      "/usr/local/bin/phoenix-agent --version",
+      # State of the build instance must not leak into the instances.
+      "rm -rf /var/lib/phoenix-agent /var/lib/private/phoenix-agent",
+      "cloud-init clean --logs --seed",
+      "truncate -s 0 /etc/machine-id",
+      "rm -f /var/lib/dbus/machine-id",
+      "rm -f /etc/ssh/ssh_host_*",
+      "phoenix-agent bake --drift-path /etc --drift-path /opt/app/config --image-id ${local.image_id} --out /usr/share/phoenix-agent/baseline.json --register ${var.collector_url} --token ${var.pipeline_token}",
+    ]
+  }
+}
