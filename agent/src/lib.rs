@@ -7,6 +7,7 @@ pub mod checks;
 pub mod config;
 pub mod counters;
 pub mod identity;
+pub mod logs;
 pub mod metrics;
 pub mod source;
 pub mod spool;
@@ -28,6 +29,9 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
         m.checks = Some(checks::Checks::new(&cfg.checks)?);
     }
     out.push(Box::new(m));
+    if !cfg.logs.is_empty() {
+        out.push(Box::new(logs::LogSource::new(logs::Options::from_config(cfg))));
+    }
     Ok(out)
 }
 

@@ -1,0 +1,639 @@
+//! Log files off the box: tail every file `--log` names, rotation-safe, checkpointed, nothing
+//! lost and nothing twice.
+//!
+//! How it stays exact:
+//! - Lines go into the durable spool in batches; each batch carries a checkpoint (for every
+//!   file: device, inode, head hash, offset *after* the batch). The spool promotes it to
+//!   `logs.acked.json` when the collector acked the batch.
+//! - On start the tailer resumes from the newest checkpoint still in the spool (those lines are
+//!   queued already, with their timestamps), else from `logs.acked.json`. A `kill -9` at any
+//!   moment therefore neither loses nor repeats a line; a batch sent twice by the sender carries
+//!   the same timestamps and overwrites itself in InfluxDB.
+//! - Only on the very first start (no checkpoint at all) do files that already exist start at
+//!   their end (or start, with `--log-initial start`). Every file met later, whether rotated
+//!   in, newly matching a pattern or first seen after a restart, is read from its start.
+//! - Rotation by rename keeps reading the old file through its open descriptor to its end;
+//!   copytruncate is caught by the size shrinking below the offset or the head changing.
+//! - When the spool is full, pushing waits: reading pauses and memory stays bounded (the file
+//!   is the buffer). If the wait gives up, the batch is dropped from memory and its lines are
+//!   read again from the last checkpoint, never skipped.
+
+mod file;
+mod pattern;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use phoenix_wire::{logtext, LogLine, MAX_FIELD_STRING};
+use serde::{Deserialize, Serialize};
+
+use crate::counters;
+use crate::source::{Ctx, Source};
+use crate::spool::{Kind, SpoolError};
+use file::{Head, Tracked};
+
+/// The source name: checkpoints live in `<state-dir>/logs.acked.json`.
+pub const NAME: &str = "logs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("reading log file {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("checkpoint {0}: {1} (remove it to re-read the log files from their start)")]
+    Checkpoint(PathBuf, String),
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// How the tailer behaves; [`Options::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub patterns: Vec<String>,
+    /// On the very first start, read files that already exist from their start, not their end.
+    pub from_start: bool,
+    /// A last line without its newline is shipped as it is after waiting this long.
+    pub flush_timeout: Duration,
+    /// How often files are checked for new data when there was nothing to read.
+    pub poll: Duration,
+    /// How often the patterns are expanded again (new files, rotation).
+    pub scan_every: Duration,
+    /// A batch is queued once it is this old even if not full.
+    pub linger: Duration,
+    pub max_batch_lines: usize,
+    pub max_batch_bytes: usize,
+    /// A rotated-away file is closed once read to its end and unchanged this long (a writer
+    /// may still append through its old descriptor until it reopens).
+    pub rotate_wait: Duration,
+    /// How long one push waits for room in a full spool before the batch is dropped from
+    /// memory and read again later.
+    pub push_wait: Duration,
+}
+
+impl Options {
+    pub fn new(patterns: Vec<String>) -> Options {
+        Options {
+            patterns,
+            from_start: false,
+            flush_timeout: Duration::from_secs(1),
+            poll: Duration::from_millis(200),
+            scan_every: Duration::from_millis(500),
+            linger: Duration::from_millis(500),
+            max_batch_lines: 5000,
+            max_batch_bytes: 4 << 20,
+            rotate_wait: Duration::from_secs(5),
+            push_wait: Duration::from_secs(60),
+        }
+    }
+
+    pub fn from_config(cfg: &crate::config::RunConfig) -> Options {
+        let mut o = Options::new(cfg.logs.clone());
+        o.from_start = cfg.log_from_start;
+        // A batch must fit a small spool several times over, or the tailer and the sender
+        // would take turns instead of overlapping.
+        o.max_batch_bytes = ((cfg.spool_max / 4) as usize).clamp(64 << 10, 4 << 20);
+        o
+    }
+}
+
+/// The `logs` source: one thread tailing every file the patterns name.
+pub struct LogSource {
+    opts: Options,
+}
+
+impl LogSource {
+    pub fn new(opts: Options) -> LogSource {
+        LogSource { opts }
+    }
+}
+
+impl Source for LogSource {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn run(self: Box<Self>, ctx: Ctx) -> anyhow::Result<()> {
+        let mut t = match Tailer::new(ctx, self.opts) {
+            Ok(t) => t,
+            Err(LogError::Stopping) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match t.run() {
+            Ok(()) | Err(LogError::Stopping) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// What a checkpoint records: enough to find each file again and know where to go on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Checkpoint {
+    v: u32,
+    /// Last timestamp given to a line, so timestamps keep increasing even if the clock stepped back.
+    last_ts: i64,
+    files: Vec<FileCkpt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct FileCkpt {
+    src: String,
+    /// Where the file was last seen (differs from `src` after a rotation renamed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    dev: u64,
+    ino: u64,
+    head_len: u32,
+    head: String,
+    offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part: Option<u32>,
+}
+
+/// Lines read but not yet in the spool.
+struct Batch {
+    lines: Vec<LogLine>,
+    bytes: usize,
+    started: Option<Instant>,
+    last_ts: i64,
+}
+
+impl Batch {
+    fn ts(&mut self, now: i64) -> i64 {
+        self.last_ts = now.max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    /// Add one raw line (or a piece of one) starting at `offset`. `part` continues the
+    /// numbering of a line already cut; returns the part number that would come next.
+    fn emit(&mut self, src: &str, raw: &[u8], offset: u64, part: Option<u32>, now_ns: i64, now: Instant) -> u32 {
+        self.started.get_or_insert(now);
+        self.bytes += raw.len();
+        let (msg, escaped) = logtext::encode(raw);
+        if part.is_none() && msg.len() <= MAX_FIELD_STRING {
+            let ts = self.ts(now_ns);
+            self.lines.push(LogLine { src: src.to_owned(), ts, offset, msg, escaped, part: None, tags: Default::default(), fields: Default::default() });
+            return 1;
+        }
+        let mut n = part.unwrap_or(1);
+        let mut off = offset;
+        for piece in logtext::split(raw, MAX_FIELD_STRING) {
+            let (msg, escaped) = logtext::encode(piece);
+            let ts = self.ts(now_ns);
+            self.lines.push(LogLine { src: src.to_owned(), ts, offset: off, msg, escaped, part: Some(n), tags: Default::default(), fields: Default::default() });
+            off += piece.len() as u64;
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Start of the read buffer; it doubles for a line longer than it, up to `MAX_BUF`, beyond
+/// which a line is cut into numbered parts as it is read.
+const BUF: usize = 256 << 10;
+const MAX_BUF: usize = 1 << 20;
+
+enum Stop {
+    Eof,
+    Full,
+}
+
+pub struct Tailer {
+    ctx: Ctx,
+    opts: Options,
+    files: Vec<Tracked>,
+    batch: Batch,
+    buf: Vec<u8>,
+    last_scan: Option<Instant>,
+    /// Paths that could not be opened, so the warning is logged once, not every scan.
+    warned: std::collections::HashSet<PathBuf>,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |e| LogError::Io(path.display().to_string(), e)
+}
+
+impl Tailer {
+    /// Resume from the newest checkpoint (spooled, else acked), or take the first-start
+    /// positions and record them at once so a restart does not count as a first start.
+    pub fn new(ctx: Ctx, opts: Options) -> Result<Tailer, LogError> {
+        let acked = ctx.state_dir.join(format!("{NAME}.acked.json"));
+        let pending = ctx.spool.pending_checkpoint(NAME);
+        let first_start = pending.is_none() && !acked.exists();
+        let ckpt: Option<Checkpoint> = match pending {
+            Some(v) => Some(serde_json::from_value(v).map_err(|e| LogError::Checkpoint(ctx.state_dir.join("spool"), e.to_string()))?),
+            None if !first_start => {
+                let data = std::fs::read(&acked).map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
+                match serde_json::from_slice(&data) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        // Written atomically, so this is someone's edit; reading everything
+                        // again (duplicates) beats skipping lines.
+                        tracing::warn!(file = %acked.display(), error = %e, "unreadable log checkpoint; reading the log files from their start");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut t = Tailer {
+            ctx,
+            opts,
+            files: Vec::new(),
+            batch: Batch { lines: Vec::new(), bytes: 0, started: None, last_ts: 0 },
+            buf: vec![0; BUF],
+            last_scan: None,
+            warned: Default::default(),
+        };
+        let now = Instant::now();
+        if let Some(c) = ckpt {
+            t.batch.last_ts = c.last_ts;
+            t.restore(c, now);
+        }
+        t.scan(now, first_start && !t.opts.from_start);
+        if first_start {
+            let json = serde_json::to_vec(&t.checkpoint()).expect("checkpoint serialises");
+            crate::spool::write_atomic(&acked, &json).map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
+            tracing::info!(files = t.files.len(), at = if t.opts.from_start { "start" } else { "end" }, "first start: existing log files begin at their {}", if t.opts.from_start { "start" } else { "end" });
+        }
+        Ok(t)
+    }
+
+    /// Tail until the agent stops.
+    pub fn run(&mut self) -> Result<(), LogError> {
+        loop {
+            if self.ctx.spool.stopping() {
+                return Err(LogError::Stopping);
+            }
+            self.step(Instant::now())?;
+            if self.ctx.sleep(self.opts.poll) {
+                return Err(LogError::Stopping);
+            }
+        }
+    }
+
+    /// One round: rescan if due, read every file to its end (queueing full batches on the
+    /// way), queue what is left once it lingered long enough, close finished rotated files.
+    fn step(&mut self, now: Instant) -> Result<(), LogError> {
+        if self.last_scan.is_none_or(|t| now.duration_since(t) >= self.opts.scan_every) {
+            self.scan(now, false);
+        }
+        let mut i = 0;
+        while i < self.files.len() {
+            if let Err(e) = self.check(i, now) {
+                if matches!(e, LogError::Stopping) {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "log file check failed");
+            }
+            loop {
+                match self.read(i, now) {
+                    Ok(Stop::Full) => self.commit()?,
+                    Ok(Stop::Eof) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "log file read failed; will retry");
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if self.batch.started.is_some_and(|t| now.duration_since(t) >= self.opts.linger) {
+            self.commit()?;
+        }
+        self.forget_finished(now);
+        Ok(())
+    }
+
+    /// Queue everything read so far, with the checkpoint after it.
+    fn commit(&mut self) -> Result<(), LogError> {
+        if self.batch.lines.is_empty() {
+            return Ok(());
+        }
+        let mut report = self.ctx.report();
+        report.logs = std::mem::replace(&mut self.batch.lines, Vec::with_capacity(self.opts.max_batch_lines.min(1024)));
+        let n = report.logs.len() as u64;
+        self.batch.bytes = 0;
+        self.batch.started = None;
+        let ckpt = serde_json::to_value(self.checkpoint()).expect("checkpoint serialises");
+        match self.ctx.spool.push(Kind::Logs, report, Some((NAME.into(), ckpt)), self.opts.push_wait) {
+            Ok(Some(_)) => {
+                counters::add(&counters::lines_queued, n);
+                for f in &mut self.files {
+                    f.committed = f.offset;
+                    f.committed_part = f.part;
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                tracing::warn!(lines = n, "spool still full; these lines will be read again from the file");
+                self.rewind();
+                Ok(())
+            }
+            Err(SpoolError::Stopping) => Err(LogError::Stopping),
+            Err(e) => {
+                tracing::error!(error = %e, lines = n, "could not queue log lines; will read them again");
+                self.rewind();
+                if self.ctx.sleep(Duration::from_secs(1)) {
+                    return Err(LogError::Stopping);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn rewind(&mut self) {
+        for f in &mut self.files {
+            f.offset = f.committed;
+            f.part = f.committed_part;
+            f.tail_since = None;
+        }
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            v: 1,
+            last_ts: self.batch.last_ts,
+            files: self
+                .files
+                .iter()
+                .map(|f| FileCkpt {
+                    src: f.src.clone(),
+                    path: f.path.as_ref().map(|p| p.to_string_lossy().into_owned()).filter(|p| *p != f.src),
+                    dev: f.dev,
+                    ino: f.ino,
+                    head_len: f.head.len,
+                    head: f.head.hex(),
+                    offset: f.offset,
+                    part: f.part,
+                })
+                .collect(),
+        }
+    }
+
+    /// Find the checkpointed files again: at their last path, else renamed within the same
+    /// directory (rotated while the agent was down).
+    fn restore(&mut self, c: Checkpoint, now: Instant) {
+        for e in c.files {
+            let last = PathBuf::from(e.path.as_deref().unwrap_or(&e.src));
+            let Some((file, md)) = locate(&last, e.dev, e.ino) else {
+                tracing::info!(file = %last.display(), "a checkpointed log file is gone; forgetting it");
+                continue;
+            };
+            let Some(head) = Head::from_hex(e.head_len, &e.head) else { continue };
+            match file::head_matches(&file, head) {
+                Ok(true) => {}
+                _ => {
+                    // Same inode, other contents: the inode was reused or the file rewritten.
+                    // If a pattern names it, the scan adds it again from its start.
+                    counters::add(&counters::files_truncated, 1);
+                    tracing::warn!(file = %last.display(), "log file was replaced while the agent was stopped; reading it from its start");
+                    continue;
+                }
+            }
+            let (offset, part) = if md.len() < e.offset {
+                counters::add(&counters::files_truncated, 1);
+                tracing::warn!(file = %last.display(), size = md.len(), offset = e.offset, "log file is shorter than its checkpoint (truncated); reading it from its start");
+                (0, None)
+            } else {
+                (e.offset, e.part)
+            };
+            let head = if head.len < file::HEAD_MAX as u32 { file::head_of(&file).unwrap_or(head) } else { head };
+            let mut f = Tracked::new(e.src, None, file, &md, head, offset, now);
+            f.part = part;
+            f.committed_part = part;
+            self.files.push(f);
+        }
+    }
+
+    /// Expand the patterns: note which tracked file each path names now, start tracking new
+    /// files (from their start, or their end on a first start), mark the rest as rotated away.
+    fn scan(&mut self, now: Instant, new_at_end: bool) {
+        self.last_scan = Some(now);
+        let mut seen = vec![false; self.files.len()];
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for p in &self.opts.patterns {
+            for path in pattern::expand(p) {
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+        }
+        for path in paths {
+            let Ok(md) = std::fs::metadata(&path) else { continue };
+            if !md.is_file() {
+                continue;
+            }
+            if let Some(i) = self.files.iter().position(|f| f.dev == md.dev() && f.ino == md.ino()) {
+                seen[i] = true;
+                let f = &mut self.files[i];
+                if f.path.as_ref() != Some(&path) {
+                    if f.path.is_some() {
+                        counters::add(&counters::files_rotated, 1);
+                        tracing::debug!(src = %f.src, now = %path.display(), "log file renamed");
+                    }
+                    f.path = Some(path);
+                }
+                continue;
+            }
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    if self.warned.insert(path.clone()) {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot open log file (give the agent read access); will retry");
+                    }
+                    continue;
+                }
+            };
+            self.warned.remove(&path);
+            // The identity of what was opened, not of what the path named a moment before.
+            let Ok(md) = file.metadata() else { continue };
+            if let Some(i) = self.files.iter().position(|f| f.dev == md.dev() && f.ino == md.ino()) {
+                seen[i] = true;
+                continue;
+            }
+            let head = file::head_of(&file).unwrap_or(Head::EMPTY);
+            let offset = if new_at_end { file::end_offset(&file, md.len()).unwrap_or(md.len()) } else { 0 };
+            tracing::info!(file = %path.display(), offset, "tailing log file");
+            let src = path.to_string_lossy().into_owned();
+            self.files.push(Tracked::new(src, Some(path), file, &md, head, offset, now));
+            seen.push(true);
+        }
+        for (f, seen) in self.files.iter_mut().zip(seen) {
+            if !seen && f.path.is_some() {
+                counters::add(&counters::files_rotated, 1);
+                tracing::info!(src = %f.src, offset = f.offset, "log file rotated away or deleted; reading it to its end");
+                f.path = None;
+            }
+        }
+    }
+
+    /// Catch truncation (copytruncate) and keep the head hash current while a file is young.
+    fn check(&mut self, i: usize, now: Instant) -> Result<(), LogError> {
+        let f = &self.files[i];
+        let md = f.file.metadata().map_err(io_err(Path::new(&f.src)))?;
+        let size = md.len();
+        if size == f.size && size >= f.offset {
+            return Ok(());
+        }
+        let same_head = file::head_matches(&f.file, f.head).map_err(io_err(Path::new(&f.src)))?;
+        if size < f.offset || !same_head {
+            // Lines read before the truncation must reach the spool before the offset resets.
+            self.commit()?;
+            let f = &mut self.files[i];
+            tracing::warn!(src = %f.src, size, offset = f.offset, "log file truncated (copytruncate?); reading it from its start");
+            counters::add(&counters::files_truncated, 1);
+            f.offset = 0;
+            f.committed = 0;
+            f.part = None;
+            f.committed_part = None;
+            f.tail_since = None;
+            f.head = file::head_of(&f.file).unwrap_or(Head::EMPTY);
+        } else if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64 {
+            let f = &mut self.files[i];
+            f.head = file::head_of(&f.file).unwrap_or(f.head);
+        }
+        let f = &mut self.files[i];
+        f.size = size;
+        f.changed_at = now;
+        Ok(())
+    }
+
+    /// Read file `i` from its offset into the batch, until its end or a full batch.
+    fn read(&mut self, i: usize, now: Instant) -> Result<Stop, LogError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.read_with(i, now, &mut buf);
+        self.buf = buf;
+        r
+    }
+
+    fn read_with(&mut self, i: usize, now: Instant, buf: &mut Vec<u8>) -> Result<Stop, LogError> {
+        let (max_lines, max_bytes, flush) = (self.opts.max_batch_lines, self.opts.max_batch_bytes, self.opts.flush_timeout);
+        let Tailer { files, batch, .. } = self;
+        let f = &mut files[i];
+        loop {
+            if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
+                return Ok(Stop::Full);
+            }
+            let n = file::read_at(&f.file, buf, f.offset).map_err(io_err(Path::new(&f.src)))?;
+            if n == 0 {
+                f.tail_since = None;
+                return Ok(Stop::Eof);
+            }
+            let ts = now_ns();
+            let data = &buf[..n];
+            let mut pos = 0;
+            let mut lines = 0u64;
+            let mut full = false;
+            while let Some(nl) = file::find_nl(&data[pos..]) {
+                batch.emit(&f.src, &data[pos..pos + nl], f.offset + pos as u64, f.part.take(), ts, now);
+                pos += nl + 1;
+                lines += 1;
+                if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
+                    full = true;
+                    break;
+                }
+            }
+            f.offset += pos as u64;
+            counters::add(&counters::lines_read, lines);
+            counters::add(&counters::bytes_read, pos as u64);
+            if full {
+                return Ok(Stop::Full);
+            }
+            if pos == n {
+                if n < buf.len() {
+                    return Ok(Stop::Eof);
+                }
+                continue;
+            }
+            if n == buf.len() {
+                if pos > 0 {
+                    continue; // the unfinished line is read again from the new offset
+                }
+                if buf.len() < MAX_BUF {
+                    buf.resize(buf.len() * 2, 0);
+                    continue;
+                }
+                // A line longer than MAX_BUF: ship what there is as numbered parts, cut on a
+                // character boundary, and go on with the rest of the line.
+                let cut = char_boundary(data);
+                let next = batch.emit(&f.src, &data[..cut], f.offset, Some(f.part.unwrap_or(1)), ts, now);
+                f.part = Some(next);
+                f.offset += cut as u64;
+                counters::add(&counters::bytes_read, cut as u64);
+                continue;
+            }
+            // At the end of the file with a line still missing its newline.
+            let rest = &data[pos..n];
+            match f.tail_since {
+                Some((at, since)) if at == f.offset => {
+                    if now.duration_since(since) >= flush {
+                        batch.emit(&f.src, rest, f.offset, f.part.take(), ts, now);
+                        f.offset += rest.len() as u64;
+                        counters::add(&counters::lines_read, 1);
+                        counters::add(&counters::bytes_read, rest.len() as u64);
+                        f.tail_since = None;
+                    }
+                }
+                _ => f.tail_since = Some((f.offset, now)),
+            }
+            return Ok(Stop::Eof);
+        }
+    }
+
+    /// Close rotated-away files that were read to their end, queued, and left alone for
+    /// `rotate_wait`: they drop out of the checkpoint, so state stays bounded.
+    fn forget_finished(&mut self, now: Instant) {
+        let wait = self.opts.rotate_wait;
+        self.files.retain(|f| {
+            let done = f.path.is_none() && f.offset >= f.size && f.offset == f.committed && f.tail_since.is_none() && now.duration_since(f.changed_at) >= wait;
+            if done {
+                tracing::info!(src = %f.src, offset = f.offset, "finished a rotated log file");
+            }
+            !done
+        });
+    }
+}
+
+/// Where to cut `data` so no UTF-8 character is split: before an incomplete one at its end.
+fn char_boundary(data: &[u8]) -> usize {
+    let n = data.len();
+    let mut k = n;
+    while k > 0 && n - k < 3 && (data[k - 1] & 0xC0) == 0x80 {
+        k -= 1;
+    }
+    if k > 0 && data[k - 1] >= 0xC0 {
+        let need = if data[k - 1] >= 0xF0 { 4 } else if data[k - 1] >= 0xE0 { 3 } else { 2 };
+        if n - (k - 1) < need && k > 1 {
+            return k - 1;
+        }
+    }
+    n
+}
+
+/// Open the file with identity (dev, ino): at `path` if it is still there, else among the
+/// files of the same directory.
+fn locate(path: &Path, dev: u64, ino: u64) -> Option<(File, std::fs::Metadata)> {
+    let open = |p: &Path| -> Option<(File, std::fs::Metadata)> {
+        let f = File::open(p).ok()?;
+        let md = f.metadata().ok()?;
+        (md.dev() == dev && md.ino() == ino && md.is_file()).then_some((f, md))
+    };
+    if let Ok(md) = std::fs::metadata(path) {
+        if md.dev() == dev && md.ino() == ino {
+            return open(path);
+        }
+    }
+    for ent in std::fs::read_dir(pattern::parent_dir(path)).ok()?.flatten() {
+        if ent.metadata().is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+            return open(&ent.path());
+        }
+    }
+    None
+}

@@ -1,0 +1,468 @@
+//! The tailer against real files and a real spool, drained the way the sender would.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phoenix_wire::{logtext, Identity, LogLine, MAX_FIELD_STRING};
+
+use super::*;
+use crate::spool::Spool;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    logs: PathBuf,
+    spool: Arc<Spool>,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env::with_spool_max(64 << 20)
+    }
+
+    fn with_spool_max(max: u64) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let logs = dir.path().join("logs");
+        fs::create_dir_all(&logs).unwrap();
+        let spool = Arc::new(Spool::open(&state.join("spool"), max).unwrap());
+        Env { _dir: dir, state, logs, spool }
+    }
+
+    fn ctx(&self) -> Ctx {
+        let identity = Identity { instance_id: "i-1".into(), image_id: "img-1".into(), hostname: "h".into(), ..Default::default() };
+        Ctx { identity: Arc::new(identity), spool: self.spool.clone(), state_dir: self.state.clone(), interval: Duration::from_secs(10) }
+    }
+
+    fn opts(&self, pattern: &str) -> Options {
+        let mut o = Options::new(vec![format!("{}/{pattern}", self.logs.display())]);
+        o.scan_every = Duration::ZERO;
+        o.linger = Duration::ZERO;
+        o.poll = Duration::from_millis(10);
+        o.flush_timeout = Duration::from_millis(300);
+        o.rotate_wait = Duration::ZERO;
+        o.push_wait = Duration::from_millis(50);
+        o
+    }
+
+    fn tailer(&self, o: Options) -> Tailer {
+        Tailer::new(self.ctx(), o).unwrap()
+    }
+
+    /// Simulate a kill -9 of the agent: the spool is reopened from disk.
+    fn restart_spool(&mut self) {
+        self.spool = Arc::new(Spool::open(&self.state.join("spool"), 64 << 20).unwrap());
+    }
+
+    /// What the collector would receive: every spooled batch, acked (checkpoints promoted).
+    fn drain(&self) -> Vec<LogLine> {
+        let mut out = Vec::new();
+        while let Some(e) = self.spool.oldest(Duration::ZERO) {
+            let r = phoenix_wire::decode(&e.body, true, &Default::default()).unwrap();
+            out.extend(r.logs);
+            self.spool.ack(&e, &self.state).unwrap();
+        }
+        out
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.logs.join(name)
+    }
+}
+
+fn append(path: &Path, data: &[u8]) {
+    OpenOptions::new().create(true).append(true).open(path).unwrap().write_all(data).unwrap();
+}
+
+fn write_lines(path: &Path, range: std::ops::Range<usize>) {
+    let mut s = String::new();
+    for i in range {
+        s.push_str(&format!("line {i} \"quoted\", k=v\n"));
+    }
+    append(path, s.as_bytes());
+}
+
+/// Raw lines back from what was shipped, per src: parts joined, every timestamp checked to
+/// increase strictly per src, offsets checked to be contiguous per file.
+fn reassemble(lines: &[LogLine]) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut last_ts: BTreeMap<&str, i64> = BTreeMap::new();
+    for l in lines {
+        let prev = last_ts.insert(&l.src, l.ts);
+        assert!(prev.is_none_or(|p| p < l.ts), "timestamps of {} must increase strictly", l.src);
+        assert!(l.msg.len() <= MAX_FIELD_STRING, "piece of {} bytes exceeds the field limit", l.msg.len());
+        let raw = logtext::decode(&l.msg, l.escaped);
+        let v = out.entry(l.src.clone()).or_default();
+        match l.part {
+            Some(n) if n > 1 => v.last_mut().expect("a continuation follows its first part").extend_from_slice(&raw),
+            _ => v.push(raw),
+        }
+    }
+    out
+}
+
+fn numbered(lines: &[Vec<u8>]) -> Vec<usize> {
+    lines
+        .iter()
+        .map(|l| {
+            let s = std::str::from_utf8(l).unwrap();
+            s.split(' ').nth(1).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+fn src(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn nasty_lines_round_trip() {
+    let env = Env::new();
+    let p = env.path("app.log");
+    File::create(&p).unwrap();
+    let mut t = env.tailer(env.opts("*.log"));
+    let big = "x".repeat(100 << 10);
+    // Longer than the largest read buffer: cut while being read, still whole at the end.
+    let huge: String = "é😀abc".repeat((3 << 20) / 9);
+    let mut expect: Vec<Vec<u8>> = vec![
+        b"he said \"hi\", a=b, c=\"d e\"".to_vec(),
+        b"ends with a backslash \\".to_vec(),
+        b"tab\there\tand CR\rinside".to_vec(),
+        b"windows line\r".to_vec(),
+        "emoji 😀 Zürich 東京".as_bytes().to_vec(),
+        b"invalid \xff\xfe utf-8 and \\x41 lookalike".to_vec(),
+        b"".to_vec(),
+        b"measurement,tag=1 field=\"x\" 123".to_vec(),
+        big.into_bytes(),
+        huge.into_bytes(),
+        b"after the big ones".to_vec(),
+    ];
+    let mut file = Vec::new();
+    for l in &expect {
+        file.extend_from_slice(l);
+        file.push(b'\n');
+    }
+    append(&p, &file);
+    for _ in 0..3 {
+        t.step(Instant::now()).unwrap();
+    }
+    let shipped = env.drain();
+    let got = reassemble(&shipped);
+    assert_eq!(got.len(), 1);
+    let got = &got[&src(&p)];
+    assert_eq!(got.len(), expect.len());
+    for (g, e) in got.iter().zip(&expect) {
+        assert!(g == e, "line of {} bytes came back as {} bytes", e.len(), g.len());
+    }
+    // The offset of each first piece is where its line starts in the file.
+    let starts: Vec<u64> = shipped.iter().filter(|l| l.part.is_none_or(|n| n == 1)).map(|l| l.offset).collect();
+    let mut off = 0u64;
+    let want: Vec<u64> = expect.drain(..).map(|l| {
+        let o = off;
+        off += l.len() as u64 + 1;
+        o
+    }).collect();
+    assert_eq!(starts, want);
+    assert!(shipped.iter().any(|l| l.escaped), "invalid UTF-8 travels escaped");
+    assert!(shipped.iter().filter(|l| l.part.is_some()).count() >= 2 + 3 * 4, "the long lines were split into parts");
+}
+
+#[test]
+fn first_start_begins_at_the_end_and_later_files_at_their_start() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    append(&a, b"old 1\nold 2\nhalf wr");
+    let mut t = env.tailer(env.opts("*.log"));
+    t.step(Instant::now()).unwrap();
+    assert!(env.drain().is_empty(), "existing lines are history on the very first start");
+    append(&a, b"itten\nnew 1\n");
+    let b = env.path("b.log");
+    append(&b, b"b 1\n");
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(got[&src(&a)], vec![b"half written".to_vec(), b"new 1".to_vec()], "a line being written at start is read whole");
+    assert_eq!(got[&src(&b)], vec![b"b 1".to_vec()], "a file appearing later is read from its start");
+    drop(t);
+
+    // While the agent is down: more lines, and a new file. Neither may be skipped.
+    append(&a, b"while down\n");
+    let c = env.path("c.log");
+    append(&c, b"c 1\nc 2\n");
+    let mut t = env.tailer(env.opts("*.log"));
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(got[&src(&a)], vec![b"while down".to_vec()]);
+    assert_eq!(got[&src(&c)], vec![b"c 1".to_vec(), b"c 2".to_vec()]);
+    assert!(!got.contains_key(&src(&b)));
+}
+
+#[test]
+fn first_start_can_read_from_the_start() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    append(&a, b"old 1\nold 2\n");
+    let mut o = env.opts("a.log");
+    o.from_start = true;
+    let mut t = env.tailer(o);
+    t.step(Instant::now()).unwrap();
+    assert_eq!(reassemble(&env.drain())[&src(&a)], vec![b"old 1".to_vec(), b"old 2".to_vec()]);
+}
+
+#[test]
+fn a_first_start_without_lines_still_counts_as_the_first() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    append(&a, b"history\n");
+    let t = env.tailer(env.opts("a.log"));
+    drop(t);
+    append(&a, b"written while the agent was down\n");
+    let mut t = env.tailer(env.opts("a.log"));
+    t.step(Instant::now()).unwrap();
+    assert_eq!(reassemble(&env.drain())[&src(&a)], vec![b"written while the agent was down".to_vec()]);
+}
+
+#[test]
+fn rename_and_create_rotation_loses_nothing() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("app.log");
+    o.rotate_wait = Duration::from_secs(10);
+    let mut t = env.tailer(o);
+    let rotated_before = counters::files_rotated.load(Ordering::Relaxed);
+    write_lines(&a, 0..1000);
+    t.step(Instant::now()).unwrap();
+    // The writer still holds the old file open after the rename and appends to it.
+    let mut old = OpenOptions::new().append(true).open(&a).unwrap();
+    fs::rename(&a, env.path("app.log.1")).unwrap();
+    let text = |r: std::ops::Range<usize>| r.map(|i| format!("line {i} \"quoted\", k=v\n")).collect::<String>();
+    old.write_all(text(1000..1500).as_bytes()).unwrap();
+    t.step(Instant::now()).unwrap();
+    write_lines(&a, 1500..2000);
+    // Late lines through the old descriptor, before the writer reopens.
+    old.write_all(text(2000..2100).as_bytes()).unwrap();
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    let mut nums = numbered(&got[&src(&a)]);
+    assert_eq!(nums[..1500], (0..1500).collect::<Vec<_>>()[..], "the old file is read to its end first");
+    nums.sort();
+    assert!(nums == (0..2100).collect::<Vec<_>>(), "every line exactly once: got {} lines", nums.len());
+    assert!(counters::files_rotated.load(Ordering::Relaxed) > rotated_before);
+    assert_eq!(t.files.len(), 2, "the rotated file stays open while its writer may still append");
+    t.step(Instant::now() + Duration::from_secs(11)).unwrap();
+    assert_eq!(t.files.len(), 1, "the rotated file was read to its end and forgotten");
+    assert_eq!(t.checkpoint().files.len(), 1);
+}
+
+#[test]
+fn rotation_while_the_agent_is_down_reads_the_old_file_to_its_end() {
+    let mut env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    write_lines(&a, 0..10);
+    t.step(Instant::now()).unwrap();
+    drop(t);
+    env.restart_spool();
+    write_lines(&a, 10..20);
+    fs::rename(&a, env.path("app.log.1")).unwrap();
+    write_lines(&a, 20..30);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&a)]), (0..30).collect::<Vec<_>>());
+}
+
+#[test]
+fn copytruncate_is_detected() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    let before = counters::files_truncated.load(Ordering::Relaxed);
+    write_lines(&a, 0..100);
+    t.step(Instant::now()).unwrap();
+    fs::copy(&a, env.path("app.log.1")).unwrap();
+    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
+    write_lines(&a, 100..110);
+    t.step(Instant::now()).unwrap();
+    // Truncated and written past the old offset before the tailer looked: the head tells.
+    fs::copy(&a, env.path("app.log.2")).unwrap();
+    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
+    write_lines(&a, 1000..1200);
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    let want: Vec<usize> = (0..110).chain(1000..1200).collect();
+    assert_eq!(numbered(&got[&src(&a)]), want);
+    assert!(counters::files_truncated.load(Ordering::Relaxed) >= before + 2);
+}
+
+#[test]
+fn partial_line_waits_for_its_newline_then_flushes() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    append(&a, b"abc");
+    t.step(Instant::now()).unwrap();
+    assert!(env.drain().is_empty(), "a line without its newline waits");
+    append(&a, b"def\n");
+    t.step(Instant::now()).unwrap();
+    assert_eq!(reassemble(&env.drain())[&src(&a)], vec![b"abcdef".to_vec()]);
+
+    append(&a, b"xyz");
+    t.step(Instant::now()).unwrap();
+    std::thread::sleep(Duration::from_millis(350));
+    t.step(Instant::now()).unwrap();
+    let shipped = env.drain();
+    assert_eq!(reassemble(&shipped)[&src(&a)], vec![b"xyz".to_vec()], "shipped after the flush timeout");
+    assert_eq!(shipped[0].offset, 7);
+    append(&a, b"123\nnext\n");
+    t.step(Instant::now()).unwrap();
+    let shipped = env.drain();
+    assert_eq!(reassemble(&shipped)[&src(&a)], vec![b"123".to_vec(), b"next".to_vec()], "the rest continues, nothing twice");
+    assert_eq!(shipped[0].offset, 10);
+}
+
+#[test]
+fn restart_resumes_from_the_spooled_checkpoint_then_the_acked_one() {
+    let mut env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    write_lines(&a, 0..10);
+    t.step(Instant::now()).unwrap();
+    // Killed with the batch queued but not sent: the spool's checkpoint wins.
+    drop(t);
+    env.restart_spool();
+    write_lines(&a, 10..15);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&a)]), (0..15).collect::<Vec<_>>());
+    // All acked: the acked checkpoint wins.
+    drop(t);
+    env.restart_spool();
+    write_lines(&a, 15..20);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&a)]), (15..20).collect::<Vec<_>>());
+    // Killed with lines read but not yet queued: they are read again, once.
+    let mut o = env.opts("app.log");
+    o.linger = Duration::from_secs(3600);
+    let mut t2 = env.tailer(o);
+    drop(t);
+    write_lines(&a, 20..25);
+    t2.step(Instant::now()).unwrap();
+    assert!(env.drain().is_empty());
+    drop(t2);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&a)]), (20..25).collect::<Vec<_>>());
+}
+
+#[test]
+fn full_spool_pauses_reading_and_loses_nothing() {
+    let env = Env::with_spool_max(64 << 10);
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    // Only log batches in the spool and it is full: the next push has to wait.
+    let mut filler = env.ctx().report();
+    filler.logs = (0..2000)
+        .map(|i| LogLine { src: "/filler".into(), ts: i, offset: 0, msg: format!("{i:0>40}{}", i * 7919 % 104729), escaped: false, part: None, tags: Default::default(), fields: Default::default() })
+        .collect();
+    while env.spool.bytes() < 60 << 10 {
+        env.spool.push(Kind::Logs, filler.clone(), None, Duration::ZERO).unwrap().unwrap();
+    }
+    write_lines(&a, 0..3000);
+    let waits = env.spool.stats.log_waits.load(Ordering::Relaxed);
+    t.step(Instant::now()).unwrap();
+    assert!(env.spool.stats.log_waits.load(Ordering::Relaxed) > waits, "the push waited for room");
+    assert!(t.batch.lines.is_empty(), "lines are not held in memory while the spool is full");
+    let _ = env.drain();
+    for _ in 0..20 {
+        t.step(Instant::now()).unwrap();
+    }
+    let got: Vec<LogLine> = env.drain().into_iter().filter(|l| l.src != "/filler").collect();
+    assert_eq!(numbered(&reassemble(&got)[&src(&a)]), (0..3000).collect::<Vec<_>>());
+}
+
+#[test]
+fn batches_are_bounded() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    write_lines(&a, 0..12_000);
+    t.step(Instant::now()).unwrap();
+    let mut sizes = Vec::new();
+    while let Some(e) = env.spool.oldest(Duration::ZERO) {
+        sizes.push(phoenix_wire::decode(&e.body, true, &Default::default()).unwrap().logs.len());
+        env.spool.ack(&e, &env.state).unwrap();
+    }
+    assert_eq!(sizes, vec![5000, 5000, 2000]);
+}
+
+#[test]
+fn replaced_file_and_stale_checkpoint_read_from_the_start() {
+    let mut env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    write_lines(&a, 0..100);
+    t.step(Instant::now()).unwrap();
+    let _ = env.drain();
+    drop(t);
+    env.restart_spool();
+    // Deleted and created again, shorter: whether or not the inode is reused, the new file is
+    // read whole.
+    fs::remove_file(&a).unwrap();
+    write_lines(&a, 500..503);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), vec![500, 501, 502]);
+    // Truncated while down and rewritten shorter with the same first bytes.
+    drop(t);
+    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
+    write_lines(&a, 500..501);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), vec![500]);
+}
+
+#[test]
+fn checkpoint_names_every_file_with_its_identity() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("*.log"));
+    append(&a, b"one\ntwo\n");
+    t.step(Instant::now()).unwrap();
+    let _ = env.drain();
+    let c: Checkpoint = serde_json::from_slice(&fs::read(env.state.join("logs.acked.json")).unwrap()).unwrap();
+    assert_eq!(c.files.len(), 1);
+    assert_eq!(c.files[0].offset, 8);
+    assert_eq!(c.files[0].head_len, 8);
+    assert!(c.last_ts > 0);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(c.files[0].ino, fs::metadata(&a).unwrap().ino());
+}
+
+#[test]
+fn char_boundary_never_splits_a_character() {
+    assert_eq!(char_boundary(b"abc"), 3);
+    assert_eq!(char_boundary("aé".as_bytes()), 3);
+    assert_eq!(char_boundary(&"aé".as_bytes()[..2]), 1);
+    assert_eq!(char_boundary(&"a😀".as_bytes()[..4]), 1);
+    assert_eq!(char_boundary("a😀".as_bytes()), 5);
+}
