@@ -6,6 +6,7 @@
 pub mod checks;
 pub mod config;
 pub mod counters;
+pub mod drift;
 pub mod identity;
 pub mod logs;
 pub mod metrics;
@@ -32,6 +33,9 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     if !cfg.logs.is_empty() {
         out.push(Box::new(logs::LogSource::new(logs::Options::from_config(cfg))));
     }
+    if let Some(d) = drift::DriftSource::from_config(cfg)? {
+        out.push(Box::new(d));
+    }
     Ok(out)
 }
 
@@ -44,7 +48,7 @@ pub fn run(cfg: RunConfig, stop_signal: impl FnOnce(Arc<spool::Spool>) + Send + 
         instance_id: cfg.instance_id.as_deref(),
         image_id: cfg.image_id.as_deref(),
         group: cfg.group.as_deref(),
-        baked_image_id: None,
+        baked_image_id: drift::baked_image_id(cfg.baseline.as_deref(), &cfg.state_dir),
         root: Path::new("/"),
     });
     if let Some(g) = &identity.group {

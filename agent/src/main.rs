@@ -15,16 +15,23 @@ struct Cli {
 enum Cmd {
     /// Run the agent: sample, tail, hash and ship until stopped.
     Run(RunArgs),
+    /// Hash the watched files into a baseline manifest (last step of an image build).
+    Bake(phoenix_agent::drift::BakeArgs),
+    /// Compare this box with its baseline; exit 0 clean, 1 drifted, 2 error.
+    Drift(phoenix_agent::drift::DriftArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = match &cli.cmd {
         Cmd::Run(a) => a.log_format.as_deref() == Some("json") || std::env::var("PHOENIX_LOG_FORMAT").is_ok_and(|v| v == "json"),
+        _ => false,
     };
     init_tracing(json);
     let result = match cli.cmd {
         Cmd::Run(args) => args.resolve().and_then(|cfg| phoenix_agent::run(cfg, spawn_signal_thread)).map(|_| 0u8),
+        Cmd::Bake(args) => phoenix_agent::drift::bake(args).map_err(Into::into),
+        Cmd::Drift(args) => phoenix_agent::drift::drift(args).map_err(Into::into),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),
