@@ -158,6 +158,8 @@ struct Batch {
     bytes: usize,
     started: Option<Instant>,
     last_ts: i64,
+    /// Lines emitted since the start, to tell a quiet round from a busy one.
+    emitted: u64,
 }
 
 impl Batch {
@@ -171,6 +173,7 @@ impl Batch {
     fn emit(&mut self, src: &str, raw: &[u8], offset: u64, part: Option<u32>, now_ns: i64, now: Instant) -> u32 {
         self.started.get_or_insert(now);
         self.bytes += raw.len();
+        self.emitted += 1;
         let (msg, escaped) = logtext::encode(raw);
         if part.is_none() && msg.len() <= MAX_FIELD_STRING {
             let ts = self.ts(now_ns);
@@ -246,7 +249,7 @@ impl Tailer {
             ctx,
             opts,
             files: Vec::new(),
-            batch: Batch { lines: Vec::new(), bytes: 0, started: None, last_ts: 0 },
+            batch: Batch { lines: Vec::new(), bytes: 0, started: None, last_ts: 0, emitted: 0 },
             buf: vec![0; BUF],
             last_scan: None,
             warned: Default::default(),
@@ -284,6 +287,7 @@ impl Tailer {
         if self.last_scan.is_none_or(|t| now.duration_since(t) >= self.opts.scan_every) {
             self.scan(now, false);
         }
+        let before = self.batch.emitted;
         let mut i = 0;
         while i < self.files.len() {
             if let Err(e) = self.check(i, now) {
@@ -304,7 +308,10 @@ impl Tailer {
             }
             i += 1;
         }
-        if self.batch.started.is_some_and(|t| now.duration_since(t) >= self.opts.linger) {
+        // Queue what there is once it lingered, or at once when the files went quiet: a
+        // backlog's last lines need not wait, a trickle is gathered into fewer batches.
+        let quiet = self.batch.emitted == before;
+        if quiet || self.batch.started.is_some_and(|t| now.duration_since(t) >= self.opts.linger) {
             self.commit()?;
         }
         self.forget_finished(now);

@@ -466,3 +466,43 @@ fn char_boundary_never_splits_a_character() {
     assert_eq!(char_boundary(&"a😀".as_bytes()[..4]), 1);
     assert_eq!(char_boundary("a😀".as_bytes()), 5);
 }
+
+#[test]
+fn a_quiet_round_queues_the_batch_without_waiting_for_linger() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("app.log");
+    o.linger = Duration::from_secs(3600);
+    let mut t = env.tailer(o);
+    write_lines(&a, 0..10);
+    t.step(Instant::now()).unwrap();
+    assert_eq!(env.spool.len(), 0, "lines still arriving: gather more");
+    t.step(Instant::now()).unwrap();
+    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_source_thread_ships_and_stops() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("*.log");
+    o.poll = Duration::from_millis(20);
+    let ctx = env.ctx();
+    let th = std::thread::spawn(move || Box::new(LogSource::new(o)).run(ctx));
+    std::thread::sleep(Duration::from_millis(100));
+    write_lines(&a, 0..100);
+    write_lines(&env.path("b.log"), 0..5);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < 105 && Instant::now() < deadline {
+        got.extend(env.drain());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.spool.stop();
+    th.join().unwrap().unwrap();
+    let got = reassemble(&got);
+    assert_eq!(numbered(&got[&src(&a)]), (0..100).collect::<Vec<_>>());
+    assert_eq!(numbered(&got[&src(&env.path("b.log"))]), (0..5).collect::<Vec<_>>());
+}
