@@ -1,0 +1,255 @@
+//! Drift verdicts: which hash an instance should have, whether it drifted, and what changed.
+//!
+//! Pure functions, no I/O: the HTTP handlers and the fleet state feed them what they hold.
+//! The order of authority is fixed: a baseline registered by the image pipeline, else the
+//! baseline the agent reports, else the hash most instances of the same image agree on. An
+//! agent can never replace a registered baseline: what it reports as its baseline is only
+//! compared with it (a mismatch is flagged), never stored in its place.
+
+use phoenix_wire::drift::{diff, root_of_entries, Manifest};
+use phoenix_wire::{DriftState, FileChange};
+
+/// Where the expected hash came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Registered,
+    Agent,
+    Majority,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Registered => "registered baseline",
+            Reason::Agent => "agent baseline",
+            Reason::Majority => "majority",
+        }
+    }
+}
+
+/// The judgement on one instance's latest drift state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The hash the instance should have; None when nothing can tell (no baseline, no majority).
+    pub expected: Option<String>,
+    pub reason: Option<Reason>,
+    pub drifted: bool,
+    /// Which files differ and how, when it can be known (see [`judge`]).
+    pub changes: Vec<FileChange>,
+    /// The agent reports a baseline root other than the registered one: its baked copy was
+    /// altered, or it was built from another image. The registered one still decides.
+    pub agent_baseline_mismatch: bool,
+    /// For a person: why the verdict is what it is, when that is not obvious.
+    pub note: Option<String>,
+}
+
+/// The hash held by more than half of `hashes` (one per instance), if any.
+pub fn majority<'a>(hashes: &[&'a str]) -> Option<&'a str> {
+    let mut sorted: Vec<&str> = hashes.to_vec();
+    sorted.sort_unstable();
+    let mut best: Option<(&str, usize)> = None;
+    for run in sorted.chunk_by(|a, b| a == b) {
+        if best.map_or(true, |(_, n)| run.len() > n) {
+            best = Some((run[0], run.len()));
+        }
+    }
+    best.filter(|(_, n)| *n * 2 > hashes.len()).map(|(h, _)| h)
+}
+
+/// The expected hash and its source, by the order of authority.
+pub fn expected_hash(registered_root: Option<&str>, agent_baseline: Option<&str>, peer_hashes: &[&str]) -> Option<(String, Reason)> {
+    if let Some(r) = registered_root {
+        return Some((r.to_string(), Reason::Registered));
+    }
+    if let Some(a) = agent_baseline.filter(|a| !a.is_empty()) {
+        return Some((a.to_string(), Reason::Agent));
+    }
+    majority(peer_hashes).map(|m| (m.to_string(), Reason::Majority))
+}
+
+/// Judge one instance. `peer_hashes` are the current hashes of every instance of the same
+/// image, this one included; they matter only when there is no baseline at all.
+///
+/// The changed files come from diffing the registered baseline's entries with the entry list
+/// the agent sent, or, against the agent's own baseline, from the changes the agent computed.
+/// Against a majority hash there is no entry list to diff, so `changes` stays empty.
+pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&str]) -> Verdict {
+    let mut notes = Vec::new();
+    // An entry list that does not hash to the reported root means the report cannot be
+    // trusted either way; it counts as drifted.
+    let list_root = state.entries_list.as_deref().map(root_of_entries);
+    let inconsistent = list_root.as_deref().is_some_and(|r| r != state.hash);
+    if inconsistent {
+        notes.push("the entry list the agent sent does not hash to the root it reported".to_string());
+    }
+    let agent_baseline_mismatch = match (registered, state.baseline.as_deref()) {
+        (Some(m), Some(a)) => m.root != a,
+        _ => false,
+    };
+    if agent_baseline_mismatch {
+        notes.push("the agent's baseline differs from the registered one; the registered baseline decides".to_string());
+    }
+    let Some((expected, reason)) = expected_hash(registered.map(|m| m.root.as_str()), state.baseline.as_deref(), peer_hashes) else {
+        notes.push(format!("no baseline registered or reported, and no majority among {} instances", peer_hashes.len()));
+        return Verdict { expected: None, reason: None, drifted: inconsistent, changes: Vec::new(), agent_baseline_mismatch, note: Some(notes.join("; ")) };
+    };
+    let drifted = state.hash != expected || inconsistent;
+    let changes = if !drifted {
+        Vec::new()
+    } else {
+        match (reason, registered, &state.entries_list) {
+            (Reason::Registered, Some(m), Some(list)) => diff(&m.entries, list),
+            (Reason::Registered, _, None) => {
+                notes.push("the agent sent no entry list, so the changed files are unknown".to_string());
+                Vec::new()
+            }
+            (Reason::Agent, _, _) => state.changes.clone(),
+            _ => {
+                if reason == Reason::Majority {
+                    notes.push(format!("no baseline: compared with the hash most of the {} instances of this image have", peer_hashes.len()));
+                }
+                Vec::new()
+            }
+        }
+    };
+    Verdict { expected: Some(expected), reason: Some(reason), drifted, changes, agent_baseline_mismatch, note: (!notes.is_empty()).then(|| notes.join("; ")) }
+}
+
+/// What a baseline registration does to the stored one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// First baseline for this image: 201.
+    Created,
+    /// The same root again (a retried pipeline step): 200, nothing changes.
+    Unchanged,
+    /// The pipeline re-baked the image: 200, the new one replaces it. Only the pipeline token
+    /// gets here; agents have no path to this function.
+    Replaced { old_root: String },
+}
+
+/// Check a registration for `url_image_id` (from the path): the manifest must be internally
+/// consistent (version, order, root over entries) and name the same image.
+pub fn check_registration(url_image_id: &str, m: &Manifest, existing: Option<&Manifest>) -> Result<Registration, String> {
+    if !phoenix_wire::valid_id(url_image_id) {
+        return Err(format!("image id {url_image_id:?} in the URL is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
+    }
+    m.verify()?;
+    if m.image_id != url_image_id {
+        return Err(format!("the manifest is for image {:?} but was posted to /v1/images/{url_image_id}/baseline", m.image_id));
+    }
+    Ok(match existing {
+        None => Registration::Created,
+        Some(old) if old.root == m.root => Registration::Unchanged,
+        Some(old) => Registration::Replaced { old_root: old.root.clone() },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phoenix_wire::drift::MANIFEST_VERSION;
+    use phoenix_wire::FileEntry;
+
+    fn file(path: &str, content: &str) -> FileEntry {
+        FileEntry { path: path.into(), kind: 'f', mode: 0o644, uid: 0, gid: 0, hash: content.into(), target: None, error: None }
+    }
+
+    fn manifest(entries: Vec<FileEntry>) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            image_id: "img-1".into(),
+            created: "2024-01-01T00:00:00Z".into(),
+            paths: vec!["/etc".into()],
+            excludes: vec![],
+            root: root_of_entries(&entries),
+            entries,
+        }
+    }
+
+    fn state(entries: Vec<FileEntry>, baseline: Option<&str>) -> DriftState {
+        DriftState {
+            hash: root_of_entries(&entries),
+            baseline: baseline.map(str::to_string),
+            entries: entries.len() as u64,
+            entries_list: Some(entries),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn majority_needs_more_than_half() {
+        assert_eq!(majority(&["a", "a", "b"]), Some("a"));
+        assert_eq!(majority(&["a", "b"]), None);
+        assert_eq!(majority(&["a", "a", "b", "b"]), None);
+        assert_eq!(majority(&["x"]), Some("x"));
+        assert_eq!(majority(&[]), None);
+    }
+
+    #[test]
+    fn registered_baseline_wins_over_a_forged_agent_baseline() {
+        let good = vec![file("/etc/passwd", "p1"), file("/etc/sudoers", "s1")];
+        let reg = manifest(good.clone());
+        // The agent tampered with sudoers and reports a baseline baked from the tampered tree.
+        let tampered = vec![file("/etc/passwd", "p1"), file("/etc/sudoers", "evil")];
+        let forged = root_of_entries(&tampered);
+        let st = state(tampered.clone(), Some(&forged));
+        let v = judge(Some(&reg), &st, &[st.hash.as_str()]);
+        assert!(v.drifted);
+        assert_eq!(v.reason, Some(Reason::Registered));
+        assert_eq!(v.expected.as_deref(), Some(reg.root.as_str()));
+        assert!(v.agent_baseline_mismatch);
+        assert_eq!(v.changes, vec![FileChange { path: "/etc/sudoers".into(), change: "changed".into(), attrs: vec!["content".into()] }]);
+        // Without a registered baseline the forged one would have passed: that is the point.
+        assert!(!judge(None, &st, &[st.hash.as_str()]).drifted);
+        // A clean instance is clean against the registered baseline.
+        let clean = state(good, Some(&reg.root));
+        let v = judge(Some(&reg), &clean, &[]);
+        assert!(!v.drifted && v.changes.is_empty() && !v.agent_baseline_mismatch && v.note.is_none());
+    }
+
+    #[test]
+    fn agent_baseline_then_majority() {
+        let base = vec![file("/etc/a", "1")];
+        let now = vec![file("/etc/a", "2")];
+        let mut st = state(now.clone(), Some(&root_of_entries(&base)));
+        st.changes = phoenix_wire::drift::diff(&base, &now);
+        let v = judge(None, &st, &[]);
+        assert_eq!((v.reason, v.drifted, v.changes.len()), (Some(Reason::Agent), true, 1));
+
+        let odd = state(now, None);
+        let norm = root_of_entries(&base);
+        let peers = [norm.as_str(), norm.as_str(), odd.hash.as_str()];
+        let v = judge(None, &odd, &peers);
+        assert_eq!((v.reason, v.drifted), (Some(Reason::Majority), true));
+        assert_eq!(v.expected.as_deref(), Some(norm.as_str()));
+        // Two instances that disagree: nobody can say which one drifted.
+        let v = judge(None, &odd, &[norm.as_str(), odd.hash.as_str()]);
+        assert_eq!((v.expected, v.drifted), (None, false));
+        assert!(v.note.unwrap().contains("no majority"));
+    }
+
+    #[test]
+    fn a_list_that_does_not_match_its_root_is_drifted() {
+        let reg = manifest(vec![file("/etc/a", "1")]);
+        let mut st = state(vec![file("/etc/a", "2")], None);
+        st.hash = reg.root.clone(); // claims to be clean, but the list says otherwise
+        let v = judge(Some(&reg), &st, &[]);
+        assert!(v.drifted);
+        assert!(v.note.unwrap().contains("does not hash"));
+        assert_eq!(v.changes.len(), 1);
+    }
+
+    #[test]
+    fn registration_rules() {
+        let m = manifest(vec![file("/etc/a", "1")]);
+        assert_eq!(check_registration("img-1", &m, None), Ok(Registration::Created));
+        assert_eq!(check_registration("img-1", &m, Some(&m)), Ok(Registration::Unchanged));
+        let newer = manifest(vec![file("/etc/a", "2")]);
+        assert_eq!(check_registration("img-1", &newer, Some(&m)), Ok(Registration::Replaced { old_root: m.root.clone() }));
+        assert!(check_registration("img-2", &m, None).unwrap_err().contains("img-1"));
+        let mut edited = m.clone();
+        edited.entries[0].hash = "x".into();
+        assert!(check_registration("img-1", &edited, None).unwrap_err().contains("does not match"));
+        assert!(check_registration("bad id", &m, None).is_err());
+    }
+}
