@@ -394,23 +394,22 @@ impl Tailer {
                 continue;
             };
             let Some(head) = Head::from_hex(e.head_len, &e.head) else { continue };
-            match file::head_matches(&file, head) {
-                Ok(true) => {}
-                _ => {
-                    // Same inode, other contents: the inode was reused or the file rewritten.
-                    // If a pattern names it, the scan adds it again from its start.
-                    counters::add(&counters::files_truncated, 1);
-                    tracing::warn!(file = %last.display(), "log file was replaced while the agent was stopped; reading it from its start");
+            let same_head = file::head_matches(&file, head).unwrap_or(false);
+            if !same_head || md.len() < e.offset {
+                // Truncated (copytruncate) or rewritten while the agent was down: the unread
+                // rest may be in a copy beside it.
+                counters::add(&counters::files_truncated, 1);
+                tracing::warn!(file = %last.display(), size = md.len(), offset = e.offset, "log file was truncated or replaced while the agent was stopped; reading it from its start");
+                let ident = Ident { src: &e.src, path: &last, dev: e.dev, ino: e.ino, head, offset: e.offset, part: e.part };
+                if let Some(copy) = find_copy(&ident, &self.files, now) {
+                    self.files.push(copy);
+                }
+                if !same_head {
+                    // Another file now: if a pattern names it, the scan adds it from its start.
                     continue;
                 }
             }
-            let (offset, part) = if md.len() < e.offset {
-                counters::add(&counters::files_truncated, 1);
-                tracing::warn!(file = %last.display(), size = md.len(), offset = e.offset, "log file is shorter than its checkpoint (truncated); reading it from its start");
-                (0, None)
-            } else {
-                (e.offset, e.part)
-            };
+            let (offset, part) = if md.len() < e.offset { (0, None) } else { (e.offset, e.part) };
             let head = if head.len < file::HEAD_MAX as u32 { file::head_of(&file).unwrap_or(head) } else { head };
             let mut f = Tracked::new(e.src, None, file, &md, head, offset, now);
             f.part = part;
@@ -493,16 +492,29 @@ impl Tailer {
         if size < f.offset || !same_head {
             // Lines read before the truncation must reach the spool before the offset resets.
             self.commit()?;
-            let f = &mut self.files[i];
+            let f = &self.files[i];
             tracing::warn!(src = %f.src, size, offset = f.offset, "log file truncated (copytruncate?); reading it from its start");
             counters::add(&counters::files_truncated, 1);
+            let fallback = PathBuf::from(&f.src);
+            let ident = Ident { src: &f.src, path: f.path.as_deref().unwrap_or(&fallback), dev: f.dev, ino: f.ino, head: f.head, offset: f.offset, part: f.part };
+            let copy = find_copy(&ident, &self.files, now);
+            let f = &mut self.files[i];
             f.offset = 0;
             f.committed = 0;
             f.part = None;
             f.committed_part = None;
             f.tail_since = None;
             f.head = file::head_of(&f.file).unwrap_or(Head::EMPTY);
-        } else if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64 {
+            f.size = size;
+            f.changed_at = now;
+            if let Some(copy) = copy {
+                // Read the copy's unread rest first: it comes before the new lines.
+                tracing::info!(src = %copy.src, offset = copy.offset, "reading the rest of the log file from its copy");
+                self.files.insert(i, copy);
+            }
+            return Ok(());
+        }
+        if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64 {
             let f = &mut self.files[i];
             f.head = file::head_of(&f.file).unwrap_or(f.head);
         }
@@ -606,6 +618,50 @@ impl Tailer {
             !done
         });
     }
+}
+
+/// What is known of a file that was truncated: enough to recognise its copy.
+struct Ident<'a> {
+    src: &'a str,
+    path: &'a Path,
+    dev: u64,
+    ino: u64,
+    head: Head,
+    offset: u64,
+    part: Option<u32>,
+}
+
+/// copytruncate copies the file and then truncates it in place, so what had not been read yet
+/// is in the copy: a file in the same directory that starts with the same head and reaches at
+/// least the offset (the newest such file if several do). Tracked from that offset, it yields
+/// the lines that would otherwise be lost.
+fn find_copy(f: &Ident, tracked: &[Tracked], now: Instant) -> Option<Tracked> {
+    if f.head.len == 0 {
+        return None;
+    }
+    let mut best: Option<(std::time::SystemTime, File, std::fs::Metadata)> = None;
+    for ent in std::fs::read_dir(pattern::parent_dir(f.path)).ok()?.flatten() {
+        let Ok(md) = ent.metadata() else { continue };
+        if !md.is_file() || md.len() < f.offset || (md.dev() == f.dev && md.ino() == f.ino) {
+            continue;
+        }
+        if tracked.iter().any(|t| t.dev == md.dev() && t.ino == md.ino()) {
+            continue;
+        }
+        let Ok(file) = File::open(ent.path()) else { continue };
+        if !file::head_matches(&file, f.head).unwrap_or(false) {
+            continue;
+        }
+        let mtime = md.modified().unwrap_or(UNIX_EPOCH);
+        if best.as_ref().is_none_or(|(t, _, _)| mtime > *t) {
+            best = Some((mtime, file, md));
+        }
+    }
+    let (_, file, md) = best?;
+    let mut t = Tracked::new(f.src.to_owned(), None, file, &md, f.head, f.offset, now);
+    t.part = f.part;
+    t.committed_part = f.part;
+    Some(t)
 }
 
 /// Where to cut `data` so no UTF-8 character is split: before an incomplete one at its end.

@@ -280,28 +280,48 @@ fn rotation_while_the_agent_is_down_reads_the_old_file_to_its_end() {
     assert_eq!(numbered(&got[&src(&a)]), (0..30).collect::<Vec<_>>());
 }
 
+fn copytruncate(path: &Path, copy: &Path) {
+    fs::copy(path, copy).unwrap();
+    OpenOptions::new().write(true).open(path).unwrap().set_len(0).unwrap();
+}
+
 #[test]
-fn copytruncate_is_detected() {
-    let env = Env::new();
+fn copytruncate_is_detected_and_the_copy_read_to_its_end() {
+    let mut env = Env::new();
     let a = env.path("app.log");
     File::create(&a).unwrap();
     let mut t = env.tailer(env.opts("app.log"));
     let before = counters::files_truncated.load(Ordering::Relaxed);
     write_lines(&a, 0..100);
     t.step(Instant::now()).unwrap();
-    fs::copy(&a, env.path("app.log.1")).unwrap();
-    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
-    write_lines(&a, 100..110);
+    // Lines 100..150 are written but not read when the file is copied and truncated: they
+    // are only in the copy now.
+    write_lines(&a, 100..150);
+    copytruncate(&a, &env.path("app.log.1"));
+    write_lines(&a, 150..160);
+    t.step(Instant::now()).unwrap();
     t.step(Instant::now()).unwrap();
     // Truncated and written past the old offset before the tailer looked: the head tells.
-    fs::copy(&a, env.path("app.log.2")).unwrap();
-    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
+    copytruncate(&a, &env.path("app.log.2"));
     write_lines(&a, 1000..1200);
     t.step(Instant::now()).unwrap();
     let got = reassemble(&env.drain());
-    let want: Vec<usize> = (0..110).chain(1000..1200).collect();
+    let want: Vec<usize> = (0..160).chain(1000..1200).collect();
     assert_eq!(numbered(&got[&src(&a)]), want);
     assert!(counters::files_truncated.load(Ordering::Relaxed) >= before + 2);
+    assert_eq!(t.files.len(), 1, "the copies were read to their end and let go");
+
+    // The same while the agent is down.
+    drop(t);
+    env.restart_spool();
+    write_lines(&a, 1200..1300);
+    copytruncate(&a, &env.path("app.log.3"));
+    write_lines(&a, 2000..2010);
+    let mut t = env.tailer(env.opts("app.log"));
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&a)]), (1200..1300).chain(2000..2010).collect::<Vec<_>>());
 }
 
 #[test]
