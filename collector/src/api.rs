@@ -20,6 +20,7 @@ use crate::writer::{Job, WriterHandle};
 
 pub struct AppState {
     pub tokens: Tokens,
+    pub baselines: crate::baselines::Baselines,
     pub writer: WriterHandle,
     pub fleet: Arc<Fleet>,
     pub limits: Limits,
@@ -32,6 +33,7 @@ pub type Shared = Arc<AppState>;
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/reports", post(post_report))
+        .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
         .route("/healthz", get(healthz))
@@ -108,6 +110,10 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     }
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
     crate::convert::report_lines(&report, &mut w);
+    let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
+    if let Some(d) = &drift {
+        crate::convert::drift_line(&report.agent, d, &mut w);
+    }
     let mut rejected = 0;
     if w.lines > 0 {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -120,8 +126,68 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             Err(_) => return unavailable(Duration::from_secs(5), "collector writer stopped"),
         }
     }
-    s.fleet.record(&report, now_ms());
+    s.fleet.record(&report, drift, now_ms());
     Json(Ack { accepted: report.seq, duplicate: false, rejected_points: rejected }).into_response()
+}
+
+/// Judge a reported drift state against the registered baseline, the agent's, or the majority.
+fn judge_drift(s: &AppState, r: &phoenix_wire::Report, d: &phoenix_wire::DriftState) -> crate::fleet::DriftInfo {
+    let registered = s.baselines.get(&r.agent.image_id);
+    let mut peers = s.fleet.peer_hashes(&r.agent.image_id);
+    // This instance counts with its new hash, not its previous one.
+    if let Some(old) = s.fleet.instances.lock().unwrap().get(&r.agent.instance_id).and_then(|i| i.drift.as_ref()).map(|d| d.hash.clone()) {
+        if let Some(pos) = peers.iter().position(|h| *h == old) {
+            peers.remove(pos);
+        }
+    }
+    peers.push(d.hash.clone());
+    let peer_refs: Vec<&str> = peers.iter().map(String::as_str).collect();
+    let v = crate::drift::judge(registered.as_deref(), d, &peer_refs);
+    crate::fleet::DriftInfo {
+        hash: d.hash.clone(),
+        expected: v.expected,
+        source: v.reason.map(|r| r.as_str().to_string()),
+        drifted: v.drifted,
+        changes: v.changes,
+        note: v.note.or_else(|| d.note.clone()),
+        ts: d.ts,
+        since_ms: None,
+    }
+}
+
+async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: Request) -> Response {
+    let headers = req.headers().clone();
+    let caller = match authorize(&s, &headers, &[Role::Pipeline]) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(req, s.limits.max_decompressed).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let json = if headers.get(header::CONTENT_ENCODING).is_some_and(|v| v == "gzip") {
+        match phoenix_wire::gunzip_limited(&body, s.limits.max_decompressed) {
+            Ok(j) => j,
+            Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    } else {
+        body.to_vec()
+    };
+    let manifest: phoenix_wire::drift::Manifest = match serde_json::from_slice(&json) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not a baseline manifest (as phoenix-agent bake writes): {e}")),
+    };
+    let root = manifest.root.clone();
+    let entries = manifest.entries.len();
+    match s.baselines.register(&image, manifest) {
+        Ok(outcome) => {
+            tracing::info!(image_id = %image, root = %root, entries, token = %caller.token_name, outcome = ?outcome, "baseline registered");
+            let status = if outcome == crate::drift::Registration::Created { StatusCode::CREATED } else { StatusCode::OK };
+            (status, Json(json!({ "image_id": image, "root": root, "entries": entries, "outcome": format!("{outcome:?}") }))).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -153,6 +219,7 @@ fn summary(i: &crate::fleet::Instance) -> serde_json::Value {
         "cpu_used_percent": i.cpu_used_percent,
         "mem_used_percent": i.mem_used_percent,
         "disk_max_used_percent": i.disk_max_used_percent,
+        "drifted": i.drift.as_ref().map(|d| d.drifted),
     })
 }
 
@@ -165,6 +232,7 @@ async fn get_instance(State(s): State<Shared>, headers: HeaderMap, Path(id): Pat
         Some(i) => {
             let mut v = summary(i);
             v["checks"] = json!(i.checks);
+            v["drift"] = json!(i.drift);
             Json(v).into_response()
         }
         None => error(StatusCode::NOT_FOUND, format!("no instance {id:?} has reported to this collector")),

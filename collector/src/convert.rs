@@ -69,6 +69,39 @@ pub fn report_lines(r: &Report, out: &mut Writer) {
     }
 }
 
+/// `phoenix_drift`: the instance's hash, the one expected, and what changed.
+pub fn drift_line(a: &phoenix_wire::Identity, d: &crate::fleet::DriftInfo, out: &mut Writer) {
+    let mut files = String::new();
+    for c in &d.changes {
+        if files.len() > 4000 {
+            files.push_str(&format!(" … ({} in all)", d.changes.len()));
+            break;
+        }
+        if !files.is_empty() {
+            files.push_str(", ");
+        }
+        files.push_str(&c.path);
+        if c.attrs.is_empty() {
+            files.push_str(&format!(" ({})", c.change));
+        } else {
+            files.push_str(&format!(" ({})", c.attrs.join("+")));
+        }
+    }
+    let expected = d.expected.clone().unwrap_or_default();
+    let mut pw = out.point("phoenix_drift");
+    for (k, v) in [("group", a.group.as_deref().unwrap_or("")), ("host", &a.hostname), ("image_id", &a.image_id), ("instance_id", &a.instance_id)] {
+        pw = pw.tag(k, v);
+    }
+    pw.str_field("hash", &d.hash)
+        .str_field("expected", &expected)
+        .str_field("baseline", &expected)
+        .field("drifted", &Value::Bool(d.drifted))
+        .str_field("changed_files", &files)
+        .field("changed_count", &Value::Int(d.changes.len() as i64))
+        .str_field("source", d.source.as_deref().unwrap_or("none"))
+        .end(if d.ts > 0 { d.ts } else { now_ns() });
+}
+
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }

@@ -27,6 +27,25 @@ pub struct Instance {
     pub mem_available_percent: Option<f64>,
     pub disk_max_used_percent: Option<f64>,
     pub checks: Vec<CheckResult>,
+    /// The latest drift verdict, if the agent watches files.
+    #[serde(default)]
+    pub drift: Option<DriftInfo>,
+}
+
+/// An instance's drift as the collector judged it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct DriftInfo {
+    pub hash: String,
+    pub expected: Option<String>,
+    /// Where `expected` came from: registered baseline, agent baseline or majority.
+    pub source: Option<String>,
+    pub drifted: bool,
+    pub changes: Vec<phoenix_wire::FileChange>,
+    pub note: Option<String>,
+    /// Unix ns of the scan or event the agent reported.
+    pub ts: i64,
+    /// Unix ms when the collector first saw the current drifted state (None when clean).
+    pub since_ms: Option<i64>,
 }
 
 #[derive(Default)]
@@ -41,8 +60,14 @@ impl Fleet {
         g.get(&id.instance_id).and_then(|i| i.seqs.get(&id.boot_id)).is_some_and(|(s, _)| seq <= *s)
     }
 
+    /// Current drift hashes of every instance of `image` (for the majority rule).
+    pub fn peer_hashes(&self, image: &str) -> Vec<String> {
+        let g = self.instances.lock().unwrap();
+        g.values().filter(|i| i.identity.image_id == image).filter_map(|i| i.drift.as_ref().map(|d| d.hash.clone())).collect()
+    }
+
     /// Record a report whose points the store took.
-    pub fn record(&self, r: &Report, now_ms: i64) {
+    pub fn record(&self, r: &Report, drift: Option<DriftInfo>, now_ms: i64) {
         let mut g = self.instances.lock().unwrap();
         let inst = g.entry(r.agent.instance_id.clone()).or_insert_with(|| Instance { first_seen_ms: now_ms, ..Default::default() });
         inst.identity = r.agent.clone();
@@ -81,6 +106,14 @@ impl Fleet {
         }
         if !r.checks.is_empty() {
             inst.checks = r.checks.clone();
+        }
+        if let Some(mut d) = drift {
+            d.since_ms = match &inst.drift {
+                _ if !d.drifted => None,
+                Some(old) if old.drifted => old.since_ms,
+                _ => Some(now_ms),
+            };
+            inst.drift = Some(d);
         }
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod baselines;
 pub mod config;
 pub mod convert;
+pub mod drift;
 pub mod fleet;
 pub mod health;
 pub mod lineproto;
@@ -76,7 +78,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let writer = writer::start(sink, writer::Settings::default());
     let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, ..Default::default() };
-    let state = Arc::new(api::AppState { tokens, writer, fleet: Arc::new(fleet::Fleet::default()), limits, max_body: cfg.max_body, store: store.clone() });
+    let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines")).with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
+    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: Arc::new(fleet::Fleet::default()), limits, max_body: cfg.max_body, store: store.clone() });
     let app = api::router(state);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} (is another collector running? use --listen)", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, store = %store, "phoenix-collector ready");
