@@ -47,6 +47,8 @@ struct Pattern {
     text: String,
     chars: Vec<char>,
     whole_path: bool,
+    /// No wildcard at all: a plain string comparison.
+    literal: bool,
     /// For `dir/**`: the directory itself also matches.
     dir_itself: Option<Vec<char>>,
 }
@@ -60,6 +62,7 @@ impl Excludes {
                 Pattern {
                     chars: text.chars().collect(),
                     whole_path: text.contains('/'),
+                    literal: !text.contains(['*', '?', '[']),
                     dir_itself: text.strip_suffix("/**").map(|d| d.chars().collect()),
                     text,
                 }
@@ -76,9 +79,17 @@ impl Excludes {
     /// Whether this absolute path (in its text form) is excluded.
     pub fn matches(&self, path: &str) -> bool {
         let name = path.rsplit('/').next().unwrap_or(path);
+        // Most patterns are plain paths or names: compare those as strings, and only decode
+        // the path into chars when a wildcard pattern is reached.
+        if self.patterns.iter().any(|p| p.literal && p.text == if p.whole_path { path } else { name }) {
+            return true;
+        }
+        if self.patterns.iter().all(|p| p.literal) {
+            return false;
+        }
         let name: Vec<char> = name.chars().collect();
         let full: Vec<char> = path.chars().collect();
-        self.patterns.iter().any(|p| {
+        self.patterns.iter().filter(|p| !p.literal).any(|p| {
             if p.dir_itself.as_deref().is_some_and(|d| glob_match(d, &full)) {
                 return true;
             }

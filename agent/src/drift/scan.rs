@@ -116,7 +116,8 @@ impl Tree {
 struct Item {
     key: String,
     path: PathBuf,
-    /// None only when even lstat failed (the entry becomes `e` with zeroed attributes).
+    /// None with `err`: even lstat failed (the entry becomes `e` with zeroed attributes).
+    /// None without `err`: a regular file per the directory listing, not stat'ed yet.
     meta: Option<fs::Metadata>,
     /// Set when the directory could not be listed (the entry becomes `e`).
     err: Option<io::Error>,
@@ -157,7 +158,7 @@ impl Scanner {
     pub fn full_scan(&self) -> Tree {
         let mut items = Vec::new();
         for r in &self.roots {
-            self.walk(r, &mut items);
+            self.walk(r, &mut items, false);
         }
         let mut tree = Tree::default();
         for (k, n) in self.build(items, None) {
@@ -194,7 +195,7 @@ impl Scanner {
             let old = tree.take_subtree(&key);
             let items = if meta.is_dir() {
                 let mut items = Vec::new();
-                self.walk(path, &mut items);
+                self.walk(path, &mut items, true);
                 items
             } else {
                 vec![Item { key, path: path.to_path_buf(), meta: Some(meta), err: None }]
@@ -217,7 +218,10 @@ impl Scanner {
     }
 
     /// Collect `start` and, for a directory, everything below it that is not excluded.
-    fn walk(&self, start: &Path, items: &mut Vec<Item>) {
+    /// Without `stat_files`, regular files (known from the directory listing's d_type) are not
+    /// lstat'ed here: the fstat after opening them gives the same attributes, which saves one
+    /// syscall per file on a full scan. Refreshes stat them to compare fingerprints.
+    fn walk(&self, start: &Path, items: &mut Vec<Item>, stat_files: bool) {
         let key = path_text(start);
         if self.excludes.matches(&key) {
             return;
@@ -259,6 +263,10 @@ impl Scanner {
                 let child = de.path();
                 let ck = path_text(&child);
                 if self.excludes.matches(&ck) {
+                    continue;
+                }
+                if !stat_files && de.file_type().is_ok_and(|t| t.is_file()) {
+                    items.push(Item { key: ck, path: child, meta: None, err: None });
                     continue;
                 }
                 // DirEntry::metadata is lstat: symlinks are not followed.
@@ -340,7 +348,7 @@ fn node_for(it: &Item, prev: Option<&BTreeMap<String, Node>>, buf: &mut [u8], ha
     let m = match (&it.meta, &it.err) {
         (Some(m), None) => m,
         (m, Some(e)) => return error_node(it.key.clone(), m.as_ref(), e),
-        (None, None) => return None,
+        (None, None) => return lazy_file(it, buf, hashed),
     };
     let entry = |kind: char, m: &fs::Metadata, hash: String, target: Option<String>| FileEntry {
         path: it.key.clone(),
@@ -380,6 +388,28 @@ fn node_for(it: &Item, prev: Option<&BTreeMap<String, Node>>, buf: &mut [u8], ha
         }
     } else {
         Some(Node::new(entry('o', m, String::new(), None), None))
+    }
+}
+
+/// A regular file the walk did not stat: open it, and take its attributes from fstat.
+fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
+    hashed.fetch_add(1, Ordering::Relaxed);
+    let fallback = |e: io::Error, buf: &mut [u8]| -> Option<Node> {
+        // Unreadable, or no longer a regular file: lstat decides what it is now.
+        match fs::symlink_metadata(&it.path) {
+            Ok(m) if m.is_file() => error_node(it.key.clone(), Some(&m), &e),
+            Ok(m) => node_for(&Item { key: it.key.clone(), path: it.path.clone(), meta: Some(m), err: None }, None, buf, hashed),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => error_node(it.key.clone(), None, &e),
+        }
+    };
+    match hash_file(&it.path, buf) {
+        Ok((hash, m)) => {
+            let entry = FileEntry { path: it.key.clone(), kind: 'f', mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), hash, target: None, error: None };
+            Some(Node::new(entry, Some(Fingerprint::of(&m))))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => fallback(e, buf),
     }
 }
 
