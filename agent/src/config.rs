@@ -67,6 +67,24 @@ pub struct RunArgs {
     /// Log format of the agent's own messages: text or json [default: text].
     #[arg(long, env = "PHOENIX_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Ship the local systemd journal (read with journalctl; the agent needs the systemd-journal group).
+    #[arg(long, env = "PHOENIX_JOURNAL")]
+    pub journal: bool,
+    /// Only journal entries of this systemd unit (repeatable; journalctl globs allowed), e.g. nginx.service.
+    #[arg(long = "journal-unit", env = "PHOENIX_JOURNAL_UNIT", value_delimiter = ',')]
+    pub journal_unit: Vec<String>,
+    /// Only journal entries this important or more: emerg, alert, crit, err, warning, notice, info, debug or 0-7.
+    #[arg(long, env = "PHOENIX_JOURNAL_PRIORITY")]
+    pub journal_priority: Option<String>,
+    /// Read the journal files in this directory instead of the local journal (turns the journal on).
+    #[arg(long, env = "PHOENIX_JOURNAL_DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// Read this journal file instead of the local journal (repeatable; turns the journal on).
+    #[arg(long = "journal-file", env = "PHOENIX_JOURNAL_FILE", value_delimiter = ',')]
+    pub journal_file: Vec<PathBuf>,
+    /// On the very first start on a box, read the journal from its `end` or from the start of the current `boot` [default: end].
+    #[arg(long, env = "PHOENIX_JOURNAL_INITIAL")]
+    pub journal_initial: Option<String>,
 }
 
 /// The merged, checked settings `run` works with.
@@ -87,6 +105,14 @@ pub struct RunConfig {
     pub image_id: Option<String>,
     pub group: Option<String>,
     pub checks: Vec<String>,
+    /// Ship the systemd journal: on with --journal, --journal-dir or --journal-file.
+    pub journal: bool,
+    pub journal_units: Vec<String>,
+    /// Highest priority number shipped (0 emerg .. 7 debug).
+    pub journal_priority: Option<u8>,
+    pub journal_dir: Option<PathBuf>,
+    pub journal_files: Vec<PathBuf>,
+    pub journal_from_boot: bool,
 }
 
 impl RunArgs {
@@ -122,6 +148,21 @@ impl RunArgs {
             "start" | "beginning" => true,
             o => bail!("--log-initial {o:?}: use end or start"),
         };
+        let journal_dir = self.journal_dir.or(file.journal_dir);
+        let journal_files = if self.journal_file.is_empty() { file.journal_file } else { self.journal_file };
+        if journal_dir.is_some() && !journal_files.is_empty() {
+            return Err(crate::journal::JournalError::DirAndFiles.into());
+        }
+        let journal = self.journal || file.journal || journal_dir.is_some() || !journal_files.is_empty();
+        let journal_units = list(self.journal_unit, file.journal_unit);
+        for u in &journal_units {
+            crate::journal::check_unit(u)?;
+        }
+        let journal_priority = pick(self.journal_priority, file.journal_priority).map(|p| crate::journal::parse_priority(&p)).transpose()?;
+        if !journal && (!journal_units.is_empty() || journal_priority.is_some()) {
+            bail!("--journal-unit and --journal-priority filter the journal: add --journal (or --journal-dir / --journal-file)");
+        }
+        let journal_from_boot = crate::journal::parse_initial(pick(self.journal_initial, file.journal_initial).as_deref().unwrap_or("end"))?;
         Ok(RunConfig {
             collector,
             token,
@@ -138,6 +179,12 @@ impl RunArgs {
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),
             checks: list(self.check, file.check),
+            journal,
+            journal_units,
+            journal_priority,
+            journal_dir,
+            journal_files,
+            journal_from_boot,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod counters;
 pub mod drift;
 pub mod identity;
+pub mod journal;
 pub mod logs;
 pub mod metrics;
 pub mod source;
@@ -32,6 +33,9 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     out.push(Box::new(m));
     if !cfg.logs.is_empty() {
         out.push(Box::new(logs::LogSource::new(logs::Options::from_config(cfg))));
+    }
+    if cfg.journal {
+        out.push(Box::new(journal::JournalSource::new(journal::Options::from_config(cfg))));
     }
     if let Some(d) = drift::DriftSource::from_config(cfg)? {
         out.push(Box::new(d));
