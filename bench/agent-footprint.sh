@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The agent's footprint next to collectd's, in the same run on the same box:
+# peak RSS (VmHWM), CPU seconds per minute (schedstat), and the agent's stripped binary size.
+#
+#   bench/agent-footprint.sh             # 180 s at a 10 s interval
+#   DURATION=300 bench/agent-footprint.sh
+#
+# Needs: collectd-core (apt-get install -y collectd-core), python3. Builds the release binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-180}
+INTERVAL=${INTERVAL:-10}
+command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
+cargo build --release --quiet -p phoenix-agent -p phoenix-collector
+W=$(mktemp -d /tmp/phoenix-footprint.XXXXXX)
+cleanup() { kill "${AGENT:-}" "${COLLECTOR:-}" "${COLLECTD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+./target/release/phoenix-collector --listen "127.0.0.1:$PORT" --data-dir "$W/collector" --agent-token bench >"$W/collector.log" 2>&1 &
+COLLECTOR=$!
+for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+
+./target/release/phoenix-agent run --collector "http://127.0.0.1:$PORT" --token bench --interval "${INTERVAL}s" \
+  --state-dir "$W/agent" --instance-id i-bench --image-id img-bench >"$W/agent.log" 2>&1 &
+AGENT=$!
+
+# collectd with the plugins that match the agent's metrics, same interval, sending over UDP
+# (its network plugin) as it would to a central server.
+UDP=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$W/collectd.conf" <<CONF
+Interval $INTERVAL
+BaseDir "$W/collectd"
+PIDFile "$W/collectd.pid"
+PluginDir "/usr/lib/collectd"
+TypesDB "/usr/share/collectd/types.db"
+LoadPlugin cpu
+LoadPlugin memory
+LoadPlugin interface
+LoadPlugin df
+LoadPlugin load
+LoadPlugin disk
+LoadPlugin network
+<Plugin network>
+  Server "127.0.0.1" "$UDP"
+</Plugin>
+CONF
+mkdir -p "$W/collectd"
+collectd -f -C "$W/collectd.conf" >"$W/collectd.log" 2>&1 &
+COLLECTD=$!
+sleep 2
+echo "measuring for ${DURATION}s at a ${INTERVAL}s interval (agent pid $AGENT, collectd pid $COLLECTD)"
+python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "collectd" "$COLLECTD" | tee "$W/result.txt"
+# shellcheck disable=SC2046
+set -- $(awk '$1=="phoenix"{print $2, $4} $1=="collectd"{print $2, $4}' "$W/result.txt")
+python3 - "$@" <<'PY'
+import sys
+a_rss, a_cpu, c_rss, c_cpu = map(float, sys.argv[1:5])
+print(f"ratio agent/collectd: peak RSS {a_rss / c_rss:.2f}x, CPU {a_cpu / max(c_cpu, 1e-9):.2f}x")
+PY
+SIZE=$(stat -c %s target/release/phoenix-agent)
+echo "phoenix-agent stripped release binary: $SIZE bytes ($(python3 -c "print(round($SIZE/1048576, 2))") MiB)"
+echo "targets: peak RSS <= 8 MiB (8192 kB), <= 0.03 CPU-s/min, binary <= 5 MiB"
+grep -c '"accepted"' "$W/collector.log" >/dev/null 2>&1 || true
