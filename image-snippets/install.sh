@@ -117,9 +117,13 @@ fi
 if [ "$enable" = yes ]; then
 	# What `systemctl enable` does for WantedBy=multi-user.target, done by hand so it also works
 	# in a chroot without systemd installed yet.
-	mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
-	ln -sfn /etc/systemd/system/phoenix-agent.service \
-		"$root/etc/systemd/system/multi-user.target.wants/phoenix-agent.service"
+	wants=$root/etc/systemd/system/multi-user.target.wants
+	target=/etc/systemd/system/phoenix-agent.service
+	mkdir -p "$wants"
+	if [ "$(readlink "$wants/phoenix-agent.service" 2>/dev/null)" != "$target" ]; then
+		ln -sfn "$target" "$wants/phoenix-agent.service"
+		printf '%s: enabled %s\n' "$prog" "$wants/phoenix-agent.service"
+	fi
 fi
 
 # Talk to systemd only on the live system it is running on.

@@ -4,14 +4,24 @@
 #
 #   debootstrap-cache.sh [DIR]      (default /var/cache/phoenix-test/rootfs)
 #
-# Prints DIR when it is ready. A finished tree is marked with DIR/.phoenix-complete, so a build
-# that was cut off is redone rather than used. The mirror is the one apt itself is set up with.
+# Prints DIR when it is ready. A finished tree is marked with DIR/.phoenix-complete holding what
+# it was built from, so a build that was cut off, or one made with other packages, is redone
+# rather than used. The mirror is the one apt itself is set up with.
 set -eu
 
 dir=${1:-${PHOENIX_ROOTFS:-/var/cache/phoenix-test/rootfs}}
 suite=${PHOENIX_SUITE:-bookworm}
+# What a stock cloud image has that the bake needs: cloud-init (the bake cleans its state) and
+# CA certificates. Everything else stays minimal. debootstrap does not resolve virtual packages:
+# python3-cffi-backend is what provides the one cloud-init needs through python3-cryptography.
+include=ca-certificates,cloud-init,python3-cffi-backend
+stamp="$suite minbase $include v1"
 
-if [ -f "$dir/.phoenix-complete" ]; then
+ready() {
+	[ -f "$dir/.phoenix-complete" ] && [ "$(cat "$dir/.phoenix-complete")" = "$stamp" ]
+}
+
+if ready; then
 	printf '%s\n' "$dir"
 	exit 0
 fi
@@ -34,14 +44,13 @@ mkdir -p "$(dirname -- "$dir")"
 # One builder at a time; a second caller waits and then finds the finished tree.
 exec 9>"$lock"
 flock 9
-if [ -f "$dir/.phoenix-complete" ]; then
+if ready; then
 	printf '%s\n' "$dir"
 	exit 0
 fi
 
 rm -rf "$dir.partial"
-# minbase: only the Essential packages and apt. ca-certificates is what a stock image has too.
-debootstrap --variant=minbase --include=ca-certificates "$suite" "$dir.partial" "$mirror" >&2
+debootstrap --variant=minbase --include="$include" "$suite" "$dir.partial" "$mirror" >&2
 # Make the tree look like a cloud image before its first boot.
 rm -f "$dir.partial/etc/hostname"
 : >"$dir.partial/etc/machine-id"
@@ -49,5 +58,5 @@ mkdir -p "$dir.partial/etc/ssh" "$dir.partial/opt/app/config"
 rm -rf "$dir.partial/var/cache/apt/archives"/*.deb "$dir.partial/var/lib/apt/lists"/*_Packages
 rm -rf "$dir"
 mv "$dir.partial" "$dir"
-touch "$dir/.phoenix-complete"
+printf '%s\n' "$stamp" >"$dir/.phoenix-complete"
 printf '%s\n' "$dir"
