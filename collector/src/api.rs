@@ -36,6 +36,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
+        .route("/v1/phoenix", get(get_phoenix))
+        .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
         .with_state(state)
 }
@@ -220,7 +222,35 @@ fn summary(i: &crate::fleet::Instance) -> serde_json::Value {
         "mem_used_percent": i.mem_used_percent,
         "disk_max_used_percent": i.disk_max_used_percent,
         "drifted": i.drift.as_ref().map(|d| d.drifted),
+        "state": i.phx.state.as_str(),
+        "reason": i.phx.mark.as_ref().map(|m| m.reason.as_str()).or(i.phx.problem.as_ref().map(|p| p.reason.as_str())),
+        "evidence": i.phx.mark.as_ref().map(|m| m.evidence.as_str()).or(i.phx.problem.as_ref().map(|p| p.evidence.as_str())),
+        "held": i.phx.held,
+        "mark": i.phx.mark,
     })
+}
+
+/// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget.
+async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers, &[Role::Recycler]) {
+        return r;
+    }
+    Json(s.fleet.phoenix_view(now_ms())).into_response()
+}
+
+/// The recycler took a marked instance; the mark stays (as acked) until it goes silent.
+async fn ack_phoenix(State(s): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let caller = match authorize(&s, &headers, &[Role::Recycler]) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match s.fleet.ack(&id, &caller.token_name, now_ms()) {
+        Ok(now) => {
+            s.fleet.wake.notify_one();
+            Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now })).into_response()
+        }
+        Err(()) => error(StatusCode::NOT_FOUND, format!("instance {id:?} is not marked for replacement (see GET /v1/phoenix)")),
+    }
 }
 
 async fn get_instance(State(s): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {

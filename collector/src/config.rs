@@ -234,6 +234,7 @@ impl Args {
             mark_rate_per_min: pick!(mark_rate).unwrap_or(10).max(1),
             mass_event: percent(pick!(mass_event).as_deref(), "50%", "mass-event")?,
             log_only,
+            ..Default::default()
         };
         let webhook = match (pick!(webhook), pick!(webhook_secret)) {
             (Some(u), Some(s)) => Some((u, s)),

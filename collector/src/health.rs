@@ -1,6 +1,13 @@
-//! Health rules: when an instance counts as unhealthy, and how many may be marked at once.
+//! Health rules: when an instance counts as unhealthy, and why.
+//!
+//! Pure functions over what the fleet state holds and a `now` passed in by the caller, so every
+//! rule can be tested with a fake clock. The queue ([`crate::queue`]) decides what a verdict
+//! leads to (a mark, a hold, an alert).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// Every rule is configurable; defaults are in [`crate::config`].
 #[derive(Debug, Clone)]
@@ -25,8 +32,13 @@ pub struct Rules {
     pub mark_rate_per_min: u32,
     /// Share of a group turning bad at once that holds all marks and raises an alert.
     pub mass_event: f64,
+    /// Fewest bad instances that make a mass event: in a group of two, one bad instance is
+    /// half the group but no sign of a bad baseline.
+    pub mass_min: usize,
     /// Mark nothing, log what would have been marked.
     pub log_only: bool,
+    /// Instances gone this long are dropped from the fleet state.
+    pub forget_after: Duration,
 }
 
 impl Default for Rules {
@@ -43,7 +55,375 @@ impl Default for Rules {
             budget: 0.10,
             mark_rate_per_min: 10,
             mass_event: 0.5,
+            mass_min: 3,
             log_only: false,
+            forget_after: Duration::from_secs(3600),
         }
+    }
+}
+
+/// Why an instance is bad, worst first: budgeted marks go in this order. Drift (tampering) and
+/// failing checks (the service is down) are certain harm; silence, pegged resources and a
+/// full disk are symptoms with other possible causes; age is routine recycling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Drift,
+    CheckFailed,
+    Silent,
+    Pegged,
+    DiskFull,
+    Age,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Drift => "drift",
+            Reason::CheckFailed => "check_failed",
+            Reason::Silent => "silent",
+            Reason::Pegged => "pegged",
+            Reason::DiskFull => "disk_full",
+            Reason::Age => "age",
+        }
+    }
+}
+
+/// One rule that fired, with what a person needs to believe it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    pub reason: Reason,
+    pub evidence: String,
+}
+
+/// Per-instance inputs the rules need beyond the latest figures, kept up to date as reports
+/// come in ([`Tracking::observe`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// Check name → (consecutive failed reports, the latest failure's detail).
+    pub check_streaks: BTreeMap<String, (u32, String)>,
+    /// Unix ms since when CPU or memory has been pegged, and which.
+    pub pegged_since_ms: Option<i64>,
+    pub pegged_what: String,
+    /// The fullest filesystem in the latest report: (path, used %).
+    pub disk_worst: Option<(String, f64)>,
+}
+
+/// What one report said, as far as the rules care.
+#[derive(Debug, Clone, Default)]
+pub struct Observed<'a> {
+    pub checks: &'a [phoenix_wire::CheckResult],
+    pub cpu_used_percent: Option<f64>,
+    pub mem_available_percent: Option<f64>,
+    pub disk_worst: Option<(String, f64)>,
+}
+
+impl Tracking {
+    pub fn observe(&mut self, o: &Observed, rules: &Rules, now_ms: i64) {
+        // Reports without check results (log or drift batches) say nothing about checks.
+        if !o.checks.is_empty() {
+            let mut next = BTreeMap::new();
+            for c in o.checks {
+                if !c.ok {
+                    let n = self.check_streaks.get(&c.name).map_or(0, |s| s.0);
+                    next.insert(c.name.clone(), (n.saturating_add(1), c.detail.clone()));
+                }
+            }
+            self.check_streaks = next;
+        }
+        if o.cpu_used_percent.is_some() || o.mem_available_percent.is_some() {
+            let cpu = o.cpu_used_percent.filter(|c| *c > rules.cpu_pegged);
+            let mem = o.mem_available_percent.filter(|m| *m < rules.mem_available_min);
+            let what = match (cpu, mem) {
+                (Some(c), Some(m)) => Some(format!("CPU {c:.1}% and available memory {m:.1}%")),
+                (Some(c), None) => Some(format!("CPU {c:.1}%")),
+                (None, Some(m)) => Some(format!("available memory {m:.1}%")),
+                (None, None) => None,
+            };
+            match what {
+                Some(w) => {
+                    self.pegged_since_ms.get_or_insert(now_ms);
+                    self.pegged_what = w;
+                }
+                None => {
+                    self.pegged_since_ms = None;
+                    self.pegged_what.clear();
+                }
+            }
+        }
+        if o.disk_worst.is_some() {
+            self.disk_worst = o.disk_worst.clone();
+        }
+    }
+}
+
+/// What the rules see of one instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub interval_ms: u64,
+    /// Unix seconds the instance booted (0: unknown; first_seen counts then).
+    pub boot_time: u64,
+    pub tracking: &'a Tracking,
+    pub drift: Option<&'a crate::fleet::DriftInfo>,
+    /// When this collector started: silence is measured from then at the latest, so a
+    /// collector that was down does not find the whole fleet silent.
+    pub watch_since_ms: i64,
+}
+
+/// The rules' judgement on one instance at `now_ms`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Verdict {
+    /// Every rule that fired, worst first.
+    pub problems: Vec<Problem>,
+    /// Within the grace period after its first report.
+    pub in_grace: bool,
+    /// Three intervals without a report, not yet `silent_after`.
+    pub suspect: bool,
+}
+
+impl Verdict {
+    pub fn worst(&self) -> Option<&Problem> {
+        self.problems.first()
+    }
+}
+
+/// Default when an agent sent no interval: the agent's own default.
+const DEFAULT_INTERVAL_MS: u64 = 10_000;
+
+/// How long `f` has been silent, measured from when this collector could first have heard it.
+pub fn silent_for_ms(f: &Facts, now_ms: i64) -> i64 {
+    (now_ms - f.last_seen_ms.max(f.watch_since_ms)).max(0)
+}
+
+pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
+    let mut v = Verdict { in_grace: now_ms - f.first_seen_ms < ms(rules.grace), ..Default::default() };
+    if let Some(d) = f.drift.filter(|d| d.drifted) {
+        v.problems.push(Problem { reason: Reason::Drift, evidence: drift_evidence(d) });
+    }
+    let interval = if f.interval_ms == 0 { DEFAULT_INTERVAL_MS } else { f.interval_ms } as i64;
+    let silent = silent_for_ms(f, now_ms);
+    if v.in_grace {
+        // A booting instance is slow, busy and maybe not yet serving: only tampering counts.
+        return v;
+    }
+    for (name, (n, detail)) in &f.tracking.check_streaks {
+        if *n >= rules.check_failures {
+            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+            v.problems.push(Problem { reason: Reason::CheckFailed, evidence: format!("check {name} failed {n} times in a row{detail}") });
+        }
+    }
+    if silent >= ms(rules.silent_after) {
+        v.problems.push(Problem { reason: Reason::Silent, evidence: format!("silent for {}; reports every {}", human(silent), human(interval)) });
+    } else if silent > 3 * interval {
+        v.suspect = true;
+    }
+    if let Some(since) = f.tracking.pegged_since_ms {
+        if now_ms - since >= ms(rules.pegged_for) {
+            v.problems.push(Problem { reason: Reason::Pegged, evidence: format!("{} for {}", f.tracking.pegged_what, human(now_ms - since)) });
+        }
+    }
+    if let Some((path, used)) = &f.tracking.disk_worst {
+        if *used > rules.disk_full {
+            v.problems.push(Problem { reason: Reason::DiskFull, evidence: format!("filesystem {path} {used:.1}% full (limit {}%)", rules.disk_full) });
+        }
+    }
+    if let Some(max) = rules.max_lifetime {
+        let born_ms = if f.boot_time > 0 { f.boot_time as i64 * 1000 } else { f.first_seen_ms };
+        let age = now_ms - born_ms;
+        if age > ms(max) {
+            v.problems.push(Problem { reason: Reason::Age, evidence: format!("running for {}, over the maximum lifetime of {}", human(age), human(ms(max))) });
+        }
+    }
+    v.problems.sort_by_key(|p| p.reason);
+    v
+}
+
+fn drift_evidence(d: &crate::fleet::DriftInfo) -> String {
+    let against = d.source.as_deref().unwrap_or("baseline");
+    if d.changes.is_empty() {
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        let expected = d.expected.as_deref().map(short).unwrap_or_else(|| "?".into());
+        return format!("drifted from the {against}: hash {} instead of {expected}", short(&d.hash));
+    }
+    let shown: Vec<String> = d
+        .changes
+        .iter()
+        .take(5)
+        .map(|c| if c.attrs.is_empty() { format!("{} ({})", c.path, c.change) } else { format!("{} ({})", c.path, c.attrs.join("+")) })
+        .collect();
+    let more = if d.changes.len() > 5 { format!(" and {} more", d.changes.len() - 5) } else { String::new() };
+    format!("drifted from the {against}: {}{more}", shown.join(", "))
+}
+
+pub fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// 45s, 2m5s, 3h10m, 7d2h: enough precision for a person reading a mark.
+pub fn human(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0 if ms > 0 => format!("{ms}ms"),
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::DriftInfo;
+    use phoenix_wire::{CheckResult, FileChange};
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn rules() -> Rules {
+        Rules { grace: Duration::from_secs(300), silent_after: Duration::from_secs(120), pegged_for: Duration::from_secs(300), ..Default::default() }
+    }
+
+    fn facts(t: &Tracking) -> Facts<'_> {
+        Facts { first_seen_ms: T0, last_seen_ms: T0, interval_ms: 10_000, boot_time: 0, tracking: t, drift: None, watch_since_ms: 0 }
+    }
+
+    fn reasons(v: &Verdict) -> Vec<Reason> {
+        v.problems.iter().map(|p| p.reason).collect()
+    }
+
+    fn check(name: &str, ok: bool, detail: &str) -> CheckResult {
+        CheckResult { name: name.into(), ok, detail: detail.into(), duration_ms: 1 }
+    }
+
+    #[test]
+    fn silent_is_suspect_after_three_intervals_then_unhealthy_after_silent_after() {
+        let t = Tracking::default();
+        let r = rules();
+        let mut f = facts(&t);
+        f.first_seen_ms = T0 - 3_600_000; // out of grace
+        let at = |s: i64| judge(&f, &r, T0 + s * 1000);
+        assert_eq!((at(30).suspect, reasons(&at(30))), (false, vec![]), "exactly 3 intervals is not yet suspect");
+        assert_eq!((at(31).suspect, reasons(&at(31))), (true, vec![]));
+        assert_eq!((at(119).suspect, reasons(&at(119))), (true, vec![]));
+        let v = at(120);
+        assert_eq!((v.suspect, reasons(&v)), (false, vec![Reason::Silent]));
+        assert_eq!(v.problems[0].evidence, "silent for 2m0s; reports every 10s");
+        // A collector that was itself down measures silence from its own start.
+        f.watch_since_ms = T0 + 100_000;
+        assert!(judge(&f, &r, T0 + 150_000).problems.is_empty());
+        assert_eq!(reasons(&judge(&f, &r, T0 + 220_000)), vec![Reason::Silent]);
+    }
+
+    #[test]
+    fn grace_lets_only_drift_count() {
+        let mut t = Tracking::default();
+        let r = rules();
+        for _ in 0..5 {
+            t.observe(&Observed { checks: &[check("web", false, "HTTP 500")], cpu_used_percent: Some(100.0), disk_worst: Some(("/".into(), 99.0)), ..Default::default() }, &r, T0);
+        }
+        let drift = DriftInfo { hash: "a".into(), drifted: true, changes: vec![FileChange { path: "/etc/x".into(), change: "changed".into(), attrs: vec!["content".into()] }], source: Some("registered baseline".into()), ..Default::default() };
+        let mut f = facts(&t);
+        let v = judge(&f, &r, T0 + 299_000);
+        assert!(v.in_grace && v.problems.is_empty(), "{v:?}");
+        f.drift = Some(&drift);
+        let v = judge(&f, &r, T0 + 299_000);
+        assert_eq!(reasons(&v), vec![Reason::Drift]);
+        assert_eq!(v.problems[0].evidence, "drifted from the registered baseline: /etc/x (content)");
+        // Out of grace (and still reporting) every rule counts, worst first.
+        f.last_seen_ms = T0 + 299_000;
+        f.first_seen_ms = T0 - 1;
+        let v = judge(&f, &r, T0 + 300_000);
+        assert!(!v.in_grace);
+        assert_eq!(reasons(&v), vec![Reason::Drift, Reason::CheckFailed, Reason::Pegged, Reason::DiskFull]);
+    }
+
+    #[test]
+    fn a_check_must_fail_n_consecutive_reports() {
+        let r = Rules { check_failures: 3, grace: Duration::ZERO, ..rules() };
+        let mut t = Tracking::default();
+        let bad = [check("web", false, "HTTP 500"), check("db", true, "")];
+        let good = [check("web", true, "HTTP 200"), check("db", true, "")];
+        let verdict = |t: &Tracking| judge(&facts(t), &r, T0);
+        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        assert!(verdict(&t).problems.is_empty());
+        // A report without check results (a log batch) neither breaks nor extends the streak.
+        t.observe(&Observed::default(), &r, T0);
+        assert!(verdict(&t).problems.is_empty());
+        t.observe(&Observed { checks: &good, ..Default::default() }, &r, T0);
+        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        assert!(verdict(&t).problems.is_empty(), "a pass resets the count");
+        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        let v = verdict(&t);
+        assert_eq!(reasons(&v), vec![Reason::CheckFailed]);
+        assert_eq!(v.problems[0].evidence, "check web failed 3 times in a row: HTTP 500");
+    }
+
+    #[test]
+    fn pegged_cpu_or_memory_for_the_whole_period() {
+        let r = Rules { grace: Duration::ZERO, ..rules() };
+        let mut t = Tracking::default();
+        let obs = |cpu: f64, mem: f64| Observed { cpu_used_percent: Some(cpu), mem_available_percent: Some(mem), ..Default::default() };
+        t.observe(&obs(96.0, 50.0), &r, T0);
+        t.observe(&obs(99.0, 50.0), &r, T0 + 200_000);
+        let mut f = facts(&t);
+        f.last_seen_ms = T0 + 299_000;
+        assert!(judge(&f, &r, T0 + 299_000).problems.is_empty());
+        let v = judge(&f, &r, T0 + 300_000);
+        assert_eq!(v.problems, vec![Problem { reason: Reason::Pegged, evidence: "CPU 99.0% for 5m0s".into() }]);
+        // One normal sample resets the clock.
+        t.observe(&obs(50.0, 50.0), &r, T0 + 301_000);
+        t.observe(&obs(50.0, 4.0), &r, T0 + 302_000);
+        let mut f = facts(&t);
+        f.last_seen_ms = T0 + 600_000;
+        assert!(judge(&f, &r, T0 + 601_000).problems.is_empty());
+        let v = judge(&f, &r, T0 + 602_000);
+        assert_eq!(v.problems[0].evidence, "available memory 4.0% for 5m0s");
+        // Exactly at the threshold is not pegged.
+        let mut t = Tracking::default();
+        t.observe(&obs(95.0, 5.0), &r, T0);
+        assert_eq!(t.pegged_since_ms, None);
+    }
+
+    #[test]
+    fn disk_over_the_limit() {
+        let r = Rules { grace: Duration::ZERO, disk_full: 90.0, ..rules() };
+        let mut t = Tracking::default();
+        t.observe(&Observed { disk_worst: Some(("/var".into(), 90.0)), ..Default::default() }, &r, T0);
+        assert!(judge(&facts(&t), &r, T0).problems.is_empty());
+        t.observe(&Observed { disk_worst: Some(("/var".into(), 90.5)), ..Default::default() }, &r, T0);
+        assert_eq!(judge(&facts(&t), &r, T0).problems[0].evidence, "filesystem /var 90.5% full (limit 90%)");
+    }
+
+    #[test]
+    fn age_from_boot_time_or_first_seen_and_off_by_default() {
+        let t = Tracking::default();
+        let off = rules();
+        let mut f = facts(&t);
+        f.last_seen_ms = T0 + 400 * 86_400_000;
+        assert!(judge(&f, &off, f.last_seen_ms).problems.is_empty());
+        let r = Rules { max_lifetime: Some(Duration::from_secs(7 * 86400)), ..rules() };
+        f.last_seen_ms = T0 + 7 * 86_400_000;
+        assert!(judge(&f, &r, f.last_seen_ms).problems.is_empty(), "exactly the lifetime is not over it");
+        f.last_seen_ms += 1000;
+        let v = judge(&f, &r, f.last_seen_ms);
+        assert_eq!(reasons(&v), vec![Reason::Age]);
+        assert_eq!(v.problems[0].evidence, "running for 7d0h, over the maximum lifetime of 7d0h");
+        // The boot time counts when the agent sent it: it booted 8 days before the collector saw it.
+        f.boot_time = ((T0 - 86_400_000) / 1000) as u64;
+        f.last_seen_ms = T0 + 6 * 86_400_000 + 1000;
+        assert_eq!(reasons(&judge(&f, &r, f.last_seen_ms)), vec![Reason::Age]);
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(500), "500ms");
+        assert_eq!(human(45_000), "45s");
+        assert_eq!(human(125_000), "2m5s");
+        assert_eq!(human(3 * 3600_000 + 600_000), "3h10m");
+        assert_eq!(human(7 * 86_400_000 + 2 * 3600_000), "7d2h");
     }
 }

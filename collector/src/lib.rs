@@ -10,7 +10,10 @@ pub mod drift;
 pub mod fleet;
 pub mod health;
 pub mod lineproto;
+pub mod queue;
 pub mod sink;
+pub mod store;
+pub mod webhook;
 pub mod writer;
 
 use std::sync::Arc;
@@ -79,11 +82,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let writer = writer::start(sink, writer::Settings::default());
     let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, ..Default::default() };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines")).with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
-    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: Arc::new(fleet::Fleet::default()), limits, max_body: cfg.max_body, store: store.clone() });
+    let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
+    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone() });
     let app = api::router(state);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} (is another collector running? use --listen)", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, store = %store, "phoenix-collector ready");
     axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    // The queue's last pass and the final save of the fleet state.
+    let _ = phoenix_stop.send(true);
+    let _ = phoenix_task.await;
     Ok(())
 }
 
@@ -95,4 +102,22 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {},
     }
     tracing::info!("stopping");
+}
+
+/// Fleet state from `<data-dir>/fleet.json`, and the phoenix queue's background task.
+#[allow(clippy::type_complexity)]
+fn start_phoenix(cfg: &Config, writer: writer::WriterHandle) -> anyhow::Result<(Arc<fleet::Fleet>, tokio::task::JoinHandle<()>, tokio::sync::watch::Sender<bool>)> {
+    let store = store::Store::new(&cfg.data_dir);
+    let fleet = Arc::new(fleet::Fleet::new(cfg.health.clone(), api::now_ms()));
+    if let Some(snap) = store.load()? {
+        tracing::info!(instances = snap.instances.len(), saved_ms = snap.saved_ms, file = %store.path().display(), "fleet state restored");
+        fleet.restore(snap);
+    }
+    if cfg.health.log_only {
+        tracing::warn!("--log-only: nothing will be marked for replacement; would-be marks are logged and listed under \"held\" in GET /v1/phoenix");
+    }
+    let hook = cfg.webhook.as_ref().map(|(url, secret)| webhook::Webhook::start(url.clone(), secret.clone(), webhook::Settings::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(fleet::run(fleet.clone(), writer, hook, store, stop_rx));
+    Ok((fleet, task, stop_tx))
 }

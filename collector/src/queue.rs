@@ -1,0 +1,625 @@
+//! The phoenix queue: from rule verdicts to marks, safely.
+//!
+//! States: new (grace) → healthy ↔ suspect/unhealthy; drifted; marked → acked → gone.
+//! A wrong mark kills a healthy server and a storm of marks kills the fleet, so marks pass
+//! three gates, per group (identity.group, else image_id):
+//! - a mass event (more than `mass_event` of a group bad at once, and at least `mass_min`
+//!   instances) holds every new mark in that group and raises an alert: a whole group turning
+//!   bad together points at a bad baseline, a rollout or the network, not at the instances;
+//! - the budget: at most `budget` of the group (at least one) marked or acked at a time;
+//! - the rate limit: at most `mark_rate_per_min` new marks per minute across the fleet.
+//!
+//! Budgeted marks go to the worst reasons first ([`Reason`]'s order), then the longest bad.
+//! Everything here is a pure function of the fleet state and a `now` given by the caller.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::Instance;
+use crate::health::{self, Facts, Problem, Reason, Rules};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    #[default]
+    New,
+    Healthy,
+    /// Three intervals without a report, not yet long enough to be unhealthy.
+    Suspect,
+    Unhealthy,
+    Drifted,
+    Marked,
+    Acked,
+    Gone,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::New => "new",
+            State::Healthy => "healthy",
+            State::Suspect => "suspect",
+            State::Unhealthy => "unhealthy",
+            State::Drifted => "drifted",
+            State::Marked => "marked",
+            State::Acked => "acked",
+            State::Gone => "gone",
+        }
+    }
+}
+
+/// A mark for replacement, from the moment it was made until the instance is forgotten.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    pub reason: Reason,
+    pub evidence: String,
+    pub since_ms: i64,
+    pub acked_ms: Option<i64>,
+    /// Which recycler token acked it (its name, never its value).
+    pub acked_by: Option<String>,
+    pub gone_ms: Option<i64>,
+}
+
+/// The queue's view of one instance, kept in its fleet entry (and so persisted with it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phx {
+    pub state: State,
+    /// The worst rule that fires now, and since when (that reason without a break).
+    pub problem: Option<Problem>,
+    pub problem_since_ms: Option<i64>,
+    pub mark: Option<Mark>,
+    /// Why a bad instance is not marked: mass event, budget, rate limit or log-only.
+    pub held: Option<String>,
+    /// Unix ms of the latest `phoenix_instance` point; 0: one is due.
+    #[serde(skip)]
+    pub last_point_ms: i64,
+}
+
+/// A mass event in one group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub group: String,
+    pub since_ms: i64,
+    pub bad: usize,
+    pub size: usize,
+    /// Bad instances by reason, e.g. {"drift": 6}.
+    pub reasons: BTreeMap<String, usize>,
+    pub message: String,
+}
+
+/// Fleet-wide queue state (persisted with the fleet).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Active mass-event alerts by group.
+    pub alerts: BTreeMap<String, Alert>,
+    /// Unix ms of the marks made in the last minute (the rate limit).
+    pub recent_marks: VecDeque<i64>,
+    /// Per group: (size, allowed, marked, acked) as of the latest pass.
+    #[serde(skip)]
+    pub budget: BTreeMap<String, GroupBudget>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GroupBudget {
+    pub size: usize,
+    pub allowed: usize,
+    pub marked: usize,
+    pub acked: usize,
+    pub bad: usize,
+}
+
+/// What one pass changed, for logs, the webhook and InfluxDB.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Instances marked in this pass.
+    pub new_marks: Vec<String>,
+    /// Instances whose state, reason or hold changed.
+    pub changed: Vec<String>,
+    pub alerts_raised: Vec<Alert>,
+    pub alerts_cleared: Vec<Alert>,
+    pub forgotten: Vec<String>,
+    /// Log-only: instances that would have been marked in this pass.
+    pub would_mark: Vec<String>,
+}
+
+pub fn group_of(i: &Instance) -> &str {
+    i.identity.group.as_deref().unwrap_or(&i.identity.image_id)
+}
+
+/// Marks allowed at once in a group of `size`.
+pub fn allowed(size: usize, budget: f64) -> usize {
+    // A small epsilon so 10 % of 30 is 3, not 2.9999…
+    ((size as f64 * budget) + 1e-9).floor().max(1.0) as usize
+}
+
+/// Whether `bad` of `size` instances is a mass event.
+pub fn is_mass(bad: usize, size: usize, rules: &Rules) -> bool {
+    size > 0 && bad >= rules.mass_min.max(1) && bad as f64 > rules.mass_event * size as f64
+}
+
+fn facts<'a>(i: &'a Instance, watch_since_ms: i64) -> Facts<'a> {
+    Facts {
+        first_seen_ms: i.first_seen_ms,
+        last_seen_ms: i.last_seen_ms,
+        interval_ms: i.interval_ms,
+        boot_time: i.identity.boot_time,
+        tracking: &i.tracking,
+        drift: i.drift.as_ref(),
+        watch_since_ms,
+    }
+}
+
+/// One pass over the fleet at `now_ms`. `watch_since_ms` is when this collector started.
+pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, rules: &Rules, now_ms: i64, watch_since_ms: i64) -> Outcome {
+    let mut out = Outcome::default();
+    let forget = health::ms(rules.forget_after);
+    instances.retain(|id, i| {
+        let keep = !i.phx.mark.as_ref().and_then(|m| m.gone_ms).is_some_and(|g| now_ms - g >= forget);
+        if !keep {
+            out.forgotten.push(id.clone());
+        }
+        keep
+    });
+
+    // 1. Rules, marks that end, and each instance's own state.
+    let mut verdicts: HashMap<String, health::Verdict> = HashMap::with_capacity(instances.len());
+    for (id, i) in instances.iter_mut() {
+        let f = facts(i, watch_since_ms);
+        let v = health::judge(&f, rules, now_ms);
+        let silent_for = health::silent_for_ms(&f, now_ms);
+        let worst = v.worst().cloned();
+        if worst.as_ref().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason) {
+            i.phx.problem_since_ms = worst.as_ref().map(|_| now_ms);
+        }
+        i.phx.problem = worst;
+        if let Some(m) = &mut i.phx.mark {
+            if m.gone_ms.is_none() {
+                if m.acked_ms.is_some() {
+                    // The recycler took it; once it stops reporting it is gone, and frees the budget.
+                    let interval = if i.interval_ms == 0 { 10_000 } else { i.interval_ms as i64 };
+                    let gone_after = (3 * interval).min(health::ms(rules.silent_after));
+                    if silent_for >= gone_after {
+                        m.gone_ms = Some(now_ms);
+                        tracing::info!(instance_id = %id, reason = m.reason.as_str(), "acked instance went silent: gone");
+                    }
+                } else if i.last_seen_ms > m.since_ms && v.problems.is_empty() {
+                    // Only a report made after the mark can clear it: silence after a collector
+                    // restart is no evidence that the instance recovered.
+                    tracing::info!(instance_id = %id, reason = m.reason.as_str(), evidence = %m.evidence, "instance recovered before the recycler acted: mark withdrawn");
+                    i.phx.mark = None;
+                }
+            }
+        }
+        verdicts.insert(id.clone(), v);
+    }
+
+    // 2. Per group: size, bad, budget in use; mass events.
+    let mut groups: BTreeMap<String, (GroupBudget, BTreeMap<String, usize>)> = BTreeMap::new();
+    for i in instances.values() {
+        let gone = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some());
+        if gone {
+            continue;
+        }
+        let (g, reasons) = groups.entry(group_of(i).to_string()).or_default();
+        g.size += 1;
+        match &i.phx.mark {
+            Some(m) if m.acked_ms.is_some() => g.acked += 1,
+            Some(_) => g.marked += 1,
+            None => {}
+        }
+        // Age is routine recycling, not a sign of trouble: it never makes a mass event.
+        let bad_reason = i.phx.problem.as_ref().map(|p| p.reason).filter(|r| *r != Reason::Age).or_else(|| i.phx.mark.as_ref().filter(|m| m.acked_ms.is_none()).map(|m| m.reason));
+        if let Some(r) = bad_reason {
+            g.bad += 1;
+            *reasons.entry(r.as_str().to_string()).or_default() += 1;
+        }
+    }
+    for (name, (g, reasons)) in &mut groups {
+        g.allowed = allowed(g.size, rules.budget);
+        let mass = is_mass(g.bad, g.size, rules);
+        match (mass, q.alerts.get_mut(name)) {
+            (true, Some(a)) => {
+                a.bad = g.bad;
+                a.size = g.size;
+                a.reasons = reasons.clone();
+            }
+            (true, None) => {
+                let what: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+                let message = format!(
+                    "{} of {} instances in group {name} turned bad at once ({}): marks in this group are held; more likely a bad baseline, a rollout or the network than the instances. Check and fix, then the alert clears by itself",
+                    g.bad,
+                    g.size,
+                    what.join(", ")
+                );
+                let a = Alert { group: name.clone(), since_ms: now_ms, bad: g.bad, size: g.size, reasons: reasons.clone(), message };
+                tracing::error!(group = %name, bad = g.bad, size = g.size, "mass event: {}", a.message);
+                q.alerts.insert(name.clone(), a.clone());
+                out.alerts_raised.push(a);
+            }
+            (false, Some(_)) => {
+                let a = q.alerts.remove(name).expect("present");
+                tracing::warn!(group = %name, bad = g.bad, size = g.size, "mass event over: marks in this group resume within the budget");
+                out.alerts_cleared.push(a);
+            }
+            (false, None) => {}
+        }
+    }
+    q.alerts.retain(|g, a| {
+        let keep = groups.contains_key(g);
+        if !keep {
+            out.alerts_cleared.push(a.clone());
+        }
+        keep
+    });
+
+    // 3. Candidates, worst first, through the gates.
+    while q.recent_marks.front().is_some_and(|t| now_ms - t >= 60_000) {
+        q.recent_marks.pop_front();
+    }
+    let mut candidates: Vec<(Reason, i64, String)> = instances
+        .iter()
+        .filter(|(_, i)| i.phx.mark.is_none())
+        .filter_map(|(id, i)| i.phx.problem.as_ref().map(|p| (p.reason, i.phx.problem_since_ms.unwrap_or(now_ms), id.clone())))
+        .collect();
+    candidates.sort();
+    let mut held: HashMap<String, String> = HashMap::new();
+    for (reason, _, id) in candidates {
+        let i = instances.get_mut(&id).expect("candidate exists");
+        let group = group_of(i).to_string();
+        let g = &mut groups.get_mut(&group).expect("group counted").0;
+        let hold = if let Some(a) = q.alerts.get(&group) {
+            Some(format!("mass event in group {group}: {} of {} bad", a.bad, a.size))
+        } else if g.marked + g.acked >= g.allowed {
+            Some(format!("budget: {} of at most {} in group {group} already marked", g.marked + g.acked, g.allowed))
+        } else if q.recent_marks.len() >= rules.mark_rate_per_min as usize {
+            Some(format!("rate limit: {} marks in the last minute", q.recent_marks.len()))
+        } else if rules.log_only {
+            g.marked += 1; // as if marked, so log-only shows what the budget would allow
+            out.would_mark.push(id.clone());
+            Some("log-only: would be marked".to_string())
+        } else {
+            None
+        };
+        let problem = i.phx.problem.clone().expect("candidates have a problem");
+        match hold {
+            Some(h) => {
+                held.insert(id, h);
+            }
+            None => {
+                g.marked += 1;
+                q.recent_marks.push_back(now_ms);
+                tracing::warn!(instance_id = %id, group = %group, reason = reason.as_str(), evidence = %problem.evidence, "marked for replacement");
+                i.phx.mark = Some(Mark { reason, evidence: problem.evidence, since_ms: now_ms, acked_ms: None, acked_by: None, gone_ms: None });
+                out.new_marks.push(id);
+            }
+        }
+    }
+    q.budget = groups.into_iter().map(|(k, (g, _))| (k, g)).collect();
+
+    // 4. States, and what changed.
+    for (id, i) in instances.iter_mut() {
+        let h = held.remove(id);
+        if h != i.phx.held {
+            if let (Some(h), Some(p)) = (&h, &i.phx.problem) {
+                if rules.log_only && h.starts_with("log-only") {
+                    tracing::warn!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, "log-only: would mark for replacement");
+                } else {
+                    tracing::info!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, hold = %h, "mark held");
+                }
+            }
+            i.phx.held = h;
+            out.changed.push(id.clone());
+        }
+        let v = &verdicts[id];
+        let state = match &i.phx.mark {
+            Some(m) if m.gone_ms.is_some() => State::Gone,
+            Some(m) if m.acked_ms.is_some() => State::Acked,
+            Some(_) => State::Marked,
+            None => match v.worst().map(|p| p.reason) {
+                Some(Reason::Drift) => State::Drifted,
+                Some(_) => State::Unhealthy,
+                None if v.suspect => State::Suspect,
+                None if v.in_grace => State::New,
+                None => State::Healthy,
+            },
+        };
+        if state != i.phx.state {
+            tracing::debug!(instance_id = %id, from = i.phx.state.as_str(), to = state.as_str(), "state");
+            i.phx.state = state;
+            i.phx.last_point_ms = 0;
+            if out.changed.last() != Some(id) {
+                out.changed.push(id.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The recycler took `id`. Err(None): not known or not marked (404); acking twice is fine.
+pub fn ack(instances: &mut HashMap<String, Instance>, id: &str, by: &str, now_ms: i64) -> Result<bool, ()> {
+    let i = instances.get_mut(id).ok_or(())?;
+    let m = i.phx.mark.as_mut().filter(|m| m.gone_ms.is_none()).ok_or(())?;
+    if m.acked_ms.is_some() {
+        return Ok(false);
+    }
+    m.acked_ms = Some(now_ms);
+    m.acked_by = Some(by.to_string());
+    i.phx.state = State::Acked;
+    i.phx.last_point_ms = 0;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::DriftInfo;
+    use phoenix_wire::Identity;
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+    const S: i64 = 1000;
+
+    /// A fleet under a fake clock: every instance reports every second until told otherwise.
+    struct Sim {
+        fleet: HashMap<String, Instance>,
+        q: QueueState,
+        rules: Rules,
+        now: i64,
+    }
+
+    impl Sim {
+        fn new(rules: Rules) -> Sim {
+            Sim { fleet: HashMap::new(), q: QueueState::default(), rules, now: T0 }
+        }
+        fn add(&mut self, group: &str, n: usize) -> Vec<String> {
+            (0..n)
+                .map(|k| {
+                    let id = format!("i-{group}-{k:02}");
+                    let identity = Identity { instance_id: id.clone(), image_id: "img".into(), group: Some(group.into()), ..Default::default() };
+                    self.fleet.insert(id.clone(), Instance { identity, first_seen_ms: self.now, last_seen_ms: self.now, interval_ms: 1000, ..Default::default() });
+                    id
+                })
+                .collect()
+        }
+        fn drift(&mut self, id: &str, file: &str) {
+            let changes = vec![phoenix_wire::FileChange { path: file.into(), change: "changed".into(), attrs: vec!["content".into()] }];
+            self.fleet.get_mut(id).unwrap().drift = Some(DriftInfo { hash: "h".into(), drifted: true, source: Some("registered baseline".into()), changes, ..Default::default() });
+        }
+        fn fail_check(&mut self, id: &str) {
+            self.fleet.get_mut(id).unwrap().tracking.check_streaks.insert("web".into(), (9, "HTTP 500".into()));
+        }
+        /// Advance the clock; every instance not in `silent` reports meanwhile.
+        fn tick(&mut self, ms: i64, silent: &[&str]) -> Outcome {
+            self.now += ms;
+            for (id, i) in self.fleet.iter_mut() {
+                if !silent.contains(&id.as_str()) {
+                    i.last_seen_ms = self.now;
+                }
+            }
+            evaluate(&mut self.fleet, &mut self.q, &self.rules, self.now, 0)
+        }
+        fn state(&self, id: &str) -> State {
+            self.fleet[id].phx.state
+        }
+        fn marked(&self) -> Vec<String> {
+            let mut v: Vec<String> = self.fleet.iter().filter(|(_, i)| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none())).map(|(id, _)| id.clone()).collect();
+            v.sort();
+            v
+        }
+    }
+
+    fn quick() -> Rules {
+        Rules { grace: Duration::from_secs(2), silent_after: Duration::from_secs(3), mark_rate_per_min: 100, ..Default::default() }
+    }
+
+    #[test]
+    fn budget_arithmetic() {
+        assert_eq!(allowed(1, 0.10), 1);
+        assert_eq!(allowed(9, 0.10), 1);
+        assert_eq!(allowed(10, 0.10), 1);
+        assert_eq!(allowed(19, 0.10), 1);
+        assert_eq!(allowed(20, 0.10), 2);
+        assert_eq!(allowed(30, 0.10), 3, "no float rounding loss");
+        assert_eq!(allowed(100, 0.25), 25);
+        assert_eq!(allowed(0, 0.10), 1);
+        assert_eq!(allowed(10, 0.0), 1, "at least one, always");
+        let r = Rules { mass_event: 0.5, mass_min: 3, ..Default::default() };
+        assert!(!is_mass(5, 10, &r), "exactly half is not more than half");
+        assert!(is_mass(6, 10, &r));
+        assert!(!is_mass(2, 2, &r), "two bad instances are no mass event");
+        assert!(is_mass(3, 4, &r));
+        assert!(!is_mass(3, 0, &r));
+    }
+
+    #[test]
+    fn states_through_a_life_new_healthy_suspect_marked_acked_gone_forgotten() {
+        let mut s = Sim::new(Rules { silent_after: Duration::from_secs(5), ..quick() });
+        let ids = s.add("web", 20);
+        let a = ids[0].as_str();
+        s.tick(0, &[]);
+        assert_eq!(s.state(a), State::New);
+        s.tick(2 * S, &[]);
+        assert_eq!(s.state(a), State::Healthy);
+        // Silent: suspect past 3 intervals, marked at silent_after.
+        s.tick(S, &[a]);
+        s.tick(2 * S + 500, &[a]);
+        assert_eq!(s.state(a), State::Suspect);
+        let o = s.tick(1500, &[a]);
+        assert_eq!(o.new_marks, vec![a.to_string()]);
+        assert_eq!(s.state(a), State::Marked);
+        let m = s.fleet[a].phx.mark.clone().unwrap();
+        assert_eq!((m.reason, m.evidence.as_str(), m.since_ms), (Reason::Silent, "silent for 5s; reports every 1s", s.now));
+        // Not acked: stays marked while silent.
+        s.tick(10 * S, &[a]);
+        assert_eq!(s.state(a), State::Marked);
+        assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Ok(true));
+        assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Ok(false), "acking twice is harmless");
+        assert_eq!(ack(&mut s.fleet, &ids[1], "recycler#1", s.now), Err(()), "not marked");
+        assert_eq!(ack(&mut s.fleet, "i-nope", "recycler#1", s.now), Err(()));
+        // Acked and (still) silent: gone at the next pass, and the budget is free again.
+        s.tick(S, &[a]);
+        assert_eq!(s.state(a), State::Gone);
+        assert_eq!(s.q.budget["web"], GroupBudget { size: 19, allowed: 1, marked: 0, acked: 0, bad: 0 });
+        assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Err(()), "a gone instance cannot be acked");
+        // Forgotten after forget_after.
+        let o = s.tick(health::ms(s.rules.forget_after) - 2 * S, &[a]);
+        assert!(o.forgotten.is_empty());
+        let o = s.tick(S, &[a]);
+        assert!(o.forgotten.is_empty());
+        let o = s.tick(S, &[a]);
+        assert_eq!(o.forgotten, vec![a.to_string()]);
+        assert!(!s.fleet.contains_key(a));
+    }
+
+    #[test]
+    fn an_acked_instance_that_keeps_reporting_stays_acked_and_holds_the_budget() {
+        let mut s = Sim::new(quick());
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        s.drift(&ids[0], "/etc/x");
+        s.drift(&ids[1], "/etc/y");
+        s.tick(S, &[]);
+        assert_eq!(s.marked(), vec![ids[0].clone()], "budget 1 of 10");
+        assert_eq!(s.fleet[&ids[1]].phx.held.as_deref(), Some("budget: 1 of at most 1 in group web already marked"));
+        assert_eq!(s.state(&ids[1]), State::Drifted);
+        ack(&mut s.fleet, &ids[0], "r", s.now).unwrap();
+        s.tick(10 * S, &[]);
+        assert_eq!(s.state(&ids[0]), State::Acked);
+        assert_eq!(s.marked(), vec![ids[0].clone()]);
+        // Gone: the next in line is marked in the same pass.
+        let o = s.tick(3 * S, &[&ids[0]]);
+        assert_eq!(s.state(&ids[0]), State::Gone);
+        assert_eq!(o.new_marks, vec![ids[1].clone()]);
+        assert_eq!(s.fleet[&ids[1]].phx.mark.as_ref().unwrap().evidence, "drifted from the registered baseline: /etc/y (content)");
+    }
+
+    #[test]
+    fn budgeted_marks_go_to_the_worst_reason_first() {
+        let mut t = Sim::new(Rules { max_lifetime: Some(Duration::from_secs(3600)), ..quick() });
+        let ids = t.add("web", 30); // allowed: 3
+        t.tick(3 * S, &[]);
+        t.fleet.get_mut(&ids[3]).unwrap().tracking.disk_worst = Some(("/".into(), 99.0));
+        t.tick(2 * S, &[&ids[5]]);
+        t.tick(2 * S, &[&ids[5]]);
+        // The full disk and the silence came first, but a failing check and drift are worse.
+        t.fail_check(&ids[7]);
+        t.drift(&ids[9], "/etc/z");
+        let marked_before = t.marked();
+        assert_eq!(marked_before.len(), 2, "disk and silence took the budget first: {marked_before:?}");
+        for id in &marked_before {
+            t.fleet.get_mut(id).unwrap().phx.mark = None; // start the comparison from an empty queue
+        }
+        let o = t.tick(S, &[&ids[5]]);
+        assert_eq!(o.new_marks, vec![ids[9].clone(), ids[7].clone(), ids[5].clone()], "drift, the check, then silence");
+        assert!(t.fleet[&ids[3]].phx.held.as_deref().unwrap().starts_with("budget"));
+        assert_eq!(t.fleet[&ids[7]].phx.mark.as_ref().unwrap().evidence, "check web failed 9 times in a row: HTTP 500");
+        // Past the lifetime every instance is old, but the disk goes before age as slots free up.
+        t.tick(3600 * S, &[&ids[5]]);
+        for id in [&ids[5], &ids[7], &ids[9]] {
+            ack(&mut t.fleet, id, "r", t.now).unwrap();
+        }
+        let o = t.tick(4 * S, &[&ids[5], &ids[7], &ids[9]]);
+        assert_eq!(t.state(&ids[7]), State::Gone);
+        assert_eq!(o.new_marks.len(), 2, "27 left: budget 2");
+        assert_eq!(o.new_marks[0], ids[3], "disk full first");
+        assert_eq!(t.fleet[&o.new_marks[1]].phx.mark.as_ref().unwrap().reason, Reason::Age);
+    }
+
+    #[test]
+    fn a_mass_drift_holds_every_mark_in_the_group_and_raises_an_alert() {
+        let mut s = Sim::new(quick());
+        let web = s.add("web", 10);
+        let batch = s.add("batch", 6);
+        s.tick(3 * S, &[]);
+        for id in &batch[..4] {
+            s.drift(id, "/etc/app.conf");
+        }
+        s.drift(&web[0], "/etc/passwd");
+        let o = s.tick(S, &[]);
+        assert_eq!(o.new_marks, vec![web[0].clone()], "the other group is not affected");
+        assert_eq!(o.alerts_raised.len(), 1);
+        let a = &s.q.alerts["batch"];
+        assert_eq!((a.bad, a.size, a.reasons.get("drift")), (4, 6, Some(&4)));
+        assert!(a.message.contains("4 of 6 instances in group batch"), "{}", a.message);
+        for id in &batch[..4] {
+            assert_eq!(s.state(id), State::Drifted);
+            assert_eq!(s.fleet[id].phx.held.as_deref(), Some("mass event in group batch: 4 of 6 bad"));
+        }
+        // Still held on later passes; nothing raised twice.
+        let o = s.tick(S, &[]);
+        assert!(o.alerts_raised.is_empty() && o.new_marks.is_empty());
+        // The baseline is fixed: three go clean, the alert clears, one (budget 1) is marked.
+        for id in &batch[..3] {
+            s.fleet.get_mut(id).unwrap().drift = None;
+        }
+        let o = s.tick(S, &[]);
+        assert_eq!(o.alerts_cleared.len(), 1);
+        assert!(s.q.alerts.is_empty());
+        assert_eq!(o.new_marks, vec![batch[3].clone()]);
+    }
+
+    #[test]
+    fn the_rate_limit_spans_the_fleet() {
+        let mut s = Sim::new(Rules { mark_rate_per_min: 2, budget: 1.0, ..quick() });
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        for id in &ids[..4] {
+            s.drift(id, "/etc/x");
+        }
+        let o = s.tick(S, &[]);
+        assert_eq!(o.new_marks.len(), 2);
+        assert!(s.fleet.values().filter_map(|i| i.phx.held.as_deref()).all(|h| h == "rate limit: 2 marks in the last minute"));
+        assert_eq!(s.tick(59 * S, &[]).new_marks.len(), 0);
+        assert_eq!(s.tick(S, &[]).new_marks.len(), 2, "a minute later two more");
+    }
+
+    #[test]
+    fn log_only_marks_nothing_and_shows_what_it_would_mark() {
+        let mut s = Sim::new(Rules { log_only: true, ..quick() });
+        let ids = s.add("web", 20);
+        s.tick(3 * S, &[]);
+        for id in &ids[..3] {
+            s.drift(id, "/etc/x");
+        }
+        let o = s.tick(S, &[]);
+        assert!(o.new_marks.is_empty());
+        assert!(s.marked().is_empty());
+        assert_eq!(o.would_mark.len(), 2, "within the budget of 2");
+        let holds: Vec<&str> = ids[..3].iter().map(|id| s.fleet[id].phx.held.as_deref().unwrap()).collect();
+        assert_eq!(holds.iter().filter(|h| **h == "log-only: would be marked").count(), 2);
+        assert_eq!(holds.iter().filter(|h| h.starts_with("budget")).count(), 1);
+    }
+
+    #[test]
+    fn a_mark_is_withdrawn_only_on_a_healthy_report_after_it() {
+        let mut s = Sim::new(quick());
+        let ids = s.add("web", 10);
+        let a = ids[0].as_str();
+        s.tick(3 * S, &[]);
+        s.tick(3 * S, &[a]);
+        assert_eq!(s.state(a), State::Marked);
+        // The collector restarts: silence counts from its start, the silent rule stops
+        // firing, but no report came: the mark stays.
+        s.now += S;
+        evaluate(&mut s.fleet, &mut s.q, &s.rules, s.now, s.now);
+        assert!(s.fleet[a].phx.problem.is_none());
+        assert_eq!(s.state(a), State::Marked);
+        // A report after the mark, and healthy: withdrawn.
+        s.tick(S, &[]);
+        assert_eq!(s.state(a), State::Healthy);
+        assert!(s.fleet[a].phx.mark.is_none());
+    }
+
+    #[test]
+    fn grace_holds_everything_but_drift() {
+        let mut s = Sim::new(Rules { grace: Duration::from_secs(300), ..quick() });
+        let ids = s.add("web", 10);
+        s.fail_check(&ids[0]);
+        s.tick(10 * S, &[&ids[1]]);
+        assert!(s.marked().is_empty());
+        assert_eq!(s.state(&ids[1]), State::New);
+        s.drift(&ids[2], "/etc/x");
+        assert_eq!(s.tick(S, &[&ids[1]]).new_marks, vec![ids[2].clone()]);
+    }
+}
