@@ -49,7 +49,7 @@ pub fn majority<'a>(hashes: &[&'a str]) -> Option<&'a str> {
     sorted.sort_unstable();
     let mut best: Option<(&str, usize)> = None;
     for run in sorted.chunk_by(|a, b| a == b) {
-        if best.map_or(true, |(_, n)| run.len() > n) {
+        if best.is_none_or(|(_, n)| run.len() > n) {
             best = Some((run[0], run.len()));
         }
     }

@@ -336,7 +336,7 @@ fn drift_source_reports_changes_within_a_second() {
     let d = tempfile::tempdir().unwrap();
     sample_tree(d.path());
     let watched = d.path().join("etc");
-    let s = Scanner::new(&[watched.clone()], Excludes::new(DEFAULT_EXCLUDES), 1);
+    let s = Scanner::new(std::slice::from_ref(&watched), Excludes::new(DEFAULT_EXCLUDES), 1);
     let base = s.full_scan();
     let baseline = Baseline { root: base.root(), entries: base.entries() };
     let state = tempfile::tempdir().unwrap();
@@ -421,7 +421,7 @@ proptest! {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("t");
         let made = materialise(&root, &files);
-        let s = Scanner::new(&[root.clone()], Excludes::default(), 2);
+        let s = Scanner::new(std::slice::from_ref(&root), Excludes::default(), 2);
         let mut t = s.full_scan();
         let before = t.root();
         let p = &made[pick.index(made.len())];

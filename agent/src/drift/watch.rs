@@ -230,7 +230,7 @@ impl Source for DriftSource {
             let root = tree.root();
             // A new root always goes out; a note only when it is news (a note going away alone
             // is not worth a report).
-            let changed = pushed.as_ref().map_or(true, |(r, n)| *r != root || (note.is_some() && *n != note));
+            let changed = pushed.as_ref().is_none_or(|(r, n)| *r != root || (note.is_some() && *n != note));
             if changed && self.push(&ctx, &tree, note.clone()) {
                 tracing::debug!(root = %root, entries = tree.len(), "drift state queued");
                 pushed = Some((root, note));
