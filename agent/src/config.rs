@@ -67,6 +67,18 @@ pub struct RunArgs {
     /// Log format of the agent's own messages: text or json [default: text].
     #[arg(long, env = "PHOENIX_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Trust only this PEM CA for the collector's certificate [default: the system's CAs].
+    #[arg(long, env = "PHOENIX_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a collector with mutual TLS; its subjectAltName is the instance id.
+    #[arg(long, env = "PHOENIX_TLS_CLIENT_CERT")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "PHOENIX_TLS_CLIENT_KEY")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Allow plain http:// to a collector that is not on loopback (the token then travels in clear).
+    #[arg(long, env = "PHOENIX_INSECURE_HTTP")]
+    pub insecure_http: bool,
     /// Ship the local systemd journal (read with journalctl; the agent needs the systemd-journal group).
     #[arg(long, env = "PHOENIX_JOURNAL")]
     pub journal: bool,
@@ -105,6 +117,8 @@ pub struct RunConfig {
     pub image_id: Option<String>,
     pub group: Option<String>,
     pub checks: Vec<String>,
+    /// CA, client certificate and whether plain http:// may leave the box.
+    pub tls: crate::tls::TlsOptions,
     /// Ship the systemd journal: on with --journal, --journal-dir or --journal-file.
     pub journal: bool,
     pub journal_units: Vec<String>,
@@ -179,6 +193,12 @@ impl RunArgs {
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),
             checks: list(self.check, file.check),
+            tls: crate::tls::TlsOptions {
+                ca_file: self.ca_file.or(file.ca_file),
+                client_cert: self.tls_client_cert.or(file.tls_client_cert),
+                client_key: self.tls_client_key.or(file.tls_client_key),
+                insecure_http: self.insecure_http || file.insecure_http,
+            },
             journal,
             journal_units,
             journal_priority,

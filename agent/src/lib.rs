@@ -13,6 +13,7 @@ pub mod logs;
 pub mod metrics;
 pub mod source;
 pub mod spool;
+pub mod tls;
 pub mod transport;
 
 use std::path::Path;
@@ -46,7 +47,8 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
 /// `phoenix-agent run`: start the sources and drain the spool until SIGTERM or SIGINT.
 pub fn run(cfg: RunConfig, stop_signal: impl FnOnce(Arc<spool::Spool>) + Send + 'static) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state dir {} (give --state-dir a writable path)", cfg.state_dir.display()))?;
-    check_collector_url(&cfg.collector)?;
+    tls::check_url(&cfg.collector, cfg.tls.insecure_http)?;
+    let http = tls::http_agent(&cfg.tls)?;
     let spool = Arc::new(spool::Spool::open(&cfg.state_dir.join("spool"), cfg.spool_max)?);
     let identity = identity::discover(&identity::Overrides {
         instance_id: cfg.instance_id.as_deref(),
@@ -72,19 +74,11 @@ pub fn run(cfg: RunConfig, stop_signal: impl FnOnce(Arc<spool::Spool>) + Send + 
             }
         })?);
     }
-    let sender = transport::Sender::new(&cfg.collector, cfg.token.clone(), spool.clone(), cfg.state_dir.clone());
+    let sender = transport::Sender::with_http(http, &cfg.collector, cfg.token.clone(), spool.clone(), cfg.state_dir.clone());
     sender.run();
     for t in threads {
         let _ = t.join();
     }
     tracing::info!(spooled = spool.len(), "phoenix-agent stopped; unsent batches stay in the spool");
-    Ok(())
-}
-
-fn check_collector_url(url: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        url.starts_with("http://") || url.starts_with("https://"),
-        "--collector {url:?}: give a URL such as https://collector.internal:7070"
-    );
     Ok(())
 }

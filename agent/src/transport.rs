@@ -30,14 +30,15 @@ pub enum Outcome {
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Sender {
+    /// A sender with the default TLS settings (system CAs, no client certificate).
     pub fn new(collector: &str, token: Option<String>, spool: Arc<Spool>, state_dir: PathBuf) -> Sender {
-        let cfg = ureq::Agent::config_builder()
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(Duration::from_secs(60)))
-            .http_status_as_error(false)
-            .user_agent(concat!("phoenix-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
-        Sender { http: ureq::Agent::new_with_config(cfg), url: format!("{}/v1/reports", collector.trim_end_matches('/')), token, spool, state_dir }
+        let http = crate::tls::http_agent(&Default::default()).expect("the default TLS settings read no file that could fail");
+        Sender::with_http(http, collector, token, spool, state_dir)
+    }
+
+    /// A sender over `http` (see [`crate::tls::http_agent`]).
+    pub fn with_http(http: ureq::Agent, collector: &str, token: Option<String>, spool: Arc<Spool>, state_dir: PathBuf) -> Sender {
+        Sender { http, url: format!("{}/v1/reports", collector.trim_end_matches('/')), token, spool, state_dir }
     }
 
     /// Until the agent stops: send, ack, back off.

@@ -26,6 +26,8 @@ pub struct AppState {
     pub limits: Limits,
     pub max_body: usize,
     pub store: String,
+    /// Rate limits and the mutual-TLS switch.
+    pub security: crate::security::Security,
 }
 
 pub type Shared = Arc<AppState>;
@@ -63,6 +65,12 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
         return Err(r);
     }
     if let Some(c) = s.tokens.check(presented, allowed) {
+        // Agent tokens are shared by a fleet: reports are limited per instance instead.
+        if c.role != Role::Agent {
+            if let Err(wait) = s.security.limiter.check(&format!("token/{}", c.token_name)) {
+                return Err(crate::security::too_many(wait, &format!("token {}", c.token_name)));
+            }
+        }
         return Ok(c);
     }
     // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
@@ -87,6 +95,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
         return r;
     }
+    let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
     let body = match read_body(req, s.max_body).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -107,6 +116,15 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if s.security.mtls {
+        if let Err(why) = crate::tls::check_identity(peer.as_ref(), &report.agent.instance_id) {
+            tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: client certificate does not match");
+            return error(StatusCode::FORBIDDEN, why);
+        }
+    }
+    if let Err(wait) = s.security.limiter.check(&format!("instance/{}", report.agent.instance_id)) {
+        return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
+    }
     if s.fleet.is_duplicate(&report.agent, report.seq) {
         return Json(Ack { accepted: report.seq, duplicate: true, rejected_points: 0 }).into_response();
     }
@@ -185,6 +203,7 @@ async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: 
     match s.baselines.register(&image, manifest) {
         Ok(outcome) => {
             tracing::info!(image_id = %image, root = %root, entries, token = %caller.token_name, outcome = ?outcome, "baseline registered");
+            crate::audit::record(&s.writer, "baseline", &caller.token_name, &image, &format!("root {root}, {entries} entries, {outcome:?}"));
             let status = if outcome == crate::drift::Registration::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, Json(json!({ "image_id": image, "root": root, "entries": entries, "outcome": format!("{outcome:?}") }))).into_response()
         }

@@ -121,6 +121,25 @@ pub struct Args {
     /// Log format of the collector's own messages: text or json [default: text].
     #[arg(long, env = "PHOENIX_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); reloaded when it changes.
+    #[arg(long, env = "PHOENIX_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "PHOENIX_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate from this PEM CA, and an agent's
+    /// certificate must name (subjectAltName) the instance id its reports carry.
+    #[arg(long, env = "PHOENIX_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Requests per instance (reports) and per token (other roles), e.g. 20/s, 600/m or off [default: 50/s].
+    #[arg(long, env = "PHOENIX_RATE_LIMIT")]
+    pub rate_limit: Option<String>,
+    /// Requests allowed in a burst above --rate-limit [default: twice the per-second rate].
+    #[arg(long, env = "PHOENIX_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Most metric points plus log lines in one report [default: 100000].
+    #[arg(long, env = "PHOENIX_MAX_POINTS")]
+    pub max_points: Option<usize>,
 }
 
 /// Merged, checked settings.
@@ -135,6 +154,10 @@ pub struct Config {
     pub max_report: usize,
     pub health: crate::health::Rules,
     pub webhook: Option<(String, String)>,
+    /// HTTPS certificate, key and optional client CA.
+    pub tls: Option<crate::tls::TlsFiles>,
+    pub rate_limit: Option<crate::security::Rate>,
+    pub max_points: usize,
 }
 
 fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
@@ -241,7 +264,20 @@ impl Args {
             (Some(_), None) => bail!("--webhook needs --webhook-secret: receivers verify the signature"),
             (None, _) => None,
         };
+        let tls = match (pick!(tls_cert), pick!(tls_key), pick!(client_ca)) {
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles { cert, key, client_ca }),
+            (None, None, None) => None,
+            (Some(_), None, _) => bail!("--tls-cert needs --tls-key (the certificate's PEM private key)"),
+            (None, Some(_), _) => bail!("--tls-key needs --tls-cert (the PEM certificate chain)"),
+            (None, None, Some(_)) => bail!("--client-ca needs TLS: give --tls-cert and --tls-key too"),
+        };
+        let rate_limit = crate::security::Rate::parse(pick!(rate_limit).as_deref().unwrap_or("50/s"), pick!(rate_burst)).map_err(|e| anyhow::anyhow!(e))?;
+        let max_points = pick!(max_points).unwrap_or(100_000);
+        anyhow::ensure!(max_points > 0, "--max-points must be at least 1");
         Ok(Config {
+            tls,
+            rate_limit,
+            max_points,
             listen,
             data_dir,
             influx,

@@ -2,6 +2,7 @@
 //! state and marks drifted or unhealthy instances for phoenix replacement.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod baselines;
 pub mod config;
@@ -11,8 +12,10 @@ pub mod fleet;
 pub mod health;
 pub mod lineproto;
 pub mod queue;
+pub mod security;
 pub mod sink;
 pub mod store;
+pub mod tls;
 pub mod webhook;
 pub mod writer;
 
@@ -80,14 +83,31 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let writer = writer::start(sink, writer::Settings::default());
-    let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, ..Default::default() };
+    let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, max_points: cfg.max_points, ..Default::default() };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines")).with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
     let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
-    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone() });
+    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone(), security: security::Security { limiter: security::Limiter::new(cfg.rate_limit), mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) } });
     let app = api::router(state);
+    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
+    let tls = match &cfg.tls {
+        Some(files) => Some(tls::Reloader::new(files.clone()).context("loading TLS files (PEM certificate chain and private key)")?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} (is another collector running? use --listen)", cfg.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, store = %store, "phoenix-collector ready");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    match tls {
+        Some(tls) => {
+            tls.watch(tls::RELOAD_POLL);
+            tracing::info!(listen = %listener.local_addr()?, store = %store, tls = true, mtls = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "phoenix-collector ready");
+            tls::serve(listener, app, tls, shutdown()).await;
+        }
+        None => {
+            if !cfg.listen.ip().is_loopback() {
+                tracing::warn!(listen = %cfg.listen, "serving plain HTTP on a non-loopback address: tokens cross the network in clear; give --tls-cert and --tls-key");
+            }
+            tracing::info!(listen = %listener.local_addr()?, store = %store, tls = false, "phoenix-collector ready");
+            axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+        }
+    }
     // The queue's last pass and the final save of the fleet state.
     let _ = phoenix_stop.send(true);
     let _ = phoenix_task.await;
