@@ -198,6 +198,17 @@ impl Spool {
         drop(g);
         self.write(seq, &meta, &body).map_err(|e| SpoolError::Io(self.dir.clone(), e))?;
         let mut g = self.inner.lock().unwrap();
+        if kind == Kind::Drift {
+            // A drift state supersedes every older one (each carries the whole entry list), so
+            // a long outage with many changes keeps one, not one per change. Removing an
+            // entry the sender holds is harmless: its ack then finds nothing to remove.
+            let stale: Vec<u64> = g.index.iter().filter(|(s, m)| m.kind == Kind::Drift && **s < seq).map(|(s, _)| *s).collect();
+            for s in stale {
+                let m = g.index.remove(&s).expect("listed above");
+                g.bytes -= m.bytes;
+                let _ = fs::remove_file(self.path(s));
+            }
+        }
         g.bytes += meta.bytes;
         g.index.insert(seq, meta);
         drop(g);
@@ -369,6 +380,19 @@ mod tests {
         // New sequence numbers stay above everything seen before, even after a restart.
         let s2 = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(s2.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap().unwrap() > b);
+    }
+
+    #[test]
+    fn a_new_drift_state_replaces_unsent_older_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.push(Kind::Drift, report(0, 0), None, Duration::ZERO).unwrap();
+        s.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap();
+        let last = s.push(Kind::Drift, report(0, 0), None, Duration::ZERO).unwrap().unwrap();
+        let kinds: Vec<(u64, Kind)> = s.inner.lock().unwrap().index.iter().map(|(q, m)| (*q, m.kind)).collect();
+        assert_eq!(kinds.len(), 2);
+        assert_eq!(kinds.iter().filter(|(_, k)| *k == Kind::Drift).map(|(q, _)| *q).collect::<Vec<_>>(), vec![last]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]
