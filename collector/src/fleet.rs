@@ -473,7 +473,7 @@ mod tests {
 
     #[test]
     fn reports_feed_the_rules_and_the_queue_end_to_end_in_memory() {
-        let rules = Rules { grace: Duration::ZERO, check_failures: 2, pegged_for: Duration::from_secs(2), ..Default::default() };
+        let rules = Rules { grace: Duration::ZERO, check_failures: 2, pegged_for: Duration::from_secs(2), settle_intervals: 0, ..Default::default() };
         let fleet = Fleet::new(rules, 0);
         let t0 = 1_700_000_000_000;
         let bad = || vec![CheckResult { name: "web".into(), ok: false, detail: "HTTP 503".into(), duration_ms: 3 }];

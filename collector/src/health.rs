@@ -37,6 +37,10 @@ pub struct Rules {
     pub mass_min: usize,
     /// Mark nothing, log what would have been marked.
     pub log_only: bool,
+    /// A problem must last this many of the instance's report intervals before it can be
+    /// marked, so every instance of the group has reported since: a group drifting together
+    /// arrives as a trickle of reports, and a mass event must be seen before the first mark.
+    pub settle_intervals: u32,
     /// Instances gone this long are dropped from the fleet state.
     pub forget_after: Duration,
 }
@@ -57,6 +61,7 @@ impl Default for Rules {
             mass_event: 0.5,
             mass_min: 3,
             log_only: false,
+            settle_intervals: 2,
             forget_after: Duration::from_secs(3600),
         }
     }

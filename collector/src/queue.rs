@@ -138,6 +138,14 @@ pub fn is_mass(bad: usize, size: usize, rules: &Rules) -> bool {
     size > 0 && bad >= rules.mass_min.max(1) && bad as f64 > rules.mass_event * size as f64
 }
 
+fn alert_message(group: &str, bad: usize, size: usize, reasons: &BTreeMap<String, usize>) -> String {
+    let what: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!(
+        "{bad} of {size} instances in group {group} turned bad at once ({}): marks in this group are held; more likely a bad baseline, a rollout or the network than the instances. Check and fix; the alert clears by itself",
+        what.join(", ")
+    )
+}
+
 fn facts<'a>(i: &'a Instance, watch_since_ms: i64) -> Facts<'a> {
     Facts {
         first_seen_ms: i.first_seen_ms,
@@ -223,15 +231,10 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
                 a.bad = g.bad;
                 a.size = g.size;
                 a.reasons = reasons.clone();
+                a.message = alert_message(name, g.bad, g.size, reasons);
             }
             (true, None) => {
-                let what: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-                let message = format!(
-                    "{} of {} instances in group {name} turned bad at once ({}): marks in this group are held; more likely a bad baseline, a rollout or the network than the instances. Check and fix, then the alert clears by itself",
-                    g.bad,
-                    g.size,
-                    what.join(", ")
-                );
+                let message = alert_message(name, g.bad, g.size, reasons);
                 let a = Alert { group: name.clone(), since_ms: now_ms, bad: g.bad, size: g.size, reasons: reasons.clone(), message };
                 tracing::error!(group = %name, bad = g.bad, size = g.size, "mass event: {}", a.message);
                 q.alerts.insert(name.clone(), a.clone());
@@ -268,8 +271,12 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
         let i = instances.get_mut(&id).expect("candidate exists");
         let group = group_of(i).to_string();
         let g = &mut groups.get_mut(&group).expect("group counted").0;
+        let interval = if i.interval_ms == 0 { 10_000 } else { i.interval_ms as i64 };
+        let settle_until = i.phx.problem_since_ms.unwrap_or(now_ms) + rules.settle_intervals as i64 * interval;
         let hold = if let Some(a) = q.alerts.get(&group) {
             Some(format!("mass event in group {group}: {} of {} bad", a.bad, a.size))
+        } else if now_ms < settle_until {
+            Some(format!("settling: waiting {} for the rest of group {group} to report (a mass event holds all marks)", health::human(settle_until - now_ms)))
         } else if g.marked + g.acked >= g.allowed {
             Some(format!("budget: {} of at most {} in group {group} already marked", g.marked + g.acked, g.allowed))
         } else if q.recent_marks.len() >= rules.mark_rate_per_min as usize {
@@ -410,7 +417,33 @@ mod tests {
     }
 
     fn quick() -> Rules {
-        Rules { grace: Duration::from_secs(2), silent_after: Duration::from_secs(3), mark_rate_per_min: 100, ..Default::default() }
+        // No settling here (see `a_group_drifting_over_an_interval_is_one_mass_event`).
+        Rules { grace: Duration::from_secs(2), silent_after: Duration::from_secs(3), mark_rate_per_min: 100, settle_intervals: 0, ..Default::default() }
+    }
+
+    #[test]
+    fn a_group_drifting_over_an_interval_is_one_mass_event() {
+        // Reports of a group that drifts together come in over one interval; settling keeps
+        // the first one from being marked before the rest show the mass event.
+        let mut s = Sim::new(Rules { settle_intervals: 2, ..quick() });
+        let ids = s.add("batch", 6);
+        s.tick(3 * S, &[]);
+        for id in &ids {
+            s.drift(id, "/etc/app.conf");
+            let o = s.tick(S / 6, &[]);
+            assert!(o.new_marks.is_empty(), "{id}: {:?}", s.fleet[id].phx.held);
+        }
+        assert_eq!(s.q.alerts["batch"].bad, 6);
+        assert!(s.fleet[&ids[0]].phx.held.as_deref().unwrap().starts_with("mass event"));
+        // A lone drift is marked once it settled: two intervals.
+        let mut s = Sim::new(Rules { settle_intervals: 2, ..quick() });
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        s.drift(&ids[4], "/etc/x");
+        assert!(s.tick(S, &[]).new_marks.is_empty());
+        assert_eq!(s.fleet[&ids[4]].phx.held.as_deref(), Some("settling: waiting 2s for the rest of group web to report (a mass event holds all marks)"));
+        assert!(s.tick(S, &[]).new_marks.is_empty());
+        assert_eq!(s.tick(S, &[]).new_marks, vec![ids[4].clone()]);
     }
 
     #[test]
