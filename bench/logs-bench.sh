@@ -2,8 +2,9 @@
 # Log shipping throughput, in one run on this box:
 #   1. InfluxDB alone: the same lines written directly as `log` points, BATCH per request.
 #   2. rsyslog imfile -> omfwd TCP -> a Python sink (the peer to beat).
-#   3. phoenix-agent -> phoenix-collector (file sink, no database): the agent's own rate.
-#   4. phoenix-agent -> phoenix-collector -> InfluxDB: end to end, against step 1.
+#   3. phoenix-agent -> a counting HTTP sink: the agent's own rate, as rsyslog's is measured.
+#   4. phoenix-agent -> phoenix-collector (file sink, no database).
+#   5. phoenix-agent -> phoenix-collector -> InfluxDB: end to end, against step 1.
 # Each shipper drains the same backlog file of N lines from its start. Reported: lines/s, CPU
 # µs per line (utime+stime of the shipper's process / N) and peak RSS (VmHWM), and for the
 # phoenix runs a count of the lines that arrived (must equal N: no loss, no duplicates).
@@ -21,10 +22,12 @@ DIR=${DIR:-/tmp/logs-bench}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 AGENT=${AGENT:-$ROOT/target/release/phoenix-agent}
 COLLECTOR=${COLLECTOR:-$ROOT/target/release/phoenix-collector}
-INFLUX_PORT=${INFLUX_PORT:-18086}
-INFLUX_RPC_PORT=${INFLUX_RPC_PORT:-18088}
-COLLECTOR_PORT=${COLLECTOR_PORT:-18070}
-SINK_PORT=${SINK_PORT:-18514}
+# Free loopback ports, so another influxd or collector already running here is never used.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+INFLUX_PORT=${INFLUX_PORT:-$(free_port)}
+INFLUX_RPC_PORT=${INFLUX_RPC_PORT:-$(free_port)}
+COLLECTOR_PORT=${COLLECTOR_PORT:-$(free_port)}
+SINK_PORT=${SINK_PORT:-$(free_port)}
 TIMEOUT=${TIMEOUT:-300}
 TOKEN=bench-agent-token-0123456789
 
@@ -49,6 +52,9 @@ stop() { # stop PID: SIGTERM, wait up to 10 s
     kill -9 "$p" 2>/dev/null || true
 }
 
+alive() { # alive PID NAME LOG: the answer came from our process, not another on that port
+    kill -0 "$1" 2>/dev/null || { echo "$2 exited; its log:" >&2; cat "$3" >&2; exit 1; }
+}
 now() { date +%s.%N; }
 cpu_s() { # utime+stime of PID in seconds
     awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"
@@ -99,6 +105,7 @@ influxd run -config "$DIR/influx/influxdb.conf" > "$DIR/influx/influxd.log" 2>&1
 INFLUX_PID=$!
 PIDS+=("$INFLUX_PID")
 wait_for 30 curl -sf -o /dev/null "http://127.0.0.1:$INFLUX_PORT/ping"
+alive "$INFLUX_PID" influxd "$DIR/influx/influxd.log"
 
 read -r dn dsecs drate < <(python3 "$ROOT/bench/logs-influx-direct.py" "$LOG" "http://127.0.0.1:$INFLUX_PORT" direct "$BATCH")
 printf '%-44s %9s lines/s  (%s lines in %s s, %s per request)\n' "1. InfluxDB direct write" "$drate" "$dn" "$dsecs" "$BATCH"
@@ -117,7 +124,8 @@ EOF
 python3 "$ROOT/bench/logs-tcp-sink.py" "$SINK_PORT" "$N" "$DIR/rsyslog/sink.done" &
 SINK_PID=$!
 PIDS+=("$SINK_PID")
-wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$SINK_PORT" 2>/dev/null
+sleep 0.5
+alive "$SINK_PID" logs-tcp-sink.py /dev/null
 t0=$(now)
 rsyslogd -n -f "$DIR/rsyslog/rsyslog.conf" -i "$DIR/rsyslog/rsyslogd.pid" > "$DIR/rsyslog/rsyslogd.log" 2>&1 &
 RS_PID=$!
@@ -132,43 +140,67 @@ printf '%-44s %9.0f lines/s  (%s lines in %.2f s, %.2f µs CPU/line, VmHWM %d MB
     "$(echo "$N / $rs_secs" | bc -l)" "$rs_lines" "$rs_secs" "$(echo "$rs_cpu * 1000000 / $N" | bc -l)" $(( rs_hwm / 1024 ))
 
 # --- phoenix --------------------------------------------------------------------------------
+# The agent is done when its acked checkpoint (written only after the receiver's 200) is at
+# the end of the file.
 acked_offset() { grep -o '"offset":[0-9]*' "$1/logs.acked.json" 2>/dev/null | head -1 | cut -d: -f2; }
 all_acked() { [ "$(acked_offset "$1")" = "$SIZE" ]; }
 
-run_phoenix() { # run_phoenix NAME LABEL [collector args...]
-    local name=$1 label=$2; shift 2
-    local d=$DIR/$name
-    mkdir -p "$d"
-    "$COLLECTOR" --listen "127.0.0.1:$COLLECTOR_PORT" --data-dir "$d/collector" --agent-token "$TOKEN" "$@" > "$d/collector.log" 2>&1 &
-    local cpid=$!
-    PIDS+=("$cpid")
-    wait_for 30 curl -sf -o /dev/null "http://127.0.0.1:$COLLECTOR_PORT/healthz"
+run_agent() { # run_agent DIR LABEL URL [SERVER_PID]: drain the file, print rate, CPU and RSS
+    local d=$1 label=$2 url=$3 spid=${4:-}
     local t0 t1 apid
     t0=$(now)
-    "$AGENT" run --collector "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --state-dir "$d/agent" \
+    "$AGENT" run --collector "$url" --token "$TOKEN" --state-dir "$d/agent" \
         --log "$LOG" --log-initial start --instance-id i-bench --image-id img-bench > "$d/agent.log" 2>&1 &
     apid=$!
     PIDS+=("$apid")
     wait_for "$TIMEOUT" all_acked "$d/agent"
     t1=$(now)
-    local acpu ahwm ccpu chwm
+    local acpu ahwm secs extra=""
     acpu=$(cpu_s "$apid"); ahwm=$(hwm_kb "$apid")
-    ccpu=$(cpu_s "$cpid"); chwm=$(hwm_kb "$cpid")
+    if [ -n "$spid" ]; then
+        extra=$(printf '; collector %.2f µs CPU/line, VmHWM %d MB' "$(echo "$(cpu_s "$spid") * 1000000 / $N" | bc -l)" $(( $(hwm_kb "$spid") / 1024 )))
+    fi
     stop "$apid"
-    stop "$cpid"
-    local secs
     secs=$(echo "$t1 - $t0" | bc -l)
     PH_RATE=$(echo "$N / $secs" | bc -l)
-    printf '%-44s %9.0f lines/s  (%.2f s; agent %.2f µs CPU/line, VmHWM %d MB; collector %.2f µs CPU/line, VmHWM %d MB)\n' \
-        "$label" "$PH_RATE" "$secs" "$(echo "$acpu * 1000000 / $N" | bc -l)" $(( ahwm / 1024 )) "$(echo "$ccpu * 1000000 / $N" | bc -l)" $(( chwm / 1024 ))
+    printf '%-44s %9.0f lines/s  (%.2f s; agent %.2f µs CPU/line, VmHWM %d MB%s)\n' \
+        "$label" "$PH_RATE" "$secs" "$(echo "$acpu * 1000000 / $N" | bc -l)" $(( ahwm / 1024 )) "$extra"
 }
 
-run_phoenix agent-file "3. phoenix-agent -> collector (file sink)"
-arrived=$(cat "$DIR"/agent-file/collector/influx/* 2>/dev/null | grep -c '^log,' || true)
-echo "   lines in the collector's line-protocol files: $arrived of $N"
-AGENT_RATE=$PH_RATE
+start_collector() { # start_collector DIR [collector args...]: sets CPID
+    local d=$1; shift
+    "$COLLECTOR" --listen "127.0.0.1:$COLLECTOR_PORT" --data-dir "$d/collector" --agent-token "$TOKEN" "$@" > "$d/collector.log" 2>&1 &
+    CPID=$!
+    PIDS+=("$CPID")
+    wait_for 30 curl -sf -o /dev/null "http://127.0.0.1:$COLLECTOR_PORT/healthz"
+    alive "$CPID" phoenix-collector "$d/collector.log"
+}
 
-run_phoenix agent-influx "4. phoenix-agent -> collector -> InfluxDB" --influx-url "http://127.0.0.1:$INFLUX_PORT" --influx-db phoenix
+# 3. The agent's own rate, against a sink that only counts (as rsyslog's sink does).
+d=$DIR/agent-null; mkdir -p "$d"
+python3 "$ROOT/bench/logs-http-sink.py" "$COLLECTOR_PORT" "$d/count" &
+SPID=$!
+PIDS+=("$SPID")
+wait_for 10 curl -sf -o /dev/null "http://127.0.0.1:$COLLECTOR_PORT/healthz"
+alive "$SPID" logs-http-sink.py /dev/null
+run_agent "$d" "3. phoenix-agent -> counting HTTP sink" "http://127.0.0.1:$COLLECTOR_PORT"
+AGENT_RATE=$PH_RATE
+stop "$SPID"
+echo "   lines counted by the sink: $(cat "$d/count" 2>/dev/null || echo 0) of $N"
+
+# 4. Through the collector, writing line protocol files (no database).
+d=$DIR/agent-file; mkdir -p "$d"
+start_collector "$d"
+run_agent "$d" "4. phoenix-agent -> collector (file sink)" "http://127.0.0.1:$COLLECTOR_PORT" "$CPID"
+stop "$CPID"
+arrived=$(cat "$d"/collector/influx/* 2>/dev/null | grep -c '^log,' || true)
+echo "   lines in the collector's line-protocol files: $arrived of $N"
+
+# 5. End to end into InfluxDB.
+d=$DIR/agent-influx; mkdir -p "$d"
+start_collector "$d" --influx-url "http://127.0.0.1:$INFLUX_PORT" --influx-db phoenix
+run_agent "$d" "5. phoenix-agent -> collector -> InfluxDB" "http://127.0.0.1:$COLLECTOR_PORT" "$CPID"
+stop "$CPID"
 E2E_RATE=$PH_RATE
 count=$(influx_query phoenix "SELECT count(message) FROM log" | grep -o '"values":\[\[[^]]*\]' | grep -o '[0-9]*\]$' | tr -d ']')
 echo "   lines in InfluxDB (count of message): ${count:-0} of $N"
