@@ -80,7 +80,7 @@ impl Options {
             from_start: false,
             flush_timeout: Duration::from_secs(1),
             poll: Duration::from_millis(200),
-            scan_every: Duration::from_millis(500),
+            scan_every: Duration::from_millis(250),
             linger: Duration::from_millis(500),
             max_batch_lines: 5000,
             max_batch_bytes: 4 << 20,
