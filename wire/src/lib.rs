@@ -273,7 +273,7 @@ pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, Dec
 /// Gunzip at most `max` bytes; more is an error rather than an allocation (gzip bombs).
 pub fn gunzip_limited(body: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::with_capacity((body.len() * 4).min(max));
-    let mut dec = flate2::read::MultiGzDecoder::new(body).take(max as u64 + 1);
+    let mut dec = flate2::read::MultiGzDecoder::new(body).take((max as u64).saturating_add(1));
     dec.read_to_end(&mut out).map_err(DecodeError::Gzip)?;
     if out.len() > max {
         return Err(DecodeError::TooLarge(max));
@@ -292,6 +292,10 @@ pub fn valid_id(s: &str) -> bool {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.starts_with('_')
 }
+
+/// Measurements the collector writes itself from what it judged or did. An agent that could
+/// send them could forge a drift verdict, a health state or an audit record.
+pub const COLLECTOR_MEASUREMENTS: [&str; 6] = ["log", "phoenix_audit", "phoenix_check", "phoenix_collector", "phoenix_drift", "phoenix_instance"];
 
 fn validate(r: &Report, l: &Limits) -> Result<(), String> {
     let a = &r.agent;
@@ -316,6 +320,9 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
     for (i, p) in r.metrics.iter().enumerate() {
         if !valid_name(&p.m) {
             return Err(format!("metrics[{i}]: measurement {:?} must be 1-64 chars of A-Z a-z 0-9 _", p.m));
+        }
+        if COLLECTOR_MEASUREMENTS.contains(&p.m.as_str()) {
+            return Err(format!("metrics[{i}]: measurement {:?} is written by the collector itself; agents may not send it", p.m));
         }
         if p.tags.len() > l.max_tags {
             return Err(format!("metrics[{i}]: {} tags; the limit is {}", p.tags.len(), l.max_tags));
@@ -363,8 +370,8 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
 
 fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String> {
     for (k, v) in tags {
-        if !valid_name(k) {
-            return Err(format!("tag key {k:?} must be 1-64 chars of A-Z a-z 0-9 _"));
+        if !valid_name(k) || k == "time" {
+            return Err(format!("tag key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"));
         }
         if v.is_empty() || v.len() > 1024.min(l.max_string) {
             return Err(format!("tag {k}: value must be 1-1024 bytes"));
@@ -375,8 +382,8 @@ fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String>
 
 fn check_fields(fields: &BTreeMap<String, Value>, l: &Limits) -> Result<(), String> {
     for (k, v) in fields {
-        if !valid_name(k) {
-            return Err(format!("field key {k:?} must be 1-64 chars of A-Z a-z 0-9 _"));
+        if !valid_name(k) || k == "time" {
+            return Err(format!("field key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"));
         }
         match v {
             Value::Str(s) if s.len() > l.max_string => {
