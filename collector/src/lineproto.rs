@@ -9,7 +9,7 @@
 //! - names and tag values cannot hold a newline at all, and InfluxDB reads a backslash before
 //!   `,`, `=`, space (or at the very end) as an escape, with no way to write a literal one
 //!   there (1.x keeps `\\` as two characters). So newlines, carriage returns and tabs in them
-//!   are written as a space, and such a backslash as `/`. Reports are validated before they
+//!   are written as an escaped space, and such a backslash as `/`. Reports are validated before they
 //!   get here, so this only ever applies to text an agent took from the box (file paths, unit
 //!   names); everywhere else a backslash is written as it is, which InfluxDB keeps.
 //!
@@ -128,7 +128,9 @@ fn escape_into(out: &mut String, s: &str, special: &[char]) {
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '\n' | '\r' | '\t' => out.push(' '),
+            // As an escaped space: a bare one would end the tag set and shift the rest of the
+            // line into the fields (found by tests/fuzz_report_lines.rs).
+            '\n' | '\r' | '\t' => out.push_str("\\ "),
             '\\' if chars.peek().is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) => out.push('/'),
             c if special.contains(&c) => {
                 out.push('\\');
