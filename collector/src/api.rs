@@ -265,6 +265,9 @@ async fn ack_phoenix(State(s): State<Shared>, headers: HeaderMap, Path(id): Path
     };
     match s.fleet.ack(&id, &caller.token_name, now_ms()) {
         Ok(now) => {
+            if now {
+                crate::audit::record(&s.writer, "ack", &caller.token_name, &id, "recycler took the marked instance");
+            }
             s.fleet.wake.notify_one();
             Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now })).into_response()
         }
