@@ -28,19 +28,22 @@ pub struct AppState {
     pub store: String,
     /// Rate limits and the mutual-TLS switch.
     pub security: crate::security::Security,
+    /// Self-metrics and the last log lines per instance (fleet page, /metrics).
+    pub obs: Arc<crate::selfmetrics::Obs>,
 }
 
 pub type Shared = Arc<AppState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/v1/reports", post(post_report))
+        .route("/v1/reports", post(post_report).layer(axum::middleware::from_fn_with_state(state.obs.clone(), crate::selfmetrics::count_reports)))
         .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
         .route("/v1/phoenix", get(get_phoenix))
         .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
+        .merge(crate::page::routes())
         .with_state(state)
 }
 
@@ -126,7 +129,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
     }
     if s.fleet.is_duplicate(&report.agent, report.seq) {
-        return Json(Ack { accepted: report.seq, duplicate: true, rejected_points: 0 }).into_response();
+        return crate::selfmetrics::duplicate(Json(Ack { accepted: report.seq, duplicate: true, rejected_points: 0 }).into_response());
     }
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
     crate::convert::report_lines(&report, &mut w);
@@ -147,6 +150,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         }
     }
     s.fleet.record(&report, drift, now_ms());
+    s.obs.logs.record(&report.agent.instance_id, &report.logs);
     Json(Ack { accepted: report.seq, duplicate: false, rejected_points: rejected }).into_response()
 }
 

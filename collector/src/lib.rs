@@ -11,8 +11,10 @@ pub mod drift;
 pub mod fleet;
 pub mod health;
 pub mod lineproto;
+pub mod page;
 pub mod queue;
 pub mod security;
+pub mod selfmetrics;
 pub mod sink;
 pub mod store;
 pub mod tls;
@@ -86,7 +88,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, max_points: cfg.max_points, ..Default::default() };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines")).with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
     let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
-    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone(), security: security::Security { limiter: security::Limiter::new(cfg.rate_limit), mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) } });
+    let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
+    tokio::spawn(selfmetrics::run(obs.clone(), phoenix_fleet.clone(), writer.clone()));
+    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone(), security: security::Security { limiter: security::Limiter::new(cfg.rate_limit), mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) }, obs });
     let app = api::router(state);
     // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
     let tls = match &cfg.tls {
@@ -105,7 +109,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
                 tracing::warn!(listen = %cfg.listen, "serving plain HTTP on a non-loopback address: tokens cross the network in clear; give --tls-cert and --tls-key");
             }
             tracing::info!(listen = %listener.local_addr()?, store = %store, tls = false, "phoenix-collector ready");
-            axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+            // The peer address lets the fleet page stay open to loopback only.
+            axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown()).await?;
         }
     }
     // The queue's last pass and the final save of the fleet state.

@@ -217,6 +217,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, tls: Arc<Relo
                 if let Some(p) = &peer {
                     req.extensions_mut().insert(p.clone());
                 }
+                // As axum's own serve does with connect info: the fleet page is open to loopback.
+                req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
                 let mut app = app.clone();
                 async move { tower_service::Service::call(&mut app, req).await }
             });

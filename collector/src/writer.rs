@@ -49,6 +49,7 @@ pub struct WriterStats {
     pub splits: AtomicU64,
     pub queue_depth: AtomicU64,
     pub last_write_ns: AtomicU64,
+    pub write_latency: crate::selfmetrics::Histogram,
 }
 
 #[derive(Clone)]
@@ -205,6 +206,7 @@ impl Worker {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.write_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.stats.last_write_ns.store(ns, Ordering::Relaxed);
+        self.stats.write_latency.observe_ns(ns);
         let resp = match resp {
             Ok(r) => r,
             Err(e) => return Err(self.unavailable(None, e.to_string())),

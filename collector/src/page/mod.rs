@@ -1,0 +1,728 @@
+//! The fleet page: `GET /` (instances by group, the phoenix queue) and `GET /instances/{id}`
+//! (drift, checks, last log lines), rendered on the server as plain HTML. A small script
+//! fetches the same page with `?fragment=1` every few seconds and swaps it in, so the page
+//! stays current without a reload; without script a `<noscript>` refresh does the same.
+//!
+//! Everything an agent sends (instance ids, paths, log lines, check details) is hostile input:
+//! every dynamic string goes through [`Esc`], and the Content-Security-Policy allows only the
+//! collector's own stylesheet and script, so even a missed escape could not run code.
+//!
+//! Access: open to requests from loopback (the operator on the box, or an SSH tunnel); from
+//! anywhere else a reader (or recycler) token, as `Authorization: Bearer` (scripts, curl) or
+//! once as `?token=` in the address, which sets an HttpOnly, SameSite=Strict cookie and
+//! redirects to the address without it. A browser cannot attach an Authorization header to a
+//! page it navigates to, so a cookie is the only way a person on a phone can keep reading; it
+//! is HttpOnly so no script can read the token back, SameSite=Strict so other sites cannot
+//! make the browser use it, and the redirect keeps the token out of history and Referer.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use crate::api::{now_ms, AppState, Shared};
+use crate::auth::Role;
+
+/// How often the page fetches itself again.
+pub const REFRESH_MS: u32 = 3000;
+const COOKIE: &str = "phoenix_reader";
+const COOKIE_MAX_AGE_S: u32 = 12 * 3600;
+const READ_ROLES: [Role; 2] = [Role::Reader, Role::Recycler];
+const CSS: &str = include_str!("page.css");
+const JS: &str = include_str!("page.js");
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/", get(fleet_page))
+        .route("/instances/{id}", get(instance_page))
+        .route("/static/page.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
+        .route("/static/page.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))
+        .route("/metrics", get(crate::selfmetrics::get_metrics))
+}
+
+/// HTML-escapes its text when formatted.
+pub struct Esc<'a>(pub &'a str);
+
+impl fmt::Display for Esc<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut last = 0;
+        for (i, c) in self.0.char_indices() {
+            let rep = match c {
+                '&' => "&amp;",
+                '<' => "&lt;",
+                '>' => "&gt;",
+                '"' => "&quot;",
+                '\'' => "&#39;",
+                _ => continue,
+            };
+            f.write_str(&self.0[last..i])?;
+            f.write_str(rep)?;
+            last = i + 1;
+        }
+        f.write_str(&self.0[last..])
+    }
+}
+
+fn esc(s: &str) -> Esc<'_> {
+    Esc(s)
+}
+
+/// Percent-encode all but unreserved characters (a path segment or a cookie value).
+pub fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn unpct(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn asset(body: &'static str, kind: &'static str) -> Response {
+    let mut r = body.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    // The URL carries the version, so a cached copy is never stale across upgrades.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn shell(title: &str, src: &str, inner: &str) -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>{title}</title><link rel=\"stylesheet\" href=\"/static/page.css?v={v}\">\
+<script src=\"/static/page.js?v={v}\" defer></script>\
+<noscript><meta http-equiv=\"refresh\" content=\"10\"></noscript></head>\n<body>\
+<header><h1><a href=\"/\">Phoenix fleet</a></h1><span id=\"status\" class=\"status\" role=\"status\">live</span></header>\n\
+<main id=\"live\" data-src=\"{src}\" data-every=\"{REFRESH_MS}\">{inner}</main>\n</body></html>\n",
+        title = esc(title),
+        src = esc(src),
+    )
+}
+
+fn error_page(status: StatusCode, text: &str) -> Response {
+    let inner = format!("<h2>{}</h2><p>{}</p>", status.as_u16(), esc(text));
+    html(status, shell("Phoenix fleet", "/", &inner))
+}
+
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    token: Option<String>,
+    fragment: Option<String>,
+}
+
+fn from_loopback(req: &Request) -> bool {
+    // Without ConnectInfo (a server that does not record the peer) the request is not
+    // known to be local, so it needs a token.
+    req.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|c| c.0.ip().to_canonical().is_loopback())
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for part in v.split(';') {
+            if let Some((k, val)) = part.trim().split_once('=') {
+                if k == COOKIE {
+                    return unpct(val);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// None: serve the page; Some(r): answer with `r` instead (a redirect, or a refusal).
+fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Response> {
+    if let Some(t) = &q.token {
+        if s.tokens.check(Some(t.trim()), &READ_ROLES).is_none() {
+            return Some(error_page(StatusCode::UNAUTHORIZED, "That token is not a reader or recycler token of this collector."));
+        }
+        let secure = if s.obs.tls { "; Secure" } else { "" };
+        let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_S}{secure}", pct(t.trim()));
+        let mut r = StatusCode::SEE_OTHER.into_response();
+        let h = r.headers_mut();
+        h.insert(header::LOCATION, HeaderValue::from_str(path).unwrap_or(HeaderValue::from_static("/")));
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            h.insert(header::SET_COOKIE, v);
+        }
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        return Some(r);
+    }
+    if from_loopback(req) {
+        return None;
+    }
+    let mut h = HeaderMap::new();
+    if let Some(a) = req.headers().get(header::AUTHORIZATION) {
+        h.insert(header::AUTHORIZATION, a.clone());
+    } else if let Some(t) = cookie_token(req.headers()) {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
+            h.insert(header::AUTHORIZATION, v);
+        }
+    }
+    match crate::api::authorize(s, &h, &READ_ROLES) {
+        Ok(_) => None,
+        Err(denied) => {
+            let status = denied.status();
+            let text = match status {
+                StatusCode::UNAUTHORIZED => "This page needs a reader token when opened from another machine: open it once as /?token=READER_TOKEN (the collector keeps it in a cookie for 12 hours), or send Authorization: Bearer READER_TOKEN.",
+                StatusCode::FORBIDDEN => "This token's role may not read the fleet page; use a reader or recycler token.",
+                StatusCode::TOO_MANY_REQUESTS => "Too many requests with this token (--rate-limit); wait a moment.",
+                _ => "Access denied.",
+            };
+            let mut r = error_page(status, text);
+            for k in [header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+                if let Some(v) = denied.headers().get(&k) {
+                    r.headers_mut().insert(k, v.clone());
+                }
+            }
+            Some(r)
+        }
+    }
+}
+
+fn query(req: &Request) -> PageQuery {
+    axum::extract::Query::<PageQuery>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default()
+}
+
+async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
+    let q = query(&req);
+    if let Some(r) = access(&s, &req, "/", &q) {
+        return r;
+    }
+    let inner = fleet_fragment(&s, now_ms());
+    if q.fragment.is_some() {
+        return html(StatusCode::OK, inner);
+    }
+    html(StatusCode::OK, shell("Phoenix fleet", "/?fragment=1", &inner))
+}
+
+async fn instance_page(State(s): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
+    let q = query(&req);
+    let path = format!("/instances/{}", pct(&id));
+    if let Some(r) = access(&s, &req, &path, &q) {
+        return r;
+    }
+    let Some(inner) = instance_fragment(&s, &id, now_ms()) else {
+        let text = format!("No instance {id:?} has reported to this collector (or it was forgotten after going away).");
+        if q.fragment.is_some() {
+            return html(StatusCode::NOT_FOUND, format!("<p>{}</p>", esc(&text)));
+        }
+        return error_page(StatusCode::NOT_FOUND, &text);
+    };
+    if q.fragment.is_some() {
+        return html(StatusCode::OK, inner);
+    }
+    html(StatusCode::OK, shell(&format!("{id} · Phoenix"), &format!("{path}?fragment=1"), &inner))
+}
+
+/// "12 s ago" for a Unix ms time, with the exact UTC time as a tooltip.
+fn when(now: i64, t_ms: i64) -> String {
+    if t_ms <= 0 {
+        return "never".into();
+    }
+    let d = (now - t_ms).max(0) / 1000;
+    let rel = match d {
+        d if d < 60 => format!("{d} s ago"),
+        d if d < 3600 => format!("{} min ago", d / 60),
+        d if d < 86400 => format!("{} h ago", d / 3600),
+        d => format!("{} d ago", d / 86400),
+    };
+    format!("<time datetime=\"{iso}\" title=\"{iso}\">{rel}</time>", iso = utc(t_ms))
+}
+
+/// `2024-05-01T12:00:03Z` for a Unix ms time.
+pub fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar, counting
+/// in 400-year eras that start on 1 March (so the leap day ends a year).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn pct_cell(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.0}%")).unwrap_or_else(|| "–".into())
+}
+
+fn badge(state: &str) -> String {
+    format!("<span class=\"st st-{s}\">{s}</span>", s = esc(state))
+}
+
+/// What the fleet table shows of one instance, copied out under the lock.
+struct Row {
+    id: String,
+    image: String,
+    group: String,
+    host: String,
+    version: String,
+    state: &'static str,
+    reason: Option<&'static str>,
+    evidence: Option<String>,
+    held: Option<String>,
+    last_seen_ms: i64,
+    cpu: Option<f64>,
+    mem: Option<f64>,
+}
+
+fn fleet_fragment(s: &AppState, now: i64) -> String {
+    let rows: Vec<Row> = {
+        let g = s.fleet.instances.lock().unwrap();
+        g.values()
+            .map(|i| {
+                let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
+                    (Some(m), _) => (Some(m.reason.as_str()), Some(m.evidence.clone())),
+                    (None, Some(p)) => (Some(p.reason.as_str()), Some(p.evidence.clone())),
+                    _ => (None, None),
+                };
+                Row {
+                    id: i.identity.instance_id.clone(),
+                    image: i.identity.image_id.clone(),
+                    group: crate::queue::group_of(i).to_owned(),
+                    host: i.identity.hostname.clone(),
+                    version: i.identity.version.clone(),
+                    state: i.phx.state.as_str(),
+                    reason,
+                    evidence,
+                    held: i.phx.held.clone(),
+                    last_seen_ms: i.last_seen_ms,
+                    cpu: i.cpu_used_percent,
+                    mem: i.mem_used_percent,
+                }
+            })
+            .collect()
+    };
+    let phx = s.fleet.phoenix_view(now);
+    let mut o = String::with_capacity(4096 + rows.len() * 512);
+
+    // Summary.
+    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &rows {
+        *by_state.entry(r.state).or_default() += 1;
+    }
+    let _ = write!(o, "<ul class=\"chips\" id=\"summary\"><li><b>{}</b> instances</li>", rows.len());
+    for (st, n) in &by_state {
+        let _ = write!(o, "<li>{n} {}</li>", badge(st));
+    }
+    o.push_str("</ul>");
+    if let Some(d) = s.writer.unavailable() {
+        let _ = write!(o, "<p class=\"banner bad\">The store is not taking writes: {}. Agents keep their data and retry.</p>", esc(&d.reason));
+    }
+    if phx["log_only"] == true {
+        o.push_str("<p class=\"banner\">--log-only: nothing is marked for replacement; would-be marks are listed as held.</p>");
+    }
+    for a in phx["alerts"].as_array().into_iter().flatten() {
+        let _ = write!(o, "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>", esc(a["group"].as_str().unwrap_or("")), esc(a["message"].as_str().unwrap_or("")));
+    }
+
+    queue_section(&mut o, &phx, now);
+
+    // Instances by group.
+    let mut groups: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in &rows {
+        groups.entry(r.group.as_str()).or_default().push(r);
+    }
+    o.push_str("<section id=\"instances\">");
+    if groups.is_empty() {
+        o.push_str("<h2>Instances</h2><p class=\"muted\">No agent has reported yet.</p>");
+    }
+    for (group, mut list) in groups {
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut images: Vec<&str> = list.iter().map(|r| r.image.as_str()).collect();
+        images.sort_unstable();
+        images.dedup();
+        let _ = write!(o, "<h2 data-group=\"{g}\">{g} <small>{} instance{}, image {}</small></h2>", list.len(), if list.len() == 1 { "" } else { "s" }, esc(&images.join(", ")), g = esc(group));
+        o.push_str("<table><thead><tr><th>Instance</th><th>State</th><th>Reason</th><th>Last seen</th><th class=\"num\">CPU</th><th class=\"num\">Mem</th><th>Agent</th></tr></thead><tbody>");
+        for r in list {
+            let _ = write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
+                id = esc(&r.id), st = r.state, link = pct(&r.id), host = esc(&r.host), badge = badge(r.state));
+            match r.reason {
+                Some(reason) => {
+                    let _ = write!(o, "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>", esc(reason), esc(r.evidence.as_deref().unwrap_or("")));
+                }
+                None => o.push_str("<span class=\"muted\">–</span>"),
+            }
+            if let Some(h) = &r.held {
+                let _ = write!(o, "<span class=\"held\">held: {}</span>", esc(h));
+            }
+            let _ = write!(o, "</td><td data-label=\"Last seen\">{}</td><td class=\"num\" data-label=\"CPU\">{}</td><td class=\"num\" data-label=\"Mem\">{}</td><td data-label=\"Agent\">{}</td></tr>",
+                when(now, r.last_seen_ms), pct_cell(r.cpu), pct_cell(r.mem), esc(&r.version));
+        }
+        o.push_str("</tbody></table>");
+    }
+    o.push_str("</section>");
+    o
+}
+
+fn queue_section(o: &mut String, phx: &Json, now: i64) {
+    let str_of = |v: &Json, k: &str| v[k].as_str().unwrap_or("").to_owned();
+    let b = &phx["budget"];
+    let _ = write!(
+        o,
+        "<section id=\"queue\"><h2>Phoenix queue <small>budget {:.0}% of a group, {} of {} marks in the last minute</small></h2>",
+        b["share"].as_f64().unwrap_or(0.0) * 100.0,
+        b["marks_last_minute"].as_u64().unwrap_or(0),
+        b["rate_per_min"].as_u64().unwrap_or(0),
+    );
+    let groups = b["groups"].as_array().cloned().unwrap_or_default();
+    if !groups.is_empty() {
+        o.push_str("<table class=\"budget\"><thead><tr><th>Group</th><th class=\"num\">Size</th><th class=\"num\">Bad</th><th class=\"num\">Budget in use</th><th class=\"num\">Free</th></tr></thead><tbody>");
+        for g in &groups {
+            let n = |k: &str| g[k].as_u64().unwrap_or(0);
+            let _ = write!(
+                o,
+                "<tr><td data-label=\"Group\">{}</td><td class=\"num\" data-label=\"Size\">{}</td><td class=\"num\" data-label=\"Bad\">{}</td><td class=\"num\" data-label=\"In use\">{} of {}{}</td><td class=\"num\" data-label=\"Free\">{}</td></tr>",
+                esc(&str_of(g, "group")),
+                n("size"),
+                n("bad"),
+                n("marked") + n("acked"),
+                n("allowed"),
+                if n("acked") > 0 { format!(" ({} acked)", n("acked")) } else { String::new() },
+                n("free")
+            );
+        }
+        o.push_str("</tbody></table>");
+    }
+    let marked = phx["marked"].as_array().cloned().unwrap_or_default();
+    let held = phx["held"].as_array().cloned().unwrap_or_default();
+    o.push_str("<h3>Marked for replacement</h3>");
+    if marked.is_empty() {
+        o.push_str("<p class=\"muted\" id=\"no-marks\">No instance is marked.</p>");
+    } else {
+        o.push_str("<table id=\"marked\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Since</th><th>Recycler</th></tr></thead><tbody>");
+        for m in &marked {
+            let id = str_of(m, "instance_id");
+            let acked = m["acked_ms"].as_i64().map(|t| format!("acked {}", when(now, t))).unwrap_or_else(|| "waiting".into());
+            let _ = write!(
+                o,
+                "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Since\">{}</td><td data-label=\"Recycler\">{}</td></tr>",
+                esc(&str_of(m, "group")),
+                esc(&str_of(m, "reason")),
+                esc(&str_of(m, "evidence")),
+                when(now, m["since"].as_i64().unwrap_or(0)),
+                acked,
+                idq = esc(&id),
+                link = pct(&id),
+            );
+        }
+        o.push_str("</tbody></table>");
+    }
+    if !held.is_empty() {
+        o.push_str("<h3>Held marks</h3><table id=\"held\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Held because</th></tr></thead><tbody>");
+        for m in &held {
+            let id = str_of(m, "instance_id");
+            let _ = write!(
+                o,
+                "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Held\">{}</td></tr>",
+                esc(&str_of(m, "group")),
+                esc(&str_of(m, "reason")),
+                esc(&str_of(m, "evidence")),
+                esc(&str_of(m, "hold")),
+                idq = esc(&id),
+                link = pct(&id),
+            );
+        }
+        o.push_str("</tbody></table>");
+    }
+    o.push_str("</section>");
+}
+
+fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
+    let i = s.fleet.instances.lock().unwrap().get(id).cloned()?;
+    let logs = s.obs.logs.lines(id);
+    let a = &i.identity;
+    let mut o = String::with_capacity(8192);
+    let _ = write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.phx.state.as_str()), id = esc(id));
+    o.push_str("<dl class=\"facts\">");
+    let mut fact = |k: &str, v: String| {
+        let _ = write!(o, "<dt>{k}</dt><dd>{v}</dd>");
+    };
+    fact("Image", format!("<code>{}</code>", esc(&a.image_id)));
+    fact("Group", esc(crate::queue::group_of(&i)).to_string());
+    fact("Host", esc(&a.hostname).to_string());
+    fact("Agent", esc(&a.version).to_string());
+    fact("Boot", format!("<code>{}</code>", esc(&a.boot_id)));
+    fact("First seen", when(now, i.first_seen_ms));
+    fact("Last seen", when(now, i.last_seen_ms));
+    fact("Reports", format!("{} every {} s", i.reports, i.interval_ms / 1000));
+    fact("CPU / memory / fullest disk", format!("{} / {} / {}", pct_cell(i.cpu_used_percent), pct_cell(i.mem_used_percent), pct_cell(i.disk_max_used_percent)));
+    match (&i.phx.mark, &i.phx.problem) {
+        (Some(m), _) => {
+            let acked = match (m.acked_ms, &m.acked_by) {
+                (Some(t), by) => format!("; acked {} by {}", when(now, t), esc(by.as_deref().unwrap_or("?"))),
+                (None, _) => String::new(),
+            };
+            fact("Marked", format!("<span class=\"reason\" id=\"reason\">{}</span> {}{acked}<span class=\"evidence\">{}</span>", esc(m.reason.as_str()), when(now, m.since_ms), esc(&m.evidence)));
+        }
+        (None, Some(p)) => fact("Problem", format!("<span class=\"reason\" id=\"reason\">{}</span><span class=\"evidence\">{}</span>", esc(p.reason.as_str()), esc(&p.evidence))),
+        (None, None) => {}
+    }
+    if let Some(h) = &i.phx.held {
+        fact("Mark held", esc(h).to_string());
+    }
+    o.push_str("</dl>");
+
+    o.push_str("<section id=\"drift\"><h3>Drift</h3>");
+    match &i.drift {
+        None => o.push_str("<p class=\"muted\">This agent watches no files (no --drift-path).</p>"),
+        Some(d) => {
+            let verdict = if d.drifted { "<b>drifted</b>" } else { "clean" };
+            let _ = write!(o, "<p>{verdict} against the {}", esc(d.source.as_deref().unwrap_or("(no baseline)")));
+            if let Some(since) = d.since_ms {
+                let _ = write!(o, ", since {}", when(now, since));
+            }
+            let _ = write!(o, ". Hash <code>{}</code>", esc(short(&d.hash)));
+            if let Some(e) = &d.expected {
+                let _ = write!(o, ", expected <code>{}</code>", esc(short(e)));
+            }
+            o.push_str(".</p>");
+            if let Some(n) = &d.note {
+                let _ = write!(o, "<p class=\"muted\">{}</p>", esc(n));
+            }
+            if !d.changes.is_empty() {
+                o.push_str("<table id=\"changes\"><thead><tr><th>File</th><th>Change</th><th>Attributes</th></tr></thead><tbody>");
+                for c in &d.changes {
+                    let _ = write!(
+                        o,
+                        "<tr class=\"change\"><td data-label=\"File\"><code>{}</code></td><td data-label=\"Change\">{}</td><td data-label=\"Attributes\">{}</td></tr>",
+                        esc(&c.path),
+                        esc(&c.change),
+                        esc(&c.attrs.join(", "))
+                    );
+                }
+                o.push_str("</tbody></table>");
+            }
+        }
+    }
+    o.push_str("</section><section id=\"checks\"><h3>Checks</h3>");
+    if i.checks.is_empty() {
+        o.push_str("<p class=\"muted\">No checks configured (--check).</p>");
+    } else {
+        let mut checks = i.checks.clone();
+        checks.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.name.cmp(&b.name)));
+        o.push_str("<table><thead><tr><th>Check</th><th>Result</th><th>Detail</th><th class=\"num\">Took</th></tr></thead><tbody>");
+        for c in &checks {
+            let streak = i.tracking.check_streaks.get(&c.name).map(|(n, _)| *n).unwrap_or(0);
+            let result = if c.ok { "ok".to_string() } else { format!("<b>failed</b> ({streak} in a row)") };
+            let _ = write!(
+                o,
+                "<tr class=\"check{}\" data-check=\"{name}\"><td data-label=\"Check\">{name}</td><td data-label=\"Result\">{result}</td><td data-label=\"Detail\">{}</td><td class=\"num\" data-label=\"Took\">{} ms</td></tr>",
+                if c.ok { "" } else { " fail" },
+                esc(&c.detail),
+                c.duration_ms,
+                name = esc(&c.name),
+            );
+        }
+        o.push_str("</tbody></table>");
+    }
+    let _ = write!(o, "</section><section id=\"logs\"><h3>Last log lines <small>up to {}; the store has them all</small></h3>", crate::selfmetrics::LOG_LINES_KEPT);
+    if logs.is_empty() {
+        o.push_str("<p class=\"muted\">No log lines since this collector started.</p>");
+    } else {
+        o.push_str("<ol class=\"logs\">");
+        for l in logs.iter().rev() {
+            let mut flags = String::new();
+            if l.escaped {
+                flags.push_str(" · not UTF-8, bytes as \\xNN");
+            }
+            if l.cut {
+                flags.push_str(" · cut");
+            }
+            let _ = write!(o, "<li class=\"log\"><small>{} · <code>{}</code>{}</small><span class=\"msg\">{}</span></li>", when(now, l.ts / 1_000_000), esc(&l.src), esc(&flags), esc(&l.msg));
+        }
+        o.push_str("</ol>");
+    }
+    o.push_str("</section>");
+    Some(o)
+}
+
+fn short(h: &str) -> &str {
+    h.get(..16).unwrap_or(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn escaping_and_encoding() {
+        assert_eq!(esc("<img src=x onerror=\"alert('1')\">&").to_string(), "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;");
+        assert_eq!(esc("plain é").to_string(), "plain é");
+        assert_eq!(pct("i-1/../<x> é"), "i-1%2F..%2F%3Cx%3E%20%C3%A9");
+        assert_eq!(unpct(&pct("to;ken=\"x\" é")).as_deref(), Some("to;ken=\"x\" é"));
+        assert_eq!(unpct("%zz"), None);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
+        assert_eq!(utc(4_107_542_399_000), "2100-02-28T23:59:59Z");
+        assert_eq!(utc(-1000), "1969-12-31T23:59:59Z");
+    }
+
+    fn state(dir: &std::path::Path) -> Shared {
+        let mut tokens = crate::auth::Tokens::default();
+        tokens.add(Role::Reader, "reader-1");
+        tokens.add(Role::Agent, "agent-1");
+        let sink = Arc::new(crate::sink::file::FileSink::new(dir.join("influx"), "phoenix").unwrap());
+        Arc::new(AppState {
+            tokens,
+            baselines: crate::baselines::Baselines::open(&dir.join("baselines")).unwrap(),
+            writer: crate::writer::start(sink, crate::writer::Settings::default()),
+            fleet: Arc::new(crate::fleet::Fleet::default()),
+            limits: phoenix_wire::Limits::default(),
+            max_body: 1 << 20,
+            store: "test".into(),
+            security: crate::security::Security::default(),
+            obs: Arc::new(crate::selfmetrics::Obs::default()),
+        })
+    }
+
+    async fn call(app: &Router, uri: &str, peer: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+        let mut b = axum::http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(axum::body::Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let r = tower_service::Service::call(&mut app.clone(), req).await.unwrap();
+        let (parts, body) = r.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
+        (parts.status, parts.headers, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn loopback_is_open_elsewhere_a_reader_token_is_needed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let app = crate::api::router(state(tmp.path()));
+        let (st, h, body) = call(&app, "/", "127.0.0.1:5000", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(body.contains("id=\"live\""), "{body}");
+        assert!(h[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("script-src 'self'"));
+        assert_eq!(call(&app, "/", "[::1]:5000", &[]).await.0, StatusCode::OK);
+        assert_eq!(call(&app, "/", "[::ffff:127.0.0.1]:5000", &[]).await.0, StatusCode::OK);
+
+        let far = "10.1.2.3:40000";
+        let (st, _, body) = call(&app, "/", far, &[]).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("?token="), "{body}");
+        assert_eq!(call(&app, "/instances/x", far, &[]).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer agent-1")]).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer nope")]).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer reader-1")]).await.0, StatusCode::OK);
+
+        // ?token= sets an HttpOnly cookie and redirects to the address without the token.
+        let (st, h, _) = call(&app, "/?token=reader-1", far, &[]).await;
+        assert_eq!(st, StatusCode::SEE_OTHER);
+        assert_eq!(h[header::LOCATION], "/");
+        let cookie = h[header::SET_COOKIE].to_str().unwrap().to_owned();
+        assert!(cookie.starts_with("phoenix_reader=reader-1;") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        assert!(!cookie.contains("Secure"), "plain HTTP: a Secure cookie would never come back");
+        let (st, _, _) = call(&app, "/?fragment=1", far, &[("cookie", "other=1; phoenix_reader=reader-1")]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(call(&app, "/", far, &[("cookie", "phoenix_reader=agent-1")]).await.0, StatusCode::FORBIDDEN);
+        let (st, h, _) = call(&app, "/?token=wrong", far, &[]).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        assert!(h.get(header::SET_COOKIE).is_none());
+        // The drill-down keeps its own address across the redirect.
+        let (_, h, _) = call(&app, "/instances/a%20b?token=reader-1", far, &[]).await;
+        assert_eq!(h[header::LOCATION], "/instances/a%20b");
+        // Assets and /metrics are open: they carry no fleet data.
+        assert_eq!(call(&app, "/static/page.js", far, &[]).await.0, StatusCode::OK);
+        assert_eq!(call(&app, "/metrics", far, &[]).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn hostile_agent_text_is_escaped_everywhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = state(tmp.path());
+        let evil = "<script>alert(1)</script>\"'&";
+        let r = phoenix_wire::Report {
+            v: phoenix_wire::VERSION,
+            agent: phoenix_wire::Identity { instance_id: evil.into(), image_id: format!("img{evil}"), group: Some(format!("g{evil}")), hostname: evil.into(), boot_id: "b".into(), version: evil.into(), boot_time: 0 },
+            seq: 1,
+            interval_ms: 1000,
+            metrics: vec![],
+            logs: vec![phoenix_wire::LogLine { src: evil.into(), ts: 1, offset: 0, msg: format!("GET /{evil}"), escaped: false, part: None, tags: Default::default(), fields: Default::default() }],
+            drift: None,
+            checks: vec![phoenix_wire::CheckResult { name: evil.into(), ok: false, detail: evil.into(), duration_ms: 1 }],
+        };
+        let drift = crate::fleet::DriftInfo { hash: "h".into(), drifted: true, changes: vec![phoenix_wire::FileChange { path: format!("/etc/{evil}"), change: "added".into(), attrs: vec![] }], note: Some(evil.into()), ..Default::default() };
+        s.fleet.record(&r, Some(drift), now_ms());
+        s.obs.logs.record(evil, &r.logs);
+        s.fleet.tick(now_ms());
+        let app = crate::api::router(s);
+        let (st, _, fleet) = call(&app, "/", "127.0.0.1:1", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, _, inst) = call(&app, &format!("/instances/{}", pct(evil)), "127.0.0.1:1", &[]).await;
+        assert_eq!(st, StatusCode::OK, "{inst}");
+        for page in [&fleet, &inst] {
+            assert!(!page.contains("<script>alert"), "{page}");
+            assert!(!page.contains("\"'&<"));
+            assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"));
+            // The only script tag is the page's own.
+            assert_eq!(page.matches("<script").count(), 1);
+        }
+        assert!(inst.contains("GET /&lt;script&gt;"), "the log line is shown, escaped");
+        assert!(inst.contains("/etc/&lt;script&gt;"), "the changed file is shown, escaped");
+        assert!(fleet.contains(&format!("/instances/{}", pct(evil))));
+    }
+}

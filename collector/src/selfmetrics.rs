@@ -1,0 +1,645 @@
+//! The collector watching itself: report outcomes, the store writer's figures, fleet states
+//! and marks, as Prometheus text on `GET /metrics` and as a `phoenix_collector` point every
+//! [`EVERY`] through the normal writer. Also the last log lines of each instance, kept in
+//! memory for the fleet page.
+//!
+//! Everything here is counters and small buffers updated on the request path: atomics, or a
+//! short lock that never spans I/O.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use phoenix_wire::{LogLine, Value};
+
+use crate::fleet::Fleet;
+use crate::health::Reason;
+use crate::lineproto::Writer;
+use crate::queue::State as PhxState;
+use crate::writer::{Job, WriterHandle};
+
+/// How often the figures are written to the store as `phoenix_collector`.
+pub const EVERY: Duration = Duration::from_secs(10);
+/// Log lines kept per instance for the fleet page.
+pub const LOG_LINES_KEPT: usize = 20;
+/// Instances whose log lines are kept; past it the one quiet longest is dropped. Bounds memory
+/// against agents that invent instance ids.
+const LOG_INSTANCES_MAX: usize = 20_000;
+/// Characters of one kept log line (the store has the whole line).
+pub const LOG_CHARS_MAX: usize = 1000;
+
+/// Upper bounds (seconds) of the store-write latency histogram buckets, then +Inf.
+pub const LATENCY_BOUNDS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A latency histogram fed from the writer threads.
+#[derive(Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A consistent-enough copy of a [`Histogram`]: cumulative bucket counts, sum and count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramSnap {
+    pub cumulative: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe_ns(&self, ns: u64) {
+        let s = ns as f64 / 1e9;
+        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnap {
+        let mut acc = 0;
+        let cumulative: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        // The count is the +Inf bucket, so the exposition is self-consistent even while
+        // writers observe concurrently.
+        let count = *cumulative.last().unwrap_or(&0);
+        HistogramSnap { cumulative, sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9, count }
+    }
+}
+
+impl HistogramSnap {
+    /// The upper bound of the bucket holding quantile `q` of the observations since `before`
+    /// (None without observations; +Inf shows as the largest finite bound).
+    pub fn quantile_bound_since(&self, before: &HistogramSnap, q: f64) -> Option<f64> {
+        let n = self.count.saturating_sub(before.count);
+        if n == 0 {
+            return None;
+        }
+        let want = (q * n as f64).ceil().max(1.0) as u64;
+        for (i, c) in self.cumulative.iter().enumerate() {
+            let prev = before.cumulative.get(i).copied().unwrap_or(0);
+            if c.saturating_sub(prev) >= want {
+                return Some(*LATENCY_BOUNDS.get(i).unwrap_or(&LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1]));
+            }
+        }
+        Some(LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1])
+    }
+}
+
+/// Why a report was not taken; `code` is the HTTP status it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Duplicate,
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    TooLarge,
+    UnsupportedMedia,
+    RateLimited,
+    Unavailable,
+    Other,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 9] = [
+        Rejection::Duplicate,
+        Rejection::BadRequest,
+        Rejection::Unauthorized,
+        Rejection::Forbidden,
+        Rejection::TooLarge,
+        Rejection::UnsupportedMedia,
+        Rejection::RateLimited,
+        Rejection::Unavailable,
+        Rejection::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Duplicate => "duplicate",
+            Rejection::BadRequest => "bad_request",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Forbidden => "forbidden",
+            Rejection::TooLarge => "too_large",
+            Rejection::UnsupportedMedia => "unsupported_media",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::Unavailable => "unavailable",
+            Rejection::Other => "other",
+        }
+    }
+
+    /// The status the agent saw (a duplicate is acked with 200 but not stored again).
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::Duplicate => "200",
+            Rejection::BadRequest => "400",
+            Rejection::Unauthorized => "401",
+            Rejection::Forbidden => "403",
+            Rejection::TooLarge => "413",
+            Rejection::UnsupportedMedia => "415",
+            Rejection::RateLimited => "429",
+            Rejection::Unavailable => "503",
+            Rejection::Other => "other",
+        }
+    }
+
+    fn of_status(s: StatusCode) -> Rejection {
+        match s.as_u16() {
+            400 => Rejection::BadRequest,
+            401 => Rejection::Unauthorized,
+            403 => Rejection::Forbidden,
+            413 => Rejection::TooLarge,
+            415 => Rejection::UnsupportedMedia,
+            429 => Rejection::RateLimited,
+            503 => Rejection::Unavailable,
+            _ => Rejection::Other,
+        }
+    }
+}
+
+/// Marks a report response as an ack of a duplicate (see [`duplicate`]).
+#[derive(Clone, Copy)]
+struct DuplicateAck;
+
+/// Tag the ack of a batch that was already taken, so it counts as a duplicate, not as accepted.
+pub fn duplicate(mut r: Response) -> Response {
+    r.extensions_mut().insert(DuplicateAck);
+    r
+}
+
+#[derive(Default)]
+pub struct ReportCounters {
+    accepted: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+}
+
+impl ReportCounters {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[Rejection::ALL.iter().position(|r| *r == why).expect("in ALL")].load(Ordering::Relaxed)
+    }
+
+    pub fn count(&self, status: StatusCode, duplicate: bool) {
+        if status.is_success() && !duplicate {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let why = if duplicate { Rejection::Duplicate } else { Rejection::of_status(status) };
+        self.rejected[Rejection::ALL.iter().position(|r| *r == why).expect("in ALL")].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One kept log line, cut to [`LOG_CHARS_MAX`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptLine {
+    pub src: String,
+    /// Unix ns the agent read it.
+    pub ts: i64,
+    pub msg: String,
+    /// In the `\xNN` form of `phoenix_wire::logtext` (the raw line was not UTF-8).
+    pub escaped: bool,
+    /// Cut here or split by the agent: the store has the whole line.
+    pub cut: bool,
+}
+
+/// The last [`LOG_LINES_KEPT`] log lines of each instance.
+#[derive(Default)]
+pub struct LogRing {
+    inner: Mutex<LogRingInner>,
+}
+
+#[derive(Default)]
+struct LogRingInner {
+    clock: u64,
+    per: HashMap<String, (u64, VecDeque<KeptLine>)>,
+}
+
+impl LogRing {
+    pub fn record(&self, instance_id: &str, lines: &[LogLine]) {
+        // Later pieces of a split line add nothing readable to a 20-line view.
+        let wanted: Vec<&LogLine> = lines.iter().filter(|l| !matches!(l.part, Some(p) if p > 1)).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let take = &wanted[wanted.len().saturating_sub(LOG_LINES_KEPT)..];
+        let mut g = self.inner.lock().unwrap();
+        g.clock += 1;
+        let clock = g.clock;
+        if !g.per.contains_key(instance_id) && g.per.len() >= LOG_INSTANCES_MAX {
+            if let Some(quiet) = g.per.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| k.clone()) {
+                g.per.remove(&quiet);
+            }
+        }
+        let (touched, q) = g.per.entry(instance_id.to_owned()).or_default();
+        *touched = clock;
+        for l in take {
+            if q.len() == LOG_LINES_KEPT {
+                q.pop_front();
+            }
+            let cut = l.msg.chars().count() > LOG_CHARS_MAX;
+            let msg = if cut { l.msg.chars().take(LOG_CHARS_MAX).collect() } else { l.msg.clone() };
+            q.push_back(KeptLine { src: l.src.clone(), ts: l.ts, msg, escaped: l.escaped, cut: cut || l.part.is_some() });
+        }
+    }
+
+    /// Oldest first.
+    pub fn lines(&self, instance_id: &str) -> Vec<KeptLine> {
+        self.inner.lock().unwrap().per.get(instance_id).map(|(_, q)| q.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn instances(&self) -> usize {
+        self.inner.lock().unwrap().per.len()
+    }
+}
+
+/// The collector's own figures that are not the writer's or the fleet's.
+pub struct Obs {
+    pub reports: ReportCounters,
+    pub logs: LogRing,
+    /// Serving HTTPS: the page's cookie gets `Secure`.
+    pub tls: bool,
+    pub started_ms: i64,
+    host: String,
+}
+
+impl Obs {
+    pub fn new(tls: bool) -> Obs {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        Obs { reports: ReportCounters::default(), logs: LogRing::default(), tls, started_ms: crate::api::now_ms(), host }
+    }
+}
+
+impl Default for Obs {
+    fn default() -> Self {
+        Obs::new(false)
+    }
+}
+
+/// Middleware on `POST /v1/reports`: count each answer by outcome.
+pub async fn count_reports(State(obs): State<Arc<Obs>>, req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    obs.reports.count(r.status(), r.extensions().get::<DuplicateAck>().is_some());
+    r
+}
+
+// Exhaustive matches: a new state or reason fails to compile here until it is exported.
+const STATES: [PhxState; 8] = [PhxState::New, PhxState::Healthy, PhxState::Suspect, PhxState::Unhealthy, PhxState::Drifted, PhxState::Marked, PhxState::Acked, PhxState::Gone];
+fn state_index(s: PhxState) -> usize {
+    match s {
+        PhxState::New => 0,
+        PhxState::Healthy => 1,
+        PhxState::Suspect => 2,
+        PhxState::Unhealthy => 3,
+        PhxState::Drifted => 4,
+        PhxState::Marked => 5,
+        PhxState::Acked => 6,
+        PhxState::Gone => 7,
+    }
+}
+const REASONS: [Reason; 6] = [Reason::Drift, Reason::CheckFailed, Reason::Silent, Reason::Pegged, Reason::DiskFull, Reason::Age];
+fn reason_index(r: Reason) -> usize {
+    match r {
+        Reason::Drift => 0,
+        Reason::CheckFailed => 1,
+        Reason::Silent => 2,
+        Reason::Pegged => 3,
+        Reason::DiskFull => 4,
+        Reason::Age => 5,
+    }
+}
+
+/// Every figure at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub reports_accepted: u64,
+    pub reports_rejected: Vec<(Rejection, u64)>,
+    pub points_written: u64,
+    pub points_rejected: u64,
+    pub writes: u64,
+    pub write_errors: u64,
+    pub write_splits: u64,
+    pub write_latency: HistogramSnap,
+    pub queue_depth: u64,
+    pub store_up: bool,
+    pub instances_by_state: [u64; STATES.len()],
+    /// Standing marks (marked or acked, not gone), by reason.
+    pub marks_by_reason: [u64; REASONS.len()],
+    /// Bad instances whose mark is held (budget, rate, mass event, log-only), by reason.
+    pub held_by_reason: [u64; REASONS.len()],
+    pub alerts: u64,
+    /// Per group: (marks allowed at once, marks in use).
+    pub budget: Vec<(String, u64, u64)>,
+    pub log_instances: u64,
+    pub uptime_seconds: f64,
+}
+
+pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> Figures {
+    let st = &writer.stats;
+    let mut f = Figures {
+        reports_accepted: obs.reports.accepted(),
+        reports_rejected: Rejection::ALL.iter().map(|r| (*r, obs.reports.rejected(*r))).collect(),
+        points_written: st.points_written.load(Ordering::Relaxed),
+        points_rejected: st.points_rejected.load(Ordering::Relaxed),
+        writes: st.writes.load(Ordering::Relaxed),
+        write_errors: st.write_errors.load(Ordering::Relaxed),
+        write_splits: st.splits.load(Ordering::Relaxed),
+        write_latency: st.write_latency.snapshot(),
+        queue_depth: st.queue_depth.load(Ordering::Relaxed),
+        store_up: writer.unavailable().is_none(),
+        log_instances: obs.logs.instances() as u64,
+        uptime_seconds: (now_ms - obs.started_ms).max(0) as f64 / 1000.0,
+        ..Default::default()
+    };
+    {
+        let g = fleet.instances.lock().unwrap();
+        for i in g.values() {
+            f.instances_by_state[state_index(i.phx.state)] += 1;
+            match (&i.phx.mark, &i.phx.problem, &i.phx.held) {
+                (Some(m), _, _) if m.gone_ms.is_none() => f.marks_by_reason[reason_index(m.reason)] += 1,
+                (None, Some(p), Some(_)) => f.held_by_reason[reason_index(p.reason)] += 1,
+                _ => {}
+            }
+        }
+    }
+    let q = fleet.queue.lock().unwrap();
+    f.alerts = q.alerts.len() as u64;
+    f.budget = q.budget.iter().map(|(g, b)| (g.clone(), b.allowed as u64, (b.marked + b.acked) as u64)).collect();
+    f
+}
+
+/// A Prometheus label value: `\`, `"` and newline escaped.
+pub fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Prometheus text format (version 0.0.4).
+pub fn prometheus(f: &Figures) -> String {
+    let mut o = String::with_capacity(8 << 10);
+    fn head(o: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}");
+        let _ = writeln!(o, "# TYPE {name} {kind}");
+    }
+    head(&mut o, "phoenix_collector_reports_accepted_total", "counter", "Reports whose points the store took.");
+    let _ = writeln!(o, "phoenix_collector_reports_accepted_total {}", f.reports_accepted);
+    head(&mut o, "phoenix_collector_reports_rejected_total", "counter", "Reports not taken, by reason and the HTTP status the agent got (a duplicate is acked with 200 but not stored again).");
+    for (r, n) in &f.reports_rejected {
+        let _ = writeln!(o, "phoenix_collector_reports_rejected_total{{reason=\"{}\",code=\"{}\"}} {n}", r.as_str(), r.code());
+    }
+    head(&mut o, "phoenix_collector_points_written_total", "counter", "Points (metrics, log lines, Phoenix's own) the store took.");
+    let _ = writeln!(o, "phoenix_collector_points_written_total {}", f.points_written);
+    head(&mut o, "phoenix_collector_points_rejected_total", "counter", "Points the store refused for good (logged by the collector).");
+    let _ = writeln!(o, "phoenix_collector_points_rejected_total {}", f.points_rejected);
+    head(&mut o, "phoenix_collector_store_writes_total", "counter", "Write requests sent to the store.");
+    let _ = writeln!(o, "phoenix_collector_store_writes_total {}", f.writes);
+    head(&mut o, "phoenix_collector_store_write_errors_total", "counter", "Writes that left the store unavailable (unreachable, 5xx, refused credentials).");
+    let _ = writeln!(o, "phoenix_collector_store_write_errors_total {}", f.write_errors);
+    head(&mut o, "phoenix_collector_store_write_splits_total", "counter", "Batches split in two after the store answered 413.");
+    let _ = writeln!(o, "phoenix_collector_store_write_splits_total {}", f.write_splits);
+    head(&mut o, "phoenix_collector_store_write_duration_seconds", "histogram", "Time one write request to the store took.");
+    for (i, c) in f.write_latency.cumulative.iter().enumerate() {
+        match LATENCY_BOUNDS.get(i) {
+            Some(b) => {
+                let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_bucket{{le=\"{b}\"}} {c}");
+            }
+            None => {
+                let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_bucket{{le=\"+Inf\"}} {c}");
+            }
+        }
+    }
+    let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_sum {}", f.write_latency.sum_seconds);
+    let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_count {}", f.write_latency.count);
+    head(&mut o, "phoenix_collector_store_up", "gauge", "1 while the store takes writes, 0 while reports get 503.");
+    let _ = writeln!(o, "phoenix_collector_store_up {}", u8::from(f.store_up));
+    head(&mut o, "phoenix_collector_write_queue_depth", "gauge", "Batches waiting for a store writer.");
+    let _ = writeln!(o, "phoenix_collector_write_queue_depth {}", f.queue_depth);
+    head(&mut o, "phoenix_collector_instances", "gauge", "Instances known to the collector, by phoenix state.");
+    for (s, n) in STATES.iter().zip(f.instances_by_state) {
+        let _ = writeln!(o, "phoenix_collector_instances{{state=\"{}\"}} {n}", s.as_str());
+    }
+    head(&mut o, "phoenix_collector_marks", "gauge", "Standing marks for replacement (marked or acked, not yet gone), by reason.");
+    for (r, n) in REASONS.iter().zip(f.marks_by_reason) {
+        let _ = writeln!(o, "phoenix_collector_marks{{reason=\"{}\"}} {n}", r.as_str());
+    }
+    head(&mut o, "phoenix_collector_held_marks", "gauge", "Bad instances not marked because of the budget, the rate limit, a mass event or --log-only, by reason.");
+    for (r, n) in REASONS.iter().zip(f.held_by_reason) {
+        let _ = writeln!(o, "phoenix_collector_held_marks{{reason=\"{}\"}} {n}", r.as_str());
+    }
+    head(&mut o, "phoenix_collector_mass_event_alerts", "gauge", "Groups with an active mass-event alert (their marks are held).");
+    let _ = writeln!(o, "phoenix_collector_mass_event_alerts {}", f.alerts);
+    head(&mut o, "phoenix_collector_budget_allowed", "gauge", "Marks allowed at once in a group (--budget).");
+    for (g, allowed, _) in &f.budget {
+        let _ = writeln!(o, "phoenix_collector_budget_allowed{{group=\"{}\"}} {allowed}", label_value(g));
+    }
+    head(&mut o, "phoenix_collector_budget_in_use", "gauge", "Marked or acked instances in a group, counted against its budget.");
+    for (g, _, used) in &f.budget {
+        let _ = writeln!(o, "phoenix_collector_budget_in_use{{group=\"{}\"}} {used}", label_value(g));
+    }
+    head(&mut o, "phoenix_collector_log_buffer_instances", "gauge", "Instances whose last log lines the fleet page keeps in memory.");
+    let _ = writeln!(o, "phoenix_collector_log_buffer_instances {}", f.log_instances);
+    head(&mut o, "phoenix_collector_uptime_seconds", "gauge", "Seconds since this collector started.");
+    let _ = writeln!(o, "phoenix_collector_uptime_seconds {}", f.uptime_seconds);
+    o
+}
+
+/// The `phoenix_collector` point: cumulative counters as integers (like Telegraf's internal
+/// plugin, so `non_negative_derivative` gives rates), gauges, and the write latency of the
+/// last interval (`before` is the histogram at the previous point).
+pub fn point(f: &Figures, before: &HistogramSnap, host: &str, ts_ns: i64, w: &mut Writer) {
+    let int = |n: u64| Value::Int(n.min(i64::MAX as u64) as i64);
+    let mut p = w.point("phoenix_collector");
+    if !host.is_empty() {
+        p = p.tag("host", host);
+    }
+    p = p.field("reports_accepted", &int(f.reports_accepted));
+    for (r, n) in &f.reports_rejected {
+        p = p.field(&format!("reports_rejected_{}", r.as_str()), &int(*n));
+    }
+    p = p
+        .field("points_written", &int(f.points_written))
+        .field("points_rejected", &int(f.points_rejected))
+        .field("store_writes", &int(f.writes))
+        .field("store_write_errors", &int(f.write_errors))
+        .field("store_up", &Value::Bool(f.store_up))
+        .field("write_queue_depth", &int(f.queue_depth));
+    let n = f.write_latency.count.saturating_sub(before.count);
+    if n > 0 {
+        let mean = (f.write_latency.sum_seconds - before.sum_seconds).max(0.0) / n as f64;
+        p = p.field("store_write_ms_mean", &Value::Float(mean * 1000.0));
+        if let Some(b) = f.write_latency.quantile_bound_since(before, 0.99) {
+            p = p.field("store_write_ms_p99_bound", &Value::Float(b * 1000.0));
+        }
+    }
+    for (s, n) in STATES.iter().zip(f.instances_by_state) {
+        p = p.field(&format!("instances_{}", s.as_str()), &int(n));
+    }
+    for (r, n) in REASONS.iter().zip(f.marks_by_reason) {
+        p = p.field(&format!("marks_{}", r.as_str()), &int(n));
+    }
+    for (r, n) in REASONS.iter().zip(f.held_by_reason) {
+        p = p.field(&format!("held_{}", r.as_str()), &int(n));
+    }
+    p.field("mass_event_alerts", &int(f.alerts)).field("uptime_seconds", &Value::Float(f.uptime_seconds)).end(ts_ns);
+}
+
+/// `GET /metrics` (open, as the design's API table says: figures only, no instance ids).
+pub async fn get_metrics(State(s): State<crate::api::Shared>) -> Response {
+    let f = figures(&s.obs, &s.writer, &s.fleet, crate::api::now_ms());
+    let mut r = (StatusCode::OK, prometheus(&f)).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
+
+/// Write a `phoenix_collector` point every [`EVERY`] until the runtime stops. A point the
+/// store does not take is dropped: the next one carries the same cumulative counters.
+pub async fn run(obs: Arc<Obs>, fleet: Arc<Fleet>, writer: WriterHandle) {
+    let mut before = writer.stats.write_latency.snapshot();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = crate::api::now_ms();
+        let f = figures(&obs, &writer, &fleet, now);
+        let mut w = Writer::default();
+        point(&f, &before, &obs.host, now.saturating_mul(1_000_000), &mut w);
+        before = f.write_latency.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match writer.submit(Job { body: w.buf, ends: w.ends, reply: tx }) {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    if let Ok(Err(u)) = rx.await {
+                        tracing::debug!(reason = %u.reason, "phoenix_collector point not stored");
+                    }
+                });
+            }
+            Err((_, u)) => tracing::debug!(reason = %u.reason, "phoenix_collector point not stored"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(src: &str, msg: &str, part: Option<u32>) -> LogLine {
+        LogLine { src: src.into(), ts: 1, offset: 0, msg: msg.into(), escaped: false, part, tags: Default::default(), fields: Default::default() }
+    }
+
+    #[test]
+    fn ring_keeps_the_last_lines_cut_and_bounded() {
+        let ring = LogRing::default();
+        let batch: Vec<LogLine> = (0..15).map(|k| line("/var/log/a", &format!("line {k}"), None)).collect();
+        ring.record("i-1", &batch);
+        let more: Vec<LogLine> = (15..30).map(|k| line("/var/log/a", &format!("line {k}"), None)).collect();
+        ring.record("i-1", &more);
+        let got = ring.lines("i-1");
+        assert_eq!(got.len(), LOG_LINES_KEPT);
+        assert_eq!(got.first().unwrap().msg, "line 10");
+        assert_eq!(got.last().unwrap().msg, "line 29");
+        // A long line is cut at a character boundary; later pieces of a split line are skipped.
+        let long = "é".repeat(LOG_CHARS_MAX + 5);
+        ring.record("i-2", &[line("journal", &long, Some(1)), line("journal", "tail piece", Some(2))]);
+        let got = ring.lines("i-2");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].msg.chars().count(), LOG_CHARS_MAX);
+        assert!(got[0].cut);
+        assert!(ring.lines("nobody").is_empty());
+    }
+
+    #[test]
+    fn ring_drops_the_quietest_instance_past_its_bound() {
+        let ring = LogRing::default();
+        for k in 0..LOG_INSTANCES_MAX {
+            ring.record(&format!("i-{k}"), &[line("a", "x", None)]);
+        }
+        ring.record("i-0", &[line("a", "y", None)]);
+        ring.record("i-new", &[line("a", "z", None)]);
+        assert_eq!(ring.instances(), LOG_INSTANCES_MAX);
+        assert!(ring.lines("i-1").is_empty(), "i-1 was the quietest");
+        assert_eq!(ring.lines("i-0").len(), 2);
+    }
+
+    #[test]
+    fn histogram_buckets_and_quantile_bound() {
+        let h = Histogram::default();
+        let before = h.snapshot();
+        for _ in 0..98 {
+            h.observe_ns(2_000_000); // 2 ms
+        }
+        h.observe_ns(300_000_000); // 300 ms
+        h.observe_ns(20_000_000_000); // 20 s: +Inf
+        let s = h.snapshot();
+        assert_eq!(s.count, 100);
+        assert_eq!(s.cumulative[0], 0);
+        assert_eq!(s.cumulative[1], 98, "2 ms goes under le=0.0025");
+        assert_eq!(s.cumulative[8], 99, "300 ms under le=0.5");
+        assert_eq!(*s.cumulative.last().unwrap(), 100);
+        assert!((s.sum_seconds - (0.196 + 0.3 + 20.0)).abs() < 1e-9);
+        assert_eq!(s.quantile_bound_since(&before, 0.5), Some(0.0025));
+        assert_eq!(s.quantile_bound_since(&before, 0.99), Some(0.5));
+        assert_eq!(s.quantile_bound_since(&s, 0.99), None);
+    }
+
+    #[test]
+    fn report_outcomes_by_status() {
+        let c = ReportCounters::default();
+        c.count(StatusCode::OK, false);
+        c.count(StatusCode::OK, true);
+        c.count(StatusCode::PAYLOAD_TOO_LARGE, false);
+        c.count(StatusCode::SERVICE_UNAVAILABLE, false);
+        c.count(StatusCode::INTERNAL_SERVER_ERROR, false);
+        assert_eq!(c.accepted(), 1);
+        assert_eq!(c.rejected(Rejection::Duplicate), 1);
+        assert_eq!(c.rejected(Rejection::TooLarge), 1);
+        assert_eq!(c.rejected(Rejection::Unavailable), 1);
+        assert_eq!(c.rejected(Rejection::Other), 1);
+        assert_eq!(c.rejected(Rejection::BadRequest), 0);
+    }
+
+    #[test]
+    fn exposition_escapes_labels_and_point_parses() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let f = Figures { budget: vec![("we\"b\ngroup".into(), 1, 0)], reports_rejected: Rejection::ALL.iter().map(|r| (*r, 0)).collect(), write_latency: Histogram::default().snapshot(), ..Default::default() };
+        let text = prometheus(&f);
+        assert!(text.contains("phoenix_collector_budget_allowed{group=\"we\\\"b\\ngroup\"} 1\n"), "{text}");
+        // Every sample line is one line: the hostile group name did not break out.
+        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("phoenix_collector_")), "{text}");
+        let mut w = Writer::default();
+        let h = Histogram::default();
+        let before = h.snapshot();
+        h.observe_ns(3_000_000);
+        let f = Figures { write_latency: h.snapshot(), reports_rejected: Rejection::ALL.iter().map(|r| (*r, 2)).collect(), ..f };
+        point(&f, &before, "collector 1", 5, &mut w);
+        let lines: Vec<_> = influxdb_line_protocol::parse_lines(&w.buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].series.measurement.to_string(), "phoenix_collector");
+        let field = |k: &str| lines[0].field_set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(field("reports_rejected_duplicate").as_deref(), Some("2i"));
+        assert_eq!(field("store_write_ms_mean").as_deref(), Some("3"));
+        assert_eq!(field("instances_healthy").as_deref(), Some("0i"));
+    }
+}
