@@ -199,8 +199,12 @@ const BUF: usize = 256 << 10;
 const MAX_BUF: usize = 1 << 20;
 
 enum Stop {
+    /// Read to the end of the file for now.
     Eof,
+    /// The batch is full: queue it, then go on.
     Full,
+    /// One buffer read; there is more.
+    More,
 }
 
 pub struct Tailer {
@@ -290,15 +294,24 @@ impl Tailer {
         let before = self.batch.emitted;
         let mut i = 0;
         while i < self.files.len() {
-            if let Err(e) = self.check(i, now) {
-                if matches!(e, LogError::Stopping) {
-                    return Err(e);
-                }
-                tracing::warn!(error = %e, "log file check failed");
-            }
             loop {
+                // A long drain of one file must not stop the scans and checks of the others:
+                // a file rotated in and out, or truncated twice, meanwhile would be missed.
+                let t = Instant::now();
+                if self.last_scan.is_none_or(|l| t.duration_since(l) >= self.opts.scan_every) {
+                    self.scan(t, false);
+                    self.check_others(&mut i, now)?;
+                }
+                // Checked before every buffer read, so a truncation is seen before reading
+                // from an offset that no longer means anything.
+                match self.check(i, now) {
+                    Ok(_) => {}
+                    Err(LogError::Stopping) => return Err(LogError::Stopping),
+                    Err(e) => tracing::warn!(error = %e, "log file check failed"),
+                }
                 match self.read(i, now) {
                     Ok(Stop::Full) => self.commit()?,
+                    Ok(Stop::More) => {}
                     Ok(Stop::Eof) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "log file read failed; will retry");
@@ -481,12 +494,14 @@ impl Tailer {
     }
 
     /// Catch truncation (copytruncate) and keep the head hash current while a file is young.
-    fn check(&mut self, i: usize, now: Instant) -> Result<(), LogError> {
+    /// True when a copy holding the file's unread rest was inserted at `i` (the file moved
+    /// to `i + 1`).
+    fn check(&mut self, i: usize, now: Instant) -> Result<bool, LogError> {
         let f = &self.files[i];
         let md = f.file.metadata().map_err(io_err(Path::new(&f.src)))?;
         let size = md.len();
         if size == f.size && size >= f.offset {
-            return Ok(());
+            return Ok(false);
         }
         let same_head = file::head_matches(&f.file, f.head).map_err(io_err(Path::new(&f.src)))?;
         if size < f.offset || !same_head {
@@ -511,8 +526,9 @@ impl Tailer {
                 // Read the copy's unread rest first: it comes before the new lines.
                 tracing::info!(src = %copy.src, offset = copy.offset, "reading the rest of the log file from its copy");
                 self.files.insert(i, copy);
+                return Ok(true);
             }
-            return Ok(());
+            return Ok(false);
         }
         if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64 {
             let f = &mut self.files[i];
@@ -521,10 +537,36 @@ impl Tailer {
         let f = &mut self.files[i];
         f.size = size;
         f.changed_at = now;
+        Ok(false)
+    }
+
+    /// `check` every file but the one being read (`cur`, kept pointing at it).
+    fn check_others(&mut self, cur: &mut usize, now: Instant) -> Result<(), LogError> {
+        let mut j = 0;
+        while j < self.files.len() {
+            if j == *cur {
+                j += 1;
+                continue;
+            }
+            match self.check(j, now) {
+                Ok(true) => {
+                    if j < *cur {
+                        *cur += 1;
+                    }
+                    j += 2;
+                }
+                Ok(false) => j += 1,
+                Err(LogError::Stopping) => return Err(LogError::Stopping),
+                Err(e) => {
+                    tracing::warn!(error = %e, "log file check failed");
+                    j += 1;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Read file `i` from its offset into the batch, until its end or a full batch.
+    /// Read one buffer of file `i` from its offset into the batch.
     fn read(&mut self, i: usize, now: Instant) -> Result<Stop, LogError> {
         let mut buf = std::mem::take(&mut self.buf);
         let r = self.read_with(i, now, &mut buf);
@@ -536,74 +578,72 @@ impl Tailer {
         let (max_lines, max_bytes, flush) = (self.opts.max_batch_lines, self.opts.max_batch_bytes, self.opts.flush_timeout);
         let Tailer { files, batch, .. } = self;
         let f = &mut files[i];
-        loop {
-            if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
-                return Ok(Stop::Full);
-            }
-            let n = file::read_at(&f.file, buf, f.offset).map_err(io_err(Path::new(&f.src)))?;
-            if n == 0 {
-                f.tail_since = None;
-                return Ok(Stop::Eof);
-            }
-            let ts = now_ns();
-            let data = &buf[..n];
-            let mut pos = 0;
-            let mut lines = 0u64;
-            let mut full = false;
-            while let Some(nl) = file::find_nl(&data[pos..]) {
-                batch.emit(&f.src, &data[pos..pos + nl], f.offset + pos as u64, f.part.take(), ts, now);
-                pos += nl + 1;
-                lines += 1;
-                if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
-                    full = true;
-                    break;
-                }
-            }
-            f.offset += pos as u64;
-            counters::add(&counters::lines_read, lines);
-            counters::add(&counters::bytes_read, pos as u64);
-            if full {
-                return Ok(Stop::Full);
-            }
-            if pos == n {
-                if n < buf.len() {
-                    return Ok(Stop::Eof);
-                }
-                continue;
-            }
-            if n == buf.len() {
-                if pos > 0 {
-                    continue; // the unfinished line is read again from the new offset
-                }
-                if buf.len() < MAX_BUF {
-                    buf.resize(buf.len() * 2, 0);
-                    continue;
-                }
-                // A line longer than MAX_BUF: ship what there is as numbered parts, cut on a
-                // character boundary, and go on with the rest of the line.
-                let cut = char_boundary(data);
-                let next = batch.emit(&f.src, &data[..cut], f.offset, Some(f.part.unwrap_or(1)), ts, now);
-                f.part = Some(next);
-                f.offset += cut as u64;
-                counters::add(&counters::bytes_read, cut as u64);
-                continue;
-            }
-            // At the end of the file with a line still missing its newline.
-            let rest = &data[pos..n];
-            match f.tail_since {
-                Some((at, since)) if at == f.offset => {
-                    if now.duration_since(since) >= flush {
-                        batch.emit(&f.src, rest, f.offset, f.part.take(), ts, now);
-                        f.offset += rest.len() as u64;
-                        counters::add(&counters::lines_read, 1);
-                        counters::add(&counters::bytes_read, rest.len() as u64);
-                        f.tail_since = None;
-                    }
-                }
-                _ => f.tail_since = Some((f.offset, now)),
-            }
+        if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
+            return Ok(Stop::Full);
+        }
+        let n = file::read_at(&f.file, buf, f.offset).map_err(io_err(Path::new(&f.src)))?;
+        if n == 0 {
+            f.tail_since = None;
             return Ok(Stop::Eof);
         }
+        let ts = now_ns();
+        let data = &buf[..n];
+        let mut pos = 0;
+        let mut lines = 0u64;
+        let mut full = false;
+        while let Some(nl) = file::find_nl(&data[pos..]) {
+            batch.emit(&f.src, &data[pos..pos + nl], f.offset + pos as u64, f.part.take(), ts, now);
+            pos += nl + 1;
+            lines += 1;
+            if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
+                full = true;
+                break;
+            }
+        }
+        f.offset += pos as u64;
+        counters::add(&counters::lines_read, lines);
+        counters::add(&counters::bytes_read, pos as u64);
+        if full {
+            return Ok(Stop::Full);
+        }
+        if pos == n {
+            if n < buf.len() {
+                return Ok(Stop::Eof);
+            }
+            return Ok(Stop::More);
+        }
+        if n == buf.len() {
+            if pos > 0 {
+                return Ok(Stop::More); // the unfinished line is read again from the new offset
+            }
+            if buf.len() < MAX_BUF {
+                buf.resize(buf.len() * 2, 0);
+                return Ok(Stop::More);
+            }
+            // A line longer than MAX_BUF: ship what there is as numbered parts, cut on a
+            // character boundary, and go on with the rest of the line.
+            let cut = char_boundary(data);
+            let next = batch.emit(&f.src, &data[..cut], f.offset, Some(f.part.unwrap_or(1)), ts, now);
+            f.part = Some(next);
+            f.offset += cut as u64;
+            counters::add(&counters::bytes_read, cut as u64);
+            return Ok(Stop::More);
+        }
+        // At the end of the file with a line still missing its newline.
+        let rest = &data[pos..n];
+        match f.tail_since {
+            Some((at, since)) if at == f.offset => {
+                if now.duration_since(since) >= flush {
+                    batch.emit(&f.src, rest, f.offset, f.part.take(), ts, now);
+                    f.offset += rest.len() as u64;
+                    counters::add(&counters::lines_read, 1);
+                    counters::add(&counters::bytes_read, rest.len() as u64);
+                    f.tail_since = None;
+                }
+            }
+            _ => f.tail_since = Some((f.offset, now)),
+        }
+        Ok(Stop::Eof)
     }
 
     /// Close rotated-away files that were read to their end, queued, and left alone for
