@@ -126,7 +126,8 @@ impl Browser {
         assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
-        println!("screenshot: {}", path.display());
+        // Straight to stderr, past the test harness's capture, so CI logs name the artifact.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("screenshot: {}\n", path.display()).as_bytes());
     }
 }
 
