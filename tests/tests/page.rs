@@ -325,3 +325,37 @@ fn page_answers_plain_http_clients_with_escaped_html() {
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
     assert_eq!(c.get("/?token=wrong", None).status, 401);
 }
+
+#[test]
+fn over_https_loopback_is_still_open_and_the_cookie_is_secure() {
+    // The TLS server records the peer address too, so "open on loopback" holds under HTTPS.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem"))
+        .output()
+        .expect("running openssl (apt-get install openssl)");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let port = free_port();
+    let mut cmd = Command::new(bin("phoenix-collector"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")]).arg("--data-dir").arg(d.join("data")).arg("--tls-cert").arg(d.join("cert.pem")).arg("--tls-key").arg(d.join("key.pem"));
+    cmd.args(["--agent-token", AGENT_TOKEN, "--reader-token", READER_TOKEN]);
+    let collector = Proc::spawn(cmd, d.join("collector.log"));
+    let curl = |path: &str| -> (String, String) {
+        let out = Command::new("curl").args(["-sk", "-D", "-", "-o", "/dev/null", "--max-time", "10"]).arg(format!("https://127.0.0.1:{port}{path}")).output().expect("running curl");
+        let head = String::from_utf8_lossy(&out.stdout).to_string();
+        (head.split_whitespace().nth(1).unwrap_or("").to_owned(), head)
+    };
+    let up = wait_for(Duration::from_secs(30), || (curl("/healthz").0 == "200").then_some(()));
+    assert!(up.is_some(), "collector did not come up over HTTPS:\n{}", collector.log_text());
+    let (status, head) = curl("/");
+    assert_eq!(status, "200", "{head}");
+    let (status, head) = curl(&format!("/?token={READER_TOKEN}"));
+    assert_eq!(status, "303", "{head}");
+    let cookie = head.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_else(|| panic!("{head}"));
+    assert!(cookie.contains("; Secure") && cookie.contains("HttpOnly"), "{cookie}");
+}
