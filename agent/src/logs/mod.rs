@@ -292,20 +292,23 @@ impl Tailer {
             self.scan(now, false);
         }
         let before = self.batch.emitted;
+        // Files found by a scan during this round wait for the next one, so that a rotated
+        // file earlier in the list is read to its end before its successor.
+        let mut end = self.files.len();
         let mut i = 0;
-        while i < self.files.len() {
+        while i < end {
             loop {
                 // A long drain of one file must not stop the scans and checks of the others:
                 // a file rotated in and out, or truncated twice, meanwhile would be missed.
                 let t = Instant::now();
                 if self.last_scan.is_none_or(|l| t.duration_since(l) >= self.opts.scan_every) {
                     self.scan(t, false);
-                    self.check_others(&mut i, now)?;
+                    self.check_others(&mut i, &mut end, now)?;
                 }
                 // Checked before every buffer read, so a truncation is seen before reading
                 // from an offset that no longer means anything.
                 match self.check(i, now) {
-                    Ok(_) => {}
+                    Ok(inserted) => end += inserted as usize,
                     Err(LogError::Stopping) => return Err(LogError::Stopping),
                     Err(e) => tracing::warn!(error = %e, "log file check failed"),
                 }
@@ -540,8 +543,9 @@ impl Tailer {
         Ok(false)
     }
 
-    /// `check` every file but the one being read (`cur`, kept pointing at it).
-    fn check_others(&mut self, cur: &mut usize, now: Instant) -> Result<(), LogError> {
+    /// `check` every file but the one being read (`cur`, kept pointing at it; `end` counts
+    /// the copies inserted before it).
+    fn check_others(&mut self, cur: &mut usize, end: &mut usize, now: Instant) -> Result<(), LogError> {
         let mut j = 0;
         while j < self.files.len() {
             if j == *cur {
@@ -552,6 +556,9 @@ impl Tailer {
                 Ok(true) => {
                     if j < *cur {
                         *cur += 1;
+                    }
+                    if j < *end {
+                        *end += 1;
                     }
                     j += 2;
                 }
