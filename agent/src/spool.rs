@@ -58,6 +58,10 @@ pub struct Entry {
 
 struct Inner {
     index: BTreeMap<u64, Meta>,
+    /// Sequence numbers handed out whose entries are still being written. The sender never
+    /// sends past the lowest of them: the collector keeps only the highest seq it took per
+    /// boot, so sending N+1 before N would make N look like a duplicate and lose it.
+    pending: std::collections::BTreeSet<u64>,
     bytes: u64,
     stopping: bool,
 }
@@ -123,7 +127,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             next_seq: AtomicU64::new(next),
-            inner: Mutex::new(Inner { index, bytes, stopping: false }),
+            inner: Mutex::new(Inner { index, pending: Default::default(), bytes, stopping: false }),
             changed: Condvar::new(),
             stats: Stats::default(),
         })
@@ -153,9 +157,26 @@ impl Spool {
     /// Queue a report. Sets its sequence number, writes it durably, wakes the sender.
     /// Log entries wait (up to `wait`) while the spool is full; metric entries evict the oldest
     /// metric entries. Returns the seq, or None when a log entry timed out waiting for room.
-    pub fn push(&self, kind: Kind, mut report: Report, checkpoint: Option<(String, serde_json::Value)>, wait: Duration) -> Result<Option<u64>, SpoolError> {
+    pub fn push(&self, kind: Kind, report: Report, checkpoint: Option<(String, serde_json::Value)>, wait: Duration) -> Result<Option<u64>, SpoolError> {
+        let seq = {
+            let mut g = self.inner.lock().unwrap();
+            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+            g.pending.insert(seq);
+            seq
+        };
+        let res = self.push_as(seq, kind, report, checkpoint, wait);
+        // On every path: the seq is no longer pending (on success it already went, with the
+        // insert, under one lock).
+        let mut g = self.inner.lock().unwrap();
+        if g.pending.remove(&seq) {
+            drop(g);
+            self.changed.notify_all();
+        }
+        res
+    }
+
+    fn push_as(&self, seq: u64, kind: Kind, mut report: Report, checkpoint: Option<(String, serde_json::Value)>, wait: Duration) -> Result<Option<u64>, SpoolError> {
         let points = (report.metrics.len() + report.logs.len()) as u64;
-        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         report.seq = seq;
         let body = phoenix_wire::encode(&report);
         let meta = Meta { kind, points, checkpoint, bytes: body.len() as u64 };
@@ -211,6 +232,7 @@ impl Spool {
         }
         g.bytes += meta.bytes;
         g.index.insert(seq, meta);
+        g.pending.remove(&seq);
         drop(g);
         self.changed.notify_all();
         Ok(Some(seq))
@@ -233,13 +255,23 @@ impl Spool {
         sync_dir(&self.dir)
     }
 
-    /// The oldest entry, waiting up to `wait` for one to appear.
+    /// The oldest entry, waiting up to `wait` for one to appear (and for any older entry still
+    /// being written, so entries always go out in seq order).
     pub fn oldest(&self, wait: Duration) -> Option<Entry> {
+        let deadline = std::time::Instant::now() + wait;
         let mut g = self.inner.lock().unwrap();
-        if g.index.is_empty() && !g.stopping {
-            g = self.changed.wait_timeout(g, wait).unwrap().0;
-        }
-        let (&seq, _) = g.index.iter().next()?;
+        let seq = loop {
+            let first = g.index.keys().next().copied();
+            let blocked = matches!((first, g.pending.first()), (Some(f), Some(p)) if *p < f);
+            if let (Some(f), false) = (first, blocked) {
+                break f;
+            }
+            let now = std::time::Instant::now();
+            if g.stopping || now >= deadline {
+                return None;
+            }
+            g = self.changed.wait_timeout(g, deadline - now).unwrap().0;
+        };
         drop(g);
         match read_entry(&self.path(seq)) {
             Ok((meta, body)) => Some(Entry { seq, meta, body }),
@@ -380,6 +412,25 @@ mod tests {
         // New sequence numbers stay above everything seen before, even after a restart.
         let s2 = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(s2.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap().unwrap() > b);
+    }
+
+    #[test]
+    fn an_entry_still_being_written_holds_back_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // Simulate a push that took its seq and is still writing.
+        let early = {
+            let mut g = s.inner.lock().unwrap();
+            let q = s.next_seq.fetch_add(1, Ordering::SeqCst);
+            g.pending.insert(q);
+            q
+        };
+        let late = s.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap().unwrap();
+        assert!(late > early);
+        assert!(s.oldest(Duration::from_millis(50)).is_none(), "must not send {late} before {early}");
+        s.inner.lock().unwrap().pending.remove(&early);
+        s.changed.notify_all();
+        assert_eq!(s.oldest(Duration::from_millis(50)).unwrap().seq, late);
     }
 
     #[test]
