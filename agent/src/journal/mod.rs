@@ -446,6 +446,8 @@ pub struct Reader {
     last_check: Instant,
     /// The entry being read is too big: its bytes are skipped up to the next entry.
     skipping: bool,
+    /// The cursor journalctl was started at, whose entry was already shipped.
+    skip: Option<String>,
 }
 
 fn now_ns() -> i64 {
@@ -505,6 +507,7 @@ impl Reader {
             backoff: MIN_BACKOFF,
             last_check: now,
             skipping: false,
+            skip: None,
         })
     }
 
@@ -682,8 +685,16 @@ impl Reader {
         // --no-tail: with --follow, journalctl would otherwise show only the last 10 entries
         // after the cursor.
         args.extend(["--follow".into(), "--no-tail".into()]);
+        // Not --after-cursor: journalctl implements it as "skip two entries from the cursor",
+        // which drops the first entry after it whenever the cursor's own entry does not
+        // match the --unit/--priority filters (the first-start position, changed filters).
+        // --cursor includes the cursor's entry when it matches; `add` drops it.
+        self.skip = None;
         match &pos {
-            Pos::After(c) => args.push(format!("--after-cursor={c}").into()),
+            Pos::After(c) => {
+                args.push(format!("--cursor={c}").into());
+                self.skip = Some(c.clone());
+            }
             Pos::At(c) => args.push(format!("--cursor={c}").into()),
             Pos::Head => {}
         }
@@ -813,6 +824,11 @@ impl Reader {
     }
 
     fn add(&mut self, e: &export::Entry<'_>, now: Instant, now_wall: i64) {
+        if let Some(skip) = self.skip.take() {
+            if e.cursor == Some(skip.as_bytes()) {
+                return;
+            }
+        }
         let ns = e.realtime_ns().unwrap_or(now_wall);
         let raw: Cow<[u8]> = match e.message.as_slice() {
             [] => Cow::Borrowed(&[]),

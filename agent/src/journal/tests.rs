@@ -259,3 +259,20 @@ fn settings() {
     assert!(parse_initial("boot").unwrap());
     assert!(parse_initial("start").is_err());
 }
+
+#[test]
+fn the_first_entry_after_a_cursor_that_the_filters_exclude_is_not_skipped() {
+    // journalctl --after-cursor would drop "web 1" here: the cursor's own entry (db) does not
+    // match --unit, and the entries are already there when journalctl starts.
+    let mut env = Env::new();
+    let file = env.dir.join("j.journal");
+    write_journal(&file, &[E(T0, "db.service", 6, b"db seed")]);
+    let mut o = env.opts(Location::Files(vec![file.clone()]));
+    o.units = vec!["web.service".into()];
+    assert!(env.read(o.clone(), 0).is_empty());
+    write_journal(&file, &[E(T0 + 1, "web.service", 6, b"web 1"), E(T0 + 2, "web.service", 6, b"web 2"), E(T0 + 3, "db.service", 6, b"db 3")]);
+    assert_eq!(msgs(&env.read(o.clone(), 2)), [&b"web 1"[..], b"web 2"]);
+    // And the last shipped entry (which matches) is not shipped again.
+    write_journal(&file, &[E(T0 + 4, "web.service", 6, b"web 4")]);
+    assert_eq!(msgs(&env.read(o, 1)), [b"web 4"]);
+}
