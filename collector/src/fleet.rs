@@ -401,6 +401,21 @@ pub async fn run(fleet: std::sync::Arc<Fleet>, writer: crate::writer::WriterHand
                 }
             }
         }
+        // The audit trail: what the collector itself decided, under its own name.
+        {
+            let entries: Vec<(&str, String, String)> = {
+                let g = fleet.instances.lock().unwrap();
+                let marks = out.new_marks.iter().filter_map(|id| g.get(id).and_then(|i| i.phx.mark.as_ref().map(|m| ("mark", id.clone(), format!("{}: {}", m.reason.as_str(), m.evidence)))));
+                let holds = out.changed.iter().filter_map(|id| g.get(id).and_then(|i| i.phx.held.clone().map(|h| ("hold", id.clone(), h))));
+                marks.chain(holds).collect()
+            };
+            for (action, id, detail) in entries {
+                crate::audit::record(&writer, action, "collector", &id, &detail);
+            }
+            for a in &out.alerts_raised {
+                crate::audit::record(&writer, "hold", "collector", &a.group, &a.message);
+            }
+        }
         for a in &out.alerts_raised {
             alert_point(a, true, ts, &mut w);
         }

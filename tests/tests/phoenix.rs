@@ -355,6 +355,12 @@ fn a_fleet_gets_its_sick_instances_marked_safely_and_recycled() {
     assert_eq!((row["state"].as_str(), row["reason"].as_str()), (Some("marked"), Some("check_failed")));
     assert!(rows.iter().filter(|r| r["instance_id"].as_str().unwrap().starts_with("i-0000000000000c")).all(|r| r["state"] == "drifted" && r["marked"] == false));
     assert!(influx.count(DB, "SELECT count(active) FROM phoenix_alert WHERE \"group\" = 'batch'") >= 1);
+    // The audit trail names every mark and the held group, by the collector's own name.
+    let audit = influx.rows(DB, "SELECT action, target, token, detail FROM phoenix_audit");
+    for id in [killed, checked, drifter] {
+        assert!(audit.iter().any(|r| r["action"] == "mark" && r["target"] == id), "no audit of the mark on {id}: {audit:?}");
+    }
+    assert!(audit.iter().any(|r| r["action"] == "hold" && r["target"] == "batch"), "{audit:?}");
     // The failing check's results are in InfluxDB too.
     assert!(influx.count(DB, &format!("SELECT count(ok) FROM phoenix_check WHERE instance_id = '{checked}' AND ok = false")) >= 2);
 
