@@ -211,18 +211,7 @@ impl RunArgs {
 
 /// `64MiB`, `500KB`, `1G`, or plain bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().with_context(|| format!("{s:?} is not a size: write e.g. 64MiB"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        u => bail!("{s:?}: unknown size unit {u:?}; use KiB, MiB or GiB"),
-    };
-    Ok(n * mult)
+    phoenix_wire::parse_size(s).map_err(|e| anyhow::anyhow!(e))
 }
 
 #[cfg(test)]

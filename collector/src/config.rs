@@ -165,18 +165,8 @@ fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
 }
 
 fn size(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<usize> {
-    let s = v.unwrap_or(default).trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: usize = n.parse().with_context(|| format!("--{flag} {s:?}: write e.g. 8MiB"))?;
-    let m = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        u => bail!("--{flag}: unknown unit {u:?}; use KiB, MiB or GiB"),
-    };
-    Ok(n * m)
+    let n = phoenix_wire::parse_size(v.unwrap_or(default)).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+    usize::try_from(n).map_err(|_| anyhow::anyhow!("--{flag}: too large for this machine"))
 }
 
 fn percent(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<f64> {

@@ -29,6 +29,17 @@ pub struct Writer {
     pub ends: Vec<usize>,
 }
 
+/// The lines of `body`, given the offset just past each one's newline (as [`Writer::ends`]);
+/// splitting on newlines instead would cut string fields that hold one.
+pub fn lines<'a>(body: &'a str, ends: &'a [usize]) -> impl Iterator<Item = &'a str> {
+    let mut start = 0;
+    ends.iter().map(move |&e| {
+        let l = &body[start..e - 1];
+        start = e;
+        l
+    })
+}
+
 /// One point being written; finish with [`PointWriter::end`].
 pub struct PointWriter<'a> {
     w: &'a mut Writer,
@@ -43,12 +54,7 @@ impl Writer {
 
     /// Each line, without its newline.
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        let mut start = 0;
-        self.ends.iter().map(move |&e| {
-            let l = &self.buf[start..e - 1];
-            start = e;
-            l
-        })
+        lines(&self.buf, &self.ends)
     }
 
     pub fn point(&mut self, measurement: &str) -> PointWriter<'_> {

@@ -92,11 +92,16 @@ impl WriterHandle {
 
     /// Some(reason) while the store is known to be down.
     pub fn unavailable(&self) -> Option<Unavailable> {
-        let g = self.down.lock().unwrap();
-        match &*g {
-            Some((until, why)) if *until > Instant::now() => Some(Unavailable { retry_after: (*until - Instant::now()).max(Duration::from_secs(1)), reason: why.clone() }),
-            _ => None,
-        }
+        down_now(&self.down)
+    }
+}
+
+/// The store's down state, if it is still in force (Retry-After is at least a second).
+fn down_now(down: &Mutex<Option<(Instant, String)>>) -> Option<Unavailable> {
+    let g = down.lock().unwrap();
+    match &*g {
+        Some((until, why)) if *until > Instant::now() => Some(Unavailable { retry_after: (*until - Instant::now()).max(Duration::from_secs(1)), reason: why.clone() }),
+        _ => None,
     }
 }
 
@@ -147,7 +152,7 @@ impl Worker {
             if jobs.is_empty() {
                 continue;
             }
-            if let Some(u) = self.is_down() {
+            if let Some(u) = down_now(&self.down) {
                 for j in jobs {
                     let _ = j.reply.send(Err(u.clone()));
                 }
@@ -179,14 +184,6 @@ impl Worker {
                     }
                 }
             }
-        }
-    }
-
-    fn is_down(&self) -> Option<Unavailable> {
-        let g = self.down.lock().unwrap();
-        match &*g {
-            Some((until, why)) if *until > Instant::now() => Some(Unavailable { retry_after: *until - Instant::now(), reason: why.clone() }),
-            _ => None,
         }
     }
 
@@ -276,12 +273,7 @@ impl Worker {
 }
 
 fn job_lines(j: &Job) -> impl Iterator<Item = &str> {
-    let mut start = 0;
-    j.ends.iter().map(move |&e| {
-        let l = &j.body[start..e - 1];
-        start = e;
-        l
-    })
+    crate::lineproto::lines(&j.body, &j.ends)
 }
 
 /// The lines InfluxDB names in "unable to parse '<line>': reason" (1.x and 2.x spell it so).
