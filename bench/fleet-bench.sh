@@ -54,21 +54,8 @@ status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 rm -rf "$DIR"
 mkdir -p "$DIR/influx" "$DIR/collector"
-cat > "$DIR/influx/influxdb.conf" <<CONF
-reporting-disabled = true
-bind-address = "127.0.0.1:$RPC_PORT"
-[meta]
-  dir = "$DIR/influx/meta"
-[data]
-  dir = "$DIR/influx/data"
-  wal-dir = "$DIR/influx/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:$INFLUX_PORT"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-CONF
+. "$ROOT/bench/influx-conf.sh"
+influx_conf "$DIR/influx" "$INFLUX_PORT" "$RPC_PORT"
 influxd -config "$DIR/influx/influxdb.conf" > "$DIR/influxd.log" 2>&1 &
 INFLUX_PID=$!
 PIDS+=("$INFLUX_PID")

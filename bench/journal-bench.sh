@@ -73,21 +73,8 @@ echo "journal: $N entries, $(du -sh "$DIR/journal" | cut -f1) in $(ls "$DIR/jour
 echo "machine: $(nproc) cores, $(awk '/model name/ { $1=$2=$3=""; print; exit }' /proc/cpuinfo)"
 
 mkdir -p "$DIR/influx"
-cat > "$DIR/influx/influxdb.conf" <<CONF
-reporting-disabled = true
-bind-address = "127.0.0.1:$INFLUX_RPC_PORT"
-[meta]
-  dir = "$DIR/influx/meta"
-[data]
-  dir = "$DIR/influx/data"
-  wal-dir = "$DIR/influx/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:$INFLUX_PORT"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-CONF
+. "$ROOT/bench/influx-conf.sh"
+influx_conf "$DIR/influx" "$INFLUX_PORT" "$INFLUX_RPC_PORT"
 influxd run -config "$DIR/influx/influxdb.conf" > "$DIR/influx/influxd.log" 2>&1 &
 PIDS+=("$!")
 wait_for 30 curl -sf -o /dev/null "http://127.0.0.1:$INFLUX_PORT/ping"

@@ -84,23 +84,8 @@ echo
 
 # --- InfluxDB -------------------------------------------------------------------------------
 mkdir -p "$DIR/influx"
-cat > "$DIR/influx/influxdb.conf" <<EOF
-reporting-disabled = true
-bind-address = "127.0.0.1:$INFLUX_RPC_PORT"
-[meta]
-  dir = "$DIR/influx/meta"
-[data]
-  dir = "$DIR/influx/data"
-  wal-dir = "$DIR/influx/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:$INFLUX_PORT"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-[subscriber]
-  enabled = false
-EOF
+. "$ROOT/bench/influx-conf.sh"
+influx_conf "$DIR/influx" "$INFLUX_PORT" "$INFLUX_RPC_PORT"
 influxd run -config "$DIR/influx/influxdb.conf" > "$DIR/influx/influxd.log" 2>&1 &
 INFLUX_PID=$!
 PIDS+=("$INFLUX_PID")
