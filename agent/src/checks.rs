@@ -29,8 +29,13 @@ pub struct Checks {
 }
 
 pub fn parse(spec: &str) -> Result<(String, Probe), SpecError> {
-    let err = |why: &str| SpecError { spec: spec.into(), why: why.into() };
-    let (name, rest) = spec.split_once('=').ok_or_else(|| err("write NAME=SPEC, e.g. web=http://127.0.0.1:8080/health"))?;
+    let err = |why: &str| SpecError {
+        spec: spec.into(),
+        why: why.into(),
+    };
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| err("write NAME=SPEC, e.g. web=http://127.0.0.1:8080/health"))?;
     if !phoenix_wire::valid_id(name) || name.len() > 64 {
         return Err(err("NAME must be 1-64 chars of A-Z a-z 0-9 - _ . : /"));
     }
@@ -42,17 +47,28 @@ pub fn parse(spec: &str) -> Result<(String, Probe), SpecError> {
     } else if rest.starts_with("http://") || rest.starts_with("https://") {
         // An optional expected status: http://127.0.0.1:8080/health#200
         let (url, expect) = match rest.rsplit_once('#') {
-            Some((u, s)) => (u, s.parse().map_err(|_| err("after # put the expected HTTP status"))?),
+            Some((u, s)) => (
+                u,
+                s.parse()
+                    .map_err(|_| err("after # put the expected HTTP status"))?,
+            ),
             None => (rest, 200),
         };
-        Probe::Http { url: url.into(), expect }
+        Probe::Http {
+            url: url.into(),
+            expect,
+        }
     } else if let Some(a) = rest.strip_prefix("tcp:") {
         if !a.contains(':') {
             return Err(err("write tcp:HOST:PORT"));
         }
         Probe::Tcp(a.into())
     } else if let Some(u) = rest.strip_prefix("systemd:") {
-        let ok = !u.is_empty() && u.len() <= 256 && !u.starts_with('-') && u.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b));
+        let ok = !u.is_empty()
+            && u.len() <= 256
+            && !u.starts_with('-')
+            && u.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b));
         if !ok {
             return Err(err("not a systemd unit name"));
         }
@@ -65,10 +81,21 @@ pub fn parse(spec: &str) -> Result<(String, Probe), SpecError> {
 
 impl Checks {
     pub fn new(specs: &[String]) -> Result<Checks, SpecError> {
-        let probes = specs.iter().map(|s| parse(s)).collect::<Result<Vec<_>, _>>()?;
+        let probes = specs
+            .iter()
+            .map(|s| parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
         let timeout = Duration::from_secs(2);
-        let cfg = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).max_redirects(0).build();
-        Ok(Checks { probes, timeout, http: ureq::Agent::new_with_config(cfg) })
+        let cfg = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build();
+        Ok(Checks {
+            probes,
+            timeout,
+            http: ureq::Agent::new_with_config(cfg),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,11 +103,19 @@ impl Checks {
     }
 
     pub fn run_all(&mut self) -> Vec<CheckResult> {
-        self.probes.iter().map(|(name, p)| {
-            let t = Instant::now();
-            let (ok, detail) = self.run(p);
-            CheckResult { name: name.clone(), ok, detail, duration_ms: t.elapsed().as_millis() as u64 }
-        }).collect()
+        self.probes
+            .iter()
+            .map(|(name, p)| {
+                let t = Instant::now();
+                let (ok, detail) = self.run(p);
+                CheckResult {
+                    name: name.clone(),
+                    ok,
+                    detail,
+                    duration_ms: t.elapsed().as_millis() as u64,
+                }
+            })
+            .collect()
     }
 
     fn run(&self, p: &Probe) -> (bool, String) {
@@ -103,7 +138,11 @@ impl Checks {
                 },
                 None => (false, format!("cannot resolve {addr}")),
             },
-            Probe::Systemd(unit) => match std::process::Command::new("systemctl").args(["is-active", "--", unit]).stdin(std::process::Stdio::null()).output() {
+            Probe::Systemd(unit) => match std::process::Command::new("systemctl")
+                .args(["is-active", "--", unit])
+                .stdin(std::process::Stdio::null())
+                .output()
+            {
                 Ok(o) => {
                     let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
                     (o.status.success() && state == "active", state)
@@ -115,10 +154,18 @@ impl Checks {
 }
 
 fn count_processes(name: &str) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     dir.flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
         .count()
 }
 
@@ -128,9 +175,21 @@ mod tests {
 
     #[test]
     fn specs() {
-        assert_eq!(parse("web=http://127.0.0.1:8080/health").unwrap().1, Probe::Http { url: "http://127.0.0.1:8080/health".into(), expect: 200 });
-        assert_eq!(parse("n=process:nginx").unwrap().1, Probe::Process("nginx".into()));
-        assert_eq!(parse("u=systemd:nginx.service").unwrap().1, Probe::Systemd("nginx.service".into()));
+        assert_eq!(
+            parse("web=http://127.0.0.1:8080/health").unwrap().1,
+            Probe::Http {
+                url: "http://127.0.0.1:8080/health".into(),
+                expect: 200
+            }
+        );
+        assert_eq!(
+            parse("n=process:nginx").unwrap().1,
+            Probe::Process("nginx".into())
+        );
+        assert_eq!(
+            parse("u=systemd:nginx.service").unwrap().1,
+            Probe::Systemd("nginx.service".into())
+        );
         assert!(parse("u=systemd:--now;rm").is_err());
         assert!(parse("nonsense").is_err());
         assert!(parse("x=ftp://a").is_err());
@@ -141,8 +200,16 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        let me = std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_string();
-        let mut c = Checks::new(&[format!("self=process:{me}"), "none=process:no-such-proc".into(), format!("closed=tcp:127.0.0.1:{port}")]).unwrap();
+        let me = std::fs::read_to_string("/proc/self/comm")
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut c = Checks::new(&[
+            format!("self=process:{me}"),
+            "none=process:no-such-proc".into(),
+            format!("closed=tcp:127.0.0.1:{port}"),
+        ])
+        .unwrap();
         let r = c.run_all();
         assert!(r[0].ok, "{:?}", r[0]);
         assert!(!r[1].ok);

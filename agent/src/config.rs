@@ -44,7 +44,11 @@ pub struct RunArgs {
     #[arg(long = "drift-path", env = "PHOENIX_DRIFT_PATH", value_delimiter = ',')]
     pub drift_path: Vec<PathBuf>,
     /// Glob excluded from drift hashing (repeatable), on top of the defaults.
-    #[arg(long = "drift-exclude", env = "PHOENIX_DRIFT_EXCLUDE", value_delimiter = ',')]
+    #[arg(
+        long = "drift-exclude",
+        env = "PHOENIX_DRIFT_EXCLUDE",
+        value_delimiter = ','
+    )]
     pub drift_exclude: Vec<String>,
     /// Baseline manifest [default: <state-dir>/baseline.json, else /usr/share/phoenix-agent/baseline.json].
     #[arg(long, env = "PHOENIX_BASELINE")]
@@ -83,7 +87,11 @@ pub struct RunArgs {
     #[arg(long, env = "PHOENIX_JOURNAL")]
     pub journal: bool,
     /// Only journal entries of this systemd unit (repeatable; journalctl globs allowed), e.g. nginx.service.
-    #[arg(long = "journal-unit", env = "PHOENIX_JOURNAL_UNIT", value_delimiter = ',')]
+    #[arg(
+        long = "journal-unit",
+        env = "PHOENIX_JOURNAL_UNIT",
+        value_delimiter = ','
+    )]
     pub journal_unit: Vec<String>,
     /// Only journal entries this important or more: emerg, alert, crit, err, warning, notice, info, debug or 0-7.
     #[arg(long, env = "PHOENIX_JOURNAL_PRIORITY")]
@@ -92,7 +100,11 @@ pub struct RunArgs {
     #[arg(long, env = "PHOENIX_JOURNAL_DIR")]
     pub journal_dir: Option<PathBuf>,
     /// Read this journal file instead of the local journal (repeatable; turns the journal on).
-    #[arg(long = "journal-file", env = "PHOENIX_JOURNAL_FILE", value_delimiter = ',')]
+    #[arg(
+        long = "journal-file",
+        env = "PHOENIX_JOURNAL_FILE",
+        value_delimiter = ','
+    )]
     pub journal_file: Vec<PathBuf>,
     /// On the very first start on a box, read the journal from its `end` or from the start of the current `boot` [default: end].
     #[arg(long, env = "PHOENIX_JOURNAL_INITIAL")]
@@ -134,8 +146,10 @@ impl RunArgs {
     pub fn resolve(self) -> anyhow::Result<RunConfig> {
         let file: RunArgs = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", p.display()))?
             }
             None => RunArgs::default(),
         };
@@ -144,13 +158,22 @@ impl RunArgs {
         let Some(collector) = pick(self.collector, file.collector) else {
             bail!("no collector: give --collector URL (or PHOENIX_COLLECTOR, or collector = \"...\" in the config file)")
         };
-        let token = match (pick(self.token, file.token), self.token_file.or(file.token_file)) {
+        let token = match (
+            pick(self.token, file.token),
+            self.token_file.or(file.token_file),
+        ) {
             (Some(t), _) => Some(t),
-            (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading token file {}", f.display()))?.trim().to_owned()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading token file {}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
             (None, None) => None,
         };
         let dur = |v: Option<String>, default: &str, what: &str| -> anyhow::Result<Duration> {
-            phoenix_wire::parse_duration(v.as_deref().unwrap_or(default)).map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+            phoenix_wire::parse_duration(v.as_deref().unwrap_or(default))
+                .map_err(|e| anyhow::anyhow!("--{what}: {e}"))
         };
         let interval = dur(pick(self.interval, file.interval), "10s", "interval")?;
         if interval < Duration::from_millis(100) {
@@ -163,32 +186,58 @@ impl RunArgs {
             o => bail!("--log-initial {o:?}: use end or start"),
         };
         let journal_dir = self.journal_dir.or(file.journal_dir);
-        let journal_files = if self.journal_file.is_empty() { file.journal_file } else { self.journal_file };
+        let journal_files = if self.journal_file.is_empty() {
+            file.journal_file
+        } else {
+            self.journal_file
+        };
         if journal_dir.is_some() && !journal_files.is_empty() {
             return Err(crate::journal::JournalError::DirAndFiles.into());
         }
-        let journal = self.journal || file.journal || journal_dir.is_some() || !journal_files.is_empty();
+        let journal =
+            self.journal || file.journal || journal_dir.is_some() || !journal_files.is_empty();
         let journal_units = list(self.journal_unit, file.journal_unit);
         for u in &journal_units {
             crate::journal::check_unit(u)?;
         }
-        let journal_priority = pick(self.journal_priority, file.journal_priority).map(|p| crate::journal::parse_priority(&p)).transpose()?;
+        let journal_priority = pick(self.journal_priority, file.journal_priority)
+            .map(|p| crate::journal::parse_priority(&p))
+            .transpose()?;
         if !journal && (!journal_units.is_empty() || journal_priority.is_some()) {
             bail!("--journal-unit and --journal-priority filter the journal: add --journal (or --journal-dir / --journal-file)");
         }
-        let journal_from_boot = crate::journal::parse_initial(pick(self.journal_initial, file.journal_initial).as_deref().unwrap_or("end"))?;
+        let journal_from_boot = crate::journal::parse_initial(
+            pick(self.journal_initial, file.journal_initial)
+                .as_deref()
+                .unwrap_or("end"),
+        )?;
         Ok(RunConfig {
             collector,
             token,
             interval,
-            state_dir: self.state_dir.or(file.state_dir).unwrap_or_else(|| "/var/lib/phoenix-agent".into()),
-            spool_max: parse_size(pick(self.spool_max, file.spool_max).as_deref().unwrap_or("64MiB"))?,
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/phoenix-agent".into()),
+            spool_max: parse_size(
+                pick(self.spool_max, file.spool_max)
+                    .as_deref()
+                    .unwrap_or("64MiB"),
+            )?,
             logs: list(self.log, file.log),
             log_from_start,
-            drift_paths: if self.drift_path.is_empty() { file.drift_path } else { self.drift_path },
+            drift_paths: if self.drift_path.is_empty() {
+                file.drift_path
+            } else {
+                self.drift_path
+            },
             drift_excludes: list(self.drift_exclude, file.drift_exclude),
             baseline: self.baseline.or(file.baseline),
-            drift_rescan: dur(pick(self.drift_rescan, file.drift_rescan), "1h", "drift-rescan")?,
+            drift_rescan: dur(
+                pick(self.drift_rescan, file.drift_rescan),
+                "1h",
+                "drift-rescan",
+            )?,
             instance_id: pick(self.instance_id, file.instance_id),
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),
@@ -222,15 +271,28 @@ mod tests {
     fn flag_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("agent.toml");
-        std::fs::write(&f, "collector = \"http://file:1\"\ninterval = \"30s\"\nlog = [\"/var/log/a.log\"]\n").unwrap();
-        let args = RunArgs { config: Some(f.clone()), interval: Some("2s".into()), ..Default::default() };
+        std::fs::write(
+            &f,
+            "collector = \"http://file:1\"\ninterval = \"30s\"\nlog = [\"/var/log/a.log\"]\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(f.clone()),
+            interval: Some("2s".into()),
+            ..Default::default()
+        };
         let c = args.resolve().unwrap();
         assert_eq!(c.collector, "http://file:1");
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.logs, vec!["/var/log/a.log".to_string()]);
         assert_eq!(c.spool_max, 64 << 20);
         std::fs::write(&f, "colector = \"typo\"\n").unwrap();
-        let e = RunArgs { config: Some(f), ..Default::default() }.resolve().unwrap_err();
+        let e = RunArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(format!("{e:#}").contains("colector"), "{e:#}");
     }
 

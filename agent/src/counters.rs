@@ -15,7 +15,18 @@ macro_rules! counters {
 #[allow(non_upper_case_globals)]
 mod names {
     use super::*;
-    counters!(lines_read, lines_queued, bytes_read, files_rotated, files_truncated, drift_scans, drift_events, drift_overflows, journal_entries, journal_cursor_resets);
+    counters!(
+        lines_read,
+        lines_queued,
+        bytes_read,
+        files_rotated,
+        files_truncated,
+        drift_scans,
+        drift_events,
+        drift_overflows,
+        journal_entries,
+        journal_cursor_resets
+    );
 }
 
 pub use names::*;

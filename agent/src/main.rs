@@ -24,12 +24,18 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = match &cli.cmd {
-        Cmd::Run(a) => a.log_format.as_deref() == Some("json") || std::env::var("PHOENIX_LOG_FORMAT").is_ok_and(|v| v == "json"),
+        Cmd::Run(a) => {
+            a.log_format.as_deref() == Some("json")
+                || std::env::var("PHOENIX_LOG_FORMAT").is_ok_and(|v| v == "json")
+        }
         _ => false,
     };
     init_tracing(json);
     let result = match cli.cmd {
-        Cmd::Run(args) => args.resolve().and_then(|cfg| phoenix_agent::run(cfg, spawn_signal_thread)).map(|_| 0u8),
+        Cmd::Run(args) => args
+            .resolve()
+            .and_then(|cfg| phoenix_agent::run(cfg, spawn_signal_thread))
+            .map(|_| 0u8),
         Cmd::Bake(args) => phoenix_agent::drift::bake(args).map_err(Into::into),
         Cmd::Drift(args) => phoenix_agent::drift::drift(args).map_err(Into::into),
     };
@@ -43,8 +49,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL")
+        .unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {

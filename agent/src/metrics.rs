@@ -14,7 +14,19 @@ use crate::source::{Ctx, Source};
 use crate::spool::Kind;
 
 /// Filesystems that hold no data worth watching, beyond what /proc/filesystems marks `nodev`.
-const SKIP_FS: &[&str] = &["tmpfs", "devtmpfs", "devfs", "iso9660", "overlay", "aufs", "squashfs", "ramfs", "nsfs", "fuse.lxcfs", "tracefs"];
+const SKIP_FS: &[&str] = &[
+    "tmpfs",
+    "devtmpfs",
+    "devfs",
+    "iso9660",
+    "overlay",
+    "aufs",
+    "squashfs",
+    "ramfs",
+    "nsfs",
+    "fuse.lxcfs",
+    "tracefs",
+];
 
 pub struct MetricsSource {
     proc: PathBuf,
@@ -26,7 +38,12 @@ pub struct MetricsSource {
 
 impl MetricsSource {
     pub fn new(proc: impl Into<PathBuf>) -> MetricsSource {
-        MetricsSource { proc: proc.into(), prev_cpu: HashMap::new(), extras: Vec::new(), checks: None }
+        MetricsSource {
+            proc: proc.into(),
+            prev_cpu: HashMap::new(),
+            extras: Vec::new(),
+            checks: None,
+        }
     }
 
     /// One sample of every measurement, stamped `ts`.
@@ -42,7 +59,9 @@ impl MetricsSource {
     }
 
     fn cpu(&mut self, ts: i64, out: &mut Vec<Point>) {
-        let Ok(stat) = std::fs::read_to_string(self.proc.join("stat")) else { return };
+        let Ok(stat) = std::fs::read_to_string(self.proc.join("stat")) else {
+            return;
+        };
         for line in stat.lines().take_while(|l| l.starts_with("cpu")) {
             let mut it = line.split_ascii_whitespace();
             let name = it.next().unwrap_or_default();
@@ -51,7 +70,11 @@ impl MetricsSource {
                 continue;
             }
             let cur = CpuTimes::from(&v);
-            let tag = if name == "cpu" { "cpu-total".to_string() } else { name.to_string() };
+            let tag = if name == "cpu" {
+                "cpu-total".to_string()
+            } else {
+                name.to_string()
+            };
             if let Some(prev) = self.prev_cpu.insert(tag.clone(), cur) {
                 if let Some(fields) = cur.usage_since(&prev) {
                     out.push(point("cpu", [("cpu", tag)], fields, ts));
@@ -79,12 +102,30 @@ struct CpuTimes {
 impl CpuTimes {
     fn from(v: &[u64]) -> CpuTimes {
         let g = |i: usize| v.get(i).copied().unwrap_or(0);
-        CpuTimes { user: g(0), nice: g(1), system: g(2), idle: g(3), iowait: g(4), irq: g(5), softirq: g(6), steal: g(7), guest: g(8), guest_nice: g(9) }
+        CpuTimes {
+            user: g(0),
+            nice: g(1),
+            system: g(2),
+            idle: g(3),
+            iowait: g(4),
+            irq: g(5),
+            softirq: g(6),
+            steal: g(7),
+            guest: g(8),
+            guest_nice: g(9),
+        }
     }
 
     // user and nice already include guest time, so it is not added again to the total.
     fn total(&self) -> u64 {
-        self.user + self.nice + self.system + self.idle + self.iowait + self.irq + self.softirq + self.steal
+        self.user
+            + self.nice
+            + self.system
+            + self.idle
+            + self.iowait
+            + self.irq
+            + self.softirq
+            + self.steal
     }
 
     fn usage_since(&self, p: &CpuTimes) -> Option<BTreeMap<String, Value>> {
@@ -107,13 +148,30 @@ impl CpuTimes {
             ("usage_softirq".into(), pct(self.softirq, p.softirq)),
             ("usage_steal".into(), pct(self.steal, p.steal)),
             ("usage_guest".into(), pct(self.guest, p.guest)),
-            ("usage_guest_nice".into(), pct(self.guest_nice, p.guest_nice)),
+            (
+                "usage_guest_nice".into(),
+                pct(self.guest_nice, p.guest_nice),
+            ),
         ]))
     }
 }
 
-fn point<const N: usize>(m: &str, tags: [(&str, String); N], fields: BTreeMap<String, Value>, ts: i64) -> Point {
-    Point { m: m.into(), tags: tags.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.to_string(), v)).collect(), fields, ts }
+fn point<const N: usize>(
+    m: &str,
+    tags: [(&str, String); N],
+    fields: BTreeMap<String, Value>,
+    ts: i64,
+) -> Point {
+    Point {
+        m: m.into(),
+        tags: tags
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        fields,
+        ts,
+    }
 }
 
 fn int(v: u64) -> Value {
@@ -122,12 +180,17 @@ fn int(v: u64) -> Value {
 
 /// /proc/meminfo, in bytes, with Telegraf's derived figures.
 fn mem(proc: &Path, ts: i64, out: &mut Vec<Point>) {
-    let Ok(text) = std::fs::read_to_string(proc.join("meminfo")) else { return };
+    let Ok(text) = std::fs::read_to_string(proc.join("meminfo")) else {
+        return;
+    };
     let mut kv = HashMap::new();
     for line in text.lines() {
         let mut it = line.split_ascii_whitespace();
         if let (Some(k), Some(v)) = (it.next(), it.next()) {
-            kv.insert(k.trim_end_matches(':'), v.parse::<u64>().unwrap_or(0) * 1024);
+            kv.insert(
+                k.trim_end_matches(':'),
+                v.parse::<u64>().unwrap_or(0) * 1024,
+            );
         }
     }
     let g = |k: &str| kv.get(k).copied().unwrap_or(0);
@@ -138,7 +201,10 @@ fn mem(proc: &Path, ts: i64, out: &mut Vec<Point>) {
     let free = g("MemFree");
     let buffered = g("Buffers");
     let cached = g("Cached") + g("SReclaimable");
-    let available = kv.get("MemAvailable").copied().unwrap_or(free + buffered + cached);
+    let available = kv
+        .get("MemAvailable")
+        .copied()
+        .unwrap_or(free + buffered + cached);
     let used = total.saturating_sub(free + buffered + cached);
     let fields = BTreeMap::from([
         ("total".into(), int(total)),
@@ -153,22 +219,35 @@ fn mem(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         ("dirty".into(), int(g("Dirty"))),
         ("swap_total".into(), int(g("SwapTotal"))),
         ("swap_free".into(), int(g("SwapFree"))),
-        ("used_percent".into(), Value::Float(100.0 * used as f64 / total as f64)),
-        ("available_percent".into(), Value::Float(100.0 * available as f64 / total as f64)),
+        (
+            "used_percent".into(),
+            Value::Float(100.0 * used as f64 / total as f64),
+        ),
+        (
+            "available_percent".into(),
+            Value::Float(100.0 * available as f64 / total as f64),
+        ),
     ]);
     out.push(point("mem", [], fields, ts));
 }
 
 /// /proc/net/dev, cumulative counters per interface; loopback is left out as Telegraf does.
 fn net(proc: &Path, ts: i64, out: &mut Vec<Point>) {
-    let Ok(text) = std::fs::read_to_string(proc.join("net/dev")) else { return };
+    let Ok(text) = std::fs::read_to_string(proc.join("net/dev")) else {
+        return;
+    };
     for line in text.lines().skip(2) {
-        let Some((name, rest)) = line.split_once(':') else { continue };
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
         let name = name.trim();
         if name == "lo" {
             continue;
         }
-        let v: Vec<u64> = rest.split_ascii_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let v: Vec<u64> = rest
+            .split_ascii_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
         if v.len() < 16 {
             continue;
         }
@@ -201,7 +280,10 @@ fn unescape_mount(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;
@@ -214,7 +296,9 @@ fn unescape_mount(s: &str) -> String {
 }
 
 fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
-    let Ok(text) = std::fs::read_to_string(proc.join("self/mounts")) else { return };
+    let Ok(text) = std::fs::read_to_string(proc.join("self/mounts")) else {
+        return;
+    };
     let nodev = nodev_types(proc);
     let mut seen = HashSet::new();
     for line in text.lines() {
@@ -227,7 +311,11 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             continue;
         }
         let Some(st) = statvfs(&path) else { continue };
-        let frsize = if st.f_frsize > 0 { st.f_frsize } else { st.f_bsize } as u64;
+        let frsize = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        } as u64;
         let total = st.f_blocks as u64 * frsize;
         if total == 0 {
             continue;
@@ -236,7 +324,11 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         let avail = st.f_bavail as u64 * frsize;
         let used = total - free;
         // Telegraf's definition: what non-root users see as full.
-        let used_percent = if used + avail > 0 { 100.0 * used as f64 / (used + avail) as f64 } else { 0.0 };
+        let used_percent = if used + avail > 0 {
+            100.0 * used as f64 / (used + avail) as f64
+        } else {
+            0.0
+        };
         let (itotal, ifree) = (st.f_files as u64, st.f_ffree as u64);
         let fields = BTreeMap::from([
             ("total".into(), int(total)),
@@ -248,8 +340,22 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             ("inodes_used".into(), int(itotal.saturating_sub(ifree))),
         ]);
         let device = dev.rsplit('/').next().unwrap_or(dev).to_string();
-        let mode = if opts.split(',').any(|o| o == "ro") { "ro" } else { "rw" };
-        out.push(point("disk", [("path", path), ("device", device), ("fstype", fstype.to_string()), ("mode", mode.to_string())], fields, ts));
+        let mode = if opts.split(',').any(|o| o == "ro") {
+            "ro"
+        } else {
+            "rw"
+        };
+        out.push(point(
+            "disk",
+            [
+                ("path", path),
+                ("device", device),
+                ("fstype", fstype.to_string()),
+                ("mode", mode.to_string()),
+            ],
+            fields,
+            ts,
+        ));
     }
 }
 
@@ -262,7 +368,9 @@ fn statvfs(path: &str) -> Option<libc::statvfs> {
 
 /// /proc/diskstats; sectors are 512 bytes whatever the device's block size.
 fn diskio(proc: &Path, ts: i64, out: &mut Vec<Point>) {
-    let Ok(text) = std::fs::read_to_string(proc.join("diskstats")) else { return };
+    let Ok(text) = std::fs::read_to_string(proc.join("diskstats")) else {
+        return;
+    };
     for line in text.lines() {
         let f: Vec<&str> = line.split_ascii_whitespace().collect();
         if f.len() < 14 {
@@ -292,13 +400,25 @@ fn diskio(proc: &Path, ts: i64, out: &mut Vec<Point>) {
 
 fn system(proc: &Path, ts: i64, out: &mut Vec<Point>) {
     let load = std::fs::read_to_string(proc.join("loadavg")).unwrap_or_default();
-    let l: Vec<f64> = load.split_ascii_whitespace().take(3).map(|x| x.parse().unwrap_or(0.0)).collect();
+    let l: Vec<f64> = load
+        .split_ascii_whitespace()
+        .take(3)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
     if l.len() < 3 {
         return;
     }
     let uptime = std::fs::read_to_string(proc.join("uptime")).unwrap_or_default();
-    let uptime = uptime.split_ascii_whitespace().next().and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) as u64;
-    let n_cpus = std::fs::read_to_string(proc.join("stat")).unwrap_or_default().lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count();
+    let uptime = uptime
+        .split_ascii_whitespace()
+        .next()
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    let n_cpus = std::fs::read_to_string(proc.join("stat"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
     let fields = BTreeMap::from([
         ("load1".into(), Value::Float(l[0])),
         ("load5".into(), Value::Float(l[1])),
@@ -310,28 +430,55 @@ fn system(proc: &Path, ts: i64, out: &mut Vec<Point>) {
 }
 
 pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// The agent's own figures, `phoenix_agent`: spool, drops, memory and CPU.
 pub fn self_point(ctx: &Ctx, ts: i64) -> Point {
     let s = &ctx.spool.stats;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_ascii_whitespace().next()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+    let kb = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_ascii_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
     let mut cpu_ns = 0u64;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for t in tasks.flatten() {
             let ss = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            cpu_ns += ss.split_ascii_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            cpu_ns += ss
+                .split_ascii_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     let mut fields = BTreeMap::from([
         ("spool_bytes".into(), int(ctx.spool.bytes())),
         ("spool_batches".into(), int(ctx.spool.len() as u64)),
-        ("dropped_points".into(), int(s.dropped_points.load(Ordering::Relaxed))),
-        ("dropped_batches".into(), int(s.dropped_batches.load(Ordering::Relaxed))),
-        ("rejected_batches".into(), int(s.rejected_batches.load(Ordering::Relaxed))),
-        ("acked_batches".into(), int(s.acked_batches.load(Ordering::Relaxed))),
+        (
+            "dropped_points".into(),
+            int(s.dropped_points.load(Ordering::Relaxed)),
+        ),
+        (
+            "dropped_batches".into(),
+            int(s.dropped_batches.load(Ordering::Relaxed)),
+        ),
+        (
+            "rejected_batches".into(),
+            int(s.rejected_batches.load(Ordering::Relaxed)),
+        ),
+        (
+            "acked_batches".into(),
+            int(s.acked_batches.load(Ordering::Relaxed)),
+        ),
         ("log_waits".into(), int(s.log_waits.load(Ordering::Relaxed))),
         ("rss".into(), int(kb("VmRSS:"))),
         ("rss_peak".into(), int(kb("VmHWM:"))),
@@ -340,7 +487,12 @@ pub fn self_point(ctx: &Ctx, ts: i64) -> Point {
     for (k, v) in crate::counters::snapshot() {
         fields.insert(k.to_string(), int(v));
     }
-    Point { m: "phoenix_agent".into(), tags: BTreeMap::from([("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]), fields, ts }
+    Point {
+        m: "phoenix_agent".into(),
+        tags: BTreeMap::from([("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
+        fields,
+        ts,
+    }
 }
 
 impl Source for MetricsSource {
@@ -374,7 +526,9 @@ impl Source for MetricsSource {
                 Err(crate::spool::SpoolError::Stopping) => return Ok(()),
                 Err(e) => tracing::error!(error = %e, "could not queue metrics"),
             }
-            let wait = jitter.spread(ctx.interval).saturating_sub(started.elapsed());
+            let wait = jitter
+                .spread(ctx.interval)
+                .saturating_sub(started.elapsed());
             if ctx.sleep(wait) {
                 return Ok(());
             }
@@ -389,23 +543,43 @@ mod tests {
     #[test]
     fn reads_this_machine() {
         let mut m = MetricsSource::new("/proc");
-        assert!(m.sample(1).iter().all(|p| p.m != "cpu"), "no CPU usage before a second sample");
+        assert!(
+            m.sample(1).iter().all(|p| p.m != "cpu"),
+            "no CPU usage before a second sample"
+        );
         std::thread::sleep(Duration::from_millis(50));
         let pts = m.sample(2);
         let names: HashSet<&str> = pts.iter().map(|p| p.m.as_str()).collect();
         for want in ["cpu", "mem", "disk", "diskio", "system"] {
             assert!(names.contains(want), "missing {want}: {names:?}");
         }
-        let total = pts.iter().find(|p| p.m == "cpu" && p.tags["cpu"] == "cpu-total").unwrap();
-        let sum: f64 = ["usage_user", "usage_nice", "usage_system", "usage_idle", "usage_iowait", "usage_irq", "usage_softirq", "usage_steal"]
+        let total = pts
             .iter()
-            .map(|k| match total.fields[*k] {
-                Value::Float(f) => f,
-                _ => panic!(),
-            })
-            .sum();
-        assert!((sum - 100.0).abs() < 0.01 || sum == 0.0, "states add up to 100%: {sum}");
-        assert!(pts.iter().all(|p| p.m != "disk" || p.tags["fstype"] != "tmpfs"));
+            .find(|p| p.m == "cpu" && p.tags["cpu"] == "cpu-total")
+            .unwrap();
+        let sum: f64 = [
+            "usage_user",
+            "usage_nice",
+            "usage_system",
+            "usage_idle",
+            "usage_iowait",
+            "usage_irq",
+            "usage_softirq",
+            "usage_steal",
+        ]
+        .iter()
+        .map(|k| match total.fields[*k] {
+            Value::Float(f) => f,
+            _ => panic!(),
+        })
+        .sum();
+        assert!(
+            (sum - 100.0).abs() < 0.01 || sum == 0.0,
+            "states add up to 100%: {sum}"
+        );
+        assert!(pts
+            .iter()
+            .all(|p| p.m != "disk" || p.tags["fstype"] != "tmpfs"));
     }
 
     #[test]

@@ -86,7 +86,10 @@ pub struct Spool {
 }
 
 fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 impl Spool {
@@ -106,7 +109,12 @@ impl Spool {
                 let _ = fs::remove_file(ent.path());
                 continue;
             }
-            let Some(seq) = name.strip_suffix(".batch").and_then(|s| s.parse::<u64>().ok()) else { continue };
+            let Some(seq) = name
+                .strip_suffix(".batch")
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
             match read_entry(&ent.path()) {
                 Ok((mut meta, body)) => {
                     meta.bytes = body.len() as u64;
@@ -127,7 +135,12 @@ impl Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             next_seq: AtomicU64::new(next),
-            inner: Mutex::new(Inner { index, pending: Default::default(), bytes, stopping: false }),
+            inner: Mutex::new(Inner {
+                index,
+                pending: Default::default(),
+                bytes,
+                stopping: false,
+            }),
             changed: Condvar::new(),
             stats: Stats::default(),
         })
@@ -157,7 +170,13 @@ impl Spool {
     /// Queue a report. Sets its sequence number, writes it durably, wakes the sender.
     /// Log entries wait (up to `wait`) while the spool is full; metric entries evict the oldest
     /// metric entries. Returns the seq, or None when a log entry timed out waiting for room.
-    pub fn push(&self, kind: Kind, report: Report, checkpoint: Option<(String, serde_json::Value)>, wait: Duration) -> Result<Option<u64>, SpoolError> {
+    pub fn push(
+        &self,
+        kind: Kind,
+        report: Report,
+        checkpoint: Option<(String, serde_json::Value)>,
+        wait: Duration,
+    ) -> Result<Option<u64>, SpoolError> {
         let seq = {
             let mut g = self.inner.lock().unwrap();
             let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
@@ -175,11 +194,23 @@ impl Spool {
         res
     }
 
-    fn push_as(&self, seq: u64, kind: Kind, mut report: Report, checkpoint: Option<(String, serde_json::Value)>, wait: Duration) -> Result<Option<u64>, SpoolError> {
+    fn push_as(
+        &self,
+        seq: u64,
+        kind: Kind,
+        mut report: Report,
+        checkpoint: Option<(String, serde_json::Value)>,
+        wait: Duration,
+    ) -> Result<Option<u64>, SpoolError> {
         let points = (report.metrics.len() + report.logs.len()) as u64;
         report.seq = seq;
         let body = phoenix_wire::encode(&report);
-        let meta = Meta { kind, points, checkpoint, bytes: body.len() as u64 };
+        let meta = Meta {
+            kind,
+            points,
+            checkpoint,
+            bytes: body.len() as u64,
+        };
         let need = meta.bytes;
         let deadline = std::time::Instant::now() + wait;
         let mut g = self.inner.lock().unwrap();
@@ -191,18 +222,26 @@ impl Spool {
                 break;
             }
             // Make room from the oldest metrics first: they are superseded by newer samples.
-            let victim = g.index.iter().find(|(_, m)| m.kind == Kind::Metrics).map(|(s, _)| *s);
+            let victim = g
+                .index
+                .iter()
+                .find(|(_, m)| m.kind == Kind::Metrics)
+                .map(|(s, _)| *s);
             if let Some(v) = victim {
                 let m = g.index.remove(&v).unwrap();
                 g.bytes -= m.bytes;
                 let _ = fs::remove_file(self.path(v));
-                self.stats.dropped_points.fetch_add(m.points, Ordering::Relaxed);
+                self.stats
+                    .dropped_points
+                    .fetch_add(m.points, Ordering::Relaxed);
                 self.stats.dropped_batches.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if kind == Kind::Metrics {
                 // Only log and drift entries left: this sample is the one to drop.
-                self.stats.dropped_points.fetch_add(points, Ordering::Relaxed);
+                self.stats
+                    .dropped_points
+                    .fetch_add(points, Ordering::Relaxed);
                 self.stats.dropped_batches.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -217,13 +256,19 @@ impl Spool {
             g = self.changed.wait_timeout(g, deadline - now).unwrap().0;
         }
         drop(g);
-        self.write(seq, &meta, &body).map_err(|e| SpoolError::Io(self.dir.clone(), e))?;
+        self.write(seq, &meta, &body)
+            .map_err(|e| SpoolError::Io(self.dir.clone(), e))?;
         let mut g = self.inner.lock().unwrap();
         if kind == Kind::Drift {
             // A drift state supersedes every older one (each carries the whole entry list), so
             // a long outage with many changes keeps one, not one per change. Removing an
             // entry the sender holds is harmless: its ack then finds nothing to remove.
-            let stale: Vec<u64> = g.index.iter().filter(|(s, m)| m.kind == Kind::Drift && **s < seq).map(|(s, _)| *s).collect();
+            let stale: Vec<u64> = g
+                .index
+                .iter()
+                .filter(|(s, m)| m.kind == Kind::Drift && **s < seq)
+                .map(|(s, _)| *s)
+                .collect();
             for s in stale {
                 let m = g.index.remove(&s).expect("listed above");
                 g.bytes -= m.bytes;
@@ -286,7 +331,10 @@ impl Spool {
     /// The collector took `seq`: promote its checkpoint, then forget it.
     pub fn ack(&self, entry: &Entry, state_dir: &Path) -> io::Result<()> {
         if let Some((source, ckpt)) = &entry.meta.checkpoint {
-            write_atomic(&state_dir.join(format!("{source}.acked.json")), &serde_json::to_vec(ckpt).unwrap_or_default())?;
+            write_atomic(
+                &state_dir.join(format!("{source}.acked.json")),
+                &serde_json::to_vec(ckpt).unwrap_or_default(),
+            )?;
         }
         self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
         self.remove(entry.seq);
@@ -298,13 +346,19 @@ impl Spool {
     pub fn reject(&self, entry: &Entry, state_dir: &Path, reason: &str) {
         let dir = state_dir.join("rejected");
         let _ = fs::create_dir_all(&dir);
-        let _ = fs::rename(self.path(entry.seq), dir.join(format!("{:020}.batch", entry.seq)));
+        let _ = fs::rename(
+            self.path(entry.seq),
+            dir.join(format!("{:020}.batch", entry.seq)),
+        );
         let _ = fs::write(dir.join(format!("{:020}.reason", entry.seq)), reason);
         self.stats.rejected_batches.fetch_add(1, Ordering::Relaxed);
         tracing::error!(seq = entry.seq, reason, dir = %dir.display(), "collector refused a batch for good; kept it in the rejected dir");
         // The checkpoint still moves on: those lines are accounted for in the rejected dir.
         if let Some((source, ckpt)) = &entry.meta.checkpoint {
-            let _ = write_atomic(&state_dir.join(format!("{source}.acked.json")), &serde_json::to_vec(ckpt).unwrap_or_default());
+            let _ = write_atomic(
+                &state_dir.join(format!("{source}.acked.json")),
+                &serde_json::to_vec(ckpt).unwrap_or_default(),
+            );
         }
         self.remove(entry.seq);
     }
@@ -335,14 +389,21 @@ impl Spool {
         if g.stopping {
             return true;
         }
-        let g = self.changed.wait_timeout_while(g, d, |i| !i.stopping).unwrap().0;
+        let g = self
+            .changed
+            .wait_timeout_while(g, d, |i| !i.stopping)
+            .unwrap()
+            .0;
         g.stopping
     }
 }
 
 fn read_entry(path: &Path) -> io::Result<(Meta, Vec<u8>)> {
     let data = fs::read(path)?;
-    let nl = data.iter().position(|&b| b == b'\n').ok_or_else(|| io::Error::other("no header"))?;
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| io::Error::other("no header"))?;
     let mut meta: Meta = serde_json::from_slice(&data[..nl]).map_err(io::Error::other)?;
     let body = data[nl + 1..].to_vec();
     meta.bytes = body.len() as u64;
@@ -352,7 +413,10 @@ fn read_entry(path: &Path) -> io::Result<(Meta, Vec<u8>)> {
 /// Write a file so that a crash leaves either the old or the new contents, never a torn one.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
+    let tmp = dir.join(format!(
+        ".tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
     let mut f = fs::File::create(&tmp)?;
     f.write_all(data)?;
     f.sync_data()?;
@@ -373,14 +437,32 @@ mod tests {
     fn report(points: usize, logs: usize) -> Report {
         Report {
             v: VERSION,
-            agent: Identity { instance_id: "i-1".into(), image_id: "img".into(), ..Default::default() },
+            agent: Identity {
+                instance_id: "i-1".into(),
+                image_id: "img".into(),
+                ..Default::default()
+            },
             seq: 0,
             interval_ms: 1000,
             metrics: (0..points)
-                .map(|i| Point { m: "cpu".into(), tags: Default::default(), fields: [("v".to_string(), Value::Int(i as i64))].into(), ts: i as i64 })
+                .map(|i| Point {
+                    m: "cpu".into(),
+                    tags: Default::default(),
+                    fields: [("v".to_string(), Value::Int(i as i64))].into(),
+                    ts: i as i64,
+                })
                 .collect(),
             logs: (0..logs)
-                .map(|i| LogLine { src: "/x".into(), ts: i as i64, offset: 0, msg: format!("line {i} {}", "x".repeat(200)), escaped: false, part: None, tags: Default::default(), fields: Default::default() })
+                .map(|i| LogLine {
+                    src: "/x".into(),
+                    ts: i as i64,
+                    offset: 0,
+                    msg: format!("line {i} {}", "x".repeat(200)),
+                    escaped: false,
+                    part: None,
+                    tags: Default::default(),
+                    fields: Default::default(),
+                })
                 .collect(),
             drift: None,
             checks: vec![],
@@ -391,8 +473,19 @@ mod tests {
     fn survives_reopen_in_order_with_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        let a = s.push(Kind::Metrics, report(3, 0), None, Duration::ZERO).unwrap().unwrap();
-        let b = s.push(Kind::Logs, report(0, 2), Some(("logs".into(), serde_json::json!({"off": 42}))), Duration::ZERO).unwrap().unwrap();
+        let a = s
+            .push(Kind::Metrics, report(3, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let b = s
+            .push(
+                Kind::Logs,
+                report(0, 2),
+                Some(("logs".into(), serde_json::json!({"off": 42}))),
+                Duration::ZERO,
+            )
+            .unwrap()
+            .unwrap();
         assert!(b > a);
         drop(s);
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
@@ -407,11 +500,17 @@ mod tests {
         let e = s.oldest(Duration::ZERO).unwrap();
         s.ack(&e, dir.path()).unwrap();
         assert!(s.is_empty());
-        let acked: serde_json::Value = serde_json::from_slice(&fs::read(dir.path().join("logs.acked.json")).unwrap()).unwrap();
+        let acked: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join("logs.acked.json")).unwrap()).unwrap();
         assert_eq!(acked["off"], 42);
         // New sequence numbers stay above everything seen before, even after a restart.
         let s2 = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert!(s2.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap().unwrap() > b);
+        assert!(
+            s2.push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+                .unwrap()
+                .unwrap()
+                > b
+        );
     }
 
     #[test]
@@ -425,9 +524,15 @@ mod tests {
             g.pending.insert(q);
             q
         };
-        let late = s.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap().unwrap();
+        let late = s
+            .push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
         assert!(late > early);
-        assert!(s.oldest(Duration::from_millis(50)).is_none(), "must not send {late} before {early}");
+        assert!(
+            s.oldest(Duration::from_millis(50)).is_none(),
+            "must not send {late} before {early}"
+        );
         s.inner.lock().unwrap().pending.remove(&early);
         s.changed.notify_all();
         assert_eq!(s.oldest(Duration::from_millis(50)).unwrap().seq, late);
@@ -437,12 +542,31 @@ mod tests {
     fn a_new_drift_state_replaces_unsent_older_ones() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.push(Kind::Drift, report(0, 0), None, Duration::ZERO).unwrap();
-        s.push(Kind::Metrics, report(1, 0), None, Duration::ZERO).unwrap();
-        let last = s.push(Kind::Drift, report(0, 0), None, Duration::ZERO).unwrap().unwrap();
-        let kinds: Vec<(u64, Kind)> = s.inner.lock().unwrap().index.iter().map(|(q, m)| (*q, m.kind)).collect();
+        s.push(Kind::Drift, report(0, 0), None, Duration::ZERO)
+            .unwrap();
+        s.push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+            .unwrap();
+        let last = s
+            .push(Kind::Drift, report(0, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let kinds: Vec<(u64, Kind)> = s
+            .inner
+            .lock()
+            .unwrap()
+            .index
+            .iter()
+            .map(|(q, m)| (*q, m.kind))
+            .collect();
         assert_eq!(kinds.len(), 2);
-        assert_eq!(kinds.iter().filter(|(_, k)| *k == Kind::Drift).map(|(q, _)| *q).collect::<Vec<_>>(), vec![last]);
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|(_, k)| *k == Kind::Drift)
+                .map(|(q, _)| *q)
+                .collect::<Vec<_>>(),
+            vec![last]
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
@@ -452,24 +576,50 @@ mod tests {
         let s = Spool::open(dir.path(), 2000).unwrap();
         let mut pushed = 0;
         for _ in 0..50 {
-            if s.push(Kind::Metrics, report(20, 0), None, Duration::ZERO).unwrap().is_some() {
+            if s.push(Kind::Metrics, report(20, 0), None, Duration::ZERO)
+                .unwrap()
+                .is_some()
+            {
                 pushed += 1;
             }
         }
-        assert_eq!(pushed, 50, "metrics make room for themselves by evicting older metrics");
+        assert_eq!(
+            pushed, 50,
+            "metrics make room for themselves by evicting older metrics"
+        );
         assert!(s.bytes() <= 2000);
         assert!(s.stats.dropped_points.load(Ordering::Relaxed) > 0);
         // Fill with logs until a log push has to wait: logs are never evicted.
         let mut waited = false;
         for _ in 0..100 {
-            if s.push(Kind::Logs, report(0, 5), None, Duration::from_millis(10)).unwrap().is_none() {
+            if s.push(Kind::Logs, report(0, 5), None, Duration::from_millis(10))
+                .unwrap()
+                .is_none()
+            {
                 waited = true;
                 break;
             }
         }
         assert!(waited, "a log push must wait when only logs fill the spool");
-        let logs = s.inner.lock().unwrap().index.values().filter(|m| m.kind == Kind::Logs).count();
+        let logs = s
+            .inner
+            .lock()
+            .unwrap()
+            .index
+            .values()
+            .filter(|m| m.kind == Kind::Logs)
+            .count();
         assert!(logs > 0);
-        assert_eq!(s.inner.lock().unwrap().index.values().filter(|m| m.kind == Kind::Metrics).count(), 0, "metrics were evicted for logs");
+        assert_eq!(
+            s.inner
+                .lock()
+                .unwrap()
+                .index
+                .values()
+                .filter(|m| m.kind == Kind::Metrics)
+                .count(),
+            0,
+            "metrics were evicted for logs"
+        );
     }
 }

@@ -44,9 +44,15 @@ pub struct TlsOptions {
 pub fn check_url(url: &str, insecure_http: bool) -> Result<(), TlsError> {
     let lower = url.to_ascii_lowercase();
     if let Some(rest) = lower.strip_prefix("https://") {
-        return if host_of(rest).is_empty() { Err(TlsError::BadUrl(url.into())) } else { Ok(()) };
+        return if host_of(rest).is_empty() {
+            Err(TlsError::BadUrl(url.into()))
+        } else {
+            Ok(())
+        };
     }
-    let Some(rest) = lower.strip_prefix("http://") else { return Err(TlsError::BadUrl(url.into())) };
+    let Some(rest) = lower.strip_prefix("http://") else {
+        return Err(TlsError::BadUrl(url.into()));
+    };
     let host = host_of(rest);
     if host.is_empty() {
         return Err(TlsError::BadUrl(url.into()));
@@ -72,7 +78,8 @@ fn is_loopback(host: &str) -> bool {
     if host == "localhost" || host == "localhost." {
         return true;
     }
-    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
@@ -106,7 +113,9 @@ pub fn roots(opts: &TlsOptions) -> Result<RootCerts, TlsError> {
     if system.exists() {
         match load_certs(system) {
             Ok(c) => return Ok(RootCerts::new_with_certs(&c)),
-            Err(e) => tracing::warn!(error = %e, "cannot use the system CA bundle; falling back to the built-in Mozilla roots"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the system CA bundle; falling back to the built-in Mozilla roots")
+            }
         }
     }
     Ok(RootCerts::WebPki)
@@ -117,12 +126,16 @@ pub fn tls_config(opts: &TlsOptions) -> Result<TlsConfig, TlsError> {
         (None, None) => None,
         (Some(c), Some(k)) => {
             let chain = load_certs(c)?;
-            let key = PrivateKey::from_pem(&read(k)?).map_err(|e| TlsError::Pem(k.clone(), format!("no usable private key: {e}")))?;
+            let key = PrivateKey::from_pem(&read(k)?)
+                .map_err(|e| TlsError::Pem(k.clone(), format!("no usable private key: {e}")))?;
             Some(ClientCert::new_with_certs(&chain, key))
         }
         _ => return Err(TlsError::HalfClientCert),
     };
-    Ok(TlsConfig::builder().root_certs(roots(opts)?).client_cert(client).build())
+    Ok(TlsConfig::builder()
+        .root_certs(roots(opts)?)
+        .client_cert(client)
+        .build())
 }
 
 /// The HTTP client the sender uses: verified TLS, no redirects, bounded timeouts, and HTTP
@@ -147,16 +160,32 @@ mod tests {
 
     #[test]
     fn plain_http_only_to_loopback() {
-        for ok in ["http://127.0.0.1:7070", "http://127.1.2.3", "http://localhost:7070/", "http://[::1]:7070", "https://collector.internal:7070", "HTTPS://c.example"] {
+        for ok in [
+            "http://127.0.0.1:7070",
+            "http://127.1.2.3",
+            "http://localhost:7070/",
+            "http://[::1]:7070",
+            "https://collector.internal:7070",
+            "HTTPS://c.example",
+        ] {
             assert!(check_url(ok, false).is_ok(), "{ok}");
         }
-        for bad in ["http://10.0.0.5:7070", "http://collector.internal", "http://127.0.0.1@evil.example/", "http://localhost.evil.example:80", "http://[::2]:1"] {
+        for bad in [
+            "http://10.0.0.5:7070",
+            "http://collector.internal",
+            "http://127.0.0.1@evil.example/",
+            "http://localhost.evil.example:80",
+            "http://[::2]:1",
+        ] {
             let e = check_url(bad, false).unwrap_err();
             assert!(e.to_string().contains("--insecure-http"), "{bad}: {e}");
             assert!(check_url(bad, true).is_ok(), "{bad}");
         }
         for nonsense in ["collector:7070", "ftp://x", "http://", "https:///x"] {
-            assert!(matches!(check_url(nonsense, true), Err(TlsError::BadUrl(_))), "{nonsense}");
+            assert!(
+                matches!(check_url(nonsense, true), Err(TlsError::BadUrl(_))),
+                "{nonsense}"
+            );
         }
     }
 
@@ -165,11 +194,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ca.pem");
         std::fs::write(&f, "not a certificate\n").unwrap();
-        let e = roots(&TlsOptions { ca_file: Some(f.clone()), ..Default::default() }).unwrap_err();
+        let e = roots(&TlsOptions {
+            ca_file: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("ca.pem"), "{e}");
-        let e = roots(&TlsOptions { ca_file: Some(dir.path().join("missing.pem")), ..Default::default() }).unwrap_err();
+        let e = roots(&TlsOptions {
+            ca_file: Some(dir.path().join("missing.pem")),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("missing.pem"), "{e}");
-        let e = tls_config(&TlsOptions { client_cert: Some(f), ..Default::default() }).unwrap_err();
+        let e = tls_config(&TlsOptions {
+            client_cert: Some(f),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(matches!(e, TlsError::HalfClientCert));
     }
 
@@ -177,7 +218,10 @@ mod tests {
     fn system_bundle_is_used_when_present() {
         let r = roots(&TlsOptions::default()).unwrap();
         if Path::new(SYSTEM_BUNDLE).exists() {
-            assert!(matches!(r, RootCerts::Specific(ref c) if c.len() > 10), "{r:?}");
+            assert!(
+                matches!(r, RootCerts::Specific(ref c) if c.len() > 10),
+                "{r:?}"
+            );
         } else {
             assert!(matches!(r, RootCerts::WebPki));
         }

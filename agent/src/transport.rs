@@ -31,14 +31,32 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Sender {
     /// A sender with the default TLS settings (system CAs, no client certificate).
-    pub fn new(collector: &str, token: Option<String>, spool: Arc<Spool>, state_dir: PathBuf) -> Sender {
-        let http = crate::tls::http_agent(&Default::default()).expect("the default TLS settings read no file that could fail");
+    pub fn new(
+        collector: &str,
+        token: Option<String>,
+        spool: Arc<Spool>,
+        state_dir: PathBuf,
+    ) -> Sender {
+        let http = crate::tls::http_agent(&Default::default())
+            .expect("the default TLS settings read no file that could fail");
         Sender::with_http(http, collector, token, spool, state_dir)
     }
 
     /// A sender over `http` (see [`crate::tls::http_agent`]).
-    pub fn with_http(http: ureq::Agent, collector: &str, token: Option<String>, spool: Arc<Spool>, state_dir: PathBuf) -> Sender {
-        Sender { http, url: format!("{}/v1/reports", collector.trim_end_matches('/')), token, spool, state_dir }
+    pub fn with_http(
+        http: ureq::Agent,
+        collector: &str,
+        token: Option<String>,
+        spool: Arc<Spool>,
+        state_dir: PathBuf,
+    ) -> Sender {
+        Sender {
+            http,
+            url: format!("{}/v1/reports", collector.trim_end_matches('/')),
+            token,
+            spool,
+            state_dir,
+        }
     }
 
     /// Until the agent stops: send, ack, back off.
@@ -46,7 +64,9 @@ impl Sender {
         let mut backoff = Duration::from_millis(500);
         let mut rng = Jitter::new();
         while !self.spool.stopping() {
-            let Some(entry) = self.spool.oldest(Duration::from_secs(1)) else { continue };
+            let Some(entry) = self.spool.oldest(Duration::from_secs(1)) else {
+                continue;
+            };
             match self.send(&entry) {
                 Outcome::Acked => {
                     if let Err(e) = self.spool.ack(&entry, &self.state_dir) {
@@ -56,7 +76,9 @@ impl Sender {
                 }
                 Outcome::Refused(reason) => self.spool.reject(&entry, &self.state_dir, &reason),
                 Outcome::Retry(after, why) => {
-                    let wait = after.unwrap_or_else(|| rng.spread(backoff)).min(Duration::from_secs(300));
+                    let wait = after
+                        .unwrap_or_else(|| rng.spread(backoff))
+                        .min(Duration::from_secs(300));
                     tracing::warn!(seq = entry.seq, queued = self.spool.len(), wait_ms = wait.as_millis() as u64, reason = %why, "collector did not take the batch; will retry");
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     if self.spool.sleep(wait) {
@@ -68,7 +90,11 @@ impl Sender {
     }
 
     pub fn send(&self, entry: &Entry) -> Outcome {
-        let mut req = self.http.post(&self.url).header("Content-Type", "application/json").header("Content-Encoding", "gzip");
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", "gzip");
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
@@ -77,13 +103,25 @@ impl Sender {
             Err(e) => return Outcome::Retry(None, format!("cannot reach collector: {e}")),
         };
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let mut body = String::new();
-        let _ = resp.body_mut().as_reader().take(4096).read_to_string(&mut body);
+        let _ = resp
+            .body_mut()
+            .as_reader()
+            .take(4096)
+            .read_to_string(&mut body);
         match status {
             200..=299 => Outcome::Acked,
             400 | 413 | 422 => Outcome::Refused(format!("HTTP {status}: {}", body.trim())),
-            401 | 403 => Outcome::Retry(Some(Duration::from_secs(30)), format!("HTTP {status}: check the agent token ({})", body.trim())),
+            401 | 403 => Outcome::Retry(
+                Some(Duration::from_secs(30)),
+                format!("HTTP {status}: check the agent token ({})", body.trim()),
+            ),
             _ => Outcome::Retry(retry_after, format!("HTTP {status}: {}", body.trim())),
         }
     }
@@ -94,7 +132,11 @@ pub struct Jitter(u64);
 
 impl Jitter {
     pub fn new() -> Jitter {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) ^ (std::process::id() as u64) << 32;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (std::process::id() as u64) << 32;
         Jitter(seed | 1)
     }
 

@@ -67,14 +67,23 @@ fn assemble(pieces: &[LogLine], file: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     for p in pieces {
         let raw = logtext::decode(&p.msg, p.escaped);
         if p.offset != expect_offset {
-            return Err(format!("piece at offset {} but the previous ended at {expect_offset}", p.offset));
+            return Err(format!(
+                "piece at offset {} but the previous ended at {expect_offset}",
+                p.offset
+            ));
         }
         let at = p.offset as usize;
         if file.get(at..at + raw.len()) != Some(&raw[..]) {
-            return Err(format!("piece at offset {at} ({} bytes) is not the file's bytes there", raw.len()));
+            return Err(format!(
+                "piece at offset {at} ({} bytes) is not the file's bytes there",
+                raw.len()
+            ));
         }
         match p.part {
-            Some(n) if n > 1 => out.last_mut().ok_or("a continuation part came first")?.extend_from_slice(&raw),
+            Some(n) if n > 1 => out
+                .last_mut()
+                .ok_or("a continuation part came first")?
+                .extend_from_slice(&raw),
             _ => out.push(raw.clone()),
         }
         expect_offset = p.offset + raw.len() as u64;
@@ -88,10 +97,19 @@ fn assemble(pieces: &[LogLine], file: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 
 #[test]
 fn any_chunking_of_any_bytes_yields_exactly_the_lines() {
-    let seed = std::env::var("PHOENIX_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    let secs: f64 = std::env::var("PHOENIX_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let seed = std::env::var("PHOENIX_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let secs: f64 = std::env::var("PHOENIX_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -99,7 +117,12 @@ fn any_chunking_of_any_bytes_yields_exactly_the_lines() {
     std::fs::File::create(&path).unwrap();
     let spool = Arc::new(Spool::open(&state.join("spool"), 256 << 20).unwrap());
     let ctx = Ctx {
-        identity: Arc::new(Identity { instance_id: "i-fuzz".into(), image_id: "img".into(), hostname: "h".into(), ..Default::default() }),
+        identity: Arc::new(Identity {
+            instance_id: "i-fuzz".into(),
+            image_id: "img".into(),
+            hostname: "h".into(),
+            ..Default::default()
+        }),
         spool: spool.clone(),
         state_dir: state.clone(),
         interval: Duration::from_secs(10),
@@ -115,15 +138,25 @@ fn any_chunking_of_any_bytes_yields_exactly_the_lines() {
 
     let mut written: Vec<u8> = Vec::new();
     let mut lines: Vec<Vec<u8>> = Vec::new();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     let mut got: Vec<LogLine> = Vec::new();
     let drain = |got: &mut Vec<LogLine>| {
         while let Some(e) = spool.oldest(Duration::ZERO) {
-            got.extend(phoenix_wire::decode(&e.body, true, &Default::default()).unwrap().logs);
+            got.extend(
+                phoenix_wire::decode(&e.body, true, &Default::default())
+                    .unwrap()
+                    .logs,
+            );
             spool.ack(&e, &state).unwrap();
         }
     };
-    let (start, end) = (Instant::now(), Instant::now() + Duration::from_secs_f64(secs));
+    let (start, end) = (
+        Instant::now(),
+        Instant::now() + Duration::from_secs_f64(secs),
+    );
     let mut chunks = 0u64;
     let mut pending: Vec<u8> = Vec::new();
     while Instant::now() < end || !pending.is_empty() {
@@ -169,7 +202,12 @@ fn any_chunking_of_any_bytes_yields_exactly_the_lines() {
     let back = assemble(&got, &written).unwrap_or_else(|e| panic!("{e} (seed {seed})"));
     assert_eq!(back.len(), lines.len(), "line count (seed {seed})");
     for (i, (a, b)) in back.iter().zip(&lines).enumerate() {
-        assert!(a == b, "line {i} differs: {} vs {} bytes (seed {seed})", a.len(), b.len());
+        assert!(
+            a == b,
+            "line {i} differs: {} vs {} bytes (seed {seed})",
+            a.len(),
+            b.len()
+        );
     }
     println!(
         "line splitter: {} lines, {} bytes written in {chunks} chunks, {} pieces back, in {:.1}s, seed {seed}",

@@ -36,7 +36,13 @@ pub type Shared = Arc<AppState>;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/v1/reports", post(post_report).layer(axum::middleware::from_fn_with_state(state.obs.clone(), crate::selfmetrics::count_reports)))
+        .route(
+            "/v1/reports",
+            post(post_report).layer(axum::middleware::from_fn_with_state(
+                state.obs.clone(),
+                crate::selfmetrics::count_reports,
+            )),
+        )
         .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
@@ -55,23 +61,35 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 pub fn unavailable(retry_after: Duration, msg: &str) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, msg);
     let secs = retry_after.as_secs().max(1);
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     r
 }
 
 /// The caller, if its token belongs to one of `allowed`; else the 401/403 to answer with.
 pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, Response> {
-    let presented = bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    let presented = bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
     if presented.is_none() {
-        let mut r = error(StatusCode::UNAUTHORIZED, "missing bearer token: send Authorization: Bearer <token>");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token: send Authorization: Bearer <token>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return Err(r);
     }
     if let Some(c) = s.tokens.check(presented, allowed) {
         // Agent tokens are shared by a fleet: reports are limited per instance instead.
         if c.role != Role::Agent {
             if let Err(wait) = s.security.limiter.check(&format!("token/{}", c.token_name)) {
-                return Err(crate::security::too_many(wait, &format!("token {}", c.token_name)));
+                return Err(crate::security::too_many(
+                    wait,
+                    &format!("token {}", c.token_name),
+                ));
             }
         }
         return Ok(c);
@@ -79,10 +97,19 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
     // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
     if s.tokens.check(presented, &Role::ALL).is_some() {
         let roles: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
-        return Err(error(StatusCode::FORBIDDEN, format!("this token's role may not do this; needs a {} token", roles.join(" or "))));
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token's role may not do this; needs a {} token",
+                roles.join(" or ")
+            ),
+        ));
     }
     let mut r = error(StatusCode::UNAUTHORIZED, "invalid token");
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
     Err(r)
 }
 
@@ -90,7 +117,12 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
 pub async fn read_body(req: Request, max: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(req.into_body(), max)
         .await
-        .map_err(|_| error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {max} bytes (--max-body); send smaller batches")))
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {max} bytes (--max-body); send smaller batches"),
+            )
+        })
 }
 
 async fn post_report(State(s): State<Shared>, req: Request) -> Response {
@@ -103,14 +135,24 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let gz = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+    let gz = match headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    {
         None | Some("identity") => false,
         Some("gzip") => true,
-        Some(other) => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Encoding {other:?} not supported; use gzip")),
+        Some(other) => {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Encoding {other:?} not supported; use gzip"),
+            )
+        }
     };
     let limits = s.limits;
     let decoded = if body.len() > 64 << 10 {
-        tokio::task::spawn_blocking(move || phoenix_wire::decode(&body, gz, &limits)).await.expect("decode does not panic")
+        tokio::task::spawn_blocking(move || phoenix_wire::decode(&body, gz, &limits))
+            .await
+            .expect("decode does not panic")
     } else {
         phoenix_wire::decode(&body, gz, &limits)
     };
@@ -125,11 +167,22 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             return error(StatusCode::FORBIDDEN, why);
         }
     }
-    if let Err(wait) = s.security.limiter.check(&format!("instance/{}", report.agent.instance_id)) {
+    if let Err(wait) = s
+        .security
+        .limiter
+        .check(&format!("instance/{}", report.agent.instance_id))
+    {
         return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
     }
     if s.fleet.is_duplicate(&report.agent, report.seq) {
-        return crate::selfmetrics::duplicate(Json(Ack { accepted: report.seq, duplicate: true, rejected_points: 0 }).into_response());
+        return crate::selfmetrics::duplicate(
+            Json(Ack {
+                accepted: report.seq,
+                duplicate: true,
+                rejected_points: 0,
+            })
+            .into_response(),
+        );
     }
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
     crate::convert::report_lines(&report, &mut w);
@@ -140,26 +193,61 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     let mut rejected = 0;
     if w.lines > 0 {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if let Err((_, u)) = s.writer.submit(Job { body: w.buf, ends: w.ends, reply: tx }) {
-            return unavailable(u.retry_after, &format!("cannot store points now: {}; keep the batch and retry", u.reason));
+        if let Err((_, u)) = s.writer.submit(Job {
+            body: w.buf,
+            ends: w.ends,
+            reply: tx,
+        }) {
+            return unavailable(
+                u.retry_after,
+                &format!(
+                    "cannot store points now: {}; keep the batch and retry",
+                    u.reason
+                ),
+            );
         }
         match rx.await {
             Ok(Ok(written)) => rejected = written.rejected,
-            Ok(Err(u)) => return unavailable(u.retry_after, &format!("cannot store points now: {}; keep the batch and retry", u.reason)),
+            Ok(Err(u)) => {
+                return unavailable(
+                    u.retry_after,
+                    &format!(
+                        "cannot store points now: {}; keep the batch and retry",
+                        u.reason
+                    ),
+                )
+            }
             Err(_) => return unavailable(Duration::from_secs(5), "collector writer stopped"),
         }
     }
     s.fleet.record(&report, drift, now_ms());
     s.obs.logs.record(&report.agent.instance_id, &report.logs);
-    Json(Ack { accepted: report.seq, duplicate: false, rejected_points: rejected }).into_response()
+    Json(Ack {
+        accepted: report.seq,
+        duplicate: false,
+        rejected_points: rejected,
+    })
+    .into_response()
 }
 
 /// Judge a reported drift state against the registered baseline, the agent's, or the majority.
-fn judge_drift(s: &AppState, r: &phoenix_wire::Report, d: &phoenix_wire::DriftState) -> crate::fleet::DriftInfo {
+fn judge_drift(
+    s: &AppState,
+    r: &phoenix_wire::Report,
+    d: &phoenix_wire::DriftState,
+) -> crate::fleet::DriftInfo {
     let registered = s.baselines.get(&r.agent.image_id);
     let mut peers = s.fleet.peer_hashes(&r.agent.image_id);
     // This instance counts with its new hash, not its previous one.
-    if let Some(old) = s.fleet.instances.lock().unwrap().get(&r.agent.instance_id).and_then(|i| i.drift.as_ref()).map(|d| d.hash.clone()) {
+    if let Some(old) = s
+        .fleet
+        .instances
+        .lock()
+        .unwrap()
+        .get(&r.agent.instance_id)
+        .and_then(|i| i.drift.as_ref())
+        .map(|d| d.hash.clone())
+    {
         if let Some(pos) = peers.iter().position(|h| *h == old) {
             peers.remove(pos);
         }
@@ -179,7 +267,11 @@ fn judge_drift(s: &AppState, r: &phoenix_wire::Report, d: &phoenix_wire::DriftSt
     }
 }
 
-async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: Request) -> Response {
+async fn post_baseline(
+    State(s): State<Shared>,
+    Path(image): Path<String>,
+    req: Request,
+) -> Response {
     let headers = req.headers().clone();
     let caller = match authorize(&s, &headers, &[Role::Pipeline]) {
         Ok(c) => c,
@@ -189,10 +281,15 @@ async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: 
         Ok(b) => b,
         Err(r) => return r,
     };
-    let json = if headers.get(header::CONTENT_ENCODING).is_some_and(|v| v == "gzip") {
+    let json = if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip")
+    {
         match phoenix_wire::gunzip_limited(&body, s.limits.max_decompressed) {
             Ok(j) => j,
-            Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            Err(e) if e.is_too_large() => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         }
     } else {
@@ -200,15 +297,30 @@ async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: 
     };
     let manifest: phoenix_wire::drift::Manifest = match serde_json::from_slice(&json) {
         Ok(m) => m,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not a baseline manifest (as phoenix-agent bake writes): {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body is not a baseline manifest (as phoenix-agent bake writes): {e}"),
+            )
+        }
     };
     let root = manifest.root.clone();
     let entries = manifest.entries.len();
     match s.baselines.register(&image, manifest) {
         Ok(outcome) => {
             tracing::info!(image_id = %image, root = %root, entries, token = %caller.token_name, outcome = ?outcome, "baseline registered");
-            crate::audit::record(&s.writer, "baseline", &caller.token_name, &image, &format!("root {root}, {entries} entries, {outcome:?}"));
-            let status = if outcome == crate::drift::Registration::Created { StatusCode::CREATED } else { StatusCode::OK };
+            crate::audit::record(
+                &s.writer,
+                "baseline",
+                &caller.token_name,
+                &image,
+                &format!("root {root}, {entries} entries, {outcome:?}"),
+            );
+            let status = if outcome == crate::drift::Registration::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             (status, Json(json!({ "image_id": image, "root": root, "entries": entries, "outcome": format!("{outcome:?}") }))).into_response()
         }
         Err(e) => error(StatusCode::BAD_REQUEST, e),
@@ -216,7 +328,10 @@ async fn post_baseline(State(s): State<Shared>, Path(image): Path<String>, req: 
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response {
@@ -262,7 +377,11 @@ async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 /// The recycler took a marked instance; the mark stays (as acked) until it goes silent.
-async fn ack_phoenix(State(s): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn ack_phoenix(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let caller = match authorize(&s, &headers, &[Role::Recycler]) {
         Ok(c) => c,
         Err(r) => return r,
@@ -270,16 +389,30 @@ async fn ack_phoenix(State(s): State<Shared>, headers: HeaderMap, Path(id): Path
     match s.fleet.ack(&id, &caller.token_name, now_ms()) {
         Ok(now) => {
             if now {
-                crate::audit::record(&s.writer, "ack", &caller.token_name, &id, "recycler took the marked instance");
+                crate::audit::record(
+                    &s.writer,
+                    "ack",
+                    &caller.token_name,
+                    &id,
+                    "recycler took the marked instance",
+                );
             }
             s.fleet.wake.notify_one();
-            Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now })).into_response()
+            Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now }))
+                .into_response()
         }
-        Err(()) => error(StatusCode::NOT_FOUND, format!("instance {id:?} is not marked for replacement (see GET /v1/phoenix)")),
+        Err(()) => error(
+            StatusCode::NOT_FOUND,
+            format!("instance {id:?} is not marked for replacement (see GET /v1/phoenix)"),
+        ),
     }
 }
 
-async fn get_instance(State(s): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_instance(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
         return r;
     }
@@ -291,7 +424,10 @@ async fn get_instance(State(s): State<Shared>, headers: HeaderMap, Path(id): Pat
             v["drift"] = json!(i.drift);
             Json(v).into_response()
         }
-        None => error(StatusCode::NOT_FOUND, format!("no instance {id:?} has reported to this collector")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no instance {id:?} has reported to this collector"),
+        ),
     }
 }
 

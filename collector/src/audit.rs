@@ -10,7 +10,13 @@ use crate::lineproto::Writer;
 use crate::writer::{Job, WriterHandle};
 
 /// The `phoenix_audit` line for one action (tags: action, target, token; field: detail).
-pub fn line(action: &str, caller_token_name: &str, instance_or_image: &str, detail: &str, ts_ns: i64) -> Writer {
+pub fn line(
+    action: &str,
+    caller_token_name: &str,
+    instance_or_image: &str,
+    detail: &str,
+    ts_ns: i64,
+) -> Writer {
     let mut w = Writer::with_capacity(128 + detail.len());
     w.point("phoenix_audit")
         .tag("action", action)
@@ -22,20 +28,54 @@ pub fn line(action: &str, caller_token_name: &str, instance_or_image: &str, deta
 }
 
 /// Log and store one audited action.
-pub fn record(writer: &WriterHandle, action: &str, caller_token_name: &str, instance_or_image: &str, detail: &str) {
-    tracing::info!(action, token = caller_token_name, target = instance_or_image, detail, "audit");
-    let w = line(action, caller_token_name, instance_or_image, detail, crate::convert::now_ns());
+pub fn record(
+    writer: &WriterHandle,
+    action: &str,
+    caller_token_name: &str,
+    instance_or_image: &str,
+    detail: &str,
+) {
+    tracing::info!(
+        action,
+        token = caller_token_name,
+        target = instance_or_image,
+        detail,
+        "audit"
+    );
+    let w = line(
+        action,
+        caller_token_name,
+        instance_or_image,
+        detail,
+        crate::convert::now_ns(),
+    );
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if let Err((_, u)) = writer.submit(Job { body: w.buf, ends: w.ends, reply: tx }) {
+    if let Err((_, u)) = writer.submit(Job {
+        body: w.buf,
+        ends: w.ends,
+        reply: tx,
+    }) {
         tracing::error!(action, target = instance_or_image, reason = %u.reason, "audit point not stored (the log line above is the record)");
         return;
     }
     let (action, target) = (action.to_owned(), instance_or_image.to_owned());
-    let report = move |r: Result<Result<crate::writer::Written, crate::writer::Unavailable>, _>| match r {
-        Ok(Ok(w)) if w.rejected == 0 => {}
-        Ok(Ok(_)) => tracing::error!(action, target, "the store refused the audit point (the log line is the record)"),
-        Ok(Err(u)) => tracing::error!(action, target, reason = %u.reason, "audit point not stored (the log line is the record)"),
-        Err(_) => tracing::error!(action, target, "collector writer stopped before storing the audit point"),
+    let report = move |r: Result<Result<crate::writer::Written, crate::writer::Unavailable>, _>| {
+        match r {
+            Ok(Ok(w)) if w.rejected == 0 => {}
+            Ok(Ok(_)) => tracing::error!(
+                action,
+                target,
+                "the store refused the audit point (the log line is the record)"
+            ),
+            Ok(Err(u)) => {
+                tracing::error!(action, target, reason = %u.reason, "audit point not stored (the log line is the record)")
+            }
+            Err(_) => tracing::error!(
+                action,
+                target,
+                "collector writer stopped before storing the audit point"
+            ),
+        }
     };
     match tokio::runtime::Handle::try_current() {
         Ok(h) => {
@@ -52,11 +92,34 @@ mod tests {
 
     #[test]
     fn audit_line_keeps_hostile_text_inside_its_fields() {
-        let w = line("mark", "recycler#1", "i-1", "reason: \"drift\"\nevil,host=a v=1", 5);
-        let lines: Vec<_> = influxdb_line_protocol::parse_lines(&w.buf).collect::<Result<_, _>>().unwrap();
+        let w = line(
+            "mark",
+            "recycler#1",
+            "i-1",
+            "reason: \"drift\"\nevil,host=a v=1",
+            5,
+        );
+        let lines: Vec<_> = influxdb_line_protocol::parse_lines(&w.buf)
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].series.measurement.to_string(), "phoenix_audit");
-        let tags: Vec<(String, String)> = lines[0].series.tag_set.as_ref().unwrap().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(tags, [("action", "mark"), ("target", "i-1"), ("token", "recycler#1")].map(|(a, b)| (a.to_string(), b.to_string())));
+        let tags: Vec<(String, String)> = lines[0]
+            .series
+            .tag_set
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                ("action", "mark"),
+                ("target", "i-1"),
+                ("token", "recycler#1")
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
     }
 }

@@ -48,7 +48,11 @@ pub struct Caller {
 impl Tokens {
     pub fn add(&mut self, role: Role, secret: &str) {
         let n = self.tokens.iter().filter(|t| t.role == role).count() + 1;
-        self.tokens.push(Token { role, name: format!("{}#{n}", role.name()), secret: secret.trim().as_bytes().to_vec() });
+        self.tokens.push(Token {
+            role,
+            name: format!("{}#{n}", role.name()),
+            secret: secret.trim().as_bytes().to_vec(),
+        });
     }
 
     pub fn has(&self, role: Role) -> bool {
@@ -66,7 +70,10 @@ impl Tokens {
             }
         }
         let t = found?;
-        allowed.contains(&t.role).then(|| Caller { role: t.role, token_name: t.name.clone() })
+        allowed.contains(&t.role).then(|| Caller {
+            role: t.role,
+            token_name: t.name.clone(),
+        })
     }
 }
 
@@ -81,7 +88,9 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// `Authorization: Bearer T` (or `Token T`, as InfluxDB clients send).
 pub fn bearer(h: Option<&str>) -> Option<&str> {
     let h = h?.trim();
-    h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("Token ")).map(str::trim)
+    h.strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("Token "))
+        .map(str::trim)
 }
 
 /// A fresh random token from the kernel.
@@ -112,10 +121,15 @@ mod tests {
         t.add(Role::Agent, "a1");
         t.add(Role::Agent, "a2");
         t.add(Role::Recycler, "r1");
-        assert_eq!(t.check(Some("a2"), &[Role::Agent]).unwrap().token_name, "agent#2");
+        assert_eq!(
+            t.check(Some("a2"), &[Role::Agent]).unwrap().token_name,
+            "agent#2"
+        );
         assert!(t.check(Some("a1"), &[Role::Recycler]).is_none());
         assert!(t.check(Some("r1"), &[Role::Agent]).is_none());
-        assert!(t.check(Some("nope"), &[Role::Agent, Role::Recycler]).is_none());
+        assert!(t
+            .check(Some("nope"), &[Role::Agent, Role::Recycler])
+            .is_none());
         assert!(t.check(Some(""), &[Role::Agent]).is_none());
         assert!(t.check(None, &[Role::Agent]).is_none());
         assert_eq!(bearer(Some("Bearer abc ")), Some("abc"));

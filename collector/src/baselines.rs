@@ -27,15 +27,23 @@ impl Baselines {
         let mut map = HashMap::new();
         for e in std::fs::read_dir(dir)?.flatten() {
             if e.path().extension().is_some_and(|x| x == "json") {
-                match std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
+                match std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+                {
                     Some(m) if m.verify().is_ok() => {
                         map.insert(m.image_id.clone(), Arc::new(m));
                     }
-                    _ => tracing::warn!(file = %e.path().display(), "ignoring an unreadable or inconsistent baseline file"),
+                    _ => {
+                        tracing::warn!(file = %e.path().display(), "ignoring an unreadable or inconsistent baseline file")
+                    }
                 }
             }
         }
-        Ok(Baselines { dir: dir.to_path_buf(), map: RwLock::new(map) })
+        Ok(Baselines {
+            dir: dir.to_path_buf(),
+            map: RwLock::new(map),
+        })
     }
 
     pub fn get(&self, image: &str) -> Option<Arc<Manifest>> {

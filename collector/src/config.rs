@@ -56,25 +56,61 @@ pub struct Args {
     #[arg(long, env = "PHOENIX_INFLUX_GZIP")]
     pub influx_gzip: Option<bool>,
     /// Agent token (repeatable, for rotation).
-    #[arg(long = "agent-token", env = "PHOENIX_AGENT_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "agent-token",
+        env = "PHOENIX_AGENT_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub agent_token: Vec<String>,
     /// File(s) holding agent tokens, one per line.
-    #[arg(long = "agent-token-file", env = "PHOENIX_AGENT_TOKEN_FILE", value_delimiter = ',')]
+    #[arg(
+        long = "agent-token-file",
+        env = "PHOENIX_AGENT_TOKEN_FILE",
+        value_delimiter = ','
+    )]
     pub agent_token_file: Vec<PathBuf>,
     /// Recycler token: reads and acks the phoenix queue (repeatable).
-    #[arg(long = "recycler-token", env = "PHOENIX_RECYCLER_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "recycler-token",
+        env = "PHOENIX_RECYCLER_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub recycler_token: Vec<String>,
-    #[arg(long = "recycler-token-file", env = "PHOENIX_RECYCLER_TOKEN_FILE", value_delimiter = ',')]
+    #[arg(
+        long = "recycler-token-file",
+        env = "PHOENIX_RECYCLER_TOKEN_FILE",
+        value_delimiter = ','
+    )]
     pub recycler_token_file: Vec<PathBuf>,
     /// Pipeline token: registers baked baselines (repeatable).
-    #[arg(long = "pipeline-token", env = "PHOENIX_PIPELINE_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "pipeline-token",
+        env = "PHOENIX_PIPELINE_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub pipeline_token: Vec<String>,
-    #[arg(long = "pipeline-token-file", env = "PHOENIX_PIPELINE_TOKEN_FILE", value_delimiter = ',')]
+    #[arg(
+        long = "pipeline-token-file",
+        env = "PHOENIX_PIPELINE_TOKEN_FILE",
+        value_delimiter = ','
+    )]
     pub pipeline_token_file: Vec<PathBuf>,
     /// Reader token: fleet state and the fleet page (repeatable).
-    #[arg(long = "reader-token", env = "PHOENIX_READER_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "reader-token",
+        env = "PHOENIX_READER_TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub reader_token: Vec<String>,
-    #[arg(long = "reader-token-file", env = "PHOENIX_READER_TOKEN_FILE", value_delimiter = ',')]
+    #[arg(
+        long = "reader-token-file",
+        env = "PHOENIX_READER_TOKEN_FILE",
+        value_delimiter = ','
+    )]
     pub reader_token_file: Vec<PathBuf>,
     /// Largest request body, compressed [default: 8MiB].
     #[arg(long, env = "PHOENIX_MAX_BODY")]
@@ -165,14 +201,20 @@ fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
 }
 
 fn size(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<usize> {
-    let n = phoenix_wire::parse_size(v.unwrap_or(default)).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
+    let n = phoenix_wire::parse_size(v.unwrap_or(default))
+        .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))?;
     usize::try_from(n).map_err(|_| anyhow::anyhow!("--{flag}: too large for this machine"))
 }
 
 fn percent(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<f64> {
     let s = v.unwrap_or(default).trim().trim_end_matches('%');
-    let p: f64 = s.parse().with_context(|| format!("--{flag}: write a percentage such as 10%"))?;
-    anyhow::ensure!((0.0..=100.0).contains(&p), "--{flag}: {p} is not between 0% and 100%");
+    let p: f64 = s
+        .parse()
+        .with_context(|| format!("--{flag}: write a percentage such as 10%"))?;
+    anyhow::ensure!(
+        (0.0..=100.0).contains(&p),
+        "--{flag}: {p} is not between 0% and 100%"
+    );
     Ok(p / 100.0)
 }
 
@@ -180,8 +222,10 @@ impl Args {
     pub fn resolve(self) -> anyhow::Result<Config> {
         let f: Args = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", p.display()))?
             }
             None => Args::default(),
         };
@@ -192,23 +236,38 @@ impl Args {
         }
         macro_rules! list {
             ($f:ident) => {
-                if self.$f.is_empty() { f.$f.clone() } else { self.$f.clone() }
+                if self.$f.is_empty() {
+                    f.$f.clone()
+                } else {
+                    self.$f.clone()
+                }
             };
         }
         let listen = pick!(listen).unwrap_or_else(|| "127.0.0.1:7070".into());
-        let listen: SocketAddr = listen.parse().with_context(|| format!("--listen {listen:?}: give HOST:PORT, e.g. 0.0.0.0:7070"))?;
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("--listen {listen:?}: give HOST:PORT, e.g. 0.0.0.0:7070"))?;
         let data_dir = pick!(data_dir).unwrap_or_else(|| "./phoenix-data".into());
         let influx = match pick!(influx_url) {
             None => None,
             Some(url) => {
-                anyhow::ensure!(url.starts_with("http://") || url.starts_with("https://"), "--influx-url {url:?}: give http(s)://HOST:PORT");
+                anyhow::ensure!(
+                    url.starts_with("http://") || url.starts_with("https://"),
+                    "--influx-url {url:?}: give http(s)://HOST:PORT"
+                );
                 let api = match pick!(influx_org) {
                     Some(org) => Api::V2 {
                         org,
-                        bucket: pick!(influx_bucket).context("--influx-org selects the v2 API: give --influx-bucket too")?,
+                        bucket: pick!(influx_bucket)
+                            .context("--influx-org selects the v2 API: give --influx-bucket too")?,
                         token: pick!(influx_token),
                     },
-                    None => Api::V1 { db: pick!(influx_db).unwrap_or_else(|| "phoenix".into()), rp: pick!(influx_rp), user: pick!(influx_user), password: pick!(influx_password) },
+                    None => Api::V1 {
+                        db: pick!(influx_db).unwrap_or_else(|| "phoenix".into()),
+                        rp: pick!(influx_rp),
+                        user: pick!(influx_user),
+                        password: pick!(influx_password),
+                    },
                 };
                 Some((url, api))
             }
@@ -217,16 +276,31 @@ impl Args {
         let mut tokens = Vec::new();
         for (role, values, files) in [
             (Role::Agent, list!(agent_token), list!(agent_token_file)),
-            (Role::Recycler, list!(recycler_token), list!(recycler_token_file)),
-            (Role::Pipeline, list!(pipeline_token), list!(pipeline_token_file)),
+            (
+                Role::Recycler,
+                list!(recycler_token),
+                list!(recycler_token_file),
+            ),
+            (
+                Role::Pipeline,
+                list!(pipeline_token),
+                list!(pipeline_token_file),
+            ),
             (Role::Reader, list!(reader_token), list!(reader_token_file)),
         ] {
             for v in values {
                 tokens.push((role, v));
             }
             for p in files {
-                let text = crate::auth::read_token_file(&p).with_context(|| format!("reading {} token file {}", role.name(), p.display()))?;
-                tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| (role, l.to_owned())));
+                let text = crate::auth::read_token_file(&p).with_context(|| {
+                    format!("reading {} token file {}", role.name(), p.display())
+                })?;
+                tokens.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(|l| (role, l.to_owned())),
+                );
             }
         }
         let log_only = self.log_only || f.log_only;
@@ -251,17 +325,31 @@ impl Args {
         };
         let webhook = match (pick!(webhook), pick!(webhook_secret)) {
             (Some(u), Some(s)) => Some((u, s)),
-            (Some(_), None) => bail!("--webhook needs --webhook-secret: receivers verify the signature"),
+            (Some(_), None) => {
+                bail!("--webhook needs --webhook-secret: receivers verify the signature")
+            }
             (None, _) => None,
         };
         let tls = match (pick!(tls_cert), pick!(tls_key), pick!(client_ca)) {
-            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles { cert, key, client_ca }),
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
             (None, None, None) => None,
-            (Some(_), None, _) => bail!("--tls-cert needs --tls-key (the certificate's PEM private key)"),
+            (Some(_), None, _) => {
+                bail!("--tls-cert needs --tls-key (the certificate's PEM private key)")
+            }
             (None, Some(_), _) => bail!("--tls-key needs --tls-cert (the PEM certificate chain)"),
-            (None, None, Some(_)) => bail!("--client-ca needs TLS: give --tls-cert and --tls-key too"),
+            (None, None, Some(_)) => {
+                bail!("--client-ca needs TLS: give --tls-cert and --tls-key too")
+            }
         };
-        let rate_limit = crate::security::Rate::parse(pick!(rate_limit).as_deref().unwrap_or("50/s"), pick!(rate_burst)).map_err(|e| anyhow::anyhow!(e))?;
+        let rate_limit = crate::security::Rate::parse(
+            pick!(rate_limit).as_deref().unwrap_or("50/s"),
+            pick!(rate_burst),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let max_points = pick!(max_points).unwrap_or(100_000);
         anyhow::ensure!(max_points > 0, "--max-points must be at least 1");
         Ok(Config {

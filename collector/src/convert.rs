@@ -10,11 +10,21 @@ const IDENTITY: [&str; 4] = ["group", "host", "image_id", "instance_id"];
 
 pub fn report_lines(r: &Report, out: &mut Writer) {
     let a = &r.agent;
-    let ident: [(&str, &str); 4] = [("group", a.group.as_deref().unwrap_or("")), ("host", &a.hostname), ("image_id", &a.image_id), ("instance_id", &a.instance_id)];
+    let ident: [(&str, &str); 4] = [
+        ("group", a.group.as_deref().unwrap_or("")),
+        ("host", &a.hostname),
+        ("image_id", &a.image_id),
+        ("instance_id", &a.instance_id),
+    ];
     let mut tags: Vec<(&str, &str)> = Vec::with_capacity(12);
     for p in &r.metrics {
         tags.clear();
-        tags.extend(p.tags.iter().filter(|(k, _)| !IDENTITY.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v.as_str())));
+        tags.extend(
+            p.tags
+                .iter()
+                .filter(|(k, _)| !IDENTITY.contains(&k.as_str()))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         tags.extend(ident.iter().copied());
         tags.sort_unstable_by_key(|t| t.0);
         let mut pw = out.point(&p.m);
@@ -28,7 +38,12 @@ pub fn report_lines(r: &Report, out: &mut Writer) {
     }
     for l in &r.logs {
         tags.clear();
-        tags.extend(l.tags.iter().filter(|(k, _)| !IDENTITY.contains(&k.as_str()) && k.as_str() != "path").map(|(k, v)| (k.as_str(), v.as_str())));
+        tags.extend(
+            l.tags
+                .iter()
+                .filter(|(k, _)| !IDENTITY.contains(&k.as_str()) && k.as_str() != "path")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         if l.src != "journal" {
             tags.push(("path", &l.src));
         }
@@ -45,7 +60,9 @@ pub fn report_lines(r: &Report, out: &mut Writer) {
         for (k, v) in &tags {
             pw = pw.tag(k, v);
         }
-        pw = pw.str_field("message", &l.msg).field("offset", &Value::Int(l.offset.min(i64::MAX as u64) as i64));
+        pw = pw
+            .str_field("message", &l.msg)
+            .field("offset", &Value::Int(l.offset.min(i64::MAX as u64) as i64));
         if l.escaped {
             pw = pw.field("escaped", &Value::Bool(true));
         }
@@ -59,13 +76,21 @@ pub fn report_lines(r: &Report, out: &mut Writer) {
         }
         pw.end(l.ts);
     }
-    let ts = r.metrics.first().map(|p| p.ts).or_else(|| r.logs.first().map(|l| l.ts)).unwrap_or_else(now_ns);
+    let ts = r
+        .metrics
+        .first()
+        .map(|p| p.ts)
+        .or_else(|| r.logs.first().map(|l| l.ts))
+        .unwrap_or_else(now_ns);
     for c in &r.checks {
         let mut pw = out.point("phoenix_check").tag("check", &c.name);
         for (k, v) in ident {
             pw = pw.tag(k, v);
         }
-        pw.field("ok", &Value::Bool(c.ok)).field("duration_ms", &Value::Int(c.duration_ms as i64)).str_field("detail", &c.detail).end(ts);
+        pw.field("ok", &Value::Bool(c.ok))
+            .field("duration_ms", &Value::Int(c.duration_ms as i64))
+            .str_field("detail", &c.detail)
+            .end(ts);
     }
 }
 
@@ -89,7 +114,12 @@ pub fn drift_line(a: &phoenix_wire::Identity, d: &crate::fleet::DriftInfo, out: 
     }
     let expected = d.expected.clone().unwrap_or_default();
     let mut pw = out.point("phoenix_drift");
-    for (k, v) in [("group", a.group.as_deref().unwrap_or("")), ("host", &a.hostname), ("image_id", &a.image_id), ("instance_id", &a.instance_id)] {
+    for (k, v) in [
+        ("group", a.group.as_deref().unwrap_or("")),
+        ("host", &a.hostname),
+        ("image_id", &a.image_id),
+        ("instance_id", &a.instance_id),
+    ] {
         pw = pw.tag(k, v);
     }
     pw.str_field("hash", &d.hash)
@@ -103,7 +133,10 @@ pub fn drift_line(a: &phoenix_wire::Identity, d: &crate::fleet::DriftInfo, out: 
 }
 
 pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -115,18 +148,45 @@ mod tests {
     fn identity_tags_cannot_be_forged() {
         let r = Report {
             v: VERSION,
-            agent: Identity { instance_id: "i-1".into(), image_id: "img".into(), group: Some("web".into()), hostname: "h".into(), ..Default::default() },
+            agent: Identity {
+                instance_id: "i-1".into(),
+                image_id: "img".into(),
+                group: Some("web".into()),
+                hostname: "h".into(),
+                ..Default::default()
+            },
             seq: 1,
             interval_ms: 0,
-            metrics: vec![Point { m: "cpu".into(), tags: [("instance_id".to_string(), "i-other".to_string()), ("cpu".to_string(), "cpu0".to_string())].into(), fields: [("usage_idle".to_string(), Value::Float(1.5))].into(), ts: 7 }],
-            logs: vec![LogLine { src: "/var/log/app.log".into(), ts: 8, offset: 3, msg: "ERROR x\"\nevil,host=a v=1".into(), escaped: false, part: None, tags: Default::default(), fields: Default::default() }],
+            metrics: vec![Point {
+                m: "cpu".into(),
+                tags: [
+                    ("instance_id".to_string(), "i-other".to_string()),
+                    ("cpu".to_string(), "cpu0".to_string()),
+                ]
+                .into(),
+                fields: [("usage_idle".to_string(), Value::Float(1.5))].into(),
+                ts: 7,
+            }],
+            logs: vec![LogLine {
+                src: "/var/log/app.log".into(),
+                ts: 8,
+                offset: 3,
+                msg: "ERROR x\"\nevil,host=a v=1".into(),
+                escaped: false,
+                part: None,
+                tags: Default::default(),
+                fields: Default::default(),
+            }],
             drift: None,
             checks: vec![],
         };
         let mut w = Writer::default();
         report_lines(&r, &mut w);
         let mut lines = w.iter();
-        assert_eq!(lines.next().unwrap(), "cpu,cpu=cpu0,group=web,host=h,image_id=img,instance_id=i-1 usage_idle=1.5 7");
+        assert_eq!(
+            lines.next().unwrap(),
+            "cpu,cpu=cpu0,group=web,host=h,image_id=img,instance_id=i-1 usage_idle=1.5 7"
+        );
         assert_eq!(lines.next().unwrap(), "log,group=web,host=h,image_id=img,instance_id=i-1,level=error,path=/var/log/app.log message=\"ERROR x\\\"\nevil,host=a v=1\",offset=3i 8");
         assert_eq!(w.lines, 2);
     }

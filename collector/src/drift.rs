@@ -57,7 +57,11 @@ pub fn majority<'a>(hashes: &[&'a str]) -> Option<&'a str> {
 }
 
 /// The expected hash and its source, by the order of authority.
-pub fn expected_hash(registered_root: Option<&str>, agent_baseline: Option<&str>, peer_hashes: &[&str]) -> Option<(String, Reason)> {
+pub fn expected_hash(
+    registered_root: Option<&str>,
+    agent_baseline: Option<&str>,
+    peer_hashes: &[&str],
+) -> Option<(String, Reason)> {
     if let Some(r) = registered_root {
         return Some((r.to_string(), Reason::Registered));
     }
@@ -80,18 +84,37 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
     let list_root = state.entries_list.as_deref().map(root_of_entries);
     let inconsistent = list_root.as_deref().is_some_and(|r| r != state.hash);
     if inconsistent {
-        notes.push("the entry list the agent sent does not hash to the root it reported".to_string());
+        notes.push(
+            "the entry list the agent sent does not hash to the root it reported".to_string(),
+        );
     }
     let agent_baseline_mismatch = match (registered, state.baseline.as_deref()) {
         (Some(m), Some(a)) => m.root != a,
         _ => false,
     };
     if agent_baseline_mismatch {
-        notes.push("the agent's baseline differs from the registered one; the registered baseline decides".to_string());
+        notes.push(
+            "the agent's baseline differs from the registered one; the registered baseline decides"
+                .to_string(),
+        );
     }
-    let Some((expected, reason)) = expected_hash(registered.map(|m| m.root.as_str()), state.baseline.as_deref(), peer_hashes) else {
-        notes.push(format!("no baseline registered or reported, and no majority among {} instances", peer_hashes.len()));
-        return Verdict { expected: None, reason: None, drifted: inconsistent, changes: Vec::new(), agent_baseline_mismatch, note: Some(notes.join("; ")) };
+    let Some((expected, reason)) = expected_hash(
+        registered.map(|m| m.root.as_str()),
+        state.baseline.as_deref(),
+        peer_hashes,
+    ) else {
+        notes.push(format!(
+            "no baseline registered or reported, and no majority among {} instances",
+            peer_hashes.len()
+        ));
+        return Verdict {
+            expected: None,
+            reason: None,
+            drifted: inconsistent,
+            changes: Vec::new(),
+            agent_baseline_mismatch,
+            note: Some(notes.join("; ")),
+        };
     };
     let drifted = state.hash != expected || inconsistent;
     let changes = if !drifted {
@@ -100,7 +123,9 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
         match (reason, registered, &state.entries_list) {
             (Reason::Registered, Some(m), Some(list)) => diff(&m.entries, list),
             (Reason::Registered, _, None) => {
-                notes.push("the agent sent no entry list, so the changed files are unknown".to_string());
+                notes.push(
+                    "the agent sent no entry list, so the changed files are unknown".to_string(),
+                );
                 Vec::new()
             }
             (Reason::Agent, _, _) => state.changes.clone(),
@@ -112,7 +137,14 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
             }
         }
     };
-    Verdict { expected: Some(expected), reason: Some(reason), drifted, changes, agent_baseline_mismatch, note: (!notes.is_empty()).then(|| notes.join("; ")) }
+    Verdict {
+        expected: Some(expected),
+        reason: Some(reason),
+        drifted,
+        changes,
+        agent_baseline_mismatch,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
+    }
 }
 
 /// What a baseline registration does to the stored one.
@@ -129,18 +161,27 @@ pub enum Registration {
 
 /// Check a registration for `url_image_id` (from the path): the manifest must be internally
 /// consistent (version, order, root over entries) and name the same image.
-pub fn check_registration(url_image_id: &str, m: &Manifest, existing: Option<&Manifest>) -> Result<Registration, String> {
+pub fn check_registration(
+    url_image_id: &str,
+    m: &Manifest,
+    existing: Option<&Manifest>,
+) -> Result<Registration, String> {
     if !phoenix_wire::valid_id(url_image_id) {
         return Err(format!("image id {url_image_id:?} in the URL is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
     }
     m.verify()?;
     if m.image_id != url_image_id {
-        return Err(format!("the manifest is for image {:?} but was posted to /v1/images/{url_image_id}/baseline", m.image_id));
+        return Err(format!(
+            "the manifest is for image {:?} but was posted to /v1/images/{url_image_id}/baseline",
+            m.image_id
+        ));
     }
     Ok(match existing {
         None => Registration::Created,
         Some(old) if old.root == m.root => Registration::Unchanged,
-        Some(old) => Registration::Replaced { old_root: old.root.clone() },
+        Some(old) => Registration::Replaced {
+            old_root: old.root.clone(),
+        },
     })
 }
 
@@ -151,7 +192,16 @@ mod tests {
     use phoenix_wire::FileEntry;
 
     fn file(path: &str, content: &str) -> FileEntry {
-        FileEntry { path: path.into(), kind: 'f', mode: 0o644, uid: 0, gid: 0, hash: content.into(), target: None, error: None }
+        FileEntry {
+            path: path.into(),
+            kind: 'f',
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            hash: content.into(),
+            target: None,
+            error: None,
+        }
     }
 
     fn manifest(entries: Vec<FileEntry>) -> Manifest {
@@ -198,13 +248,22 @@ mod tests {
         assert_eq!(v.reason, Some(Reason::Registered));
         assert_eq!(v.expected.as_deref(), Some(reg.root.as_str()));
         assert!(v.agent_baseline_mismatch);
-        assert_eq!(v.changes, vec![FileChange { path: "/etc/sudoers".into(), change: "changed".into(), attrs: vec!["content".into()] }]);
+        assert_eq!(
+            v.changes,
+            vec![FileChange {
+                path: "/etc/sudoers".into(),
+                change: "changed".into(),
+                attrs: vec!["content".into()]
+            }]
+        );
         // Without a registered baseline the forged one would have passed: that is the point.
         assert!(!judge(None, &st, &[st.hash.as_str()]).drifted);
         // A clean instance is clean against the registered baseline.
         let clean = state(good, Some(&reg.root));
         let v = judge(Some(&reg), &clean, &[]);
-        assert!(!v.drifted && v.changes.is_empty() && !v.agent_baseline_mismatch && v.note.is_none());
+        assert!(
+            !v.drifted && v.changes.is_empty() && !v.agent_baseline_mismatch && v.note.is_none()
+        );
     }
 
     #[test]
@@ -214,7 +273,10 @@ mod tests {
         let mut st = state(now.clone(), Some(&root_of_entries(&base)));
         st.changes = phoenix_wire::drift::diff(&base, &now);
         let v = judge(None, &st, &[]);
-        assert_eq!((v.reason, v.drifted, v.changes.len()), (Some(Reason::Agent), true, 1));
+        assert_eq!(
+            (v.reason, v.drifted, v.changes.len()),
+            (Some(Reason::Agent), true, 1)
+        );
 
         let odd = state(now, None);
         let norm = root_of_entries(&base);
@@ -242,14 +304,29 @@ mod tests {
     #[test]
     fn registration_rules() {
         let m = manifest(vec![file("/etc/a", "1")]);
-        assert_eq!(check_registration("img-1", &m, None), Ok(Registration::Created));
-        assert_eq!(check_registration("img-1", &m, Some(&m)), Ok(Registration::Unchanged));
+        assert_eq!(
+            check_registration("img-1", &m, None),
+            Ok(Registration::Created)
+        );
+        assert_eq!(
+            check_registration("img-1", &m, Some(&m)),
+            Ok(Registration::Unchanged)
+        );
         let newer = manifest(vec![file("/etc/a", "2")]);
-        assert_eq!(check_registration("img-1", &newer, Some(&m)), Ok(Registration::Replaced { old_root: m.root.clone() }));
-        assert!(check_registration("img-2", &m, None).unwrap_err().contains("img-1"));
+        assert_eq!(
+            check_registration("img-1", &newer, Some(&m)),
+            Ok(Registration::Replaced {
+                old_root: m.root.clone()
+            })
+        );
+        assert!(check_registration("img-2", &m, None)
+            .unwrap_err()
+            .contains("img-1"));
         let mut edited = m.clone();
         edited.entries[0].hash = "x".into();
-        assert!(check_registration("img-1", &edited, None).unwrap_err().contains("does not match"));
+        assert!(check_registration("img-1", &edited, None)
+            .unwrap_err()
+            .contains("does not match"));
         assert!(check_registration("bad id", &m, None).is_err());
     }
 }

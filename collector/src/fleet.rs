@@ -84,38 +84,67 @@ impl Default for Fleet {
 
 impl Fleet {
     pub fn new(rules: Rules, started_ms: i64) -> Fleet {
-        Fleet { instances: Mutex::default(), queue: Mutex::default(), rules, started_ms, wake: tokio::sync::Notify::new(), dirty: AtomicBool::new(false) }
+        Fleet {
+            instances: Mutex::default(),
+            queue: Mutex::default(),
+            rules,
+            started_ms,
+            wake: tokio::sync::Notify::new(),
+            dirty: AtomicBool::new(false),
+        }
     }
 
     /// True when this (instance, boot, seq) or a later one from the same boot was already taken.
     pub fn is_duplicate(&self, id: &Identity, seq: u64) -> bool {
         let g = self.instances.lock().unwrap();
-        g.get(&id.instance_id).and_then(|i| i.seqs.get(&id.boot_id)).is_some_and(|(s, _)| seq <= *s)
+        g.get(&id.instance_id)
+            .and_then(|i| i.seqs.get(&id.boot_id))
+            .is_some_and(|(s, _)| seq <= *s)
     }
 
     /// Current drift hashes of every instance of `image` (for the majority rule).
     pub fn peer_hashes(&self, image: &str) -> Vec<String> {
         let g = self.instances.lock().unwrap();
-        g.values().filter(|i| i.identity.image_id == image && i.phx.state != State::Gone).filter_map(|i| i.drift.as_ref().map(|d| d.hash.clone())).collect()
+        g.values()
+            .filter(|i| i.identity.image_id == image && i.phx.state != State::Gone)
+            .filter_map(|i| i.drift.as_ref().map(|d| d.hash.clone()))
+            .collect()
     }
 
     /// Record a report whose points the store took.
     pub fn record(&self, r: &Report, drift: Option<DriftInfo>, now_ms: i64) {
         let mut g = self.instances.lock().unwrap();
-        let inst = g.entry(r.agent.instance_id.clone()).or_insert_with(|| Instance { first_seen_ms: now_ms, ..Default::default() });
+        let inst = g
+            .entry(r.agent.instance_id.clone())
+            .or_insert_with(|| Instance {
+                first_seen_ms: now_ms,
+                ..Default::default()
+            });
         if inst.phx.state == State::Gone {
             // The id reports again (rebooted, or reused): a new life, but the seqs still count.
             let seqs = std::mem::take(&mut inst.seqs);
-            *inst = Instance { first_seen_ms: now_ms, seqs, ..Default::default() };
+            *inst = Instance {
+                first_seen_ms: now_ms,
+                seqs,
+                ..Default::default()
+            };
         }
         inst.identity = r.agent.clone();
         inst.last_seen_ms = now_ms;
         inst.interval_ms = r.interval_ms;
         inst.reports += 1;
-        let e = inst.seqs.entry(r.agent.boot_id.clone()).or_insert((0, now_ms));
+        let e = inst
+            .seqs
+            .entry(r.agent.boot_id.clone())
+            .or_insert((0, now_ms));
         *e = (e.0.max(r.seq), now_ms);
         while inst.seqs.len() > BOOTS_KEPT {
-            let oldest = inst.seqs.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()).unwrap();
+            let oldest = inst
+                .seqs
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+                .unwrap();
             inst.seqs.remove(&oldest);
         }
         let f = |p: &phoenix_wire::Point, k: &str| match p.fields.get(k) {
@@ -153,7 +182,16 @@ impl Fleet {
         if !r.checks.is_empty() {
             inst.checks = r.checks.clone();
         }
-        inst.tracking.observe(&Observed { checks: &r.checks, cpu_used_percent: cpu, mem_available_percent: mem_available, disk_worst }, &self.rules, now_ms);
+        inst.tracking.observe(
+            &Observed {
+                checks: &r.checks,
+                cpu_used_percent: cpu,
+                mem_available_percent: mem_available,
+                disk_worst,
+            },
+            &self.rules,
+            now_ms,
+        );
         if let Some(mut d) = drift {
             d.since_ms = match &inst.drift {
                 _ if !d.drifted => None,
@@ -174,7 +212,8 @@ impl Fleet {
             watch_since_ms: self.started_ms,
         };
         let v = crate::health::judge(&f, &self.rules, now_ms);
-        let moved = v.worst().map(|p| p.reason) != inst.phx.problem.as_ref().map(|p| p.reason) || inst.phx.state == State::Suspect;
+        let moved = v.worst().map(|p| p.reason) != inst.phx.problem.as_ref().map(|p| p.reason)
+            || inst.phx.state == State::Suspect;
         drop(g);
         self.dirty.store(true, Ordering::Relaxed);
         if moved {
@@ -187,7 +226,11 @@ impl Fleet {
         let mut g = self.instances.lock().unwrap();
         let mut q = self.queue.lock().unwrap();
         let out = queue::evaluate(&mut g, &mut q, &self.rules, now_ms, self.started_ms);
-        if !out.changed.is_empty() || !out.forgotten.is_empty() || !out.alerts_raised.is_empty() || !out.alerts_cleared.is_empty() {
+        if !out.changed.is_empty()
+            || !out.forgotten.is_empty()
+            || !out.alerts_raised.is_empty()
+            || !out.alerts_cleared.is_empty()
+        {
             self.dirty.store(true, Ordering::Relaxed);
         }
         out
@@ -211,13 +254,22 @@ impl Fleet {
     pub fn snapshot(&self, now_ms: i64) -> crate::store::Snapshot {
         let g = self.instances.lock().unwrap();
         let q = self.queue.lock().unwrap();
-        crate::store::Snapshot { version: crate::store::VERSION, saved_ms: now_ms, instances: g.values().cloned().collect(), queue: q.clone() }
+        crate::store::Snapshot {
+            version: crate::store::VERSION,
+            saved_ms: now_ms,
+            instances: g.values().cloned().collect(),
+            queue: q.clone(),
+        }
     }
 
     pub fn restore(&self, s: crate::store::Snapshot) {
         let mut g = self.instances.lock().unwrap();
         let mut q = self.queue.lock().unwrap();
-        *g = s.instances.into_iter().map(|i| (i.identity.instance_id.clone(), i)).collect();
+        *g = s
+            .instances
+            .into_iter()
+            .map(|i| (i.identity.instance_id.clone(), i))
+            .collect();
         *q = s.queue;
     }
 
@@ -228,7 +280,8 @@ impl Fleet {
         let mut ids = Vec::new();
         let ts = now_ms.saturating_mul(1_000_000);
         for (id, i) in g.iter_mut() {
-            let due = i.phx.last_point_ms == 0 || (now_ms - i.phx.last_point_ms >= POINT_EVERY_MS && i.phx.state != State::Gone);
+            let due = i.phx.last_point_ms == 0
+                || (now_ms - i.phx.last_point_ms >= POINT_EVERY_MS && i.phx.state != State::Gone);
             if !due {
                 continue;
             }
@@ -292,11 +345,20 @@ impl Fleet {
                 _ => {}
             }
         }
-        let by_since = |a: &serde_json::Value, b: &serde_json::Value| a["since"].as_i64().cmp(&b["since"].as_i64()).then(a["instance_id"].as_str().cmp(&b["instance_id"].as_str()));
+        let by_since = |a: &serde_json::Value, b: &serde_json::Value| {
+            a["since"]
+                .as_i64()
+                .cmp(&b["since"].as_i64())
+                .then(a["instance_id"].as_str().cmp(&b["instance_id"].as_str()))
+        };
         marked.sort_by(by_since);
         held.sort_by(by_since);
         gone.sort_by(by_since);
-        let marks_last_minute = q.recent_marks.iter().filter(|t| now_ms - **t < 60_000).count();
+        let marks_last_minute = q
+            .recent_marks
+            .iter()
+            .filter(|t| now_ms - **t < 60_000)
+            .count();
         let groups: Vec<serde_json::Value> = q
             .budget
             .iter()
@@ -329,7 +391,12 @@ pub fn instance_point(i: &Instance, ts: i64, w: &mut Writer) {
     };
     let marked = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none());
     let mut pw = w.point("phoenix_instance");
-    for (k, v) in [("group", queue::group_of(i)), ("host", &a.hostname), ("image_id", &a.image_id), ("instance_id", &a.instance_id)] {
+    for (k, v) in [
+        ("group", queue::group_of(i)),
+        ("host", &a.hostname),
+        ("image_id", &a.image_id),
+        ("instance_id", &a.instance_id),
+    ] {
         pw = pw.tag(k, v);
     }
     pw.str_field("state", i.phx.state.as_str())
@@ -374,7 +441,13 @@ pub const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The background task: queue passes (every [`TICK`], or at once when a report moved a
 /// verdict), webhooks for new marks, `phoenix_instance`/`phoenix_alert` points, and saving
 /// the fleet state. Returns when `stop` fires, after a last save.
-pub async fn run(fleet: std::sync::Arc<Fleet>, writer: crate::writer::WriterHandle, hook: Option<crate::webhook::Webhook>, store: crate::store::Store, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    fleet: std::sync::Arc<Fleet>,
+    writer: crate::writer::WriterHandle,
+    hook: Option<crate::webhook::Webhook>,
+    store: crate::store::Store,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     use tokio::time::{sleep, Instant};
     let mut last_save = Instant::now();
     loop {
@@ -391,7 +464,10 @@ pub async fn run(fleet: std::sync::Arc<Fleet>, writer: crate::writer::WriterHand
             if let Some(h) = &hook {
                 let events: Vec<serde_json::Value> = {
                     let g = fleet.instances.lock().unwrap();
-                    out.new_marks.iter().filter_map(|id| g.get(id).and_then(mark_event)).collect()
+                    out.new_marks
+                        .iter()
+                        .filter_map(|id| g.get(id).and_then(mark_event))
+                        .collect()
                 };
                 for e in &events {
                     h.send(e);
@@ -405,8 +481,21 @@ pub async fn run(fleet: std::sync::Arc<Fleet>, writer: crate::writer::WriterHand
         {
             let entries: Vec<(&str, String, String)> = {
                 let g = fleet.instances.lock().unwrap();
-                let marks = out.new_marks.iter().filter_map(|id| g.get(id).and_then(|i| i.phx.mark.as_ref().map(|m| ("mark", id.clone(), format!("{}: {}", m.reason.as_str(), m.evidence)))));
-                let holds = out.changed.iter().filter_map(|id| g.get(id).and_then(|i| i.phx.held.clone().map(|h| ("hold", id.clone(), h))));
+                let marks = out.new_marks.iter().filter_map(|id| {
+                    g.get(id).and_then(|i| {
+                        i.phx.mark.as_ref().map(|m| {
+                            (
+                                "mark",
+                                id.clone(),
+                                format!("{}: {}", m.reason.as_str(), m.evidence),
+                            )
+                        })
+                    })
+                });
+                let holds = out.changed.iter().filter_map(|id| {
+                    g.get(id)
+                        .and_then(|i| i.phx.held.clone().map(|h| ("hold", id.clone(), h)))
+                });
                 marks.chain(holds).collect()
             };
             for (action, id, detail) in entries {
@@ -425,7 +514,11 @@ pub async fn run(fleet: std::sync::Arc<Fleet>, writer: crate::writer::WriterHand
         let ids = fleet.due_points(now, &mut w);
         if w.lines > 0 {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            match writer.submit(crate::writer::Job { body: w.buf, ends: w.ends, reply: tx }) {
+            match writer.submit(crate::writer::Job {
+                body: w.buf,
+                ends: w.ends,
+                reply: tx,
+            }) {
                 Ok(()) => {
                     let fleet = fleet.clone();
                     // Waiting here would stall the queue while InfluxDB is slow; failures
@@ -458,7 +551,9 @@ pub async fn save(fleet: &std::sync::Arc<Fleet>, store: &crate::store::Store) {
     let store = store.clone();
     match tokio::task::spawn_blocking(move || store.save(&snap)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "saving fleet state failed; retrying in a few seconds"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "saving fleet state failed; retrying in a few seconds")
+        }
         Err(e) => tracing::error!(error = %e, "saving fleet state panicked"),
     }
 }
@@ -472,13 +567,35 @@ mod tests {
     fn report(id: &str, seq: u64, checks: Vec<CheckResult>, var_used: f64) -> Report {
         Report {
             v: VERSION,
-            agent: Identity { instance_id: id.into(), image_id: "img".into(), group: Some("web".into()), hostname: "h".into(), boot_id: "b1".into(), ..Default::default() },
+            agent: Identity {
+                instance_id: id.into(),
+                image_id: "img".into(),
+                group: Some("web".into()),
+                hostname: "h".into(),
+                boot_id: "b1".into(),
+                ..Default::default()
+            },
             seq,
             interval_ms: 1000,
             metrics: vec![
-                Point { m: "cpu".into(), tags: [("cpu".to_string(), "cpu-total".to_string())].into(), fields: [("usage_idle".to_string(), Value::Float(50.0))].into(), ts: 1 },
-                Point { m: "disk".into(), tags: [("path".to_string(), "/var".to_string())].into(), fields: [("used_percent".to_string(), Value::Float(var_used))].into(), ts: 1 },
-                Point { m: "disk".into(), tags: [("path".to_string(), "/".to_string())].into(), fields: [("used_percent".to_string(), Value::Float(40.0))].into(), ts: 1 },
+                Point {
+                    m: "cpu".into(),
+                    tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
+                    fields: [("usage_idle".to_string(), Value::Float(50.0))].into(),
+                    ts: 1,
+                },
+                Point {
+                    m: "disk".into(),
+                    tags: [("path".to_string(), "/var".to_string())].into(),
+                    fields: [("used_percent".to_string(), Value::Float(var_used))].into(),
+                    ts: 1,
+                },
+                Point {
+                    m: "disk".into(),
+                    tags: [("path".to_string(), "/".to_string())].into(),
+                    fields: [("used_percent".to_string(), Value::Float(40.0))].into(),
+                    ts: 1,
+                },
             ],
             logs: vec![],
             drift: None,
@@ -488,10 +605,23 @@ mod tests {
 
     #[test]
     fn reports_feed_the_rules_and_the_queue_end_to_end_in_memory() {
-        let rules = Rules { grace: Duration::ZERO, check_failures: 2, pegged_for: Duration::from_secs(2), settle_intervals: 0, ..Default::default() };
+        let rules = Rules {
+            grace: Duration::ZERO,
+            check_failures: 2,
+            pegged_for: Duration::from_secs(2),
+            settle_intervals: 0,
+            ..Default::default()
+        };
         let fleet = Fleet::new(rules, 0);
         let t0 = 1_700_000_000_000;
-        let bad = || vec![CheckResult { name: "web".into(), ok: false, detail: "HTTP 503".into(), duration_ms: 3 }];
+        let bad = || {
+            vec![CheckResult {
+                name: "web".into(),
+                ok: false,
+                detail: "HTTP 503".into(),
+                duration_ms: 3,
+            }]
+        };
         for k in 0..10 {
             fleet.record(&report(&format!("i-{k}"), 1, vec![], 50.0), None, t0);
         }
@@ -502,28 +632,54 @@ mod tests {
         let inst = fleet.instances.lock().unwrap()["i-0"].clone();
         assert_eq!(inst.tracking.disk_worst, Some(("/var".to_string(), 97.5)));
         for k in 1..10 {
-            fleet.record(&report(&format!("i-{k}"), 2, vec![], if k == 1 { 99.0 } else { 50.0 }), None, t0 + 2000);
+            fleet.record(
+                &report(
+                    &format!("i-{k}"),
+                    2,
+                    vec![],
+                    if k == 1 { 99.0 } else { 50.0 },
+                ),
+                None,
+                t0 + 2000,
+            );
         }
         let out = fleet.tick(t0 + 2000);
-        assert_eq!(out.new_marks, vec!["i-0".to_string()], "the failed check goes before i-1's full disk");
+        assert_eq!(
+            out.new_marks,
+            vec!["i-0".to_string()],
+            "the failed check goes before i-1's full disk"
+        );
         let v = fleet.phoenix_view(t0 + 2000);
-        assert_eq!(v["marked"][0]["evidence"], "check web failed 2 times in a row: HTTP 503");
+        assert_eq!(
+            v["marked"][0]["evidence"],
+            "check web failed 2 times in a row: HTTP 503"
+        );
         assert_eq!(v["marked"][0]["group"], "web");
         // i-1's disk is full too, but the budget (1 of 10) is taken.
         assert_eq!(v["held"].as_array().unwrap().len(), 1);
         assert_eq!(v["held"][0]["reason"], "disk_full");
-        assert_eq!(v["held"][0]["evidence"], "filesystem /var 99.0% full (limit 95%)");
+        assert_eq!(
+            v["held"][0]["evidence"],
+            "filesystem /var 99.0% full (limit 95%)"
+        );
         assert_eq!(v["budget"]["groups"][0]["free"], 0);
         // Points: every instance is due once, then not until 30 s later.
         let mut w = Writer::default();
         assert_eq!(fleet.due_points(t0 + 2000, &mut w).len(), 10);
-        let line = w.iter().find(|l| l.contains("instance_id=i-0 ")).unwrap().to_string();
+        let line = w
+            .iter()
+            .find(|l| l.contains("instance_id=i-0 "))
+            .unwrap()
+            .to_string();
         assert!(line.starts_with("phoenix_instance,group=web,host=h,image_id=img,instance_id=i-0 state=\"marked\",reason=\"check_failed\",marked=true"), "{line}");
         let mut w = Writer::default();
         assert!(fleet.due_points(t0 + 3000, &mut w).is_empty());
         fleet.points_failed(&["i-3".to_string()]);
         assert_eq!(fleet.due_points(t0 + 3000, &mut w), vec!["i-3".to_string()]);
-        assert_eq!(fleet.due_points(t0 + 2000 + POINT_EVERY_MS, &mut w).len(), 9);
+        assert_eq!(
+            fleet.due_points(t0 + 2000 + POINT_EVERY_MS, &mut w).len(),
+            9
+        );
         // Snapshot and restore keep marks, holds and seqs.
         assert_eq!(fleet.ack("i-0", "recycler#1", t0 + 4000), Ok(true));
         let snap = fleet.snapshot(t0 + 4000);

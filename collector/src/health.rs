@@ -138,7 +138,9 @@ impl Tracking {
         }
         if o.cpu_used_percent.is_some() || o.mem_available_percent.is_some() {
             let cpu = o.cpu_used_percent.filter(|c| *c > rules.cpu_pegged);
-            let mem = o.mem_available_percent.filter(|m| *m < rules.mem_available_min);
+            let mem = o
+                .mem_available_percent
+                .filter(|m| *m < rules.mem_available_min);
             let what = match (cpu, mem) {
                 (Some(c), Some(m)) => Some(format!("CPU {c:.1}% and available memory {m:.1}%")),
                 (Some(c), None) => Some(format!("CPU {c:.1}%")),
@@ -203,11 +205,21 @@ pub fn silent_for_ms(f: &Facts, now_ms: i64) -> i64 {
 }
 
 pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
-    let mut v = Verdict { in_grace: now_ms - f.first_seen_ms < ms(rules.grace), ..Default::default() };
+    let mut v = Verdict {
+        in_grace: now_ms - f.first_seen_ms < ms(rules.grace),
+        ..Default::default()
+    };
     if let Some(d) = f.drift.filter(|d| d.drifted) {
-        v.problems.push(Problem { reason: Reason::Drift, evidence: drift_evidence(d) });
+        v.problems.push(Problem {
+            reason: Reason::Drift,
+            evidence: drift_evidence(d),
+        });
     }
-    let interval = if f.interval_ms == 0 { DEFAULT_INTERVAL_MS } else { f.interval_ms } as i64;
+    let interval = if f.interval_ms == 0 {
+        DEFAULT_INTERVAL_MS
+    } else {
+        f.interval_ms
+    } as i64;
     let silent = silent_for_ms(f, now_ms);
     if v.in_grace {
         // A booting instance is slow, busy and maybe not yet serving: only tampering counts.
@@ -215,30 +227,64 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
     }
     for (name, (n, detail)) in &f.tracking.check_streaks {
         if *n >= rules.check_failures {
-            let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-            v.problems.push(Problem { reason: Reason::CheckFailed, evidence: format!("check {name} failed {n} times in a row{detail}") });
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            };
+            v.problems.push(Problem {
+                reason: Reason::CheckFailed,
+                evidence: format!("check {name} failed {n} times in a row{detail}"),
+            });
         }
     }
     if silent >= ms(rules.silent_after) {
-        v.problems.push(Problem { reason: Reason::Silent, evidence: format!("silent for {}; reports every {}", human(silent), human(interval)) });
+        v.problems.push(Problem {
+            reason: Reason::Silent,
+            evidence: format!(
+                "silent for {}; reports every {}",
+                human(silent),
+                human(interval)
+            ),
+        });
     } else if silent > 3 * interval {
         v.suspect = true;
     }
     if let Some(since) = f.tracking.pegged_since_ms {
         if now_ms - since >= ms(rules.pegged_for) {
-            v.problems.push(Problem { reason: Reason::Pegged, evidence: format!("{} for {}", f.tracking.pegged_what, human(now_ms - since)) });
+            v.problems.push(Problem {
+                reason: Reason::Pegged,
+                evidence: format!("{} for {}", f.tracking.pegged_what, human(now_ms - since)),
+            });
         }
     }
     if let Some((path, used)) = &f.tracking.disk_worst {
         if *used > rules.disk_full {
-            v.problems.push(Problem { reason: Reason::DiskFull, evidence: format!("filesystem {path} {used:.1}% full (limit {}%)", rules.disk_full) });
+            v.problems.push(Problem {
+                reason: Reason::DiskFull,
+                evidence: format!(
+                    "filesystem {path} {used:.1}% full (limit {}%)",
+                    rules.disk_full
+                ),
+            });
         }
     }
     if let Some(max) = rules.max_lifetime {
-        let born_ms = if f.boot_time > 0 { f.boot_time as i64 * 1000 } else { f.first_seen_ms };
+        let born_ms = if f.boot_time > 0 {
+            f.boot_time as i64 * 1000
+        } else {
+            f.first_seen_ms
+        };
         let age = now_ms - born_ms;
         if age > ms(max) {
-            v.problems.push(Problem { reason: Reason::Age, evidence: format!("running for {}, over the maximum lifetime of {}", human(age), human(ms(max))) });
+            v.problems.push(Problem {
+                reason: Reason::Age,
+                evidence: format!(
+                    "running for {}, over the maximum lifetime of {}",
+                    human(age),
+                    human(ms(max))
+                ),
+            });
         }
     }
     v.problems.sort_by_key(|p| p.reason);
@@ -249,16 +295,33 @@ fn drift_evidence(d: &crate::fleet::DriftInfo) -> String {
     let against = d.source.as_deref().unwrap_or("baseline");
     if d.changes.is_empty() {
         let short = |h: &str| h.chars().take(12).collect::<String>();
-        let expected = d.expected.as_deref().map(short).unwrap_or_else(|| "?".into());
-        return format!("drifted from the {against}: hash {} instead of {expected}", short(&d.hash));
+        let expected = d
+            .expected
+            .as_deref()
+            .map(short)
+            .unwrap_or_else(|| "?".into());
+        return format!(
+            "drifted from the {against}: hash {} instead of {expected}",
+            short(&d.hash)
+        );
     }
     let shown: Vec<String> = d
         .changes
         .iter()
         .take(5)
-        .map(|c| if c.attrs.is_empty() { format!("{} ({})", c.path, c.change) } else { format!("{} ({})", c.path, c.attrs.join("+")) })
+        .map(|c| {
+            if c.attrs.is_empty() {
+                format!("{} ({})", c.path, c.change)
+            } else {
+                format!("{} ({})", c.path, c.attrs.join("+"))
+            }
+        })
         .collect();
-    let more = if d.changes.len() > 5 { format!(" and {} more", d.changes.len() - 5) } else { String::new() };
+    let more = if d.changes.len() > 5 {
+        format!(" and {} more", d.changes.len() - 5)
+    } else {
+        String::new()
+    };
     format!("drifted from the {against}: {}{more}", shown.join(", "))
 }
 
@@ -287,11 +350,24 @@ mod tests {
     const T0: i64 = 1_700_000_000_000;
 
     fn rules() -> Rules {
-        Rules { grace: Duration::from_secs(300), silent_after: Duration::from_secs(120), pegged_for: Duration::from_secs(300), ..Default::default() }
+        Rules {
+            grace: Duration::from_secs(300),
+            silent_after: Duration::from_secs(120),
+            pegged_for: Duration::from_secs(300),
+            ..Default::default()
+        }
     }
 
     fn facts(t: &Tracking) -> Facts<'_> {
-        Facts { first_seen_ms: T0, last_seen_ms: T0, interval_ms: 10_000, boot_time: 0, tracking: t, drift: None, watch_since_ms: 0 }
+        Facts {
+            first_seen_ms: T0,
+            last_seen_ms: T0,
+            interval_ms: 10_000,
+            boot_time: 0,
+            tracking: t,
+            drift: None,
+            watch_since_ms: 0,
+        }
     }
 
     fn reasons(v: &Verdict) -> Vec<Reason> {
@@ -299,7 +375,12 @@ mod tests {
     }
 
     fn check(name: &str, ok: bool, detail: &str) -> CheckResult {
-        CheckResult { name: name.into(), ok, detail: detail.into(), duration_ms: 1 }
+        CheckResult {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+            duration_ms: 1,
+        }
     }
 
     #[test]
@@ -309,7 +390,11 @@ mod tests {
         let mut f = facts(&t);
         f.first_seen_ms = T0 - 3_600_000; // out of grace
         let at = |s: i64| judge(&f, &r, T0 + s * 1000);
-        assert_eq!((at(30).suspect, reasons(&at(30))), (false, vec![]), "exactly 3 intervals is not yet suspect");
+        assert_eq!(
+            (at(30).suspect, reasons(&at(30))),
+            (false, vec![]),
+            "exactly 3 intervals is not yet suspect"
+        );
         assert_eq!((at(31).suspect, reasons(&at(31))), (true, vec![]));
         assert_eq!((at(119).suspect, reasons(&at(119))), (true, vec![]));
         let v = at(120);
@@ -326,59 +411,151 @@ mod tests {
         let mut t = Tracking::default();
         let r = rules();
         for _ in 0..5 {
-            t.observe(&Observed { checks: &[check("web", false, "HTTP 500")], cpu_used_percent: Some(100.0), disk_worst: Some(("/".into(), 99.0)), ..Default::default() }, &r, T0);
+            t.observe(
+                &Observed {
+                    checks: &[check("web", false, "HTTP 500")],
+                    cpu_used_percent: Some(100.0),
+                    disk_worst: Some(("/".into(), 99.0)),
+                    ..Default::default()
+                },
+                &r,
+                T0,
+            );
         }
-        let drift = DriftInfo { hash: "a".into(), drifted: true, changes: vec![FileChange { path: "/etc/x".into(), change: "changed".into(), attrs: vec!["content".into()] }], source: Some("registered baseline".into()), ..Default::default() };
+        let drift = DriftInfo {
+            hash: "a".into(),
+            drifted: true,
+            changes: vec![FileChange {
+                path: "/etc/x".into(),
+                change: "changed".into(),
+                attrs: vec!["content".into()],
+            }],
+            source: Some("registered baseline".into()),
+            ..Default::default()
+        };
         let mut f = facts(&t);
         let v = judge(&f, &r, T0 + 299_000);
         assert!(v.in_grace && v.problems.is_empty(), "{v:?}");
         f.drift = Some(&drift);
         let v = judge(&f, &r, T0 + 299_000);
         assert_eq!(reasons(&v), vec![Reason::Drift]);
-        assert_eq!(v.problems[0].evidence, "drifted from the registered baseline: /etc/x (content)");
+        assert_eq!(
+            v.problems[0].evidence,
+            "drifted from the registered baseline: /etc/x (content)"
+        );
         // Out of grace (and still reporting) every rule counts, worst first.
         f.last_seen_ms = T0 + 299_000;
         f.first_seen_ms = T0 - 1;
         let v = judge(&f, &r, T0 + 300_000);
         assert!(!v.in_grace);
-        assert_eq!(reasons(&v), vec![Reason::Drift, Reason::CheckFailed, Reason::Pegged, Reason::DiskFull]);
+        assert_eq!(
+            reasons(&v),
+            vec![
+                Reason::Drift,
+                Reason::CheckFailed,
+                Reason::Pegged,
+                Reason::DiskFull
+            ]
+        );
     }
 
     #[test]
     fn a_check_must_fail_n_consecutive_reports() {
-        let r = Rules { check_failures: 3, grace: Duration::ZERO, ..rules() };
+        let r = Rules {
+            check_failures: 3,
+            grace: Duration::ZERO,
+            ..rules()
+        };
         let mut t = Tracking::default();
         let bad = [check("web", false, "HTTP 500"), check("db", true, "")];
         let good = [check("web", true, "HTTP 200"), check("db", true, "")];
         let verdict = |t: &Tracking| judge(&facts(t), &r, T0);
-        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
-        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        t.observe(
+            &Observed {
+                checks: &bad,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
+        t.observe(
+            &Observed {
+                checks: &bad,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
         assert!(verdict(&t).problems.is_empty());
         // A report without check results (a log batch) neither breaks nor extends the streak.
         t.observe(&Observed::default(), &r, T0);
         assert!(verdict(&t).problems.is_empty());
-        t.observe(&Observed { checks: &good, ..Default::default() }, &r, T0);
-        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
-        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        t.observe(
+            &Observed {
+                checks: &good,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
+        t.observe(
+            &Observed {
+                checks: &bad,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
+        t.observe(
+            &Observed {
+                checks: &bad,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
         assert!(verdict(&t).problems.is_empty(), "a pass resets the count");
-        t.observe(&Observed { checks: &bad, ..Default::default() }, &r, T0);
+        t.observe(
+            &Observed {
+                checks: &bad,
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
         let v = verdict(&t);
         assert_eq!(reasons(&v), vec![Reason::CheckFailed]);
-        assert_eq!(v.problems[0].evidence, "check web failed 3 times in a row: HTTP 500");
+        assert_eq!(
+            v.problems[0].evidence,
+            "check web failed 3 times in a row: HTTP 500"
+        );
     }
 
     #[test]
     fn pegged_cpu_or_memory_for_the_whole_period() {
-        let r = Rules { grace: Duration::ZERO, ..rules() };
+        let r = Rules {
+            grace: Duration::ZERO,
+            ..rules()
+        };
         let mut t = Tracking::default();
-        let obs = |cpu: f64, mem: f64| Observed { cpu_used_percent: Some(cpu), mem_available_percent: Some(mem), ..Default::default() };
+        let obs = |cpu: f64, mem: f64| Observed {
+            cpu_used_percent: Some(cpu),
+            mem_available_percent: Some(mem),
+            ..Default::default()
+        };
         t.observe(&obs(96.0, 50.0), &r, T0);
         t.observe(&obs(99.0, 50.0), &r, T0 + 200_000);
         let mut f = facts(&t);
         f.last_seen_ms = T0 + 299_000;
         assert!(judge(&f, &r, T0 + 299_000).problems.is_empty());
         let v = judge(&f, &r, T0 + 300_000);
-        assert_eq!(v.problems, vec![Problem { reason: Reason::Pegged, evidence: "CPU 99.0% for 5m0s".into() }]);
+        assert_eq!(
+            v.problems,
+            vec![Problem {
+                reason: Reason::Pegged,
+                evidence: "CPU 99.0% for 5m0s".into()
+            }]
+        );
         // One normal sample resets the clock.
         t.observe(&obs(50.0, 50.0), &r, T0 + 301_000);
         t.observe(&obs(50.0, 4.0), &r, T0 + 302_000);
@@ -395,12 +572,33 @@ mod tests {
 
     #[test]
     fn disk_over_the_limit() {
-        let r = Rules { grace: Duration::ZERO, disk_full: 90.0, ..rules() };
+        let r = Rules {
+            grace: Duration::ZERO,
+            disk_full: 90.0,
+            ..rules()
+        };
         let mut t = Tracking::default();
-        t.observe(&Observed { disk_worst: Some(("/var".into(), 90.0)), ..Default::default() }, &r, T0);
+        t.observe(
+            &Observed {
+                disk_worst: Some(("/var".into(), 90.0)),
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
         assert!(judge(&facts(&t), &r, T0).problems.is_empty());
-        t.observe(&Observed { disk_worst: Some(("/var".into(), 90.5)), ..Default::default() }, &r, T0);
-        assert_eq!(judge(&facts(&t), &r, T0).problems[0].evidence, "filesystem /var 90.5% full (limit 90%)");
+        t.observe(
+            &Observed {
+                disk_worst: Some(("/var".into(), 90.5)),
+                ..Default::default()
+            },
+            &r,
+            T0,
+        );
+        assert_eq!(
+            judge(&facts(&t), &r, T0).problems[0].evidence,
+            "filesystem /var 90.5% full (limit 90%)"
+        );
     }
 
     #[test]
@@ -410,13 +608,22 @@ mod tests {
         let mut f = facts(&t);
         f.last_seen_ms = T0 + 400 * 86_400_000;
         assert!(judge(&f, &off, f.last_seen_ms).problems.is_empty());
-        let r = Rules { max_lifetime: Some(Duration::from_secs(7 * 86400)), ..rules() };
+        let r = Rules {
+            max_lifetime: Some(Duration::from_secs(7 * 86400)),
+            ..rules()
+        };
         f.last_seen_ms = T0 + 7 * 86_400_000;
-        assert!(judge(&f, &r, f.last_seen_ms).problems.is_empty(), "exactly the lifetime is not over it");
+        assert!(
+            judge(&f, &r, f.last_seen_ms).problems.is_empty(),
+            "exactly the lifetime is not over it"
+        );
         f.last_seen_ms += 1000;
         let v = judge(&f, &r, f.last_seen_ms);
         assert_eq!(reasons(&v), vec![Reason::Age]);
-        assert_eq!(v.problems[0].evidence, "running for 7d0h, over the maximum lifetime of 7d0h");
+        assert_eq!(
+            v.problems[0].evidence,
+            "running for 7d0h, over the maximum lifetime of 7d0h"
+        );
         // The boot time counts when the agent sent it: it booted 8 days before the collector saw it.
         f.boot_time = ((T0 - 86_400_000) / 1000) as u64;
         f.last_seen_ms = T0 + 6 * 86_400_000 + 1000;

@@ -49,7 +49,12 @@ pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let token = auth::generate().context("reading /dev/urandom")?;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("creating {}", path.display()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
             std::io::Write::write_all(&mut f, token.as_bytes())?;
             tracing::info!(role = role.name(), file = %path.display(), "no token given for this role; generated one");
             token
@@ -61,7 +66,12 @@ pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
 
 pub fn make_sink(cfg: &Config) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match &cfg.influx {
-        Some((url, api)) => Arc::new(sink::influx::Influx::new(url, api.clone(), cfg.influx_gzip, Duration::from_secs(30))),
+        Some((url, api)) => Arc::new(sink::influx::Influx::new(
+            url,
+            api.clone(),
+            cfg.influx_gzip,
+            Duration::from_secs(30),
+        )),
         None => {
             let db = "phoenix";
             Arc::new(sink::file::FileSink::new(cfg.data_dir.join("influx"), db)?)
@@ -71,7 +81,12 @@ pub fn make_sink(cfg: &Config) -> anyhow::Result<Arc<dyn Sink>> {
 
 /// Run the collector until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {} (give --data-dir a writable path)", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "creating data dir {} (give --data-dir a writable path)",
+            cfg.data_dir.display()
+        )
+    })?;
     let tokens = load_tokens(&cfg)?;
     let sink = make_sink(&cfg)?;
     let store = sink.describe();
@@ -85,19 +100,51 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let writer = writer::start(sink, writer::Settings::default());
-    let limits = phoenix_wire::Limits { max_decompressed: cfg.max_report, max_points: cfg.max_points, ..Default::default() };
-    let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines")).with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
+    let limits = phoenix_wire::Limits {
+        max_decompressed: cfg.max_report,
+        max_points: cfg.max_points,
+        ..Default::default()
+    };
+    let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines"))
+        .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
     let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
     let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
-    tokio::spawn(selfmetrics::run(obs.clone(), phoenix_fleet.clone(), writer.clone()));
-    let state = Arc::new(api::AppState { tokens, baselines, writer, fleet: phoenix_fleet.clone(), limits, max_body: cfg.max_body, store: store.clone(), security: security::Security { limiter: security::Limiter::new(cfg.rate_limit), mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) }, obs });
+    tokio::spawn(selfmetrics::run(
+        obs.clone(),
+        phoenix_fleet.clone(),
+        writer.clone(),
+    ));
+    let state = Arc::new(api::AppState {
+        tokens,
+        baselines,
+        writer,
+        fleet: phoenix_fleet.clone(),
+        limits,
+        max_body: cfg.max_body,
+        store: store.clone(),
+        security: security::Security {
+            limiter: security::Limiter::new(cfg.rate_limit),
+            mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        },
+        obs,
+    });
     let app = api::router(state);
     // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
     let tls = match &cfg.tls {
-        Some(files) => Some(tls::Reloader::new(files.clone()).context("loading TLS files (PEM certificate chain and private key)")?),
+        Some(files) => Some(
+            tls::Reloader::new(files.clone())
+                .context("loading TLS files (PEM certificate chain and private key)")?,
+        ),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} (is another collector running? use --listen)", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another collector running? use --listen)",
+                cfg.listen
+            )
+        })?;
     match tls {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);
@@ -110,7 +157,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
             tracing::info!(listen = %listener.local_addr()?, store = %store, tls = false, "phoenix-collector ready");
             // The peer address lets the fleet page stay open to loopback only.
-            axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown()).await?;
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown())
+            .await?;
         }
     }
     // The queue's last pass and the final save of the fleet state.
@@ -131,7 +183,14 @@ async fn shutdown() {
 
 /// Fleet state from `<data-dir>/fleet.json`, and the phoenix queue's background task.
 #[allow(clippy::type_complexity)]
-fn start_phoenix(cfg: &Config, writer: writer::WriterHandle) -> anyhow::Result<(Arc<fleet::Fleet>, tokio::task::JoinHandle<()>, tokio::sync::watch::Sender<bool>)> {
+fn start_phoenix(
+    cfg: &Config,
+    writer: writer::WriterHandle,
+) -> anyhow::Result<(
+    Arc<fleet::Fleet>,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Sender<bool>,
+)> {
     let store = store::Store::new(&cfg.data_dir);
     let fleet = Arc::new(fleet::Fleet::new(cfg.health.clone(), api::now_ms()));
     if let Some(snap) = store.load()? {
@@ -141,7 +200,9 @@ fn start_phoenix(cfg: &Config, writer: writer::WriterHandle) -> anyhow::Result<(
     if cfg.health.log_only {
         tracing::warn!("--log-only: nothing will be marked for replacement; would-be marks are logged and listed under \"held\" in GET /v1/phoenix");
     }
-    let hook = cfg.webhook.as_ref().map(|(url, secret)| webhook::Webhook::start(url.clone(), secret.clone(), webhook::Settings::default()));
+    let hook = cfg.webhook.as_ref().map(|(url, secret)| {
+        webhook::Webhook::start(url.clone(), secret.clone(), webhook::Settings::default())
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(fleet::run(fleet.clone(), writer, hook, store, stop_rx));
     Ok((fleet, task, stop_tx))

@@ -49,7 +49,11 @@ pub struct PointWriter<'a> {
 
 impl Writer {
     pub fn with_capacity(n: usize) -> Writer {
-        Writer { buf: String::with_capacity(n), lines: 0, ends: Vec::new() }
+        Writer {
+            buf: String::with_capacity(n),
+            lines: 0,
+            ends: Vec::new(),
+        }
     }
 
     /// Each line, without its newline.
@@ -60,7 +64,11 @@ impl Writer {
     pub fn point(&mut self, measurement: &str) -> PointWriter<'_> {
         let start = self.buf.len();
         escape_into(&mut self.buf, measurement, &[',', ' ']);
-        PointWriter { w: self, start, fields: 0 }
+        PointWriter {
+            w: self,
+            start,
+            fields: 0,
+        }
     }
 }
 
@@ -137,7 +145,12 @@ fn escape_into(out: &mut String, s: &str, special: &[char]) {
             // As an escaped space: a bare one would end the tag set and shift the rest of the
             // line into the fields (found by tests/fuzz_report_lines.rs).
             '\n' | '\r' | '\t' => out.push_str("\\ "),
-            '\\' if chars.peek().is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) => out.push('/'),
+            '\\' if chars
+                .peek()
+                .is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) =>
+            {
+                out.push('/')
+            }
             c if special.contains(&c) => {
                 out.push('\\');
                 out.push(c);
@@ -156,8 +169,16 @@ mod tests {
     #[test]
     fn known_lines() {
         let mut w = Writer::default();
-        w.point("cpu").tag("cpu", "cpu-total").tag("host", "web 1,x=y").field("usage_idle", &Value::Float(5.0)).field("n", &Value::Int(3)).end(1);
-        w.point("log").tag("path", "/var/log/a b.log").str_field("message", "he said \"hi\", C:\\temp\\ end\\").end(2);
+        w.point("cpu")
+            .tag("cpu", "cpu-total")
+            .tag("host", "web 1,x=y")
+            .field("usage_idle", &Value::Float(5.0))
+            .field("n", &Value::Int(3))
+            .end(1);
+        w.point("log")
+            .tag("path", "/var/log/a b.log")
+            .str_field("message", "he said \"hi\", C:\\temp\\ end\\")
+            .end(2);
         assert_eq!(
             w.buf,
             "cpu,cpu=cpu-total,host=web\\ 1\\,x\\=y usage_idle=5.0,n=3i 1\nlog,path=/var/log/a\\ b.log message=\"he said \\\"hi\\\", C:\\\\temp\\\\ end\\\\\" 2\n"
@@ -168,14 +189,21 @@ mod tests {
     #[test]
     fn backslashes_in_tags() {
         let mut w = Writer::default();
-        w.point("m").tag("p", "C:\\temp\\x").tag("q", "a\\ b\\").field("v", &Value::Int(1)).end(1);
+        w.point("m")
+            .tag("p", "C:\\temp\\x")
+            .tag("q", "a\\ b\\")
+            .field("v", &Value::Int(1))
+            .end(1);
         assert_eq!(w.buf, "m,p=C:\\temp\\x,q=a/\\ b/ v=1i 1\n");
     }
 
     #[test]
     fn injection_stays_inside_the_string() {
         let mut w = Writer::default();
-        w.point("log").tag("host", "a").str_field("message", "x\"\nevil,host=a v=1 1").end(5);
+        w.point("log")
+            .tag("host", "a")
+            .str_field("message", "x\"\nevil,host=a v=1 1")
+            .end(5);
         let lines: Vec<_> = parse_lines(&w.buf).collect::<Result<_, _>>().unwrap();
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].series.measurement.to_string(), "log");
@@ -184,7 +212,11 @@ mod tests {
     #[test]
     fn fieldless_points_are_dropped() {
         let mut w = Writer::default();
-        assert!(!w.point("cpu").tag("a", "b").field("x", &Value::Float(f64::NAN)).end(1));
+        assert!(!w
+            .point("cpu")
+            .tag("a", "b")
+            .field("x", &Value::Float(f64::NAN))
+            .end(1));
         assert_eq!(w.buf, "");
         assert_eq!(w.lines, 0);
     }

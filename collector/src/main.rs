@@ -3,15 +3,21 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = phoenix_collector::config::Args::parse();
     let json = args.log_format.as_deref() == Some("json");
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL")
+        .unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
         b.init();
     }
     let result = args.resolve().and_then(|cfg| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         rt.block_on(phoenix_collector::serve(cfg))
     });
     match result {

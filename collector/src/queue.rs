@@ -138,7 +138,12 @@ pub fn is_mass(bad: usize, size: usize, rules: &Rules) -> bool {
     size > 0 && bad >= rules.mass_min.max(1) && bad as f64 > rules.mass_event * size as f64
 }
 
-fn alert_message(group: &str, bad: usize, size: usize, reasons: &BTreeMap<String, usize>) -> String {
+fn alert_message(
+    group: &str,
+    bad: usize,
+    size: usize,
+    reasons: &BTreeMap<String, usize>,
+) -> String {
     let what: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
     format!(
         "{bad} of {size} instances in group {group} turned bad at once ({}): marks in this group are held; more likely a bad baseline, a rollout or the network than the instances. Check and fix; the alert clears by itself",
@@ -159,11 +164,22 @@ fn facts<'a>(i: &'a Instance, watch_since_ms: i64) -> Facts<'a> {
 }
 
 /// One pass over the fleet at `now_ms`. `watch_since_ms` is when this collector started.
-pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, rules: &Rules, now_ms: i64, watch_since_ms: i64) -> Outcome {
+pub fn evaluate(
+    instances: &mut HashMap<String, Instance>,
+    q: &mut QueueState,
+    rules: &Rules,
+    now_ms: i64,
+    watch_since_ms: i64,
+) -> Outcome {
     let mut out = Outcome::default();
     let forget = health::ms(rules.forget_after);
     instances.retain(|id, i| {
-        let keep = !i.phx.mark.as_ref().and_then(|m| m.gone_ms).is_some_and(|g| now_ms - g >= forget);
+        let keep = !i
+            .phx
+            .mark
+            .as_ref()
+            .and_then(|m| m.gone_ms)
+            .is_some_and(|g| now_ms - g >= forget);
         if !keep {
             out.forgotten.push(id.clone());
         }
@@ -185,7 +201,11 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
             if m.gone_ms.is_none() {
                 if m.acked_ms.is_some() {
                     // The recycler took it; once it stops reporting it is gone, and frees the budget.
-                    let interval = if i.interval_ms == 0 { 10_000 } else { i.interval_ms as i64 };
+                    let interval = if i.interval_ms == 0 {
+                        10_000
+                    } else {
+                        i.interval_ms as i64
+                    };
                     let gone_after = (3 * interval).min(health::ms(rules.silent_after));
                     if silent_for >= gone_after {
                         m.gone_ms = Some(now_ms);
@@ -217,7 +237,19 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
             None => {}
         }
         // Age is routine recycling, not a sign of trouble: it never makes a mass event.
-        let bad_reason = i.phx.problem.as_ref().map(|p| p.reason).filter(|r| *r != Reason::Age).or_else(|| i.phx.mark.as_ref().filter(|m| m.acked_ms.is_none()).map(|m| m.reason));
+        let bad_reason = i
+            .phx
+            .problem
+            .as_ref()
+            .map(|p| p.reason)
+            .filter(|r| *r != Reason::Age)
+            .or_else(|| {
+                i.phx
+                    .mark
+                    .as_ref()
+                    .filter(|m| m.acked_ms.is_none())
+                    .map(|m| m.reason)
+            });
         if let Some(r) = bad_reason {
             g.bad += 1;
             *reasons.entry(r.as_str().to_string()).or_default() += 1;
@@ -235,7 +267,14 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
             }
             (true, None) => {
                 let message = alert_message(name, g.bad, g.size, reasons);
-                let a = Alert { group: name.clone(), since_ms: now_ms, bad: g.bad, size: g.size, reasons: reasons.clone(), message };
+                let a = Alert {
+                    group: name.clone(),
+                    since_ms: now_ms,
+                    bad: g.bad,
+                    size: g.size,
+                    reasons: reasons.clone(),
+                    message,
+                };
                 tracing::error!(group = %name, bad = g.bad, size = g.size, "mass event: {}", a.message);
                 q.alerts.insert(name.clone(), a.clone());
                 out.alerts_raised.push(a);
@@ -263,7 +302,15 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
     let mut candidates: Vec<(Reason, i64, String)> = instances
         .iter()
         .filter(|(_, i)| i.phx.mark.is_none())
-        .filter_map(|(id, i)| i.phx.problem.as_ref().map(|p| (p.reason, i.phx.problem_since_ms.unwrap_or(now_ms), id.clone())))
+        .filter_map(|(id, i)| {
+            i.phx.problem.as_ref().map(|p| {
+                (
+                    p.reason,
+                    i.phx.problem_since_ms.unwrap_or(now_ms),
+                    id.clone(),
+                )
+            })
+        })
         .collect();
     candidates.sort();
     let mut held: HashMap<String, String> = HashMap::new();
@@ -271,16 +318,31 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
         let i = instances.get_mut(&id).expect("candidate exists");
         let group = group_of(i).to_string();
         let g = &mut groups.get_mut(&group).expect("group counted").0;
-        let interval = if i.interval_ms == 0 { 10_000 } else { i.interval_ms as i64 };
-        let settle_until = i.phx.problem_since_ms.unwrap_or(now_ms) + rules.settle_intervals as i64 * interval;
+        let interval = if i.interval_ms == 0 {
+            10_000
+        } else {
+            i.interval_ms as i64
+        };
+        let settle_until =
+            i.phx.problem_since_ms.unwrap_or(now_ms) + rules.settle_intervals as i64 * interval;
         let hold = if let Some(a) = q.alerts.get(&group) {
-            Some(format!("mass event in group {group}: {} of {} bad", a.bad, a.size))
+            Some(format!(
+                "mass event in group {group}: {} of {} bad",
+                a.bad, a.size
+            ))
         } else if now_ms < settle_until {
             Some(format!("settling: waiting {} for the rest of group {group} to report (a mass event holds all marks)", health::human(settle_until - now_ms)))
         } else if g.marked + g.acked >= g.allowed {
-            Some(format!("budget: {} of at most {} in group {group} already marked", g.marked + g.acked, g.allowed))
+            Some(format!(
+                "budget: {} of at most {} in group {group} already marked",
+                g.marked + g.acked,
+                g.allowed
+            ))
         } else if q.recent_marks.len() >= rules.mark_rate_per_min as usize {
-            Some(format!("rate limit: {} marks in the last minute", q.recent_marks.len()))
+            Some(format!(
+                "rate limit: {} marks in the last minute",
+                q.recent_marks.len()
+            ))
         } else if rules.log_only {
             g.marked += 1; // as if marked, so log-only shows what the budget would allow
             out.would_mark.push(id.clone());
@@ -297,7 +359,14 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
                 g.marked += 1;
                 q.recent_marks.push_back(now_ms);
                 tracing::warn!(instance_id = %id, group = %group, reason = reason.as_str(), evidence = %problem.evidence, "marked for replacement");
-                i.phx.mark = Some(Mark { reason, evidence: problem.evidence, since_ms: now_ms, acked_ms: None, acked_by: None, gone_ms: None });
+                i.phx.mark = Some(Mark {
+                    reason,
+                    evidence: problem.evidence,
+                    since_ms: now_ms,
+                    acked_ms: None,
+                    acked_by: None,
+                    gone_ms: None,
+                });
                 out.new_marks.push(id);
             }
         }
@@ -344,9 +413,19 @@ pub fn evaluate(instances: &mut HashMap<String, Instance>, q: &mut QueueState, r
 }
 
 /// The recycler took `id`. Err(None): not known or not marked (404); acking twice is fine.
-pub fn ack(instances: &mut HashMap<String, Instance>, id: &str, by: &str, now_ms: i64) -> Result<bool, ()> {
+pub fn ack(
+    instances: &mut HashMap<String, Instance>,
+    id: &str,
+    by: &str,
+    now_ms: i64,
+) -> Result<bool, ()> {
     let i = instances.get_mut(id).ok_or(())?;
-    let m = i.phx.mark.as_mut().filter(|m| m.gone_ms.is_none()).ok_or(())?;
+    let m = i
+        .phx
+        .mark
+        .as_mut()
+        .filter(|m| m.gone_ms.is_none())
+        .ok_or(())?;
     if m.acked_ms.is_some() {
         return Ok(false);
     }
@@ -377,24 +456,58 @@ mod tests {
 
     impl Sim {
         fn new(rules: Rules) -> Sim {
-            Sim { fleet: HashMap::new(), q: QueueState::default(), rules, now: T0 }
+            Sim {
+                fleet: HashMap::new(),
+                q: QueueState::default(),
+                rules,
+                now: T0,
+            }
         }
         fn add(&mut self, group: &str, n: usize) -> Vec<String> {
             (0..n)
                 .map(|k| {
                     let id = format!("i-{group}-{k:02}");
-                    let identity = Identity { instance_id: id.clone(), image_id: "img".into(), group: Some(group.into()), ..Default::default() };
-                    self.fleet.insert(id.clone(), Instance { identity, first_seen_ms: self.now, last_seen_ms: self.now, interval_ms: 1000, ..Default::default() });
+                    let identity = Identity {
+                        instance_id: id.clone(),
+                        image_id: "img".into(),
+                        group: Some(group.into()),
+                        ..Default::default()
+                    };
+                    self.fleet.insert(
+                        id.clone(),
+                        Instance {
+                            identity,
+                            first_seen_ms: self.now,
+                            last_seen_ms: self.now,
+                            interval_ms: 1000,
+                            ..Default::default()
+                        },
+                    );
                     id
                 })
                 .collect()
         }
         fn drift(&mut self, id: &str, file: &str) {
-            let changes = vec![phoenix_wire::FileChange { path: file.into(), change: "changed".into(), attrs: vec!["content".into()] }];
-            self.fleet.get_mut(id).unwrap().drift = Some(DriftInfo { hash: "h".into(), drifted: true, source: Some("registered baseline".into()), changes, ..Default::default() });
+            let changes = vec![phoenix_wire::FileChange {
+                path: file.into(),
+                change: "changed".into(),
+                attrs: vec!["content".into()],
+            }];
+            self.fleet.get_mut(id).unwrap().drift = Some(DriftInfo {
+                hash: "h".into(),
+                drifted: true,
+                source: Some("registered baseline".into()),
+                changes,
+                ..Default::default()
+            });
         }
         fn fail_check(&mut self, id: &str) {
-            self.fleet.get_mut(id).unwrap().tracking.check_streaks.insert("web".into(), (9, "HTTP 500".into()));
+            self.fleet
+                .get_mut(id)
+                .unwrap()
+                .tracking
+                .check_streaks
+                .insert("web".into(), (9, "HTTP 500".into()));
         }
         /// Advance the clock; every instance not in `silent` reports meanwhile.
         fn tick(&mut self, ms: i64, silent: &[&str]) -> Outcome {
@@ -410,7 +523,12 @@ mod tests {
             self.fleet[id].phx.state
         }
         fn marked(&self) -> Vec<String> {
-            let mut v: Vec<String> = self.fleet.iter().filter(|(_, i)| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none())).map(|(id, _)| id.clone()).collect();
+            let mut v: Vec<String> = self
+                .fleet
+                .iter()
+                .filter(|(_, i)| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()))
+                .map(|(id, _)| id.clone())
+                .collect();
             v.sort();
             v
         }
@@ -418,14 +536,23 @@ mod tests {
 
     fn quick() -> Rules {
         // No settling here (see `a_group_drifting_over_an_interval_is_one_mass_event`).
-        Rules { grace: Duration::from_secs(2), silent_after: Duration::from_secs(3), mark_rate_per_min: 100, settle_intervals: 0, ..Default::default() }
+        Rules {
+            grace: Duration::from_secs(2),
+            silent_after: Duration::from_secs(3),
+            mark_rate_per_min: 100,
+            settle_intervals: 0,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn a_group_drifting_over_an_interval_is_one_mass_event() {
         // Reports of a group that drifts together come in over one interval; settling keeps
         // the first one from being marked before the rest show the mass event.
-        let mut s = Sim::new(Rules { settle_intervals: 2, ..quick() });
+        let mut s = Sim::new(Rules {
+            settle_intervals: 2,
+            ..quick()
+        });
         let ids = s.add("batch", 6);
         s.tick(3 * S, &[]);
         for id in &ids {
@@ -434,9 +561,17 @@ mod tests {
             assert!(o.new_marks.is_empty(), "{id}: {:?}", s.fleet[id].phx.held);
         }
         assert_eq!(s.q.alerts["batch"].bad, 6);
-        assert!(s.fleet[&ids[0]].phx.held.as_deref().unwrap().starts_with("mass event"));
+        assert!(s.fleet[&ids[0]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("mass event"));
         // A lone drift is marked once it settled: two intervals.
-        let mut s = Sim::new(Rules { settle_intervals: 2, ..quick() });
+        let mut s = Sim::new(Rules {
+            settle_intervals: 2,
+            ..quick()
+        });
         let ids = s.add("web", 10);
         s.tick(3 * S, &[]);
         s.drift(&ids[4], "/etc/x");
@@ -457,7 +592,11 @@ mod tests {
         assert_eq!(allowed(100, 0.25), 25);
         assert_eq!(allowed(0, 0.10), 1);
         assert_eq!(allowed(10, 0.0), 1, "at least one, always");
-        let r = Rules { mass_event: 0.5, mass_min: 3, ..Default::default() };
+        let r = Rules {
+            mass_event: 0.5,
+            mass_min: 3,
+            ..Default::default()
+        };
         assert!(!is_mass(5, 10, &r), "exactly half is not more than half");
         assert!(is_mass(6, 10, &r));
         assert!(!is_mass(2, 2, &r), "two bad instances are no mass event");
@@ -467,7 +606,10 @@ mod tests {
 
     #[test]
     fn states_through_a_life_new_healthy_suspect_marked_acked_gone_forgotten() {
-        let mut s = Sim::new(Rules { silent_after: Duration::from_secs(5), ..quick() });
+        let mut s = Sim::new(Rules {
+            silent_after: Duration::from_secs(5),
+            ..quick()
+        });
         let ids = s.add("web", 20);
         let a = ids[0].as_str();
         s.tick(0, &[]);
@@ -482,19 +624,43 @@ mod tests {
         assert_eq!(o.new_marks, vec![a.to_string()]);
         assert_eq!(s.state(a), State::Marked);
         let m = s.fleet[a].phx.mark.clone().unwrap();
-        assert_eq!((m.reason, m.evidence.as_str(), m.since_ms), (Reason::Silent, "silent for 5s; reports every 1s", s.now));
+        assert_eq!(
+            (m.reason, m.evidence.as_str(), m.since_ms),
+            (Reason::Silent, "silent for 5s; reports every 1s", s.now)
+        );
         // Not acked: stays marked while silent.
         s.tick(10 * S, &[a]);
         assert_eq!(s.state(a), State::Marked);
         assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Ok(true));
-        assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Ok(false), "acking twice is harmless");
-        assert_eq!(ack(&mut s.fleet, &ids[1], "recycler#1", s.now), Err(()), "not marked");
+        assert_eq!(
+            ack(&mut s.fleet, a, "recycler#1", s.now),
+            Ok(false),
+            "acking twice is harmless"
+        );
+        assert_eq!(
+            ack(&mut s.fleet, &ids[1], "recycler#1", s.now),
+            Err(()),
+            "not marked"
+        );
         assert_eq!(ack(&mut s.fleet, "i-nope", "recycler#1", s.now), Err(()));
         // Acked and (still) silent: gone at the next pass, and the budget is free again.
         s.tick(S, &[a]);
         assert_eq!(s.state(a), State::Gone);
-        assert_eq!(s.q.budget["web"], GroupBudget { size: 19, allowed: 1, marked: 0, acked: 0, bad: 0 });
-        assert_eq!(ack(&mut s.fleet, a, "recycler#1", s.now), Err(()), "a gone instance cannot be acked");
+        assert_eq!(
+            s.q.budget["web"],
+            GroupBudget {
+                size: 19,
+                allowed: 1,
+                marked: 0,
+                acked: 0,
+                bad: 0
+            }
+        );
+        assert_eq!(
+            ack(&mut s.fleet, a, "recycler#1", s.now),
+            Err(()),
+            "a gone instance cannot be acked"
+        );
         // Forgotten after forget_after.
         let o = s.tick(health::ms(s.rules.forget_after) - 2 * S, &[a]);
         assert!(o.forgotten.is_empty());
@@ -514,7 +680,10 @@ mod tests {
         s.drift(&ids[1], "/etc/y");
         s.tick(S, &[]);
         assert_eq!(s.marked(), vec![ids[0].clone()], "budget 1 of 10");
-        assert_eq!(s.fleet[&ids[1]].phx.held.as_deref(), Some("budget: 1 of at most 1 in group web already marked"));
+        assert_eq!(
+            s.fleet[&ids[1]].phx.held.as_deref(),
+            Some("budget: 1 of at most 1 in group web already marked")
+        );
         assert_eq!(s.state(&ids[1]), State::Drifted);
         ack(&mut s.fleet, &ids[0], "r", s.now).unwrap();
         s.tick(10 * S, &[]);
@@ -524,12 +693,18 @@ mod tests {
         let o = s.tick(3 * S, &[&ids[0]]);
         assert_eq!(s.state(&ids[0]), State::Gone);
         assert_eq!(o.new_marks, vec![ids[1].clone()]);
-        assert_eq!(s.fleet[&ids[1]].phx.mark.as_ref().unwrap().evidence, "drifted from the registered baseline: /etc/y (content)");
+        assert_eq!(
+            s.fleet[&ids[1]].phx.mark.as_ref().unwrap().evidence,
+            "drifted from the registered baseline: /etc/y (content)"
+        );
     }
 
     #[test]
     fn budgeted_marks_go_to_the_worst_reason_first() {
-        let mut t = Sim::new(Rules { max_lifetime: Some(Duration::from_secs(3600)), ..quick() });
+        let mut t = Sim::new(Rules {
+            max_lifetime: Some(Duration::from_secs(3600)),
+            ..quick()
+        });
         let ids = t.add("web", 30); // allowed: 3
         t.tick(3 * S, &[]);
         t.fleet.get_mut(&ids[3]).unwrap().tracking.disk_worst = Some(("/".into(), 99.0));
@@ -539,14 +714,30 @@ mod tests {
         t.fail_check(&ids[7]);
         t.drift(&ids[9], "/etc/z");
         let marked_before = t.marked();
-        assert_eq!(marked_before.len(), 2, "disk and silence took the budget first: {marked_before:?}");
+        assert_eq!(
+            marked_before.len(),
+            2,
+            "disk and silence took the budget first: {marked_before:?}"
+        );
         for id in &marked_before {
             t.fleet.get_mut(id).unwrap().phx.mark = None; // start the comparison from an empty queue
         }
         let o = t.tick(S, &[&ids[5]]);
-        assert_eq!(o.new_marks, vec![ids[9].clone(), ids[7].clone(), ids[5].clone()], "drift, the check, then silence");
-        assert!(t.fleet[&ids[3]].phx.held.as_deref().unwrap().starts_with("budget"));
-        assert_eq!(t.fleet[&ids[7]].phx.mark.as_ref().unwrap().evidence, "check web failed 9 times in a row: HTTP 500");
+        assert_eq!(
+            o.new_marks,
+            vec![ids[9].clone(), ids[7].clone(), ids[5].clone()],
+            "drift, the check, then silence"
+        );
+        assert!(t.fleet[&ids[3]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("budget"));
+        assert_eq!(
+            t.fleet[&ids[7]].phx.mark.as_ref().unwrap().evidence,
+            "check web failed 9 times in a row: HTTP 500"
+        );
         // Past the lifetime every instance is old, but the disk goes before age as slots free up.
         t.tick(3600 * S, &[&ids[5]]);
         for id in [&ids[5], &ids[7], &ids[9]] {
@@ -556,7 +747,10 @@ mod tests {
         assert_eq!(t.state(&ids[7]), State::Gone);
         assert_eq!(o.new_marks.len(), 2, "27 left: budget 2");
         assert_eq!(o.new_marks[0], ids[3], "disk full first");
-        assert_eq!(t.fleet[&o.new_marks[1]].phx.mark.as_ref().unwrap().reason, Reason::Age);
+        assert_eq!(
+            t.fleet[&o.new_marks[1]].phx.mark.as_ref().unwrap().reason,
+            Reason::Age
+        );
     }
 
     #[test]
@@ -570,14 +764,25 @@ mod tests {
         }
         s.drift(&web[0], "/etc/passwd");
         let o = s.tick(S, &[]);
-        assert_eq!(o.new_marks, vec![web[0].clone()], "the other group is not affected");
+        assert_eq!(
+            o.new_marks,
+            vec![web[0].clone()],
+            "the other group is not affected"
+        );
         assert_eq!(o.alerts_raised.len(), 1);
         let a = &s.q.alerts["batch"];
         assert_eq!((a.bad, a.size, a.reasons.get("drift")), (4, 6, Some(&4)));
-        assert!(a.message.contains("4 of 6 instances in group batch"), "{}", a.message);
+        assert!(
+            a.message.contains("4 of 6 instances in group batch"),
+            "{}",
+            a.message
+        );
         for id in &batch[..4] {
             assert_eq!(s.state(id), State::Drifted);
-            assert_eq!(s.fleet[id].phx.held.as_deref(), Some("mass event in group batch: 4 of 6 bad"));
+            assert_eq!(
+                s.fleet[id].phx.held.as_deref(),
+                Some("mass event in group batch: 4 of 6 bad")
+            );
         }
         // Still held on later passes; nothing raised twice.
         let o = s.tick(S, &[]);
@@ -594,7 +799,11 @@ mod tests {
 
     #[test]
     fn the_rate_limit_spans_the_fleet() {
-        let mut s = Sim::new(Rules { mark_rate_per_min: 2, budget: 1.0, ..quick() });
+        let mut s = Sim::new(Rules {
+            mark_rate_per_min: 2,
+            budget: 1.0,
+            ..quick()
+        });
         let ids = s.add("web", 10);
         s.tick(3 * S, &[]);
         for id in &ids[..4] {
@@ -602,14 +811,21 @@ mod tests {
         }
         let o = s.tick(S, &[]);
         assert_eq!(o.new_marks.len(), 2);
-        assert!(s.fleet.values().filter_map(|i| i.phx.held.as_deref()).all(|h| h == "rate limit: 2 marks in the last minute"));
+        assert!(s
+            .fleet
+            .values()
+            .filter_map(|i| i.phx.held.as_deref())
+            .all(|h| h == "rate limit: 2 marks in the last minute"));
         assert_eq!(s.tick(59 * S, &[]).new_marks.len(), 0);
         assert_eq!(s.tick(S, &[]).new_marks.len(), 2, "a minute later two more");
     }
 
     #[test]
     fn log_only_marks_nothing_and_shows_what_it_would_mark() {
-        let mut s = Sim::new(Rules { log_only: true, ..quick() });
+        let mut s = Sim::new(Rules {
+            log_only: true,
+            ..quick()
+        });
         let ids = s.add("web", 20);
         s.tick(3 * S, &[]);
         for id in &ids[..3] {
@@ -619,8 +835,17 @@ mod tests {
         assert!(o.new_marks.is_empty());
         assert!(s.marked().is_empty());
         assert_eq!(o.would_mark.len(), 2, "within the budget of 2");
-        let holds: Vec<&str> = ids[..3].iter().map(|id| s.fleet[id].phx.held.as_deref().unwrap()).collect();
-        assert_eq!(holds.iter().filter(|h| **h == "log-only: would be marked").count(), 2);
+        let holds: Vec<&str> = ids[..3]
+            .iter()
+            .map(|id| s.fleet[id].phx.held.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            holds
+                .iter()
+                .filter(|h| **h == "log-only: would be marked")
+                .count(),
+            2
+        );
         assert_eq!(holds.iter().filter(|h| h.starts_with("budget")).count(), 1);
     }
 
@@ -646,7 +871,10 @@ mod tests {
 
     #[test]
     fn grace_holds_everything_but_drift() {
-        let mut s = Sim::new(Rules { grace: Duration::from_secs(300), ..quick() });
+        let mut s = Sim::new(Rules {
+            grace: Duration::from_secs(300),
+            ..quick()
+        });
         let ids = s.add("web", 10);
         s.fail_check(&ids[0]);
         s.tick(10 * S, &[&ids[1]]);

@@ -45,7 +45,10 @@ impl Rate {
             return Err(bad());
         }
         let per_sec = n / per;
-        let burst = burst.map(f64::from).unwrap_or((per_sec * 2.0).max(5.0)).max(1.0);
+        let burst = burst
+            .map(f64::from)
+            .unwrap_or((per_sec * 2.0).max(5.0))
+            .max(1.0);
         Ok(Some(Rate { per_sec, burst }))
     }
 }
@@ -70,7 +73,10 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(rate: Option<Rate>) -> Limiter {
-        Limiter { rate, buckets: Mutex::new(Buckets::default()) }
+        Limiter {
+            rate,
+            buckets: Mutex::new(Buckets::default()),
+        }
     }
 
     /// Take one request from `key`'s bucket, or say how long until one is available.
@@ -81,13 +87,28 @@ impl Limiter {
     pub fn check_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
         let Some(rate) = self.rate else { return Ok(()) };
         let mut g = self.buckets.lock().unwrap();
-        if !g.map.contains_key(key) && g.map.len() >= MAX_KEYS && g.pruned.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-            g.map.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_sec < rate.burst);
+        if !g.map.contains_key(key)
+            && g.map.len() >= MAX_KEYS
+            && g.pruned
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            g.map.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_sec
+                    < rate.burst
+            });
             g.pruned = Some(now);
         }
-        let key = if g.map.contains_key(key) || g.map.len() < MAX_KEYS { key } else { "\0overflow" };
-        let b = g.map.entry(key.to_owned()).or_insert(Bucket { tokens: rate.burst, at: now });
-        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_sec).min(rate.burst);
+        let key = if g.map.contains_key(key) || g.map.len() < MAX_KEYS {
+            key
+        } else {
+            "\0overflow"
+        };
+        let b = g.map.entry(key.to_owned()).or_insert(Bucket {
+            tokens: rate.burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_sec)
+            .min(rate.burst);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -107,15 +128,25 @@ pub struct Security {
 
 impl Default for Security {
     fn default() -> Self {
-        Security { limiter: Limiter::new(None), mtls: false }
+        Security {
+            limiter: Limiter::new(None),
+            mtls: false,
+        }
     }
 }
 
 /// 429 with a whole-second Retry-After (at least 1: HTTP has no finer unit).
 pub fn too_many(wait: Duration, what: &str) -> Response {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut r = crate::api::error(StatusCode::TOO_MANY_REQUESTS, format!("rate limit for {what} exceeded (--rate-limit); retry after {} s", secs.max(1)));
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    let mut r = crate::api::error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "rate limit for {what} exceeded (--rate-limit); retry after {} s",
+            secs.max(1)
+        ),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     r
 }
 
@@ -125,8 +156,20 @@ mod tests {
 
     #[test]
     fn spellings() {
-        assert_eq!(Rate::parse("20/s", None).unwrap(), Some(Rate { per_sec: 20.0, burst: 40.0 }));
-        assert_eq!(Rate::parse("60/m", Some(3)).unwrap(), Some(Rate { per_sec: 1.0, burst: 3.0 }));
+        assert_eq!(
+            Rate::parse("20/s", None).unwrap(),
+            Some(Rate {
+                per_sec: 20.0,
+                burst: 40.0
+            })
+        );
+        assert_eq!(
+            Rate::parse("60/m", Some(3)).unwrap(),
+            Some(Rate {
+                per_sec: 1.0,
+                burst: 3.0
+            })
+        );
         assert_eq!(Rate::parse("off", None).unwrap(), None);
         assert!(Rate::parse("20", None).unwrap_err().contains("20/s"));
         assert!(Rate::parse("-1/s", None).is_err());
@@ -135,13 +178,19 @@ mod tests {
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
-        let l = Limiter::new(Some(Rate { per_sec: 10.0, burst: 5.0 }));
+        let l = Limiter::new(Some(Rate {
+            per_sec: 10.0,
+            burst: 5.0,
+        }));
         let t0 = Instant::now();
         for _ in 0..5 {
             assert!(l.check_at("i-1", t0).is_ok());
         }
         let wait = l.check_at("i-1", t0).unwrap_err();
-        assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(90) && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
         // Another key has its own bucket.
         assert!(l.check_at("i-2", t0).is_ok());
         // 100 ms later one more request fits, and only one.
@@ -151,7 +200,9 @@ mod tests {
         // Over 10 s at 10/s: about 100 pass out of 1000 tries.
         let mut ok = 0;
         for i in 0..1000 {
-            if l.check_at("i-3", t1 + Duration::from_millis(i * 10)).is_ok() {
+            if l.check_at("i-3", t1 + Duration::from_millis(i * 10))
+                .is_ok()
+            {
                 ok += 1;
             }
         }
@@ -167,7 +218,10 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_under_invented_keys() {
-        let l = Limiter::new(Some(Rate { per_sec: 1.0, burst: 2.0 }));
+        let l = Limiter::new(Some(Rate {
+            per_sec: 1.0,
+            burst: 2.0,
+        }));
         let t = Instant::now();
         for i in 0..(MAX_KEYS + 50) {
             let _ = l.check_at(&format!("i-{i}"), t);

@@ -35,7 +35,9 @@ const LOG_INSTANCES_MAX: usize = 20_000;
 pub const LOG_CHARS_MAX: usize = 1000;
 
 /// Upper bounds (seconds) of the store-write latency histogram buckets, then +Inf.
-pub const LATENCY_BOUNDS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const LATENCY_BOUNDS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// A latency histogram fed from the writer threads.
 #[derive(Default)]
@@ -57,7 +59,10 @@ pub struct HistogramSnap {
 impl Histogram {
     pub fn observe_ns(&self, ns: u64) {
         let s = ns as f64 / 1e9;
-        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -76,7 +81,11 @@ impl Histogram {
         // The count is the +Inf bucket, so the exposition is self-consistent even while
         // writers observe concurrently.
         let count = *cumulative.last().unwrap_or(&0);
-        HistogramSnap { cumulative, sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9, count }
+        HistogramSnap {
+            cumulative,
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            count,
+        }
     }
 }
 
@@ -92,7 +101,11 @@ impl HistogramSnap {
         for (i, c) in self.cumulative.iter().enumerate() {
             let prev = before.cumulative.get(i).copied().unwrap_or(0);
             if c.saturating_sub(prev) >= want {
-                return Some(*LATENCY_BOUNDS.get(i).unwrap_or(&LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1]));
+                return Some(
+                    *LATENCY_BOUNDS
+                        .get(i)
+                        .unwrap_or(&LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1]),
+                );
             }
         }
         Some(LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1])
@@ -191,7 +204,11 @@ impl ReportCounters {
     }
 
     pub fn rejected(&self, why: Rejection) -> u64 {
-        self.rejected[Rejection::ALL.iter().position(|r| *r == why).expect("in ALL")].load(Ordering::Relaxed)
+        self.rejected[Rejection::ALL
+            .iter()
+            .position(|r| *r == why)
+            .expect("in ALL")]
+        .load(Ordering::Relaxed)
     }
 
     pub fn count(&self, status: StatusCode, duplicate: bool) {
@@ -199,8 +216,16 @@ impl ReportCounters {
             self.accepted.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let why = if duplicate { Rejection::Duplicate } else { Rejection::of_status(status) };
-        self.rejected[Rejection::ALL.iter().position(|r| *r == why).expect("in ALL")].fetch_add(1, Ordering::Relaxed);
+        let why = if duplicate {
+            Rejection::Duplicate
+        } else {
+            Rejection::of_status(status)
+        };
+        self.rejected[Rejection::ALL
+            .iter()
+            .position(|r| *r == why)
+            .expect("in ALL")]
+        .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -232,7 +257,10 @@ struct LogRingInner {
 impl LogRing {
     pub fn record(&self, instance_id: &str, lines: &[LogLine]) {
         // Later pieces of a split line add nothing readable to a 20-line view.
-        let wanted: Vec<&LogLine> = lines.iter().filter(|l| !matches!(l.part, Some(p) if p > 1)).collect();
+        let wanted: Vec<&LogLine> = lines
+            .iter()
+            .filter(|l| !matches!(l.part, Some(p) if p > 1))
+            .collect();
         if wanted.is_empty() {
             return;
         }
@@ -241,7 +269,12 @@ impl LogRing {
         g.clock += 1;
         let clock = g.clock;
         if !g.per.contains_key(instance_id) && g.per.len() >= LOG_INSTANCES_MAX {
-            if let Some(quiet) = g.per.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| k.clone()) {
+            if let Some(quiet) = g
+                .per
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone())
+            {
                 g.per.remove(&quiet);
             }
         }
@@ -252,14 +285,30 @@ impl LogRing {
                 q.pop_front();
             }
             let cut = l.msg.chars().count() > LOG_CHARS_MAX;
-            let msg = if cut { l.msg.chars().take(LOG_CHARS_MAX).collect() } else { l.msg.clone() };
-            q.push_back(KeptLine { src: l.src.clone(), ts: l.ts, msg, escaped: l.escaped, cut: cut || l.part.is_some() });
+            let msg = if cut {
+                l.msg.chars().take(LOG_CHARS_MAX).collect()
+            } else {
+                l.msg.clone()
+            };
+            q.push_back(KeptLine {
+                src: l.src.clone(),
+                ts: l.ts,
+                msg,
+                escaped: l.escaped,
+                cut: cut || l.part.is_some(),
+            });
         }
     }
 
     /// Oldest first.
     pub fn lines(&self, instance_id: &str) -> Vec<KeptLine> {
-        self.inner.lock().unwrap().per.get(instance_id).map(|(_, q)| q.iter().cloned().collect()).unwrap_or_default()
+        self.inner
+            .lock()
+            .unwrap()
+            .per
+            .get(instance_id)
+            .map(|(_, q)| q.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn instances(&self) -> usize {
@@ -279,8 +328,16 @@ pub struct Obs {
 
 impl Obs {
     pub fn new(tls: bool) -> Obs {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-        Obs { reports: ReportCounters::default(), logs: LogRing::default(), tls, started_ms: crate::api::now_ms(), host }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        Obs {
+            reports: ReportCounters::default(),
+            logs: LogRing::default(),
+            tls,
+            started_ms: crate::api::now_ms(),
+            host,
+        }
     }
 }
 
@@ -293,12 +350,22 @@ impl Default for Obs {
 /// Middleware on `POST /v1/reports`: count each answer by outcome.
 pub async fn count_reports(State(obs): State<Arc<Obs>>, req: Request, next: Next) -> Response {
     let r = next.run(req).await;
-    obs.reports.count(r.status(), r.extensions().get::<DuplicateAck>().is_some());
+    obs.reports
+        .count(r.status(), r.extensions().get::<DuplicateAck>().is_some());
     r
 }
 
 // Exhaustive matches: a new state or reason fails to compile here until it is exported.
-const STATES: [PhxState; 8] = [PhxState::New, PhxState::Healthy, PhxState::Suspect, PhxState::Unhealthy, PhxState::Drifted, PhxState::Marked, PhxState::Acked, PhxState::Gone];
+const STATES: [PhxState; 8] = [
+    PhxState::New,
+    PhxState::Healthy,
+    PhxState::Suspect,
+    PhxState::Unhealthy,
+    PhxState::Drifted,
+    PhxState::Marked,
+    PhxState::Acked,
+    PhxState::Gone,
+];
 fn state_index(s: PhxState) -> usize {
     match s {
         PhxState::New => 0,
@@ -311,7 +378,14 @@ fn state_index(s: PhxState) -> usize {
         PhxState::Gone => 7,
     }
 }
-const REASONS: [Reason; 6] = [Reason::Drift, Reason::CheckFailed, Reason::Silent, Reason::Pegged, Reason::DiskFull, Reason::Age];
+const REASONS: [Reason; 6] = [
+    Reason::Drift,
+    Reason::CheckFailed,
+    Reason::Silent,
+    Reason::Pegged,
+    Reason::DiskFull,
+    Reason::Age,
+];
 fn reason_index(r: Reason) -> usize {
     match r {
         Reason::Drift => 0,
@@ -352,7 +426,10 @@ pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> 
     let st = &writer.stats;
     let mut f = Figures {
         reports_accepted: obs.reports.accepted(),
-        reports_rejected: Rejection::ALL.iter().map(|r| (*r, obs.reports.rejected(*r))).collect(),
+        reports_rejected: Rejection::ALL
+            .iter()
+            .map(|r| (*r, obs.reports.rejected(*r)))
+            .collect(),
         points_written: st.points_written.load(Ordering::Relaxed),
         points_rejected: st.points_rejected.load(Ordering::Relaxed),
         writes: st.writes.load(Ordering::Relaxed),
@@ -370,7 +447,9 @@ pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> 
         for i in g.values() {
             f.instances_by_state[state_index(i.phx.state)] += 1;
             match (&i.phx.mark, &i.phx.problem, &i.phx.held) {
-                (Some(m), _, _) if m.gone_ms.is_none() => f.marks_by_reason[reason_index(m.reason)] += 1,
+                (Some(m), _, _) if m.gone_ms.is_none() => {
+                    f.marks_by_reason[reason_index(m.reason)] += 1
+                }
                 (None, Some(p), Some(_)) => f.held_by_reason[reason_index(p.reason)] += 1,
                 _ => {}
             }
@@ -378,7 +457,11 @@ pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> 
     }
     let q = fleet.queue.lock().unwrap();
     f.alerts = q.alerts.len() as u64;
-    f.budget = q.budget.iter().map(|(g, b)| (g.clone(), b.allowed as u64, (b.marked + b.acked) as u64)).collect();
+    f.budget = q
+        .budget
+        .iter()
+        .map(|(g, b)| (g.clone(), b.allowed as u64, (b.marked + b.acked) as u64))
+        .collect();
     f
 }
 
@@ -403,64 +486,207 @@ pub fn prometheus(f: &Figures) -> String {
         let _ = writeln!(o, "# HELP {name} {help}");
         let _ = writeln!(o, "# TYPE {name} {kind}");
     }
-    head(&mut o, "phoenix_collector_reports_accepted_total", "counter", "Reports whose points the store took.");
-    let _ = writeln!(o, "phoenix_collector_reports_accepted_total {}", f.reports_accepted);
+    head(
+        &mut o,
+        "phoenix_collector_reports_accepted_total",
+        "counter",
+        "Reports whose points the store took.",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_reports_accepted_total {}",
+        f.reports_accepted
+    );
     head(&mut o, "phoenix_collector_reports_rejected_total", "counter", "Reports not taken, by reason and the HTTP status the agent got (a duplicate is acked with 200 but not stored again).");
     for (r, n) in &f.reports_rejected {
-        let _ = writeln!(o, "phoenix_collector_reports_rejected_total{{reason=\"{}\",code=\"{}\"}} {n}", r.as_str(), r.code());
+        let _ = writeln!(
+            o,
+            "phoenix_collector_reports_rejected_total{{reason=\"{}\",code=\"{}\"}} {n}",
+            r.as_str(),
+            r.code()
+        );
     }
-    head(&mut o, "phoenix_collector_points_written_total", "counter", "Points (metrics, log lines, Phoenix's own) the store took.");
-    let _ = writeln!(o, "phoenix_collector_points_written_total {}", f.points_written);
-    head(&mut o, "phoenix_collector_points_rejected_total", "counter", "Points the store refused for good (logged by the collector).");
-    let _ = writeln!(o, "phoenix_collector_points_rejected_total {}", f.points_rejected);
-    head(&mut o, "phoenix_collector_store_writes_total", "counter", "Write requests sent to the store.");
+    head(
+        &mut o,
+        "phoenix_collector_points_written_total",
+        "counter",
+        "Points (metrics, log lines, Phoenix's own) the store took.",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_points_written_total {}",
+        f.points_written
+    );
+    head(
+        &mut o,
+        "phoenix_collector_points_rejected_total",
+        "counter",
+        "Points the store refused for good (logged by the collector).",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_points_rejected_total {}",
+        f.points_rejected
+    );
+    head(
+        &mut o,
+        "phoenix_collector_store_writes_total",
+        "counter",
+        "Write requests sent to the store.",
+    );
     let _ = writeln!(o, "phoenix_collector_store_writes_total {}", f.writes);
-    head(&mut o, "phoenix_collector_store_write_errors_total", "counter", "Writes that left the store unavailable (unreachable, 5xx, refused credentials).");
-    let _ = writeln!(o, "phoenix_collector_store_write_errors_total {}", f.write_errors);
-    head(&mut o, "phoenix_collector_store_write_splits_total", "counter", "Batches split in two after the store answered 413.");
-    let _ = writeln!(o, "phoenix_collector_store_write_splits_total {}", f.write_splits);
-    head(&mut o, "phoenix_collector_store_write_duration_seconds", "histogram", "Time one write request to the store took.");
+    head(
+        &mut o,
+        "phoenix_collector_store_write_errors_total",
+        "counter",
+        "Writes that left the store unavailable (unreachable, 5xx, refused credentials).",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_store_write_errors_total {}",
+        f.write_errors
+    );
+    head(
+        &mut o,
+        "phoenix_collector_store_write_splits_total",
+        "counter",
+        "Batches split in two after the store answered 413.",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_store_write_splits_total {}",
+        f.write_splits
+    );
+    head(
+        &mut o,
+        "phoenix_collector_store_write_duration_seconds",
+        "histogram",
+        "Time one write request to the store took.",
+    );
     for (i, c) in f.write_latency.cumulative.iter().enumerate() {
         match LATENCY_BOUNDS.get(i) {
             Some(b) => {
-                let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_bucket{{le=\"{b}\"}} {c}");
+                let _ = writeln!(
+                    o,
+                    "phoenix_collector_store_write_duration_seconds_bucket{{le=\"{b}\"}} {c}"
+                );
             }
             None => {
-                let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_bucket{{le=\"+Inf\"}} {c}");
+                let _ = writeln!(
+                    o,
+                    "phoenix_collector_store_write_duration_seconds_bucket{{le=\"+Inf\"}} {c}"
+                );
             }
         }
     }
-    let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_sum {}", f.write_latency.sum_seconds);
-    let _ = writeln!(o, "phoenix_collector_store_write_duration_seconds_count {}", f.write_latency.count);
-    head(&mut o, "phoenix_collector_store_up", "gauge", "1 while the store takes writes, 0 while reports get 503.");
+    let _ = writeln!(
+        o,
+        "phoenix_collector_store_write_duration_seconds_sum {}",
+        f.write_latency.sum_seconds
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_store_write_duration_seconds_count {}",
+        f.write_latency.count
+    );
+    head(
+        &mut o,
+        "phoenix_collector_store_up",
+        "gauge",
+        "1 while the store takes writes, 0 while reports get 503.",
+    );
     let _ = writeln!(o, "phoenix_collector_store_up {}", u8::from(f.store_up));
-    head(&mut o, "phoenix_collector_write_queue_depth", "gauge", "Batches waiting for a store writer.");
+    head(
+        &mut o,
+        "phoenix_collector_write_queue_depth",
+        "gauge",
+        "Batches waiting for a store writer.",
+    );
     let _ = writeln!(o, "phoenix_collector_write_queue_depth {}", f.queue_depth);
-    head(&mut o, "phoenix_collector_instances", "gauge", "Instances known to the collector, by phoenix state.");
+    head(
+        &mut o,
+        "phoenix_collector_instances",
+        "gauge",
+        "Instances known to the collector, by phoenix state.",
+    );
     for (s, n) in STATES.iter().zip(f.instances_by_state) {
-        let _ = writeln!(o, "phoenix_collector_instances{{state=\"{}\"}} {n}", s.as_str());
+        let _ = writeln!(
+            o,
+            "phoenix_collector_instances{{state=\"{}\"}} {n}",
+            s.as_str()
+        );
     }
-    head(&mut o, "phoenix_collector_marks", "gauge", "Standing marks for replacement (marked or acked, not yet gone), by reason.");
+    head(
+        &mut o,
+        "phoenix_collector_marks",
+        "gauge",
+        "Standing marks for replacement (marked or acked, not yet gone), by reason.",
+    );
     for (r, n) in REASONS.iter().zip(f.marks_by_reason) {
-        let _ = writeln!(o, "phoenix_collector_marks{{reason=\"{}\"}} {n}", r.as_str());
+        let _ = writeln!(
+            o,
+            "phoenix_collector_marks{{reason=\"{}\"}} {n}",
+            r.as_str()
+        );
     }
     head(&mut o, "phoenix_collector_held_marks", "gauge", "Bad instances not marked because of the budget, the rate limit, a mass event or --log-only, by reason.");
     for (r, n) in REASONS.iter().zip(f.held_by_reason) {
-        let _ = writeln!(o, "phoenix_collector_held_marks{{reason=\"{}\"}} {n}", r.as_str());
+        let _ = writeln!(
+            o,
+            "phoenix_collector_held_marks{{reason=\"{}\"}} {n}",
+            r.as_str()
+        );
     }
-    head(&mut o, "phoenix_collector_mass_event_alerts", "gauge", "Groups with an active mass-event alert (their marks are held).");
+    head(
+        &mut o,
+        "phoenix_collector_mass_event_alerts",
+        "gauge",
+        "Groups with an active mass-event alert (their marks are held).",
+    );
     let _ = writeln!(o, "phoenix_collector_mass_event_alerts {}", f.alerts);
-    head(&mut o, "phoenix_collector_budget_allowed", "gauge", "Marks allowed at once in a group (--budget).");
+    head(
+        &mut o,
+        "phoenix_collector_budget_allowed",
+        "gauge",
+        "Marks allowed at once in a group (--budget).",
+    );
     for (g, allowed, _) in &f.budget {
-        let _ = writeln!(o, "phoenix_collector_budget_allowed{{group=\"{}\"}} {allowed}", label_value(g));
+        let _ = writeln!(
+            o,
+            "phoenix_collector_budget_allowed{{group=\"{}\"}} {allowed}",
+            label_value(g)
+        );
     }
-    head(&mut o, "phoenix_collector_budget_in_use", "gauge", "Marked or acked instances in a group, counted against its budget.");
+    head(
+        &mut o,
+        "phoenix_collector_budget_in_use",
+        "gauge",
+        "Marked or acked instances in a group, counted against its budget.",
+    );
     for (g, _, used) in &f.budget {
-        let _ = writeln!(o, "phoenix_collector_budget_in_use{{group=\"{}\"}} {used}", label_value(g));
+        let _ = writeln!(
+            o,
+            "phoenix_collector_budget_in_use{{group=\"{}\"}} {used}",
+            label_value(g)
+        );
     }
-    head(&mut o, "phoenix_collector_log_buffer_instances", "gauge", "Instances whose last log lines the fleet page keeps in memory.");
-    let _ = writeln!(o, "phoenix_collector_log_buffer_instances {}", f.log_instances);
-    head(&mut o, "phoenix_collector_uptime_seconds", "gauge", "Seconds since this collector started.");
+    head(
+        &mut o,
+        "phoenix_collector_log_buffer_instances",
+        "gauge",
+        "Instances whose last log lines the fleet page keeps in memory.",
+    );
+    let _ = writeln!(
+        o,
+        "phoenix_collector_log_buffer_instances {}",
+        f.log_instances
+    );
+    head(
+        &mut o,
+        "phoenix_collector_uptime_seconds",
+        "gauge",
+        "Seconds since this collector started.",
+    );
     let _ = writeln!(o, "phoenix_collector_uptime_seconds {}", f.uptime_seconds);
     o
 }
@@ -502,14 +728,19 @@ pub fn point(f: &Figures, before: &HistogramSnap, host: &str, ts_ns: i64, w: &mu
     for (r, n) in REASONS.iter().zip(f.held_by_reason) {
         p = p.field(&format!("held_{}", r.as_str()), &int(n));
     }
-    p.field("mass_event_alerts", &int(f.alerts)).field("uptime_seconds", &Value::Float(f.uptime_seconds)).end(ts_ns);
+    p.field("mass_event_alerts", &int(f.alerts))
+        .field("uptime_seconds", &Value::Float(f.uptime_seconds))
+        .end(ts_ns);
 }
 
 /// `GET /metrics` (open, as the design's API table says: figures only, no instance ids).
 pub async fn get_metrics(State(s): State<crate::api::Shared>) -> Response {
     let f = figures(&s.obs, &s.writer, &s.fleet, crate::api::now_ms());
     let mut r = (StatusCode::OK, prometheus(&f)).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     r
 }
 
@@ -525,10 +756,20 @@ pub async fn run(obs: Arc<Obs>, fleet: Arc<Fleet>, writer: WriterHandle) {
         let now = crate::api::now_ms();
         let f = figures(&obs, &writer, &fleet, now);
         let mut w = Writer::default();
-        point(&f, &before, &obs.host, now.saturating_mul(1_000_000), &mut w);
+        point(
+            &f,
+            &before,
+            &obs.host,
+            now.saturating_mul(1_000_000),
+            &mut w,
+        );
         before = f.write_latency.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match writer.submit(Job { body: w.buf, ends: w.ends, reply: tx }) {
+        match writer.submit(Job {
+            body: w.buf,
+            ends: w.ends,
+            reply: tx,
+        }) {
             Ok(()) => {
                 tokio::spawn(async move {
                     if let Ok(Err(u)) = rx.await {
@@ -536,7 +777,9 @@ pub async fn run(obs: Arc<Obs>, fleet: Arc<Fleet>, writer: WriterHandle) {
                     }
                 });
             }
-            Err((_, u)) => tracing::debug!(reason = %u.reason, "phoenix_collector point not stored"),
+            Err((_, u)) => {
+                tracing::debug!(reason = %u.reason, "phoenix_collector point not stored")
+            }
         }
     }
 }
@@ -546,15 +789,28 @@ mod tests {
     use super::*;
 
     fn line(src: &str, msg: &str, part: Option<u32>) -> LogLine {
-        LogLine { src: src.into(), ts: 1, offset: 0, msg: msg.into(), escaped: false, part, tags: Default::default(), fields: Default::default() }
+        LogLine {
+            src: src.into(),
+            ts: 1,
+            offset: 0,
+            msg: msg.into(),
+            escaped: false,
+            part,
+            tags: Default::default(),
+            fields: Default::default(),
+        }
     }
 
     #[test]
     fn ring_keeps_the_last_lines_cut_and_bounded() {
         let ring = LogRing::default();
-        let batch: Vec<LogLine> = (0..15).map(|k| line("/var/log/a", &format!("line {k}"), None)).collect();
+        let batch: Vec<LogLine> = (0..15)
+            .map(|k| line("/var/log/a", &format!("line {k}"), None))
+            .collect();
         ring.record("i-1", &batch);
-        let more: Vec<LogLine> = (15..30).map(|k| line("/var/log/a", &format!("line {k}"), None)).collect();
+        let more: Vec<LogLine> = (15..30)
+            .map(|k| line("/var/log/a", &format!("line {k}"), None))
+            .collect();
         ring.record("i-1", &more);
         let got = ring.lines("i-1");
         assert_eq!(got.len(), LOG_LINES_KEPT);
@@ -562,7 +818,13 @@ mod tests {
         assert_eq!(got.last().unwrap().msg, "line 29");
         // A long line is cut at a character boundary; later pieces of a split line are skipped.
         let long = "é".repeat(LOG_CHARS_MAX + 5);
-        ring.record("i-2", &[line("journal", &long, Some(1)), line("journal", "tail piece", Some(2))]);
+        ring.record(
+            "i-2",
+            &[
+                line("journal", &long, Some(1)),
+                line("journal", "tail piece", Some(2)),
+            ],
+        );
         let got = ring.lines("i-2");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].msg.chars().count(), LOG_CHARS_MAX);
@@ -623,21 +885,45 @@ mod tests {
     #[test]
     fn exposition_escapes_labels_and_point_parses() {
         assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let f = Figures { budget: vec![("we\"b\ngroup".into(), 1, 0)], reports_rejected: Rejection::ALL.iter().map(|r| (*r, 0)).collect(), write_latency: Histogram::default().snapshot(), ..Default::default() };
+        let f = Figures {
+            budget: vec![("we\"b\ngroup".into(), 1, 0)],
+            reports_rejected: Rejection::ALL.iter().map(|r| (*r, 0)).collect(),
+            write_latency: Histogram::default().snapshot(),
+            ..Default::default()
+        };
         let text = prometheus(&f);
-        assert!(text.contains("phoenix_collector_budget_allowed{group=\"we\\\"b\\ngroup\"} 1\n"), "{text}");
+        assert!(
+            text.contains("phoenix_collector_budget_allowed{group=\"we\\\"b\\ngroup\"} 1\n"),
+            "{text}"
+        );
         // Every sample line is one line: the hostile group name did not break out.
-        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("phoenix_collector_")), "{text}");
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with('#') || l.starts_with("phoenix_collector_")),
+            "{text}"
+        );
         let mut w = Writer::default();
         let h = Histogram::default();
         let before = h.snapshot();
         h.observe_ns(3_000_000);
-        let f = Figures { write_latency: h.snapshot(), reports_rejected: Rejection::ALL.iter().map(|r| (*r, 2)).collect(), ..f };
+        let f = Figures {
+            write_latency: h.snapshot(),
+            reports_rejected: Rejection::ALL.iter().map(|r| (*r, 2)).collect(),
+            ..f
+        };
         point(&f, &before, "collector 1", 5, &mut w);
-        let lines: Vec<_> = influxdb_line_protocol::parse_lines(&w.buf).collect::<Result<_, _>>().unwrap();
+        let lines: Vec<_> = influxdb_line_protocol::parse_lines(&w.buf)
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].series.measurement.to_string(), "phoenix_collector");
-        let field = |k: &str| lines[0].field_set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let field = |k: &str| {
+            lines[0]
+                .field_set
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
         assert_eq!(field("reports_rejected_duplicate").as_deref(), Some("2i"));
         assert_eq!(field("store_write_ms_mean").as_deref(), Some("3"));
         assert_eq!(field("instances_healthy").as_deref(), Some("0i"));

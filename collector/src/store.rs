@@ -43,7 +43,9 @@ pub struct Store {
 
 impl Store {
     pub fn new(data_dir: &Path) -> Store {
-        Store { path: data_dir.join("fleet.json") }
+        Store {
+            path: data_dir.join("fleet.json"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -55,17 +57,31 @@ impl Store {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(StoreError::Read { path: self.path.clone(), err }),
+            Err(err) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    err,
+                })
+            }
         };
-        let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { path: self.path.clone(), err: e.to_string() })?;
+        let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            err: e.to_string(),
+        })?;
         if s.version != VERSION {
-            return Err(StoreError::Corrupt { path: self.path.clone(), err: format!("version {} (this collector reads {VERSION})", s.version) });
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                err: format!("version {} (this collector reads {VERSION})", s.version),
+            });
         }
         Ok(Some(s))
     }
 
     pub fn save(&self, s: &Snapshot) -> Result<(), StoreError> {
-        let err = |err| StoreError::Write { path: self.path.clone(), err };
+        let err = |err| StoreError::Write {
+            path: self.path.clone(),
+            err,
+        };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(".fleet.json.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
@@ -75,7 +91,9 @@ impl Store {
         drop(w);
         f.sync_data().map_err(err)?;
         std::fs::rename(&tmp, &self.path).map_err(err)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
     }
 }
 
@@ -91,13 +109,29 @@ mod tests {
         let mut i = Instance::default();
         i.identity.instance_id = "i-1".into();
         i.seqs.insert("boot".into(), (41, 5));
-        i.phx.mark = Some(crate::queue::Mark { reason: crate::health::Reason::Drift, evidence: "e".into(), since_ms: 3, acked_ms: None, acked_by: None, gone_ms: None });
+        i.phx.mark = Some(crate::queue::Mark {
+            reason: crate::health::Reason::Drift,
+            evidence: "e".into(),
+            since_ms: 3,
+            acked_ms: None,
+            acked_by: None,
+            gone_ms: None,
+        });
         let mut q = QueueState::default();
         q.recent_marks.push_back(3);
-        st.save(&Snapshot { version: VERSION, saved_ms: 9, instances: vec![i], queue: q }).unwrap();
+        st.save(&Snapshot {
+            version: VERSION,
+            saved_ms: 9,
+            instances: vec![i],
+            queue: q,
+        })
+        .unwrap();
         let back = st.load().unwrap().unwrap();
         assert_eq!(back.instances[0].seqs["boot"], (41, 5));
-        assert_eq!(back.instances[0].phx.mark.as_ref().unwrap().reason, crate::health::Reason::Drift);
+        assert_eq!(
+            back.instances[0].phx.mark.as_ref().unwrap().reason,
+            crate::health::Reason::Drift
+        );
         assert_eq!(back.queue.recent_marks, [3]);
         assert!(!d.path().join(".fleet.json.tmp").exists());
         std::fs::write(st.path(), b"{\"version\":1,").unwrap();

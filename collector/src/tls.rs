@@ -53,12 +53,20 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     fn paths(&self) -> impl Iterator<Item = &Path> {
-        [self.cert.as_path(), self.key.as_path()].into_iter().chain(self.client_ca.as_deref())
+        [self.cert.as_path(), self.key.as_path()]
+            .into_iter()
+            .chain(self.client_ca.as_deref())
     }
 
     /// What a rotation changes: each file's inode, size and mtime.
     fn stamp(&self) -> Vec<Option<(u64, u64, i64, i64)>> {
-        self.paths().map(|p| std::fs::metadata(p).ok().map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))).collect()
+        self.paths()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+            })
+            .collect()
     }
 }
 
@@ -68,7 +76,9 @@ fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
 
 pub fn load_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(p)?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::BadCert(p.to_owned(), e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadCert(p.to_owned(), e.to_string()))?;
     if certs.is_empty() {
         return Err(TlsError::NoCert(p.to_owned()));
     }
@@ -83,7 +93,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let chain = load_certs(&files.cert)?;
     let key_pem = read(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey(files.key.clone(), e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| TlsError::BadKey(files.key.clone(), e.to_string()))?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3");
@@ -92,13 +103,19 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for c in load_certs(ca)? {
-                roots.add(c).map_err(|e| TlsError::BadCa(ca.clone(), e.to_string()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| TlsError::BadCa(ca.clone(), e.to_string()))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|e| TlsError::BadCa(ca.clone(), e.to_string()))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::BadCa(ca.clone(), e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut cfg = builder.with_single_cert(chain, key).map_err(|e| TlsError::Mismatch(files.cert.clone(), files.key.clone(), e.to_string()))?;
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Mismatch(files.cert.clone(), files.key.clone(), e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -114,7 +131,10 @@ impl Reloader {
     pub fn new(files: TlsFiles) -> Result<Arc<Reloader>, TlsError> {
         let stamp = files.stamp();
         let cfg = load(&files)?;
-        Ok(Arc::new(Reloader { files, current: RwLock::new((Arc::new(cfg), stamp)) }))
+        Ok(Arc::new(Reloader {
+            files,
+            current: RwLock::new((Arc::new(cfg), stamp)),
+        }))
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
@@ -168,9 +188,13 @@ pub struct PeerCert(pub Arc<CertificateDer<'static>>);
 /// another. The certificate chain itself was verified in the handshake.
 pub fn check_identity(peer: Option<&PeerCert>, instance_id: &str) -> Result<(), String> {
     let Some(p) = peer else {
-        return Err("mutual TLS is on (--client-ca) but this connection carried no client certificate".into());
+        return Err(
+            "mutual TLS is on (--client-ca) but this connection carried no client certificate"
+                .into(),
+        );
     };
-    let ee = webpki::EndEntityCert::try_from(p.0.as_ref()).map_err(|e| format!("the client certificate cannot be parsed: {e}"))?;
+    let ee = webpki::EndEntityCert::try_from(p.0.as_ref())
+        .map_err(|e| format!("the client certificate cannot be parsed: {e}"))?;
     let name = ServerName::try_from(instance_id).map_err(|_| {
         format!("instance id {instance_id:?} is not a DNS name, so no client certificate can vouch for it; with --client-ca give agents DNS-name instance ids")
     })?;
@@ -180,7 +204,12 @@ pub fn check_identity(peer: Option<&PeerCert>, instance_id: &str) -> Result<(), 
 
 /// Serve `app` over TLS on `listener` until `shutdown` resolves, then let open connections
 /// finish for up to 10 s.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, tls: Arc<Reloader>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Arc<Reloader>,
+    shutdown: impl Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -212,13 +241,19 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, tls: Arc<Relo
                     return;
                 }
             };
-            let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| PeerCert(Arc::new(c.clone().into_owned())));
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| PeerCert(Arc::new(c.clone().into_owned())));
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 if let Some(p) = &peer {
                     req.extensions_mut().insert(p.clone());
                 }
                 // As axum's own serve does with connect info: the fleet page is open to loopback.
-                req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(addr));
                 let mut app = app.clone();
                 async move { tower_service::Service::call(&mut app, req).await }
             });

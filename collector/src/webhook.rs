@@ -21,7 +21,13 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { attempts: 8, first_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(60), timeout: Duration::from_secs(10), queue: 1000 }
+        Settings {
+            attempts: 8,
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+            queue: 1000,
+        }
     }
 }
 
@@ -41,7 +47,10 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 impl Webhook {
     pub fn start(url: String, secret: String, settings: Settings) -> Webhook {
         let (tx, rx) = sync_channel(settings.queue);
-        std::thread::Builder::new().name("webhook".into()).spawn(move || deliver_all(rx, &url, &secret, &settings)).expect("spawn webhook thread");
+        std::thread::Builder::new()
+            .name("webhook".into())
+            .spawn(move || deliver_all(rx, &url, &secret, &settings))
+            .expect("spawn webhook thread");
         Webhook { tx }
     }
 
@@ -57,13 +66,21 @@ impl Webhook {
 }
 
 fn deliver_all(rx: Receiver<Vec<u8>>, url: &str, secret: &str, s: &Settings) {
-    let cfg = ureq::Agent::config_builder().timeout_global(Some(s.timeout)).http_status_as_error(false).max_redirects(0).build();
+    let cfg = ureq::Agent::config_builder()
+        .timeout_global(Some(s.timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build();
     let http = ureq::Agent::new_with_config(cfg);
     while let Ok(body) = rx.recv() {
         let sig = sign(secret, &body);
         let mut backoff = s.first_backoff;
         for attempt in 1..=s.attempts {
-            let r = http.post(url).header("Content-Type", "application/json").header(SIGNATURE_HEADER, &sig).send(&body[..]);
+            let r = http
+                .post(url)
+                .header("Content-Type", "application/json")
+                .header(SIGNATURE_HEADER, &sig)
+                .send(&body[..]);
             let why = match r {
                 Ok(resp) if resp.status().is_success() => break,
                 Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
@@ -89,7 +106,10 @@ mod tests {
     #[test]
     fn signature_matches_rfc_4231_test_case_2() {
         // RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
-        assert_eq!(sign("Jefe", b"what do ya want for nothing?"), "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            sign("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     /// A receiver that answers 500 twice, then 200: the third delivery carries the same body
@@ -120,15 +140,33 @@ mod tests {
                 let mut body = vec![0; len];
                 r.read_exact(&mut body).unwrap();
                 got.push((sig, body, std::time::Instant::now()));
-                let status = if n < 2 { "500 Internal Server Error" } else { "200 OK" };
-                write!(c, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+                let status = if n < 2 {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                write!(
+                    c,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                )
+                .unwrap();
             }
             got
         });
-        let hook = Webhook::start(url, "s3cret".into(), Settings { first_backoff: Duration::from_millis(100), ..Default::default() });
+        let hook = Webhook::start(
+            url,
+            "s3cret".into(),
+            Settings {
+                first_backoff: Duration::from_millis(100),
+                ..Default::default()
+            },
+        );
         let t = std::time::Instant::now();
         hook.send(&serde_json::json!({"event": "mark", "instance_id": "i-1"}));
-        assert!(t.elapsed() < Duration::from_millis(50), "send does not wait for delivery");
+        assert!(
+            t.elapsed() < Duration::from_millis(50),
+            "send does not wait for delivery"
+        );
         let got = server.join().unwrap();
         assert_eq!(got.len(), 3);
         for (sig, body, _) in &got {

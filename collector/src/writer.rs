@@ -70,7 +70,11 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { batch_lines: 5000, queue: 1024, writers: 2 }
+        Settings {
+            batch_lines: 5000,
+            queue: 1024,
+            writers: 2,
+        }
     }
 }
 
@@ -85,8 +89,20 @@ impl WriterHandle {
                 self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(TrySendError::Full(job)) => Err((job, Unavailable { retry_after: Duration::from_secs(2), reason: "collector write queue is full".into() })),
-            Err(TrySendError::Disconnected(job)) => Err((job, Unavailable { retry_after: Duration::from_secs(5), reason: "collector writer stopped".into() })),
+            Err(TrySendError::Full(job)) => Err((
+                job,
+                Unavailable {
+                    retry_after: Duration::from_secs(2),
+                    reason: "collector write queue is full".into(),
+                },
+            )),
+            Err(TrySendError::Disconnected(job)) => Err((
+                job,
+                Unavailable {
+                    retry_after: Duration::from_secs(5),
+                    reason: "collector writer stopped".into(),
+                },
+            )),
         }
     }
 
@@ -100,7 +116,10 @@ impl WriterHandle {
 fn down_now(down: &Mutex<Option<(Instant, String)>>) -> Option<Unavailable> {
     let g = down.lock().unwrap();
     match &*g {
-        Some((until, why)) if *until > Instant::now() => Some(Unavailable { retry_after: (*until - Instant::now()).max(Duration::from_secs(1)), reason: why.clone() }),
+        Some((until, why)) if *until > Instant::now() => Some(Unavailable {
+            retry_after: (*until - Instant::now()).max(Duration::from_secs(1)),
+            reason: why.clone(),
+        }),
         _ => None,
     }
 }
@@ -111,8 +130,18 @@ pub fn start(sink: Arc<dyn Sink>, settings: Settings) -> WriterHandle {
     let down = Arc::new(Mutex::new(None));
     let stats = Arc::new(WriterStats::default());
     for i in 0..settings.writers.max(1) {
-        let w = Worker { sink: sink.clone(), rx: rx.clone(), down: down.clone(), stats: stats.clone(), batch_lines: settings.batch_lines, backoff: Duration::from_secs(1) };
-        std::thread::Builder::new().name(format!("influx-writer-{i}")).spawn(move || w.run()).expect("spawn writer");
+        let w = Worker {
+            sink: sink.clone(),
+            rx: rx.clone(),
+            down: down.clone(),
+            stats: stats.clone(),
+            batch_lines: settings.batch_lines,
+            backoff: Duration::from_secs(1),
+        };
+        std::thread::Builder::new()
+            .name(format!("influx-writer-{i}"))
+            .spawn(move || w.run())
+            .expect("spawn writer");
     }
     WriterHandle { tx, down, stats }
 }
@@ -147,7 +176,9 @@ impl Worker {
                     }
                 }
             }
-            self.stats.queue_depth.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+            self.stats
+                .queue_depth
+                .fetch_sub(jobs.len() as u64, Ordering::Relaxed);
             let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
             if jobs.is_empty() {
                 continue;
@@ -161,7 +192,16 @@ impl Worker {
             let outcome = {
                 let lines: Vec<&str> = jobs.iter().flat_map(job_lines).collect();
                 self.write_lines(&lines).map(|bad| {
-                    let per_job: Vec<u64> = jobs.iter().map(|j| if bad.is_empty() { 0 } else { job_lines(j).filter(|l| bad.contains(l)).count() as u64 }).collect();
+                    let per_job: Vec<u64> = jobs
+                        .iter()
+                        .map(|j| {
+                            if bad.is_empty() {
+                                0
+                            } else {
+                                job_lines(j).filter(|l| bad.contains(l)).count() as u64
+                            }
+                        })
+                        .collect();
                     (lines.len(), bad.len(), per_job)
                 })
             };
@@ -169,8 +209,12 @@ impl Worker {
                 Ok((total, bad, per_job)) => {
                     self.backoff = Duration::from_secs(1);
                     *self.down.lock().unwrap() = None;
-                    self.stats.points_written.fetch_add((total - bad) as u64, Ordering::Relaxed);
-                    self.stats.points_rejected.fetch_add(bad as u64, Ordering::Relaxed);
+                    self.stats
+                        .points_written
+                        .fetch_add((total - bad) as u64, Ordering::Relaxed);
+                    self.stats
+                        .points_rejected
+                        .fetch_add(bad as u64, Ordering::Relaxed);
                     for (j, rejected) in jobs.into_iter().zip(per_job) {
                         let _ = j.reply.send(Ok(Written { rejected }));
                     }
@@ -178,7 +222,8 @@ impl Worker {
                 Err(u) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(reason = %u.reason, retry_after_s = u.retry_after.as_secs(), "store unavailable; reports get 503 until it is back");
-                    *self.down.lock().unwrap() = Some((Instant::now() + u.retry_after, u.reason.clone()));
+                    *self.down.lock().unwrap() =
+                        Some((Instant::now() + u.retry_after, u.reason.clone()));
                     for j in jobs {
                         let _ = j.reply.send(Err(u.clone()));
                     }
@@ -238,12 +283,16 @@ impl Worker {
     fn unavailable(&mut self, after: Option<Duration>, reason: String) -> Unavailable {
         let retry_after = after.unwrap_or(self.backoff).min(Duration::from_secs(60));
         self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
-        Unavailable { retry_after, reason }
+        Unavailable {
+            retry_after,
+            reason,
+        }
     }
 
     fn drop_bad_lines<'a>(&mut self, lines: &[&'a str], resp: &Response) -> Vec<&'a str> {
         let named = bad_lines_named(&resp.body);
-        let (bad, good): (Vec<&str>, Vec<&str>) = lines.iter().partition(|l| named.iter().any(|n| n == *l));
+        let (bad, good): (Vec<&str>, Vec<&str>) =
+            lines.iter().partition(|l| named.iter().any(|n| n == *l));
         for b in &bad {
             tracing::error!(line = %b, "store refused this line for good; dropped it");
         }
@@ -252,7 +301,11 @@ impl Worker {
             // many it dropped; those cannot be told apart, so count without rewriting.
             let dropped = dropped_count(&resp.body).unwrap_or(lines.len() as u64) as usize;
             tracing::error!(error = %resp.body.trim(), dropped, "store refused part of a batch");
-            return lines.iter().take(dropped.min(lines.len())).copied().collect();
+            return lines
+                .iter()
+                .take(dropped.min(lines.len()))
+                .copied()
+                .collect();
         }
         if good.is_empty() {
             return bad;
@@ -281,7 +334,12 @@ pub fn bad_lines_named(body: &str) -> Vec<String> {
     // The error is JSON with the text in "error" (1.x) or "message" (2.x); fall back to raw.
     let text = serde_json::from_str::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("error").or_else(|| v.get("message")).and_then(|e| e.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("error")
+                .or_else(|| v.get("message"))
+                .and_then(|e| e.as_str())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| body.to_owned());
     let mut out = Vec::new();
     let mut rest = text.as_str();
@@ -299,7 +357,12 @@ pub fn bad_lines_named(body: &str) -> Vec<String> {
 
 fn dropped_count(body: &str) -> Option<u64> {
     let i = body.rfind("dropped=")?;
-    body[i + 8..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    body[i + 8..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -318,10 +381,18 @@ mod tests {
     impl Sink for FakeInflux {
         fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
             if self.down.load(Ordering::SeqCst) {
-                return Ok(Response { status: 503, retry_after: Some(Duration::from_millis(50)), body: String::new() });
+                return Ok(Response {
+                    status: 503,
+                    retry_after: Some(Duration::from_millis(50)),
+                    body: String::new(),
+                });
             }
             if body.len() > self.max_body {
-                return Ok(Response { status: 413, retry_after: None, body: "{\"error\":\"Request Entity Too Large\"}".into() });
+                return Ok(Response {
+                    status: 413,
+                    retry_after: None,
+                    body: "{\"error\":\"Request Entity Too Large\"}".into(),
+                });
             }
             let text = std::str::from_utf8(body).unwrap();
             let mut errs = Vec::new();
@@ -333,10 +404,18 @@ mod tests {
                 }
             }
             if errs.is_empty() {
-                Ok(Response { status: 204, retry_after: None, body: String::new() })
+                Ok(Response {
+                    status: 204,
+                    retry_after: None,
+                    body: String::new(),
+                })
             } else {
                 let e = format!("partial write: {} dropped=0", errs.join("\n"));
-                Ok(Response { status: 400, retry_after: None, body: serde_json::json!({ "error": e }).to_string() })
+                Ok(Response {
+                    status: 400,
+                    retry_after: None,
+                    body: serde_json::json!({ "error": e }).to_string(),
+                })
             }
         }
         fn describe(&self) -> String {
@@ -344,27 +423,57 @@ mod tests {
         }
     }
 
-    fn submit(h: &WriterHandle, body: &str) -> tokio::sync::oneshot::Receiver<Result<Written, Unavailable>> {
+    fn submit(
+        h: &WriterHandle,
+        body: &str,
+    ) -> tokio::sync::oneshot::Receiver<Result<Written, Unavailable>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let ends = body.match_indices('\n').map(|(i, _)| i + 1).collect();
-        h.submit(Job { body: body.into(), ends, reply: tx }).map_err(|(_, u)| u).unwrap();
+        h.submit(Job {
+            body: body.into(),
+            ends,
+            reply: tx,
+        })
+        .map_err(|(_, u)| u)
+        .unwrap();
         rx
     }
 
     #[test]
     fn policy() {
-        let sink = Arc::new(FakeInflux { max_body: 50, down: false.into(), stored: Mutex::new(vec![]) });
-        let h = start(sink.clone(), Settings { batch_lines: 100, queue: 16, writers: 1 });
+        let sink = Arc::new(FakeInflux {
+            max_body: 50,
+            down: false.into(),
+            stored: Mutex::new(vec![]),
+        });
+        let h = start(
+            sink.clone(),
+            Settings {
+                batch_lines: 100,
+                queue: 16,
+                writers: 1,
+            },
+        );
         // 413: split until each piece fits; everything arrives.
         let body: String = (0..10).map(|i| format!("m v={i}i {i}\n")).collect();
-        assert_eq!(submit(&h, &body).blocking_recv().unwrap(), Ok(Written { rejected: 0 }));
+        assert_eq!(
+            submit(&h, &body).blocking_recv().unwrap(),
+            Ok(Written { rejected: 0 })
+        );
         assert_eq!(sink.stored.lock().unwrap().len(), 10);
         assert!(h.stats.splits.load(Ordering::Relaxed) > 0);
         // 400: only the bad line goes.
         sink.stored.lock().unwrap().clear();
-        assert_eq!(submit(&h, "a v=1i 1\nBAD line\nb v=2i 2\n").blocking_recv().unwrap(), Ok(Written { rejected: 1 }));
+        assert_eq!(
+            submit(&h, "a v=1i 1\nBAD line\nb v=2i 2\n")
+                .blocking_recv()
+                .unwrap(),
+            Ok(Written { rejected: 1 })
+        );
         let stored = sink.stored.lock().unwrap().clone();
-        assert!(stored.contains(&"a v=1i 1".to_string()) && stored.contains(&"b v=2i 2".to_string()));
+        assert!(
+            stored.contains(&"a v=1i 1".to_string()) && stored.contains(&"b v=2i 2".to_string())
+        );
         // 503: nothing acked, the store is marked down, later submits fail fast, then recover.
         sink.down.store(true, Ordering::SeqCst);
         let r = submit(&h, "c v=1i 1\n").blocking_recv().unwrap();
@@ -372,13 +481,22 @@ mod tests {
         assert!(h.unavailable().is_some());
         sink.down.store(false, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(80));
-        assert_eq!(submit(&h, "c v=1i 1\n").blocking_recv().unwrap(), Ok(Written { rejected: 0 }));
+        assert_eq!(
+            submit(&h, "c v=1i 1\n").blocking_recv().unwrap(),
+            Ok(Written { rejected: 0 })
+        );
     }
 
     #[test]
     fn error_texts() {
         let body = r#"{"error":"partial write: unable to parse 'part,host=b v= 1700000000000000000': missing field value\nunable to parse 'garbage line here': invalid field format dropped=0"}"#;
-        assert_eq!(bad_lines_named(body), vec!["part,host=b v= 1700000000000000000".to_string(), "garbage line here".to_string()]);
+        assert_eq!(
+            bad_lines_named(body),
+            vec![
+                "part,host=b v= 1700000000000000000".to_string(),
+                "garbage line here".to_string()
+            ]
+        );
         assert_eq!(dropped_count("field type conflict ... dropped=3"), Some(3));
     }
 }

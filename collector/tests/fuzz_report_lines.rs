@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use influxdb_line_protocol::{parse_lines, FieldValue};
 use phoenix_collector::convert::report_lines;
 use phoenix_collector::lineproto::Writer;
-use phoenix_wire::{logtext, CheckResult, Identity, LogLine, Limits, Point, Report, Value, VERSION};
+use phoenix_wire::{
+    logtext, CheckResult, Identity, Limits, LogLine, Point, Report, Value, VERSION,
+};
 
 struct Rng(u64);
 
@@ -34,8 +36,28 @@ impl Rng {
 }
 
 const PIECES: &[&str] = &[
-    " ", ",", "=", "\"", "\\", "\n", "\r", "\t", "x\nevil,host=a v=1 1", "evil,host=a v=1", "\\\"", "a b,c=d", "é", "😀", "#", "'", "\u{2028}", "level=error", "ERROR", "WARN",
-    "i-1", "cpu",
+    " ",
+    ",",
+    "=",
+    "\"",
+    "\\",
+    "\n",
+    "\r",
+    "\t",
+    "x\nevil,host=a v=1 1",
+    "evil,host=a v=1",
+    "\\\"",
+    "a b,c=d",
+    "é",
+    "😀",
+    "#",
+    "'",
+    "\u{2028}",
+    "level=error",
+    "ERROR",
+    "WARN",
+    "i-1",
+    "cpu",
 ];
 
 fn text(rng: &mut Rng, max_pieces: usize) -> String {
@@ -72,7 +94,11 @@ fn value(rng: &mut Rng) -> Value {
 
 fn random_report(rng: &mut Rng) -> Report {
     let id_chars = b"abcdefghijklmnopqrstuvwxyz0123456789-_.:/";
-    let id = |rng: &mut Rng| -> String { (0..rng.below(20) + 1).map(|_| id_chars[rng.below(id_chars.len())] as char).collect() };
+    let id = |rng: &mut Rng| -> String {
+        (0..rng.below(20) + 1)
+            .map(|_| id_chars[rng.below(id_chars.len())] as char)
+            .collect()
+    };
     let agent = Identity {
         instance_id: id(rng),
         image_id: id(rng),
@@ -85,33 +111,97 @@ fn random_report(rng: &mut Rng) -> Report {
     let metrics = (0..rng.below(6))
         .map(|_| Point {
             m: name(rng),
-            tags: (0..rng.below(5)).map(|_| (if rng.chance(4) { "instance_id".to_string() } else { name(rng) }, text(rng, 4))).collect(),
-            fields: (0..rng.below(4) + 1).map(|_| (name(rng), value(rng))).collect(),
+            tags: (0..rng.below(5))
+                .map(|_| {
+                    (
+                        if rng.chance(4) {
+                            "instance_id".to_string()
+                        } else {
+                            name(rng)
+                        },
+                        text(rng, 4),
+                    )
+                })
+                .collect(),
+            fields: (0..rng.below(4) + 1)
+                .map(|_| (name(rng), value(rng)))
+                .collect(),
             ts: rng.next() as i64,
         })
         .collect();
     let logs = (0..rng.below(6))
         .map(|_| {
-            let raw: Vec<u8> = if rng.chance(3) { (0..rng.below(40)).map(|_| rng.next() as u8).collect() } else { text(rng, 8).into_bytes() };
+            let raw: Vec<u8> = if rng.chance(3) {
+                (0..rng.below(40)).map(|_| rng.next() as u8).collect()
+            } else {
+                text(rng, 8).into_bytes()
+            };
             let (msg, escaped) = logtext::encode(&raw);
             LogLine {
-                src: if rng.chance(5) { "journal".into() } else { text(rng, 3) },
+                src: if rng.chance(5) {
+                    "journal".into()
+                } else {
+                    text(rng, 3)
+                },
                 ts: rng.next() as i64,
                 offset: rng.next(),
                 msg,
                 escaped,
                 part: rng.chance(4).then(|| rng.below(5) as u32 + 1),
-                tags: (0..rng.below(3)).map(|_| (if rng.chance(3) { "level".to_string() } else { name(rng) }, text(rng, 2))).collect(),
-                fields: (0..rng.below(3)).map(|_| (if rng.chance(4) { "message".to_string() } else { name(rng) }, value(rng))).collect(),
+                tags: (0..rng.below(3))
+                    .map(|_| {
+                        (
+                            if rng.chance(3) {
+                                "level".to_string()
+                            } else {
+                                name(rng)
+                            },
+                            text(rng, 2),
+                        )
+                    })
+                    .collect(),
+                fields: (0..rng.below(3))
+                    .map(|_| {
+                        (
+                            if rng.chance(4) {
+                                "message".to_string()
+                            } else {
+                                name(rng)
+                            },
+                            value(rng),
+                        )
+                    })
+                    .collect(),
             }
         })
         .collect();
-    let checks = (0..rng.below(3)).map(|i| CheckResult { name: format!("c{i}"), ok: rng.chance(2), detail: text(rng, 5), duration_ms: rng.next() % 1000 }).collect();
-    Report { v: VERSION, agent, seq: 1, interval_ms: 1000, metrics, logs, drift: None, checks }
+    let checks = (0..rng.below(3))
+        .map(|i| CheckResult {
+            name: format!("c{i}"),
+            ok: rng.chance(2),
+            detail: text(rng, 5),
+            duration_ms: rng.next() % 1000,
+        })
+        .collect();
+    Report {
+        v: VERSION,
+        agent,
+        seq: 1,
+        interval_ms: 1000,
+        metrics,
+        logs,
+        drift: None,
+        checks,
+    }
 }
 
 fn budget() -> Duration {
-    Duration::from_secs_f64(std::env::var("PHOENIX_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0))
+    Duration::from_secs_f64(
+        std::env::var("PHOENIX_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0),
+    )
 }
 
 fn field_eq(got: &FieldValue, want: &Value) -> bool {
@@ -128,40 +218,86 @@ fn field_eq(got: &FieldValue, want: &Value) -> bool {
 fn check(r: &Report) -> Result<usize, String> {
     let mut w = Writer::default();
     report_lines(r, &mut w);
-    let parsed: Vec<_> = parse_lines(&w.buf).collect::<Result<_, _>>().map_err(|e| format!("line protocol does not parse: {e}"))?;
+    let parsed: Vec<_> = parse_lines(&w.buf)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("line protocol does not parse: {e}"))?;
     let want_n = r.metrics.len() + r.logs.len() + r.checks.len();
     if parsed.len() != want_n || w.lines != want_n || w.ends.len() != want_n {
-        return Err(format!("{} lines parsed, {} written, {} expected", parsed.len(), w.lines, want_n));
+        return Err(format!(
+            "{} lines parsed, {} written, {} expected",
+            parsed.len(),
+            w.lines,
+            want_n
+        ));
     }
     // Each recorded line on its own parses to exactly one point too.
     for (i, line) in w.iter().enumerate() {
-        let one: Vec<_> = parse_lines(line).collect::<Result<_, _>>().map_err(|e| format!("line {i} alone: {e}"))?;
+        let one: Vec<_> = parse_lines(line)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("line {i} alone: {e}"))?;
         if one.len() != 1 {
             return Err(format!("line {i} alone holds {} points", one.len()));
         }
     }
-    let expected: Vec<&str> = r.metrics.iter().map(|p| p.m.as_str()).chain(r.logs.iter().map(|_| "log")).chain(r.checks.iter().map(|_| "phoenix_check")).collect();
-    let got: Vec<String> = parsed.iter().map(|l| l.series.measurement.to_string()).collect();
+    let expected: Vec<&str> = r
+        .metrics
+        .iter()
+        .map(|p| p.m.as_str())
+        .chain(r.logs.iter().map(|_| "log"))
+        .chain(r.checks.iter().map(|_| "phoenix_check"))
+        .collect();
+    let got: Vec<String> = parsed
+        .iter()
+        .map(|l| l.series.measurement.to_string())
+        .collect();
     if got != expected {
         return Err(format!("measurements {got:?}, expected {expected:?}"));
     }
     let a = &r.agent;
     for (i, l) in parsed.iter().enumerate() {
-        let tags: BTreeMap<String, String> = l.series.tag_set.as_ref().map(|t| t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_or_default();
-        if tags.get("instance_id") != Some(&a.instance_id) || tags.get("image_id") != Some(&a.image_id) || tags.get("group") != a.group.as_ref() {
-            return Err(format!("line {i}: identity tags {tags:?} are not the report's {a:?}"));
+        let tags: BTreeMap<String, String> = l
+            .series
+            .tag_set
+            .as_ref()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tags.get("instance_id") != Some(&a.instance_id)
+            || tags.get("image_id") != Some(&a.image_id)
+            || tags.get("group") != a.group.as_ref()
+        {
+            return Err(format!(
+                "line {i}: identity tags {tags:?} are not the report's {a:?}"
+            ));
         }
         let keys: BTreeSet<&str> = tags.keys().map(String::as_str).collect();
         let mut allowed: BTreeSet<&str> = ["group", "host", "image_id", "instance_id"].into();
-        let fields: BTreeMap<String, &FieldValue> = l.field_set.iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let fields: BTreeMap<String, &FieldValue> = l
+            .field_set
+            .iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         if i < r.metrics.len() {
             let p = &r.metrics[i];
             allowed.extend(p.tags.keys().map(String::as_str));
-            if fields.len() != p.fields.len() || p.fields.iter().any(|(k, v)| !fields.get(k).is_some_and(|f| field_eq(f, v))) {
-                return Err(format!("line {i}: fields {fields:?} are not {:?}", p.fields));
+            if fields.len() != p.fields.len()
+                || p.fields
+                    .iter()
+                    .any(|(k, v)| !fields.get(k).is_some_and(|f| field_eq(f, v)))
+            {
+                return Err(format!(
+                    "line {i}: fields {fields:?} are not {:?}",
+                    p.fields
+                ));
             }
             if l.timestamp != Some(p.ts) {
-                return Err(format!("line {i}: timestamp {:?} is not {}", l.timestamp, p.ts));
+                return Err(format!(
+                    "line {i}: timestamp {:?} is not {}",
+                    l.timestamp, p.ts
+                ));
             }
         } else if i < r.metrics.len() + r.logs.len() {
             let g = &r.logs[i - r.metrics.len()];
@@ -191,9 +327,15 @@ fn check(r: &Report) -> Result<usize, String> {
 
 #[test]
 fn whole_reports_become_exactly_their_points() {
-    let seed = std::env::var("PHOENIX_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("PHOENIX_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     let mut rng = Rng(seed);
     let (start, end) = (Instant::now(), Instant::now() + budget());
     let (mut execs, mut refused, mut lines) = (0u64, 0u64, 0usize);
@@ -214,18 +356,35 @@ fn whole_reports_become_exactly_their_points() {
         }
     }
     println!("report_lines: {execs} reports ({lines} lines) checked against influxdb-line-protocol in {:.1}s ({refused} generated reports refused by decode), seed {seed}", start.elapsed().as_secs_f64());
-    assert!(execs > 50, "too few reports got through the decoder: {execs} (refused {refused})");
+    assert!(
+        execs > 50,
+        "too few reports got through the decoder: {execs} (refused {refused})"
+    );
 }
 
 #[test]
 fn the_crafted_log_line_is_one_message() {
     let r = Report {
         v: VERSION,
-        agent: Identity { instance_id: "i-1".into(), image_id: "img".into(), hostname: "h".into(), ..Default::default() },
+        agent: Identity {
+            instance_id: "i-1".into(),
+            image_id: "img".into(),
+            hostname: "h".into(),
+            ..Default::default()
+        },
         seq: 1,
         interval_ms: 0,
         metrics: vec![],
-        logs: vec![LogLine { src: "/var/log/x.log".into(), ts: 1, offset: 0, msg: "x\nevil,host=a v=1".into(), escaped: false, part: None, tags: Default::default(), fields: Default::default() }],
+        logs: vec![LogLine {
+            src: "/var/log/x.log".into(),
+            ts: 1,
+            offset: 0,
+            msg: "x\nevil,host=a v=1".into(),
+            escaped: false,
+            part: None,
+            tags: Default::default(),
+            fields: Default::default(),
+        }],
         drift: None,
         checks: vec![],
     };

@@ -19,7 +19,11 @@ pub const READER_TOKEN: &str = "reader-secret-1";
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Poll `f` until it gives Some or `timeout` passes.
@@ -42,7 +46,13 @@ fn target_dir() -> PathBuf {
     }
     // target/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Path of a workspace binary, built once per test process in the test's own profile.
@@ -54,21 +64,42 @@ pub fn bin(name: &str) -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "phoenix-agent", "-p", "phoenix-collector", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "phoenix-agent",
+            "-p",
+            "phoenix-collector",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("Cargo.toml");
-        cmd.arg("--manifest-path").arg(manifest).env("CARGO_TARGET_DIR", target_dir());
-        let st = cmd.status().expect("running cargo build for the binaries under test");
-        assert!(st.success(), "building phoenix-agent and phoenix-collector failed");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .join("Cargo.toml");
+        cmd.arg("--manifest-path")
+            .arg(manifest)
+            .env("CARGO_TARGET_DIR", target_dir());
+        let st = cmd
+            .status()
+            .expect("running cargo build for the binaries under test");
+        assert!(
+            st.success(),
+            "building phoenix-agent and phoenix-collector failed"
+        );
         profile_dir
     });
     dir.join(name)
 }
 
 fn http() -> ureq::Agent {
-    let cfg = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(20))).http_status_as_error(false).build();
+    let cfg = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build();
     ureq::Agent::new_with_config(cfg)
 }
 
@@ -85,16 +116,27 @@ impl Resp {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 fn read(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {
     let mut r = r.expect("HTTP request failed");
-    let headers = r.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
     let mut body = String::new();
     let _ = r.body_mut().as_reader().read_to_string(&mut body);
-    Resp { status: r.status().as_u16(), headers, body }
+    Resp {
+        status: r.status().as_u16(),
+        headers,
+        body,
+    }
 }
 
 pub fn get(url: &str, token: Option<&str>) -> Resp {
@@ -127,8 +169,13 @@ impl Proc {
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-        Proc { child: Some(child), log }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Proc {
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -169,7 +216,9 @@ impl Proc {
     }
 
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self) -> String {
@@ -199,7 +248,13 @@ impl Influx {
 
     /// `extra_http` is appended to the [http] section (e.g. `max-body-size = 2000`).
     pub fn start_with(extra_http: &str) -> Influx {
-        let mut i = Influx { dir: tempfile::tempdir().unwrap(), port: free_port(), rpc_port: free_port(), extra_http: extra_http.into(), proc: None };
+        let mut i = Influx {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            rpc_port: free_port(),
+            extra_http: extra_http.into(),
+            proc: None,
+        };
         i.up();
         i
     }
@@ -224,8 +279,15 @@ impl Influx {
         cmd.arg("-config").arg(d.join("influxdb.conf"));
         self.proc = Some(Proc::spawn(cmd, d.join("influxd.log")));
         let url = format!("{}/ping", self.url());
-        wait_for(Duration::from_secs(20), || (http().get(&url).call().ok()?.status() == 204).then_some(()))
-            .unwrap_or_else(|| panic!("influxd did not answer /ping; log:\n{}", self.proc.as_ref().unwrap().log_text()));
+        wait_for(Duration::from_secs(20), || {
+            (http().get(&url).call().ok()?.status() == 204).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "influxd did not answer /ping; log:\n{}",
+                self.proc.as_ref().unwrap().log_text()
+            )
+        });
     }
 
     pub fn down(&mut self) {
@@ -235,7 +297,12 @@ impl Influx {
     }
 
     pub fn create_db(&self, db: &str) {
-        let r = post(&format!("{}/query", self.url()), None, &[("Content-Type", "application/x-www-form-urlencoded")], format!("q=CREATE DATABASE \"{db}\"").as_bytes());
+        let r = post(
+            &format!("{}/query", self.url()),
+            None,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            format!("q=CREATE DATABASE \"{db}\"").as_bytes(),
+        );
         assert_eq!(r.status, 200, "{}", r.body);
     }
 
@@ -252,7 +319,12 @@ impl Influx {
         let res = self.query(db, q);
         let mut out = Vec::new();
         for s in res["series"].as_array().cloned().unwrap_or_default() {
-            let cols: Vec<String> = s["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+            let cols: Vec<String> = s["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect();
             let tags = s.get("tags").cloned();
             for v in s["values"].as_array().unwrap() {
                 let mut m = serde_json::Map::new();
@@ -272,12 +344,27 @@ impl Influx {
 
     /// `SELECT count(field) FROM m WHERE ...` as a number (0 when there are no rows).
     pub fn count(&self, db: &str, q: &str) -> u64 {
-        self.rows(db, q).first().and_then(|r| r.iter().find(|(k, _)| k.as_str() != "time").and_then(|(_, v)| v.as_u64())).unwrap_or(0)
+        self.rows(db, q)
+            .first()
+            .and_then(|r| {
+                r.iter()
+                    .find(|(k, _)| k.as_str() != "time")
+                    .and_then(|(_, v)| v.as_u64())
+            })
+            .unwrap_or(0)
     }
 }
 
 pub fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A real phoenix-collector on a free loopback port with fixed test tokens.
@@ -294,7 +381,13 @@ impl Collector {
     pub fn start(extra: &[&str]) -> Collector {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
-        let mut c = Collector { port: free_port(), data_dir, args: extra.iter().map(|s| s.to_string()).collect(), proc: None, _tmp: Some(tmp) };
+        let mut c = Collector {
+            port: free_port(),
+            data_dir,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+            _tmp: Some(tmp),
+        };
         c.up();
         c
     }
@@ -308,16 +401,34 @@ impl Collector {
         cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--agent-token", AGENT_TOKEN, "--recycler-token", RECYCLER_TOKEN, "--pipeline-token", PIPELINE_TOKEN, "--reader-token", READER_TOKEN])
+            .args([
+                "--agent-token",
+                AGENT_TOKEN,
+                "--recycler-token",
+                RECYCLER_TOKEN,
+                "--pipeline-token",
+                PIPELINE_TOKEN,
+                "--reader-token",
+                READER_TOKEN,
+            ])
             .args(&self.args)
             .env("PHOENIX_LOG_LEVEL", "info");
         std::fs::create_dir_all(&self.data_dir).unwrap();
-        let log = self.data_dir.parent().unwrap().join(format!("collector-{}.log", rand_u64()));
+        let log = self
+            .data_dir
+            .parent()
+            .unwrap()
+            .join(format!("collector-{}.log", rand_u64()));
         self.proc = Some(Proc::spawn(cmd, log));
         let url = format!("{}/healthz", self.url());
-        let ok = wait_for(Duration::from_secs(30), || (http().get(&url).call().ok()?.status() == 200).then_some(()));
+        let ok = wait_for(Duration::from_secs(30), || {
+            (http().get(&url).call().ok()?.status() == 200).then_some(())
+        });
         if ok.is_none() {
-            panic!("collector did not come up; log:\n{}", self.proc.as_ref().unwrap().log_text());
+            panic!(
+                "collector did not come up; log:\n{}",
+                self.proc.as_ref().unwrap().log_text()
+            );
         }
     }
 
@@ -351,7 +462,10 @@ impl Collector {
 
 fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     u64::from_le_bytes(b)
 }
 
@@ -370,14 +484,31 @@ impl Agent {
     /// `--interval 1s` are set unless given.
     pub fn start(collector: &str, instance_id: &str, extra: &[&str]) -> Agent {
         let tmp = tempfile::tempdir().unwrap();
-        let mut a = Agent { state_dir: tmp.path().join("state"), instance_id: instance_id.into(), args: extra.iter().map(|s| s.to_string()).collect(), collector: collector.into(), proc: None, _tmp: tmp };
+        let mut a = Agent {
+            state_dir: tmp.path().join("state"),
+            instance_id: instance_id.into(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            collector: collector.into(),
+            proc: None,
+            _tmp: tmp,
+        };
         a.up();
         a
     }
 
     pub fn up(&mut self) {
         let mut cmd = Command::new(bin("phoenix-agent"));
-        cmd.arg("run").args(["--collector", &self.collector, "--token", AGENT_TOKEN, "--instance-id", &self.instance_id]).arg("--state-dir").arg(&self.state_dir);
+        cmd.arg("run")
+            .args([
+                "--collector",
+                &self.collector,
+                "--token",
+                AGENT_TOKEN,
+                "--instance-id",
+                &self.instance_id,
+            ])
+            .arg("--state-dir")
+            .arg(&self.state_dir);
         if !self.args.iter().any(|a| a == "--image-id") {
             cmd.args(["--image-id", "img-test"]);
         }

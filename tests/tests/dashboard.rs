@@ -26,16 +26,27 @@ fn regex_escape(s: &str) -> String {
 
 /// A multi-value variable as Grafana writes it into an InfluxQL regex: (a|b).
 fn multi(values: &[&str]) -> String {
-    format!("({})", values.iter().map(|v| regex_escape(v)).collect::<Vec<_>>().join("|"))
+    format!(
+        "({})",
+        values
+            .iter()
+            .map(|v| regex_escape(v))
+            .collect::<Vec<_>>()
+            .join("|")
+    )
 }
 
 fn fill(q: &str, vars: &[(&str, String)]) -> String {
-    let mut q = q.replace("$timeFilter", "time > now() - 1h").replace("$__interval", "2s");
+    let mut q = q
+        .replace("$timeFilter", "time > now() - 1h")
+        .replace("$__interval", "2s");
     for (k, v) in vars {
         q = q.replace(&format!("${k}"), v);
     }
     // A `$` may stay only as a regex anchor, never in front of a name.
-    let left = q.match_indices('$').any(|(i, _)| q[i + 1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'));
+    let left = q
+        .match_indices('$')
+        .any(|(i, _)| q[i + 1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'));
     assert!(!left, "a macro or variable left unfilled: {q}");
     q
 }
@@ -44,9 +55,20 @@ fn fill(q: &str, vars: &[(&str, String)]) -> String {
 fn values(res: &Value) -> usize {
     let mut n = 0;
     for s in res["series"].as_array().into_iter().flatten() {
-        let cols: Vec<&str> = s["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        let cols: Vec<&str> = s["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
         for row in s["values"].as_array().unwrap() {
-            n += row.as_array().unwrap().iter().zip(&cols).filter(|(v, c)| **c != "time" && !v.is_null()).count();
+            n += row
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(&cols)
+                .filter(|(v, c)| **c != "time" && !v.is_null())
+                .count();
         }
     }
     n
@@ -69,28 +91,83 @@ fn every_dashboard_query_returns_data_from_real_agents() {
     let (dir_a, dir_b) = (watched("a"), watched("b"));
     let baseline = tmp.path().join("baseline.json");
     let o = Command::new(bin("phoenix-agent"))
-        .args(["bake", "--image-id", IMAGE, "--register", &collector.url(), "--token", PIPELINE_TOKEN, "--drift-path"])
+        .args([
+            "bake",
+            "--image-id",
+            IMAGE,
+            "--register",
+            &collector.url(),
+            "--token",
+            PIPELINE_TOKEN,
+            "--drift-path",
+        ])
         .arg(&dir_a)
         .arg("--out")
         .arg(&baseline)
         .output()
         .unwrap();
-    assert!(o.status.success(), "bake: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "bake: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let log = tmp.path().join("app.log");
     std::fs::write(&log, "").unwrap();
-    let args: Vec<String> = ["--image-id", IMAGE, "--group", "web", "--log", log.to_str().unwrap(), "--log-initial", "start", "--drift-path", dir_a.to_str().unwrap(), "--baseline", baseline.to_str().unwrap()]
-        .map(String::from)
-        .to_vec();
-    let _a = Agent::start(&collector.url(), "i-dash-a", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args: Vec<String> = [
+        "--image-id",
+        IMAGE,
+        "--group",
+        "web",
+        "--log",
+        log.to_str().unwrap(),
+        "--log-initial",
+        "start",
+        "--drift-path",
+        dir_a.to_str().unwrap(),
+        "--baseline",
+        baseline.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _a = Agent::start(
+        &collector.url(),
+        "i-dash-a",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     // b is a copy of the same image changed by hand: the same path, other content. Its own mount
     // namespace shows it b's directory at a's path.
     std::fs::write(dir_b.join("app.conf"), "listen = 9090\n").unwrap();
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", "set -e; mount --bind \"$1\" \"$2\"; shift 2; exec \"$@\"", "sh"]);
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "set -e; mount --bind \"$1\" \"$2\"; shift 2; exec \"$@\"",
+        "sh",
+    ]);
     cmd.arg(&dir_b).arg(&dir_a).arg(bin("phoenix-agent"));
-    cmd.args(["run", "--collector", &collector.url(), "--token", AGENT_TOKEN, "--instance-id", "i-dash-b", "--interval", "1s", "--state-dir"]).arg(tmp.path().join("state-b")).args(&args);
+    cmd.args([
+        "run",
+        "--collector",
+        &collector.url(),
+        "--token",
+        AGENT_TOKEN,
+        "--instance-id",
+        "i-dash-b",
+        "--interval",
+        "1s",
+        "--state-dir",
+    ])
+    .arg(tmp.path().join("state-b"))
+    .args(&args);
     let _b = Proc::spawn(cmd, tmp.path().join("agent-b.log"));
-    let lines = ["2026-01-01 ERROR payment failed: card declined", "2026-01-01 WARN slow upstream 2.5s", "2026-01-01 INFO request served"];
+    let lines = [
+        "2026-01-01 ERROR payment failed: card declined",
+        "2026-01-01 WARN slow upstream 2.5s",
+        "2026-01-01 INFO request served",
+    ];
     std::fs::write(&log, format!("{}\n", lines.join("\n"))).unwrap();
 
     // Enough samples for derivatives over 2s buckets, and the collector's judgements.
@@ -103,33 +180,92 @@ fn every_dashboard_query_returns_data_from_real_agents() {
             .then_some(())
     });
     if ready.is_none() {
-        let counts: Vec<(&str, u64)> = ["cpu", "log", "phoenix_drift", "phoenix_instance"].iter().map(|m| (*m, influx.count(DB, &format!("SELECT count(*) FROM \"{m}\"")))).collect();
-        panic!("the fleet never produced every measurement: {counts:?}; collector log:\n{}", collector.log_text());
+        let counts: Vec<(&str, u64)> = ["cpu", "log", "phoenix_drift", "phoenix_instance"]
+            .iter()
+            .map(|m| {
+                (
+                    *m,
+                    influx.count(DB, &format!("SELECT count(*) FROM \"{m}\"")),
+                )
+            })
+            .collect();
+        panic!(
+            "the fleet never produced every measurement: {counts:?}; collector log:\n{}",
+            collector.log_text()
+        );
     }
     std::thread::sleep(Duration::from_secs(3));
 
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-snippets/grafana/dashboards/phoenix-fleet.json")).unwrap()).unwrap();
-    let all = vec![("image", ".*".to_string()), ("group", ".*".to_string()), ("instance", ".*".to_string()), ("level", ".*".to_string())];
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../image-snippets/grafana/dashboards/phoenix-fleet.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let all = vec![
+        ("image", ".*".to_string()),
+        ("group", ".*".to_string()),
+        ("instance", ".*".to_string()),
+        ("level", ".*".to_string()),
+    ];
 
     // The template variables first: they must offer what the fleet has.
     let mut var_values = std::collections::BTreeMap::new();
-    for v in dash["templating"]["list"].as_array().unwrap().iter().filter(|v| v["type"] == "query") {
+    for v in dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["type"] == "query")
+    {
         let name = v["name"].as_str().unwrap();
         let q = fill(v["query"].as_str().unwrap(), &all);
         let res = influx.query(DB, &q);
-        assert!(res.get("error").is_none(), "variable {name}: {q}: {}", res["error"]);
-        let vals: Vec<String> = res["series"].as_array().into_iter().flatten().flat_map(|s| s["values"].as_array().unwrap().iter().map(|r| r[1].as_str().unwrap().to_string())).collect();
+        assert!(
+            res.get("error").is_none(),
+            "variable {name}: {q}: {}",
+            res["error"]
+        );
+        let vals: Vec<String> = res["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| {
+                s["values"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r[1].as_str().unwrap().to_string())
+            })
+            .collect();
         var_values.insert(name.to_string(), vals);
     }
-    assert!(var_values["image"].contains(&IMAGE.to_string()), "{var_values:?}");
-    assert!(var_values["group"].contains(&"web".to_string()), "{var_values:?}");
+    assert!(
+        var_values["image"].contains(&IMAGE.to_string()),
+        "{var_values:?}"
+    );
+    assert!(
+        var_values["group"].contains(&"web".to_string()),
+        "{var_values:?}"
+    );
     for id in ["i-dash-a", "i-dash-b"] {
-        assert!(var_values["instance"].contains(&id.to_string()), "{var_values:?}");
+        assert!(
+            var_values["instance"].contains(&id.to_string()),
+            "{var_values:?}"
+        );
     }
-    assert!(var_values["level"].len() >= 3, "three levels were logged: {var_values:?}");
+    assert!(
+        var_values["level"].len() >= 3,
+        "three levels were logged: {var_values:?}"
+    );
 
     // Then every panel, once with every variable on All and once narrowed the way a user does.
-    let error_level = var_values["level"].iter().find(|l| l.eq_ignore_ascii_case("error")).cloned().expect("an error level");
+    let error_level = var_values["level"]
+        .iter()
+        .find(|l| l.eq_ignore_ascii_case("error"))
+        .cloned()
+        .expect("an error level");
     let narrowed = vec![
         ("image", regex_escape(IMAGE)),
         ("group", "web".to_string()),
@@ -153,21 +289,78 @@ fn every_dashboard_query_returns_data_from_real_agents() {
         }
     }
     assert!(ran >= 30, "only {ran} queries ran");
-    assert!(failures.is_empty(), "{} of {ran} dashboard queries failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {ran} dashboard queries failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 
     // And the panels say what happened: b is the drifted, marked one; the error line is there.
     let drift = fill(
-        dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "Config drift").unwrap()["targets"][0]["query"].as_str().unwrap(),
+        dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == "Config drift")
+            .unwrap()["targets"][0]["query"]
+            .as_str()
+            .unwrap(),
         &all,
     );
     let rows = influx.rows(DB, &drift);
-    let drifted = |id: &str| rows.iter().find(|r| r["instance_id"] == id).map(|r| r["drifted"].as_bool().unwrap());
-    assert_eq!((drifted("i-dash-a"), drifted("i-dash-b")), (Some(false), Some(true)), "{rows:?}");
-    assert!(rows.iter().any(|r| r["changed_files"].as_str().is_some_and(|f| f.contains("app.conf"))), "{rows:?}");
-    let queue = fill(dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "Phoenix queue").unwrap()["targets"][0]["query"].as_str().unwrap(), &all);
+    let drifted = |id: &str| {
+        rows.iter()
+            .find(|r| r["instance_id"] == id)
+            .map(|r| r["drifted"].as_bool().unwrap())
+    };
+    assert_eq!(
+        (drifted("i-dash-a"), drifted("i-dash-b")),
+        (Some(false), Some(true)),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r["changed_files"]
+            .as_str()
+            .is_some_and(|f| f.contains("app.conf"))),
+        "{rows:?}"
+    );
+    let queue = fill(
+        dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == "Phoenix queue")
+            .unwrap()["targets"][0]["query"]
+            .as_str()
+            .unwrap(),
+        &all,
+    );
     let rows = influx.rows(DB, &queue);
-    assert_eq!(rows.iter().map(|r| r["instance_id"].as_str().unwrap()).collect::<Vec<_>>(), ["i-dash-b"], "{rows:?}");
-    let logs = fill(dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "Log lines").unwrap()["targets"][0]["query"].as_str().unwrap(), &narrowed);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["instance_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["i-dash-b"],
+        "{rows:?}"
+    );
+    let logs = fill(
+        dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == "Log lines")
+            .unwrap()["targets"][0]["query"]
+            .as_str()
+            .unwrap(),
+        &narrowed,
+    );
     let rows = influx.rows(DB, &logs);
-    assert!(!rows.is_empty() && rows.iter().all(|r| r["message"].as_str().unwrap().contains("ERROR")), "level filter: {rows:?}");
+    assert!(
+        !rows.is_empty()
+            && rows
+                .iter()
+                .all(|r| r["message"].as_str().unwrap().contains("ERROR")),
+        "level filter: {rows:?}"
+    );
 }

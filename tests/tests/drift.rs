@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 use phoenix_e2e::*;
 use phoenix_wire::{DriftState, FileEntry, Identity, Report, VERSION};
 
-fn bake(tree: &Path, out: &Path, image: &str, collector: &str, token: &str) -> std::process::Output {
+fn bake(
+    tree: &Path,
+    out: &Path,
+    image: &str,
+    collector: &str,
+    token: &str,
+) -> std::process::Output {
     Command::new(bin("phoenix-agent"))
         .arg("bake")
         .arg("--drift-path")
@@ -25,21 +31,36 @@ fn bake(tree: &Path, out: &Path, image: &str, collector: &str, token: &str) -> s
 
 fn drift_of(c: &Collector, id: &str) -> Option<serde_json::Value> {
     let r = c.get(&format!("/v1/instances/{id}"), Some(READER_TOKEN));
-    (r.status == 200).then(|| r.json()["drift"].clone()).filter(|d| !d.is_null())
+    (r.status == 200)
+        .then(|| r.json()["drift"].clone())
+        .filter(|d| !d.is_null())
 }
 
 /// Wait until the collector's verdict satisfies `ok`; the time it took.
 fn until(c: &Collector, id: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> Duration {
     let t = Instant::now();
-    let got = wait_for(Duration::from_secs(10), || drift_of(c, id).filter(|d| ok(d)));
-    assert!(got.is_some(), "{what}: collector never showed it; last: {:?}\n{}", drift_of(c, id), c.log_text());
+    let got = wait_for(Duration::from_secs(10), || {
+        drift_of(c, id).filter(|d| ok(d))
+    });
+    assert!(
+        got.is_some(),
+        "{what}: collector never showed it; last: {:?}\n{}",
+        drift_of(c, id),
+        c.log_text()
+    );
     t.elapsed()
 }
 
 fn changed(d: &serde_json::Value, file: &str, attr: &str) -> bool {
     d["drifted"] == true
         && d["changes"].as_array().is_some_and(|cs| {
-            cs.iter().any(|c| c["path"].as_str().is_some_and(|p| p.ends_with(file)) && (c["change"] == attr || c["attrs"].as_array().is_some_and(|a| a.iter().any(|x| x == attr))))
+            cs.iter().any(|c| {
+                c["path"].as_str().is_some_and(|p| p.ends_with(file))
+                    && (c["change"] == attr
+                        || c["attrs"]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|x| x == attr)))
+            })
         })
 }
 
@@ -55,11 +76,28 @@ fn every_kind_of_change_is_seen_within_two_seconds_and_undoing_it_is_clean() {
     std::os::unix::fs::symlink("app/app.conf", tree.join("current.conf")).unwrap();
     let base = tmp.path().join("baseline.json");
     let out = bake(&tree, &base, "img-drift", &c.url(), PIPELINE_TOKEN);
-    assert!(out.status.success(), "bake: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bake: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A long interval: drift updates must go out at once, not with the next metrics.
-    let _a = Agent::start(&c.url(), "i-drift-1", &["--image-id", "img-drift", "--baseline", base.to_str().unwrap(), "--interval", "30s"]);
-    until(&c, "i-drift-1", "clean at start", |d| d["drifted"] == false && d["source"] == "registered baseline");
+    let _a = Agent::start(
+        &c.url(),
+        "i-drift-1",
+        &[
+            "--image-id",
+            "img-drift",
+            "--baseline",
+            base.to_str().unwrap(),
+            "--interval",
+            "30s",
+        ],
+    );
+    until(&c, "i-drift-1", "clean at start", |d| {
+        d["drifted"] == false && d["source"] == "registered baseline"
+    });
 
     let mut worst = Duration::ZERO;
     let mut step = |what: &str, change: &dyn Fn(), ok: &dyn Fn(&serde_json::Value) -> bool| {
@@ -71,13 +109,41 @@ fn every_kind_of_change_is_seen_within_two_seconds_and_undoing_it_is_clean() {
     let app = tree.join("app/app.conf");
     let db = tree.join("app/db.conf");
     let clean = |d: &serde_json::Value| d["drifted"] == false;
-    step("content changed", &|| std::fs::write(&app, "listen = 9090\n").unwrap(), &|d| changed(d, "app/app.conf", "content"));
-    step("content restored", &|| std::fs::write(&app, "listen = 8080\n").unwrap(), &clean);
-    step("mode changed", &|| std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap(), &|d| changed(d, "app/db.conf", "mode"));
-    step("mode restored", &|| std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap(), &clean);
-    step("file added", &|| std::fs::write(tree.join("app/backdoor.conf"), "x").unwrap(), &|d| changed(d, "app/backdoor.conf", "added"));
-    step("added file removed", &|| std::fs::remove_file(tree.join("app/backdoor.conf")).unwrap(), &clean);
-    step("file removed", &|| std::fs::remove_file(&db).unwrap(), &|d| changed(d, "app/db.conf", "removed"));
+    step(
+        "content changed",
+        &|| std::fs::write(&app, "listen = 9090\n").unwrap(),
+        &|d| changed(d, "app/app.conf", "content"),
+    );
+    step(
+        "content restored",
+        &|| std::fs::write(&app, "listen = 8080\n").unwrap(),
+        &clean,
+    );
+    step(
+        "mode changed",
+        &|| std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap(),
+        &|d| changed(d, "app/db.conf", "mode"),
+    );
+    step(
+        "mode restored",
+        &|| std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap(),
+        &clean,
+    );
+    step(
+        "file added",
+        &|| std::fs::write(tree.join("app/backdoor.conf"), "x").unwrap(),
+        &|d| changed(d, "app/backdoor.conf", "added"),
+    );
+    step(
+        "added file removed",
+        &|| std::fs::remove_file(tree.join("app/backdoor.conf")).unwrap(),
+        &clean,
+    );
+    step(
+        "file removed",
+        &|| std::fs::remove_file(&db).unwrap(),
+        &|d| changed(d, "app/db.conf", "removed"),
+    );
     step(
         "file put back",
         &|| {
@@ -97,9 +163,23 @@ fn every_kind_of_change_is_seen_within_two_seconds_and_undoing_it_is_clean() {
     eprintln!("slowest change-to-collector time: {worst:?}");
 
     // InfluxDB has the verdicts for Grafana, with the changed files named.
-    let rows = influx.rows("drift", "SELECT drifted, changed_files, expected, hash FROM phoenix_drift WHERE drifted = true");
-    assert!(rows.iter().any(|r| r["changed_files"].as_str().unwrap_or("").contains("app.conf")), "{rows:?}");
-    assert!(influx.count("drift", "SELECT count(hash) FROM phoenix_drift WHERE drifted = false") >= 4);
+    let rows = influx.rows(
+        "drift",
+        "SELECT drifted, changed_files, expected, hash FROM phoenix_drift WHERE drifted = true",
+    );
+    assert!(
+        rows.iter().any(|r| r["changed_files"]
+            .as_str()
+            .unwrap_or("")
+            .contains("app.conf")),
+        "{rows:?}"
+    );
+    assert!(
+        influx.count(
+            "drift",
+            "SELECT count(hash) FROM phoenix_drift WHERE drifted = false"
+        ) >= 4
+    );
 }
 
 #[test]
@@ -113,23 +193,54 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
     // Only the pipeline may register.
     let refused = bake(&tree, &base, "img-auth", &c.url(), AGENT_TOKEN);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("403"), "{}", String::from_utf8_lossy(&refused.stderr));
-    assert!(bake(&tree, &base, "img-auth", &c.url(), PIPELINE_TOKEN).status.success());
-    let manifest: phoenix_wire::drift::Manifest = serde_json::from_slice(&std::fs::read(&base).unwrap()).unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(bake(&tree, &base, "img-auth", &c.url(), PIPELINE_TOKEN)
+        .status
+        .success());
+    let manifest: phoenix_wire::drift::Manifest =
+        serde_json::from_slice(&std::fs::read(&base).unwrap()).unwrap();
 
     // A tampered instance reports its altered tree as its own "baseline" too.
     let mut entries: Vec<FileEntry> = manifest.entries.clone();
-    entries.push(FileEntry { path: format!("{}/evil.conf", tree.display()), kind: 'f', mode: 0o100644, uid: 0, gid: 0, hash: "00".repeat(32), target: None, error: None });
+    entries.push(FileEntry {
+        path: format!("{}/evil.conf", tree.display()),
+        kind: 'f',
+        mode: 0o100644,
+        uid: 0,
+        gid: 0,
+        hash: "00".repeat(32),
+        target: None,
+        error: None,
+    });
     entries.sort();
     let forged = phoenix_wire::drift::root_of_entries(&entries);
     let report = Report {
         v: VERSION,
-        agent: Identity { instance_id: "i-forger".into(), image_id: "img-auth".into(), hostname: "h".into(), boot_id: "b".into(), version: "t".into(), ..Default::default() },
+        agent: Identity {
+            instance_id: "i-forger".into(),
+            image_id: "img-auth".into(),
+            hostname: "h".into(),
+            boot_id: "b".into(),
+            version: "t".into(),
+            ..Default::default()
+        },
         seq: 1,
         interval_ms: 1000,
         metrics: vec![],
         logs: vec![],
-        drift: Some(DriftState { hash: forged.clone(), baseline: Some(forged.clone()), changes: vec![], entries: entries.len() as u64, ts: 1, note: None, entries_list: Some(entries) }),
+        drift: Some(DriftState {
+            hash: forged.clone(),
+            baseline: Some(forged.clone()),
+            changes: vec![],
+            entries: entries.len() as u64,
+            ts: 1,
+            note: None,
+            entries_list: Some(entries),
+        }),
         checks: vec![],
     };
     let r = c.post_report(&report);
@@ -142,7 +253,15 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
     // The registered baseline is unchanged by the report: the untouched tree is still clean.
     let mut honest = report.clone();
     honest.seq = 2;
-    honest.drift = Some(DriftState { hash: manifest.root.clone(), baseline: Some(manifest.root.clone()), changes: vec![], entries: manifest.entries.len() as u64, ts: 2, note: None, entries_list: Some(manifest.entries.clone()) });
+    honest.drift = Some(DriftState {
+        hash: manifest.root.clone(),
+        baseline: Some(manifest.root.clone()),
+        changes: vec![],
+        entries: manifest.entries.len() as u64,
+        ts: 2,
+        note: None,
+        entries_list: Some(manifest.entries.clone()),
+    });
     assert_eq!(c.post_report(&honest).status, 200);
     let d = drift_of(&c, "i-forger").unwrap();
     assert_eq!(d["drifted"], false, "{d}");

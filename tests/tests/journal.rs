@@ -19,11 +19,14 @@ const BOOT: &str = "fedcba9876543210fedcba9876543210";
 const T0: i64 = 1_650_000_000_000_000;
 
 fn journal_remote() -> PathBuf {
-    ["/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-remote"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("these tests need systemd-journal-remote: apt-get install systemd-journal-remote")
+    [
+        "/lib/systemd/systemd-journal-remote",
+        "/usr/lib/systemd/systemd-journal-remote",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("these tests need systemd-journal-remote: apt-get install systemd-journal-remote")
 }
 
 /// One journal entry as the test writes it.
@@ -35,7 +38,12 @@ struct Entry {
 }
 
 fn e(us: i64, unit: &str, prio: u8, msg: &[u8]) -> Entry {
-    Entry { us, unit: unit.into(), prio, msg: msg.to_vec() }
+    Entry {
+        us,
+        unit: unit.into(),
+        prio,
+        msg: msg.to_vec(),
+    }
 }
 
 /// Append entries to a journal file: export format piped into systemd-journal-remote.
@@ -69,10 +77,21 @@ fn write_journal(path: &Path, entries: &[Entry]) {
         }
         out.push(b'\n');
     }
-    let mut child = Command::new(journal_remote()).arg(format!("--output={}", path.display())).arg("-").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(journal_remote())
+        .arg(format!("--output={}", path.display()))
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(&out).unwrap();
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "systemd-journal-remote failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "systemd-journal-remote failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn setup() -> (Influx, Collector, tempfile::TempDir) {
@@ -91,7 +110,12 @@ fn agent(c: &Collector, id: &str, extra: &[&str]) -> Agent {
 
 fn wait_checkpoint(a: &Agent) {
     let ck = a.state_dir.join("journal.acked.json");
-    wait_for(Duration::from_secs(30), || ck.exists().then_some(())).unwrap_or_else(|| panic!("the agent wrote no journal checkpoint; log:\n{}", a.log_text()));
+    wait_for(Duration::from_secs(30), || ck.exists().then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the agent wrote no journal checkpoint; log:\n{}",
+            a.log_text()
+        )
+    });
 }
 
 /// Every `log` row of one instance from the journal, in time order.
@@ -100,7 +124,10 @@ fn rows(influx: &Influx, id: &str) -> Vec<serde_json::Map<String, Value>> {
 }
 
 fn count(influx: &Influx, id: &str) -> u64 {
-    influx.count(DB, &format!("SELECT count(message) FROM log WHERE instance_id = '{id}'"))
+    influx.count(
+        DB,
+        &format!("SELECT count(message) FROM log WHERE instance_id = '{id}'"),
+    )
 }
 
 /// Wait until InfluxDB holds exactly `n` entries of the instance, failing on more.
@@ -108,10 +135,18 @@ fn wait_count(influx: &Influx, id: &str, n: u64, what: &dyn Fn() -> String) {
     let mut last = 0;
     let ok = wait_for(Duration::from_secs(60), || {
         last = count(influx, id);
-        assert!(last <= n, "{last} journal entries in InfluxDB, only {n} were written: duplicates\n{}", what());
+        assert!(
+            last <= n,
+            "{last} journal entries in InfluxDB, only {n} were written: duplicates\n{}",
+            what()
+        );
         (last == n).then_some(())
     });
-    assert!(ok.is_some(), "only {last} of {n} journal entries reached InfluxDB\n{}", what());
+    assert!(
+        ok.is_some(),
+        "only {last} of {n} journal entries reached InfluxDB\n{}",
+        what()
+    );
     // Nothing more may trickle in.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(count(influx, id), n, "entries arrived twice");
@@ -120,18 +155,44 @@ fn wait_count(influx: &Influx, id: &str, n: u64, what: &dyn Fn() -> String) {
 /// Everything the agent logged, over all its restarts, and the collector's log.
 fn logs(a: &Agent, c: &Collector) -> String {
     let mut out = String::new();
-    let mut files: Vec<_> = std::fs::read_dir(a.state_dir.parent().unwrap()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(a.state_dir.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
     files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     for f in files {
-        out.push_str(&format!("--- {}\n{}", f.display(), std::fs::read_to_string(&f).unwrap_or_default()));
+        out.push_str(&format!(
+            "--- {}\n{}",
+            f.display(),
+            std::fs::read_to_string(&f).unwrap_or_default()
+        ));
     }
-    let dups: String = c.get("/metrics", None).body.lines().filter(|l| l.contains("duplicate")).map(|l| format!("{l}\n")).collect();
+    let dups: String = c
+        .get("/metrics", None)
+        .body
+        .lines()
+        .filter(|l| l.contains("duplicate"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     out + "--- collector\n" + &c.log_text() + "--- collector /metrics\n" + &dups
 }
 
 /// Which entry numbers ("entry N") InfluxDB lacks, as ranges.
 fn missing(influx: &Influx, id: &str, n: i64) -> String {
-    let have: std::collections::BTreeSet<i64> = rows(influx, id).iter().filter_map(|r| String::from_utf8(bytes_of(r)).ok()?.strip_prefix("entry ")?.split('\n').next()?.parse().ok()).collect();
+    let have: std::collections::BTreeSet<i64> = rows(influx, id)
+        .iter()
+        .filter_map(|r| {
+            String::from_utf8(bytes_of(r))
+                .ok()?
+                .strip_prefix("entry ")?
+                .split('\n')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
     let mut out = String::new();
     let mut i = 0;
     while i < n {
@@ -148,28 +209,65 @@ fn missing(influx: &Influx, id: &str, n: i64) -> String {
 }
 
 fn bytes_of(r: &serde_json::Map<String, Value>) -> Vec<u8> {
-    logtext::decode(r["message"].as_str().unwrap(), r["escaped"].as_bool() == Some(true))
+    logtext::decode(
+        r["message"].as_str().unwrap(),
+        r["escaped"].as_bool() == Some(true),
+    )
 }
 
 #[test]
 fn every_entry_arrives_once_with_unit_level_time_and_exact_bytes() {
     let (influx, c, dir) = setup();
     let file = dir.path().join("app.journal");
-    write_journal(&file, &[e(T0, "seed.service", 6, b"written before the agent started: not shipped")]);
-    let a = agent(&c, "i-journal-1", &["--journal-file", file.to_str().unwrap()]);
+    write_journal(
+        &file,
+        &[e(
+            T0,
+            "seed.service",
+            6,
+            b"written before the agent started: not shipped",
+        )],
+    );
+    let a = agent(
+        &c,
+        "i-journal-1",
+        &["--journal-file", file.to_str().unwrap()],
+    );
     let wrote = vec![
         e(T0 + 1_000, "web.service", 6, b"GET /index.html 200"),
-        e(T0 + 2_000, "web.service", 3, b"Traceback (most recent call last):\n  File \"app.py\", line 1\nValueError: x"),
-        e(T0 + 2_000, "db.service", 4, b"binary \xff\xfe\x00 bytes, \\x41 and a backslash"),
-        e(T0 + 2_000, "db.service", 2, "unicode ✓ Grüße 😀, \"quoted\" a=b,c".as_bytes()),
-        e(T0 + 3_000, "cron.service", 7, b"debug line with\ttab and \x1b[31mcolour\x1b[0m"),
+        e(
+            T0 + 2_000,
+            "web.service",
+            3,
+            b"Traceback (most recent call last):\n  File \"app.py\", line 1\nValueError: x",
+        ),
+        e(
+            T0 + 2_000,
+            "db.service",
+            4,
+            b"binary \xff\xfe\x00 bytes, \\x41 and a backslash",
+        ),
+        e(
+            T0 + 2_000,
+            "db.service",
+            2,
+            "unicode ✓ Grüße 😀, \"quoted\" a=b,c".as_bytes(),
+        ),
+        e(
+            T0 + 3_000,
+            "cron.service",
+            7,
+            b"debug line with\ttab and \x1b[31mcolour\x1b[0m",
+        ),
         e(T0 + 4_000, "web.service", 5, b""),
     ];
     write_journal(&file, &wrote);
     wait_count(&influx, "i-journal-1", wrote.len() as u64, &|| a.log_text());
     let got = rows(&influx, "i-journal-1");
     assert_eq!(got.len(), wrote.len());
-    let levels = ["critical", "critical", "critical", "error", "warning", "info", "info", "debug"];
+    let levels = [
+        "critical", "critical", "critical", "error", "warning", "info", "info", "debug",
+    ];
     let mut prev = 0;
     for (w, r) in wrote.iter().zip(&got) {
         assert_eq!(bytes_of(r), w.msg, "{r:?}");
@@ -178,10 +276,17 @@ fn every_entry_arrives_once_with_unit_level_time_and_exact_bytes() {
         assert_eq!(r["priority"], w.prio as u64);
         assert_eq!(r["pid"], 777);
         assert_eq!(r["comm"], "webapp");
-        assert!(r["path"].is_null(), "journal entries carry no path tag: {r:?}");
+        assert!(
+            r["path"].is_null(),
+            "journal entries carry no path tag: {r:?}"
+        );
         // Their own time; the three entries sharing a microsecond are a nanosecond apart.
         let ts = r["time"].as_i64().unwrap();
-        assert!(ts >= w.us * 1000 && ts < w.us * 1000 + 10, "ts {ts} for µs {}", w.us);
+        assert!(
+            ts >= w.us * 1000 && ts < w.us * 1000 + 10,
+            "ts {ts} for µs {}",
+            w.us
+        );
         assert!(ts > prev);
         prev = ts;
     }
@@ -198,7 +303,16 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
     let mut a = agent(&c, id, &["--journal-dir", jdir.to_str().unwrap()]);
     let mut n = 0i64;
     let mut batch = |k: i64| -> Vec<Entry> {
-        let out = (n..n + k).map(|i| e(T0 + 1_000 + i * 10, ["web.service", "db.service", "cron.service"][(i % 3) as usize], (i % 8) as u8, format!("entry {i}\nsecond line {}", "x".repeat((i % 40) as usize)).as_bytes())).collect();
+        let out = (n..n + k)
+            .map(|i| {
+                e(
+                    T0 + 1_000 + i * 10,
+                    ["web.service", "db.service", "cron.service"][(i % 3) as usize],
+                    (i % 8) as u8,
+                    format!("entry {i}\nsecond line {}", "x".repeat((i % 40) as usize)).as_bytes(),
+                )
+            })
+            .collect();
         n += k;
         out
     };
@@ -215,21 +329,40 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
     // new journal file (journald's rotation) in the directory.
     let big = batch(20_000);
     write_journal(&file, &big);
-    wait_for(Duration::from_secs(30), || (count(&influx, id) > 600).then_some(())).expect("the agent started shipping the big batch");
+    wait_for(Duration::from_secs(30), || {
+        (count(&influx, id) > 600).then_some(())
+    })
+    .expect("the agent started shipping the big batch");
     a.kill();
     let shipped_at_kill = count(&influx, id);
     write_journal(&file, &batch(500));
     write_journal(&jdir.join("system@rotated.journal"), &batch(200));
     a.up();
-    wait_count(&influx, id, n as u64, &|| format!("missing entries: {}\n{}", missing(&influx, id, n), logs(&a, &c)));
-    assert!(shipped_at_kill < n as u64, "the kill happened before everything was shipped");
+    wait_count(&influx, id, n as u64, &|| {
+        format!(
+            "missing entries: {}\n{}",
+            missing(&influx, id, n),
+            logs(&a, &c)
+        )
+    });
+    assert!(
+        shipped_at_kill < n as u64,
+        "the kill happened before everything was shipped"
+    );
 
     // Each entry exactly once: its number, its time and its bytes.
     let got = rows(&influx, id);
     let mut seen = BTreeMap::new();
     for r in &got {
         let text = String::from_utf8(bytes_of(r)).unwrap();
-        let i: i64 = text.strip_prefix("entry ").unwrap().split('\n').next().unwrap().parse().unwrap();
+        let i: i64 = text
+            .strip_prefix("entry ")
+            .unwrap()
+            .split('\n')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(r["time"].as_i64().unwrap(), (T0 + 1_000 + i * 10) * 1000);
         assert!(seen.insert(i, ()).is_none(), "entry {i} twice");
     }
@@ -241,18 +374,46 @@ fn unit_and_priority_filters() {
     let (influx, c, dir) = setup();
     let file = dir.path().join("f.journal");
     write_journal(&file, &[e(T0, "seed.service", 6, b"seed")]);
-    let a = agent(&c, "i-journal-3", &["--journal-file", file.to_str().unwrap(), "--journal-unit", "web.service", "--journal-unit", "api.service", "--journal-priority", "warning"]);
+    let a = agent(
+        &c,
+        "i-journal-3",
+        &[
+            "--journal-file",
+            file.to_str().unwrap(),
+            "--journal-unit",
+            "web.service",
+            "--journal-unit",
+            "api.service",
+            "--journal-priority",
+            "warning",
+        ],
+    );
     let mut wrote = Vec::new();
-    for (i, unit) in ["web.service", "api.service", "db.service"].iter().enumerate() {
+    for (i, unit) in ["web.service", "api.service", "db.service"]
+        .iter()
+        .enumerate()
+    {
         for p in 0..8u8 {
-            wrote.push(e(T0 + 1_000 + (i as i64) * 100 + p as i64, unit, p, format!("{unit} p{p}").as_bytes()));
+            wrote.push(e(
+                T0 + 1_000 + (i as i64) * 100 + p as i64,
+                unit,
+                p,
+                format!("{unit} p{p}").as_bytes(),
+            ));
         }
     }
     write_journal(&file, &wrote);
-    let want: Vec<String> = wrote.iter().filter(|w| w.unit != "db.service" && w.prio <= 4).map(|w| String::from_utf8(w.msg.clone()).unwrap()).collect();
+    let want: Vec<String> = wrote
+        .iter()
+        .filter(|w| w.unit != "db.service" && w.prio <= 4)
+        .map(|w| String::from_utf8(w.msg.clone()).unwrap())
+        .collect();
     let show = || format!("got {:?}\n{}", rows(&influx, "i-journal-3"), logs(&a, &c));
     wait_count(&influx, "i-journal-3", want.len() as u64, &show);
-    let got: Vec<String> = rows(&influx, "i-journal-3").iter().map(|r| String::from_utf8(bytes_of(r)).unwrap()).collect();
+    let got: Vec<String> = rows(&influx, "i-journal-3")
+        .iter()
+        .map(|r| String::from_utf8(bytes_of(r)).unwrap())
+        .collect();
     assert_eq!(got, want);
 }
 
@@ -263,19 +424,41 @@ fn a_journal_replaced_under_the_agent_is_reported_and_reading_goes_on() {
     write_journal(&file, &[e(T0, "seed.service", 6, b"seed")]);
     let id = "i-journal-4";
     let mut a = agent(&c, id, &["--journal-file", file.to_str().unwrap()]);
-    write_journal(&file, &[e(T0 + 10, "a.service", 6, b"one"), e(T0 + 20, "a.service", 6, b"two")]);
+    write_journal(
+        &file,
+        &[
+            e(T0 + 10, "a.service", 6, b"one"),
+            e(T0 + 20, "a.service", 6, b"two"),
+        ],
+    );
     wait_count(&influx, id, 2, &|| a.log_text());
 
     // Vacuumed and started afresh under the running agent (a new file, new cursors).
     let fresh = dir.path().join("fresh.journal");
-    write_journal(&fresh, &[e(T0 + 30, "b.service", 6, b"three"), e(T0 + 40, "b.service", 6, b"four")]);
+    write_journal(
+        &fresh,
+        &[
+            e(T0 + 30, "b.service", 6, b"three"),
+            e(T0 + 40, "b.service", 6, b"four"),
+        ],
+    );
     std::fs::rename(&fresh, &file).unwrap();
     wait_count(&influx, id, 4, &|| a.log_text());
     let log = a.log_text();
-    assert!(log.contains("no longer holds the last entry read"), "the reset is reported:\n{log}");
+    assert!(
+        log.contains("no longer holds the last entry read"),
+        "the reset is reported:\n{log}"
+    );
     let resets = wait_for(Duration::from_secs(30), || {
-        let r = influx.rows(DB, &format!("SELECT last(journal_cursor_resets) FROM phoenix_agent WHERE instance_id = '{id}'"));
-        r.first().and_then(|r| r["last"].as_u64()).filter(|&v| v >= 1)
+        let r = influx.rows(
+            DB,
+            &format!(
+                "SELECT last(journal_cursor_resets) FROM phoenix_agent WHERE instance_id = '{id}'"
+            ),
+        );
+        r.first()
+            .and_then(|r| r["last"].as_u64())
+            .filter(|&v| v >= 1)
     });
     assert!(resets.is_some(), "journal_cursor_resets reaches InfluxDB");
 

@@ -24,17 +24,29 @@ fn agent(c: &Collector, id: &str, pattern: &Path, extra: &[&str]) -> Agent {
     args.extend_from_slice(extra);
     let a = Agent::start(&c.url(), id, &args);
     let ck = a.state_dir.join("logs.acked.json");
-    wait_for(Duration::from_secs(30), || ck.exists().then_some(())).unwrap_or_else(|| panic!("the agent wrote no first checkpoint; log:\n{}", a.log_text()));
+    wait_for(Duration::from_secs(30), || ck.exists().then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the agent wrote no first checkpoint; log:\n{}",
+            a.log_text()
+        )
+    });
     a
 }
 
 fn line(i: usize) -> String {
     // Shapes that need escaping in line protocol, and a number to count by.
-    format!("seq={i} level=info msg=\"user said \\\"hi\\\", a=b\" path=C:\\temp\\x tab\there 😀 {}\n", "x".repeat(i % 50))
+    format!(
+        "seq={i} level=info msg=\"user said \\\"hi\\\", a=b\" path=C:\\temp\\x tab\there 😀 {}\n",
+        "x".repeat(i % 50)
+    )
 }
 
 fn append(path: &Path, from: usize, to: usize) {
-    let mut f = OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
     let mut s = String::new();
     for i in from..to {
         s.push_str(&line(i));
@@ -43,7 +55,13 @@ fn append(path: &Path, from: usize, to: usize) {
 }
 
 fn count(influx: &Influx, path: &Path) -> u64 {
-    influx.count(DB, &format!("SELECT count(message) FROM log WHERE path = '{}'", path.display()))
+    influx.count(
+        DB,
+        &format!(
+            "SELECT count(message) FROM log WHERE path = '{}'",
+            path.display()
+        ),
+    )
 }
 
 /// Wait until InfluxDB holds `n` lines of `path` (failing early if it holds more).
@@ -51,21 +69,39 @@ fn wait_lines(influx: &Influx, path: &Path, n: u64, timeout: Duration, what: &dy
     let mut last = 0;
     let ok = wait_for(timeout, || {
         last = count(influx, path);
-        assert!(last <= n, "{last} lines of {} in InfluxDB, only {n} were written: duplicates", path.display());
+        assert!(
+            last <= n,
+            "{last} lines of {} in InfluxDB, only {n} were written: duplicates",
+            path.display()
+        );
         (last == n).then_some(())
     });
-    assert!(ok.is_some(), "only {last} of {n} lines of {} reached InfluxDB\n{}", path.display(), what());
+    assert!(
+        ok.is_some(),
+        "only {last} of {n} lines of {} reached InfluxDB\n{}",
+        path.display(),
+        what()
+    );
 }
 
 /// The `seq` numbers of `path`'s lines in InfluxDB, in time order.
 fn seqs(influx: &Influx, path: &Path) -> Vec<usize> {
     influx
-        .rows(DB, &format!("SELECT message FROM log WHERE path = '{}'", path.display()))
+        .rows(
+            DB,
+            &format!("SELECT message FROM log WHERE path = '{}'", path.display()),
+        )
         .iter()
         .map(|r| {
             let m = r["message"].as_str().unwrap();
-            assert!(m.contains("😀") && m.contains("\\\"hi\\\"") && m.contains('\t'), "line arrived altered: {m:?}");
-            m.strip_prefix("seq=").and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a line we wrote: {m:?}"))
+            assert!(
+                m.contains("😀") && m.contains("\\\"hi\\\"") && m.contains('\t'),
+                "line arrived altered: {m:?}"
+            );
+            m.strip_prefix("seq=")
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("not a line we wrote: {m:?}"))
         })
         .collect()
 }
@@ -74,11 +110,19 @@ fn assert_all(influx: &Influx, path: &Path, n: usize) {
     let got = seqs(influx, path);
     assert_eq!(got.len(), n);
     let first_wrong = got.iter().enumerate().find(|(i, s)| *i != **s);
-    assert!(first_wrong.is_none(), "lines of {} out of order or missing, first at {first_wrong:?}", path.display());
+    assert!(
+        first_wrong.is_none(),
+        "lines of {} out of order or missing, first at {first_wrong:?}",
+        path.display()
+    );
 }
 
 fn logs_of(c: &Collector, a: &Agent) -> String {
-    format!("agent log:\n{}\ncollector log:\n{}", a.log_text(), c.log_text())
+    format!(
+        "agent log:\n{}\ncollector log:\n{}",
+        a.log_text(),
+        c.log_text()
+    )
 }
 
 #[test]
@@ -107,12 +151,27 @@ fn nasty_lines_arrive_intact() {
     // Existing lines are read too on a first start with --log-initial start.
     let a = agent(&c, "i-logs-nasty", &p, &["--log-initial", "start"]);
     // The 100 KiB line travels as two parts.
-    wait_lines(&influx, &p, lines.len() as u64 + 1, Duration::from_secs(60), &|| logs_of(&c, &a));
-    let rows = influx.rows(DB, &format!("SELECT message, escaped, part, \"offset\", level FROM log WHERE path = '{}'", p.display()));
+    wait_lines(
+        &influx,
+        &p,
+        lines.len() as u64 + 1,
+        Duration::from_secs(60),
+        &|| logs_of(&c, &a),
+    );
+    let rows = influx.rows(
+        DB,
+        &format!(
+            "SELECT message, escaped, part, \"offset\", level FROM log WHERE path = '{}'",
+            p.display()
+        ),
+    );
     let mut got: Vec<Vec<u8>> = Vec::new();
     let mut offsets = Vec::new();
     for r in &rows {
-        let raw = phoenix_wire::logtext::decode(r["message"].as_str().unwrap(), r["escaped"].as_bool().unwrap_or(false));
+        let raw = phoenix_wire::logtext::decode(
+            r["message"].as_str().unwrap(),
+            r["escaped"].as_bool().unwrap_or(false),
+        );
         match r["part"].as_u64() {
             Some(n) if n > 1 => got.last_mut().unwrap().extend_from_slice(&raw),
             _ => {
@@ -123,15 +182,28 @@ fn nasty_lines_arrive_intact() {
     }
     assert_eq!(got.len(), lines.len());
     for (g, w) in got.iter().zip(&lines) {
-        assert!(g == w, "{:?} arrived as {:?}", String::from_utf8_lossy(&w[..w.len().min(80)]), String::from_utf8_lossy(&g[..g.len().min(80)]));
+        assert!(
+            g == w,
+            "{:?} arrived as {:?}",
+            String::from_utf8_lossy(&w[..w.len().min(80)]),
+            String::from_utf8_lossy(&g[..g.len().min(80)])
+        );
     }
     let mut off = 0;
     for (o, l) in offsets.iter().zip(&lines) {
-        assert_eq!(*o, off, "offset of each line is where it starts in the file");
+        assert_eq!(
+            *o, off,
+            "offset of each line is where it starts in the file"
+        );
         off += l.len() as u64 + 1;
     }
-    assert!(rows.iter().any(|r| r["level"] == "error" && r["message"].as_str().unwrap().contains("db down")));
-    assert!(rows.iter().any(|r| r["escaped"] == true), "invalid UTF-8 travels escaped");
+    assert!(rows
+        .iter()
+        .any(|r| r["level"] == "error" && r["message"].as_str().unwrap().contains("db down")));
+    assert!(
+        rows.iter().any(|r| r["escaped"] == true),
+        "invalid UTF-8 travels escaped"
+    );
 }
 
 #[test]
@@ -160,7 +232,11 @@ fn rename_and_copytruncate_rotation_under_a_fast_writer_lose_nothing() {
                 let k = to / EVERY;
                 // logrotate's default: rename, and the application opens a new file.
                 fs::rename(&pa, pa.with_extension(format!("log.{k}"))).unwrap();
-                fa = OpenOptions::new().create(true).append(true).open(&pa).unwrap();
+                fa = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&pa)
+                    .unwrap();
                 // copytruncate: copy, then truncate in place; the writer goes on (O_APPEND).
                 fs::copy(&pb, pb.with_extension(format!("log.{k}"))).unwrap();
                 fb.set_len(0).unwrap();
@@ -169,8 +245,12 @@ fn rename_and_copytruncate_rotation_under_a_fast_writer_lose_nothing() {
         }
     });
     writer.join().unwrap();
-    wait_lines(&influx, &a_log, N as u64, Duration::from_secs(180), &|| logs_of(&c, &a));
-    wait_lines(&influx, &b_log, N as u64, Duration::from_secs(60), &|| logs_of(&c, &a));
+    wait_lines(&influx, &a_log, N as u64, Duration::from_secs(180), &|| {
+        logs_of(&c, &a)
+    });
+    wait_lines(&influx, &b_log, N as u64, Duration::from_secs(60), &|| {
+        logs_of(&c, &a)
+    });
     assert_all(&influx, &a_log, N);
     assert_all(&influx, &b_log, N);
 }
@@ -182,17 +262,23 @@ fn collector_and_influxdb_outages_lose_nothing() {
     fs::write(&p, "").unwrap();
     let a = agent(&c, "i-logs-outage", &p, &[]);
     append(&p, 0, 5000);
-    wait_lines(&influx, &p, 5000, Duration::from_secs(60), &|| logs_of(&c, &a));
+    wait_lines(&influx, &p, 5000, Duration::from_secs(60), &|| {
+        logs_of(&c, &a)
+    });
     c.down();
     append(&p, 5000, 15_000);
     std::thread::sleep(Duration::from_secs(3));
     c.up();
-    wait_lines(&influx, &p, 15_000, Duration::from_secs(90), &|| logs_of(&c, &a));
+    wait_lines(&influx, &p, 15_000, Duration::from_secs(90), &|| {
+        logs_of(&c, &a)
+    });
     influx.down();
     append(&p, 15_000, 25_000);
     std::thread::sleep(Duration::from_secs(3));
     influx.up();
-    wait_lines(&influx, &p, 25_000, Duration::from_secs(120), &|| logs_of(&c, &a));
+    wait_lines(&influx, &p, 25_000, Duration::from_secs(120), &|| {
+        logs_of(&c, &a)
+    });
     assert_all(&influx, &p, 25_000);
 }
 
@@ -213,23 +299,43 @@ fn agent_killed_mid_stream_then_restarted_loses_and_repeats_nothing() {
     for _ in 0..3 {
         // Wait until lines are flowing, then kill -9 in the middle of it.
         let before = count(&influx, &p);
-        wait_for(Duration::from_secs(30), || (count(&influx, &p) > before).then_some(()));
+        wait_for(Duration::from_secs(30), || {
+            (count(&influx, &p) > before).then_some(())
+        });
         std::thread::sleep(Duration::from_millis(300));
         a.kill();
         std::thread::sleep(Duration::from_millis(500));
         a.up();
     }
     writer.join().unwrap();
-    wait_lines(&influx, &p, N as u64, Duration::from_secs(180), &|| logs_of(&c, &a));
+    wait_lines(&influx, &p, N as u64, Duration::from_secs(180), &|| {
+        logs_of(&c, &a)
+    });
     assert_all(&influx, &p, N);
 }
 
 fn status_kb(pid: u32, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find_map(|l| l.strip_prefix(key)).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn dir_bytes(d: &Path) -> u64 {
-    fs::read_dir(d).map(|r| r.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
+    fs::read_dir(d)
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[test]
@@ -251,16 +357,31 @@ fn full_spool_pauses_logs_keeps_memory_bounded_and_counts_dropped_metrics() {
     std::thread::sleep(Duration::from_secs(6));
     let spooled = dir_bytes(&spool);
     assert!(spooled > 512 << 10, "the spool filled up: {spooled} bytes");
-    assert!(spooled < 2 << 20, "the spool stays near --spool-max: {spooled} bytes");
+    assert!(
+        spooled < 2 << 20,
+        "the spool stays near --spool-max: {spooled} bytes"
+    );
     let hwm = status_kb(pid, "VmHWM:");
-    assert!(hwm < 64 * 1024, "agent peak RSS {hwm} kB while {} MB of lines waited", fs::metadata(&p).unwrap().len() >> 20);
+    assert!(
+        hwm < 64 * 1024,
+        "agent peak RSS {hwm} kB while {} MB of lines waited",
+        fs::metadata(&p).unwrap().len() >> 20
+    );
     c.up();
-    wait_lines(&influx, &p, N as u64, Duration::from_secs(300), &|| logs_of(&c, &a));
+    wait_lines(&influx, &p, N as u64, Duration::from_secs(300), &|| {
+        logs_of(&c, &a)
+    });
     assert_all(&influx, &p, N);
     let dropped = wait_for(Duration::from_secs(30), || {
-        let r = influx.rows(DB, "SELECT max(dropped_points) AS d FROM phoenix_agent WHERE instance_id = 'i-logs-full'");
+        let r = influx.rows(
+            DB,
+            "SELECT max(dropped_points) AS d FROM phoenix_agent WHERE instance_id = 'i-logs-full'",
+        );
         r.first().and_then(|r| r["d"].as_u64()).filter(|d| *d > 0)
     });
-    assert!(dropped.is_some(), "dropped metric points are counted in phoenix_agent");
+    assert!(
+        dropped.is_some(),
+        "dropped metric points are counted in phoenix_agent"
+    );
     a.stop();
 }

@@ -10,13 +10,29 @@ use phoenix_wire::{Identity, Point, Report, Value, VERSION};
 use prometheus_parse::{LineInfo, Scrape, Value as PValue};
 
 fn report(instance: &str, seq: u64) -> Report {
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
     Report {
         v: VERSION,
-        agent: Identity { instance_id: instance.into(), image_id: "img-m".into(), group: Some("gm".into()), hostname: "h".into(), boot_id: "b1".into(), version: "t".into(), boot_time: 0 },
+        agent: Identity {
+            instance_id: instance.into(),
+            image_id: "img-m".into(),
+            group: Some("gm".into()),
+            hostname: "h".into(),
+            boot_id: "b1".into(),
+            version: "t".into(),
+            boot_time: 0,
+        },
         seq,
         interval_ms: 1000,
-        metrics: vec![Point { m: "app".into(), tags: BTreeMap::new(), fields: BTreeMap::from([("v".to_string(), Value::Int(seq as i64))]), ts }],
+        metrics: vec![Point {
+            m: "app".into(),
+            tags: BTreeMap::new(),
+            fields: BTreeMap::from([("v".to_string(), Value::Int(seq as i64))]),
+            ts,
+        }],
         logs: vec![],
         drift: None,
         checks: vec![],
@@ -28,7 +44,13 @@ fn report(instance: &str, seq: u64) -> Report {
 fn scrape(c: &Collector) -> (Scrape, String) {
     let r = c.get("/metrics", None);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"), "{:?}", r.header("content-type"));
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        r.header("content-type")
+    );
     let mut helped = std::collections::HashSet::new();
     let mut typed = std::collections::HashMap::new();
     for line in r.body.lines() {
@@ -36,15 +58,35 @@ fn scrape(c: &Collector) -> (Scrape, String) {
             LineInfo::Doc { metric_name, .. } => {
                 helped.insert(metric_name.to_string());
             }
-            LineInfo::Type { metric_name, metric_alias, sample_type } => {
+            LineInfo::Type {
+                metric_name,
+                metric_alias,
+                sample_type,
+            } => {
                 typed.insert(metric_alias.unwrap_or(metric_name), sample_type);
             }
-            LineInfo::Sample { metric_name, value, .. } => {
+            LineInfo::Sample {
+                metric_name, value, ..
+            } => {
                 assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
-                let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| metric_name.strip_suffix(s).filter(|f| typed.contains_key(*f))).unwrap_or(metric_name);
-                assert!(helped.contains(family) && typed.contains_key(family), "sample without HELP/TYPE before it: {line}");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        metric_name
+                            .strip_suffix(s)
+                            .filter(|f| typed.contains_key(*f))
+                    })
+                    .unwrap_or(metric_name);
+                assert!(
+                    helped.contains(family) && typed.contains_key(family),
+                    "sample without HELP/TYPE before it: {line}"
+                );
                 if family.ends_with("_total") {
-                    assert_eq!(typed[family], prometheus_parse::SampleType::Counter, "{line}");
+                    assert_eq!(
+                        typed[family],
+                        prometheus_parse::SampleType::Counter,
+                        "{line}"
+                    );
                 }
             }
             LineInfo::Empty => {}
@@ -56,10 +98,19 @@ fn scrape(c: &Collector) -> (Scrape, String) {
 }
 
 fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let found = s.samples.iter().find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)));
+    let found = s
+        .samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)));
     match found.map(|x| &x.value) {
         Some(PValue::Counter(v)) | Some(PValue::Gauge(v)) | Some(PValue::Untyped(v)) => *v,
-        other => panic!("{name}{labels:?}: {other:?}; samples of that name: {:?}", s.samples.iter().filter(|x| x.metric == name).collect::<Vec<_>>()),
+        other => panic!(
+            "{name}{labels:?}: {other:?}; samples of that name: {:?}",
+            s.samples
+                .iter()
+                .filter(|x| x.metric == name)
+                .collect::<Vec<_>>()
+        ),
     }
 }
 
@@ -68,7 +119,16 @@ fn metrics_endpoint_counts_every_outcome_and_parses_as_prometheus_text() {
     let mut influx = Influx::start();
     let c = Collector::start(&["--influx-url", &influx.url(), "--influx-db", "selfm"]);
     let _a = Agent::start(&c.url(), "i-metrics-1", &["--group", "gm"]);
-    assert!(wait_for(Duration::from_secs(30), || (c.get("/v1/instances/i-metrics-1", Some(READER_TOKEN)).status == 200).then_some(())).is_some(), "{}", c.log_text());
+    assert!(
+        wait_for(Duration::from_secs(30), || (c
+            .get("/v1/instances/i-metrics-1", Some(READER_TOKEN))
+            .status
+            == 200)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        c.log_text()
+    );
 
     // One of every outcome, sent by hand.
     assert_eq!(c.post_report(&report("i-hand-1", 1)).status, 200);
@@ -78,47 +138,146 @@ fn metrics_endpoint_counts_every_outcome_and_parses_as_prometheus_text() {
     let gz = phoenix_wire::encode(&report("i-hand-1", 2));
     assert_eq!(c.post_raw(&gz, None, true).status, 401);
     assert_eq!(c.post_raw(&gz, Some(READER_TOKEN), true).status, 403);
-    assert_eq!(c.post_raw(b"{not json", Some(AGENT_TOKEN), false).status, 400);
+    assert_eq!(
+        c.post_raw(b"{not json", Some(AGENT_TOKEN), false).status,
+        400
+    );
     let url = format!("{}/v1/reports", c.url());
-    assert_eq!(post(&url, Some(AGENT_TOKEN), &[("Content-Encoding", "br")], b"x").status, 415);
-    assert_eq!(c.post_raw(&vec![b' '; 9 << 20], Some(AGENT_TOKEN), false).status, 413);
+    assert_eq!(
+        post(&url, Some(AGENT_TOKEN), &[("Content-Encoding", "br")], b"x").status,
+        415
+    );
+    assert_eq!(
+        c.post_raw(&vec![b' '; 9 << 20], Some(AGENT_TOKEN), false)
+            .status,
+        413
+    );
 
     // The queue's budget per group is figured on its next pass (every second).
-    let passed = wait_for(Duration::from_secs(5), || c.get("/metrics", None).body.contains("phoenix_collector_budget_allowed{group=\"gm\"}").then_some(()));
-    assert!(passed.is_some(), "no queue pass within 5 s:\n{}", c.get("/metrics", None).body);
+    let passed = wait_for(Duration::from_secs(5), || {
+        c.get("/metrics", None)
+            .body
+            .contains("phoenix_collector_budget_allowed{group=\"gm\"}")
+            .then_some(())
+    });
+    assert!(
+        passed.is_some(),
+        "no queue pass within 5 s:\n{}",
+        c.get("/metrics", None).body
+    );
     let (s, text) = scrape(&c);
-    assert!(value(&s, "phoenix_collector_reports_accepted_total", &[]) >= 2.0, "the agent's reports and the hand-made one:\n{text}");
-    for (reason, code, n) in [("duplicate", "200", 1.0), ("unauthorized", "401", 1.0), ("forbidden", "403", 1.0), ("bad_request", "400", 1.0), ("unsupported_media", "415", 1.0), ("too_large", "413", 1.0), ("rate_limited", "429", 0.0), ("unavailable", "503", 0.0)] {
-        assert_eq!(value(&s, "phoenix_collector_reports_rejected_total", &[("reason", reason), ("code", code)]), n, "{reason}:\n{text}");
+    assert!(
+        value(&s, "phoenix_collector_reports_accepted_total", &[]) >= 2.0,
+        "the agent's reports and the hand-made one:\n{text}"
+    );
+    for (reason, code, n) in [
+        ("duplicate", "200", 1.0),
+        ("unauthorized", "401", 1.0),
+        ("forbidden", "403", 1.0),
+        ("bad_request", "400", 1.0),
+        ("unsupported_media", "415", 1.0),
+        ("too_large", "413", 1.0),
+        ("rate_limited", "429", 0.0),
+        ("unavailable", "503", 0.0),
+    ] {
+        assert_eq!(
+            value(
+                &s,
+                "phoenix_collector_reports_rejected_total",
+                &[("reason", reason), ("code", code)]
+            ),
+            n,
+            "{reason}:\n{text}"
+        );
     }
     assert!(value(&s, "phoenix_collector_points_written_total", &[]) > 0.0);
     assert!(value(&s, "phoenix_collector_store_writes_total", &[]) > 0.0);
-    assert_eq!(value(&s, "phoenix_collector_store_write_errors_total", &[]), 0.0);
+    assert_eq!(
+        value(&s, "phoenix_collector_store_write_errors_total", &[]),
+        0.0
+    );
     assert_eq!(value(&s, "phoenix_collector_store_up", &[]), 1.0);
     assert_eq!(value(&s, "phoenix_collector_write_queue_depth", &[]), 0.0);
-    let known: f64 = ["new", "healthy", "suspect", "unhealthy", "drifted", "marked", "acked", "gone"].iter().map(|st| value(&s, "phoenix_collector_instances", &[("state", st)])).sum();
+    let known: f64 = [
+        "new",
+        "healthy",
+        "suspect",
+        "unhealthy",
+        "drifted",
+        "marked",
+        "acked",
+        "gone",
+    ]
+    .iter()
+    .map(|st| value(&s, "phoenix_collector_instances", &[("state", st)]))
+    .sum();
     assert_eq!(known, 2.0, "i-metrics-1 and i-hand-1, each in one state");
-    assert_eq!(value(&s, "phoenix_collector_marks", &[("reason", "drift")]), 0.0);
-    assert_eq!(value(&s, "phoenix_collector_budget_allowed", &[("group", "gm")]), 1.0, "{text}");
+    assert_eq!(
+        value(&s, "phoenix_collector_marks", &[("reason", "drift")]),
+        0.0
+    );
+    assert_eq!(
+        value(&s, "phoenix_collector_budget_allowed", &[("group", "gm")]),
+        1.0,
+        "{text}"
+    );
     // The histogram: cumulative buckets ending in +Inf, which equals the count.
-    let h = s.samples.iter().find(|x| x.metric == "phoenix_collector_store_write_duration_seconds").expect("latency histogram");
-    let PValue::Histogram(buckets) = &h.value else { panic!("{:?}", h.value) };
-    assert!(buckets.windows(2).all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count), "{buckets:?}");
+    let h = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "phoenix_collector_store_write_duration_seconds")
+        .expect("latency histogram");
+    let PValue::Histogram(buckets) = &h.value else {
+        panic!("{:?}", h.value)
+    };
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count),
+        "{buckets:?}"
+    );
     assert!(buckets.last().unwrap().less_than.is_infinite());
-    let count = value(&s, "phoenix_collector_store_write_duration_seconds_count", &[]);
+    let count = value(
+        &s,
+        "phoenix_collector_store_write_duration_seconds_count",
+        &[],
+    );
     assert_eq!(buckets.last().unwrap().count, count);
-    assert!(count > 0.0 && value(&s, "phoenix_collector_store_write_duration_seconds_sum", &[]) > 0.0);
+    assert!(
+        count > 0.0
+            && value(
+                &s,
+                "phoenix_collector_store_write_duration_seconds_sum",
+                &[]
+            ) > 0.0
+    );
 
     // The same figures land in InfluxDB every 10 s.
-    let row = wait_for(Duration::from_secs(25), || influx.rows("selfm", "SELECT * FROM phoenix_collector ORDER BY time DESC LIMIT 1").into_iter().next());
+    let row = wait_for(Duration::from_secs(25), || {
+        influx
+            .rows(
+                "selfm",
+                "SELECT * FROM phoenix_collector ORDER BY time DESC LIMIT 1",
+            )
+            .into_iter()
+            .next()
+    });
     let row = row.unwrap_or_else(|| panic!("no phoenix_collector point; log:\n{}", c.log_text()));
     assert!(row["reports_accepted"].as_u64().unwrap() >= 2, "{row:?}");
     assert_eq!(row["reports_rejected_duplicate"], 1);
     assert_eq!(row["reports_rejected_too_large"], 1);
     assert_eq!(row["store_up"], true);
     assert!(row["points_written"].as_u64().unwrap() > 0);
-    assert!(row["store_write_ms_mean"].as_f64().unwrap() > 0.0, "{row:?}");
-    assert_eq!(row["host"], std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim());
+    assert!(
+        row["store_write_ms_mean"].as_f64().unwrap() > 0.0,
+        "{row:?}"
+    );
+    assert_eq!(
+        row["host"],
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap()
+            .trim()
+    );
 
     // The store goes away: reports get 503, and the figures say so.
     influx.down();
@@ -129,8 +288,18 @@ fn metrics_endpoint_counts_every_outcome_and_parses_as_prometheus_text() {
     });
     assert!(got_503.is_some());
     let (s, text) = scrape(&c);
-    assert!(value(&s, "phoenix_collector_reports_rejected_total", &[("reason", "unavailable"), ("code", "503")]) >= 1.0, "{text}");
-    assert!(value(&s, "phoenix_collector_store_write_errors_total", &[]) >= 1.0, "{text}");
+    assert!(
+        value(
+            &s,
+            "phoenix_collector_reports_rejected_total",
+            &[("reason", "unavailable"), ("code", "503")]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value(&s, "phoenix_collector_store_write_errors_total", &[]) >= 1.0,
+        "{text}"
+    );
     assert_eq!(value(&s, "phoenix_collector_store_up", &[]), 0.0, "{text}");
 }
 
@@ -140,9 +309,15 @@ fn json_lines(log: &str, who: &str) -> Vec<serde_json::Value> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{who}: not one JSON object per line ({e}): {l:?}"));
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{who}: not one JSON object per line ({e}): {l:?}"));
             assert!(v.is_object(), "{who}: {l}");
-            assert!(v["timestamp"].is_string() && v["level"].is_string() && v["fields"]["message"].is_string(), "{who}: missing timestamp/level/message: {l}");
+            assert!(
+                v["timestamp"].is_string()
+                    && v["level"].is_string()
+                    && v["fields"]["message"].is_string(),
+                "{who}: missing timestamp/level/message: {l}"
+            );
             v
         })
         .collect();
@@ -154,21 +329,51 @@ fn json_lines(log: &str, who: &str) -> Vec<serde_json::Value> {
 fn both_programs_log_one_json_object_per_line() {
     let mut c = Collector::start(&["--log-format", "json"]);
     let mut a = Agent::start(&c.url(), "i-json-1", &["--log-format", "json"]);
-    assert!(wait_for(Duration::from_secs(30), || (c.get("/v1/instances/i-json-1", Some(READER_TOKEN)).status == 200).then_some(())).is_some(), "{}", c.log_text());
+    assert!(
+        wait_for(Duration::from_secs(30), || (c
+            .get("/v1/instances/i-json-1", Some(READER_TOKEN))
+            .status
+            == 200)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        c.log_text()
+    );
     // A rejected report makes the collector log a warning with structured fields.
     assert_eq!(c.post_raw(b"junk", Some(READER_TOKEN), false).status, 403);
     // Read the logs once both have stopped, so no line is caught half-written.
-    let (agent_path, collector_path) = (a.proc.as_ref().unwrap().log.clone(), c.proc.as_ref().unwrap().log.clone());
+    let (agent_path, collector_path) = (
+        a.proc.as_ref().unwrap().log.clone(),
+        c.proc.as_ref().unwrap().log.clone(),
+    );
     a.stop();
     c.down();
     let agent_log = std::fs::read_to_string(agent_path).unwrap();
     let collector_log = std::fs::read_to_string(collector_path).unwrap();
     let collector = json_lines(&collector_log, "collector");
-    assert!(collector.iter().any(|v| v["fields"]["message"] == "phoenix-collector ready" && v["fields"]["listen"].is_string()), "{collector_log}");
-    assert!(collector.iter().any(|v| v["fields"]["message"] == "stopping"), "{collector_log}");
+    assert!(
+        collector
+            .iter()
+            .any(|v| v["fields"]["message"] == "phoenix-collector ready"
+                && v["fields"]["listen"].is_string()),
+        "{collector_log}"
+    );
+    assert!(
+        collector
+            .iter()
+            .any(|v| v["fields"]["message"] == "stopping"),
+        "{collector_log}"
+    );
     let agent = json_lines(&agent_log, "agent");
     assert!(agent.iter().any(|v| v["level"] == "INFO"), "{agent_log}");
     // Text is the default: no JSON.
     let plain = Collector::start(&[]);
-    assert!(plain.log_text().lines().any(|l| l.contains("phoenix-collector ready") && !l.starts_with('{')), "{}", plain.log_text());
+    assert!(
+        plain
+            .log_text()
+            .lines()
+            .any(|l| l.contains("phoenix-collector ready") && !l.starts_with('{')),
+        "{}",
+        plain.log_text()
+    );
 }

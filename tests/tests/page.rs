@@ -21,7 +21,13 @@ fn target_dir() -> PathBuf {
     }
     // target/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn chromium_binary() -> String {
@@ -50,18 +56,28 @@ impl Browser {
     fn start() -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let port = free_port();
-        let driver_bin = std::env::var("PHOENIX_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let driver_bin =
+            std::env::var("PHOENIX_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
         let mut cmd = Command::new(&driver_bin);
         cmd.arg(format!("--port={port}"));
         let driver = Proc::spawn(cmd, profile.path().join("chromedriver.log"));
         let base = format!("http://127.0.0.1:{port}");
-        let http = ureq::Agent::new_with_config(ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).http_status_as_error(false).build());
+        let http = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(60)))
+                .http_status_as_error(false)
+                .build(),
+        );
         let ready = wait_for(Duration::from_secs(20), || {
             let mut r = http.get(&format!("{base}/status")).call().ok()?;
             let v: Value = r.body_mut().read_json().ok()?;
             (v["value"]["ready"] == true).then_some(())
         });
-        assert!(ready.is_some(), "chromedriver ({driver_bin}) did not come up; log:\n{}", driver.log_text());
+        assert!(
+            ready.is_some(),
+            "chromedriver ({driver_bin}) did not come up; log:\n{}",
+            driver.log_text()
+        );
         let args = [
             "--headless",
             "--no-sandbox",
@@ -78,13 +94,28 @@ impl Browser {
             // Anything not on loopback goes to a dead proxy: the test talks to nothing else.
             "--proxy-server=127.0.0.1:9",
             "--window-size=1200,1400",
-            &format!("--user-data-dir={}", profile.path().join("profile").display()),
+            &format!(
+                "--user-data-dir={}",
+                profile.path().join("profile").display()
+            ),
         ];
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": chromium_binary(), "args": args}}}});
-        let mut r = http.post(&format!("{base}/session")).send_json(&caps).expect("creating a WebDriver session");
+        let mut r = http
+            .post(&format!("{base}/session"))
+            .send_json(&caps)
+            .expect("creating a WebDriver session");
         let v: Value = r.body_mut().read_json().unwrap();
-        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}\nchromedriver log:\n{}", driver.log_text())).to_owned();
-        Browser { base, session, http, _driver: driver, _profile: profile }
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}\nchromedriver log:\n{}", driver.log_text()))
+            .to_owned();
+        Browser {
+            base,
+            session,
+            http,
+            _driver: driver,
+            _profile: profile,
+        }
     }
 
     fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -97,7 +128,10 @@ impl Browser {
         let mut r = r.unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"));
         let status = r.status().as_u16();
         let v: Value = r.body_mut().read_json().unwrap();
-        assert!(status == 200, "WebDriver {method} {path}: HTTP {status}: {v}");
+        assert!(
+            status == 200,
+            "WebDriver {method} {path}: HTTP {status}: {v}"
+        );
         v["value"].clone()
     }
 
@@ -107,7 +141,11 @@ impl Browser {
 
     /// Run `script` (a function body) in the page; its return value.
     fn eval(&self, script: &str) -> Value {
-        self.cmd("POST", "/execute/sync", Some(json!({ "script": script, "args": [] })))
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     /// Poll the page (never reloading it) until `script` returns something truthy.
@@ -117,7 +155,12 @@ impl Browser {
             let truthy = !(v.is_null() || v == false || v == "" || v == 0);
             truthy.then_some(v)
         });
-        got.unwrap_or_else(|| panic!("{what}: not seen within {timeout:?}; page text:\n{}", self.eval("return document.body.innerText")))
+        got.unwrap_or_else(|| {
+            panic!(
+                "{what}: not seen within {timeout:?}; page text:\n{}",
+                self.eval("return document.body.innerText")
+            )
+        })
     }
 
     fn screenshot(&self, path: &Path) {
@@ -127,13 +170,19 @@ impl Browser {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
         // Straight to stderr, past the test harness's capture, so CI logs name the artifact.
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("screenshot: {}\n", path.display()).as_bytes());
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("screenshot: {}\n", path.display()).as_bytes(),
+        );
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.http.delete(&format!("{}/session/{}", self.base, self.session)).call();
+        let _ = self
+            .http
+            .delete(&format!("{}/session/{}", self.base, self.session))
+            .call();
     }
 }
 
@@ -146,7 +195,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
         b'/' => 63,
         _ => panic!("not base64: {c}"),
     };
-    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
     let mut out = Vec::with_capacity(clean.len() * 3 / 4);
     for chunk in clean.chunks(4) {
         let mut n = 0u32;
@@ -174,7 +226,14 @@ fn row_js(id: &str) -> String {
 #[test]
 fn fleet_page_in_headless_chromium() {
     let influx = Influx::start();
-    let c = Collector::start(&["--influx-url", &influx.url(), "--influx-db", "page", "--grace", "1s"]);
+    let c = Collector::start(&[
+        "--influx-url",
+        &influx.url(),
+        "--influx-db",
+        "page",
+        "--grace",
+        "1s",
+    ]);
     let tmp = tempfile::tempdir().unwrap();
 
     // An image baked from a small tree, its baseline registered with the collector.
@@ -193,31 +252,75 @@ fn fleet_page_in_headless_chromium() {
         .args(["--register", &c.url(), "--token", PIPELINE_TOKEN])
         .output()
         .unwrap();
-    assert!(out.status.success(), "bake: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bake: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let app_log = tmp.path().join("app.log");
     std::fs::write(&app_log, "").unwrap();
     let closed = free_port().to_string();
-    let db_args = ["--group", "db", "--image-id", "img-db", "--drift-path", tree.to_str().unwrap(), "--baseline", base.to_str().unwrap()];
+    let db_args = [
+        "--group",
+        "db",
+        "--image-id",
+        "img-db",
+        "--drift-path",
+        tree.to_str().unwrap(),
+        "--baseline",
+        base.to_str().unwrap(),
+    ];
     let _agents = [
-        Agent::start(&c.url(), "i-web-1", &["--group", "web", "--log", app_log.to_str().unwrap()]),
-        Agent::start(&c.url(), "i-web-2", &["--group", "web", "--check", &format!("db=tcp:127.0.0.1:{closed}")]),
+        Agent::start(
+            &c.url(),
+            "i-web-1",
+            &["--group", "web", "--log", app_log.to_str().unwrap()],
+        ),
+        Agent::start(
+            &c.url(),
+            "i-web-2",
+            &[
+                "--group",
+                "web",
+                "--check",
+                &format!("db=tcp:127.0.0.1:{closed}"),
+            ],
+        ),
         Agent::start(&c.url(), "i-db-1", &db_args),
         Agent::start(&c.url(), "i-db-2", &db_args),
     ];
-    let listed = |n: usize| wait_for(Duration::from_secs(30), || (c.get("/v1/instances", Some(READER_TOKEN)).json()["instances"].as_array()?.len() >= n).then_some(()));
-    assert!(listed(4).is_some(), "agents did not report; collector log:\n{}", c.log_text());
+    let listed = |n: usize| {
+        wait_for(Duration::from_secs(30), || {
+            (c.get("/v1/instances", Some(READER_TOKEN)).json()["instances"]
+                .as_array()?
+                .len()
+                >= n)
+                .then_some(())
+        })
+    };
+    assert!(
+        listed(4).is_some(),
+        "agents did not report; collector log:\n{}",
+        c.log_text()
+    );
 
     let b = Browser::start();
     b.goto(&format!("{}/", c.url()));
     // Something only this page load has: a reload would lose it.
     b.eval("window.__phoenixLoad = 'first'; return true;");
     let ids = b.wait_js("the four instances", Duration::from_secs(10), "var ids = Array.from(document.querySelectorAll('#instances tr[data-instance]')).map(function (r) { return r.getAttribute('data-instance'); }); return ids.length >= 4 ? ids.join(',') : null;");
-    assert_eq!(ids, "i-db-1,i-db-2,i-web-1,i-web-2", "grouped by group (db before web), sorted within");
+    assert_eq!(
+        ids, "i-db-1,i-db-2,i-web-1,i-web-2",
+        "grouped by group (db before web), sorted within"
+    );
     let groups = b.eval("return Array.from(document.querySelectorAll('#instances h2[data-group]')).map(function (h) { return h.getAttribute('data-group'); }).join(',');");
     assert_eq!(groups, "db,web");
     let web1 = b.eval("var r = document.querySelector('tr[data-instance=\"i-web-1\"]'); return Array.from(r.cells).map(function (c) { return c.textContent; });");
-    assert!(web1[3].as_str().unwrap().contains("s ago"), "last seen: {web1}");
+    assert!(
+        web1[3].as_str().unwrap().contains("s ago"),
+        "last seen: {web1}"
+    );
     assert!(web1[4].as_str().unwrap().ends_with('%'), "CPU: {web1}");
     assert!(web1[5].as_str().unwrap().ends_with('%'), "memory: {web1}");
     assert_eq!(web1[6], env!("CARGO_PKG_VERSION"), "agent version: {web1}");
@@ -232,27 +335,55 @@ fn fleet_page_in_headless_chromium() {
     b.wait_js("a drift mark and a held one", Duration::from_secs(20), "var m = document.querySelectorAll('#marked tr[data-instance^=\"i-db-\"]').length; var h = document.querySelectorAll('#held tr[data-instance^=\"i-db-\"]').length; return m === 1 && h === 1;");
     let marked_db = b.eval("return document.querySelector('#marked tr[data-instance^=\"i-db-\"]').getAttribute('data-instance');");
     let marked_db = marked_db.as_str().unwrap().to_owned();
-    let held_db = if marked_db == "i-db-1" { "i-db-2" } else { "i-db-1" };
+    let held_db = if marked_db == "i-db-1" {
+        "i-db-2"
+    } else {
+        "i-db-1"
+    };
     assert_eq!(b.eval(&row_js(&marked_db)), "marked|drift");
     assert_eq!(b.eval(&row_js(held_db)), "drifted|drift");
     let held_text = b.eval("return document.querySelector('#held').innerText;");
-    assert!(held_text.as_str().unwrap().contains("budget"), "held because of the budget: {held_text}");
+    assert!(
+        held_text.as_str().unwrap().contains("budget"),
+        "held because of the budget: {held_text}"
+    );
     let budget = b.eval("return Array.from(document.querySelectorAll('table.budget tr')).map(function (r) { return r.innerText; }).join('\\n');");
-    assert!(budget.as_str().unwrap().contains("1 of 1"), "budget in use: {budget}");
+    assert!(
+        budget.as_str().unwrap().contains("1 of 1"),
+        "budget in use: {budget}"
+    );
 
     // A new instance appears on the open page.
     let _late = Agent::start(&c.url(), "i-web-3", &["--group", "web"]);
-    b.wait_js("i-web-3 on the open page", Duration::from_secs(15), "return !!document.querySelector('#instances tr[data-instance=\"i-web-3\"]');");
-    assert_eq!(b.eval("return window.__phoenixLoad || null;"), "first", "the page was reloaded instead of updated");
+    b.wait_js(
+        "i-web-3 on the open page",
+        Duration::from_secs(15),
+        "return !!document.querySelector('#instances tr[data-instance=\"i-web-3\"]');",
+    );
+    assert_eq!(
+        b.eval("return window.__phoenixLoad || null;"),
+        "first",
+        "the page was reloaded instead of updated"
+    );
     let shots = target_dir().join("page-test");
     b.screenshot(&shots.join("fleet.png"));
 
     // Drill-down of the drifted, marked instance: its changed file and its reason.
     b.goto(&format!("{}/instances/{marked_db}", c.url()));
-    let change = b.wait_js("the changed file", Duration::from_secs(10), "var r = document.querySelector('#changes tr.change'); return r ? r.innerText : null;");
+    let change = b.wait_js(
+        "the changed file",
+        Duration::from_secs(10),
+        "var r = document.querySelector('#changes tr.change'); return r ? r.innerText : null;",
+    );
     let change = change.as_str().unwrap();
-    assert!(change.contains("app/app.conf") && change.contains("changed") && change.contains("content"), "{change}");
-    assert_eq!(b.eval("return document.getElementById('reason').textContent;"), "drift");
+    assert!(
+        change.contains("app/app.conf") && change.contains("changed") && change.contains("content"),
+        "{change}"
+    );
+    assert_eq!(
+        b.eval("return document.getElementById('reason').textContent;"),
+        "drift"
+    );
     b.screenshot(&shots.join("instance.png"));
 
     // The failed check and the last log lines, hostile text shown as text.
@@ -263,24 +394,52 @@ fn fleet_page_in_headless_chromium() {
     b.eval("window.__phoenixLoad = 'drill'; return true;");
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&app_log).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&app_log)
+            .unwrap();
         writeln!(f, "GET /login 200").unwrap();
-        writeln!(f, "GET /<img src=x onerror=\"window.__pwned=1\"><b>bold</b> 404").unwrap();
+        writeln!(
+            f,
+            "GET /<img src=x onerror=\"window.__pwned=1\"><b>bold</b> 404"
+        )
+        .unwrap();
     }
     let newest = b.wait_js("the log lines", Duration::from_secs(15), "var l = document.querySelectorAll('#logs li.log .msg'); return l.length >= 2 ? l[0].textContent : null;");
-    assert_eq!(newest, "GET /<img src=x onerror=\"window.__pwned=1\"><b>bold</b> 404", "newest first, shown as text");
-    assert_eq!(b.eval("return document.querySelectorAll('#logs img, #logs b').length;"), 0, "agent text became markup");
+    assert_eq!(
+        newest, "GET /<img src=x onerror=\"window.__pwned=1\"><b>bold</b> 404",
+        "newest first, shown as text"
+    );
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#logs img, #logs b').length;"),
+        0,
+        "agent text became markup"
+    );
     assert_eq!(b.eval("return window.__pwned || null;"), Value::Null);
-    assert_eq!(b.eval("return window.__phoenixLoad || null;"), "drill", "the drill-down reloaded instead of updating");
+    assert_eq!(
+        b.eval("return window.__phoenixLoad || null;"),
+        "drill",
+        "the drill-down reloaded instead of updating"
+    );
 
     // A phone's width: rows become cards, nothing scrolls sideways.
     b.cmd("POST", "/goog/cdp/execute", Some(json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}})));
     b.goto(&format!("{}/", c.url()));
-    b.wait_js("the page at phone width", Duration::from_secs(10), "return document.querySelectorAll('#instances tr[data-instance]').length >= 5;");
+    b.wait_js(
+        "the page at phone width",
+        Duration::from_secs(10),
+        "return document.querySelectorAll('#instances tr[data-instance]').length >= 5;",
+    );
     assert_eq!(b.eval("return window.innerWidth;"), 390);
-    assert_eq!(b.eval("return getComputedStyle(document.querySelector('#instances thead')).display;"), "none");
+    assert_eq!(
+        b.eval("return getComputedStyle(document.querySelector('#instances thead')).display;"),
+        "none"
+    );
     let overflow = b.eval("return document.documentElement.scrollWidth - window.innerWidth;");
-    assert!(overflow.as_i64().unwrap() <= 0, "the page is wider than the phone by {overflow} px");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the page is wider than the phone by {overflow} px"
+    );
     b.screenshot(&shots.join("fleet-phone.png"));
 }
 
@@ -292,7 +451,15 @@ fn page_answers_plain_http_clients_with_escaped_html() {
     let evil = "<script>x</script>";
     let r = phoenix_wire::Report {
         v: phoenix_wire::VERSION,
-        agent: phoenix_wire::Identity { instance_id: "i/evil:1".into(), image_id: "img".into(), group: None, hostname: evil.into(), boot_id: "b".into(), version: evil.into(), boot_time: 0 },
+        agent: phoenix_wire::Identity {
+            instance_id: "i/evil:1".into(),
+            image_id: "img".into(),
+            group: None,
+            hostname: evil.into(),
+            boot_id: "b".into(),
+            version: evil.into(),
+            boot_time: 0,
+        },
         seq: 1,
         interval_ms: 1000,
         metrics: vec![],
@@ -304,25 +471,49 @@ fn page_answers_plain_http_clients_with_escaped_html() {
     assert_eq!(ack.status, 200, "{}", ack.body);
     let page = c.get("/", None);
     assert_eq!(page.status, 200);
-    assert!(page.header("content-type").unwrap().starts_with("text/html"));
-    assert!(page.header("content-security-policy").unwrap().contains("default-src 'none'"));
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page
+        .header("content-security-policy")
+        .unwrap()
+        .contains("default-src 'none'"));
     assert!(page.body.contains("&lt;script&gt;x&lt;/script&gt;"));
     assert!(!page.body.contains("<script>x"));
-    assert!(page.body.contains("href=\"/instances/i%2Fevil%3A1\""), "the link encodes the id");
+    assert!(
+        page.body.contains("href=\"/instances/i%2Fevil%3A1\""),
+        "the link encodes the id"
+    );
     let frag = c.get("/?fragment=1", None);
-    assert!(frag.body.starts_with("<ul class=\"chips\""), "a fragment, not a whole page: {}", &frag.body[..80.min(frag.body.len())]);
+    assert!(
+        frag.body.starts_with("<ul class=\"chips\""),
+        "a fragment, not a whole page: {}",
+        &frag.body[..80.min(frag.body.len())]
+    );
     let inst = c.get("/instances/i%2Fevil%3A1", None);
     assert_eq!(inst.status, 200, "{}", inst.body);
     assert!(inst.body.contains("data-instance=\"i/evil:1\""));
     assert!(!inst.body.contains("<script>x"));
     assert_eq!(c.get("/instances/nobody", None).status, 404);
     // ?token= with a reader token sets the cookie and drops the token from the address.
-    let no_redirects = ureq::Agent::new_with_config(ureq::Agent::config_builder().max_redirects(0).http_status_as_error(false).build());
-    let r = no_redirects.get(&format!("{}/?token={READER_TOKEN}", c.url())).call().unwrap();
+    let no_redirects = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build(),
+    );
+    let r = no_redirects
+        .get(&format!("{}/?token={READER_TOKEN}", c.url()))
+        .call()
+        .unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/");
     let cookie = r.headers()["set-cookie"].to_str().unwrap();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     assert_eq!(c.get("/?token=wrong", None).status, 401);
 }
 
@@ -332,30 +523,73 @@ fn over_https_loopback_is_still_open_and_the_cookie_is_secure() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(d.join("key.pem"))
         .arg("-out")
         .arg(d.join("cert.pem"))
         .output()
         .expect("running openssl (apt-get install openssl)");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let port = free_port();
     let mut cmd = Command::new(bin("phoenix-collector"));
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")]).arg("--data-dir").arg(d.join("data")).arg("--tls-cert").arg(d.join("cert.pem")).arg("--tls-key").arg(d.join("key.pem"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .arg("--tls-cert")
+        .arg(d.join("cert.pem"))
+        .arg("--tls-key")
+        .arg(d.join("key.pem"));
     cmd.args(["--agent-token", AGENT_TOKEN, "--reader-token", READER_TOKEN]);
     let collector = Proc::spawn(cmd, d.join("collector.log"));
     let curl = |path: &str| -> (String, String) {
-        let out = Command::new("curl").args(["-sk", "-D", "-", "-o", "/dev/null", "--max-time", "10"]).arg(format!("https://127.0.0.1:{port}{path}")).output().expect("running curl");
+        let out = Command::new("curl")
+            .args(["-sk", "-D", "-", "-o", "/dev/null", "--max-time", "10"])
+            .arg(format!("https://127.0.0.1:{port}{path}"))
+            .output()
+            .expect("running curl");
         let head = String::from_utf8_lossy(&out.stdout).to_string();
-        (head.split_whitespace().nth(1).unwrap_or("").to_owned(), head)
+        (
+            head.split_whitespace().nth(1).unwrap_or("").to_owned(),
+            head,
+        )
     };
-    let up = wait_for(Duration::from_secs(30), || (curl("/healthz").0 == "200").then_some(()));
-    assert!(up.is_some(), "collector did not come up over HTTPS:\n{}", collector.log_text());
+    let up = wait_for(Duration::from_secs(30), || {
+        (curl("/healthz").0 == "200").then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "collector did not come up over HTTPS:\n{}",
+        collector.log_text()
+    );
     let (status, head) = curl("/");
     assert_eq!(status, "200", "{head}");
     let (status, head) = curl(&format!("/?token={READER_TOKEN}"));
     assert_eq!(status, "303", "{head}");
-    let cookie = head.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_else(|| panic!("{head}"));
-    assert!(cookie.contains("; Secure") && cookie.contains("HttpOnly"), "{cookie}");
+    let cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("{head}"));
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
 }

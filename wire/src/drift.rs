@@ -42,13 +42,19 @@ impl Manifest {
             return Err(format!("baseline manifest version {} is not supported (this build reads v{MANIFEST_VERSION}); re-run phoenix-agent bake", self.version));
         }
         if !crate::valid_id(&self.image_id) {
-            return Err(format!("baseline image_id {:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)", self.image_id));
+            return Err(format!(
+                "baseline image_id {:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)",
+                self.image_id
+            ));
         }
         if self.paths.is_empty() {
             return Err("baseline lists no watched paths; bake it with --drift-path".into());
         }
         if let Some(w) = self.entries.windows(2).find(|w| w[0].path >= w[1].path) {
-            return Err(format!("baseline entries are not sorted and unique at {:?}", w[1].path));
+            return Err(format!(
+                "baseline entries are not sorted and unique at {:?}",
+                w[1].path
+            ));
         }
         let root = root_of_entries(&self.entries);
         if root != self.root {
@@ -156,7 +162,11 @@ pub fn diff(baseline: &[FileEntry], current: &[FileEntry]) -> Vec<FileChange> {
     c.sort_by(|x, y| x.path.cmp(&y.path));
     let (mut i, mut j) = (0, 0);
     let mut out = Vec::new();
-    let change = |path: &str, what: &str, attrs: Vec<String>| FileChange { path: path.to_string(), change: what.to_string(), attrs };
+    let change = |path: &str, what: &str, attrs: Vec<String>| FileChange {
+        path: path.to_string(),
+        change: what.to_string(),
+        attrs,
+    };
     while i < b.len() || j < c.len() {
         match (b.get(i), c.get(j)) {
             (Some(x), Some(y)) if x.path == y.path => {
@@ -224,25 +234,54 @@ mod tests {
         b.hash = file("/etc/a", "y").hash;
         b.uid = 1;
         assert_eq!(changed_attrs(&a, &b), vec!["content", "mode", "owner"]);
-        let link = |t: &str| FileEntry { kind: 'l', hash: blake3::hash(t.as_bytes()).to_hex().to_string(), target: Some(t.into()), ..file("/etc/l", "") };
+        let link = |t: &str| FileEntry {
+            kind: 'l',
+            hash: blake3::hash(t.as_bytes()).to_hex().to_string(),
+            target: Some(t.into()),
+            ..file("/etc/l", "")
+        };
         assert_eq!(changed_attrs(&link("/a"), &link("/b")), vec!["target"]);
-        let dir = FileEntry { kind: 'd', hash: String::new(), ..a.clone() };
+        let dir = FileEntry {
+            kind: 'd',
+            hash: String::new(),
+            ..a.clone()
+        };
         assert_eq!(changed_attrs(&a, &dir), vec!["type"]);
-        let err = FileEntry { kind: 'e', hash: String::new(), error: Some("permission denied".into()), ..a.clone() };
+        let err = FileEntry {
+            kind: 'e',
+            hash: String::new(),
+            error: Some("permission denied".into()),
+            ..a.clone()
+        };
         assert_eq!(changed_attrs(&a, &err), vec!["error"]);
         assert!(changed_attrs(&err, &err).is_empty());
     }
 
     #[test]
     fn diff_names_added_removed_changed() {
-        let base = vec![file("/etc/a", "1"), file("/etc/b", "2"), file("/etc/c", "3")];
-        let mut cur = vec![file("/etc/d", "4"), file("/etc/a", "1"), file("/etc/c", "changed")];
+        let base = vec![
+            file("/etc/a", "1"),
+            file("/etc/b", "2"),
+            file("/etc/c", "3"),
+        ];
+        let mut cur = vec![
+            file("/etc/d", "4"),
+            file("/etc/a", "1"),
+            file("/etc/c", "changed"),
+        ];
         cur[0].mode = 0o600;
         let d = diff(&base, &cur);
-        let brief: Vec<(&str, &str, Vec<String>)> = d.iter().map(|c| (c.path.as_str(), c.change.as_str(), c.attrs.clone())).collect();
+        let brief: Vec<(&str, &str, Vec<String>)> = d
+            .iter()
+            .map(|c| (c.path.as_str(), c.change.as_str(), c.attrs.clone()))
+            .collect();
         assert_eq!(
             brief,
-            vec![("/etc/b", "removed", vec![]), ("/etc/c", "changed", vec!["content".to_string()]), ("/etc/d", "added", vec![])]
+            vec![
+                ("/etc/b", "removed", vec![]),
+                ("/etc/c", "changed", vec!["content".to_string()]),
+                ("/etc/d", "added", vec![])
+            ]
         );
         assert!(diff(&base, &base).is_empty());
     }
@@ -266,11 +305,21 @@ mod tests {
         assert_ne!(root_of_entries(&[]), root_of_entries(&[file("/a", "")]));
         // A leaf must never equal a root built from it.
         let e = file("/a", "");
-        assert_ne!(blake3::Hash::from(leaf_hash(&e)).to_hex().to_string(), root_of_entries(&[e]));
+        assert_ne!(
+            blake3::Hash::from(leaf_hash(&e)).to_hex().to_string(),
+            root_of_entries(&[e])
+        );
     }
 
     fn arb_entry() -> impl Strategy<Value = FileEntry> {
-        ("/[a-c]{1,3}(/[a-c]{1,3}){0,2}", prop::sample::select(vec!['f', 'd', 'l', 'o', 'e']), 0u32..0o7777, 0u32..3, 0u32..3, "[0-9a-f]{0,4}")
+        (
+            "/[a-c]{1,3}(/[a-c]{1,3}){0,2}",
+            prop::sample::select(vec!['f', 'd', 'l', 'o', 'e']),
+            0u32..0o7777,
+            0u32..3,
+            0u32..3,
+            "[0-9a-f]{0,4}",
+        )
             .prop_map(|(path, kind, mode, uid, gid, hash)| FileEntry {
                 path,
                 kind,

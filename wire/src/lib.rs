@@ -241,14 +241,19 @@ pub fn encode(report: &Report) -> Vec<u8> {
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4 + 64), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4 + 64),
+        flate2::Compression::fast(),
+    );
     enc.write_all(data).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }
 
 /// Decompress (bounded), parse and validate a report.
 pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, DecodeError> {
-    let json = if gzipped { gunzip_limited(body, limits.max_decompressed)? } else {
+    let json = if gzipped {
+        gunzip_limited(body, limits.max_decompressed)?
+    } else {
         if body.len() > limits.max_decompressed {
             return Err(DecodeError::TooLarge(limits.max_decompressed));
         }
@@ -261,7 +266,11 @@ pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, Dec
     }
     match serde_json::from_slice::<V>(&json) {
         Ok(V { v: Some(v) }) if v != VERSION => return Err(DecodeError::Version(v)),
-        Ok(V { v: None }) => return Err(DecodeError::Invalid("missing \"v\" (wire format version)".into())),
+        Ok(V { v: None }) => {
+            return Err(DecodeError::Invalid(
+                "missing \"v\" (wire format version)".into(),
+            ))
+        }
         Err(e) => return Err(DecodeError::Json(e)),
         _ => {}
     }
@@ -285,50 +294,86 @@ pub fn gunzip_limited(body: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
 pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
 /// Measurement, tag key and field key names an agent may use.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.starts_with('_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !s.starts_with('_')
 }
 
 /// Measurements the collector writes itself from what it judged or did. An agent that could
 /// send them could forge a drift verdict, a health state or an audit record.
-pub const COLLECTOR_MEASUREMENTS: [&str; 6] = ["log", "phoenix_audit", "phoenix_check", "phoenix_collector", "phoenix_drift", "phoenix_instance"];
+pub const COLLECTOR_MEASUREMENTS: [&str; 6] = [
+    "log",
+    "phoenix_audit",
+    "phoenix_check",
+    "phoenix_collector",
+    "phoenix_drift",
+    "phoenix_instance",
+];
 
 fn validate(r: &Report, l: &Limits) -> Result<(), String> {
     let a = &r.agent;
     for (what, v) in [("instance_id", &a.instance_id), ("image_id", &a.image_id)] {
         if !valid_id(v) {
-            return Err(format!("agent.{what} {v:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
+            return Err(format!(
+                "agent.{what} {v:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"
+            ));
         }
     }
     if let Some(g) = &a.group {
         if !valid_id(g) {
-            return Err(format!("agent.group {g:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"));
+            return Err(format!(
+                "agent.group {g:?} is not a valid id (1-128 chars of A-Z a-z 0-9 - _ . : /)"
+            ));
         }
     }
-    for (what, v) in [("hostname", &a.hostname), ("boot_id", &a.boot_id), ("version", &a.version)] {
+    for (what, v) in [
+        ("hostname", &a.hostname),
+        ("boot_id", &a.boot_id),
+        ("version", &a.version),
+    ] {
         if v.len() > 256 || v.chars().any(char::is_control) {
-            return Err(format!("agent.{what} is longer than 256 bytes or holds control characters"));
+            return Err(format!(
+                "agent.{what} is longer than 256 bytes or holds control characters"
+            ));
         }
     }
     if r.metrics.len() + r.logs.len() > l.max_points {
-        return Err(format!("{} points and lines in one report; the limit is {}", r.metrics.len() + r.logs.len(), l.max_points));
+        return Err(format!(
+            "{} points and lines in one report; the limit is {}",
+            r.metrics.len() + r.logs.len(),
+            l.max_points
+        ));
     }
     for (i, p) in r.metrics.iter().enumerate() {
         if !valid_name(&p.m) {
-            return Err(format!("metrics[{i}]: measurement {:?} must be 1-64 chars of A-Z a-z 0-9 _", p.m));
+            return Err(format!(
+                "metrics[{i}]: measurement {:?} must be 1-64 chars of A-Z a-z 0-9 _",
+                p.m
+            ));
         }
         if COLLECTOR_MEASUREMENTS.contains(&p.m.as_str()) {
             return Err(format!("metrics[{i}]: measurement {:?} is written by the collector itself; agents may not send it", p.m));
         }
         if p.tags.len() > l.max_tags {
-            return Err(format!("metrics[{i}]: {} tags; the limit is {}", p.tags.len(), l.max_tags));
+            return Err(format!(
+                "metrics[{i}]: {} tags; the limit is {}",
+                p.tags.len(),
+                l.max_tags
+            ));
         }
         if p.fields.is_empty() || p.fields.len() > l.max_fields {
-            return Err(format!("metrics[{i}]: {} fields; a point needs 1 to {}", p.fields.len(), l.max_fields));
+            return Err(format!(
+                "metrics[{i}]: {} fields; a point needs 1 to {}",
+                p.fields.len(),
+                l.max_fields
+            ));
         }
         check_tags(&p.tags, l).map_err(|e| format!("metrics[{i}]: {e}"))?;
         check_fields(&p.fields, l).map_err(|e| format!("metrics[{i}]: {e}"))?;
@@ -338,7 +383,11 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
             return Err(format!("logs[{i}]: src must be 1-1024 bytes"));
         }
         if line.msg.len() > l.max_string.max(MAX_FIELD_STRING) * 2 {
-            return Err(format!("logs[{i}]: message of {} bytes; split lines over {} bytes", line.msg.len(), MAX_FIELD_STRING));
+            return Err(format!(
+                "logs[{i}]: message of {} bytes; split lines over {} bytes",
+                line.msg.len(),
+                MAX_FIELD_STRING
+            ));
         }
         if line.tags.len() > 8 || line.fields.len() > 16 {
             return Err(format!("logs[{i}]: too many tags or fields"));
@@ -347,11 +396,18 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
         check_fields(&line.fields, l).map_err(|e| format!("logs[{i}]: {e}"))?;
     }
     if r.checks.len() > l.max_checks {
-        return Err(format!("{} checks; the limit is {}", r.checks.len(), l.max_checks));
+        return Err(format!(
+            "{} checks; the limit is {}",
+            r.checks.len(),
+            l.max_checks
+        ));
     }
     for c in &r.checks {
         if !valid_id(&c.name) || c.name.len() > 64 {
-            return Err(format!("check name {:?} must be 1-64 chars of A-Z a-z 0-9 - _ . : /", c.name));
+            return Err(format!(
+                "check name {:?} must be 1-64 chars of A-Z a-z 0-9 - _ . : /",
+                c.name
+            ));
         }
         if c.detail.len() > 4096 {
             return Err(format!("check {}: detail over 4096 bytes", c.name));
@@ -371,7 +427,9 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
 fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String> {
     for (k, v) in tags {
         if !valid_name(k) || k == "time" {
-            return Err(format!("tag key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"));
+            return Err(format!(
+                "tag key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"
+            ));
         }
         if v.is_empty() || v.len() > 1024.min(l.max_string) {
             return Err(format!("tag {k}: value must be 1-1024 bytes"));
@@ -383,13 +441,21 @@ fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String>
 fn check_fields(fields: &BTreeMap<String, Value>, l: &Limits) -> Result<(), String> {
     for (k, v) in fields {
         if !valid_name(k) || k == "time" {
-            return Err(format!("field key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"));
+            return Err(format!(
+                "field key {k:?} must be 1-64 chars of A-Z a-z 0-9 _ (and not time)"
+            ));
         }
         match v {
             Value::Str(s) if s.len() > l.max_string => {
-                return Err(format!("field {k}: string of {} bytes; the limit is {}", s.len(), l.max_string))
+                return Err(format!(
+                    "field {k}: string of {} bytes; the limit is {}",
+                    s.len(),
+                    l.max_string
+                ))
             }
-            Value::Float(f) if !f.is_finite() => return Err(format!("field {k}: not a finite number")),
+            Value::Float(f) if !f.is_finite() => {
+                return Err(format!("field {k}: not a finite number"))
+            }
             _ => {}
         }
     }
@@ -417,7 +483,12 @@ mod tests {
             },
             seq: 7,
             interval_ms: 10_000,
-            metrics: vec![Point { m: "cpu".into(), tags: [("cpu".to_string(), "cpu-total".to_string())].into(), fields, ts: 1 }],
+            metrics: vec![Point {
+                m: "cpu".into(),
+                tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
+                fields,
+                ts: 1,
+            }],
             logs: vec![],
             drift: None,
             checks: vec![],
@@ -427,7 +498,9 @@ mod tests {
     #[test]
     fn round_trip_keeps_int_and_float_apart() {
         let mut r = sample();
-        r.metrics[0].fields.insert("whole_float".into(), Value::Float(5.0));
+        r.metrics[0]
+            .fields
+            .insert("whole_float".into(), Value::Float(5.0));
         let back = decode(&encode(&r), true, &Limits::default()).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.metrics[0].fields["whole_float"], Value::Float(5.0));
@@ -447,7 +520,15 @@ mod tests {
         let zeros = vec![0u8; 8 << 20];
         let bomb = gzip(&zeros);
         assert!(bomb.len() < 64 << 10);
-        let e = decode(&bomb, true, &Limits { max_decompressed: 1 << 20, ..Limits::default() }).unwrap_err();
+        let e = decode(
+            &bomb,
+            true,
+            &Limits {
+                max_decompressed: 1 << 20,
+                ..Limits::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.is_too_large());
     }
 
@@ -455,13 +536,21 @@ mod tests {
     fn bad_ids_and_names_are_refused() {
         let mut r = sample();
         r.agent.instance_id = "i-1 evil=1".into();
-        assert!(decode(&encode(&r), true, &Limits::default()).unwrap_err().to_string().contains("instance_id"));
+        assert!(decode(&encode(&r), true, &Limits::default())
+            .unwrap_err()
+            .to_string()
+            .contains("instance_id"));
         let mut r = sample();
         r.metrics[0].m = "cpu,evil=1".into();
         assert!(decode(&encode(&r), true, &Limits::default()).is_err());
         let mut r = sample();
-        r.metrics[0].tags = (0..40).map(|i| (format!("t{i}"), "v".to_string())).collect();
-        assert!(decode(&encode(&r), true, &Limits::default()).unwrap_err().to_string().contains("40 tags"));
+        r.metrics[0].tags = (0..40)
+            .map(|i| (format!("t{i}"), "v".to_string()))
+            .collect();
+        assert!(decode(&encode(&r), true, &Limits::default())
+            .unwrap_err()
+            .to_string()
+            .contains("40 tags"));
     }
 
     #[test]
@@ -475,9 +564,13 @@ mod tests {
 /// bare seconds. Shared so both programs accept exactly the same spellings.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 10s, 2m, 1h or 7d"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 10s, 2m, 1h or 7d"))?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" => n,
         "ms" => n / 1000.0,
@@ -498,15 +591,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size: write e.g. 64MiB"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: write e.g. 64MiB"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        u => return Err(format!("{s:?}: unknown size unit {u:?}; use KiB, MiB or GiB")),
+        u => {
+            return Err(format!(
+                "{s:?}: unknown size unit {u:?}; use KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -514,10 +614,22 @@ mod duration_tests {
     #[test]
     fn spellings() {
         use std::time::Duration;
-        assert_eq!(super::parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(super::parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(super::parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(super::parse_duration("300").unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            super::parse_duration("10s").unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            super::parse_duration("2m").unwrap(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            super::parse_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            super::parse_duration("300").unwrap(),
+            Duration::from_secs(300)
+        );
         assert!(super::parse_duration("ten").is_err());
         assert!(super::parse_duration("5y").is_err());
     }

@@ -148,7 +148,9 @@ fn level_of(word: &[u8]) -> Option<&'static str> {
         *d = s.to_ascii_lowercase();
     }
     Some(match &buf[..word.len()] {
-        b"emerg" | b"emergency" | b"panic" | b"fatal" | b"crit" | b"critical" | b"alert" => "critical",
+        b"emerg" | b"emergency" | b"panic" | b"fatal" | b"crit" | b"critical" | b"alert" => {
+            "critical"
+        }
         b"err" | b"error" | b"eror" => "error",
         b"warn" | b"warning" => "warning",
         b"notice" | b"info" => "info",
@@ -191,7 +193,10 @@ mod tests {
 
     #[test]
     fn levels() {
-        assert_eq!(detect_level("2024-01-01 12:00:00 ERROR db down"), Some("error"));
+        assert_eq!(
+            detect_level("2024-01-01 12:00:00 ERROR db down"),
+            Some("error")
+        );
         assert_eq!(detect_level("level=warn msg=\"slow\""), Some("warning"));
         assert_eq!(detect_level("{\"level\":\"debug\"}"), Some("debug"));
         assert_eq!(detect_level("[INFO] started"), Some("info"));

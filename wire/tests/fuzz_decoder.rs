@@ -14,7 +14,9 @@ use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use phoenix_wire::{decode, encode, gzip, valid_id, valid_name, Limits, Report, COLLECTOR_MEASUREMENTS};
+use phoenix_wire::{
+    decode, encode, gzip, valid_id, valid_name, Limits, Report, COLLECTOR_MEASUREMENTS,
+};
 use serde_json::{json, Map, Value};
 
 // ---- peak-allocation accounting, per thread (decode runs on the calling thread) ----
@@ -91,14 +93,23 @@ impl Rng {
 }
 
 fn budget() -> Duration {
-    let secs: f64 = std::env::var("PHOENIX_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("PHOENIX_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     Duration::from_secs_f64(secs)
 }
 
 fn seed() -> u64 {
-    std::env::var("PHOENIX_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    })
+    std::env::var("PHOENIX_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
 }
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
@@ -107,7 +118,12 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "bin"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     assert!(out.len() >= 10, "corpus in {} is missing", dir.display());
@@ -124,7 +140,15 @@ fn gunzip(b: &[u8]) -> Vec<u8> {
 
 /// Limits small enough that mutations reach every one of them.
 fn limits() -> Limits {
-    Limits { max_decompressed: 256 << 10, max_points: 500, max_tags: 16, max_fields: 32, max_string: 8 << 10, max_checks: 16, max_drift_entries: 200 }
+    Limits {
+        max_decompressed: 256 << 10,
+        max_points: 500,
+        max_tags: 16,
+        max_fields: 32,
+        max_string: 8 << 10,
+        max_checks: 16,
+        max_drift_entries: 200,
+    }
 }
 
 /// Generous: JSON text becomes maps and strings several times its size (a one-entry BTreeMap
@@ -153,7 +177,14 @@ fn check(name: &str, body: &[u8], gz: bool, l: &Limits, st: &mut Stats) {
     };
     st.max_peak = st.max_peak.max(peak);
     if peak > alloc_bound(body.len(), l) {
-        fail(name, body, &format!("decode allocated {peak} bytes at its peak for a {}-byte body", body.len()));
+        fail(
+            name,
+            body,
+            &format!(
+                "decode allocated {peak} bytes at its peak for a {}-byte body",
+                body.len()
+            ),
+        );
     }
     match res {
         Ok(rep) => {
@@ -168,14 +199,26 @@ fn check(name: &str, body: &[u8], gz: bool, l: &Limits, st: &mut Stats) {
 }
 
 fn accepted_is_sound(r: &Report, l: &Limits) -> Result<(), String> {
-    if r.v != phoenix_wire::VERSION || !valid_id(&r.agent.instance_id) || !valid_id(&r.agent.image_id) || r.agent.group.as_deref().is_some_and(|g| !valid_id(g)) {
-        return Err(format!("accepted a report with a bad version or id: {:?}", r.agent));
+    if r.v != phoenix_wire::VERSION
+        || !valid_id(&r.agent.instance_id)
+        || !valid_id(&r.agent.image_id)
+        || r.agent.group.as_deref().is_some_and(|g| !valid_id(g))
+    {
+        return Err(format!(
+            "accepted a report with a bad version or id: {:?}",
+            r.agent
+        ));
     }
     if r.metrics.len() + r.logs.len() > l.max_points || r.checks.len() > l.max_checks {
         return Err("accepted a report over its point or check limit".into());
     }
     for p in &r.metrics {
-        if !valid_name(&p.m) || COLLECTOR_MEASUREMENTS.contains(&p.m.as_str()) || p.tags.len() > l.max_tags || p.fields.is_empty() || p.fields.len() > l.max_fields {
+        if !valid_name(&p.m)
+            || COLLECTOR_MEASUREMENTS.contains(&p.m.as_str())
+            || p.tags.len() > l.max_tags
+            || p.fields.is_empty()
+            || p.fields.len() > l.max_fields
+        {
             return Err(format!("accepted point {:?}", p.m));
         }
         if p.tags.keys().chain(p.fields.keys()).any(|k| !valid_name(k)) {
@@ -184,7 +227,15 @@ fn accepted_is_sound(r: &Report, l: &Limits) -> Result<(), String> {
     }
     // Whatever was accepted must travel again unchanged: the agent's spool and the collector's
     // dedupe both rely on a report meaning the same thing after a round trip.
-    let again = decode(&encode(r), true, &Limits { max_decompressed: usize::MAX, ..*l }).map_err(|e| format!("accepted report does not decode after re-encoding: {e}"))?;
+    let again = decode(
+        &encode(r),
+        true,
+        &Limits {
+            max_decompressed: usize::MAX,
+            ..*l
+        },
+    )
+    .map_err(|e| format!("accepted report does not decode after re-encoding: {e}"))?;
     if &again != r {
         return Err(format!("re-encoded report differs:\n{r:?}\n{again:?}"));
     }
@@ -196,14 +247,45 @@ fn fail(name: &str, body: &[u8], why: &str) -> ! {
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join(format!("{name}-{}.bin", body.len()));
     std::fs::write(&f, body).unwrap();
-    panic!("{why}\n(input from {name} kept in {}; replay with PHOENIX_FUZZ_SEED)", f.display());
+    panic!(
+        "{why}\n(input from {name} kept in {}; replay with PHOENIX_FUZZ_SEED)",
+        f.display()
+    );
 }
 
 // ---- hostile values ----
 
 const HOSTILE: &[&str] = &[
-    "", " ", ",", "=", "\"", "\\", "\n", "\r\n", "\t", "\0", "x\nevil,host=a v=1 1", "a b,c=d", "\\", "é", "😀", "\u{202e}", "\u{feff}",
-    "time", "_x", "cpu", "log", "phoenix_drift", "phoenix_audit", "i-0abc", "ami-1", "-", ".", "/", ":", "a:b/c.d-e_f",
+    "",
+    " ",
+    ",",
+    "=",
+    "\"",
+    "\\",
+    "\n",
+    "\r\n",
+    "\t",
+    "\0",
+    "x\nevil,host=a v=1 1",
+    "a b,c=d",
+    "\\",
+    "é",
+    "😀",
+    "\u{202e}",
+    "\u{feff}",
+    "time",
+    "_x",
+    "cpu",
+    "log",
+    "phoenix_drift",
+    "phoenix_audit",
+    "i-0abc",
+    "ami-1",
+    "-",
+    ".",
+    "/",
+    ":",
+    "a:b/c.d-e_f",
 ];
 
 fn short_hostile(rng: &mut Rng) -> String {
@@ -218,8 +300,12 @@ fn hostile_string(rng: &mut Rng) -> String {
     let s = short_hostile(rng);
     match rng.below(12) {
         0 => s.repeat(rng.below(2000) + 1),
-        1 => "a".repeat(*rng.pick(&[63, 64, 65, 127, 128, 129, 1024, 1025, 4096, 8192, 8193, 65535, 65536])),
-        2 => char::from_u32(rng.below(0x11_0000) as u32).map(String::from).unwrap_or(s),
+        1 => "a".repeat(*rng.pick(&[
+            63, 64, 65, 127, 128, 129, 1024, 1025, 4096, 8192, 8193, 65535, 65536,
+        ])),
+        2 => char::from_u32(rng.below(0x11_0000) as u32)
+            .map(String::from)
+            .unwrap_or(s),
         _ => s,
     }
 }
@@ -243,7 +329,11 @@ fn random_value(rng: &mut Rng, depth: usize) -> Value {
         1 => Value::Bool(rng.chance(2)),
         2 | 3 => random_number(rng),
         4 => Value::String(hostile_string(rng)),
-        5 => Value::Array((0..rng.below(4)).map(|_| random_value(rng, depth + 1)).collect()),
+        5 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
         _ => {
             let mut m = Map::new();
             for _ in 0..rng.below(4) {
@@ -285,7 +375,11 @@ fn mutate(v: &mut Value, rng: &mut Rng) {
         (2, Value::Object(m)) => {
             // Many keys at once: the 10,000-tag report and its kin.
             let n = *rng.pick(&[1, 2, 17, 33, 257, 10_000]);
-            let val = if n > 100 { Value::String(short_hostile(rng)) } else { random_value(rng, 3) };
+            let val = if n > 100 {
+                Value::String(short_hostile(rng))
+            } else {
+                random_value(rng, 3)
+            };
             let base = short_hostile(rng);
             for i in 0..n {
                 m.insert(format!("{base}{i}"), val.clone());
@@ -295,7 +389,9 @@ fn mutate(v: &mut Value, rng: &mut Rng) {
             let i = rng.below(a.len());
             let item = a[i].clone();
             // Copies enough to cross the point limit, but not gigabytes of a big item.
-            let n = (*rng.pick(&[1, 2, 50, 501, 5000])).min((4 << 20) / (item.to_string().len() + 1)).max(1);
+            let n = (*rng.pick(&[1, 2, 50, 501, 5000]))
+                .min((4 << 20) / (item.to_string().len() + 1))
+                .max(1);
             a.extend(std::iter::repeat(item).take(n));
         }
         (4, Value::Array(a)) if !a.is_empty() => {
@@ -314,12 +410,21 @@ fn mutate_text(v: &mut Value, rng: &mut Rng, parent: &str) {
     match v {
         Value::Object(m) => {
             for (k, child) in m.iter_mut() {
-                let ctx = if matches!(parent, "tags" | "fields") { parent } else { k.as_str() };
+                let ctx = if matches!(parent, "tags" | "fields") {
+                    parent
+                } else {
+                    k.as_str()
+                };
                 mutate_text(child, rng, ctx);
             }
         }
         Value::Array(a) => a.iter_mut().for_each(|c| mutate_text(c, rng, parent)),
-        Value::String(s) if matches!(parent, "msg" | "src" | "detail" | "path" | "note" | "tags" | "fields" | "target" | "error") && rng.chance(3) => {
+        Value::String(s)
+            if matches!(
+                parent,
+                "msg" | "src" | "detail" | "path" | "note" | "tags" | "fields" | "target" | "error"
+            ) && rng.chance(3) =>
+        {
             *s = hostile_string(rng);
         }
         _ => {}
@@ -338,7 +443,10 @@ fn havoc(b: &mut Vec<u8>, rng: &mut Rng) {
             1 => b[i] = rng.next() as u8,
             2 => b.truncate(i),
             3 => {
-                let toks: [&[u8]; 13] = [b"\\ud800", b"\"", b"\\", b"{", b"[", b"]", b"}", b",", b":", b"1e999", b"-", b"\x00", b"\xff"];
+                let toks: [&[u8]; 13] = [
+                    b"\\ud800", b"\"", b"\\", b"{", b"[", b"]", b"}", b",", b":", b"1e999", b"-",
+                    b"\x00", b"\xff",
+                ];
                 let tok = *rng.pick(&toks);
                 b.splice(i..i, tok.iter().copied());
             }
@@ -416,7 +524,10 @@ fn structured_mutations_of_the_corpus() {
         check(name, &body, gz, &l, &mut st);
     }
     report_summary("structured mutations", &st, start.elapsed(), seed);
-    assert!(st.ok > 0 && st.refused > 0, "mutations never reached both outcomes: {st:?}");
+    assert!(
+        st.ok > 0 && st.refused > 0,
+        "mutations never reached both outcomes: {st:?}"
+    );
 }
 
 #[test]
@@ -428,7 +539,11 @@ fn byte_mutations_of_compressed_and_plain_bodies() {
     let start = Instant::now();
     while Instant::now() < end {
         let (name, base) = rng.pick(&seeds);
-        let mut b = if rng.chance(2) && is_gzip(base) && base.len() < 8 << 10 { gunzip(base) } else { base.clone() };
+        let mut b = if rng.chance(2) && is_gzip(base) && base.len() < 8 << 10 {
+            gunzip(base)
+        } else {
+            base.clone()
+        };
         havoc(&mut b, &mut rng);
         // Sometimes compress the mutated JSON, sometimes hand mutated gzip over as gzip.
         let (body, gz) = match rng.below(3) {

@@ -81,7 +81,11 @@ impl Excludes {
         let name = path.rsplit('/').next().unwrap_or(path);
         // Most patterns are plain paths or names: compare those as strings, and only decode
         // the path into chars when a wildcard pattern is reached.
-        if self.patterns.iter().any(|p| p.literal && p.text == if p.whole_path { path } else { name }) {
+        if self
+            .patterns
+            .iter()
+            .any(|p| p.literal && p.text == if p.whole_path { path } else { name })
+        {
             return true;
         }
         if self.patterns.iter().all(|p| p.literal) {
@@ -90,7 +94,10 @@ impl Excludes {
         let name: Vec<char> = name.chars().collect();
         let full: Vec<char> = path.chars().collect();
         self.patterns.iter().filter(|p| !p.literal).any(|p| {
-            if p.dir_itself.as_deref().is_some_and(|d| glob_match(d, &full)) {
+            if p.dir_itself
+                .as_deref()
+                .is_some_and(|d| glob_match(d, &full))
+            {
                 return true;
             }
             p.matches_chars(if p.whole_path { &full } else { &name })
@@ -221,7 +228,10 @@ mod tests {
         assert!(m("*-", "/etc/passwd-"));
         assert!(!m("*-", "/etc/passwd"));
         assert!(m(".pwd.lock", "/etc/.pwd.lock"));
-        assert!(m("/etc/ssh/ssh_host_*", "/etc/ssh/ssh_host_ed25519_key.pub"));
+        assert!(m(
+            "/etc/ssh/ssh_host_*",
+            "/etc/ssh/ssh_host_ed25519_key.pub"
+        ));
         assert!(!m("/etc/ssh/ssh_host_*", "/etc/ssh/sshd_config"));
         assert!(!m("/etc/*", "/etc/a/b"), "* must not cross /");
         assert!(m("/etc/**", "/etc/a/b"));
@@ -239,17 +249,35 @@ mod tests {
     #[test]
     fn dir_star_star_covers_the_dir() {
         assert!(m("/var/lib/cloud/**", "/var/lib/cloud"));
-        assert!(m("/var/lib/cloud/**", "/var/lib/cloud/instances/i-1/boot-finished"));
+        assert!(m(
+            "/var/lib/cloud/**",
+            "/var/lib/cloud/instances/i-1/boot-finished"
+        ));
         assert!(!m("/var/lib/cloud/**", "/var/lib/cloudy"));
     }
 
     #[test]
     fn defaults_cover_boot_time_files() {
         let ex = Excludes::new(DEFAULT_EXCLUDES);
-        for p in ["/etc/machine-id", "/etc/resolv.conf", "/etc/hostname", "/etc/hosts", "/etc/ssh/ssh_host_rsa_key", "/etc/shadow-", "/etc/.pwd.lock", "/var/lib/cloud/data/result.json", "/etc/ld.so.cache"] {
+        for p in [
+            "/etc/machine-id",
+            "/etc/resolv.conf",
+            "/etc/hostname",
+            "/etc/hosts",
+            "/etc/ssh/ssh_host_rsa_key",
+            "/etc/shadow-",
+            "/etc/.pwd.lock",
+            "/var/lib/cloud/data/result.json",
+            "/etc/ld.so.cache",
+        ] {
             assert!(ex.matches(p), "{p} should be excluded by default");
         }
-        for p in ["/etc/passwd", "/etc/ssh/sshd_config", "/etc/hosts.allow", "/etc/nginx/nginx.conf"] {
+        for p in [
+            "/etc/passwd",
+            "/etc/ssh/sshd_config",
+            "/etc/hosts.allow",
+            "/etc/nginx/nginx.conf",
+        ] {
             assert!(!ex.matches(p), "{p} must be watched");
         }
     }

@@ -42,7 +42,9 @@ pub enum DriftError {
 /// Threads for one-off scans (bake, drift): BLAKE3 is fast enough that two threads keep a
 /// disk or the page cache busy; more only contend on 2-core boxes.
 pub fn scan_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
 }
 
 /// The baseline to use: `explicit` if given, else `<state_dir>/baseline.json`, else the baked
@@ -51,15 +53,24 @@ pub fn find_baseline(explicit: Option<&Path>, state_dir: &Path) -> Option<PathBu
     if let Some(p) = explicit {
         return Some(p.to_path_buf());
     }
-    [state_dir.join("baseline.json"), PathBuf::from(BAKED_BASELINE)].into_iter().find(|p| p.exists())
+    [
+        state_dir.join("baseline.json"),
+        PathBuf::from(BAKED_BASELINE),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 /// Read and verify a manifest (version, order, root matches entries).
 pub fn load_baseline(path: &Path) -> Result<Manifest, DriftError> {
     let mut text = Vec::new();
-    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut text)).map_err(|e| DriftError::ReadBaseline(path.into(), e))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| DriftError::BadBaseline(path.into(), e.to_string()))?;
-    m.verify().map_err(|e| DriftError::BadBaseline(path.into(), e))?;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut text))
+        .map_err(|e| DriftError::ReadBaseline(path.into(), e))?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| DriftError::BadBaseline(path.into(), e.to_string()))?;
+    m.verify()
+        .map_err(|e| DriftError::BadBaseline(path.into(), e))?;
     Ok(m)
 }
 
@@ -100,7 +111,11 @@ pub struct DriftArgs {
     #[arg(long, env = "PHOENIX_BASELINE")]
     pub baseline: Option<PathBuf>,
     /// State dir of the agent, where a baseline.json may be.
-    #[arg(long, env = "PHOENIX_STATE_DIR", default_value = "/var/lib/phoenix-agent")]
+    #[arg(
+        long,
+        env = "PHOENIX_STATE_DIR",
+        default_value = "/var/lib/phoenix-agent"
+    )]
     pub state_dir: PathBuf,
     /// Print the result as JSON instead of text.
     #[arg(long)]
@@ -138,35 +153,71 @@ pub fn bake(args: BakeArgs) -> Result<u8, DriftError> {
     let took = t.elapsed();
     let json = serde_json::to_vec_pretty(&m).expect("a manifest always serialises");
     crate::spool::write_atomic(&out, &json).map_err(|e| DriftError::Write(out.clone(), e))?;
-    println!("baked {} entries of {} in {} ms: root {} -> {}", m.entries.len(), m.paths.join(", "), took.as_millis(), m.root, out.display());
+    println!(
+        "baked {} entries of {} in {} ms: root {} -> {}",
+        m.entries.len(),
+        m.paths.join(", "),
+        took.as_millis(),
+        m.root,
+        out.display()
+    );
     if let Some(url) = &args.register {
         let status = register(url, args.token.as_deref(), &m, &json)?;
-        println!("registered with {url} for image {} (HTTP {status})", m.image_id);
+        println!(
+            "registered with {url} for image {} (HTTP {status})",
+            m.image_id
+        );
     }
     Ok(0)
 }
 
 /// POST the manifest to the collector; 200 and 201 are success, anything else an error that
 /// carries the collector's answer.
-pub fn register(base: &str, token: Option<&str>, m: &Manifest, json: &[u8]) -> Result<u16, DriftError> {
-    let url = format!("{}/v1/images/{}/baseline", base.trim_end_matches('/'), m.image_id);
-    let err = |msg: String| DriftError::Register { url: url.clone(), msg };
+pub fn register(
+    base: &str,
+    token: Option<&str>,
+    m: &Manifest,
+    json: &[u8],
+) -> Result<u16, DriftError> {
+    let url = format!(
+        "{}/v1/images/{}/baseline",
+        base.trim_end_matches('/'),
+        m.image_id
+    );
+    let err = |msg: String| DriftError::Register {
+        url: url.clone(),
+        msg,
+    };
     if !(base.starts_with("http://") || base.starts_with("https://")) {
-        return Err(err("give --register a URL such as https://collector.internal:7070".into()));
+        return Err(err(
+            "give --register a URL such as https://collector.internal:7070".into(),
+        ));
     }
-    let cfg = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).http_status_as_error(false).build();
+    let cfg = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build();
     let http = ureq::Agent::new_with_config(cfg);
     let mut req = http.post(&url).header("Content-Type", "application/json");
     if let Some(t) = token {
         req = req.header("Authorization", &format!("Bearer {t}"));
     }
-    let mut resp = req.send(json).map_err(|e| err(format!("cannot reach the collector: {e}")))?;
+    let mut resp = req
+        .send(json)
+        .map_err(|e| err(format!("cannot reach the collector: {e}")))?;
     let status = resp.status().as_u16();
     let mut body = String::new();
-    let _ = resp.body_mut().as_reader().take(8192).read_to_string(&mut body);
+    let _ = resp
+        .body_mut()
+        .as_reader()
+        .take(8192)
+        .read_to_string(&mut body);
     match status {
         200 | 201 => Ok(status),
-        401 | 403 => Err(err(format!("HTTP {status}: {} (check --token: registering needs the collector's pipeline token)", body.trim()))),
+        401 | 403 => Err(err(format!(
+            "HTTP {status}: {} (check --token: registering needs the collector's pipeline token)",
+            body.trim()
+        ))),
         _ => Err(err(format!("HTTP {status}: {}", body.trim()))),
     }
 }
@@ -174,7 +225,8 @@ pub fn register(base: &str, token: Option<&str>, m: &Manifest, json: &[u8]) -> R
 /// `phoenix-agent drift`: rescan the manifest's own paths and excludes, print the differences.
 /// 0 clean, 1 drifted.
 pub fn drift(args: DriftArgs) -> Result<u8, DriftError> {
-    let path = find_baseline(args.baseline.as_deref(), &args.state_dir).ok_or_else(|| DriftError::NoBaseline(args.state_dir.join("baseline.json")))?;
+    let path = find_baseline(args.baseline.as_deref(), &args.state_dir)
+        .ok_or_else(|| DriftError::NoBaseline(args.state_dir.join("baseline.json")))?;
     let base = load_baseline(&path)?;
     let roots: Vec<PathBuf> = base.paths.iter().map(PathBuf::from).collect();
     let scanner = Scanner::new(&roots, Excludes::new(&base.excludes), scan_threads());
@@ -182,7 +234,11 @@ pub fn drift(args: DriftArgs) -> Result<u8, DriftError> {
     let tree = scanner.full_scan();
     let took = t.elapsed();
     let root = tree.root();
-    let changes = if root == base.root { Vec::new() } else { diff(&base.entries, &tree.entries()) };
+    let changes = if root == base.root {
+        Vec::new()
+    } else {
+        diff(&base.entries, &tree.entries())
+    };
     let clean = changes.is_empty();
     if args.json {
         let out = serde_json::json!({
@@ -191,9 +247,25 @@ pub fn drift(args: DriftArgs) -> Result<u8, DriftError> {
         });
         println!("{out}");
     } else if clean {
-        println!("clean: {} entries match baseline {} (image {}, baked {}), root {} [{} ms]", tree.len(), path.display(), base.image_id, base.created, root, took.as_millis());
+        println!(
+            "clean: {} entries match baseline {} (image {}, baked {}), root {} [{} ms]",
+            tree.len(),
+            path.display(),
+            base.image_id,
+            base.created,
+            root,
+            took.as_millis()
+        );
     } else {
-        println!("DRIFTED: {} of {} entries differ from baseline {} (image {}, baked {}) [{} ms]", changes.len(), tree.len(), path.display(), base.image_id, base.created, took.as_millis());
+        println!(
+            "DRIFTED: {} of {} entries differ from baseline {} (image {}, baked {}) [{} ms]",
+            changes.len(),
+            tree.len(),
+            path.display(),
+            base.image_id,
+            base.created,
+            took.as_millis()
+        );
         println!("  baseline root {}\n  current root  {}", base.root, root);
         for c in &changes {
             if c.attrs.is_empty() {
@@ -208,7 +280,9 @@ pub fn drift(args: DriftArgs) -> Result<u8, DriftError> {
 
 /// RFC 3339 UTC with second precision, from the civil-from-days conversion (proleptic Gregorian).
 pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
-    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Shift the epoch to 0000-03-01 so leap days fall at the end of each 400-year era.
     let z = days + 719_468;
@@ -220,7 +294,12 @@ pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

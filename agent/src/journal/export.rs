@@ -57,7 +57,9 @@ pub fn next_entry(buf: &[u8]) -> Result<Option<(Entry<'_>, usize)>, FormatError>
     let mut fields = 0usize;
     let mut i = 0;
     loop {
-        let Some(&first) = buf.get(i) else { return Ok(None) };
+        let Some(&first) = buf.get(i) else {
+            return Ok(None);
+        };
         if first == b'\n' {
             i += 1;
             if fields == 0 {
@@ -77,15 +79,23 @@ pub fn next_entry(buf: &[u8]) -> Result<Option<(Entry<'_>, usize)>, FormatError>
         let value;
         if rest[p] == b'=' {
             let v = &rest[p + 1..];
-            let Some(nl) = v.iter().position(|&b| b == b'\n') else { return Ok(None) };
+            let Some(nl) = v.iter().position(|&b| b == b'\n') else {
+                return Ok(None);
+            };
             value = &v[..nl];
             i += p + 1 + nl + 1;
         } else {
             let v = &rest[p + 1..];
-            let Some(len) = v.get(..8) else { return Ok(None) };
+            let Some(len) = v.get(..8) else {
+                return Ok(None);
+            };
             let len = u64::from_le_bytes(len.try_into().expect("8 bytes"));
-            let Ok(len) = usize::try_from(len) else { return Err(FormatError::BadBinary(i)) };
-            let Some(end) = len.checked_add(8) else { return Err(FormatError::BadBinary(i)) };
+            let Ok(len) = usize::try_from(len) else {
+                return Err(FormatError::BadBinary(i));
+            };
+            let Some(end) = len.checked_add(8) else {
+                return Err(FormatError::BadBinary(i));
+            };
             match v.get(end) {
                 None => return Ok(None),
                 Some(b'\n') => {}
@@ -114,7 +124,8 @@ pub fn next_entry(buf: &[u8]) -> Result<Option<(Entry<'_>, usize)>, FormatError>
 pub fn write_entry(out: &mut Vec<u8>, fields: &[(&str, &[u8])]) {
     for (name, value) in fields {
         out.extend_from_slice(name.as_bytes());
-        let plain = std::str::from_utf8(value).is_ok() && !value.iter().any(|&b| b < 0x20 && b != b'\t');
+        let plain =
+            std::str::from_utf8(value).is_ok() && !value.iter().any(|&b| b < 0x20 && b != b'\t');
         if plain {
             out.push(b'=');
             out.extend_from_slice(value);
@@ -136,8 +147,25 @@ mod tests {
     #[test]
     fn text_and_binary_fields() {
         let mut buf = Vec::new();
-        write_entry(&mut buf, &[("__CURSOR", b"s=1;i=2"), ("__REALTIME_TIMESTAMP", b"1700000000123456"), ("MESSAGE", b"two\nlines \xff"), ("PRIORITY", b"3"), ("_SYSTEMD_UNIT", b"a.service"), ("OTHER", b"x")]);
-        write_entry(&mut buf, &[("__CURSOR", b"s=1;i=3"), ("MESSAGE", b"plain = text"), ("MESSAGE", b"again")]);
+        write_entry(
+            &mut buf,
+            &[
+                ("__CURSOR", b"s=1;i=2"),
+                ("__REALTIME_TIMESTAMP", b"1700000000123456"),
+                ("MESSAGE", b"two\nlines \xff"),
+                ("PRIORITY", b"3"),
+                ("_SYSTEMD_UNIT", b"a.service"),
+                ("OTHER", b"x"),
+            ],
+        );
+        write_entry(
+            &mut buf,
+            &[
+                ("__CURSOR", b"s=1;i=3"),
+                ("MESSAGE", b"plain = text"),
+                ("MESSAGE", b"again"),
+            ],
+        );
         let (e, n) = next_entry(&buf).unwrap().unwrap();
         assert_eq!(e.cursor.unwrap(), b"s=1;i=2");
         assert_eq!(e.realtime_ns(), Some(1_700_000_000_123_456_000));
@@ -153,7 +181,14 @@ mod tests {
     #[test]
     fn every_cut_of_the_stream_is_incomplete_not_wrong() {
         let mut buf = Vec::new();
-        write_entry(&mut buf, &[("__CURSOR", b"c1"), ("MESSAGE", b"bin\x00ary\n"), ("_PID", b"42")]);
+        write_entry(
+            &mut buf,
+            &[
+                ("__CURSOR", b"c1"),
+                ("MESSAGE", b"bin\x00ary\n"),
+                ("_PID", b"42"),
+            ],
+        );
         for cut in 0..buf.len() {
             assert_eq!(next_entry(&buf[..cut]).unwrap(), None, "cut at {cut}");
         }

@@ -115,7 +115,13 @@ impl Location {
         match self {
             Location::Local => "local".into(),
             Location::Dir(d) => format!("dir:{}", d.display()),
-            Location::Files(fs) => format!("files:{}", fs.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(",")),
+            Location::Files(fs) => format!(
+                "files:{}",
+                fs.iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
     }
 }
@@ -166,7 +172,9 @@ impl Options {
     pub fn from_config(cfg: &crate::config::RunConfig) -> Options {
         let location = match (&cfg.journal_dir, cfg.journal_files.is_empty()) {
             (Some(d), _) => Location::Dir(absolute(d)),
-            (None, false) => Location::Files(cfg.journal_files.iter().map(|f| absolute(f)).collect()),
+            (None, false) => {
+                Location::Files(cfg.journal_files.iter().map(|f| absolute(f)).collect())
+            }
             (None, true) => Location::Local,
         };
         let mut o = Options::new(location);
@@ -188,7 +196,10 @@ fn absolute(p: &Path) -> PathBuf {
 /// The child runs with an empty environment, so resolve journalctl with the agent's PATH.
 fn find_journalctl() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join("journalctl")).find(|p| p.is_file()).unwrap_or_else(|| PathBuf::from("/usr/bin/journalctl"))
+    std::env::split_paths(&path)
+        .map(|d| d.join("journalctl"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/journalctl"))
 }
 
 /// `--journal-priority`: a syslog level name or number, as journalctl spells them.
@@ -208,7 +219,11 @@ pub fn parse_priority(s: &str) -> Result<u8, JournalError> {
 
 /// `--journal-unit`: systemd unit-name characters, plus the glob characters journalctl accepts.
 pub fn check_unit(s: &str) -> Result<(), JournalError> {
-    let ok = !s.is_empty() && s.len() <= 256 && !s.starts_with('-') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@*?[]".contains(&b));
+    let ok = !s.is_empty()
+        && s.len() <= 256
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@*?[]".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -228,7 +243,10 @@ pub fn parse_initial(s: &str) -> Result<bool, JournalError> {
 /// Journal cursors are short ASCII (`s=…;i=…;b=…;m=…;t=…;x=…`); anything else in a
 /// checkpoint is not passed to journalctl.
 fn valid_cursor(c: &str) -> bool {
-    !c.is_empty() && c.len() <= 512 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b';')
+    !c.is_empty()
+        && c.len() <= 512
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b';')
 }
 
 /// The `journal` source.
@@ -307,7 +325,11 @@ struct Journalctl {
 impl Journalctl {
     fn spawn(bin: &Path, args: &[OsString]) -> std::io::Result<Journalctl> {
         let mut cmd = Command::new(bin);
-        cmd.args(args).env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls between fork and exec. The agent blocks
         // SIGTERM/SIGINT in every thread (sigwait); the child must not inherit that, and it
         // must not outlive the agent if the agent is killed.
@@ -330,21 +352,51 @@ impl Journalctl {
                 libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
             }
         }
-        Ok(Journalctl { child, out, err, out_eof: false, err_eof: false, err_buf: Vec::new(), err_lines: Vec::new() })
+        Ok(Journalctl {
+            child,
+            out,
+            err,
+            out_eof: false,
+            err_eof: false,
+            err_buf: Vec::new(),
+            err_lines: Vec::new(),
+        })
     }
 
     /// Wait up to `timeout` for output, then append what stdout has to `buf` (at most `max`
     /// bytes) and collect stderr lines. Returns the stdout bytes read.
     fn pump(&mut self, buf: &mut Vec<u8>, max: usize, timeout: Duration) -> usize {
         let mut fds = [
-            libc::pollfd { fd: if self.out_eof { -1 } else { self.out.as_raw_fd() }, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: if self.err_eof { -1 } else { self.err.as_raw_fd() }, events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: if self.out_eof {
+                    -1
+                } else {
+                    self.out.as_raw_fd()
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if self.err_eof {
+                    -1
+                } else {
+                    self.err.as_raw_fd()
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         if self.out_eof && self.err_eof {
             return 0;
         }
         // SAFETY: poll on two pollfd structs we own.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                2,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         let mut got = 0;
         if fds[0].revents != 0 {
             let start = buf.len();
@@ -352,7 +404,9 @@ impl Journalctl {
             match self.out.read(&mut buf[start..]) {
                 Ok(0) => self.out_eof = true,
                 Ok(n) => got = n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => self.out_eof = true,
             }
             buf.truncate(start + got);
@@ -362,7 +416,9 @@ impl Journalctl {
             match self.err.read(&mut tmp) {
                 Ok(0) => self.err_eof = true,
                 Ok(n) => self.err_buf.extend_from_slice(&tmp[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => self.err_eof = true,
             }
             while let Some(nl) = self.err_buf.iter().position(|&b| b == b'\n') {
@@ -451,7 +507,10 @@ pub struct Reader {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -463,7 +522,9 @@ impl Reader {
         let desc = opts.location.describe();
         let acked = ctx.state_dir.join(format!("{NAME}.acked.json"));
         let ckpt: Option<Checkpoint> = match ctx.spool.pending_checkpoint(NAME) {
-            Some(v) => serde_json::from_value(v).map_err(|e| JournalError::Checkpoint(ctx.state_dir.join("spool"), e.to_string())).map(Some)?,
+            Some(v) => serde_json::from_value(v)
+                .map_err(|e| JournalError::Checkpoint(ctx.state_dir.join("spool"), e.to_string()))
+                .map(Some)?,
             None => match std::fs::read(&acked) {
                 Ok(data) => match serde_json::from_slice(&data) {
                     Ok(c) => Some(c),
@@ -471,7 +532,13 @@ impl Reader {
                         // Written atomically, so this is someone's edit; reading the journal
                         // again from its start (duplicates) beats skipping entries.
                         tracing::warn!(file = %acked.display(), error = %e, "unreadable journal checkpoint; reading the journal from its oldest entry");
-                        Some(Checkpoint { v: 1, journal: desc.clone(), after: None, at: None, last_ts: 0 })
+                        Some(Checkpoint {
+                            v: 1,
+                            journal: desc.clone(),
+                            after: None,
+                            at: None,
+                            last_ts: 0,
+                        })
                     }
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -554,7 +621,11 @@ impl Reader {
                 self.check_files();
             }
             let b = &self.batch;
-            if b.last_entry.is_some_and(|t| now.duration_since(t) >= self.opts.quiet) || b.started.is_some_and(|t| now.duration_since(t) >= self.opts.linger) {
+            if b.last_entry
+                .is_some_and(|t| now.duration_since(t) >= self.opts.quiet)
+                || b.started
+                    .is_some_and(|t| now.duration_since(t) >= self.opts.linger)
+            {
                 self.commit()?;
             }
         }
@@ -570,28 +641,44 @@ impl Reader {
             w = w.min((t + self.opts.linger).saturating_duration_since(now));
         }
         if self.child.is_none() {
-            w = w.min(self.next_start.saturating_duration_since(now)).max(Duration::from_millis(10));
+            w = w
+                .min(self.next_start.saturating_duration_since(now))
+                .max(Duration::from_millis(10));
         }
         w
     }
 
     fn base_args(&self) -> Vec<OsString> {
         let mut a = self.opts.location.args();
-        a.extend(["--output=export".into(), format!("--output-fields={}", export::FIELDS).into(), "--no-pager".into()]);
+        a.extend([
+            "--output=export".into(),
+            format!("--output-fields={}", export::FIELDS).into(),
+            "--no-pager".into(),
+        ]);
         a
     }
 
     /// Run journalctl without `--follow` and return its first entry (then stop it).
     fn probe(&self, extra: &[&str]) -> Result<Option<Probe>, StartError> {
         let mut args = self.opts.location.args();
-        args.extend(["--output=export".into(), "--output-fields=_BOOT_ID".into(), "--no-pager".into()]);
+        args.extend([
+            "--output=export".into(),
+            "--output-fields=_BOOT_ID".into(),
+            "--no-pager".into(),
+        ]);
         args.extend(extra.iter().map(OsString::from));
-        let mut jc = Journalctl::spawn(&self.opts.journalctl, &args).map_err(|e| StartError::Spawn(self.opts.journalctl.clone(), e))?;
+        let mut jc = Journalctl::spawn(&self.opts.journalctl, &args)
+            .map_err(|e| StartError::Spawn(self.opts.journalctl.clone(), e))?;
         let mut buf = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         let first = loop {
-            if let Some((e, _)) = export::next_entry(&buf).map_err(|e| StartError::Output(e.to_string()))? {
-                break e.cursor.map(|c| Probe { cursor: String::from_utf8_lossy(c).into_owned(), boot_id: e.boot_id.map(|b| String::from_utf8_lossy(b).into_owned()) });
+            if let Some((e, _)) =
+                export::next_entry(&buf).map_err(|e| StartError::Output(e.to_string()))?
+            {
+                break e.cursor.map(|c| Probe {
+                    cursor: String::from_utf8_lossy(c).into_owned(),
+                    boot_id: e.boot_id.map(|b| String::from_utf8_lossy(b).into_owned()),
+                });
             }
             if jc.out_eof {
                 break None;
@@ -602,7 +689,10 @@ impl Reader {
             }
             if Instant::now() > deadline {
                 let (_, err) = jc.finish();
-                return Err(StartError::Failed(format!("journalctl {} gave no answer within 60 s {err}", extra.join(" "))));
+                return Err(StartError::Failed(format!(
+                    "journalctl {} gave no answer within 60 s {err}",
+                    extra.join(" ")
+                )));
             }
             jc.pump(&mut buf, 64 << 10, Duration::from_millis(200));
         };
@@ -610,22 +700,33 @@ impl Reader {
         match first {
             Some(p) => Ok(Some(p)),
             None if status.is_some_and(|s| s.success()) => Ok(None),
-            None => Err(StartError::Failed(format!("journalctl {} failed ({}): {err}", extra.join(" "), status.map(|s| s.to_string()).unwrap_or_default()))),
+            None => Err(StartError::Failed(format!(
+                "journalctl {} failed ({}): {err}",
+                extra.join(" "),
+                status.map(|s| s.to_string()).unwrap_or_default()
+            ))),
         }
     }
 
     /// Where a first start begins, recorded at once as the acked checkpoint.
     fn first_start(&mut self) -> Result<Pos, StartError> {
         let last = self.probe(&["--lines=1"])?;
-        let mut pos = last.as_ref().map(|p| Pos::After(p.cursor.clone())).unwrap_or(Pos::Head);
+        let mut pos = last
+            .as_ref()
+            .map(|p| Pos::After(p.cursor.clone()))
+            .unwrap_or(Pos::Head);
         if self.opts.from_boot {
             let boot = match &self.opts.location {
                 // The box's own boot, even if journald wrote nothing in it yet.
-                Location::Local => std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().replace('-', "")),
+                Location::Local => std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                    .ok()
+                    .map(|s| s.trim().replace('-', "")),
                 // A journal from elsewhere: its latest boot.
                 _ => last.as_ref().and_then(|p| p.boot_id.clone()),
             };
-            if let Some(b) = boot.filter(|b| b.len() == 32 && b.bytes().all(|c| c.is_ascii_hexdigit())) {
+            if let Some(b) =
+                boot.filter(|b| b.len() == 32 && b.bytes().all(|c| c.is_ascii_hexdigit()))
+            {
                 match self.probe(&[&format!("--boot={b}")]) {
                     Ok(Some(first)) => pos = Pos::At(first.cursor),
                     // No entry of this boot yet (journalctl fails on a boot it does not
@@ -636,8 +737,14 @@ impl Reader {
             }
         }
         let acked = self.ctx.state_dir.join(format!("{NAME}.acked.json"));
-        let json = serde_json::to_vec(&self.checkpoint_of(&pos, self.last_ts)).expect("checkpoint serialises");
-        crate::spool::write_atomic(&acked, &json).map_err(|e| StartError::Failed(format!("writing {}: {e} (check that the state dir is writable)", acked.display())))?;
+        let json = serde_json::to_vec(&self.checkpoint_of(&pos, self.last_ts))
+            .expect("checkpoint serialises");
+        crate::spool::write_atomic(&acked, &json).map_err(|e| {
+            StartError::Failed(format!(
+                "writing {}: {e} (check that the state dir is writable)",
+                acked.display()
+            ))
+        })?;
         let at = match &pos {
             Pos::After(_) => "its end",
             Pos::At(_) => "the start of the current boot",
@@ -699,17 +806,26 @@ impl Reader {
             Pos::Head => {}
         }
         let files = self.file_ids();
-        let jc = Journalctl::spawn(&self.opts.journalctl, &args).map_err(|e| StartError::Spawn(self.opts.journalctl.clone(), e))?;
+        let jc = Journalctl::spawn(&self.opts.journalctl, &args)
+            .map_err(|e| StartError::Spawn(self.opts.journalctl.clone(), e))?;
         tracing::info!(journal = %self.desc, from = ?pos, "reading the journal");
         self.buf.clear();
         self.skipping = false;
-        self.child = Some(Running { jc, started: Instant::now(), entries: 0, files });
+        self.child = Some(Running {
+            jc,
+            started: Instant::now(),
+            entries: 0,
+            files,
+        });
         Ok(())
     }
 
     fn file_ids(&self) -> Vec<Option<(u64, u64)>> {
         match &self.opts.location {
-            Location::Files(fs) => fs.iter().map(|f| std::fs::metadata(f).ok().map(|m| (m.dev(), m.ino()))).collect(),
+            Location::Files(fs) => fs
+                .iter()
+                .map(|f| std::fs::metadata(f).ok().map(|m| (m.dev(), m.ino())))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -776,7 +892,9 @@ impl Reader {
                     if let Some(r) = &mut self.child {
                         r.entries += 1;
                     }
-                    if self.batch.lines.len() >= self.opts.max_batch_entries || self.batch.bytes >= self.opts.max_batch_bytes {
+                    if self.batch.lines.len() >= self.opts.max_batch_entries
+                        || self.batch.bytes >= self.opts.max_batch_bytes
+                    {
                         res = self.commit();
                         if res.is_err() || self.child.is_none() {
                             break;
@@ -809,7 +927,10 @@ impl Reader {
     /// An entry over [`MAX_ENTRY`]: note its cursor (the first field journalctl writes) so
     /// reading goes on after it, and drop its bytes as they come.
     fn skip_oversized(&mut self, partial: &[u8]) {
-        let cursor = partial.strip_prefix(b"__CURSOR=").and_then(|r| r.iter().position(|&b| b == b'\n').map(|n| &r[..n])).map(|c| String::from_utf8_lossy(c).into_owned());
+        let cursor = partial
+            .strip_prefix(b"__CURSOR=")
+            .and_then(|r| r.iter().position(|&b| b == b'\n').map(|n| &r[..n]))
+            .map(|c| String::from_utf8_lossy(c).into_owned());
         tracing::warn!(cursor = ?cursor, limit = MAX_ENTRY, "journal entry too large to ship; skipping it");
         if let Some(c) = cursor.filter(|c| valid_cursor(c)) {
             self.pos = Some(Pos::After(c));
@@ -818,7 +939,11 @@ impl Reader {
     }
 
     fn stamp(&mut self, ns: i64) -> i64 {
-        let ts = if ns > self.last_ts || self.last_ts - ns > STEP_BACK_NS { ns } else { self.last_ts + 1 };
+        let ts = if ns > self.last_ts || self.last_ts - ns > STEP_BACK_NS {
+            ns
+        } else {
+            self.last_ts + 1
+        };
         self.last_ts = ts;
         ts
     }
@@ -841,10 +966,16 @@ impl Reader {
         }
         let prio = e.priority();
         if let Some(p) = prio {
-            tags.insert("level".to_string(), logtext::level_of_priority(p).to_string());
+            tags.insert(
+                "level".to_string(),
+                logtext::level_of_priority(p).to_string(),
+            );
         }
         let mut fields = BTreeMap::new();
-        if let Some(pid) = e.pid.and_then(|p| std::str::from_utf8(p).ok()?.parse::<i64>().ok()) {
+        if let Some(pid) = e
+            .pid
+            .and_then(|p| std::str::from_utf8(p).ok()?.parse::<i64>().ok())
+        {
             fields.insert("pid".to_string(), Value::Int(pid));
         }
         if let Some(c) = e.comm {
@@ -856,12 +987,33 @@ impl Reader {
         let (msg, escaped) = logtext::encode(&raw);
         if msg.len() <= MAX_FIELD_STRING {
             let ts = self.stamp(ns);
-            self.batch.lines.push(LogLine { src: NAME.into(), ts, offset: 0, msg, escaped, part: None, tags, fields });
+            self.batch.lines.push(LogLine {
+                src: NAME.into(),
+                ts,
+                offset: 0,
+                msg,
+                escaped,
+                part: None,
+                tags,
+                fields,
+            });
         } else {
-            for (i, piece) in logtext::split(&raw, MAX_FIELD_STRING).into_iter().enumerate() {
+            for (i, piece) in logtext::split(&raw, MAX_FIELD_STRING)
+                .into_iter()
+                .enumerate()
+            {
                 let (msg, escaped) = logtext::encode(piece);
                 let ts = self.stamp(ns);
-                self.batch.lines.push(LogLine { src: NAME.into(), ts, offset: 0, msg, escaped, part: Some(i as u32 + 1), tags: tags.clone(), fields: fields.clone() });
+                self.batch.lines.push(LogLine {
+                    src: NAME.into(),
+                    ts,
+                    offset: 0,
+                    msg,
+                    escaped,
+                    part: Some(i as u32 + 1),
+                    tags: tags.clone(),
+                    fields: fields.clone(),
+                });
             }
         }
         self.batch.entries += 1;
@@ -879,7 +1031,13 @@ impl Reader {
             Pos::At(c) => (None, Some(c.clone())),
             Pos::Head => (None, None),
         };
-        Checkpoint { v: 1, journal: self.desc.clone(), after, at, last_ts }
+        Checkpoint {
+            v: 1,
+            journal: self.desc.clone(),
+            after,
+            at,
+            last_ts,
+        }
     }
 
     /// Queue the batch with the cursor after it.
@@ -891,15 +1049,24 @@ impl Reader {
         let mut report = self.ctx.report();
         report.logs = batch.lines;
         let pos = self.pos.clone().unwrap_or(Pos::Head);
-        let ckpt = serde_json::to_value(self.checkpoint_of(&pos, self.last_ts)).expect("checkpoint serialises");
-        match self.ctx.spool.push(Kind::Logs, report, Some((NAME.into(), ckpt)), self.opts.push_wait) {
+        let ckpt = serde_json::to_value(self.checkpoint_of(&pos, self.last_ts))
+            .expect("checkpoint serialises");
+        match self.ctx.spool.push(
+            Kind::Logs,
+            report,
+            Some((NAME.into(), ckpt)),
+            self.opts.push_wait,
+        ) {
             Ok(Some(_)) => {
                 counters::add(&counters::journal_entries, batch.entries);
                 self.committed = (Some(pos), self.last_ts);
                 Ok(())
             }
             Ok(None) => {
-                tracing::warn!(entries = batch.entries, "spool still full; these journal entries will be read again");
+                tracing::warn!(
+                    entries = batch.entries,
+                    "spool still full; these journal entries will be read again"
+                );
                 self.rewind();
                 Ok(())
             }

@@ -25,7 +25,9 @@ impl Head {
     }
 
     pub fn from_hex(len: u32, s: &str) -> Option<Head> {
-        u64::from_str_radix(s, 16).ok().map(|hash| Head { len, hash })
+        u64::from_str_radix(s, 16)
+            .ok()
+            .map(|hash| Head { len, hash })
     }
 }
 
@@ -41,7 +43,10 @@ fn hash(bytes: &[u8]) -> u64 {
 pub fn head_of(file: &File) -> io::Result<Head> {
     let mut buf = [0u8; HEAD_MAX as usize];
     let n = read_full_at(file, &mut buf, 0)?;
-    Ok(Head { len: n as u32, hash: hash(&buf[..n]) })
+    Ok(Head {
+        len: n as u32,
+        hash: hash(&buf[..n]),
+    })
 }
 
 /// Does `file` still start with the bytes `head` was taken of?
@@ -136,7 +141,15 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(src: String, path: Option<PathBuf>, file: File, md: &std::fs::Metadata, head: Head, offset: u64, now: Instant) -> Tracked {
+    pub fn new(
+        src: String,
+        path: Option<PathBuf>,
+        file: File,
+        md: &std::fs::Metadata,
+        head: Head,
+        offset: u64,
+        now: Instant,
+    ) -> Tracked {
         Tracked {
             src,
             path,
@@ -164,7 +177,10 @@ mod tests {
         assert_eq!(find_nl(b""), None);
         assert_eq!(find_nl(b"abc"), None);
         assert_eq!(find_nl(b"\n"), Some(0));
-        assert_eq!(find_nl(&[b"x".repeat(1000), b"\n".to_vec()].concat()), Some(1000));
+        assert_eq!(
+            find_nl(&[b"x".repeat(1000), b"\n".to_vec()].concat()),
+            Some(1000)
+        );
     }
 
     #[test]
@@ -178,9 +194,15 @@ mod tests {
         std::fs::write(&p, "first line\nand more\n").unwrap();
         assert!(head_matches(&f, h).unwrap(), "appending keeps the head");
         std::fs::write(&p, "other text\n").unwrap();
-        assert!(!head_matches(&f, h).unwrap(), "rewritten content is another file");
+        assert!(
+            !head_matches(&f, h).unwrap(),
+            "rewritten content is another file"
+        );
         std::fs::write(&p, "first").unwrap();
-        assert!(!head_matches(&f, h).unwrap(), "shorter than the head is not the same file");
+        assert!(
+            !head_matches(&f, h).unwrap(),
+            "shorter than the head is not the same file"
+        );
         assert_eq!(Head::from_hex(11, &h.hex()), Some(h));
     }
 

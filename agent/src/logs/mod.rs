@@ -170,14 +170,31 @@ impl Batch {
 
     /// Add one raw line (or a piece of one) starting at `offset`. `part` continues the
     /// numbering of a line already cut; returns the part number that would come next.
-    fn emit(&mut self, src: &str, raw: &[u8], offset: u64, part: Option<u32>, now_ns: i64, now: Instant) -> u32 {
+    fn emit(
+        &mut self,
+        src: &str,
+        raw: &[u8],
+        offset: u64,
+        part: Option<u32>,
+        now_ns: i64,
+        now: Instant,
+    ) -> u32 {
         self.started.get_or_insert(now);
         self.bytes += raw.len();
         self.emitted += 1;
         let (msg, escaped) = logtext::encode(raw);
         if part.is_none() && msg.len() <= MAX_FIELD_STRING {
             let ts = self.ts(now_ns);
-            self.lines.push(LogLine { src: src.to_owned(), ts, offset, msg, escaped, part: None, tags: Default::default(), fields: Default::default() });
+            self.lines.push(LogLine {
+                src: src.to_owned(),
+                ts,
+                offset,
+                msg,
+                escaped,
+                part: None,
+                tags: Default::default(),
+                fields: Default::default(),
+            });
             return 1;
         }
         let mut n = part.unwrap_or(1);
@@ -185,7 +202,16 @@ impl Batch {
         for piece in logtext::split(raw, MAX_FIELD_STRING) {
             let (msg, escaped) = logtext::encode(piece);
             let ts = self.ts(now_ns);
-            self.lines.push(LogLine { src: src.to_owned(), ts, offset: off, msg, escaped, part: Some(n), tags: Default::default(), fields: Default::default() });
+            self.lines.push(LogLine {
+                src: src.to_owned(),
+                ts,
+                offset: off,
+                msg,
+                escaped,
+                part: Some(n),
+                tags: Default::default(),
+                fields: Default::default(),
+            });
             off += piece.len() as u64;
             n += 1;
         }
@@ -219,7 +245,10 @@ pub struct Tailer {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -234,9 +263,14 @@ impl Tailer {
         let pending = ctx.spool.pending_checkpoint(NAME);
         let first_start = pending.is_none() && !acked.exists();
         let ckpt: Option<Checkpoint> = match pending {
-            Some(v) => Some(serde_json::from_value(v).map_err(|e| LogError::Checkpoint(ctx.state_dir.join("spool"), e.to_string()))?),
+            Some(v) => {
+                Some(serde_json::from_value(v).map_err(|e| {
+                    LogError::Checkpoint(ctx.state_dir.join("spool"), e.to_string())
+                })?)
+            }
             None if !first_start => {
-                let data = std::fs::read(&acked).map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
+                let data = std::fs::read(&acked)
+                    .map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
                 match serde_json::from_slice(&data) {
                     Ok(c) => Some(c),
                     Err(e) => {
@@ -253,7 +287,13 @@ impl Tailer {
             ctx,
             opts,
             files: Vec::new(),
-            batch: Batch { lines: Vec::new(), bytes: 0, started: None, last_ts: 0, emitted: 0 },
+            batch: Batch {
+                lines: Vec::new(),
+                bytes: 0,
+                started: None,
+                last_ts: 0,
+                emitted: 0,
+            },
             buf: vec![0; BUF],
             last_scan: None,
             warned: Default::default(),
@@ -266,8 +306,14 @@ impl Tailer {
         t.scan(now, first_start && !t.opts.from_start);
         if first_start {
             let json = serde_json::to_vec(&t.checkpoint()).expect("checkpoint serialises");
-            crate::spool::write_atomic(&acked, &json).map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
-            tracing::info!(files = t.files.len(), at = if t.opts.from_start { "start" } else { "end" }, "first start: existing log files begin at their {}", if t.opts.from_start { "start" } else { "end" });
+            crate::spool::write_atomic(&acked, &json)
+                .map_err(|e| LogError::Checkpoint(acked.clone(), e.to_string()))?;
+            tracing::info!(
+                files = t.files.len(),
+                at = if t.opts.from_start { "start" } else { "end" },
+                "first start: existing log files begin at their {}",
+                if t.opts.from_start { "start" } else { "end" }
+            );
         }
         Ok(t)
     }
@@ -288,7 +334,10 @@ impl Tailer {
     /// One round: rescan if due, read every file to its end (queueing full batches on the
     /// way), queue what is left once it lingered long enough, close finished rotated files.
     fn step(&mut self, now: Instant) -> Result<(), LogError> {
-        if self.last_scan.is_none_or(|t| now.duration_since(t) >= self.opts.scan_every) {
+        if self
+            .last_scan
+            .is_none_or(|t| now.duration_since(t) >= self.opts.scan_every)
+        {
             self.scan(now, false);
         }
         let before = self.batch.emitted;
@@ -301,7 +350,10 @@ impl Tailer {
                 // A long drain of one file must not stop the scans and checks of the others:
                 // a file rotated in and out, or truncated twice, meanwhile would be missed.
                 let t = Instant::now();
-                if self.last_scan.is_none_or(|l| t.duration_since(l) >= self.opts.scan_every) {
+                if self
+                    .last_scan
+                    .is_none_or(|l| t.duration_since(l) >= self.opts.scan_every)
+                {
                     self.scan(t, false);
                     self.check_others(&mut i, &mut end, now)?;
                 }
@@ -327,7 +379,12 @@ impl Tailer {
         // Queue what there is once it lingered, or at once when the files went quiet: a
         // backlog's last lines need not wait, a trickle is gathered into fewer batches.
         let quiet = self.batch.emitted == before;
-        if quiet || self.batch.started.is_some_and(|t| now.duration_since(t) >= self.opts.linger) {
+        if quiet
+            || self
+                .batch
+                .started
+                .is_some_and(|t| now.duration_since(t) >= self.opts.linger)
+        {
             self.commit()?;
         }
         self.forget_finished(now);
@@ -340,12 +397,20 @@ impl Tailer {
             return Ok(());
         }
         let mut report = self.ctx.report();
-        report.logs = std::mem::replace(&mut self.batch.lines, Vec::with_capacity(self.opts.max_batch_lines.min(1024)));
+        report.logs = std::mem::replace(
+            &mut self.batch.lines,
+            Vec::with_capacity(self.opts.max_batch_lines.min(1024)),
+        );
         let n = report.logs.len() as u64;
         self.batch.bytes = 0;
         self.batch.started = None;
         let ckpt = serde_json::to_value(self.checkpoint()).expect("checkpoint serialises");
-        match self.ctx.spool.push(Kind::Logs, report, Some((NAME.into(), ckpt)), self.opts.push_wait) {
+        match self.ctx.spool.push(
+            Kind::Logs,
+            report,
+            Some((NAME.into(), ckpt)),
+            self.opts.push_wait,
+        ) {
             Ok(Some(_)) => {
                 counters::add(&counters::lines_queued, n);
                 for f in &mut self.files {
@@ -355,7 +420,10 @@ impl Tailer {
                 Ok(())
             }
             Ok(None) => {
-                tracing::warn!(lines = n, "spool still full; these lines will be read again from the file");
+                tracing::warn!(
+                    lines = n,
+                    "spool still full; these lines will be read again from the file"
+                );
                 self.rewind();
                 Ok(())
             }
@@ -388,7 +456,11 @@ impl Tailer {
                 .iter()
                 .map(|f| FileCkpt {
                     src: f.src.clone(),
-                    path: f.path.as_ref().map(|p| p.to_string_lossy().into_owned()).filter(|p| *p != f.src),
+                    path: f
+                        .path
+                        .as_ref()
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .filter(|p| *p != f.src),
                     dev: f.dev,
                     ino: f.ino,
                     head_len: f.head.len,
@@ -409,14 +481,24 @@ impl Tailer {
                 tracing::info!(file = %last.display(), "a checkpointed log file is gone; forgetting it");
                 continue;
             };
-            let Some(head) = Head::from_hex(e.head_len, &e.head) else { continue };
+            let Some(head) = Head::from_hex(e.head_len, &e.head) else {
+                continue;
+            };
             let same_head = file::head_matches(&file, head).unwrap_or(false);
             if !same_head || md.len() < e.offset {
                 // Truncated (copytruncate) or rewritten while the agent was down: the unread
                 // rest may be in a copy beside it.
                 counters::add(&counters::files_truncated, 1);
                 tracing::warn!(file = %last.display(), size = md.len(), offset = e.offset, "log file was truncated or replaced while the agent was stopped; reading it from its start");
-                let ident = Ident { src: &e.src, path: &last, dev: e.dev, ino: e.ino, head, offset: e.offset, part: e.part };
+                let ident = Ident {
+                    src: &e.src,
+                    path: &last,
+                    dev: e.dev,
+                    ino: e.ino,
+                    head,
+                    offset: e.offset,
+                    part: e.part,
+                };
                 if let Some(copy) = find_copy(&ident, &self.files, now) {
                     self.files.push(copy);
                 }
@@ -425,8 +507,16 @@ impl Tailer {
                     continue;
                 }
             }
-            let (offset, part) = if md.len() < e.offset { (0, None) } else { (e.offset, e.part) };
-            let head = if head.len < file::HEAD_MAX as u32 { file::head_of(&file).unwrap_or(head) } else { head };
+            let (offset, part) = if md.len() < e.offset {
+                (0, None)
+            } else {
+                (e.offset, e.part)
+            };
+            let head = if head.len < file::HEAD_MAX as u32 {
+                file::head_of(&file).unwrap_or(head)
+            } else {
+                head
+            };
             let mut f = Tracked::new(e.src, None, file, &md, head, offset, now);
             f.part = part;
             f.committed_part = part;
@@ -448,11 +538,17 @@ impl Tailer {
             }
         }
         for path in paths {
-            let Ok(md) = std::fs::metadata(&path) else { continue };
+            let Ok(md) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !md.is_file() {
                 continue;
             }
-            if let Some(i) = self.files.iter().position(|f| f.dev == md.dev() && f.ino == md.ino()) {
+            if let Some(i) = self
+                .files
+                .iter()
+                .position(|f| f.dev == md.dev() && f.ino == md.ino())
+            {
                 seen[i] = true;
                 let f = &mut self.files[i];
                 if f.path.as_ref() != Some(&path) {
@@ -476,15 +572,24 @@ impl Tailer {
             self.warned.remove(&path);
             // The identity of what was opened, not of what the path named a moment before.
             let Ok(md) = file.metadata() else { continue };
-            if let Some(i) = self.files.iter().position(|f| f.dev == md.dev() && f.ino == md.ino()) {
+            if let Some(i) = self
+                .files
+                .iter()
+                .position(|f| f.dev == md.dev() && f.ino == md.ino())
+            {
                 seen[i] = true;
                 continue;
             }
             let head = file::head_of(&file).unwrap_or(Head::EMPTY);
-            let offset = if new_at_end { file::end_offset(&file, md.len()).unwrap_or(md.len()) } else { 0 };
+            let offset = if new_at_end {
+                file::end_offset(&file, md.len()).unwrap_or(md.len())
+            } else {
+                0
+            };
             tracing::info!(file = %path.display(), offset, "tailing log file");
             let src = path.to_string_lossy().into_owned();
-            self.files.push(Tracked::new(src, Some(path), file, &md, head, offset, now));
+            self.files
+                .push(Tracked::new(src, Some(path), file, &md, head, offset, now));
             seen.push(true);
         }
         for (f, seen) in self.files.iter_mut().zip(seen) {
@@ -514,7 +619,15 @@ impl Tailer {
             tracing::warn!(src = %f.src, size, offset = f.offset, "log file truncated (copytruncate?); reading it from its start");
             counters::add(&counters::files_truncated, 1);
             let fallback = PathBuf::from(&f.src);
-            let ident = Ident { src: &f.src, path: f.path.as_deref().unwrap_or(&fallback), dev: f.dev, ino: f.ino, head: f.head, offset: f.offset, part: f.part };
+            let ident = Ident {
+                src: &f.src,
+                path: f.path.as_deref().unwrap_or(&fallback),
+                dev: f.dev,
+                ino: f.ino,
+                head: f.head,
+                offset: f.offset,
+                part: f.part,
+            };
             let copy = find_copy(&ident, &self.files, now);
             let f = &mut self.files[i];
             f.offset = 0;
@@ -533,7 +646,8 @@ impl Tailer {
             }
             return Ok(false);
         }
-        if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64 {
+        if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64
+        {
             let f = &mut self.files[i];
             f.head = file::head_of(&f.file).unwrap_or(f.head);
         }
@@ -545,7 +659,12 @@ impl Tailer {
 
     /// `check` every file but the one being read (`cur`, kept pointing at it; `end` counts
     /// the copies inserted before it).
-    fn check_others(&mut self, cur: &mut usize, end: &mut usize, now: Instant) -> Result<(), LogError> {
+    fn check_others(
+        &mut self,
+        cur: &mut usize,
+        end: &mut usize,
+        now: Instant,
+    ) -> Result<(), LogError> {
         let mut j = 0;
         while j < self.files.len() {
             if j == *cur {
@@ -582,7 +701,11 @@ impl Tailer {
     }
 
     fn read_with(&mut self, i: usize, now: Instant, buf: &mut Vec<u8>) -> Result<Stop, LogError> {
-        let (max_lines, max_bytes, flush) = (self.opts.max_batch_lines, self.opts.max_batch_bytes, self.opts.flush_timeout);
+        let (max_lines, max_bytes, flush) = (
+            self.opts.max_batch_lines,
+            self.opts.max_batch_bytes,
+            self.opts.flush_timeout,
+        );
         let Tailer { files, batch, .. } = self;
         let f = &mut files[i];
         if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
@@ -599,7 +722,14 @@ impl Tailer {
         let mut lines = 0u64;
         let mut full = false;
         while let Some(nl) = file::find_nl(&data[pos..]) {
-            batch.emit(&f.src, &data[pos..pos + nl], f.offset + pos as u64, f.part.take(), ts, now);
+            batch.emit(
+                &f.src,
+                &data[pos..pos + nl],
+                f.offset + pos as u64,
+                f.part.take(),
+                ts,
+                now,
+            );
             pos += nl + 1;
             lines += 1;
             if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
@@ -630,7 +760,14 @@ impl Tailer {
             // A line longer than MAX_BUF: ship what there is as numbered parts, cut on a
             // character boundary, and go on with the rest of the line.
             let cut = char_boundary(data);
-            let next = batch.emit(&f.src, &data[..cut], f.offset, Some(f.part.unwrap_or(1)), ts, now);
+            let next = batch.emit(
+                &f.src,
+                &data[..cut],
+                f.offset,
+                Some(f.part.unwrap_or(1)),
+                ts,
+                now,
+            );
             f.part = Some(next);
             f.offset += cut as u64;
             counters::add(&counters::bytes_read, cut as u64);
@@ -658,7 +795,11 @@ impl Tailer {
     fn forget_finished(&mut self, now: Instant) {
         let wait = self.opts.rotate_wait;
         self.files.retain(|f| {
-            let done = f.path.is_none() && f.offset >= f.size && f.offset == f.committed && f.tail_since.is_none() && now.duration_since(f.changed_at) >= wait;
+            let done = f.path.is_none()
+                && f.offset >= f.size
+                && f.offset == f.committed
+                && f.tail_since.is_none()
+                && now.duration_since(f.changed_at) >= wait;
             if done {
                 tracing::info!(src = %f.src, offset = f.offset, "finished a rotated log file");
             }
@@ -687,15 +828,23 @@ fn find_copy(f: &Ident, tracked: &[Tracked], now: Instant) -> Option<Tracked> {
         return None;
     }
     let mut best: Option<(std::time::SystemTime, File, std::fs::Metadata)> = None;
-    for ent in std::fs::read_dir(pattern::parent_dir(f.path)).ok()?.flatten() {
+    for ent in std::fs::read_dir(pattern::parent_dir(f.path))
+        .ok()?
+        .flatten()
+    {
         let Ok(md) = ent.metadata() else { continue };
         if !md.is_file() || md.len() < f.offset || (md.dev() == f.dev && md.ino() == f.ino) {
             continue;
         }
-        if tracked.iter().any(|t| t.dev == md.dev() && t.ino == md.ino()) {
+        if tracked
+            .iter()
+            .any(|t| t.dev == md.dev() && t.ino == md.ino())
+        {
             continue;
         }
-        let Ok(file) = File::open(ent.path()) else { continue };
+        let Ok(file) = File::open(ent.path()) else {
+            continue;
+        };
         if !file::head_matches(&file, f.head).unwrap_or(false) {
             continue;
         }
@@ -719,7 +868,13 @@ fn char_boundary(data: &[u8]) -> usize {
         k -= 1;
     }
     if k > 0 && data[k - 1] >= 0xC0 {
-        let need = if data[k - 1] >= 0xF0 { 4 } else if data[k - 1] >= 0xE0 { 3 } else { 2 };
+        let need = if data[k - 1] >= 0xF0 {
+            4
+        } else if data[k - 1] >= 0xE0 {
+            3
+        } else {
+            2
+        };
         if n - (k - 1) < need && k > 1 {
             return k - 1;
         }
@@ -741,7 +896,10 @@ fn locate(path: &Path, dev: u64, ino: u64) -> Option<(File, std::fs::Metadata)> 
         }
     }
     for ent in std::fs::read_dir(pattern::parent_dir(path)).ok()?.flatten() {
-        if ent.metadata().is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+        if ent
+            .metadata()
+            .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+        {
             return open(&ent.path());
         }
     }

@@ -18,14 +18,23 @@ pub fn expand(pattern: &str) -> Vec<PathBuf> {
         let p = PathBuf::from(pattern);
         return if p.exists() { vec![p] } else { Vec::new() };
     }
-    let (mut current, rest) = if let Some(r) = pattern.strip_prefix('/') { (vec![PathBuf::from("/")], r) } else { (vec![PathBuf::new()], pattern) };
+    let (mut current, rest) = if let Some(r) = pattern.strip_prefix('/') {
+        (vec![PathBuf::from("/")], r)
+    } else {
+        (vec![PathBuf::new()], pattern)
+    };
     for comp in rest.split('/').filter(|c| !c.is_empty()) {
         let mut next = Vec::new();
         if has_meta(comp.as_bytes()) {
             for dir in &current {
-                let read = if dir.as_os_str().is_empty() { std::fs::read_dir(".") } else { std::fs::read_dir(dir) };
+                let read = if dir.as_os_str().is_empty() {
+                    std::fs::read_dir(".")
+                } else {
+                    std::fs::read_dir(dir)
+                };
                 let Ok(read) = read else { continue };
-                let mut names: Vec<_> = read.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+                let mut names: Vec<_> =
+                    read.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
                 names.sort();
                 for name in names {
                     let n = name.as_bytes();
@@ -197,7 +206,10 @@ mod tests {
             std::fs::write(p, "").unwrap();
         }
         let got = expand(&format!("{}/*/*.log", d.path().display()));
-        assert_eq!(got, vec![d.path().join("a/x.log"), d.path().join("b/x.log")]);
+        assert_eq!(
+            got,
+            vec![d.path().join("a/x.log"), d.path().join("b/x.log")]
+        );
         assert_eq!(expand(&format!("{}/b/y.txt", d.path().display())).len(), 1);
         assert!(expand(&format!("{}/nope/*.log", d.path().display())).is_empty());
     }

@@ -31,12 +31,27 @@ impl Env {
         let logs = dir.path().join("logs");
         fs::create_dir_all(&logs).unwrap();
         let spool = Arc::new(Spool::open(&state.join("spool"), max).unwrap());
-        Env { _dir: dir, state, logs, spool }
+        Env {
+            _dir: dir,
+            state,
+            logs,
+            spool,
+        }
     }
 
     fn ctx(&self) -> Ctx {
-        let identity = Identity { instance_id: "i-1".into(), image_id: "img-1".into(), hostname: "h".into(), ..Default::default() };
-        Ctx { identity: Arc::new(identity), spool: self.spool.clone(), state_dir: self.state.clone(), interval: Duration::from_secs(10) }
+        let identity = Identity {
+            instance_id: "i-1".into(),
+            image_id: "img-1".into(),
+            hostname: "h".into(),
+            ..Default::default()
+        };
+        Ctx {
+            identity: Arc::new(identity),
+            spool: self.spool.clone(),
+            state_dir: self.state.clone(),
+            interval: Duration::from_secs(10),
+        }
     }
 
     fn opts(&self, pattern: &str) -> Options {
@@ -76,7 +91,13 @@ impl Env {
 }
 
 fn append(path: &Path, data: &[u8]) {
-    OpenOptions::new().create(true).append(true).open(path).unwrap().write_all(data).unwrap();
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
 }
 
 fn write_lines(path: &Path, range: std::ops::Range<usize>) {
@@ -94,12 +115,23 @@ fn reassemble(lines: &[LogLine]) -> BTreeMap<String, Vec<Vec<u8>>> {
     let mut last_ts: BTreeMap<&str, i64> = BTreeMap::new();
     for l in lines {
         let prev = last_ts.insert(&l.src, l.ts);
-        assert!(prev.is_none_or(|p| p < l.ts), "timestamps of {} must increase strictly", l.src);
-        assert!(l.msg.len() <= MAX_FIELD_STRING, "piece of {} bytes exceeds the field limit", l.msg.len());
+        assert!(
+            prev.is_none_or(|p| p < l.ts),
+            "timestamps of {} must increase strictly",
+            l.src
+        );
+        assert!(
+            l.msg.len() <= MAX_FIELD_STRING,
+            "piece of {} bytes exceeds the field limit",
+            l.msg.len()
+        );
         let raw = logtext::decode(&l.msg, l.escaped);
         let v = out.entry(l.src.clone()).or_default();
         match l.part {
-            Some(n) if n > 1 => v.last_mut().expect("a continuation follows its first part").extend_from_slice(&raw),
+            Some(n) if n > 1 => v
+                .last_mut()
+                .expect("a continuation follows its first part")
+                .extend_from_slice(&raw),
             _ => v.push(raw),
         }
     }
@@ -157,19 +189,37 @@ fn nasty_lines_round_trip() {
     let got = &got[&src(&p)];
     assert_eq!(got.len(), expect.len());
     for (g, e) in got.iter().zip(&expect) {
-        assert!(g == e, "line of {} bytes came back as {} bytes", e.len(), g.len());
+        assert!(
+            g == e,
+            "line of {} bytes came back as {} bytes",
+            e.len(),
+            g.len()
+        );
     }
     // The offset of each first piece is where its line starts in the file.
-    let starts: Vec<u64> = shipped.iter().filter(|l| l.part.is_none_or(|n| n == 1)).map(|l| l.offset).collect();
+    let starts: Vec<u64> = shipped
+        .iter()
+        .filter(|l| l.part.is_none_or(|n| n == 1))
+        .map(|l| l.offset)
+        .collect();
     let mut off = 0u64;
-    let want: Vec<u64> = expect.drain(..).map(|l| {
-        let o = off;
-        off += l.len() as u64 + 1;
-        o
-    }).collect();
+    let want: Vec<u64> = expect
+        .drain(..)
+        .map(|l| {
+            let o = off;
+            off += l.len() as u64 + 1;
+            o
+        })
+        .collect();
     assert_eq!(starts, want);
-    assert!(shipped.iter().any(|l| l.escaped), "invalid UTF-8 travels escaped");
-    assert!(shipped.iter().filter(|l| l.part.is_some()).count() >= 2 + 3 * 4, "the long lines were split into parts");
+    assert!(
+        shipped.iter().any(|l| l.escaped),
+        "invalid UTF-8 travels escaped"
+    );
+    assert!(
+        shipped.iter().filter(|l| l.part.is_some()).count() >= 2 + 3 * 4,
+        "the long lines were split into parts"
+    );
 }
 
 #[test]
@@ -179,14 +229,25 @@ fn first_start_begins_at_the_end_and_later_files_at_their_start() {
     append(&a, b"old 1\nold 2\nhalf wr");
     let mut t = env.tailer(env.opts("*.log"));
     t.step(Instant::now()).unwrap();
-    assert!(env.drain().is_empty(), "existing lines are history on the very first start");
+    assert!(
+        env.drain().is_empty(),
+        "existing lines are history on the very first start"
+    );
     append(&a, b"itten\nnew 1\n");
     let b = env.path("b.log");
     append(&b, b"b 1\n");
     t.step(Instant::now()).unwrap();
     let got = reassemble(&env.drain());
-    assert_eq!(got[&src(&a)], vec![b"half written".to_vec(), b"new 1".to_vec()], "a line being written at start is read whole");
-    assert_eq!(got[&src(&b)], vec![b"b 1".to_vec()], "a file appearing later is read from its start");
+    assert_eq!(
+        got[&src(&a)],
+        vec![b"half written".to_vec(), b"new 1".to_vec()],
+        "a line being written at start is read whole"
+    );
+    assert_eq!(
+        got[&src(&b)],
+        vec![b"b 1".to_vec()],
+        "a file appearing later is read from its start"
+    );
     drop(t);
 
     // While the agent is down: more lines, and a new file. Neither may be skipped.
@@ -210,7 +271,10 @@ fn first_start_can_read_from_the_start() {
     o.from_start = true;
     let mut t = env.tailer(o);
     t.step(Instant::now()).unwrap();
-    assert_eq!(reassemble(&env.drain())[&src(&a)], vec![b"old 1".to_vec(), b"old 2".to_vec()]);
+    assert_eq!(
+        reassemble(&env.drain())[&src(&a)],
+        vec![b"old 1".to_vec(), b"old 2".to_vec()]
+    );
 }
 
 #[test]
@@ -223,7 +287,10 @@ fn a_first_start_without_lines_still_counts_as_the_first() {
     append(&a, b"written while the agent was down\n");
     let mut t = env.tailer(env.opts("a.log"));
     t.step(Instant::now()).unwrap();
-    assert_eq!(reassemble(&env.drain())[&src(&a)], vec![b"written while the agent was down".to_vec()]);
+    assert_eq!(
+        reassemble(&env.drain())[&src(&a)],
+        vec![b"written while the agent was down".to_vec()]
+    );
 }
 
 #[test]
@@ -240,7 +307,10 @@ fn rename_and_create_rotation_loses_nothing() {
     // The writer still holds the old file open after the rename and appends to it.
     let mut old = OpenOptions::new().append(true).open(&a).unwrap();
     fs::rename(&a, env.path("app.log.1")).unwrap();
-    let text = |r: std::ops::Range<usize>| r.map(|i| format!("line {i} \"quoted\", k=v\n")).collect::<String>();
+    let text = |r: std::ops::Range<usize>| {
+        r.map(|i| format!("line {i} \"quoted\", k=v\n"))
+            .collect::<String>()
+    };
     old.write_all(text(1000..1500).as_bytes()).unwrap();
     t.step(Instant::now()).unwrap();
     write_lines(&a, 1500..2000);
@@ -250,13 +320,29 @@ fn rename_and_create_rotation_loses_nothing() {
     t.step(Instant::now()).unwrap();
     let got = reassemble(&env.drain());
     let mut nums = numbered(&got[&src(&a)]);
-    assert_eq!(nums[..1500], (0..1500).collect::<Vec<_>>()[..], "the old file is read to its end first");
+    assert_eq!(
+        nums[..1500],
+        (0..1500).collect::<Vec<_>>()[..],
+        "the old file is read to its end first"
+    );
     nums.sort();
-    assert!(nums == (0..2100).collect::<Vec<_>>(), "every line exactly once: got {} lines", nums.len());
+    assert!(
+        nums == (0..2100).collect::<Vec<_>>(),
+        "every line exactly once: got {} lines",
+        nums.len()
+    );
     assert!(counters::files_rotated.load(Ordering::Relaxed) > rotated_before);
-    assert_eq!(t.files.len(), 2, "the rotated file stays open while its writer may still append");
+    assert_eq!(
+        t.files.len(),
+        2,
+        "the rotated file stays open while its writer may still append"
+    );
     t.step(Instant::now() + Duration::from_secs(11)).unwrap();
-    assert_eq!(t.files.len(), 1, "the rotated file was read to its end and forgotten");
+    assert_eq!(
+        t.files.len(),
+        1,
+        "the rotated file was read to its end and forgotten"
+    );
     assert_eq!(t.checkpoint().files.len(), 1);
 }
 
@@ -282,7 +368,12 @@ fn rotation_while_the_agent_is_down_reads_the_old_file_to_its_end() {
 
 fn copytruncate(path: &Path, copy: &Path) {
     fs::copy(path, copy).unwrap();
-    OpenOptions::new().write(true).open(path).unwrap().set_len(0).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
 }
 
 #[test]
@@ -309,7 +400,11 @@ fn copytruncate_is_detected_and_the_copy_read_to_its_end() {
     let want: Vec<usize> = (0..160).chain(1000..1200).collect();
     assert_eq!(numbered(&got[&src(&a)]), want);
     assert!(counters::files_truncated.load(Ordering::Relaxed) >= before + 2);
-    assert_eq!(t.files.len(), 1, "the copies were read to their end and let go");
+    assert_eq!(
+        t.files.len(),
+        1,
+        "the copies were read to their end and let go"
+    );
 
     // The same while the agent is down.
     drop(t);
@@ -321,7 +416,10 @@ fn copytruncate_is_detected_and_the_copy_read_to_its_end() {
     t.step(Instant::now()).unwrap();
     t.step(Instant::now()).unwrap();
     let got = reassemble(&env.drain());
-    assert_eq!(numbered(&got[&src(&a)]), (1200..1300).chain(2000..2010).collect::<Vec<_>>());
+    assert_eq!(
+        numbered(&got[&src(&a)]),
+        (1200..1300).chain(2000..2010).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -342,12 +440,20 @@ fn partial_line_waits_for_its_newline_then_flushes() {
     std::thread::sleep(Duration::from_millis(350));
     t.step(Instant::now()).unwrap();
     let shipped = env.drain();
-    assert_eq!(reassemble(&shipped)[&src(&a)], vec![b"xyz".to_vec()], "shipped after the flush timeout");
+    assert_eq!(
+        reassemble(&shipped)[&src(&a)],
+        vec![b"xyz".to_vec()],
+        "shipped after the flush timeout"
+    );
     assert_eq!(shipped[0].offset, 7);
     append(&a, b"123\nnext\n");
     t.step(Instant::now()).unwrap();
     let shipped = env.drain();
-    assert_eq!(reassemble(&shipped)[&src(&a)], vec![b"123".to_vec(), b"next".to_vec()], "the rest continues, nothing twice");
+    assert_eq!(
+        reassemble(&shipped)[&src(&a)],
+        vec![b"123".to_vec(), b"next".to_vec()],
+        "the rest continues, nothing twice"
+    );
     assert_eq!(shipped[0].offset, 10);
 }
 
@@ -399,22 +505,47 @@ fn full_spool_pauses_reading_and_loses_nothing() {
     // Only log batches in the spool and it is full: the next push has to wait.
     let mut filler = env.ctx().report();
     filler.logs = (0..2000)
-        .map(|i| LogLine { src: "/filler".into(), ts: i, offset: 0, msg: format!("{i:0>40}{}", i * 7919 % 104729), escaped: false, part: None, tags: Default::default(), fields: Default::default() })
+        .map(|i| LogLine {
+            src: "/filler".into(),
+            ts: i,
+            offset: 0,
+            msg: format!("{i:0>40}{}", i * 7919 % 104729),
+            escaped: false,
+            part: None,
+            tags: Default::default(),
+            fields: Default::default(),
+        })
         .collect();
     while env.spool.bytes() < 60 << 10 {
-        env.spool.push(Kind::Logs, filler.clone(), None, Duration::ZERO).unwrap().unwrap();
+        env.spool
+            .push(Kind::Logs, filler.clone(), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
     }
     write_lines(&a, 0..3000);
     let waits = env.spool.stats.log_waits.load(Ordering::Relaxed);
     t.step(Instant::now()).unwrap();
-    assert!(env.spool.stats.log_waits.load(Ordering::Relaxed) > waits, "the push waited for room");
-    assert!(t.batch.lines.is_empty(), "lines are not held in memory while the spool is full");
+    assert!(
+        env.spool.stats.log_waits.load(Ordering::Relaxed) > waits,
+        "the push waited for room"
+    );
+    assert!(
+        t.batch.lines.is_empty(),
+        "lines are not held in memory while the spool is full"
+    );
     let _ = env.drain();
     for _ in 0..20 {
         t.step(Instant::now()).unwrap();
     }
-    let got: Vec<LogLine> = env.drain().into_iter().filter(|l| l.src != "/filler").collect();
-    assert_eq!(numbered(&reassemble(&got)[&src(&a)]), (0..3000).collect::<Vec<_>>());
+    let got: Vec<LogLine> = env
+        .drain()
+        .into_iter()
+        .filter(|l| l.src != "/filler")
+        .collect();
+    assert_eq!(
+        numbered(&reassemble(&got)[&src(&a)]),
+        (0..3000).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -427,7 +558,12 @@ fn batches_are_bounded() {
     t.step(Instant::now()).unwrap();
     let mut sizes = Vec::new();
     while let Some(e) = env.spool.oldest(Duration::ZERO) {
-        sizes.push(phoenix_wire::decode(&e.body, true, &Default::default()).unwrap().logs.len());
+        sizes.push(
+            phoenix_wire::decode(&e.body, true, &Default::default())
+                .unwrap()
+                .logs
+                .len(),
+        );
         env.spool.ack(&e, &env.state).unwrap();
     }
     assert_eq!(sizes, vec![5000, 5000, 2000]);
@@ -450,10 +586,18 @@ fn replaced_file_and_stale_checkpoint_read_from_the_start() {
     write_lines(&a, 500..503);
     let mut t = env.tailer(env.opts("app.log"));
     t.step(Instant::now()).unwrap();
-    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), vec![500, 501, 502]);
+    assert_eq!(
+        numbered(&reassemble(&env.drain())[&src(&a)]),
+        vec![500, 501, 502]
+    );
     // Truncated while down and rewritten shorter with the same first bytes.
     drop(t);
-    OpenOptions::new().write(true).open(&a).unwrap().set_len(0).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     write_lines(&a, 500..501);
     let mut t = env.tailer(env.opts("app.log"));
     t.step(Instant::now()).unwrap();
@@ -469,7 +613,8 @@ fn checkpoint_names_every_file_with_its_identity() {
     append(&a, b"one\ntwo\n");
     t.step(Instant::now()).unwrap();
     let _ = env.drain();
-    let c: Checkpoint = serde_json::from_slice(&fs::read(env.state.join("logs.acked.json")).unwrap()).unwrap();
+    let c: Checkpoint =
+        serde_json::from_slice(&fs::read(env.state.join("logs.acked.json")).unwrap()).unwrap();
     assert_eq!(c.files.len(), 1);
     assert_eq!(c.files[0].offset, 8);
     assert_eq!(c.files[0].head_len, 8);
@@ -499,7 +644,10 @@ fn a_quiet_round_queues_the_batch_without_waiting_for_linger() {
     t.step(Instant::now()).unwrap();
     assert_eq!(env.spool.len(), 0, "lines still arriving: gather more");
     t.step(Instant::now()).unwrap();
-    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        numbered(&reassemble(&env.drain())[&src(&a)]),
+        (0..10).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -524,5 +672,8 @@ fn the_source_thread_ships_and_stops() {
     th.join().unwrap().unwrap();
     let got = reassemble(&got);
     assert_eq!(numbered(&got[&src(&a)]), (0..100).collect::<Vec<_>>());
-    assert_eq!(numbered(&got[&src(&env.path("b.log"))]), (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        numbered(&got[&src(&env.path("b.log"))]),
+        (0..5).collect::<Vec<_>>()
+    );
 }

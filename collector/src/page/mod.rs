@@ -46,8 +46,14 @@ pub fn routes() -> Router<Shared> {
     Router::new()
         .route("/", get(fleet_page))
         .route("/instances/{id}", get(instance_page))
-        .route("/static/page.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
-        .route("/static/page.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))
+        .route(
+            "/static/page.css",
+            get(|| async { asset(CSS, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/static/page.js",
+            get(|| async { asset(JS, "text/javascript; charset=utf-8") }),
+        )
         .route("/metrics", get(crate::selfmetrics::get_metrics))
 }
 
@@ -113,16 +119,26 @@ fn asset(body: &'static str, kind: &'static str) -> Response {
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     // The URL carries the version, so a cached copy is never stale across upgrades.
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
 fn accepts_gzip(h: &HeaderMap) -> bool {
-    h.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|e| {
-        let mut parts = e.split(';').map(str::trim);
-        parts.next() == Some("gzip") && !parts.any(|q| q.replace(' ', "") == "q=0")
-    })
+    h.get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| {
+            let mut parts = e.split(';').map(str::trim);
+            parts.next() == Some("gzip") && !parts.any(|q| q.replace(' ', "") == "q=0")
+        })
 }
 
 /// An HTML answer, gzipped when the client takes it: rows of a large fleet compress about
@@ -132,22 +148,41 @@ fn html_gz(status: StatusCode, body: String, gzip: bool) -> Response {
         return html(status, body);
     }
     use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 6), flate2::Compression::fast());
+    let mut e = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 6),
+        flate2::Compression::fast(),
+    );
     let packed = e.write_all(body.as_bytes()).and_then(|_| e.finish());
-    let Ok(packed) = packed else { return html(status, body) };
+    let Ok(packed) = packed else {
+        return html(status, body);
+    };
     let mut r = html(status, packed);
-    r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    r.headers_mut().insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    r.headers_mut()
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     r
 }
 
 fn html(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     let mut r = (status, body.into()).into_response();
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
@@ -182,7 +217,9 @@ struct PageQuery {
 fn from_loopback(req: &Request) -> bool {
     // Without ConnectInfo (a server that does not record the peer) the request is not
     // known to be local, so it needs a token.
-    req.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|c| c.0.ip().to_canonical().is_loopback())
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().to_canonical().is_loopback())
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -203,18 +240,30 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
 fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Response> {
     if let Some(t) = &q.token {
         if s.tokens.check(Some(t.trim()), &READ_ROLES).is_none() {
-            return Some(error_page(StatusCode::UNAUTHORIZED, "That token is not a reader or recycler token of this collector."));
+            return Some(error_page(
+                StatusCode::UNAUTHORIZED,
+                "That token is not a reader or recycler token of this collector.",
+            ));
         }
         let secure = if s.obs.tls { "; Secure" } else { "" };
-        let cookie = format!("{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_S}{secure}", pct(t.trim()));
+        let cookie = format!(
+            "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_S}{secure}",
+            pct(t.trim())
+        );
         let mut r = StatusCode::SEE_OTHER.into_response();
         let h = r.headers_mut();
-        h.insert(header::LOCATION, HeaderValue::from_str(path).unwrap_or(HeaderValue::from_static("/")));
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_str(path).unwrap_or(HeaderValue::from_static("/")),
+        );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             h.insert(header::SET_COOKIE, v);
         }
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
         return Some(r);
     }
     if from_loopback(req) {
@@ -250,7 +299,9 @@ fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Resp
 }
 
 fn query(req: &Request) -> PageQuery {
-    axum::extract::Query::<PageQuery>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default()
+    axum::extract::Query::<PageQuery>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default()
 }
 
 async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
@@ -263,8 +314,16 @@ async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
     if q.fragment.is_some() {
         return html_gz(StatusCode::OK, inner, gz);
     }
-    let every = if s.fleet.instances.lock().unwrap().len() > LARGE_FLEET { REFRESH_LARGE_MS } else { REFRESH_MS };
-    html_gz(StatusCode::OK, shell("Phoenix fleet", "/?fragment=1", every, &inner), gz)
+    let every = if s.fleet.instances.lock().unwrap().len() > LARGE_FLEET {
+        REFRESH_LARGE_MS
+    } else {
+        REFRESH_MS
+    };
+    html_gz(
+        StatusCode::OK,
+        shell("Phoenix fleet", "/?fragment=1", every, &inner),
+        gz,
+    )
 }
 
 async fn instance_page(State(s): State<Shared>, Path(id): Path<String>, req: Request) -> Response {
@@ -284,7 +343,16 @@ async fn instance_page(State(s): State<Shared>, Path(id): Path<String>, req: Req
     if q.fragment.is_some() {
         return html_gz(StatusCode::OK, inner, gz);
     }
-    html_gz(StatusCode::OK, shell(&format!("{id} · Phoenix"), &format!("{path}?fragment=1"), REFRESH_MS, &inner), gz)
+    html_gz(
+        StatusCode::OK,
+        shell(
+            &format!("{id} · Phoenix"),
+            &format!("{path}?fragment=1"),
+            REFRESH_MS,
+            &inner,
+        ),
+        gz,
+    )
 }
 
 /// "12 s ago" for a Unix ms time, with the exact UTC time as a tooltip.
@@ -299,7 +367,10 @@ fn when(now: i64, t_ms: i64) -> String {
         d if d < 86400 => format!("{} h ago", d / 3600),
         d => format!("{} d ago", d / 86400),
     };
-    format!("<time datetime=\"{iso}\" title=\"{iso}\">{rel}</time>", iso = utc(t_ms))
+    format!(
+        "<time datetime=\"{iso}\" title=\"{iso}\">{rel}</time>",
+        iso = utc(t_ms)
+    )
 }
 
 /// `2024-05-01T12:00:03Z` for a Unix ms time.
@@ -307,7 +378,12 @@ pub fn utc(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let (y, m, d) = civil(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar, counting
@@ -384,7 +460,11 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
     for r in &rows {
         *by_state.entry(r.state).or_default() += 1;
     }
-    let _ = write!(o, "<ul class=\"chips\" id=\"summary\"><li><b>{}</b> instances</li>", rows.len());
+    let _ = write!(
+        o,
+        "<ul class=\"chips\" id=\"summary\"><li><b>{}</b> instances</li>",
+        rows.len()
+    );
     for (st, n) in &by_state {
         let _ = write!(o, "<li>{n} {}</li>", badge(st));
     }
@@ -396,7 +476,12 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
         o.push_str("<p class=\"banner\">--log-only: nothing is marked for replacement; would-be marks are listed as held.</p>");
     }
     for a in phx["alerts"].as_array().into_iter().flatten() {
-        let _ = write!(o, "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>", esc(a["group"].as_str().unwrap_or("")), esc(a["message"].as_str().unwrap_or("")));
+        let _ = write!(
+            o,
+            "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>",
+            esc(a["group"].as_str().unwrap_or("")),
+            esc(a["message"].as_str().unwrap_or(""))
+        );
     }
 
     queue_section(&mut o, &phx, now);
@@ -415,14 +500,26 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
         let mut images: Vec<&str> = list.iter().map(|r| r.image.as_str()).collect();
         images.sort_unstable();
         images.dedup();
-        let _ = write!(o, "<h2 data-group=\"{g}\">{g} <small>{} instance{}, image {}</small></h2>", list.len(), if list.len() == 1 { "" } else { "s" }, esc(&images.join(", ")), g = esc(group));
+        let _ = write!(
+            o,
+            "<h2 data-group=\"{g}\">{g} <small>{} instance{}, image {}</small></h2>",
+            list.len(),
+            if list.len() == 1 { "" } else { "s" },
+            esc(&images.join(", ")),
+            g = esc(group)
+        );
         o.push_str("<table><thead><tr><th>Instance</th><th>State</th><th>Reason</th><th>Last seen</th><th class=\"num\">CPU</th><th class=\"num\">Mem</th><th>Agent</th></tr></thead><tbody>");
         for r in list {
             let _ = write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
                 id = esc(&r.id), st = r.state, link = pct(&r.id), host = esc(&r.host), badge = badge(r.state));
             match r.reason {
                 Some(reason) => {
-                    let _ = write!(o, "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>", esc(reason), esc(r.evidence.as_deref().unwrap_or("")));
+                    let _ = write!(
+                        o,
+                        "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>",
+                        esc(reason),
+                        esc(r.evidence.as_deref().unwrap_or(""))
+                    );
                 }
                 None => o.push_str("<span class=\"muted\">–</span>"),
             }
@@ -476,7 +573,10 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
         o.push_str("<table id=\"marked\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Since</th><th>Recycler</th></tr></thead><tbody>");
         for m in &marked {
             let id = str_of(m, "instance_id");
-            let acked = m["acked_ms"].as_i64().map(|t| format!("acked {}", when(now, t))).unwrap_or_else(|| "waiting".into());
+            let acked = m["acked_ms"]
+                .as_i64()
+                .map(|t| format!("acked {}", when(now, t)))
+                .unwrap_or_else(|| "waiting".into());
             let _ = write!(
                 o,
                 "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Since\">{}</td><td data-label=\"Recycler\">{}</td></tr>",
@@ -528,17 +628,39 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
     fact("Boot", format!("<code>{}</code>", esc(&a.boot_id)));
     fact("First seen", when(now, i.first_seen_ms));
     fact("Last seen", when(now, i.last_seen_ms));
-    fact("Reports", format!("{} every {} s", i.reports, i.interval_ms / 1000));
-    fact("CPU / memory / fullest disk", format!("{} / {} / {}", pct_cell(i.cpu_used_percent), pct_cell(i.mem_used_percent), pct_cell(i.disk_max_used_percent)));
+    fact(
+        "Reports",
+        format!("{} every {} s", i.reports, i.interval_ms / 1000),
+    );
+    fact(
+        "CPU / memory / fullest disk",
+        format!(
+            "{} / {} / {}",
+            pct_cell(i.cpu_used_percent),
+            pct_cell(i.mem_used_percent),
+            pct_cell(i.disk_max_used_percent)
+        ),
+    );
     match (&i.phx.mark, &i.phx.problem) {
         (Some(m), _) => {
             let acked = match (m.acked_ms, &m.acked_by) {
-                (Some(t), by) => format!("; acked {} by {}", when(now, t), esc(by.as_deref().unwrap_or("?"))),
+                (Some(t), by) => format!(
+                    "; acked {} by {}",
+                    when(now, t),
+                    esc(by.as_deref().unwrap_or("?"))
+                ),
                 (None, _) => String::new(),
             };
             fact("Marked", format!("<span class=\"reason\" id=\"reason\">{}</span> {}{acked}<span class=\"evidence\">{}</span>", esc(m.reason.as_str()), when(now, m.since_ms), esc(&m.evidence)));
         }
-        (None, Some(p)) => fact("Problem", format!("<span class=\"reason\" id=\"reason\">{}</span><span class=\"evidence\">{}</span>", esc(p.reason.as_str()), esc(&p.evidence))),
+        (None, Some(p)) => fact(
+            "Problem",
+            format!(
+                "<span class=\"reason\" id=\"reason\">{}</span><span class=\"evidence\">{}</span>",
+                esc(p.reason.as_str()),
+                esc(&p.evidence)
+            ),
+        ),
         (None, None) => {}
     }
     if let Some(h) = &i.phx.held {
@@ -551,7 +673,11 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
         None => o.push_str("<p class=\"muted\">This agent watches no files (no --drift-path).</p>"),
         Some(d) => {
             let verdict = if d.drifted { "<b>drifted</b>" } else { "clean" };
-            let _ = write!(o, "<p>{verdict} against the {}", esc(d.source.as_deref().unwrap_or("(no baseline)")));
+            let _ = write!(
+                o,
+                "<p>{verdict} against the {}",
+                esc(d.source.as_deref().unwrap_or("(no baseline)"))
+            );
             if let Some(since) = d.since_ms {
                 let _ = write!(o, ", since {}", when(now, since));
             }
@@ -586,8 +712,17 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
         checks.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.name.cmp(&b.name)));
         o.push_str("<table><thead><tr><th>Check</th><th>Result</th><th>Detail</th><th class=\"num\">Took</th></tr></thead><tbody>");
         for c in &checks {
-            let streak = i.tracking.check_streaks.get(&c.name).map(|(n, _)| *n).unwrap_or(0);
-            let result = if c.ok { "ok".to_string() } else { format!("<b>failed</b> ({streak} in a row)") };
+            let streak = i
+                .tracking
+                .check_streaks
+                .get(&c.name)
+                .map(|(n, _)| *n)
+                .unwrap_or(0);
+            let result = if c.ok {
+                "ok".to_string()
+            } else {
+                format!("<b>failed</b> ({streak} in a row)")
+            };
             let _ = write!(
                 o,
                 "<tr class=\"check{}\" data-check=\"{name}\"><td data-label=\"Check\">{name}</td><td data-label=\"Result\">{result}</td><td data-label=\"Detail\">{}</td><td class=\"num\" data-label=\"Took\">{} ms</td></tr>",
@@ -631,10 +766,16 @@ mod tests {
 
     #[test]
     fn escaping_and_encoding() {
-        assert_eq!(esc("<img src=x onerror=\"alert('1')\">&").to_string(), "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;");
+        assert_eq!(
+            esc("<img src=x onerror=\"alert('1')\">&").to_string(),
+            "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;"
+        );
         assert_eq!(esc("plain é").to_string(), "plain é");
         assert_eq!(pct("i-1/../<x> é"), "i-1%2F..%2F%3Cx%3E%20%C3%A9");
-        assert_eq!(unpct(&pct("to;ken=\"x\" é")).as_deref(), Some("to;ken=\"x\" é"));
+        assert_eq!(
+            unpct(&pct("to;ken=\"x\" é")).as_deref(),
+            Some("to;ken=\"x\" é")
+        );
         assert_eq!(unpct("%zz"), None);
     }
 
@@ -651,7 +792,8 @@ mod tests {
         let mut tokens = crate::auth::Tokens::default();
         tokens.add(Role::Reader, "reader-1");
         tokens.add(Role::Agent, "agent-1");
-        let sink = Arc::new(crate::sink::file::FileSink::new(dir.join("influx"), "phoenix").unwrap());
+        let sink =
+            Arc::new(crate::sink::file::FileSink::new(dir.join("influx"), "phoenix").unwrap());
         Arc::new(AppState {
             tokens,
             baselines: crate::baselines::Baselines::open(&dir.join("baselines")).unwrap(),
@@ -665,17 +807,29 @@ mod tests {
         })
     }
 
-    async fn call(app: &Router, uri: &str, peer: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+    async fn call(
+        app: &Router,
+        uri: &str,
+        peer: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
         let mut b = axum::http::Request::builder().uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
         let mut req = b.body(axum::body::Body::empty()).unwrap();
-        req.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
-        let r = tower_service::Service::call(&mut app.clone(), req).await.unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let r = tower_service::Service::call(&mut app.clone(), req)
+            .await
+            .unwrap();
         let (parts, body) = r.into_parts();
         let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
-        (parts.status, parts.headers, String::from_utf8(bytes.to_vec()).unwrap())
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(bytes.to_vec()).unwrap(),
+        )
     }
 
     #[tokio::test]
@@ -683,36 +837,98 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = state(tmp.path());
         for k in 0..5 {
-            let agent = phoenix_wire::Identity { instance_id: format!("i-{k}"), image_id: "img".into(), hostname: "h".into(), boot_id: "b".into(), ..Default::default() };
-            s.fleet.record(&phoenix_wire::Report { v: phoenix_wire::VERSION, agent, seq: 1, interval_ms: 1000, metrics: vec![], logs: vec![], drift: None, checks: vec![] }, None, now_ms());
+            let agent = phoenix_wire::Identity {
+                instance_id: format!("i-{k}"),
+                image_id: "img".into(),
+                hostname: "h".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            };
+            s.fleet.record(
+                &phoenix_wire::Report {
+                    v: phoenix_wire::VERSION,
+                    agent,
+                    seq: 1,
+                    interval_ms: 1000,
+                    metrics: vec![],
+                    logs: vec![],
+                    drift: None,
+                    checks: vec![],
+                },
+                None,
+                now_ms(),
+            );
         }
         let app = crate::api::router(s);
         let (st, h, body) = call(&app, "/", "127.0.0.1:5000", &[]).await;
         assert_eq!(st, StatusCode::OK);
         assert!(body.contains("id=\"live\""), "{body}");
-        assert!(h[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("script-src 'self'"));
+        assert!(h[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
         assert_eq!(call(&app, "/", "[::1]:5000", &[]).await.0, StatusCode::OK);
-        assert_eq!(call(&app, "/", "[::ffff:127.0.0.1]:5000", &[]).await.0, StatusCode::OK);
+        assert_eq!(
+            call(&app, "/", "[::ffff:127.0.0.1]:5000", &[]).await.0,
+            StatusCode::OK
+        );
 
         let far = "10.1.2.3:40000";
         let (st, _, body) = call(&app, "/", far, &[]).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
         assert!(body.contains("?token="), "{body}");
-        assert_eq!(call(&app, "/instances/x", far, &[]).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer agent-1")]).await.0, StatusCode::FORBIDDEN);
-        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer nope")]).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(call(&app, "/", far, &[("authorization", "Bearer reader-1")]).await.0, StatusCode::OK);
+        assert_eq!(
+            call(&app, "/instances/x", far, &[]).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&app, "/", far, &[("authorization", "Bearer agent-1")])
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(&app, "/", far, &[("authorization", "Bearer nope")])
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&app, "/", far, &[("authorization", "Bearer reader-1")])
+                .await
+                .0,
+            StatusCode::OK
+        );
 
         // ?token= sets an HttpOnly cookie and redirects to the address without the token.
         let (st, h, _) = call(&app, "/?token=reader-1", far, &[]).await;
         assert_eq!(st, StatusCode::SEE_OTHER);
         assert_eq!(h[header::LOCATION], "/");
         let cookie = h[header::SET_COOKIE].to_str().unwrap().to_owned();
-        assert!(cookie.starts_with("phoenix_reader=reader-1;") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-        assert!(!cookie.contains("Secure"), "plain HTTP: a Secure cookie would never come back");
-        let (st, _, _) = call(&app, "/?fragment=1", far, &[("cookie", "other=1; phoenix_reader=reader-1")]).await;
+        assert!(
+            cookie.starts_with("phoenix_reader=reader-1;")
+                && cookie.contains("HttpOnly")
+                && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
+        assert!(
+            !cookie.contains("Secure"),
+            "plain HTTP: a Secure cookie would never come back"
+        );
+        let (st, _, _) = call(
+            &app,
+            "/?fragment=1",
+            far,
+            &[("cookie", "other=1; phoenix_reader=reader-1")],
+        )
+        .await;
         assert_eq!(st, StatusCode::OK);
-        assert_eq!(call(&app, "/", far, &[("cookie", "phoenix_reader=agent-1")]).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            call(&app, "/", far, &[("cookie", "phoenix_reader=agent-1")])
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
         let (st, h, _) = call(&app, "/?token=wrong", far, &[]).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED);
         assert!(h.get(header::SET_COOKIE).is_none());
@@ -722,21 +938,58 @@ mod tests {
         // A client that takes gzip gets it; the body inflates to the same page.
         let (_, h, plain) = call(&app, "/?fragment=1", "127.0.0.1:1", &[]).await;
         assert!(h.get(header::CONTENT_ENCODING).is_none());
-        let mut req = axum::http::Request::builder().uri("/?fragment=1").header("accept-encoding", "br;q=1, gzip;q=0.8").body(axum::body::Body::empty()).unwrap();
-        req.extensions_mut().insert(ConnectInfo("127.0.0.1:1".parse::<SocketAddr>().unwrap()));
-        let r = tower_service::Service::call(&mut app.clone(), req).await.unwrap();
-        assert!(plain.len() >= 1024, "five rows make a page worth compressing");
+        let mut req = axum::http::Request::builder()
+            .uri("/?fragment=1")
+            .header("accept-encoding", "br;q=1, gzip;q=0.8")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo("127.0.0.1:1".parse::<SocketAddr>().unwrap()));
+        let r = tower_service::Service::call(&mut app.clone(), req)
+            .await
+            .unwrap();
+        assert!(
+            plain.len() >= 1024,
+            "five rows make a page worth compressing"
+        );
         assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
         let packed = axum::body::to_bytes(r.into_body(), 1 << 24).await.unwrap();
-        assert!(packed.len() < plain.len() / 2, "{} of {}", packed.len(), plain.len());
+        assert!(
+            packed.len() < plain.len() / 2,
+            "{} of {}",
+            packed.len(),
+            plain.len()
+        );
         let mut back = String::new();
-        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&packed[..]), &mut back).unwrap();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&packed[..]), &mut back)
+            .unwrap();
         // Rendered anew, so compare what does not move with the clock.
-        assert!(back.starts_with("<ul class=\"chips\"") && (0..5).all(|k| back.contains(&format!("data-instance=\"i-{k}\""))), "{back}");
-        assert!(!accepts_gzip(&[(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0, br"))].into_iter().collect()));
-        assert!(accepts_gzip(&[(header::ACCEPT_ENCODING, HeaderValue::from_static("deflate, gzip"))].into_iter().collect()));
+        assert!(
+            back.starts_with("<ul class=\"chips\"")
+                && (0..5).all(|k| back.contains(&format!("data-instance=\"i-{k}\""))),
+            "{back}"
+        );
+        assert!(!accepts_gzip(
+            &[(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("gzip;q=0, br")
+            )]
+            .into_iter()
+            .collect()
+        ));
+        assert!(accepts_gzip(
+            &[(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("deflate, gzip")
+            )]
+            .into_iter()
+            .collect()
+        ));
         // Assets and /metrics are open: they carry no fleet data.
-        assert_eq!(call(&app, "/static/page.js", far, &[]).await.0, StatusCode::OK);
+        assert_eq!(
+            call(&app, "/static/page.js", far, &[]).await.0,
+            StatusCode::OK
+        );
         assert_eq!(call(&app, "/metrics", far, &[]).await.0, StatusCode::OK);
     }
 
@@ -747,22 +1000,60 @@ mod tests {
         let evil = "<script>alert(1)</script>\"'&";
         let r = phoenix_wire::Report {
             v: phoenix_wire::VERSION,
-            agent: phoenix_wire::Identity { instance_id: evil.into(), image_id: format!("img{evil}"), group: Some(format!("g{evil}")), hostname: evil.into(), boot_id: "b".into(), version: evil.into(), boot_time: 0 },
+            agent: phoenix_wire::Identity {
+                instance_id: evil.into(),
+                image_id: format!("img{evil}"),
+                group: Some(format!("g{evil}")),
+                hostname: evil.into(),
+                boot_id: "b".into(),
+                version: evil.into(),
+                boot_time: 0,
+            },
             seq: 1,
             interval_ms: 1000,
             metrics: vec![],
-            logs: vec![phoenix_wire::LogLine { src: evil.into(), ts: 1, offset: 0, msg: format!("GET /{evil}"), escaped: false, part: None, tags: Default::default(), fields: Default::default() }],
+            logs: vec![phoenix_wire::LogLine {
+                src: evil.into(),
+                ts: 1,
+                offset: 0,
+                msg: format!("GET /{evil}"),
+                escaped: false,
+                part: None,
+                tags: Default::default(),
+                fields: Default::default(),
+            }],
             drift: None,
-            checks: vec![phoenix_wire::CheckResult { name: evil.into(), ok: false, detail: evil.into(), duration_ms: 1 }],
+            checks: vec![phoenix_wire::CheckResult {
+                name: evil.into(),
+                ok: false,
+                detail: evil.into(),
+                duration_ms: 1,
+            }],
         };
-        let drift = crate::fleet::DriftInfo { hash: "h".into(), drifted: true, changes: vec![phoenix_wire::FileChange { path: format!("/etc/{evil}"), change: "added".into(), attrs: vec![] }], note: Some(evil.into()), ..Default::default() };
+        let drift = crate::fleet::DriftInfo {
+            hash: "h".into(),
+            drifted: true,
+            changes: vec![phoenix_wire::FileChange {
+                path: format!("/etc/{evil}"),
+                change: "added".into(),
+                attrs: vec![],
+            }],
+            note: Some(evil.into()),
+            ..Default::default()
+        };
         s.fleet.record(&r, Some(drift), now_ms());
         s.obs.logs.record(evil, &r.logs);
         s.fleet.tick(now_ms());
         let app = crate::api::router(s);
         let (st, _, fleet) = call(&app, "/", "127.0.0.1:1", &[]).await;
         assert_eq!(st, StatusCode::OK);
-        let (st, _, inst) = call(&app, &format!("/instances/{}", pct(evil)), "127.0.0.1:1", &[]).await;
+        let (st, _, inst) = call(
+            &app,
+            &format!("/instances/{}", pct(evil)),
+            "127.0.0.1:1",
+            &[],
+        )
+        .await;
         assert_eq!(st, StatusCode::OK, "{inst}");
         for page in [&fleet, &inst] {
             assert!(!page.contains("<script>alert"), "{page}");
@@ -771,8 +1062,14 @@ mod tests {
             // The only script tag is the page's own.
             assert_eq!(page.matches("<script").count(), 1);
         }
-        assert!(inst.contains("GET /&lt;script&gt;"), "the log line is shown, escaped");
-        assert!(inst.contains("/etc/&lt;script&gt;"), "the changed file is shown, escaped");
+        assert!(
+            inst.contains("GET /&lt;script&gt;"),
+            "the log line is shown, escaped"
+        );
+        assert!(
+            inst.contains("/etc/&lt;script&gt;"),
+            "the changed file is shown, escaped"
+        );
         assert!(fleet.contains(&format!("/instances/{}", pct(evil))));
     }
 }

@@ -17,12 +17,24 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn new(dir: PathBuf, db: &str) -> Result<FileSink, SinkError> {
-        std::fs::create_dir_all(&dir).map_err(|e| SinkError::Setup(format!("creating {}: {e} (check --data-dir)", dir.display())))?;
-        Ok(FileSink { dir, db: db.into(), open: Mutex::new(None) })
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            SinkError::Setup(format!(
+                "creating {}: {e} (check --data-dir)",
+                dir.display()
+            ))
+        })?;
+        Ok(FileSink {
+            dir,
+            db: db.into(),
+            open: Mutex::new(None),
+        })
     }
 
     fn day() -> String {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let (y, m, d) = civil_from_days((secs / 86400) as i64);
         format!("{y:04}-{m:02}-{d:02}")
     }
@@ -48,7 +60,14 @@ impl Sink for FileSink {
         if g.as_ref().map(|(d, _)| d != &day).unwrap_or(true) {
             let path = self.dir.join(format!("points-{day}.lp"));
             let fresh = !path.exists();
-            let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| SinkError::Unreachable { what: path.display().to_string(), err: e.to_string() })?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| SinkError::Unreachable {
+                    what: path.display().to_string(),
+                    err: e.to_string(),
+                })?;
             if fresh {
                 let _ = writeln!(f, "# DML\n# CONTEXT-DATABASE: {}", self.db);
             }
@@ -57,10 +76,18 @@ impl Sink for FileSink {
         let (_, f) = g.as_mut().expect("opened above");
         let res = f.write_all(body).and_then(|_| f.sync_data());
         Ok(match res {
-            Ok(()) => Response { status: 204, retry_after: None, body: String::new() },
+            Ok(()) => Response {
+                status: 204,
+                retry_after: None,
+                body: String::new(),
+            },
             Err(e) => {
                 *g = None;
-                Response { status: 503, retry_after: Some(std::time::Duration::from_secs(5)), body: format!("writing {}: {e}", self.dir.display()) }
+                Response {
+                    status: 503,
+                    retry_after: Some(std::time::Duration::from_secs(5)),
+                    body: format!("writing {}: {e}", self.dir.display()),
+                }
             }
         })
     }

@@ -10,8 +10,17 @@ use super::{Response, Sink, SinkError};
 
 #[derive(Debug, Clone)]
 pub enum Api {
-    V1 { db: String, rp: Option<String>, user: Option<String>, password: Option<String> },
-    V2 { org: String, bucket: String, token: Option<String> },
+    V1 {
+        db: String,
+        rp: Option<String>,
+        user: Option<String>,
+        password: Option<String>,
+    },
+    V2 {
+        org: String,
+        bucket: String,
+        token: Option<String>,
+    },
 }
 
 pub struct Influx {
@@ -30,13 +39,23 @@ impl Influx {
             .max_idle_connections_per_host(4)
             .user_agent(concat!("phoenix-collector/", env!("CARGO_PKG_VERSION")))
             .build();
-        Influx { base: base.trim_end_matches('/').to_owned(), api, gzip, http: ureq::Agent::new_with_config(cfg) }
+        Influx {
+            base: base.trim_end_matches('/').to_owned(),
+            api,
+            gzip,
+            http: ureq::Agent::new_with_config(cfg),
+        }
     }
 
     /// The write URL with its query string (credentials for v1 go in the query, as 1.x wants).
     pub fn write_url(&self) -> String {
         match &self.api {
-            Api::V1 { db, rp, user, password } => {
+            Api::V1 {
+                db,
+                rp,
+                user,
+                password,
+            } => {
                 let mut u = format!("{}/write?db={}&precision=ns", self.base, enc(db));
                 if let Some(rp) = rp {
                     u += &format!("&rp={}", enc(rp));
@@ -46,7 +65,12 @@ impl Influx {
                 }
                 u
             }
-            Api::V2 { org, bucket, .. } => format!("{}/api/v2/write?org={}&bucket={}&precision=ns", self.base, enc(org), enc(bucket)),
+            Api::V2 { org, bucket, .. } => format!(
+                "{}/api/v2/write?org={}&bucket={}&precision=ns",
+                self.base,
+                enc(org),
+                enc(bucket)
+            ),
         }
     }
 
@@ -78,30 +102,62 @@ fn enc(s: &str) -> String {
 
 impl Sink for Influx {
     fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
-        let mut req = self.http.post(&self.write_url()).header("Content-Type", "text/plain; charset=utf-8");
+        let mut req = self
+            .http
+            .post(&self.write_url())
+            .header("Content-Type", "text/plain; charset=utf-8");
         for (k, v) in self.headers() {
             req = req.header(k, &v);
         }
-        let payload = if self.gzip { phoenix_wire::gzip(body) } else { body.to_vec() };
-        let mut resp = req.send(&payload[..]).map_err(|e| SinkError::Unreachable { what: self.describe(), err: e.to_string() })?;
+        let payload = if self.gzip {
+            phoenix_wire::gzip(body)
+        } else {
+            body.to_vec()
+        };
+        let mut resp = req.send(&payload[..]).map_err(|e| SinkError::Unreachable {
+            what: self.describe(),
+            err: e.to_string(),
+        })?;
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let mut text = String::new();
-        let _ = resp.body_mut().as_reader().take(1 << 20).read_to_string(&mut text);
-        Ok(Response { status, retry_after, body: text })
+        let _ = resp
+            .body_mut()
+            .as_reader()
+            .take(1 << 20)
+            .read_to_string(&mut text);
+        Ok(Response {
+            status,
+            retry_after,
+            body: text,
+        })
     }
 
     /// 1.x: create the database if it is missing (as Telegraf does); 2.x buckets are made by
     /// their owners, so only say clearly when it is missing.
     fn prepare(&self) -> Result<(), SinkError> {
         match &self.api {
-            Api::V1 { db, user, password, .. } => {
+            Api::V1 {
+                db, user, password, ..
+            } => {
                 let mut url = format!("{}/query", self.base);
                 if let (Some(u), Some(p)) = (user, password) {
                     url += &format!("?u={}&p={}", enc(u), enc(p));
                 }
-                let q = format!("CREATE DATABASE \"{}\"", db.replace('\\', "\\\\").replace('"', "\\\""));
-                let resp = self.http.post(&url).content_type("application/x-www-form-urlencoded").send(format!("q={}", enc(&q)));
+                let q = format!(
+                    "CREATE DATABASE \"{}\"",
+                    db.replace('\\', "\\\\").replace('"', "\\\"")
+                );
+                let resp = self
+                    .http
+                    .post(&url)
+                    .content_type("application/x-www-form-urlencoded")
+                    .send(format!("q={}", enc(&q)));
                 match resp {
                     Ok(r) if r.status().is_success() => Ok(()),
                     Ok(mut r) => Err(SinkError::Setup(format!(
@@ -118,8 +174,15 @@ impl Sink for Influx {
 
     fn describe(&self) -> String {
         match &self.api {
-            Api::V1 { db, rp, .. } => format!("InfluxDB v1 API at {} (db {db}{})", self.base, rp.as_ref().map(|r| format!(", rp {r}")).unwrap_or_default()),
-            Api::V2 { org, bucket, .. } => format!("InfluxDB v2 API at {} (org {org}, bucket {bucket})", self.base),
+            Api::V1 { db, rp, .. } => format!(
+                "InfluxDB v1 API at {} (db {db}{})",
+                self.base,
+                rp.as_ref().map(|r| format!(", rp {r}")).unwrap_or_default()
+            ),
+            Api::V2 { org, bucket, .. } => format!(
+                "InfluxDB v2 API at {} (org {org}, bucket {bucket})",
+                self.base
+            ),
         }
     }
 }
@@ -130,11 +193,39 @@ mod tests {
 
     #[test]
     fn request_shapes() {
-        let v1 = Influx::new("http://db:8086/", Api::V1 { db: "phoenix".into(), rp: Some("week".into()), user: Some("u".into()), password: Some("p&q".into()) }, true, Duration::from_secs(1));
-        assert_eq!(v1.write_url(), "http://db:8086/write?db=phoenix&precision=ns&rp=week&u=u&p=p%26q");
+        let v1 = Influx::new(
+            "http://db:8086/",
+            Api::V1 {
+                db: "phoenix".into(),
+                rp: Some("week".into()),
+                user: Some("u".into()),
+                password: Some("p&q".into()),
+            },
+            true,
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            v1.write_url(),
+            "http://db:8086/write?db=phoenix&precision=ns&rp=week&u=u&p=p%26q"
+        );
         assert_eq!(v1.headers(), vec![("Content-Encoding", "gzip".to_string())]);
-        let v2 = Influx::new("http://db:8086", Api::V2 { org: "my org".into(), bucket: "b".into(), token: Some("t0k".into()) }, false, Duration::from_secs(1));
-        assert_eq!(v2.write_url(), "http://db:8086/api/v2/write?org=my%20org&bucket=b&precision=ns");
-        assert_eq!(v2.headers(), vec![("Authorization", "Token t0k".to_string())]);
+        let v2 = Influx::new(
+            "http://db:8086",
+            Api::V2 {
+                org: "my org".into(),
+                bucket: "b".into(),
+                token: Some("t0k".into()),
+            },
+            false,
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            v2.write_url(),
+            "http://db:8086/api/v2/write?org=my%20org&bucket=b&precision=ns"
+        );
+        assert_eq!(
+            v2.headers(),
+            vec![("Authorization", "Token t0k".to_string())]
+        );
     }
 }

@@ -40,7 +40,21 @@ fn usage() -> ! {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { url: String::new(), token: String::new(), instances: 10_000, interval: 10.0, points: 40, duration: 60.0, threads: 64, gzip: true, silence_at: None, recycler_token: None, prefix: "i-f".into(), group_size: 100, rounds: None };
+    let mut o = Opts {
+        url: String::new(),
+        token: String::new(),
+        instances: 10_000,
+        interval: 10.0,
+        points: 40,
+        duration: 60.0,
+        threads: 64,
+        gzip: true,
+        silence_at: None,
+        recycler_token: None,
+        prefix: "i-f".into(),
+        group_size: 100,
+        rounds: None,
+    };
     let mut a = std::env::args().skip(1);
     while let Some(k) = a.next() {
         let mut v = || a.next().unwrap_or_else(|| usage());
@@ -71,36 +85,132 @@ fn opts() -> Opts {
 /// A report shaped like the agent's: cpu total and per-CPU, mem, disk, net, diskio, system
 /// and the agent's own point, cut or padded to `points`.
 fn report(id: &str, group: &str, seq: u64, points: usize, interval_ms: u64) -> Report {
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
     let jitter = (seq % 7) as f64;
     let mut metrics = Vec::with_capacity(points);
     let mk = |m: &str, tags: Vec<(&str, String)>, fields: Vec<(&str, Value)>| Point {
         m: m.into(),
         tags: tags.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        fields: fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         ts,
     };
     let cpu = |name: String| {
-        mk("cpu", vec![("cpu", name)], vec![("usage_user", Value::Float(10.0 + jitter)), ("usage_system", Value::Float(3.5)), ("usage_idle", Value::Float(85.0 - jitter)), ("usage_iowait", Value::Float(0.5)), ("usage_steal", Value::Float(0.0)), ("usage_nice", Value::Float(0.0)), ("usage_irq", Value::Float(0.0)), ("usage_softirq", Value::Float(1.0))])
+        mk(
+            "cpu",
+            vec![("cpu", name)],
+            vec![
+                ("usage_user", Value::Float(10.0 + jitter)),
+                ("usage_system", Value::Float(3.5)),
+                ("usage_idle", Value::Float(85.0 - jitter)),
+                ("usage_iowait", Value::Float(0.5)),
+                ("usage_steal", Value::Float(0.0)),
+                ("usage_nice", Value::Float(0.0)),
+                ("usage_irq", Value::Float(0.0)),
+                ("usage_softirq", Value::Float(1.0)),
+            ],
+        )
     };
     metrics.push(cpu("cpu-total".into()));
-    metrics.push(mk("mem", vec![], vec![("total", Value::Int(8 << 30)), ("available", Value::Int(5 << 30)), ("used", Value::Int(3 << 30)), ("free", Value::Int(4 << 30)), ("cached", Value::Int(1 << 30)), ("buffered", Value::Int(1 << 20)), ("used_percent", Value::Float(37.5)), ("available_percent", Value::Float(62.5))]));
-    metrics.push(mk("system", vec![], vec![("load1", Value::Float(0.3)), ("load5", Value::Float(0.2)), ("load15", Value::Float(0.1)), ("n_cpus", Value::Int(4)), ("uptime", Value::Int(86400 + seq as i64))]));
-    metrics.push(mk("disk", vec![("path", "/".into()), ("device", "nvme0n1p1".into()), ("fstype", "ext4".into())], vec![("total", Value::Int(100 << 30)), ("free", Value::Int(60 << 30)), ("used", Value::Int(40 << 30)), ("used_percent", Value::Float(40.0)), ("inodes_total", Value::Int(6_000_000)), ("inodes_used", Value::Int(200_000))]));
+    metrics.push(mk(
+        "mem",
+        vec![],
+        vec![
+            ("total", Value::Int(8 << 30)),
+            ("available", Value::Int(5 << 30)),
+            ("used", Value::Int(3 << 30)),
+            ("free", Value::Int(4 << 30)),
+            ("cached", Value::Int(1 << 30)),
+            ("buffered", Value::Int(1 << 20)),
+            ("used_percent", Value::Float(37.5)),
+            ("available_percent", Value::Float(62.5)),
+        ],
+    ));
+    metrics.push(mk(
+        "system",
+        vec![],
+        vec![
+            ("load1", Value::Float(0.3)),
+            ("load5", Value::Float(0.2)),
+            ("load15", Value::Float(0.1)),
+            ("n_cpus", Value::Int(4)),
+            ("uptime", Value::Int(86400 + seq as i64)),
+        ],
+    ));
+    metrics.push(mk(
+        "disk",
+        vec![
+            ("path", "/".into()),
+            ("device", "nvme0n1p1".into()),
+            ("fstype", "ext4".into()),
+        ],
+        vec![
+            ("total", Value::Int(100 << 30)),
+            ("free", Value::Int(60 << 30)),
+            ("used", Value::Int(40 << 30)),
+            ("used_percent", Value::Float(40.0)),
+            ("inodes_total", Value::Int(6_000_000)),
+            ("inodes_used", Value::Int(200_000)),
+        ],
+    ));
     let mut k = 0;
     while metrics.len() < points.saturating_sub(1) {
         match k % 3 {
             0 => metrics.push(cpu(format!("cpu{}", k / 3))),
-            1 => metrics.push(mk("net", vec![("interface", format!("eth{}", k / 3))], vec![("bytes_sent", Value::Int(1_000_000 * seq as i64)), ("bytes_recv", Value::Int(2_000_000 * seq as i64)), ("packets_sent", Value::Int(1000 * seq as i64)), ("packets_recv", Value::Int(2000 * seq as i64)), ("err_in", Value::Int(0)), ("err_out", Value::Int(0)), ("drop_in", Value::Int(0)), ("drop_out", Value::Int(0))])),
-            _ => metrics.push(mk("diskio", vec![("name", format!("nvme{}n1", k / 3))], vec![("reads", Value::Int(500 * seq as i64)), ("writes", Value::Int(900 * seq as i64)), ("read_bytes", Value::Int(4096 * 500 * seq as i64)), ("write_bytes", Value::Int(4096 * 900 * seq as i64)), ("io_time", Value::Int(10 * seq as i64))])),
+            1 => metrics.push(mk(
+                "net",
+                vec![("interface", format!("eth{}", k / 3))],
+                vec![
+                    ("bytes_sent", Value::Int(1_000_000 * seq as i64)),
+                    ("bytes_recv", Value::Int(2_000_000 * seq as i64)),
+                    ("packets_sent", Value::Int(1000 * seq as i64)),
+                    ("packets_recv", Value::Int(2000 * seq as i64)),
+                    ("err_in", Value::Int(0)),
+                    ("err_out", Value::Int(0)),
+                    ("drop_in", Value::Int(0)),
+                    ("drop_out", Value::Int(0)),
+                ],
+            )),
+            _ => metrics.push(mk(
+                "diskio",
+                vec![("name", format!("nvme{}n1", k / 3))],
+                vec![
+                    ("reads", Value::Int(500 * seq as i64)),
+                    ("writes", Value::Int(900 * seq as i64)),
+                    ("read_bytes", Value::Int(4096 * 500 * seq as i64)),
+                    ("write_bytes", Value::Int(4096 * 900 * seq as i64)),
+                    ("io_time", Value::Int(10 * seq as i64)),
+                ],
+            )),
         }
         k += 1;
     }
-    metrics.push(mk("phoenix_agent", vec![("version", "sim".into())], vec![("spool_bytes", Value::Int(0)), ("dropped_points", Value::Int(0)), ("rss_bytes", Value::Int(9 << 20))]));
+    metrics.push(mk(
+        "phoenix_agent",
+        vec![("version", "sim".into())],
+        vec![
+            ("spool_bytes", Value::Int(0)),
+            ("dropped_points", Value::Int(0)),
+            ("rss_bytes", Value::Int(9 << 20)),
+        ],
+    ));
     metrics.truncate(points.max(1));
     Report {
         v: VERSION,
-        agent: Identity { instance_id: id.into(), image_id: "img-sim".into(), group: Some(group.into()), hostname: format!("h-{id}"), boot_id: boot_id(), version: "fleetsim".into(), boot_time: 0 },
+        agent: Identity {
+            instance_id: id.into(),
+            image_id: "img-sim".into(),
+            group: Some(group.into()),
+            hostname: format!("h-{id}"),
+            boot_id: boot_id(),
+            version: "fleetsim".into(),
+            boot_time: 0,
+        },
         seq,
         interval_ms,
         metrics,
@@ -130,16 +240,30 @@ fn main() {
     let interval = Duration::from_secs_f64(o.interval);
     let mut handles = Vec::new();
     for t in 0..o.threads {
-        let (o, stats, stop, silenced_last_ok) = (o.clone(), stats.clone(), stop.clone(), silenced_last_ok.clone());
+        let (o, stats, stop, silenced_last_ok) = (
+            o.clone(),
+            stats.clone(),
+            stop.clone(),
+            silenced_last_ok.clone(),
+        );
         handles.push(std::thread::spawn(move || {
-            let cfg = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).http_status_as_error(false).build();
+            let cfg = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(30)))
+                .http_status_as_error(false)
+                .build();
             let http = ureq::Agent::new_with_config(cfg);
             let url = format!("{}/v1/reports", o.url);
             let auth = format!("Bearer {}", o.token);
             let mine: Vec<usize> = (t..o.instances).step_by(o.threads).collect();
             let mut seq = vec![0u64; mine.len()];
-            let ids: Vec<String> = mine.iter().map(|k| format!("{}-{k:06}", o.prefix)).collect();
-            let groups: Vec<String> = mine.iter().map(|k| format!("g{:04}", k / o.group_size)).collect();
+            let ids: Vec<String> = mine
+                .iter()
+                .map(|k| format!("{}-{k:06}", o.prefix))
+                .collect();
+            let groups: Vec<String> = mine
+                .iter()
+                .map(|k| format!("g{:04}", k / o.group_size))
+                .collect();
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for (j, &k) in mine.iter().enumerate() {
@@ -156,14 +280,30 @@ fn main() {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    if k == 0 && o.silence_at.is_some_and(|s| start.elapsed().as_secs_f64() >= s) {
+                    if k == 0
+                        && o.silence_at
+                            .is_some_and(|s| start.elapsed().as_secs_f64() >= s)
+                    {
                         continue;
                     }
                     seq[j] += 1;
-                    let r = report(&ids[j], &groups[j], seq[j], o.points, (o.interval * 1000.0) as u64);
-                    let body = if o.gzip { phoenix_wire::encode(&r) } else { serde_json::to_vec(&r).unwrap() };
+                    let r = report(
+                        &ids[j],
+                        &groups[j],
+                        seq[j],
+                        o.points,
+                        (o.interval * 1000.0) as u64,
+                    );
+                    let body = if o.gzip {
+                        phoenix_wire::encode(&r)
+                    } else {
+                        serde_json::to_vec(&r).unwrap()
+                    };
                     let t0 = Instant::now();
-                    let mut req = http.post(&url).header("Authorization", &auth).header("Content-Type", "application/json");
+                    let mut req = http
+                        .post(&url)
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/json");
                     if o.gzip {
                         req = req.header("Content-Encoding", "gzip");
                     }
@@ -173,8 +313,13 @@ fn main() {
                             match resp.status().as_u16() {
                                 200 => {
                                     stats.ok.fetch_add(1, Ordering::Relaxed);
-                                    stats.points.fetch_add(r.metrics.len() as u64, Ordering::Relaxed);
-                                    stats.lat_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                                    stats
+                                        .points
+                                        .fetch_add(r.metrics.len() as u64, Ordering::Relaxed);
+                                    stats.lat_us.fetch_add(
+                                        t0.elapsed().as_micros() as u64,
+                                        Ordering::Relaxed,
+                                    );
                                     if k == 0 {
                                         silenced_last_ok.store(now_ms(), Ordering::Relaxed);
                                     }
@@ -209,13 +354,22 @@ fn main() {
     let recycler = o.recycler_token.clone();
     let silenced_id = format!("{}-{:06}", o.prefix, 0);
     let mut next_print = Duration::from_secs(5);
-    while start.elapsed().as_secs_f64() < o.duration && !(o.rounds.is_some() && handles.iter().all(|h| h.is_finished())) {
+    while start.elapsed().as_secs_f64() < o.duration
+        && !(o.rounds.is_some() && handles.iter().all(|h| h.is_finished()))
+    {
         std::thread::sleep(Duration::from_millis(250));
         if let (Some(_), Some(tok), None) = (o.silence_at, &recycler, marked_after_ms) {
             let last = silenced_last_ok.load(Ordering::Relaxed);
-            if last > 0 && o.silence_at.is_some_and(|s| start.elapsed().as_secs_f64() > s) && is_marked(&o.url, tok, &silenced_id) {
+            if last > 0
+                && o.silence_at
+                    .is_some_and(|s| start.elapsed().as_secs_f64() > s)
+                && is_marked(&o.url, tok, &silenced_id)
+            {
                 let ms = now_ms().saturating_sub(last);
-                eprintln!("fleetsim: {silenced_id} marked {:.1}s after its last report", ms as f64 / 1000.0);
+                eprintln!(
+                    "fleetsim: {silenced_id} marked {:.1}s after its last report",
+                    ms as f64 / 1000.0
+                );
                 marked_after_ms = Some(ms);
             }
         }
@@ -263,13 +417,25 @@ fn main() {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn is_marked(url: &str, token: &str, id: &str) -> bool {
-    let Ok(mut r) = ureq::get(&format!("{url}/v1/phoenix")).header("Authorization", &format!("Bearer {token}")).call() else { return false };
-    let Ok(v) = r.body_mut().read_json::<serde_json::Value>() else { return false };
-    v["marked"].as_array().is_some_and(|m| m.iter().any(|e| e["instance_id"] == id))
+    let Ok(mut r) = ureq::get(&format!("{url}/v1/phoenix"))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+    else {
+        return false;
+    };
+    let Ok(v) = r.body_mut().read_json::<serde_json::Value>() else {
+        return false;
+    };
+    v["marked"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|e| e["instance_id"] == id))
 }
 
 /// One boot id per fleetsim run: each run starts its seqs at 1, which the collector would
