@@ -22,6 +22,7 @@ pub struct SpecError {
     why: String,
 }
 
+#[derive(Debug)]
 pub struct Checks {
     probes: Vec<(String, Probe)>,
     timeout: Duration,

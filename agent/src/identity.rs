@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use phoenix_wire::Identity;
 
+#[derive(Debug)]
 pub struct Overrides<'a> {
     pub instance_id: Option<&'a str>,
     pub image_id: Option<&'a str>,

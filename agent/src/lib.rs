@@ -110,7 +110,7 @@ pub fn run(
     );
     sender.run();
     for t in threads {
-        let _ = t.join();
+        t.join().ok();
     }
     tracing::info!(
         spooled = spool.len(),

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent: sample, tail, hash and ship until stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Hash the watched files into a baseline manifest (last step of an image build).
     Bake(phoenix_agent::drift::BakeArgs),
     /// Compare this box with its baseline; exit 0 clean, 1 drifted, 2 error.

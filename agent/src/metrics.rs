@@ -28,12 +28,25 @@ const SKIP_FS: &[&str] = &[
     "tracefs",
 ];
 
+/// A point producer run each interval beside the samplers.
+pub type Extra = Box<dyn FnMut(i64, &mut Vec<Point>) + Send>;
+
 pub struct MetricsSource {
     proc: PathBuf,
     prev_cpu: HashMap<String, CpuTimes>,
     /// Extra point producers run each interval (checks, the agent's own figures).
-    pub extras: Vec<Box<dyn FnMut(i64, &mut Vec<Point>) + Send>>,
+    pub extras: Vec<Extra>,
     pub checks: Option<crate::checks::Checks>,
+}
+
+impl std::fmt::Debug for MetricsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsSource")
+            .field("proc", &self.proc)
+            .field("extras", &self.extras.len())
+            .field("checks", &self.checks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MetricsSource {
@@ -85,7 +98,7 @@ impl MetricsSource {
 }
 
 /// Jiffies per state, as /proc/stat lists them.
-#[derive(Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 struct CpuTimes {
     user: u64,
     nice: u64,
@@ -315,13 +328,13 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             st.f_frsize
         } else {
             st.f_bsize
-        } as u64;
-        let total = st.f_blocks as u64 * frsize;
+        };
+        let total = st.f_blocks * frsize;
         if total == 0 {
             continue;
         }
-        let free = st.f_bfree as u64 * frsize;
-        let avail = st.f_bavail as u64 * frsize;
+        let free = st.f_bfree * frsize;
+        let avail = st.f_bavail * frsize;
         let used = total - free;
         // Telegraf's definition: what non-root users see as full.
         let used_percent = if used + avail > 0 {
@@ -329,7 +342,7 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         } else {
             0.0
         };
-        let (itotal, ifree) = (st.f_files as u64, st.f_ffree as u64);
+        let (itotal, ifree) = (st.f_files, st.f_ffree);
         let fields = BTreeMap::from([
             ("total".into(), int(total)),
             ("free".into(), int(avail)),

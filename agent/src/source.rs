@@ -8,7 +8,7 @@ use phoenix_wire::{Identity, Report, VERSION};
 use crate::spool::Spool;
 
 /// Everything a source needs: who we are, where to queue batches, where to keep state.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Ctx {
     pub identity: Arc<Identity>,
     pub spool: Arc<Spool>,

@@ -50,12 +50,14 @@ pub struct Meta {
 }
 
 /// A batch ready to send.
+#[derive(Debug)]
 pub struct Entry {
     pub seq: u64,
     pub meta: Meta,
     pub body: Vec<u8>,
 }
 
+#[derive(Debug)]
 struct Inner {
     index: BTreeMap<u64, Meta>,
     /// Sequence numbers handed out whose entries are still being written. The sender never
@@ -67,7 +69,7 @@ struct Inner {
 }
 
 /// Counters the agent reports about itself in `phoenix_agent`.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Stats {
     pub dropped_points: AtomicU64,
     pub dropped_batches: AtomicU64,
@@ -76,6 +78,7 @@ pub struct Stats {
     pub log_waits: AtomicU64,
 }
 
+#[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
@@ -106,7 +109,7 @@ impl Spool {
             if name.starts_with(".tmp") {
                 // A write that never reached its rename: the batch was not yet owned by the
                 // spool, so its source will produce it again.
-                let _ = fs::remove_file(ent.path());
+                best_effort("fs::remove_file", fs::remove_file(ent.path()));
                 continue;
             }
             let Some(seq) = name
@@ -123,7 +126,10 @@ impl Spool {
                 }
                 Err(e) => {
                     tracing::warn!(file = %ent.path().display(), error = %e, "unreadable spool entry set aside");
-                    let _ = fs::rename(ent.path(), dir.join(format!("{name}.corrupt")));
+                    best_effort(
+                        "fs::rename",
+                        fs::rename(ent.path(), dir.join(format!("{name}.corrupt"))),
+                    );
                 }
             }
         }
@@ -230,7 +236,7 @@ impl Spool {
             if let Some(v) = victim {
                 let m = g.index.remove(&v).unwrap();
                 g.bytes -= m.bytes;
-                let _ = fs::remove_file(self.path(v));
+                best_effort("fs::remove_file", fs::remove_file(self.path(v)));
                 self.stats
                     .dropped_points
                     .fetch_add(m.points, Ordering::Relaxed);
@@ -272,7 +278,7 @@ impl Spool {
             for s in stale {
                 let m = g.index.remove(&s).expect("listed above");
                 g.bytes -= m.bytes;
-                let _ = fs::remove_file(self.path(s));
+                best_effort("fs::remove_file", fs::remove_file(self.path(s)));
             }
         }
         g.bytes += meta.bytes;
@@ -345,19 +351,28 @@ impl Spool {
     /// silently, and move on so one bad batch does not block the rest.
     pub fn reject(&self, entry: &Entry, state_dir: &Path, reason: &str) {
         let dir = state_dir.join("rejected");
-        let _ = fs::create_dir_all(&dir);
-        let _ = fs::rename(
-            self.path(entry.seq),
-            dir.join(format!("{:020}.batch", entry.seq)),
+        best_effort("fs::create_dir_all", fs::create_dir_all(&dir));
+        best_effort(
+            "fs::rename",
+            fs::rename(
+                self.path(entry.seq),
+                dir.join(format!("{:020}.batch", entry.seq)),
+            ),
         );
-        let _ = fs::write(dir.join(format!("{:020}.reason", entry.seq)), reason);
+        best_effort(
+            "fs::write",
+            fs::write(dir.join(format!("{:020}.reason", entry.seq)), reason),
+        );
         self.stats.rejected_batches.fetch_add(1, Ordering::Relaxed);
         tracing::error!(seq = entry.seq, reason, dir = %dir.display(), "collector refused a batch for good; kept it in the rejected dir");
         // The checkpoint still moves on: those lines are accounted for in the rejected dir.
         if let Some((source, ckpt)) = &entry.meta.checkpoint {
-            let _ = write_atomic(
-                &state_dir.join(format!("{source}.acked.json")),
-                &serde_json::to_vec(ckpt).unwrap_or_default(),
+            best_effort(
+                "write_atomic",
+                write_atomic(
+                    &state_dir.join(format!("{source}.acked.json")),
+                    &serde_json::to_vec(ckpt).unwrap_or_default(),
+                ),
             );
         }
         self.remove(entry.seq);
@@ -367,7 +382,7 @@ impl Spool {
         let mut g = self.inner.lock().unwrap();
         if let Some(m) = g.index.remove(&seq) {
             g.bytes -= m.bytes;
-            let _ = fs::remove_file(self.path(seq));
+            best_effort("fs::remove_file", fs::remove_file(self.path(seq)));
         }
         drop(g);
         self.changed.notify_all();
@@ -408,6 +423,14 @@ fn read_entry(path: &Path) -> io::Result<(Meta, Vec<u8>)> {
     let body = data[nl + 1..].to_vec();
     meta.bytes = body.len() as u64;
     Ok((meta, body))
+}
+
+/// A clean-up step whose failure loses nothing (the entry is already accounted for), but
+/// which must not fail in silence: a person reading the log can then see why files pile up.
+fn best_effort<T>(what: &str, r: io::Result<T>) {
+    if let Err(e) = r {
+        tracing::warn!(op = what, error = %e, "spool clean-up step failed");
+    }
 }
 
 /// Write a file so that a crash leaves either the old or the new contents, never a torn one.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::spool::{Entry, Spool};
 
+#[derive(Debug)]
 pub struct Sender {
     http: ureq::Agent,
     url: String,
@@ -110,11 +111,11 @@ impl Sender {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let mut body = String::new();
-        let _ = resp
-            .body_mut()
+        resp.body_mut()
             .as_reader()
             .take(4096)
-            .read_to_string(&mut body);
+            .read_to_string(&mut body)
+            .ok();
         match status {
             200..=299 => Outcome::Acked,
             400 | 413 | 422 => Outcome::Refused(format!("HTTP {status}: {}", body.trim())),
@@ -128,6 +129,7 @@ impl Sender {
 }
 
 /// Spreads retries of a fleet so they do not hit a recovering collector at the same instant.
+#[derive(Debug)]
 pub struct Jitter(u64);
 
 impl Jitter {

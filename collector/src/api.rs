@@ -18,6 +18,7 @@ use crate::fleet::Fleet;
 use crate::lineproto::Writer;
 use crate::writer::{Job, WriterHandle};
 
+#[derive(Debug)]
 pub struct AppState {
     pub tokens: Tokens,
     pub baselines: crate::baselines::Baselines,
@@ -67,6 +68,7 @@ pub fn unavailable(retry_after: Duration, msg: &str) -> Response {
 }
 
 /// The caller, if its token belongs to one of `allowed`; else the 401/403 to answer with.
+#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
 pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, Response> {
     let presented = bearer(
         headers

@@ -33,7 +33,17 @@ struct Token {
     secret: Vec<u8>,
 }
 
-#[derive(Clone, Default)]
+/// Never prints the secret: a token in a log line is a leaked token.
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("role", &self.role)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct Tokens {
     tokens: Vec<Token>,
 }

@@ -11,6 +11,7 @@ use phoenix_wire::drift::Manifest;
 
 use crate::drift::{check_registration, Registration};
 
+#[derive(Debug)]
 pub struct Baselines {
     dir: PathBuf,
     map: RwLock<HashMap<String, Arc<Manifest>>>,

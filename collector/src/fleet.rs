@@ -65,6 +65,7 @@ pub struct DriftInfo {
     pub since_ms: Option<i64>,
 }
 
+#[derive(Debug)]
 pub struct Fleet {
     pub instances: Mutex<HashMap<String, Instance>>,
     pub queue: Mutex<QueueState>,
@@ -168,7 +169,7 @@ impl Fleet {
                 }
                 "disk" => {
                     if let Some(u) = f(p, "used_percent") {
-                        if disk_worst.as_ref().map_or(true, |(_, m)| u > *m) {
+                        if disk_worst.as_ref().is_none_or(|(_, m)| u > *m) {
                             disk_worst = Some((p.tags.get("path").cloned().unwrap_or_default(), u));
                         }
                     }
@@ -237,6 +238,7 @@ impl Fleet {
     }
 
     /// The recycler took `id`: Ok(true) acked now, Ok(false) acked before, Err(()) not marked.
+    #[allow(clippy::result_unit_err)] // replaced by the fleet core's typed errors
     pub fn ack(&self, id: &str, by: &str, now_ms: i64) -> Result<bool, ()> {
         let r = queue::ack(&mut self.instances.lock().unwrap(), id, by, now_ms);
         if r == Ok(true) {

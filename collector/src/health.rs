@@ -635,7 +635,7 @@ mod tests {
         assert_eq!(human(500), "500ms");
         assert_eq!(human(45_000), "45s");
         assert_eq!(human(125_000), "2m5s");
-        assert_eq!(human(3 * 3600_000 + 600_000), "3h10m");
-        assert_eq!(human(7 * 86_400_000 + 2 * 3600_000), "7d2h");
+        assert_eq!(human(3 * 3_600_000 + 600_000), "3h10m");
+        assert_eq!(human(7 * 86_400_000 + 2 * 3_600_000), "7d2h");
     }
 }

@@ -166,8 +166,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     // The queue's last pass and the final save of the fleet state.
-    let _ = phoenix_stop.send(true);
-    let _ = phoenix_task.await;
+    phoenix_stop.send(true).ok();
+    phoenix_task.await.ok();
     Ok(())
 }
 

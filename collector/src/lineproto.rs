@@ -21,7 +21,7 @@ use std::fmt::Write;
 use phoenix_wire::Value;
 
 /// Appends points to one newline-separated body.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Writer {
     pub buf: String,
     pub lines: usize,
@@ -41,6 +41,7 @@ pub fn lines<'a>(body: &'a str, ends: &'a [usize]) -> impl Iterator<Item = &'a s
 }
 
 /// One point being written; finish with [`PointWriter::end`].
+#[derive(Debug)]
 pub struct PointWriter<'a> {
     w: &'a mut Writer,
     start: usize,
@@ -99,11 +100,11 @@ impl PointWriter<'_> {
         let b = &mut self.w.buf;
         match value {
             Value::Int(i) => {
-                let _ = write!(b, "{i}i");
+                write!(b, "{i}i").ok();
             }
             Value::Float(f) => {
                 // Debug formatting keeps a `.0` on whole numbers so InfluxDB types them as float.
-                let _ = write!(b, "{f:?}");
+                write!(b, "{f:?}").ok();
             }
             Value::Bool(v) => b.push_str(if *v { "true" } else { "false" }),
             Value::Str(s) => {
@@ -131,7 +132,7 @@ impl PointWriter<'_> {
             self.w.buf.truncate(self.start);
             return false;
         }
-        let _ = writeln!(self.w.buf, " {ts}");
+        writeln!(self.w.buf, " {ts}").ok();
         self.w.lines += 1;
         self.w.ends.push(self.w.buf.len());
         true
@@ -255,7 +256,7 @@ mod tests {
             let mut saw_string = false;
             for (k, v) in &l.field_set {
                 match v {
-                    FieldValue::String(s) if k.to_string() == key => { prop_assert_eq!(s.to_string(), sval.clone()); saw_string = true; }
+                    FieldValue::String(s) if *k == key => { prop_assert_eq!(s.to_string(), sval.clone()); saw_string = true; }
                     FieldValue::I64(i) => prop_assert_eq!(*i, ival),
                     FieldValue::F64(f) => prop_assert_eq!(*f, fval),
                     other => prop_assert!(false, "unexpected field {k}={other:?}"),

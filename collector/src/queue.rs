@@ -174,12 +174,12 @@ pub fn evaluate(
     let mut out = Outcome::default();
     let forget = health::ms(rules.forget_after);
     instances.retain(|id, i| {
-        let keep = !i
+        let keep = i
             .phx
             .mark
             .as_ref()
             .and_then(|m| m.gone_ms)
-            .is_some_and(|g| now_ms - g >= forget);
+            .is_none_or(|g| now_ms - g < forget);
         if !keep {
             out.forgotten.push(id.clone());
         }
@@ -413,6 +413,7 @@ pub fn evaluate(
 }
 
 /// The recycler took `id`. Err(None): not known or not marked (404); acking twice is fine.
+#[allow(clippy::result_unit_err)] // replaced by the fleet core's typed errors
 pub fn ack(
     instances: &mut HashMap<String, Instance>,
     id: &str,

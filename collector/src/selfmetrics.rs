@@ -40,7 +40,7 @@ pub const LATENCY_BOUNDS: [f64; 13] = [
 ];
 
 /// A latency histogram fed from the writer threads.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Histogram {
     /// Per bucket (not cumulative); the last one is +Inf.
     buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
@@ -192,7 +192,7 @@ pub fn duplicate(mut r: Response) -> Response {
     r
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct ReportCounters {
     accepted: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
@@ -243,12 +243,12 @@ pub struct KeptLine {
 }
 
 /// The last [`LOG_LINES_KEPT`] log lines of each instance.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct LogRing {
     inner: Mutex<LogRingInner>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct LogRingInner {
     clock: u64,
     per: HashMap<String, (u64, VecDeque<KeptLine>)>,
@@ -317,6 +317,7 @@ impl LogRing {
 }
 
 /// The collector's own figures that are not the writer's or the fleet's.
+#[derive(Debug)]
 pub struct Obs {
     pub reports: ReportCounters,
     pub logs: LogRing,
@@ -483,8 +484,8 @@ pub fn label_value(v: &str) -> String {
 pub fn prometheus(f: &Figures) -> String {
     let mut o = String::with_capacity(8 << 10);
     fn head(o: &mut String, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(o, "# HELP {name} {help}");
-        let _ = writeln!(o, "# TYPE {name} {kind}");
+        writeln!(o, "# HELP {name} {help}").ok();
+        writeln!(o, "# TYPE {name} {kind}").ok();
     }
     head(
         &mut o,
@@ -492,19 +493,21 @@ pub fn prometheus(f: &Figures) -> String {
         "counter",
         "Reports whose points the store took.",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_reports_accepted_total {}",
         f.reports_accepted
-    );
+    )
+    .ok();
     head(&mut o, "phoenix_collector_reports_rejected_total", "counter", "Reports not taken, by reason and the HTTP status the agent got (a duplicate is acked with 200 but not stored again).");
     for (r, n) in &f.reports_rejected {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_reports_rejected_total{{reason=\"{}\",code=\"{}\"}} {n}",
             r.as_str(),
             r.code()
-        );
+        )
+        .ok();
     }
     head(
         &mut o,
@@ -512,51 +515,55 @@ pub fn prometheus(f: &Figures) -> String {
         "counter",
         "Points (metrics, log lines, Phoenix's own) the store took.",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_points_written_total {}",
         f.points_written
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_points_rejected_total",
         "counter",
         "Points the store refused for good (logged by the collector).",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_points_rejected_total {}",
         f.points_rejected
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_store_writes_total",
         "counter",
         "Write requests sent to the store.",
     );
-    let _ = writeln!(o, "phoenix_collector_store_writes_total {}", f.writes);
+    writeln!(o, "phoenix_collector_store_writes_total {}", f.writes).ok();
     head(
         &mut o,
         "phoenix_collector_store_write_errors_total",
         "counter",
         "Writes that left the store unavailable (unreachable, 5xx, refused credentials).",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_store_write_errors_total {}",
         f.write_errors
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_store_write_splits_total",
         "counter",
         "Batches split in two after the store answered 413.",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_store_write_splits_total {}",
         f.write_splits
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_store_write_duration_seconds",
@@ -566,43 +573,47 @@ pub fn prometheus(f: &Figures) -> String {
     for (i, c) in f.write_latency.cumulative.iter().enumerate() {
         match LATENCY_BOUNDS.get(i) {
             Some(b) => {
-                let _ = writeln!(
+                writeln!(
                     o,
                     "phoenix_collector_store_write_duration_seconds_bucket{{le=\"{b}\"}} {c}"
-                );
+                )
+                .ok();
             }
             None => {
-                let _ = writeln!(
+                writeln!(
                     o,
                     "phoenix_collector_store_write_duration_seconds_bucket{{le=\"+Inf\"}} {c}"
-                );
+                )
+                .ok();
             }
         }
     }
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_store_write_duration_seconds_sum {}",
         f.write_latency.sum_seconds
-    );
-    let _ = writeln!(
+    )
+    .ok();
+    writeln!(
         o,
         "phoenix_collector_store_write_duration_seconds_count {}",
         f.write_latency.count
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_store_up",
         "gauge",
         "1 while the store takes writes, 0 while reports get 503.",
     );
-    let _ = writeln!(o, "phoenix_collector_store_up {}", u8::from(f.store_up));
+    writeln!(o, "phoenix_collector_store_up {}", u8::from(f.store_up)).ok();
     head(
         &mut o,
         "phoenix_collector_write_queue_depth",
         "gauge",
         "Batches waiting for a store writer.",
     );
-    let _ = writeln!(o, "phoenix_collector_write_queue_depth {}", f.queue_depth);
+    writeln!(o, "phoenix_collector_write_queue_depth {}", f.queue_depth).ok();
     head(
         &mut o,
         "phoenix_collector_instances",
@@ -610,11 +621,12 @@ pub fn prometheus(f: &Figures) -> String {
         "Instances known to the collector, by phoenix state.",
     );
     for (s, n) in STATES.iter().zip(f.instances_by_state) {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_instances{{state=\"{}\"}} {n}",
             s.as_str()
-        );
+        )
+        .ok();
     }
     head(
         &mut o,
@@ -623,19 +635,21 @@ pub fn prometheus(f: &Figures) -> String {
         "Standing marks for replacement (marked or acked, not yet gone), by reason.",
     );
     for (r, n) in REASONS.iter().zip(f.marks_by_reason) {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_marks{{reason=\"{}\"}} {n}",
             r.as_str()
-        );
+        )
+        .ok();
     }
     head(&mut o, "phoenix_collector_held_marks", "gauge", "Bad instances not marked because of the budget, the rate limit, a mass event or --log-only, by reason.");
     for (r, n) in REASONS.iter().zip(f.held_by_reason) {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_held_marks{{reason=\"{}\"}} {n}",
             r.as_str()
-        );
+        )
+        .ok();
     }
     head(
         &mut o,
@@ -643,7 +657,7 @@ pub fn prometheus(f: &Figures) -> String {
         "gauge",
         "Groups with an active mass-event alert (their marks are held).",
     );
-    let _ = writeln!(o, "phoenix_collector_mass_event_alerts {}", f.alerts);
+    writeln!(o, "phoenix_collector_mass_event_alerts {}", f.alerts).ok();
     head(
         &mut o,
         "phoenix_collector_budget_allowed",
@@ -651,11 +665,12 @@ pub fn prometheus(f: &Figures) -> String {
         "Marks allowed at once in a group (--budget).",
     );
     for (g, allowed, _) in &f.budget {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_budget_allowed{{group=\"{}\"}} {allowed}",
             label_value(g)
-        );
+        )
+        .ok();
     }
     head(
         &mut o,
@@ -664,11 +679,12 @@ pub fn prometheus(f: &Figures) -> String {
         "Marked or acked instances in a group, counted against its budget.",
     );
     for (g, _, used) in &f.budget {
-        let _ = writeln!(
+        writeln!(
             o,
             "phoenix_collector_budget_in_use{{group=\"{}\"}} {used}",
             label_value(g)
-        );
+        )
+        .ok();
     }
     head(
         &mut o,
@@ -676,18 +692,19 @@ pub fn prometheus(f: &Figures) -> String {
         "gauge",
         "Instances whose last log lines the fleet page keeps in memory.",
     );
-    let _ = writeln!(
+    writeln!(
         o,
         "phoenix_collector_log_buffer_instances {}",
         f.log_instances
-    );
+    )
+    .ok();
     head(
         &mut o,
         "phoenix_collector_uptime_seconds",
         "gauge",
         "Seconds since this collector started.",
     );
-    let _ = writeln!(o, "phoenix_collector_uptime_seconds {}", f.uptime_seconds);
+    writeln!(o, "phoenix_collector_uptime_seconds {}", f.uptime_seconds).ok();
     o
 }
 

@@ -59,7 +59,7 @@ impl TlsFiles {
     }
 
     /// What a rotation changes: each file's inode, size and mtime.
-    fn stamp(&self) -> Vec<Option<(u64, u64, i64, i64)>> {
+    fn stamp(&self) -> Vec<Option<FileStamp>> {
         self.paths()
             .map(|p| {
                 std::fs::metadata(p)
@@ -120,10 +120,14 @@ pub fn load(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(cfg)
 }
 
+/// (device, inode, mtime s, mtime ns) of one TLS file, to see when it changed.
+type FileStamp = (u64, u64, i64, i64);
+
 /// The server config in force, swapped when the files change.
+#[derive(Debug)]
 pub struct Reloader {
     files: TlsFiles,
-    current: RwLock<(Arc<ServerConfig>, Vec<Option<(u64, u64, i64, i64)>>)>,
+    current: RwLock<(Arc<ServerConfig>, Vec<Option<FileStamp>>)>,
 }
 
 impl Reloader {
@@ -173,7 +177,7 @@ impl Reloader {
                 tokio::time::sleep(every).await;
                 let Some(r) = me.upgrade() else { return };
                 // Stat and maybe parse PEM: small files, but still file I/O off the reactor.
-                let _ = tokio::task::spawn_blocking(move || r.refresh()).await;
+                tokio::task::spawn_blocking(move || r.refresh()).await.ok();
             }
         });
     }
@@ -225,7 +229,7 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let _ = tcp.set_nodelay(true);
+        tcp.set_nodelay(true).ok();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let app = app.clone();
         let watcher = graceful.watcher();

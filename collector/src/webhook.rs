@@ -31,7 +31,7 @@ impl Default for Settings {
     }
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Webhook {
     tx: SyncSender<Vec<u8>>,
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::sink::{Response, Sink};
 
 /// Points that one report wants written, and where to say how it went.
+#[derive(Debug)]
 pub struct Job {
     /// Line protocol, and the offset past each line's newline (string fields may hold newlines).
     pub body: String,
@@ -39,7 +40,7 @@ pub struct Unavailable {
 }
 
 /// Figures for /metrics and `phoenix_collector`.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct WriterStats {
     pub writes: AtomicU64,
     pub write_errors: AtomicU64,
@@ -52,13 +53,14 @@ pub struct WriterStats {
     pub write_latency: crate::selfmetrics::Histogram,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct WriterHandle {
     tx: SyncSender<Job>,
     down: Arc<Mutex<Option<(Instant, String)>>>,
     pub stats: Arc<WriterStats>,
 }
 
+#[derive(Debug)]
 pub struct Settings {
     /// Most lines in one write to the store.
     pub batch_lines: usize,
@@ -185,7 +187,7 @@ impl Worker {
             }
             if let Some(u) = down_now(&self.down) {
                 for j in jobs {
-                    let _ = j.reply.send(Err(u.clone()));
+                    j.reply.send(Err(u.clone())).ok();
                 }
                 continue;
             }
@@ -216,7 +218,7 @@ impl Worker {
                         .points_rejected
                         .fetch_add(bad as u64, Ordering::Relaxed);
                     for (j, rejected) in jobs.into_iter().zip(per_job) {
-                        let _ = j.reply.send(Ok(Written { rejected }));
+                        j.reply.send(Ok(Written { rejected })).ok();
                     }
                 }
                 Err(u) => {
@@ -225,7 +227,7 @@ impl Worker {
                     *self.down.lock().unwrap() =
                         Some((Instant::now() + u.retry_after, u.reason.clone()));
                     for j in jobs {
-                        let _ = j.reply.send(Err(u.clone()));
+                        j.reply.send(Err(u.clone())).ok();
                     }
                 }
             }

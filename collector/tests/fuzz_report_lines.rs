@@ -209,7 +209,7 @@ fn field_eq(got: &FieldValue, want: &Value) -> bool {
         (FieldValue::I64(a), Value::Int(b)) => a == b,
         (FieldValue::F64(a), Value::Float(b)) => a == b,
         (FieldValue::Boolean(a), Value::Bool(b)) => a == b,
-        (FieldValue::String(a), Value::Str(b)) => a.to_string() == *b,
+        (FieldValue::String(a), Value::Str(b)) => a == &b.as_str(),
         _ => false,
     }
 }
@@ -304,7 +304,7 @@ fn check(r: &Report) -> Result<usize, String> {
             allowed.extend(g.tags.keys().map(String::as_str));
             allowed.extend(["path", "level"]);
             match fields.get("message") {
-                Some(FieldValue::String(m)) if m.to_string() == g.msg => {}
+                Some(FieldValue::String(m)) if *m == g.msg => {}
                 other => return Err(format!("line {i}: message {other:?} is not {:?}", g.msg)),
             }
             if logtext::decode(&g.msg, g.escaped).is_empty() != g.msg.is_empty() {
@@ -314,7 +314,7 @@ fn check(r: &Report) -> Result<usize, String> {
             let c = &r.checks[i - r.metrics.len() - r.logs.len()];
             allowed.insert("check");
             match fields.get("detail") {
-                Some(FieldValue::String(d)) if d.to_string() == c.detail => {}
+                Some(FieldValue::String(d)) if *d == c.detail => {}
                 other => return Err(format!("line {i}: detail {other:?} is not {:?}", c.detail)),
             }
         }

@@ -131,7 +131,7 @@ fn read(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     let mut body = String::new();
-    let _ = r.body_mut().as_reader().read_to_string(&mut body);
+    r.body_mut().as_reader().read_to_string(&mut body).ok();
     Resp {
         status: r.status().as_u16(),
         headers,
@@ -159,6 +159,7 @@ pub fn post(url: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8
 }
 
 /// A child process killed when dropped.
+#[derive(Debug)]
 pub struct Proc {
     pub child: Option<Child>,
     pub log: PathBuf,
@@ -192,8 +193,8 @@ impl Proc {
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill().ok();
+            c.wait().ok();
         }
     }
 
@@ -208,7 +209,7 @@ impl Proc {
                 return Some(st);
             }
             if Instant::now() > end {
-                let _ = c.kill();
+                c.kill().ok();
                 return c.wait().ok();
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -233,6 +234,7 @@ impl Drop for Proc {
 }
 
 /// A throw-away influxd bound to loopback only, with reporting and `_internal` off.
+#[derive(Debug)]
 pub struct Influx {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -368,6 +370,7 @@ pub fn urlencode(s: &str) -> String {
 }
 
 /// A real phoenix-collector on a free loopback port with fixed test tokens.
+#[derive(Debug)]
 pub struct Collector {
     pub port: u16,
     pub data_dir: PathBuf,
@@ -470,6 +473,7 @@ fn rand_u64() -> u64 {
 }
 
 /// A real phoenix-agent with its own state dir.
+#[derive(Debug)]
 pub struct Agent {
     pub state_dir: PathBuf,
     pub instance_id: String,

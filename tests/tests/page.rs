@@ -170,19 +170,20 @@ impl Browser {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
         // Straight to stderr, past the test harness's capture, so CI logs name the artifact.
-        let _ = std::io::Write::write_all(
+        std::io::Write::write_all(
             &mut std::io::stderr(),
             format!("screenshot: {}\n", path.display()).as_bytes(),
-        );
+        )
+        .ok();
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self
-            .http
+        self.http
             .delete(&format!("{}/session/{}", self.base, self.session))
-            .call();
+            .call()
+            .ok();
     }
 }
 

@@ -172,7 +172,7 @@ fn call(
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     let mut body = String::new();
-    let _ = r.body_mut().as_reader().read_to_string(&mut body);
+    r.body_mut().as_reader().read_to_string(&mut body).ok();
     Ok(Resp {
         status: r.status().as_u16(),
         headers,

@@ -334,7 +334,7 @@ fn v2_proxy(influx_url: String, db: &'static str) -> (u16, std::sync::mpsc::Rece
             if head.is_empty() {
                 continue;
             }
-            let _ = tx.send(head.clone());
+            tx.send(head.clone()).ok();
             let first = head.lines().next().unwrap_or_default().to_string();
             let gz = head.to_ascii_lowercase().contains("content-encoding: gzip");
             let r = if first.starts_with("POST /api/v2/write?") {
@@ -361,7 +361,7 @@ fn v2_proxy(influx_url: String, db: &'static str) -> (u16, std::sync::mpsc::Rece
                 r.body.len(),
                 r.body
             );
-            let _ = s.write_all(out.as_bytes());
+            s.write_all(out.as_bytes()).ok();
         }
     });
     (port, rx)

@@ -207,11 +207,11 @@ pub fn register(
         .map_err(|e| err(format!("cannot reach the collector: {e}")))?;
     let status = resp.status().as_u16();
     let mut body = String::new();
-    let _ = resp
-        .body_mut()
+    resp.body_mut()
         .as_reader()
         .take(8192)
-        .read_to_string(&mut body);
+        .read_to_string(&mut body)
+        .ok();
     match status {
         200 | 201 => Ok(status),
         401 | 403 => Err(err(format!(

@@ -33,6 +33,7 @@ pub struct Baseline {
     pub entries: Vec<FileEntry>,
 }
 
+#[derive(Debug)]
 pub struct DriftSource {
     scanner: Scanner,
     baseline: Option<Baseline>,

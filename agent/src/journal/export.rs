@@ -7,13 +7,13 @@
 //! the exact bytes, so nothing needs unescaping and nothing is lost.
 
 /// The fields the agent asks journalctl for (`--output-fields`), plus the ones it always adds.
-pub const FIELDS: &str = "MESSAGE,PRIORITY,_SYSTEMD_UNIT,SYSLOG_IDENTIFIER,_PID,_COMM";
+pub(super) const FIELDS: &str = "MESSAGE,PRIORITY,_SYSTEMD_UNIT,SYSLOG_IDENTIFIER,_PID,_COMM";
 
 /// Longest field name accepted; journal field names are at most 64 characters.
 const MAX_NAME: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum FormatError {
+pub(super) enum FormatError {
     #[error("journalctl export stream: field name too long or missing its '=' at byte {0}")]
     BadName(usize),
     #[error("journalctl export stream: binary field not ended by a newline at byte {0}")]
@@ -22,7 +22,7 @@ pub enum FormatError {
 
 /// One entry, borrowing from the read buffer.
 #[derive(Debug, Default, PartialEq)]
-pub struct Entry<'a> {
+pub(super) struct Entry<'a> {
     pub cursor: Option<&'a [u8]>,
     pub realtime: Option<&'a [u8]>,
     pub boot_id: Option<&'a [u8]>,
@@ -37,12 +37,12 @@ pub struct Entry<'a> {
 
 impl Entry<'_> {
     /// `__REALTIME_TIMESTAMP` (µs since the epoch) as nanoseconds.
-    pub fn realtime_ns(&self) -> Option<i64> {
+    pub(super) fn realtime_ns(&self) -> Option<i64> {
         let us: i64 = std::str::from_utf8(self.realtime?).ok()?.parse().ok()?;
         us.checked_mul(1000)
     }
 
-    pub fn priority(&self) -> Option<u8> {
+    pub(super) fn priority(&self) -> Option<u8> {
         match self.priority? {
             [d @ b'0'..=b'7'] => Some(d - b'0'),
             _ => None,
@@ -52,7 +52,7 @@ impl Entry<'_> {
 
 /// The first whole entry in `buf` and how many bytes it took, or None when `buf` ends inside
 /// an entry (read more and call again). Blank lines before an entry are skipped.
-pub fn next_entry(buf: &[u8]) -> Result<Option<(Entry<'_>, usize)>, FormatError> {
+pub(super) fn next_entry(buf: &[u8]) -> Result<Option<(Entry<'_>, usize)>, FormatError> {
     let mut e = Entry::default();
     let mut fields = 0usize;
     let mut i = 0;

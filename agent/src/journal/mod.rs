@@ -250,6 +250,7 @@ fn valid_cursor(c: &str) -> bool {
 }
 
 /// The `journal` source.
+#[derive(Debug)]
 pub struct JournalSource {
     opts: Options,
 }
@@ -311,6 +312,7 @@ impl Checkpoint {
 }
 
 /// A journalctl child whose output is read without blocking.
+#[derive(Debug)]
 struct Journalctl {
     child: Child,
     out: ChildStdout,
@@ -449,7 +451,7 @@ impl Journalctl {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let _ = self.child.kill();
+        self.child.kill().ok();
         let status = self.child.wait().ok();
         self.out_eof = true;
         let end = Instant::now() + Duration::from_millis(200);
@@ -468,7 +470,7 @@ struct Probe {
 }
 
 /// Lines read from the journal but not yet in the spool.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Batch {
     lines: Vec<LogLine>,
     entries: u64,
@@ -477,6 +479,7 @@ struct Batch {
     last_entry: Option<Instant>,
 }
 
+#[derive(Debug)]
 struct Running {
     jc: Journalctl,
     started: Instant,
@@ -485,6 +488,7 @@ struct Running {
     files: Vec<Option<(u64, u64)>>,
 }
 
+#[derive(Debug)]
 pub struct Reader {
     ctx: Ctx,
     opts: Options,

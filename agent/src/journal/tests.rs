@@ -266,7 +266,7 @@ fn restart_resumes_after_the_last_queued_entry() {
     let t = std::thread::spawn(move || r.run());
     std::thread::sleep(Duration::from_millis(1500));
     spool.stop();
-    let _ = t.join();
+    t.join().ok();
     env.spool = Arc::new(Spool::open(&env.state.join("spool"), 64 << 20).unwrap());
     assert!(
         env.spool.pending_checkpoint(NAME).is_some(),
@@ -325,7 +325,7 @@ fn replaced_journal_is_a_counted_reset_and_reading_goes_on_from_its_oldest_entry
         got.extend(env.drain_some());
     }
     env.spool.stop();
-    let _ = t.join();
+    t.join().ok();
     assert_eq!(msgs(&got), [b"newer"]);
 }
 

@@ -7,24 +7,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// How many leading bytes identify a file's contents (with its device and inode).
-pub const HEAD_MAX: u64 = 256;
+pub(super) const HEAD_MAX: u64 = 256;
 
 /// The first bytes of a file, hashed: tells a reused inode or a rewritten file from the one
 /// a checkpoint was taken of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Head {
+pub(super) struct Head {
     pub len: u32,
     pub hash: u64,
 }
 
 impl Head {
-    pub const EMPTY: Head = Head { len: 0, hash: 0 };
+    pub(super) const EMPTY: Head = Head { len: 0, hash: 0 };
 
-    pub fn hex(&self) -> String {
+    pub(super) fn hex(&self) -> String {
         format!("{:016x}", self.hash)
     }
 
-    pub fn from_hex(len: u32, s: &str) -> Option<Head> {
+    pub(super) fn from_hex(len: u32, s: &str) -> Option<Head> {
         u64::from_str_radix(s, 16)
             .ok()
             .map(|hash| Head { len, hash })
@@ -40,7 +40,7 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 /// The head of `file` as it is now, over at most `HEAD_MAX` bytes.
-pub fn head_of(file: &File) -> io::Result<Head> {
+pub(super) fn head_of(file: &File) -> io::Result<Head> {
     let mut buf = [0u8; HEAD_MAX as usize];
     let n = read_full_at(file, &mut buf, 0)?;
     Ok(Head {
@@ -50,7 +50,7 @@ pub fn head_of(file: &File) -> io::Result<Head> {
 }
 
 /// Does `file` still start with the bytes `head` was taken of?
-pub fn head_matches(file: &File, head: Head) -> io::Result<bool> {
+pub(super) fn head_matches(file: &File, head: Head) -> io::Result<bool> {
     if head.len == 0 {
         return Ok(true);
     }
@@ -61,7 +61,7 @@ pub fn head_matches(file: &File, head: Head) -> io::Result<bool> {
 }
 
 /// pread until `buf` is full or the end of the file.
-pub fn read_full_at(file: &File, buf: &mut [u8], mut off: u64) -> io::Result<usize> {
+pub(super) fn read_full_at(file: &File, buf: &mut [u8], mut off: u64) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read_at(&mut buf[n..], off) {
@@ -78,7 +78,7 @@ pub fn read_full_at(file: &File, buf: &mut [u8], mut off: u64) -> io::Result<usi
 }
 
 /// One pread (retried on EINTR). A short count means the end of the file at that moment.
-pub fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+pub(super) fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     loop {
         match file.read_at(buf, off) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -89,7 +89,7 @@ pub fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
 
 /// Where "start at the end" really starts: just after the last complete line, so a line being
 /// written at that moment is read whole rather than cut in two.
-pub fn end_offset(file: &File, size: u64) -> io::Result<u64> {
+pub(super) fn end_offset(file: &File, size: u64) -> io::Result<u64> {
     const BACK: u64 = 64 << 10;
     let from = size.saturating_sub(BACK);
     let mut buf = vec![0u8; (size - from) as usize];
@@ -102,7 +102,7 @@ pub fn end_offset(file: &File, size: u64) -> io::Result<u64> {
 
 /// The index of the first newline in `hay` (libc's memchr: vectorised, no extra crate).
 #[inline]
-pub fn find_nl(hay: &[u8]) -> Option<usize> {
+pub(super) fn find_nl(hay: &[u8]) -> Option<usize> {
     if hay.is_empty() {
         return None;
     }
@@ -118,7 +118,8 @@ pub fn find_nl(hay: &[u8]) -> Option<usize> {
 
 /// A file being tailed. Identity is (dev, ino) + head; `src` is the path it was first seen
 /// under (the `path` tag), kept when rotation renames it.
-pub struct Tracked {
+#[derive(Debug)]
+pub(super) struct Tracked {
     pub src: String,
     /// The pattern match that names this file now; None once it was rotated away or deleted.
     pub path: Option<PathBuf>,
@@ -141,7 +142,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(
+    pub(super) fn new(
         src: String,
         path: Option<PathBuf>,
         file: File,

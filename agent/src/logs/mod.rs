@@ -100,6 +100,7 @@ impl Options {
 }
 
 /// The `logs` source: one thread tailing every file the patterns name.
+#[derive(Debug)]
 pub struct LogSource {
     opts: Options,
 }
@@ -153,6 +154,7 @@ struct FileCkpt {
 }
 
 /// Lines read but not yet in the spool.
+#[derive(Debug)]
 struct Batch {
     lines: Vec<LogLine>,
     bytes: usize,
@@ -233,6 +235,7 @@ enum Stop {
     More,
 }
 
+#[derive(Debug)]
 pub struct Tailer {
     ctx: Ctx,
     opts: Options,

@@ -13,7 +13,7 @@ fn has_meta(s: &[u8]) -> bool {
 
 /// Every existing path that `pattern` names (regular files and anything else: the caller
 /// filters), sorted so scans are deterministic.
-pub fn expand(pattern: &str) -> Vec<PathBuf> {
+pub(super) fn expand(pattern: &str) -> Vec<PathBuf> {
     if !has_meta(pattern.as_bytes()) {
         let p = PathBuf::from(pattern);
         return if p.exists() { vec![p] } else { Vec::new() };
@@ -78,7 +78,7 @@ fn unquote(s: &str) -> Vec<u8> {
 }
 
 /// Does the whole `name` match the one-component `pat`?
-pub fn matches(pat: &[u8], name: &[u8]) -> bool {
+pub(super) fn matches(pat: &[u8], name: &[u8]) -> bool {
     // Greedy matching with one backtrack point for the last `*`: linear enough for file names.
     let (mut p, mut n) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -170,7 +170,7 @@ fn class(pat: &[u8], c: u8) -> Option<(bool, usize)> {
 
 /// The directory a pattern's files live in, for finding a checkpointed file renamed by
 /// rotation while the agent was down.
-pub fn parent_dir(path: &Path) -> &Path {
+pub(super) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

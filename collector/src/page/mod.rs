@@ -58,6 +58,7 @@ pub fn routes() -> Router<Shared> {
 }
 
 /// HTML-escapes its text when formatted.
+#[derive(Debug)]
 pub struct Esc<'a>(pub &'a str);
 
 impl fmt::Display for Esc<'_> {
@@ -91,7 +92,7 @@ pub fn pct(s: &str) -> String {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             out.push(b as char);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            write!(out, "%{b:02X}").ok();
         }
     }
     out
@@ -460,28 +461,30 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
     for r in &rows {
         *by_state.entry(r.state).or_default() += 1;
     }
-    let _ = write!(
+    write!(
         o,
         "<ul class=\"chips\" id=\"summary\"><li><b>{}</b> instances</li>",
         rows.len()
-    );
+    )
+    .ok();
     for (st, n) in &by_state {
-        let _ = write!(o, "<li>{n} {}</li>", badge(st));
+        write!(o, "<li>{n} {}</li>", badge(st)).ok();
     }
     o.push_str("</ul>");
     if let Some(d) = s.writer.unavailable() {
-        let _ = write!(o, "<p class=\"banner bad\">The store is not taking writes: {}. Agents keep their data and retry.</p>", esc(&d.reason));
+        write!(o, "<p class=\"banner bad\">The store is not taking writes: {}. Agents keep their data and retry.</p>", esc(&d.reason)).ok();
     }
     if phx["log_only"] == true {
         o.push_str("<p class=\"banner\">--log-only: nothing is marked for replacement; would-be marks are listed as held.</p>");
     }
     for a in phx["alerts"].as_array().into_iter().flatten() {
-        let _ = write!(
+        write!(
             o,
             "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>",
             esc(a["group"].as_str().unwrap_or("")),
             esc(a["message"].as_str().unwrap_or(""))
-        );
+        )
+        .ok();
     }
 
     queue_section(&mut o, &phx, now);
@@ -500,34 +503,36 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
         let mut images: Vec<&str> = list.iter().map(|r| r.image.as_str()).collect();
         images.sort_unstable();
         images.dedup();
-        let _ = write!(
+        write!(
             o,
             "<h2 data-group=\"{g}\">{g} <small>{} instance{}, image {}</small></h2>",
             list.len(),
             if list.len() == 1 { "" } else { "s" },
             esc(&images.join(", ")),
             g = esc(group)
-        );
+        )
+        .ok();
         o.push_str("<table><thead><tr><th>Instance</th><th>State</th><th>Reason</th><th>Last seen</th><th class=\"num\">CPU</th><th class=\"num\">Mem</th><th>Agent</th></tr></thead><tbody>");
         for r in list {
-            let _ = write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
-                id = esc(&r.id), st = r.state, link = pct(&r.id), host = esc(&r.host), badge = badge(r.state));
+            write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
+                id = esc(&r.id), st = r.state, link = pct(&r.id), host = esc(&r.host), badge = badge(r.state)).ok();
             match r.reason {
                 Some(reason) => {
-                    let _ = write!(
+                    write!(
                         o,
                         "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>",
                         esc(reason),
                         esc(r.evidence.as_deref().unwrap_or(""))
-                    );
+                    )
+                    .ok();
                 }
                 None => o.push_str("<span class=\"muted\">–</span>"),
             }
             if let Some(h) = &r.held {
-                let _ = write!(o, "<span class=\"held\">held: {}</span>", esc(h));
+                write!(o, "<span class=\"held\">held: {}</span>", esc(h)).ok();
             }
-            let _ = write!(o, "</td><td data-label=\"Last seen\">{}</td><td class=\"num\" data-label=\"CPU\">{}</td><td class=\"num\" data-label=\"Mem\">{}</td><td data-label=\"Agent\">{}</td></tr>",
-                when(now, r.last_seen_ms), pct_cell(r.cpu), pct_cell(r.mem), esc(&r.version));
+            write!(o, "</td><td data-label=\"Last seen\">{}</td><td class=\"num\" data-label=\"CPU\">{}</td><td class=\"num\" data-label=\"Mem\">{}</td><td data-label=\"Agent\">{}</td></tr>",
+                when(now, r.last_seen_ms), pct_cell(r.cpu), pct_cell(r.mem), esc(&r.version)).ok();
         }
         o.push_str("</tbody></table>");
     }
@@ -538,19 +543,19 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
 fn queue_section(o: &mut String, phx: &Json, now: i64) {
     let str_of = |v: &Json, k: &str| v[k].as_str().unwrap_or("").to_owned();
     let b = &phx["budget"];
-    let _ = write!(
+    write!(
         o,
         "<section id=\"queue\"><h2>Phoenix queue <small>budget {:.0}% of a group, {} of {} marks in the last minute</small></h2>",
         b["share"].as_f64().unwrap_or(0.0) * 100.0,
         b["marks_last_minute"].as_u64().unwrap_or(0),
         b["rate_per_min"].as_u64().unwrap_or(0),
-    );
+    ).ok();
     let groups = b["groups"].as_array().cloned().unwrap_or_default();
     if !groups.is_empty() {
         o.push_str("<table class=\"budget\"><thead><tr><th>Group</th><th class=\"num\">Size</th><th class=\"num\">Bad</th><th class=\"num\">Budget in use</th><th class=\"num\">Free</th></tr></thead><tbody>");
         for g in &groups {
             let n = |k: &str| g[k].as_u64().unwrap_or(0);
-            let _ = write!(
+            write!(
                 o,
                 "<tr><td data-label=\"Group\">{}</td><td class=\"num\" data-label=\"Size\">{}</td><td class=\"num\" data-label=\"Bad\">{}</td><td class=\"num\" data-label=\"In use\">{} of {}{}</td><td class=\"num\" data-label=\"Free\">{}</td></tr>",
                 esc(&str_of(g, "group")),
@@ -560,7 +565,7 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
                 n("allowed"),
                 if n("acked") > 0 { format!(" ({} acked)", n("acked")) } else { String::new() },
                 n("free")
-            );
+            ).ok();
         }
         o.push_str("</tbody></table>");
     }
@@ -577,7 +582,7 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
                 .as_i64()
                 .map(|t| format!("acked {}", when(now, t)))
                 .unwrap_or_else(|| "waiting".into());
-            let _ = write!(
+            write!(
                 o,
                 "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Since\">{}</td><td data-label=\"Recycler\">{}</td></tr>",
                 esc(&str_of(m, "group")),
@@ -587,7 +592,7 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
                 acked,
                 idq = esc(&id),
                 link = pct(&id),
-            );
+            ).ok();
         }
         o.push_str("</tbody></table>");
     }
@@ -595,7 +600,7 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
         o.push_str("<h3>Held marks</h3><table id=\"held\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Held because</th></tr></thead><tbody>");
         for m in &held {
             let id = str_of(m, "instance_id");
-            let _ = write!(
+            write!(
                 o,
                 "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Held\">{}</td></tr>",
                 esc(&str_of(m, "group")),
@@ -604,7 +609,7 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
                 esc(&str_of(m, "hold")),
                 idq = esc(&id),
                 link = pct(&id),
-            );
+            ).ok();
         }
         o.push_str("</tbody></table>");
     }
@@ -616,10 +621,10 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
     let logs = s.obs.logs.lines(id);
     let a = &i.identity;
     let mut o = String::with_capacity(8192);
-    let _ = write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.phx.state.as_str()), id = esc(id));
+    write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.phx.state.as_str()), id = esc(id)).ok();
     o.push_str("<dl class=\"facts\">");
     let mut fact = |k: &str, v: String| {
-        let _ = write!(o, "<dt>{k}</dt><dd>{v}</dd>");
+        write!(o, "<dt>{k}</dt><dd>{v}</dd>").ok();
     };
     fact("Image", format!("<code>{}</code>", esc(&a.image_id)));
     fact("Group", esc(crate::queue::group_of(&i)).to_string());
@@ -673,32 +678,33 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
         None => o.push_str("<p class=\"muted\">This agent watches no files (no --drift-path).</p>"),
         Some(d) => {
             let verdict = if d.drifted { "<b>drifted</b>" } else { "clean" };
-            let _ = write!(
+            write!(
                 o,
                 "<p>{verdict} against the {}",
                 esc(d.source.as_deref().unwrap_or("(no baseline)"))
-            );
+            )
+            .ok();
             if let Some(since) = d.since_ms {
-                let _ = write!(o, ", since {}", when(now, since));
+                write!(o, ", since {}", when(now, since)).ok();
             }
-            let _ = write!(o, ". Hash <code>{}</code>", esc(short(&d.hash)));
+            write!(o, ". Hash <code>{}</code>", esc(short(&d.hash))).ok();
             if let Some(e) = &d.expected {
-                let _ = write!(o, ", expected <code>{}</code>", esc(short(e)));
+                write!(o, ", expected <code>{}</code>", esc(short(e))).ok();
             }
             o.push_str(".</p>");
             if let Some(n) = &d.note {
-                let _ = write!(o, "<p class=\"muted\">{}</p>", esc(n));
+                write!(o, "<p class=\"muted\">{}</p>", esc(n)).ok();
             }
             if !d.changes.is_empty() {
                 o.push_str("<table id=\"changes\"><thead><tr><th>File</th><th>Change</th><th>Attributes</th></tr></thead><tbody>");
                 for c in &d.changes {
-                    let _ = write!(
+                    write!(
                         o,
                         "<tr class=\"change\"><td data-label=\"File\"><code>{}</code></td><td data-label=\"Change\">{}</td><td data-label=\"Attributes\">{}</td></tr>",
                         esc(&c.path),
                         esc(&c.change),
                         esc(&c.attrs.join(", "))
-                    );
+                    ).ok();
                 }
                 o.push_str("</tbody></table>");
             }
@@ -723,18 +729,18 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
             } else {
                 format!("<b>failed</b> ({streak} in a row)")
             };
-            let _ = write!(
+            write!(
                 o,
                 "<tr class=\"check{}\" data-check=\"{name}\"><td data-label=\"Check\">{name}</td><td data-label=\"Result\">{result}</td><td data-label=\"Detail\">{}</td><td class=\"num\" data-label=\"Took\">{} ms</td></tr>",
                 if c.ok { "" } else { " fail" },
                 esc(&c.detail),
                 c.duration_ms,
                 name = esc(&c.name),
-            );
+            ).ok();
         }
         o.push_str("</tbody></table>");
     }
-    let _ = write!(o, "</section><section id=\"logs\"><h3>Last log lines <small>up to {}; the store has them all</small></h3>", crate::selfmetrics::LOG_LINES_KEPT);
+    write!(o, "</section><section id=\"logs\"><h3>Last log lines <small>up to {}; the store has them all</small></h3>", crate::selfmetrics::LOG_LINES_KEPT).ok();
     if logs.is_empty() {
         o.push_str("<p class=\"muted\">No log lines since this collector started.</p>");
     } else {
@@ -747,7 +753,7 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
             if l.cut {
                 flags.push_str(" · cut");
             }
-            let _ = write!(o, "<li class=\"log\"><small>{} · <code>{}</code>{}</small><span class=\"msg\">{}</span></li>", when(now, l.ts / 1_000_000), esc(&l.src), esc(&flags), esc(&l.msg));
+            write!(o, "<li class=\"log\"><small>{} · <code>{}</code>{}</small><span class=\"msg\">{}</span></li>", when(now, l.ts / 1_000_000), esc(&l.src), esc(&flags), esc(&l.msg)).ok();
         }
         o.push_str("</ol>");
     }

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use super::{Response, Sink, SinkError};
 
+#[derive(Debug)]
 pub struct FileSink {
     dir: PathBuf,
     db: String,
@@ -69,7 +70,12 @@ impl Sink for FileSink {
                     err: e.to_string(),
                 })?;
             if fresh {
-                let _ = writeln!(f, "# DML\n# CONTEXT-DATABASE: {}", self.db);
+                writeln!(f, "# DML\n# CONTEXT-DATABASE: {}", self.db).map_err(|e| {
+                    SinkError::Unreachable {
+                        what: path.display().to_string(),
+                        err: e.to_string(),
+                    }
+                })?;
             }
             *g = Some((day, f));
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Response, Sink, SinkError};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Api {
     V1 {
         db: String,
@@ -23,6 +23,33 @@ pub enum Api {
     },
 }
 
+/// Credentials are shown only as present or absent.
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Api::V1 {
+                db,
+                rp,
+                user,
+                password,
+            } => f
+                .debug_struct("V1")
+                .field("db", db)
+                .field("rp", rp)
+                .field("user", user)
+                .field("password", &password.as_ref().map(|_| "<set>"))
+                .finish(),
+            Api::V2 { org, bucket, token } => f
+                .debug_struct("V2")
+                .field("org", org)
+                .field("bucket", bucket)
+                .field("token", &token.as_ref().map(|_| "<set>"))
+                .finish(),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct Influx {
     base: String,
     api: Api,
@@ -126,11 +153,11 @@ impl Sink for Influx {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let mut text = String::new();
-        let _ = resp
-            .body_mut()
+        resp.body_mut()
             .as_reader()
             .take(1 << 20)
-            .read_to_string(&mut text);
+            .read_to_string(&mut text)
+            .ok();
         Ok(Response {
             status,
             retry_after,

@@ -309,7 +309,7 @@ fn main() {
                     }
                     match req.send(&body[..]) {
                         Ok(mut resp) => {
-                            let _ = resp.body_mut().read_to_vec();
+                            resp.body_mut().read_to_vec().ok();
                             match resp.status().as_u16() {
                                 200 => {
                                     stats.ok.fetch_add(1, Ordering::Relaxed);
@@ -395,7 +395,7 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     for h in handles {
-        let _ = h.join();
+        h.join().ok();
     }
     let ok = stats.ok.load(Ordering::Relaxed);
     let out = serde_json::json!({
