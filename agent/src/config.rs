@@ -16,9 +16,14 @@ pub struct RunArgs {
     #[arg(long, env = "PHOENIX_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Collector base URL, e.g. https://collector.internal:7070 (required).
-    #[arg(long, env = "PHOENIX_COLLECTOR")]
-    pub collector: Option<String>,
+    /// Collector base URL, e.g. https://collector.internal:7070 (required). Repeat it for
+    /// several collectors: the agent fails over in this order and goes back to the first.
+    #[arg(long = "collector", env = "PHOENIX_COLLECTOR", value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub collector: Vec<String>,
+    /// Most batches sent at once, not yet acked [default: 4].
+    #[arg(long, env = "PHOENIX_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
     /// Agent token for the collector (prefer --token-file: flags show in `ps`).
     #[arg(long, env = "PHOENIX_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -114,7 +119,11 @@ pub struct RunArgs {
 /// The merged, checked settings `run` works with.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// The first of `collectors`.
     pub collector: String,
+    /// Every collector, in order of preference.
+    pub collectors: Vec<String>,
+    pub max_in_flight: usize,
     pub token: Option<String>,
     pub interval: Duration,
     pub state_dir: PathBuf,
@@ -155,9 +164,14 @@ impl RunArgs {
         };
         let pick = |a: Option<String>, b: Option<String>| a.or(b);
         let list = |a: Vec<String>, b: Vec<String>| if a.is_empty() { b } else { a };
-        let Some(collector) = pick(self.collector, file.collector) else {
+        let collectors = list(self.collector, file.collector);
+        let Some(collector) = collectors.first().cloned() else {
             bail!("no collector: give --collector URL (or PHOENIX_COLLECTOR, or collector = \"...\" in the config file)")
         };
+        let max_in_flight = self.max_in_flight.or(file.max_in_flight).unwrap_or(4);
+        if !(1..=64).contains(&max_in_flight) {
+            bail!("--max-in-flight {max_in_flight}: use 1 to 64");
+        }
         let token = match (
             pick(self.token, file.token),
             self.token_file.or(file.token_file),
@@ -213,6 +227,8 @@ impl RunArgs {
         )?;
         Ok(RunConfig {
             collector,
+            collectors,
+            max_in_flight,
             token,
             interval,
             state_dir: self
@@ -258,6 +274,20 @@ impl RunArgs {
     }
 }
 
+/// `collector = "URL"` or `collector = ["URL", ...]` in the config file.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// `64MiB`, `500KB`, `1G`, or plain bytes.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     phoenix_wire::parse_size(s).map_err(|e| anyhow::anyhow!(e))
@@ -286,6 +316,21 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.logs, vec!["/var/log/a.log".to_string()]);
         assert_eq!(c.spool_max, 64 << 20);
+        assert_eq!(c.max_in_flight, 4);
+        std::fs::write(
+            &f,
+            "collector = [\"http://a:1\", \"http://b:1\"]\nmax_in_flight = 2\n",
+        )
+        .unwrap();
+        let c = RunArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.collectors, ["http://a:1", "http://b:1"]);
+        assert_eq!(c.collector, "http://a:1");
+        assert_eq!(c.max_in_flight, 2);
         std::fs::write(&f, "colector = \"typo\"\n").unwrap();
         let e = RunArgs {
             config: Some(f),

@@ -1,7 +1,7 @@
 //! phoenix-agent: metrics, log lines and a read-only config-drift hash, shipped off the box.
 //!
 //! Each source runs on its own thread behind [`source::Source`] and pushes batches into the
-//! durable [`spool::Spool`]; one [`transport::Sender`] drains it to the collector.
+//! durable [`spool::Spool`]; one [`transport::Sender`] drains it to the collectors.
 
 pub mod checks;
 pub mod config;
@@ -18,6 +18,7 @@ pub mod transport;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -59,7 +60,9 @@ pub fn run(
             cfg.state_dir.display()
         )
     })?;
-    tls::check_url(&cfg.collector, cfg.tls.insecure_http)?;
+    for c in &cfg.collectors {
+        tls::check_url(c, cfg.tls.insecure_http)?;
+    }
     let http = tls::http_agent(&cfg.tls)?;
     let spool = Arc::new(spool::Spool::open(
         &cfg.state_dir.join("spool"),
@@ -78,7 +81,7 @@ pub fn run(
             "--group {g:?}: use 1-128 chars of A-Z a-z 0-9 - _ . : /"
         );
     }
-    tracing::info!(instance_id = %identity.instance_id, image_id = %identity.image_id, collector = %cfg.collector, spooled = spool.len(), "phoenix-agent starting");
+    tracing::info!(instance_id = %identity.instance_id, image_id = %identity.image_id, collectors = %cfg.collectors.join(","), spooled = spool.len(), "phoenix-agent starting");
     // Before any thread starts, so every thread inherits the blocked signal mask.
     stop_signal(spool.clone());
     let ctx = Ctx {
@@ -101,13 +104,17 @@ pub fn run(
                 })?,
         );
     }
-    let sender = transport::Sender::with_http(
+    let mut sender = transport::Sender::with_http(
         http,
-        &cfg.collector,
+        &cfg.collectors,
         cfg.token.clone(),
         spool.clone(),
         cfg.state_dir.clone(),
     );
+    sender.max_in_flight = cfg.max_in_flight;
+    // Often enough that a recovered first collector gets its agents back within a few
+    // intervals, rarely enough to cost nothing.
+    sender.probe_every = (cfg.interval * 3).clamp(Duration::from_secs(5), Duration::from_secs(60));
     sender.run();
     for t in threads {
         t.join().ok();
