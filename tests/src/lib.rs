@@ -3,6 +3,8 @@
 //!
 //! Env: `PHOENIX_TEST_INFLUXD` names the influxd binary (default `influxd` on PATH).
 
+pub mod net;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
