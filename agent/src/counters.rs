@@ -45,6 +45,8 @@ mod names {
         dropped_lines,
         // Batches the collector refused (400/413) that were split in two to find the bad point.
         batches_bisected,
+        // Batches a collector called duplicates, sent again under a new seq (Spool::reseq).
+        batches_resent_as_new,
         spool_write_errors,
         state_write_errors,
         send_retries,

@@ -60,6 +60,10 @@ pub struct Meta {
     /// left to send, only the checkpoint to promote in order. Stored as a header-only file.
     #[serde(default, skip_serializing_if = "is_false")]
     pub settled: bool,
+    /// How often this batch's content was queued again under a new seq (see
+    /// [`Spool::reseq`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reseqs: u8,
     /// Acked (or settled) and waiting for the batches before it.
     #[serde(skip)]
     pub done: bool,
@@ -69,6 +73,10 @@ pub struct Meta {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 /// A batch ready to send.
@@ -220,6 +228,11 @@ impl Spool {
         g.index.values().filter(|m| !m.done).count()
     }
 
+    /// The highest seq in the spool.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.inner.lock().unwrap().index.keys().next_back().copied()
+    }
+
     /// The newest checkpoint of `source` still waiting in the spool, if any.
     pub fn pending_checkpoint(&self, source: &str) -> Option<serde_json::Value> {
         let g = self.inner.lock().unwrap();
@@ -240,13 +253,24 @@ impl Spool {
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
     ) -> Result<Option<u64>, SpoolError> {
+        self.push_with(kind, report, checkpoint, wait, 0)
+    }
+
+    fn push_with(
+        &self,
+        kind: Kind,
+        report: Report,
+        checkpoint: Option<(String, serde_json::Value)>,
+        wait: Duration,
+        reseqs: u8,
+    ) -> Result<Option<u64>, SpoolError> {
         let seq = {
             let mut g = self.inner.lock().unwrap();
             let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
             g.pending.insert(seq);
             seq
         };
-        let res = self.push_as(seq, kind, report, checkpoint, wait);
+        let res = self.push_as(seq, kind, report, checkpoint, wait, reseqs);
         // On every path: the seq is no longer pending (on success it already went, with the
         // insert, under one lock).
         let mut g = self.inner.lock().unwrap();
@@ -265,6 +289,7 @@ impl Spool {
         mut report: Report,
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
+        reseqs: u8,
     ) -> Result<Option<u64>, SpoolError> {
         let points = (report.metrics.len() + report.logs.len()) as u64;
         report.seq = seq;
@@ -274,6 +299,7 @@ impl Spool {
             points,
             checkpoint,
             settled: false,
+            reseqs,
             done: false,
             bytes: body.len() as u64,
         };
@@ -618,19 +644,34 @@ impl Spool {
         } else {
             second.logs = first.logs.split_off(n_l / 2);
         }
-        self.push_part(e.meta.kind, first)?;
-        self.push_part(e.meta.kind, second)?;
+        self.push_part(e.meta.kind, first, 0)?;
+        self.push_part(e.meta.kind, second, 0)?;
         self.settle(seq, &e.meta)?;
         counters::add(&counters::batches_bisected, 1);
         Ok(true)
     }
 
+    /// Queue the content of entry `seq` again under a new seq (no checkpoint) and settle the
+    /// entry. For an entry a collector called a duplicate although this agent never had it
+    /// stored: a collector that keeps only the highest seq per boot says so for a batch that
+    /// arrived after a later one. Sending points twice is harmless (they carry their own
+    /// timestamps), dropping them is not.
+    pub fn reseq(&self, seq: u64) -> io::Result<()> {
+        let Some(e) = self.get(seq) else {
+            return Ok(());
+        };
+        let json = phoenix_wire::gunzip_limited(&e.body, 1 << 30).map_err(io::Error::other)?;
+        let r: Report = serde_json::from_slice(&json).map_err(io::Error::other)?;
+        self.push_part(e.meta.kind, r, e.meta.reseqs.saturating_add(1))?;
+        self.settle(seq, &e.meta)
+    }
+
     /// Queue a part of a split entry: no waiting for room (it replaces what it came from).
-    fn push_part(&self, kind: Kind, report: Report) -> io::Result<()> {
+    fn push_part(&self, kind: Kind, report: Report, reseqs: u8) -> io::Result<()> {
         if report.metrics.is_empty() && report.logs.is_empty() && report.drift.is_none() {
             return Ok(());
         }
-        match self.push(kind, report, None, Duration::ZERO) {
+        match self.push_with(kind, report, None, Duration::ZERO, reseqs) {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(io::Error::other("no room in the spool for a split batch")),
             Err(SpoolError::Io(_, e)) => Err(e),

@@ -24,6 +24,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Wait between collectors while failing over, before every one of them failed in a row.
 const FAILOVER_PAUSE: Duration = Duration::from_millis(100);
+/// How often a batch answered "duplicate" is queued again under a new seq.
+const MAX_RESEQS: u8 = 3;
 /// How much of an unexpected answer goes into the log.
 const SNIPPET: usize = 200;
 
@@ -345,6 +347,22 @@ impl Sender {
         st.inflight.remove(&seq);
         let now = Instant::now();
         match out {
+            Outcome::Acked(ack) if ack.duplicate => {
+                // A collector that keeps only the highest seq per boot says "duplicate" for a
+                // batch that arrived after a later one, stored or not. Queue it again under a
+                // new seq rather than risk losing it (points sent twice overwrite themselves);
+                // a few times at most, then believe the collector.
+                let reseqs = self.spool.get(seq).map_or(u8::MAX, |e| e.meta.reseqs);
+                if reseqs >= MAX_RESEQS {
+                    self.on_acked(st, seq, &ack);
+                } else if let Err(e) = self.spool.reseq(seq) {
+                    self.state_dir_failed(st, seq, &e);
+                } else {
+                    counters::add(&counters::batches_resent_as_new, 1);
+                    tracing::warn!(seq, "collector called a batch a duplicate; queued it again under a new seq in case it was never stored");
+                    self.promote(st);
+                }
+            }
             Outcome::Acked(ack) => self.on_acked(st, seq, &ack),
             Outcome::Refused(reason) => {
                 match self.spool.split(seq) {

@@ -364,3 +364,43 @@ fn a_full_state_dir_costs_little_loses_no_line_and_counts_what_it_dropped() {
     assert!(row["e"].as_u64().unwrap() > 0);
     agent.stop();
 }
+
+#[test]
+fn a_batch_the_collector_refuses_is_split_until_every_good_line_is_stored() {
+    let influx = Influx::start();
+    // At most 60 points a report: the agent's 600-line batch is refused with 400 as a whole.
+    let c = Collector::start(&[
+        "--influx-url",
+        &influx.url(),
+        "--influx-db",
+        DB,
+        "--max-points",
+        "60",
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("app.log");
+    append(&log, 0, 600, 40);
+    let state = tmp.path().join("state");
+    let log_arg = log.to_str().unwrap();
+    let agent = spawn(
+        agent_cmd(
+            &[],
+            &[c.url()],
+            "i-net-split",
+            &state,
+            &["--log", log_arg, "--log-initial", "start"],
+        ),
+        tmp.path().join("agent.log"),
+    );
+    wait_all(&influx, DB, &log, 600, Duration::from_secs(60), &agent);
+    assert!(
+        agent.log_text().contains("split it in two"),
+        "{}",
+        agent.log_text()
+    );
+    // Nothing was set aside: every part fitted once small enough.
+    assert!(
+        !state.join("rejected").exists()
+            || fs::read_dir(state.join("rejected")).unwrap().count() == 0
+    );
+}
