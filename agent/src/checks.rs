@@ -204,40 +204,53 @@ impl Worker {
 
 fn round(workers: &[Worker], timeout: Duration) -> Vec<CheckResult> {
     let now = Instant::now();
-    for w in workers {
-        let mut g = w.slot.0.lock().unwrap();
-        if g.busy_since.is_none() {
+    let timed_out = |w: &Worker, since: Option<Instant>| {
+        let since = since.map_or(timeout, |t| t.elapsed());
+        CheckResult {
+            name: w.name.clone(),
+            ok: false,
+            detail: format!(
+                "timed out after {} (still running after {})",
+                human(timeout),
+                human(since)
+            ),
+            duration_ms: since.as_millis() as u64,
+        }
+    };
+    // Start every idle probe. One still busy from an earlier round is failed at once: even
+    // if it finished during this round, its answer would be about an earlier moment.
+    let started: Vec<bool> = workers
+        .iter()
+        .map(|w| {
+            let mut g = w.slot.0.lock().unwrap();
+            if g.busy_since.is_some() {
+                return false;
+            }
             g.done = None;
-            // A full channel means a kick is already queued; a closed one means the worker
-            // could not start, which the wait below reports as a timeout.
+            // A closed channel means the worker could not start: reported as a timeout.
             if w.kick.try_send(()).is_ok() {
                 g.busy_since = Some(now);
             }
-        }
-    }
+            true
+        })
+        .collect();
     let deadline = now + timeout;
     workers
         .iter()
-        .map(|w| {
+        .zip(started)
+        .map(|(w, started)| {
             let (m, cv) = &*w.slot;
             let mut g = m.lock().unwrap();
+            if !started {
+                return timed_out(w, g.busy_since);
+            }
             loop {
                 if let Some(r) = g.done.take() {
                     return r;
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    let since = g.busy_since.map_or(timeout, |t| t.elapsed());
-                    return CheckResult {
-                        name: w.name.clone(),
-                        ok: false,
-                        detail: format!(
-                            "timed out after {} (still running {})",
-                            human(timeout),
-                            human(since)
-                        ),
-                        duration_ms: since.as_millis() as u64,
-                    };
+                    return timed_out(w, g.busy_since);
                 }
                 g = cv.wait_timeout(g, left).unwrap().0;
             }
@@ -275,7 +288,7 @@ struct Runner {
 impl Runner {
     fn new(timeout: Duration) -> Runner {
         let cfg = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout + Duration::from_millis(500)))
+            .timeout_global(Some(timeout))
             .http_status_as_error(false)
             .max_redirects(0)
             .build();
@@ -296,17 +309,23 @@ impl Runner {
                     let s = r.status().as_u16();
                     (s == *expect, format!("HTTP {s}"))
                 }
+                Err(ureq::Error::Timeout(_)) => (false, self.timed_out()),
                 Err(e) => (false, e.to_string()),
             },
             Probe::Tcp(addr) => match addr.to_socket_addrs().ok().and_then(|mut a| a.next()) {
                 Some(sa) => match TcpStream::connect_timeout(&sa, self.timeout) {
                     Ok(_) => (true, "connected".into()),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => (false, self.timed_out()),
                     Err(e) => (false, e.to_string()),
                 },
                 None => (false, format!("cannot resolve {addr}")),
             },
             Probe::Systemd(unit) => self.systemd(unit),
         }
+    }
+
+    fn timed_out(&self) -> String {
+        format!("timed out after {}", human(self.timeout))
     }
 
     /// `systemctl is-active`, killed if it outlives the timeout (a wedged D-Bus).
