@@ -56,6 +56,8 @@ pub struct Sockets {
     proc: PathBuf,
     sent: Option<(BTreeSet<Listen>, Instant)>,
     owned: Vec<Owned>,
+    /// Inode to holder from earlier walks: a changed set walks the fds only for new inodes.
+    holders: HashMap<u64, u32>,
 }
 
 impl Sockets {
@@ -64,6 +66,7 @@ impl Sockets {
             proc: proc.into(),
             sent: None,
             owned: Vec::new(),
+            holders: HashMap::new(),
         }
     }
 
@@ -120,6 +123,14 @@ impl Sockets {
             None => true,
         };
         if due {
+            // The periodic resend walks everything again: a pid may have handed a socket on.
+            if self
+                .sent
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= RESEND)
+            {
+                self.holders.clear();
+            }
             self.owned = self.owners(&listen);
             for o in self.owned.iter().take(MAX_LISTEN) {
                 out.push(listen_point(o, ts));
@@ -131,10 +142,21 @@ impl Sockets {
     }
 
     /// Which process holds each socket: the lowest pid with an fd on its inode.
-    fn owners(&self, set: &BTreeSet<Listen>) -> Vec<Owned> {
-        let want: HashMap<u64, ()> = set.iter().map(|l| (l.inode, ())).collect();
+    fn owners(&mut self, set: &BTreeSet<Listen>) -> Vec<Owned> {
+        let live: HashMap<u64, ()> = set.iter().map(|l| (l.inode, ())).collect();
+        self.holders.retain(|i, _| live.contains_key(i));
+        let want: HashMap<u64, ()> = set
+            .iter()
+            .filter(|l| !self.holders.contains_key(&l.inode))
+            .map(|l| (l.inode, ()))
+            .collect();
         let mut found: HashMap<u64, u32> = HashMap::new();
-        if let Ok(dir) = std::fs::read_dir(&self.proc) {
+        let dir = if want.is_empty() {
+            None
+        } else {
+            std::fs::read_dir(&self.proc).ok()
+        };
+        if let Some(dir) = dir {
             let mut pids: Vec<u32> = dir
                 .flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -162,9 +184,10 @@ impl Sockets {
                 }
             }
         }
+        self.holders.extend(found);
         set.iter()
             .map(|l| {
-                let pid = found.get(&l.inode).copied();
+                let pid = self.holders.get(&l.inode).copied();
                 let process = pid.and_then(|p| {
                     let c = std::fs::read_to_string(self.proc.join(p.to_string()).join("comm"));
                     c.ok()
