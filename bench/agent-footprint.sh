@@ -4,12 +4,14 @@
 #
 #   bench/agent-footprint.sh             # 180 s at a 10 s interval
 #   DURATION=300 bench/agent-footprint.sh
+#   AGENT_ARGS="--top-processes 0" bench/agent-footprint.sh   # extra agent flags [default: --top-processes 10]
 #
 # Needs: collectd-core (apt-get install -y collectd-core), python3. Builds the release binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-180}
 INTERVAL=${INTERVAL:-10}
+AGENT_ARGS=${AGENT_ARGS:---top-processes 10}
 command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
 cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-footprint.XXXXXX)
@@ -21,8 +23,9 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 COLLECTOR=$!
 for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
 
+# shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
 ./target/release/phoenix-agent run --collector "http://127.0.0.1:$PORT" --token bench --interval "${INTERVAL}s" \
-  --state-dir "$W/agent" --instance-id i-bench --image-id img-bench >"$W/agent.log" 2>&1 &
+  --state-dir "$W/agent" --instance-id i-bench --image-id img-bench $AGENT_ARGS >"$W/agent.log" 2>&1 &
 AGENT=$!
 
 # collectd with the plugins that match the agent's metrics, same interval, sending over UDP

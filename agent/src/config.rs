@@ -73,6 +73,18 @@ pub struct RunArgs {
     /// Local probe NAME=SPEC (repeatable): process:NAME, http://127.0.0.1:PORT/PATH, tcp:HOST:PORT, systemd:UNIT.
     #[arg(long = "check", env = "PHOENIX_CHECK", value_delimiter = ',')]
     pub check: Vec<String>,
+    /// Longest a check may take before it counts as failed [default: the smaller of interval/2 and 5s].
+    #[arg(long, env = "PHOENIX_CHECK_TIMEOUT")]
+    pub check_timeout: Option<String>,
+    /// `procstat` points for the top N processes by CPU and the top N by RSS; 0 = off [default: 10].
+    #[arg(long, env = "PHOENIX_TOP_PROCESSES")]
+    pub top_processes: Option<usize>,
+    /// Kernel messages from /dev/kmsg: auto (on unless --journal already carries them), on or off [default: auto].
+    #[arg(long, env = "PHOENIX_KMSG")]
+    pub kmsg: Option<String>,
+    /// Where the kernel's message device is [default: /dev/kmsg].
+    #[arg(long, env = "PHOENIX_KMSG_PATH")]
+    pub kmsg_path: Option<PathBuf>,
     /// Log format of the agent's own messages: text or json [default: text].
     #[arg(long, env = "PHOENIX_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -138,6 +150,11 @@ pub struct RunConfig {
     pub image_id: Option<String>,
     pub group: Option<String>,
     pub checks: Vec<String>,
+    pub check_timeout: Duration,
+    /// N for the top-N-by-CPU and top-N-by-RSS `procstat` points; 0 = off.
+    pub top_processes: usize,
+    /// Read kernel messages from this device (None: off, or the journal carries them).
+    pub kmsg: Option<PathBuf>,
     /// CA, client certificate and whether plain http:// may leave the box.
     pub tls: crate::tls::TlsOptions,
     /// Ship the systemd journal: on with --journal, --journal-dir or --journal-file.
@@ -225,6 +242,29 @@ impl RunArgs {
                 .as_deref()
                 .unwrap_or("end"),
         )?;
+        let check_timeout = match pick(self.check_timeout, file.check_timeout) {
+            Some(v) => dur(Some(v), "", "check-timeout")?,
+            None => (interval / 2).min(Duration::from_secs(5)),
+        };
+        if check_timeout.is_zero() || check_timeout > interval {
+            bail!("--check-timeout must be above 0 and at most --interval");
+        }
+        // The journal read whole from the local box (no unit filter) already has the kernel's
+        // lines; reading /dev/kmsg as well would ship each of them twice.
+        let journal_has_kernel = journal
+            && journal_units.is_empty()
+            && journal_dir.is_none()
+            && journal_files.is_empty();
+        let kmsg_path = self
+            .kmsg_path
+            .or(file.kmsg_path)
+            .unwrap_or_else(|| "/dev/kmsg".into());
+        let kmsg = match pick(self.kmsg, file.kmsg).as_deref().unwrap_or("auto") {
+            "auto" => (!journal_has_kernel).then_some(kmsg_path),
+            "on" => Some(kmsg_path),
+            "off" => None,
+            o => bail!("--kmsg {o:?}: use auto, on or off"),
+        };
         Ok(RunConfig {
             collector,
             collectors,
@@ -258,6 +298,9 @@ impl RunArgs {
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),
             checks: list(self.check, file.check),
+            check_timeout,
+            top_processes: self.top_processes.or(file.top_processes).unwrap_or(10),
+            kmsg,
             tls: crate::tls::TlsOptions {
                 ca_file: self.ca_file.or(file.ca_file),
                 client_cert: self.tls_client_cert.or(file.tls_client_cert),

@@ -9,8 +9,11 @@ pub mod counters;
 pub mod drift;
 pub mod identity;
 pub mod journal;
+pub mod kmsg;
 pub mod logs;
 pub mod metrics;
+pub mod procs;
+pub mod sockets;
 pub mod source;
 pub mod spool;
 pub mod tls;
@@ -30,9 +33,14 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     let mut out: Vec<Box<dyn Source>> = Vec::new();
     let mut m = metrics::MetricsSource::new("/proc");
     if !cfg.checks.is_empty() {
-        m.checks = Some(checks::Checks::new(&cfg.checks)?);
+        m.checks = Some(checks::Checks::new(&cfg.checks, cfg.check_timeout)?);
     }
+    m.procs = Some(procs::Procs::new("/proc", cfg.top_processes));
+    m.sockets = Some(sockets::Sockets::new("/proc"));
     out.push(Box::new(m));
+    if let Some(path) = &cfg.kmsg {
+        out.push(Box::new(kmsg::KmsgSource::new(path)));
+    }
     if !cfg.logs.is_empty() {
         out.push(Box::new(logs::LogSource::new(logs::Options::from_config(
             cfg,

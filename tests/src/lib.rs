@@ -521,6 +521,10 @@ impl Agent {
         if !self.args.iter().any(|a| a == "--interval") {
             cmd.args(["--interval", "1s"]);
         }
+        // Kernel lines are the box's, not the test's: only tests that ask read them.
+        if !self.args.iter().any(|a| a == "--kmsg") {
+            cmd.args(["--kmsg", "off"]);
+        }
         cmd.args(&self.args).env("PHOENIX_LOG_LEVEL", "info");
         let log = self._tmp.path().join(format!("agent-{}.log", rand_u64()));
         self.proc = Some(Proc::spawn(cmd, log));

@@ -9,8 +9,11 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+mod cut;
 pub mod drift;
 pub mod logtext;
+
+pub use cut::{cut_to, cut_value, MAX_TAG_VALUE};
 
 /// Major version of the wire format. A collector rejects any other major with a 400.
 pub const VERSION: u32 = 1;
