@@ -648,8 +648,8 @@ impl Tailer {
             let Some(head) = Head::from_hex(e.head_len, &e.head) else {
                 continue;
             };
-            let (file, md) = match locate(&last, e.dev, e.ino) {
-                Ok(Some((file, md, _))) => (file, md),
+            let (file, md, at) = match locate(&last, e.dev, e.ino) {
+                Ok(Some((file, md, at))) => (file, md, at),
                 Ok(None) => {
                     tracing::info!(file = %last.display(), "a checkpointed log file is gone; forgetting it");
                     continue;
@@ -702,8 +702,11 @@ impl Tailer {
             } else {
                 head
             };
-            let mut f = Tracked::new(e.src, None, file, &md, head, offset, now);
-            f.loc = last;
+            // Still at its last path: closable by the budget (the scan confirms the name).
+            // Renamed while the agent was down: it stays open until read to its end.
+            let path = (at == last).then_some(at.clone());
+            let mut f = Tracked::new(e.src, path, file, &md, head, offset, now);
+            f.loc = at;
             f.part = part;
             f.committed_part = part;
             // Lines may have been written while the agent was down.

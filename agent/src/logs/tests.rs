@@ -749,6 +749,11 @@ fn many_files_over_the_open_file_budget_lose_nothing() {
     }
     let mut t = env.tailer(o);
     assert_eq!(t.files.len(), n, "no checkpointed file was forgotten");
+    assert!(
+        open_files(&t) <= 8,
+        "resuming opened {} files at once",
+        open_files(&t)
+    );
     let mut got: Vec<LogLine> = Vec::new();
     let ok = step_on_events(&mut t, &env, Duration::from_secs(20), |_| {
         got.extend(env.drain());
