@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// On the very first start on a box, read files that already exist from `end` or `start` [default: end].
     #[arg(long, env = "PHOENIX_LOG_INITIAL")]
     pub log_initial: Option<String>,
+    /// Most tailed log files held open at once; idle ones are closed and found again by inode [default: min(256, open-file limit / 4)].
+    #[arg(long, env = "PHOENIX_MAX_OPEN_FILES")]
+    pub max_open_files: Option<usize>,
     /// Path whose files are hashed for drift (repeatable).
     #[arg(long = "drift-path", env = "PHOENIX_DRIFT_PATH", value_delimiter = ',')]
     pub drift_path: Vec<PathBuf>,
@@ -142,6 +145,8 @@ pub struct RunConfig {
     pub spool_max: u64,
     pub logs: Vec<String>,
     pub log_from_start: bool,
+    /// `--max-open-files`; None: min(256, RLIMIT_NOFILE / 4).
+    pub max_open_files: Option<usize>,
     pub drift_paths: Vec<PathBuf>,
     pub drift_excludes: Vec<String>,
     pub baseline: Option<PathBuf>,
@@ -282,6 +287,7 @@ impl RunArgs {
             )?,
             logs: list(self.log, file.log),
             log_from_start,
+            max_open_files: self.max_open_files.or(file.max_open_files),
             drift_paths: if self.drift_path.is_empty() {
                 file.drift_path
             } else {

@@ -27,6 +27,7 @@ mod names {
         bytes_read,
         files_rotated,
         files_truncated,
+        source_restarts,
         drift_scans,
         drift_events,
         drift_overflows,

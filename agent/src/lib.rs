@@ -16,6 +16,7 @@ pub mod procs;
 pub mod sockets;
 pub mod source;
 pub mod spool;
+pub mod supervise;
 pub mod tls;
 pub mod transport;
 
@@ -102,14 +103,12 @@ pub fn run(
     for src in sources(&cfg)? {
         let ctx = ctx.clone();
         let name = src.name();
+        let again = cfg.clone();
+        let rebuild = move || Ok(sources(&again)?.into_iter().find(|s| s.name() == name));
         threads.push(
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || {
-                    if let Err(e) = src.run(ctx) {
-                        tracing::error!(source = name, error = %format!("{e:#}"), "source stopped");
-                    }
-                })?,
+                .spawn(move || supervise::run(src, ctx, rebuild))?,
         );
     }
     let mut sender = transport::Sender::with_http(

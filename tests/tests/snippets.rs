@@ -151,6 +151,11 @@ fn systemd_unit_passes_systemd_analyze_and_is_hardened() {
             "{k}= missing: the agent must never be what starves the instance"
         );
     }
+    let nofile: u64 = get("LimitNOFILE")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .expect("LimitNOFILE= in the unit: a glob over many log files must not run out");
+    assert!(nofile >= 4096, "LimitNOFILE={nofile} is below 4096");
     // State must land where the agent looks by default, and the unit must not hand out writes.
     assert!(
         !s.iter().any(|(k, _)| k == "ReadWritePaths"),
