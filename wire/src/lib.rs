@@ -293,31 +293,6 @@ pub fn gunzip_limited(body: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
-/// The longest tag value (and log `src`) a collector takes.
-pub const MAX_TAG_VALUE: usize = 1024;
-
-/// `v` made to fit `max` bytes: unchanged when it does, else its start (cut on a character
-/// boundary) + `…` + 8 hex digits of its hash, so two long values that share a long start
-/// (deep paths) stay distinct and a cut value is plainly marked as one.
-pub fn cut_value(v: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if v.len() <= max {
-        return std::borrow::Cow::Borrowed(v);
-    }
-    let h = blake3::hash(v.as_bytes());
-    let tail = format!(
-        "…{:02x}{:02x}{:02x}{:02x}",
-        h.as_bytes()[0],
-        h.as_bytes()[1],
-        h.as_bytes()[2],
-        h.as_bytes()[3]
-    );
-    let mut keep = max.saturating_sub(tail.len());
-    while keep > 0 && !v.is_char_boundary(keep) {
-        keep -= 1;
-    }
-    std::borrow::Cow::Owned(format!("{}{tail}", &v[..keep]))
-}
-
 /// Instance, image and group ids: what cloud providers use, nothing that needs escaping.
 pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
@@ -492,21 +467,6 @@ fn check_fields(fields: &BTreeMap<String, Value>, l: &Limits) -> Result<(), Stri
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn cut_value_fits_marks_and_keeps_values_apart() {
-        assert_eq!(cut_value("short", 1024), "short");
-        let a = format!("/{}/a.log", "x".repeat(1100));
-        let b = format!("/{}/b.log", "x".repeat(1100));
-        let (ca, cb) = (cut_value(&a, 1024), cut_value(&b, 1024));
-        assert!(ca.len() <= 1024 && cb.len() <= 1024);
-        assert!(ca.contains('…'));
-        assert_ne!(ca, cb, "two long values stay distinct");
-        assert_eq!(ca, cut_value(&a, 1024), "the cut is stable");
-        let wide = "é".repeat(600);
-        let c = cut_value(&wide, 1024);
-        assert!(c.len() <= 1024 && c.starts_with('é'));
-    }
-
     use super::*;
 
     fn sample() -> Report {

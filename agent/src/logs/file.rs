@@ -180,7 +180,7 @@ impl Tracked {
         now: Instant,
     ) -> Tracked {
         Tracked {
-            tag: phoenix_wire::cut_value(&src, phoenix_wire::MAX_TAG_VALUE).into_owned(),
+            tag: phoenix_wire::cut_value(&src),
             loc: path.clone().unwrap_or_else(|| PathBuf::from(&src)),
             src,
             path,
