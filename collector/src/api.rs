@@ -94,6 +94,11 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                 accepted: report.seq,
                 duplicate: true,
                 rejected_points: 0,
+                // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
+                resend_drift: s
+                    .fleet
+                    .admit(&report, None, report.drift_root.clone())
+                    .resend_drift,
             })
             .into_response(),
         );
@@ -101,7 +106,9 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
     // Proof of life at arrival, before (and whatever becomes of) the write: a store that
     // cannot take points is no sign that the instance is dead.
-    s.fleet.admit(&report, drift.clone(), None);
+    let admission = s
+        .fleet
+        .admit(&report, drift.clone(), report.drift_root.clone());
     s.fleet
         .note_lateness(arrived.elapsed().as_millis().min(i64::MAX as u128) as i64);
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
@@ -151,6 +158,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
+        resend_drift: admission.resend_drift,
     })
     .into_response()
 }

@@ -665,6 +665,7 @@ mod tests {
             logs: vec![],
             drift: None,
             checks,
+            drift_root: None,
         }
     }
 

@@ -771,6 +771,7 @@ mod tests {
                     logs: vec![],
                     drift: None,
                     checks: vec![],
+                    drift_root: None,
                 },
                 None,
                 None,
@@ -947,6 +948,7 @@ mod tests {
                 detail: evil.into(),
                 duration_ms: 1,
             }],
+            drift_root: None,
         };
         let drift = crate::fleet::DriftInfo {
             hash: "h".into(),
