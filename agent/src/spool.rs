@@ -887,6 +887,7 @@ mod tests {
                 .collect(),
             drift: None,
             checks: vec![],
+            drift_root: None,
         }
     }
 

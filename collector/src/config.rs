@@ -188,7 +188,7 @@ pub struct Config {
     pub tokens: Vec<(crate::auth::Role, String)>,
     pub max_body: usize,
     pub max_report: usize,
-    pub health: crate::health::Rules,
+    pub health: crate::fleet::Rules,
     pub webhook: Option<(String, String)>,
     /// HTTPS certificate, key and optional client CA.
     pub tls: Option<crate::tls::TlsFiles>,
@@ -308,7 +308,7 @@ impl Args {
             None | Some("off") | Some("0") => None,
             Some(v) => Some(dur(Some(v), "", "max-lifetime")?),
         };
-        let health = crate::health::Rules {
+        let health = crate::fleet::Rules {
             grace: dur(pick!(grace).as_deref(), "300s", "grace")?,
             silent_after: dur(pick!(silent_after).as_deref(), "2m", "silent-after")?,
             check_failures: pick!(check_failures).unwrap_or(3).max(1),

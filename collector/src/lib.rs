@@ -2,21 +2,22 @@
 //! state and marks drifted or unhealthy instances for phoenix replacement.
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod baselines;
 pub mod config;
 pub mod convert;
+pub mod decider;
 pub mod drift;
 pub mod fleet;
-pub mod health;
+pub mod hist;
 pub mod lineproto;
 pub mod page;
-pub mod queue;
+pub mod reply;
 pub mod security;
 pub mod selfmetrics;
 pub mod sink;
-pub mod store;
 pub mod tls;
 pub mod webhook;
 pub mod writer;
@@ -107,7 +108,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines"))
         .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
-    let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
+    let (phoenix_fleet, decider) = start_phoenix(&cfg, writer.clone())?;
     let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
     tokio::spawn(selfmetrics::run(
         obs.clone(),
@@ -165,9 +166,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             .await?;
         }
     }
-    // The queue's last pass and the final save of the fleet state.
-    phoenix_stop.send(true).ok();
-    phoenix_task.await.ok();
+    // The final save of the fleet state.
+    tokio::task::spawn_blocking(move || decider.stop())
+        .await
+        .ok();
     Ok(())
 }
 
@@ -181,29 +183,21 @@ async fn shutdown() {
     tracing::info!("stopping");
 }
 
-/// Fleet state from `<data-dir>/fleet.json`, and the phoenix queue's background task.
-#[allow(clippy::type_complexity)]
+/// Fleet state from its store (`<data-dir>/fleet.json` embedded), and the queue driver.
 fn start_phoenix(
     cfg: &Config,
     writer: writer::WriterHandle,
-) -> anyhow::Result<(
-    Arc<fleet::Fleet>,
-    tokio::task::JoinHandle<()>,
-    tokio::sync::watch::Sender<bool>,
-)> {
-    let store = store::Store::new(&cfg.data_dir);
-    let fleet = Arc::new(fleet::Fleet::new(cfg.health.clone(), api::now_ms()));
-    if let Some(snap) = store.load()? {
-        tracing::info!(instances = snap.instances.len(), saved_ms = snap.saved_ms, file = %store.path().display(), "fleet state restored");
-        fleet.restore(snap);
-    }
+) -> anyhow::Result<(Arc<fleet::Fleet>, decider::Decider)> {
+    let store: Arc<dyn fleet::FleetStore> = Arc::new(fleet::EmbeddedStore::new(&cfg.data_dir));
+    let clock: Arc<dyn fleet::Clock> = Arc::new(fleet::SystemClock::new());
+    let fleet = Arc::new(fleet::Fleet::open(cfg.health.clone(), clock, store)?);
     if cfg.health.log_only {
         tracing::warn!("--log-only: nothing will be marked for replacement; would-be marks are logged and listed under \"held\" in GET /v1/phoenix");
     }
     let hook = cfg.webhook.as_ref().map(|(url, secret)| {
         webhook::Webhook::start(url.clone(), secret.clone(), webhook::Settings::default())
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(fleet::run(fleet.clone(), writer, hook, store, stop_rx));
-    Ok((fleet, task, stop_tx))
+    let rt = tokio::runtime::Handle::current();
+    let decider = decider::Decider::start(fleet.clone(), writer, hook, rt);
+    Ok((fleet, decider))
 }
