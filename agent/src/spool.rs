@@ -1210,4 +1210,26 @@ mod tests {
         let oldest = dir.path().join(format!("rejected/{:020}.batch", seqs[0]));
         assert!(!oldest.exists(), "the oldest went first");
     }
+
+    #[test]
+    fn reseq_queues_the_same_content_under_a_new_seq_and_keeps_the_checkpoint_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let a = s
+            .push(Kind::Logs, report(0, 3), ckpt(5), Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        s.reseq(a).unwrap();
+        let again = s.next_after(None).unwrap();
+        assert!(again.seq > a);
+        assert_eq!(again.meta.reseqs, 1);
+        assert!(again.meta.checkpoint.is_none());
+        let r = phoenix_wire::decode(&again.body, true, &Default::default()).unwrap();
+        assert_eq!((r.seq, r.logs.len()), (again.seq, 3));
+        // The original's checkpoint is promoted now (its lines are safe in the new entry).
+        assert_eq!(s.promote(dir.path()).unwrap(), 1);
+        assert_eq!(acked_off(dir.path()), Some(5));
+        s.ack(&again, dir.path()).unwrap();
+        assert!(s.is_empty());
+    }
 }
