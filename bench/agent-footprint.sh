@@ -13,7 +13,7 @@ DURATION=${DURATION:-180}
 INTERVAL=${INTERVAL:-10}
 AGENT_ARGS=${AGENT_ARGS:---top-processes 10}
 command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
-cargo build --release --quiet -p phoenix-agent -p phoenix-collector
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-footprint.XXXXXX)
 cleanup() { kill "${AGENT:-}" "${AGENT_LOGS:-}" "${COLLECTOR:-}" "${COLLECTD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT

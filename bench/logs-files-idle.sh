@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNTS=${COUNTS:-100 1000 5000}
 DURATION=${DURATION:-60}
-cargo build --release --quiet -p phoenix-agent -p phoenix-collector
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-files-idle.XXXXXX)
 cleanup() { kill "${AGENT:-}" "${TAIL:-}" "${COLLECTOR:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT

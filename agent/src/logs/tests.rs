@@ -907,3 +907,28 @@ fn a_missing_path_is_noted_and_picked_up_when_it_appears() {
     assert!(!t.missing.contains(&src(&a)));
     assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), vec![0, 1, 2]);
 }
+
+#[test]
+fn a_rotation_is_seen_by_inotify_without_the_safety_poll() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("*.log");
+    o.scan_every = Duration::from_secs(3600);
+    o.rotate_wait = Duration::from_secs(3600);
+    let mut t = env.tailer(o);
+    t.step(Instant::now()).unwrap();
+    write_lines(&a, 0..5);
+    fs::rename(&a, env.path("app.log.1")).unwrap();
+    write_lines(&a, 5..10);
+    let mut got = Vec::new();
+    let ok = step_on_events(&mut t, &env, Duration::from_secs(10), |_| {
+        got.extend(env.drain());
+        got.len() >= 10
+    });
+    assert!(ok, "got {} of 10 lines: {:?}", got.len(), t.files);
+    assert_eq!(
+        numbered(&reassemble(&got)[&src(&a)]),
+        (0..10).collect::<Vec<_>>()
+    );
+}

@@ -142,6 +142,12 @@ impl Watch {
         self.watched.retain(|d| !paths.contains(d));
     }
 
+    /// Has something been created, renamed or removed (or events lost) since the last take?
+    pub(super) fn wants_rescan(&self) -> bool {
+        let g = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
+        g.rescan || g.full
+    }
+
     /// Everything noted since the last call.
     pub(super) fn take(&self) -> Events {
         let mut g = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
