@@ -760,16 +760,40 @@ fn grafana_provisioning_points_at_the_dashboard_and_both_influx_apis() {
     let dash: serde_json::Value =
         serde_json::from_str(&read("grafana/dashboards/phoenix-fleet.json"))
             .expect("dashboard JSON");
-    let var = dash["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["type"] == "datasource")
-        .expect("a datasource variable");
-    assert_eq!(
-        var["current"]["value"].as_str(),
-        influxql["uid"].as_str(),
-        "the dashboard defaults to the provisioned InfluxQL datasource"
+    // Every panel and variable is pinned to the InfluxQL datasource by uid: no picker that
+    // offers the Flux one, whose queries these InfluxQL panels cannot run.
+    assert!(
+        !dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["type"] == "datasource"),
+        "no datasource picker"
+    );
+    let text = serde_json::to_string(&dash).unwrap();
+    assert!(
+        !text.contains("${datasource}"),
+        "a panel still uses the picker"
+    );
+    let mut uids = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(u) = m.get("datasource").and_then(|d| d["uid"].as_str()) {
+                    out.push(u.to_string());
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut uids);
+    assert!(uids.len() > 20, "{uids:?}");
+    assert!(
+        uids.iter()
+            .all(|u| Some(u.as_str()) == influxql["uid"].as_str()),
+        "every datasource is the provisioned InfluxQL one: {uids:?}"
     );
 
     let prov = yaml(&read("grafana/provisioning/dashboards/phoenix.yaml"));
