@@ -869,3 +869,51 @@ fn grafana_provisioning_points_at_the_dashboard_and_both_influx_apis() {
         .as_str()
         .is_some_and(|s| s.starts_with('/')));
 }
+
+#[test]
+fn collector_unit_passes_systemd_analyze_and_is_locked_down() {
+    let unit = read("systemd/phoenix-collector.service");
+    let bin = phoenix_e2e::bin("phoenix-collector");
+    let dir = tempfile::tempdir().unwrap();
+    // The package installs the binary in /usr/bin; verify wants ExecStart's binary to exist.
+    let real = unit.replace("/usr/bin/phoenix-collector", bin.to_str().unwrap());
+    assert_ne!(real, unit, "ExecStart must name /usr/bin/phoenix-collector");
+    let path = dir.path().join("phoenix-collector.service");
+    std::fs::write(&path, &real).unwrap();
+    let o = run(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        "apt-get install systemd",
+    );
+    assert!(
+        o.status.success() && o.stderr.is_empty() && o.stdout.is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&o)
+    );
+    let o = run(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path),
+        "systemd",
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let score: f64 = out
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for phoenix-collector.service:"))
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{}", text(&o)));
+    assert!(score <= 2.5, "exposure {score} > 2.5:\n{out}");
+    let s = unit_settings(&unit);
+    for (k, v) in [
+        ("DynamicUser", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("StateDirectory", "phoenix-collector"),
+    ] {
+        assert!(
+            s.iter().any(|(kk, vv)| kk == k && vv == v),
+            "{k}={v} missing"
+        );
+    }
+}
