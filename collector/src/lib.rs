@@ -127,6 +127,24 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let sink = make_sink(&cfg)?;
     let store = sink.describe();
     check_store(&sink).await?;
+    // Bind before the fleet task starts: a port in use is then a plain start-up error, with
+    // no background task cut off mid-save.
+    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
+    let tls = match &cfg.tls {
+        Some(files) => Some(
+            tls::Reloader::new(files.clone())
+                .context("loading TLS files (PEM certificate chain and private key)")?,
+        ),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another collector running? use --listen)",
+                cfg.listen
+            )
+        })?;
     let writer = writer::start(sink, writer::Settings::default());
     let limits = phoenix_wire::Limits {
         max_decompressed: cfg.max_report,
@@ -157,22 +175,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         obs,
     });
     let app = api::router(state);
-    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
-    let tls = match &cfg.tls {
-        Some(files) => Some(
-            tls::Reloader::new(files.clone())
-                .context("loading TLS files (PEM certificate chain and private key)")?,
-        ),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "listening on {} (is another collector running? use --listen)",
-                cfg.listen
-            )
-        })?;
     match tls {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);

@@ -220,3 +220,22 @@ fn run_local_exits_non_zero_when_its_port_is_taken_and_runs_when_it_is_free() {
     );
     assert!(st.is_some(), "run-local did not stop on SIGTERM");
 }
+
+#[test]
+fn a_taken_port_is_a_plain_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin("phoenix-collector"));
+    cmd.args(["--listen", &listen])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"));
+    let mut p = Proc::spawn(cmd, tmp.path().join("collector.log"));
+    let st = wait_for(Duration::from_secs(20), || {
+        p.child.as_mut().unwrap().try_wait().ok().flatten()
+    });
+    let log = p.log_text();
+    assert_eq!(st.and_then(|s| s.code()), Some(2), "{log}");
+    assert!(log.contains(&listen) && log.contains("--listen"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
