@@ -30,14 +30,16 @@ pub struct RunArgs {
     /// File holding the agent token.
     #[arg(long, env = "PHOENIX_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Reporting interval [default: 10s].
+    /// Reporting interval: 500ms, 10s, 2m; a bare number is seconds [default: 10s].
     #[arg(long, env = "PHOENIX_INTERVAL")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub interval: Option<String>,
     /// Where the spool, checkpoints and the agent's baseline live [default: /var/lib/phoenix-agent].
     #[arg(long, env = "PHOENIX_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Most bytes the on-disk spool may hold, e.g. 64MiB [default: 64MiB].
     #[arg(long, env = "PHOENIX_SPOOL_MAX")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub spool_max: Option<String>,
     /// Log file or glob to ship (repeatable); globs pick up files created later.
     #[arg(long = "log", env = "PHOENIX_LOG", value_delimiter = ',')]
@@ -63,6 +65,7 @@ pub struct RunArgs {
     pub baseline: Option<PathBuf>,
     /// Full drift rescan period, on top of inotify [default: 1h].
     #[arg(long, env = "PHOENIX_DRIFT_RESCAN")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub drift_rescan: Option<String>,
     /// Override the discovered instance id.
     #[arg(long, env = "PHOENIX_INSTANCE_ID")]
@@ -73,7 +76,8 @@ pub struct RunArgs {
     /// Group (auto-scaling group, role) this instance belongs to.
     #[arg(long, env = "PHOENIX_GROUP")]
     pub group: Option<String>,
-    /// Local probe NAME=SPEC (repeatable): process:NAME, http://127.0.0.1:PORT/PATH, tcp:HOST:PORT, systemd:UNIT.
+    /// Local probe NAME=SPEC (repeatable): process:NAME, http://127.0.0.1:PORT/PATH[#STATUS]
+    /// (passes when the answer is exactly STATUS, 200 unless given), tcp:HOST:PORT, systemd:UNIT.
     #[arg(long = "check", env = "PHOENIX_CHECK", value_delimiter = ',')]
     pub check: Vec<String>,
     /// Longest a check may take before it counts as failed [default: the smaller of interval/2 and 5s].
@@ -115,6 +119,7 @@ pub struct RunArgs {
     pub journal_unit: Vec<String>,
     /// Only journal entries this important or more: emerg, alert, crit, err, warning, notice, info, debug or 0-7.
     #[arg(long, env = "PHOENIX_JOURNAL_PRIORITY")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub journal_priority: Option<String>,
     /// Read the journal files in this directory instead of the local journal (turns the journal on).
     #[arg(long, env = "PHOENIX_JOURNAL_DIR")]
@@ -395,5 +400,52 @@ mod tests {
         assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
         assert_eq!(parse_size("100").unwrap(), 100);
         assert!(parse_size("lots").is_err());
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn toml_numbers_mean_what_the_flags_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(
+            &f,
+            "collector = \"http://127.0.0.1:1\"\ninterval = 10\nspool_max = 4096\njournal = true\njournal_priority = 3\n",
+        )
+        .unwrap();
+        let c = RunArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.spool_max, 4096);
+        assert_eq!(c.journal_priority, Some(3));
+    }
+
+    #[test]
+    fn help_is_complete_and_unknown_flags_get_the_nearest_one() {
+        let cmd = Cli::command();
+        for a in cmd.get_arguments() {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(!help.trim().is_empty(), "--{} has no help", a.get_id());
+        }
+        let check = cmd.get_arguments().find(|a| a.get_id() == "check").unwrap();
+        assert!(check.get_help().unwrap().to_string().contains("#STATUS"));
+        let e = Cli::try_parse_from(["x", "--intervall", "2"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--interval"), "{e}");
     }
 }

@@ -37,7 +37,13 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
+    let needs = || {
+        let roles: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+        roles.join(" or ")
+    };
+    // Refusals are logged by role and token label (e.g. `reader#1`), never the token itself.
     if presented.is_none() {
+        tracing::warn!(status = 401, needs = %needs(), "refused a request without a bearer token");
         let mut r = crate::reply::error(
             StatusCode::UNAUTHORIZED,
             "missing bearer token: send Authorization: Bearer <token>",
@@ -59,16 +65,17 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
         return Ok(c);
     }
     // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
-    if s.tokens.check(presented, &Role::ALL).is_some() {
-        let roles: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+    if let Some(c) = s.tokens.check(presented, &Role::ALL) {
+        tracing::warn!(status = 403, role = %c.role.name(), token = %c.token_name, needs = %needs(), "refused a token of the wrong role");
         return Err(crate::reply::error(
             StatusCode::FORBIDDEN,
             format!(
                 "this token's role may not do this; needs a {} token",
-                roles.join(" or ")
+                needs()
             ),
         ));
     }
+    tracing::warn!(status = 401, needs = %needs(), "refused an unknown token");
     let mut r = crate::reply::error(StatusCode::UNAUTHORIZED, "invalid token");
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,

@@ -67,17 +67,53 @@ pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
 
 pub fn make_sink(cfg: &Config) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match &cfg.influx {
-        Some((url, api)) => Arc::new(sink::influx::Influx::new(
-            url,
-            api.clone(),
-            cfg.influx_gzip,
-            Duration::from_secs(30),
-        )),
+        Some((url, api)) => Arc::new(
+            sink::influx::Influx::new(url, api.clone(), cfg.influx_gzip, Duration::from_secs(30))
+                .create_database(!cfg.influx_skip_database_creation),
+        ),
         None => {
             let db = "phoenix";
             Arc::new(sink::file::FileSink::new(cfg.data_dir.join("influx"), db)?)
         }
     })
+}
+
+/// The store's start-up check. Reachable but lacking what we write to (a retention policy,
+/// a bucket): stop here with its name. Unreachable: start anyway (InfluxDB may come up after
+/// us; reports answer 503 meanwhile and agents keep them) and check again until it answers.
+async fn check_store(sink: &Arc<dyn Sink>) -> anyhow::Result<()> {
+    let first = {
+        let sink = sink.clone();
+        tokio::task::spawn_blocking(move || sink.prepare()).await?
+    };
+    match first {
+        Ok(()) => Ok(()),
+        Err(e @ sink::SinkError::NotFound(_)) => Err(e.into()),
+        Err(sink::SinkError::Unreachable { what, err }) => {
+            tracing::warn!(store = %what, error = %err, "store unreachable at start-up; starting anyway, reports get 503 until it answers (agents keep them); retrying");
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let s = sink.clone();
+                    match tokio::task::spawn_blocking(move || s.prepare()).await {
+                        Ok(Err(sink::SinkError::Unreachable { .. })) => continue,
+                        Ok(Ok(())) => tracing::info!(store = %sink.describe(), "store reachable"),
+                        Ok(Err(e)) => {
+                            tracing::error!(store = %sink.describe(), error = %e, "store reachable but not ready for writes")
+                        }
+                        Err(e) => tracing::error!(error = %e, "store check failed"),
+                    }
+                    break;
+                }
+            });
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store not ready for writes; starting anyway, reports get 503 until it is");
+            Ok(())
+        }
+    }
 }
 
 /// Run the collector until SIGTERM or SIGINT.
@@ -91,15 +127,25 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let tokens = load_tokens(&cfg)?;
     let sink = make_sink(&cfg)?;
     let store = sink.describe();
-    {
-        let sink = sink.clone();
-        // Not fatal: InfluxDB may come up after us; writes then answer 503 until it does.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = sink.prepare() {
-                tracing::warn!(error = %e, "store not ready yet");
-            }
-        });
-    }
+    check_store(&sink).await?;
+    // Bind before the fleet task starts: a port in use is then a plain start-up error, with
+    // no background task cut off mid-save.
+    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
+    let tls = match &cfg.tls {
+        Some(files) => Some(
+            tls::Reloader::new(files.clone())
+                .context("loading TLS files (PEM certificate chain and private key)")?,
+        ),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another collector running? use --listen)",
+                cfg.listen
+            )
+        })?;
     let writer = writer::start(sink, writer::Settings::default());
     let limits = phoenix_wire::Limits {
         max_decompressed: cfg.max_report,
@@ -130,22 +176,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         obs,
     });
     let app = api::router(state);
-    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
-    let tls = match &cfg.tls {
-        Some(files) => Some(
-            tls::Reloader::new(files.clone())
-                .context("loading TLS files (PEM certificate chain and private key)")?,
-        ),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "listening on {} (is another collector running? use --listen)",
-                cfg.listen
-            )
-        })?;
     match tls {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);

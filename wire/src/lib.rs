@@ -9,6 +9,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+pub mod confval;
 mod cut;
 pub mod drift;
 pub mod logtext;

@@ -21,6 +21,10 @@ pub enum SinkError {
     Unreachable { what: String, err: String },
     #[error("{0}")]
     Setup(String),
+    /// Reachable, but what we write to (retention policy, bucket, organisation) is missing:
+    /// a start-up error, since retrying cannot fix it.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 pub trait Sink: Send + Sync {
