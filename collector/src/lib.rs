@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod health;
 pub mod lineproto;
 pub mod page;
+pub mod pgstore;
 pub mod queue;
 pub mod security;
 pub mod selfmetrics;
