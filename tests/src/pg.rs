@@ -110,10 +110,12 @@ impl Postgres {
         run_ok(init, "initdb");
 
         // Loopback TCP only; the socket lives in the temp dir so nothing shared is touched.
+        // fsync off survives a killed server (the kernel keeps the pages); commits stay
+        // synchronous, or a `kill` would lose the last ones and the fault tests would lie.
         let mut conf = format!(
             "\n# phoenix test harness\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
-             unix_socket_directories = '{sock}'\nfsync = off\nsynchronous_commit = off\n\
-             full_page_writes = off\nmax_connections = 200\nlogging_collector = off\n",
+             unix_socket_directories = '{sock}'\nfsync = off\n\
+             max_connections = 200\nlogging_collector = off\n",
             port = pg.port,
             sock = pg.dir.path().display(),
         );

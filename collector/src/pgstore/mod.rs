@@ -41,7 +41,7 @@ pub enum PgError {
          tunnel (stunnel, pgbouncer with server TLS)"
     )]
     Tls(&'static str),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("PostgreSQL did not answer within {0:?}")]
     Timeout(Duration),
@@ -54,6 +54,17 @@ pub enum PgError {
     Fenced(i64),
     #[error("{0} buffered while PostgreSQL is unavailable; retry later")]
     Full(&'static str),
+}
+
+/// The server's own message and code when there is one ("db error" alone says nothing).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl PgError {
@@ -287,6 +298,18 @@ impl PgStore {
         let mut g = self.conn.lock().await;
         let r = match self.ensure(&mut g).await {
             Ok(c) => self.batch.flush(c).await,
+            Err(e) => Err(e),
+        };
+        self.note(&r, &mut g);
+        r
+    }
+
+    /// One lease tick on the work connection (the lease keeper uses its own; tests and
+    /// tools drive the lease by hand with this).
+    pub async fn lease_tick(&self) -> Result<Option<lease::Held>, PgError> {
+        let mut g = self.conn.lock().await;
+        let r = match self.ensure(&mut g).await {
+            Ok(c) => self.lease.tick(c, wall_ms()).await,
             Err(e) => Err(e),
         };
         self.note(&r, &mut g);
