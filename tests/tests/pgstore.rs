@@ -85,7 +85,7 @@ async fn collectors_starting_together_migrate_once_and_a_newer_schema_is_refused
         pg.scalar(
             "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'phoenix_%'"
         ),
-        "11"
+        "12"
     );
     // A newer collector migrated the database: an older one refuses rather than guess.
     pg.psql(
@@ -390,5 +390,62 @@ async fn postgres_crash_reports_still_taken_nobody_marked_then_catch_up() {
     assert_eq!(
         pg.scalar("SELECT min(seq) FROM phoenix_seqs"),
         seq.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decider_pulls_what_others_wrote_once_by_cursor_and_its_memory_is_fenced() {
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    a.lease_tick().await.unwrap().expect("a decides");
+
+    let everything = a.pull(0).await.unwrap();
+    assert!(everything.instances.is_empty());
+    let t0 = 1_700_000_000_000i64;
+    b.batch
+        .seen(seen(1, 1, t0), Some(r#"{"checks":"web failed"}"#.into()))
+        .unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(a.decide(&mark("i-001", 1)).await.unwrap(), Applied::Done);
+    assert!(b.ack("i-001", "recycler").await.unwrap());
+
+    let p1 = a.pull(everything.cursor).await.unwrap();
+    assert_eq!(p1.instances.len(), 1);
+    assert_eq!(p1.instances[0].last_seen_ms, t0);
+    assert_eq!(p1.seqs, [("i-001".to_string(), "boot-a".to_string(), 1)]);
+    assert_eq!(p1.observations.len(), 1);
+    assert_eq!(p1.observations[0].body_json, r#"{"checks": "web failed"}"#);
+    assert_eq!(p1.acks.len(), 1);
+    assert_eq!(p1.acks[0].by, "recycler");
+
+    // Nothing new: the next pull returns nothing.
+    let p2 = a.pull(p1.cursor).await.unwrap();
+    assert_eq!(
+        (
+            p2.instances.len(),
+            p2.seqs.len(),
+            p2.observations.len(),
+            p2.acks.len()
+        ),
+        (0, 0, 0, 0),
+        "{p2:?}"
+    );
+    // A retried, older report changes no row and is not pulled again.
+    b.batch.seen(seen(1, 1, t0), None).unwrap();
+    b.flush().await.unwrap();
+    let p3 = a.pull(p2.cursor).await.unwrap();
+    assert!(p3.seqs.is_empty(), "{p3:?}");
+
+    a.save_state("queue", r#"{"recent_marks":[1]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.save_state("queue", "{}").await,
+        Err(PgError::Fenced(_))
+    ));
+    assert_eq!(
+        pg.scalar("SELECT body::text FROM phoenix_state WHERE key = 'queue'"),
+        r#"{"recent_marks": [1]}"#
     );
 }

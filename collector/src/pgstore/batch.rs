@@ -239,14 +239,17 @@ async fn write(client: &Client, p: &Pending) -> Result<Flushed, PgError> {
                  interval_ms = CASE WHEN EXCLUDED.last_seen_ms >= t.last_seen_ms
                                THEN EXCLUDED.interval_ms ELSE t.interval_ms END,
                  figures = CASE WHEN EXCLUDED.last_seen_ms >= t.last_seen_ms
-                           THEN EXCLUDED.figures ELSE t.figures END
+                           THEN EXCLUDED.figures ELSE t.figures END,
+                 changed = pg_current_xact_id()
                RETURNING 1),
              s AS (
                INSERT INTO phoenix_seqs AS t (instance_id, boot_id, seq, seen_ms)
                SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::bigint[])
                ON CONFLICT (instance_id, boot_id) DO UPDATE SET
                  seq = GREATEST(t.seq, EXCLUDED.seq),
-                 seen_ms = GREATEST(t.seen_ms, EXCLUDED.seen_ms)
+                 seen_ms = GREATEST(t.seen_ms, EXCLUDED.seen_ms),
+                 changed = pg_current_xact_id()
+               WHERE EXCLUDED.seq > t.seq OR EXCLUDED.seen_ms > t.seen_ms
                RETURNING 1),
              o AS (
                INSERT INTO phoenix_observations (instance_id, boot_id, seq, at_ms, body)

@@ -5,7 +5,8 @@
 //! fencing token), `batch` (last-seen, counters, dedupe and check observations flushed in one
 //! statement a second), `decide` (fenced queue writes: marks, holds, alerts, audit; budgets
 //! enforced inside the database), `verdict` (written when they change, with a wake-up),
-//! `listen` (LISTEN/NOTIFY between collectors), `health` (is PostgreSQL there, since when,
+//! `listen` (LISTEN/NOTIFY between collectors), `pull` (what the decider reads back, by
+//! transaction-id cursor, and its fenced memory), `health` (is PostgreSQL there, since when,
 //! why not).
 //!
 //! The client is `tokio-postgres` without TLS: see docs/scaling.md on `sslmode`.
@@ -15,6 +16,7 @@ pub mod decide;
 pub mod health;
 pub mod lease;
 pub mod listen;
+pub mod pull;
 pub mod schema;
 pub mod verdict;
 
@@ -375,6 +377,36 @@ impl PgStore {
         let mut g = self.conn.lock().await;
         let r = match self.ensure(&mut g).await {
             Ok(c) => timed(decide::queue(c)).await,
+            Err(e) => Err(e),
+        };
+        self.note(&r, &mut g);
+        r
+    }
+
+    /// Rows other collectors changed since `cursor` (see pull.rs).
+    pub async fn pull(&self, cursor: i64) -> Result<pull::Pulled, PgError> {
+        let mut g = self.conn.lock().await;
+        let r = match self.ensure(&mut g).await {
+            Ok(c) => timed(pull::pull(c, cursor)).await,
+            Err(e) => Err(e),
+        };
+        self.note(&r, &mut g);
+        r
+    }
+
+    /// Saves a piece of the decider's memory; refused unless this collector decides.
+    pub async fn save_state(&self, key: &str, body_json: &str) -> Result<(), PgError> {
+        let Some(h) = self.decider() else {
+            return Err(PgError::Fenced(0));
+        };
+        let f = decide::Fence {
+            lease: &self.lease.name,
+            holder: &self.lease.holder,
+            fence: h.fence,
+        };
+        let mut g = self.conn.lock().await;
+        let r = match self.ensure(&mut g).await {
+            Ok(c) => timed(pull::save_state(c, &f, key, body_json, wall_ms())).await,
             Err(e) => Err(e),
         };
         self.note(&r, &mut g);

@@ -25,8 +25,10 @@ CREATE TABLE phoenix_instances (
     last_seen_ms  bigint NOT NULL,
     interval_ms   bigint NOT NULL,
     reports       bigint NOT NULL DEFAULT 0,
-    figures       jsonb NOT NULL DEFAULT '{}'
+    figures       jsonb NOT NULL DEFAULT '{}',
+    changed       xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
+CREATE INDEX phoenix_instances_changed ON phoenix_instances (changed);
 CREATE INDEX phoenix_instances_group ON phoenix_instances (group_name);
 
 -- Dedupe window: the highest seq taken per (instance, boot).
@@ -35,8 +37,10 @@ CREATE TABLE phoenix_seqs (
     boot_id     text NOT NULL,
     seq         bigint NOT NULL,
     seen_ms     bigint NOT NULL,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (instance_id, boot_id)
 );
+CREATE INDEX phoenix_seqs_changed ON phoenix_seqs (changed);
 
 -- What a report says that changes fleet state (check results): applied exactly once per
 -- (instance, boot, seq), however often the batch is retried and through whichever collector.
@@ -46,8 +50,10 @@ CREATE TABLE phoenix_observations (
     seq         bigint NOT NULL,
     at_ms       bigint NOT NULL,
     body        jsonb NOT NULL,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (instance_id, boot_id, seq)
 );
+CREATE INDEX phoenix_observations_changed ON phoenix_observations (changed);
 
 -- Verdicts per instance and kind (drift, checks, health), written when they change.
 CREATE TABLE phoenix_verdicts (
@@ -105,7 +111,17 @@ CREATE TABLE phoenix_audit (
     instance_id text,
     group_name  text,
     detail      jsonb NOT NULL,
-    fence       bigint
+    fence       bigint,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX phoenix_audit_changed ON phoenix_audit (changed);
+
+-- The decider's own memory between passes (rate limit, alert state...), by key, fenced.
+CREATE TABLE phoenix_state (
+    key        text PRIMARY KEY,
+    body       jsonb NOT NULL,
+    fence      bigint NOT NULL,
+    updated_ms bigint NOT NULL
 );
 
 -- The decider's lease: whoever holds the row unexpired decides; `fence` goes up by one at
