@@ -220,7 +220,7 @@ impl Postgres {
         self.running = false;
     }
 
-    fn postmaster_pid(&self) -> Option<i32> {
+    pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
     }
@@ -274,4 +274,36 @@ impl Drop for Postgres {
             self.stop_mode("immediate");
         }
     }
+}
+
+/// CPU seconds (user + system) used so far by the postmaster and all its backends.
+pub fn server_cpu_s(pg: &Postgres) -> f64 {
+    let Some(master) = pg.postmaster_pid() else {
+        return 0.0;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command (which may hold spaces), from field 3 on.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let pid: i32 = head
+            .split(' ')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ppid: i32 = f.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if pid == master || ppid == master {
+            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            total += (ut + st) / hz;
+        }
+    }
+    total
 }

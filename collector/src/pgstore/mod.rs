@@ -394,6 +394,22 @@ impl PgStore {
         r
     }
 
+    /// Deletes old observations and dedupe rows of long-gone boots (the decider, now and
+    /// then; see pull.rs).
+    pub async fn prune(
+        &self,
+        observations_before_ms: i64,
+        boots_before_ms: i64,
+    ) -> Result<u64, PgError> {
+        let mut g = self.conn.lock().await;
+        let r = match self.ensure(&mut g).await {
+            Ok(c) => timed(pull::prune(c, observations_before_ms, boots_before_ms)).await,
+            Err(e) => Err(e),
+        };
+        self.note(&r, &mut g);
+        r
+    }
+
     /// Saves a piece of the decider's memory; refused unless this collector decides.
     pub async fn save_state(&self, key: &str, body_json: &str) -> Result<(), PgError> {
         let Some(h) = self.decider() else {

@@ -175,3 +175,26 @@ pub async fn load_state(client: &Client, key: &str) -> Result<Option<String>, Pg
         .await?
         .map(|r| r.get(0)))
 }
+
+/// Forgets what no longer matters, so the tables stay the size of the fleet: observations
+/// older than `observations_before_ms` (the decider pulled them long ago) and the dedupe
+/// rows of boots not seen since `boots_before_ms`. Returns the rows deleted.
+pub async fn prune(
+    client: &Client,
+    observations_before_ms: i64,
+    boots_before_ms: i64,
+) -> Result<u64, PgError> {
+    let o = client
+        .execute(
+            "DELETE FROM phoenix_observations WHERE at_ms < $1",
+            &[&observations_before_ms],
+        )
+        .await?;
+    let s = client
+        .execute(
+            "DELETE FROM phoenix_seqs WHERE seen_ms < $1",
+            &[&boots_before_ms],
+        )
+        .await?;
+    Ok(o + s)
+}
