@@ -449,3 +449,65 @@ async fn the_decider_pulls_what_others_wrote_once_by_cursor_and_its_memory_is_fe
         r#"{"recent_marks": [1]}"#
     );
 }
+
+/// The fence each holder process last printed, from its log.
+fn last_decider_line(p: &phoenix_e2e::Proc) -> Option<i64> {
+    p.log_text().lines().rev().find_map(|l| {
+        l.strip_prefix("decider ")
+            .map(|f| f.trim().parse().unwrap())
+    })
+}
+
+fn holder(pg: &Postgres, ttl_ms: u64, name: &str) -> phoenix_e2e::Proc {
+    let dir = std::env::temp_dir();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgstore-holder"));
+    cmd.arg(pg.url()).arg(ttl_ms.to_string());
+    let log = dir.join(format!("pgstore-holder-{name}-{}.log", std::process::id()));
+    phoenix_e2e::Proc::spawn(cmd, log)
+}
+
+#[test]
+fn kill_9_of_the_holder_process_hands_the_lease_over_within_twice_the_lease_time() {
+    let pg = Postgres::start();
+    let ttl = Duration::from_millis(3000);
+    let mut a = holder(&pg, 3000, "a");
+    let fa = phoenix_e2e::wait_for(Duration::from_secs(10), || last_decider_line(&a))
+        .unwrap_or_else(|| panic!("a never decided: {}", a.log_text()));
+    let b = holder(&pg, 3000, "b");
+    let c = holder(&pg, 3000, "c");
+    // Give b and c time to contend: they must not take a live lease.
+    std::thread::sleep(ttl);
+    assert_eq!(last_decider_line(&b), None, "b decided beside a");
+    assert_eq!(last_decider_line(&c), None, "c decided beside a");
+    let row_holder = pg.scalar("SELECT holder FROM phoenix_lease");
+    assert!(
+        row_holder.contains(&format!("/{}/", a.pid())),
+        "{row_holder}"
+    );
+
+    a.kill();
+    let killed = Instant::now();
+    let (who, fence) = phoenix_e2e::wait_for(ttl * 2, || {
+        last_decider_line(&b)
+            .map(|f| ("b", f))
+            .or_else(|| last_decider_line(&c).map(|f| ("c", f)))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "nobody took over within 2x the lease time; b: {} c: {}",
+            b.log_text(),
+            c.log_text()
+        )
+    });
+    let took = killed.elapsed();
+    eprintln!("lease {ttl:?}: {who} took over {took:?} after kill -9 of the holder");
+    assert!(took < ttl * 2, "takeover after {took:?}");
+    assert_eq!(fence, fa + 1);
+    // Exactly one of the survivors decides.
+    std::thread::sleep(ttl / 2);
+    let deciding = [&b, &c]
+        .iter()
+        .filter(|p| last_decider_line(p).is_some())
+        .count();
+    assert_eq!(deciding, 1, "{who} took over; both decide?");
+}
