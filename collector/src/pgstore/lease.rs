@@ -10,8 +10,11 @@
 //! Why a row and not `pg_try_advisory_lock` alone: a session lock is held as long as the
 //! session lives, so a collector that hangs (SIGSTOP, a stuck runtime) with its socket open
 //! would keep deciding rights forever. The row expires on the server's clock alone (no
-//! clock comparison between collectors), and a `kill -9`'d holder is replaced within the
-//! lease time plus one poll.
+//! clock comparison between collectors). It also names the backend of the holder's lease
+//! connection: once that session is gone (`kill -9`, a crash: the kernel closes the socket
+//! and the backend exits) a candidate takes over at its next poll, a third of the lease
+//! time, instead of waiting for the expiry. Behind a pooler in transaction mode the pid
+//! means nothing and only the expiry counts; the fence keeps that safe either way.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -88,8 +91,10 @@ impl Lease {
         let res = super::timed(async {
             Ok(client
                 .query_opt(
-                    "INSERT INTO phoenix_lease AS l (name, holder, fence, acquired_at, expires_at)
-                     VALUES ($1, $2, 1, now(), now() + make_interval(secs => $3))
+                    "INSERT INTO phoenix_lease AS l
+                       (name, holder, fence, holder_pid, acquired_at, expires_at)
+                     VALUES ($1, $2, 1, pg_backend_pid(), now(),
+                             now() + make_interval(secs => $3))
                      ON CONFLICT (name) DO UPDATE SET
                        fence = CASE WHEN l.holder = EXCLUDED.holder AND l.expires_at > now()
                                THEN l.fence ELSE l.fence + 1 END,
@@ -97,8 +102,11 @@ impl Lease {
                                      AND l.expires_at > now()
                                      THEN l.acquired_at ELSE now() END,
                        holder = EXCLUDED.holder,
+                       holder_pid = EXCLUDED.holder_pid,
                        expires_at = EXCLUDED.expires_at
                      WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now()
+                       OR NOT EXISTS (SELECT 1 FROM pg_stat_activity
+                                      WHERE pid = l.holder_pid)
                      RETURNING fence",
                     &[&self.name, &self.holder, &secs],
                 )

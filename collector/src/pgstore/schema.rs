@@ -130,6 +130,9 @@ CREATE TABLE phoenix_lease (
     name        text PRIMARY KEY,
     holder      text NOT NULL,
     fence       bigint NOT NULL,
+    -- The backend of the holder's lease connection: when that session is gone (the holder
+    -- was killed), a candidate need not wait for the expiry.
+    holder_pid  integer NOT NULL,
     acquired_at timestamptz NOT NULL,
     expires_at  timestamptz NOT NULL
 );
