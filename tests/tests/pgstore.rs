@@ -513,3 +513,76 @@ fn kill_9_of_the_holder_process_hands_the_lease_to_exactly_one_other_before_it_e
         .count();
     assert_eq!(deciding, 1, "{who} took over; both decide?");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baselines_and_enrolments_are_shared_atomic_and_never_silently_replaced() {
+    use phoenix_collector::pgstore::registry::{self, Registered};
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    let put = |s: Arc<PgStore>, root: &'static str| async move {
+        let m = format!(r#"{{"image_id":"img-1","root":"{root}"}}"#);
+        s.registry(move |c| {
+            Box::pin(async move { registry::put_baseline(c, "img-1", root, &m, 1).await })
+        })
+        .await
+        .unwrap()
+    };
+    // Collectors registering the same baseline at once (a retried pipeline step through
+    // the balancer): exactly one creates it, on separate tasks so the statements overlap.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(put(s, "r1")));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    let created = got.iter().filter(|r| **r == Registered::Created).count();
+    assert_eq!(created, 1, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|r| matches!(r, Registered::Created | Registered::Unchanged)));
+    assert_eq!(
+        put(b.clone(), "r2").await,
+        Registered::Replaced {
+            old_root: "r1".into()
+        }
+    );
+    let all = a
+        .registry(|c| Box::pin(registry::baselines(c)))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].1.contains("\"r2\""), "{all:?}");
+
+    let enrol = |s: Arc<PgStore>, body: &'static str| async move {
+        s.registry(move |c| Box::pin(registry::enrol(c, "i-001", "instance", body, 5)))
+            .await
+            .unwrap()
+    };
+    assert!(enrol(a.clone(), r#"{"key":"k1"}"#).await);
+    assert!(
+        !enrol(b.clone(), r#"{"key":"attacker"}"#).await,
+        "first stands"
+    );
+    let e = b
+        .registry(|c| Box::pin(registry::enrolment(c, "i-001")))
+        .await
+        .unwrap()
+        .expect("enrolled");
+    assert_eq!(e.body_json, r#"{"key": "k1"}"#);
+    assert!(b
+        .registry(|c| Box::pin(registry::revoke(c, "i-001", 9)))
+        .await
+        .unwrap());
+    assert!(!a
+        .registry(|c| Box::pin(registry::revoke(c, "i-001", 10)))
+        .await
+        .unwrap());
+    assert_eq!(
+        pg.scalar("SELECT revoked_ms FROM phoenix_enrolments WHERE subject = 'i-001'"),
+        "9"
+    );
+}

@@ -6,7 +6,8 @@
 //! statement a second), `decide` (fenced queue writes: marks, holds, alerts, audit; budgets
 //! enforced inside the database), `verdict` (written when they change, with a wake-up),
 //! `listen` (LISTEN/NOTIFY between collectors), `pull` (what the decider reads back, by
-//! transaction-id cursor, and its fenced memory), `health` (is PostgreSQL there, since when,
+//! transaction-id cursor, and its fenced memory), `registry` (baselines and enrolments),
+//! `health` (is PostgreSQL there, since when,
 //! why not).
 //!
 //! The client is `tokio-postgres` without TLS: see docs/scaling.md on `sslmode`.
@@ -17,6 +18,7 @@ pub mod health;
 pub mod lease;
 pub mod listen;
 pub mod pull;
+pub mod registry;
 pub mod schema;
 pub mod verdict;
 
@@ -183,6 +185,10 @@ mod tests {
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 }
+
+/// The future of one registry operation borrowing the work connection.
+pub type RegistryFuture<'c, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, PgError>> + Send + 'c>>;
 
 /// Tuning of the PostgreSQL store; defaults suit a fleet at 10 s intervals.
 #[derive(Debug, Clone)]
@@ -404,6 +410,21 @@ impl PgStore {
         let mut g = self.conn.lock().await;
         let r = match self.ensure(&mut g).await {
             Ok(c) => timed(pull::prune(c, observations_before_ms, boots_before_ms)).await,
+            Err(e) => Err(e),
+        };
+        self.note(&r, &mut g);
+        r
+    }
+
+    /// Runs one registry operation on the work connection (baselines, enrolments), e.g.
+    /// `store.registry(|c| Box::pin(registry::baselines(c))).await`.
+    pub async fn registry<T>(
+        &self,
+        op: impl for<'c> FnOnce(&'c Client) -> RegistryFuture<'c, T>,
+    ) -> Result<T, PgError> {
+        let mut g = self.conn.lock().await;
+        let r = match self.ensure(&mut g).await {
+            Ok(c) => timed(op(c)).await,
             Err(e) => Err(e),
         };
         self.note(&r, &mut g);

@@ -66,6 +66,7 @@ CREATE TABLE phoenix_verdicts (
 
 CREATE TABLE phoenix_baselines (
     image_id      text PRIMARY KEY,
+    root          text NOT NULL,
     manifest      jsonb NOT NULL,
     registered_ms bigint NOT NULL
 );
