@@ -305,6 +305,7 @@ async fn a_changed_verdict_wakes_the_other_collector_and_an_unchanged_one_costs_
     let pg = Postgres::start();
     let a = open(&pg, 5000).await;
     let b = open(&pg, 5000).await;
+    let mut sub = b.subscribe();
     b.start();
     // Drain the wake-ups of b's own start (LISTEN connected, lease taken).
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -316,6 +317,12 @@ async fn a_changed_verdict_wakes_the_other_collector_and_an_unchanged_one_costs_
     assert!(a.put_verdict("i-001", "drift", body).await.unwrap());
     let woke = tokio::time::timeout(Duration::from_secs(5), b.wake.notified()).await;
     assert!(woke.is_ok(), "NOTIFY from a reached b");
+    // Subscribers get the payloads: first the reload of b's (re)connect, then a's verdict.
+    let mut seen_payloads = Vec::new();
+    while let Ok(Ok(p)) = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await {
+        seen_payloads.push(p);
+    }
+    assert_eq!(seen_payloads, ["reload", "verdict:i-001"]);
     assert!(!a.put_verdict("i-001", "drift", body).await.unwrap());
     // b writing the same verdict changes no row and wakes nobody.
     assert!(!b.put_verdict("i-001", "drift", body).await.unwrap());

@@ -6,18 +6,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 
 use super::health::StoreHealth;
 use super::{PgError, OP_TIMEOUT, WAKE_CHANNEL};
 
+/// Payload of the message sent to subscribers after a reconnect: notifications may have
+/// been missed, so whatever they cache is to be reloaded.
+pub const RELOAD: &str = "reload";
+
 /// Runs until the process ends; every notification (and every reconnect, since some may have
-/// been missed) wakes `wake`.
-pub async fn run(cfg: Config, wake: Arc<Notify>, health: Arc<StoreHealth>, now_ms: fn() -> i64) {
+/// been missed) wakes `wake`, and its payload goes to `payloads` (`RELOAD` on reconnect).
+pub async fn run(
+    cfg: Config,
+    wake: Arc<Notify>,
+    payloads: broadcast::Sender<String>,
+    health: Arc<StoreHealth>,
+    now_ms: fn() -> i64,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match listen_once(&cfg, &wake).await {
+        match listen_once(&cfg, &wake, &payloads).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 health.failed(&e, now_ms());
@@ -29,17 +39,26 @@ pub async fn run(cfg: Config, wake: Arc<Notify>, health: Arc<StoreHealth>, now_m
     }
 }
 
-async fn listen_once(cfg: &Config, wake: &Notify) -> Result<(), PgError> {
+async fn listen_once(
+    cfg: &Config,
+    wake: &Notify,
+    payloads: &broadcast::Sender<String>,
+) -> Result<(), PgError> {
     let (client, mut conn) = tokio::time::timeout(OP_TIMEOUT, cfg.connect(NoTls))
         .await
         .map_err(|_| PgError::Timeout(OP_TIMEOUT))??;
     // The connection must be polled for the LISTEN itself to complete, so its messages are
     // read in this task and forwarded over a channel.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let out = payloads.clone();
     let pump = tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    // No subscriber is fine; a slow one sees `Lagged` and reloads.
+                    if out.send(n.payload().to_string()).is_err() {
+                        tracing::trace!("no subscriber for fleet store notifications");
+                    }
                     // A full channel already holds a wake-up: coalesce.
                     if tx.try_send(()).is_err() && tx.is_closed() {
                         return Ok(());
@@ -54,6 +73,9 @@ async fn listen_once(cfg: &Config, wake: &Notify) -> Result<(), PgError> {
     let listen = format!("LISTEN {WAKE_CHANNEL}");
     super::timed(async { Ok(client.batch_execute(&listen).await?) }).await?;
     wake.notify_one();
+    if payloads.send(RELOAD.to_string()).is_err() {
+        tracing::trace!("no subscriber for fleet store notifications");
+    }
     while rx.recv().await.is_some() {
         wake.notify_one();
     }

@@ -233,6 +233,9 @@ pub struct PgStore {
     pub verdicts: verdict::Verdicts,
     /// Woken by NOTIFY from any collector, and when this one becomes the decider.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Payloads of NOTIFYs (`verdict:<id>`, `baseline:<image>`, `revoke:<subject>`...), for
+    /// caches to refresh; `listen::RELOAD` after a reconnect.
+    payloads: tokio::sync::broadcast::Sender<String>,
     conn: tokio::sync::Mutex<Option<Client>>,
 }
 
@@ -259,8 +262,15 @@ impl PgStore {
             opts,
             health,
             wake: Arc::new(tokio::sync::Notify::new()),
+            payloads: tokio::sync::broadcast::channel(1024).0,
             conn: tokio::sync::Mutex::new(Some(client)),
         }))
+    }
+
+    /// Notifications from every collector, as they arrive (bounded: a receiver that falls
+    /// more than 1,024 behind gets `Lagged` and should reload what it caches).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.payloads.subscribe()
     }
 
     /// Starts the background tasks: flusher, lease keeper, listener.
@@ -272,6 +282,7 @@ impl PgStore {
         tokio::spawn(listen::run(
             self.cfg.clone(),
             Arc::clone(&self.wake),
+            self.payloads.clone(),
             Arc::clone(&self.health),
             wall_ms,
         ));
