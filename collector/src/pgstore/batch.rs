@@ -109,6 +109,7 @@ pub struct Flushed {
 #[derive(Debug)]
 pub struct Batch {
     p: Mutex<Pending>,
+    dropped: std::sync::atomic::AtomicU64,
     max_instances: usize,
     max_observations: usize,
 }
@@ -117,13 +118,16 @@ impl Batch {
     pub fn new(max_instances: usize, max_observations: usize) -> Batch {
         Batch {
             p: Mutex::default(),
+            dropped: Default::default(),
             max_instances,
             max_observations,
         }
     }
 
     /// Buffers one report's effects, with its check observation if it carries one.
+    /// Anything PostgreSQL would refuse is refused here, before it can poison a flush.
     pub fn seen(&self, s: Seen, observation: Option<String>) -> Result<(), PgError> {
+        check(&s, observation.as_deref())?;
         let mut p = self.p.lock().unwrap();
         if !p.inst.contains_key(&s.instance_id) && p.inst.len() >= self.max_instances {
             return Err(PgError::Full("instances"));
@@ -166,8 +170,16 @@ impl Batch {
         self.p.lock().unwrap().inst.len()
     }
 
-    /// Writes everything pending in one statement. On failure it all goes back into the
-    /// buffer, merged with what came in meanwhile, for the next try.
+    /// Batches dropped because PostgreSQL refused their content (not an outage).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes everything pending in one statement. On an outage it all goes back into the
+    /// buffer, merged with what came in meanwhile, for the next try. A batch the server
+    /// refuses for its content is dropped with an error: kept, it would fail every second
+    /// for ever, last seen would stop moving and the decider would take the whole fleet
+    /// for silent. The agents' next reports carry the same facts again.
     pub async fn flush(&self, client: &Client) -> Result<Flushed, PgError> {
         let taken = std::mem::take(&mut *self.p.lock().unwrap());
         if taken.is_empty() {
@@ -175,6 +187,12 @@ impl Batch {
         }
         match super::timed(write(client, &taken)).await {
             Ok(f) => Ok(f),
+            Err(e) if !e.is_outage() => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, instances = taken.inst.len(), "the fleet store refused a flush for its content; dropped it (the next reports refresh it)");
+                Err(e)
+            }
             Err(e) => {
                 let mut p = self.p.lock().unwrap();
                 let newer = std::mem::take(&mut *p);
@@ -184,6 +202,37 @@ impl Batch {
             }
         }
     }
+}
+
+/// PostgreSQL text holds no NUL, and jsonb takes no `\u0000` escape; JSON must parse.
+fn check(s: &Seen, observation: Option<&str>) -> Result<(), PgError> {
+    for (what, v) in [
+        ("instance id", &s.instance_id),
+        ("group", &s.group),
+        ("image id", &s.image_id),
+        ("boot id", &s.boot_id),
+    ] {
+        if v.contains('\0') {
+            return Err(PgError::Invalid(format!("the {what} holds a NUL byte")));
+        }
+    }
+    let json = [
+        ("identity", Some(s.identity_json.as_str())),
+        ("figures", Some(s.figures_json.as_str())),
+        ("observation", observation),
+    ];
+    for (what, v) in json {
+        let Some(v) = v else { continue };
+        if v.contains('\0') || v.contains("\\u0000") {
+            return Err(PgError::Invalid(format!(
+                "the {what} holds a NUL character"
+            )));
+        }
+        if serde_json::from_str::<serde::de::IgnoredAny>(v).is_err() {
+            return Err(PgError::Invalid(format!("the {what} is not JSON")));
+        }
+    }
+    Ok(())
 }
 
 async fn write(client: &Client, p: &Pending) -> Result<Flushed, PgError> {
@@ -321,6 +370,22 @@ mod tests {
             Err(PgError::Full(_))
         ));
         assert_eq!(b.pending(), 2);
+    }
+
+    #[test]
+    fn what_postgres_would_refuse_is_refused_before_the_buffer() {
+        let b = Batch::new(10, 10);
+        let mut s = seen("i1", 1, 1);
+        s.instance_id = "i\0x".into();
+        assert!(matches!(b.seen(s, None), Err(PgError::Invalid(m)) if m.contains("NUL")));
+        let mut s = seen("i1", 1, 1);
+        s.figures_json = r#"{"x":"a\u0000b"}"#.into();
+        assert!(b.seen(s, None).is_err());
+        assert!(b.seen(seen("i1", 1, 1), Some("{not json".into())).is_err());
+        assert_eq!(b.pending(), 0, "nothing refused entered the buffer");
+        b.seen(seen("i1", 1, 1), Some(r#"{"ok":true}"#.into()))
+            .unwrap();
+        assert_eq!(b.pending(), 1);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum PgError {
     Fenced(i64),
     #[error("{0} buffered while PostgreSQL is unavailable; retry later")]
     Full(&'static str),
+    #[error("not storable in the fleet store: {0}")]
+    Invalid(String),
 }
 
 /// The server's own message and code when there is one ("db error" alone says nothing).
@@ -75,7 +77,15 @@ impl PgError {
     /// True for a failure of the connection or server (as opposed to a refused decision):
     /// these make the store count as unavailable.
     pub fn is_outage(&self) -> bool {
-        matches!(self, PgError::Db(_) | PgError::Timeout(_))
+        match self {
+            // A server error about the data (classes 22 data exception, 23 integrity) is
+            // not an outage: the server is there and retrying the same rows cannot help.
+            PgError::Db(e) => !e
+                .as_db_error()
+                .is_some_and(|d| matches!(d.code().code().get(..2), Some("22" | "23"))),
+            PgError::Timeout(_) => true,
+            _ => false,
+        }
     }
 }
 
