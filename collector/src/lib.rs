@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod hist;
 pub mod lineproto;
 pub mod page;
+pub mod pgstore;
 pub mod reply;
 pub mod security;
 pub mod selfmetrics;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod nofile;
+pub mod pg;
 
 pub const AGENT_TOKEN: &str = "agent-secret-1";
 pub const RECYCLER_TOKEN: &str = "recycler-secret-1";
