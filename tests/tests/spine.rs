@@ -104,11 +104,16 @@ fn agent_metrics_arrive_in_influxdb_with_telegraf_names_and_identity_tags() {
         .lines()
         .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
         .count();
-    let per_cpu = influx.rows(
-        db,
-        "SELECT count(usage_idle) FROM cpu WHERE cpu != 'cpu-total' GROUP BY cpu",
-    );
-    assert_eq!(per_cpu.len(), ncpu, "one series per CPU");
+    // A CPU's first point waits until it has moved enough ticks since the start-up
+    // baseline (no spike), so an idle CPU's series may come an interval or two later.
+    let per_cpu = wait_for(Duration::from_secs(15), || {
+        let rows = influx.rows(
+            db,
+            "SELECT count(usage_idle) FROM cpu WHERE cpu != 'cpu-total' GROUP BY cpu",
+        );
+        (rows.len() == ncpu).then_some(rows)
+    });
+    assert!(per_cpu.is_some(), "one series per CPU ({ncpu})");
 
     // Cross-check against /proc.
     let mem = influx.rows(
@@ -164,17 +169,18 @@ fn agent_metrics_arrive_in_influxdb_with_telegraf_names_and_identity_tags() {
         assert!(net.is_some(), "net series for {ifaces:?}");
     }
 
-    // The fleet API knows the instance and its latest figures.
-    let list = c.get("/v1/instances", Some(READER_TOKEN)).json();
-    let inst = list["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["instance_id"] == "i-spine-1")
-        .cloned()
-        .unwrap();
+    // The fleet API knows the instance and its latest figures. The first CPU figure needs
+    // two samples (no spike from a start-up baseline), so it may take one more interval.
+    let inst = wait_for(Duration::from_secs(10), || {
+        let list = c.get("/v1/instances", Some(READER_TOKEN)).json();
+        list["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["instance_id"] == "i-spine-1" && i["cpu_used_percent"].as_f64().is_some())
+            .cloned()
+    })
+    .expect("i-spine-1 in the fleet list with a CPU figure");
     assert_eq!(inst["image_id"], "ami-spine");
-    assert!(inst["cpu_used_percent"].as_f64().is_some());
     assert!(inst["mem_used_percent"].as_f64().unwrap() > 0.0);
 }
 
@@ -389,7 +395,14 @@ fn v2_api_requests_have_the_v2_shape() {
         vec![pt("v2check", "v", Value::Int(42), now_ns())],
     ));
     assert_eq!(resp.status, 200, "{}\n{}", resp.body, c.log_text());
-    let head = heads.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The start-up check may look the bucket up first (GET /api/v2/buckets); the write
+    // is the first POST.
+    let head = loop {
+        let h = heads.recv_timeout(Duration::from_secs(5)).unwrap();
+        if h.starts_with("POST ") {
+            break h;
+        }
+    };
     let first = head.lines().next().unwrap();
     assert!(
         first.starts_with("POST /api/v2/write?org=my%20org&bucket=fleet&precision=ns "),
