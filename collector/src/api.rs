@@ -20,6 +20,8 @@ use crate::writer::{Job, WriterHandle};
 
 #[derive(Debug)]
 pub struct AppState {
+    /// Who may speak for which instance id (`--identity`), and how many ids are kept.
+    pub identity: Arc<crate::identity::Gate>,
     pub tokens: Tokens,
     pub baselines: crate::baselines::Baselines,
     pub writer: WriterHandle,
@@ -47,6 +49,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
+        .route(
+            "/v1/instances/{id}/enrolment",
+            axum::routing::delete(crate::identity::http::delete_enrolment),
+        )
         .route("/v1/phoenix", get(get_phoenix))
         .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
@@ -132,6 +138,9 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
         return r;
     }
+    if let Err(r) = s.security.check_peer(&req) {
+        return r;
+    }
     let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
     let body = match read_body(req, s.max_body).await {
         Ok(b) => b,
@@ -168,6 +177,17 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: client certificate does not match");
             return error(StatusCode::FORBIDDEN, why);
         }
+    }
+    // Before anything the report could change (rate buckets, dedupe, fleet state, points).
+    let presented = crate::identity::Presented::from_headers(&headers);
+    if let Err(r) = s
+        .identity
+        .admit(&report.agent.instance_id, &presented, now_ms())
+    {
+        if let crate::identity::Refusal::Forbidden(why) = &r {
+            tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+        }
+        return r.into_response();
     }
     if let Err(wait) = s
         .security
