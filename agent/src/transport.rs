@@ -99,6 +99,7 @@ impl Sender {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
+        req = crate::enrol::present(req);
         let mut resp = match req.send(&entry.body[..]) {
             Ok(r) => r,
             Err(e) => return Outcome::Retry(None, format!("cannot reach collector: {e}")),

@@ -22,6 +22,8 @@ use crate::writer::{Job, WriterHandle};
 pub struct AppState {
     /// Who may speak for which instance id (`--identity`), and how many ids are kept.
     pub identity: Arc<crate::identity::Gate>,
+    /// Each field's type per measurement.
+    pub schema: crate::schema::Registry,
     pub tokens: Tokens,
     pub baselines: crate::baselines::Baselines,
     pub writer: WriterHandle,
@@ -167,7 +169,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     } else {
         phoenix_wire::decode(&body, gz, &limits)
     };
-    let report = match decoded {
+    let mut report = match decoded {
         Ok(r) => r,
         Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -188,6 +190,9 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
         }
         return r.into_response();
+    }
+    if let Err(why) = s.schema.enforce(&mut report) {
+        return error(StatusCode::BAD_REQUEST, why);
     }
     if let Err(wait) = s
         .security

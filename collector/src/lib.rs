@@ -15,6 +15,7 @@ pub mod lineproto;
 pub mod listen;
 pub mod page;
 pub mod queue;
+pub mod schema;
 pub mod security;
 pub mod selfmetrics;
 pub mod sink;
@@ -129,6 +130,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     let state = Arc::new(api::AppState {
         identity,
+        schema: schema::Registry::default(),
         tokens,
         baselines,
         writer,
