@@ -135,6 +135,7 @@ impl Fleet {
                 };
                 for r in reports {
                     // The collector may be restarting: a lost report is just a missed interval.
+                    let cred = phoenix_e2e::trust::harness_credential(&r.agent.instance_id);
                     std::panic::catch_unwind(|| {
                         post(
                             &body_url,
@@ -142,6 +143,7 @@ impl Fleet {
                             &[
                                 ("Content-Type", "application/json"),
                                 ("Content-Encoding", "gzip"),
+                                (phoenix_e2e::trust::CREDENTIAL_HEADER, &cred),
                             ],
                             &phoenix_wire::encode(&r),
                         )
