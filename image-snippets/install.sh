@@ -2,8 +2,12 @@
 # Install phoenix-agent from a local release binary: no network is used, the only traffic the
 # installed agent ever makes goes to the collector.
 #
-#   install.sh [--root DIR] [--binary FILE] [--config FILE] [--unit FILE]
+#   install.sh [--root DIR] [--deb FILE | --binary FILE --unit FILE] [--config FILE]
 #              [--token-file FILE] [--enable] [--start]
+#
+# --deb FILE installs the phoenix-agent package (scripts/build-deb.sh) with dpkg: binary in
+#   /usr/bin, unit in /lib/systemd/system; with --root, `dpkg --root DIR` (needs root). The
+#   default when a phoenix-agent_*.deb lies next to this script and no --binary is given.
 #
 # --root DIR (or DESTDIR=DIR) installs into a chroot or an image mounted at DIR; nothing of the
 #   running system is touched then, so it is safe inside an image build.
@@ -28,6 +32,7 @@ die() {
 
 root=${DESTDIR:-}
 binary=
+deb=
 config=
 unit=
 token_file=
@@ -40,6 +45,8 @@ while [ $# -gt 0 ]; do
 	--root=*) root=${1#*=}; shift ;;
 	--binary) [ $# -ge 2 ] || die "--binary needs a file"; binary=$2; shift 2 ;;
 	--binary=*) binary=${1#*=}; shift ;;
+	--deb) [ $# -ge 2 ] || die "--deb needs a file"; deb=$2; shift 2 ;;
+	--deb=*) deb=${1#*=}; shift ;;
 	--config) [ $# -ge 2 ] || die "--config needs a file"; config=$2; shift 2 ;;
 	--config=*) config=${1#*=}; shift ;;
 	--unit) [ $# -ge 2 ] || die "--unit needs a file"; unit=$2; shift 2 ;;
@@ -66,10 +73,21 @@ first_of() {
 	return 1
 }
 
-[ -n "$binary" ] || binary=$(first_of "$here/phoenix-agent" "$here/../target/release/phoenix-agent") ||
-	die "no phoenix-agent binary next to $prog: give --binary FILE (the release binary)"
-[ -n "$unit" ] || unit=$(first_of "$here/phoenix-agent.service" "$here/systemd/phoenix-agent.service") ||
-	die "no phoenix-agent.service next to $prog: give --unit FILE"
+[ -n "$deb" ] && [ -n "$binary$unit" ] && die "--deb brings its own binary and unit: drop --binary and --unit"
+if [ -z "$deb" ] && [ -z "$binary" ]; then
+	for f in "$here"/phoenix-agent_*.deb; do
+		[ -f "$f" ] && deb=$f
+	done
+fi
+if [ -z "$deb" ]; then
+	[ -n "$binary" ] || binary=$(first_of "$here/phoenix-agent" "$here/../target/release/phoenix-agent") ||
+		die "no phoenix-agent binary next to $prog: give --deb FILE (the package) or --binary FILE (the release binary)"
+	[ -n "$unit" ] || unit=$(first_of "$here/phoenix-agent.service" "$here/systemd/phoenix-agent.service") ||
+		die "no phoenix-agent.service next to $prog: give --unit FILE"
+else
+	[ -f "$deb" ] || die "$deb does not exist or is not a regular file"
+	binary=$deb unit=$deb # checked below like the others
+fi
 config_given=yes
 if [ -z "$config" ]; then
 	config_given=no
@@ -97,8 +115,20 @@ put() {
 	printf '%s: installed %s\n' "$prog" "$dest"
 }
 
-put "$binary" "$root/usr/local/bin/phoenix-agent" 0755
-put "$unit" "$root/etc/systemd/system/phoenix-agent.service" 0644
+if [ -n "$deb" ]; then
+	# The package's maintainer scripts create no user; dpkg --root runs them chrooted in DIR.
+	if [ -n "$root" ]; then
+		dpkg --root="$root" -i "$deb" >/dev/null
+	else
+		dpkg -i "$deb" >/dev/null
+	fi
+	printf '%s: installed package %s\n' "$prog" "$deb"
+	unit_path=/lib/systemd/system/phoenix-agent.service
+else
+	put "$binary" "$root/usr/local/bin/phoenix-agent" 0755
+	put "$unit" "$root/etc/systemd/system/phoenix-agent.service" 0644
+	unit_path=/etc/systemd/system/phoenix-agent.service
+fi
 # A config that is already there (written by cloud-init or an operator) beats the example.
 if [ "$config_given" = yes ] || [ ! -f "$root/etc/phoenix-agent/agent.toml" ]; then
 	put "$config" "$root/etc/phoenix-agent/agent.toml" 0644
@@ -118,7 +148,7 @@ if [ "$enable" = yes ]; then
 	# What `systemctl enable` does for WantedBy=multi-user.target, done by hand so it also works
 	# in a chroot without systemd installed yet.
 	wants=$root/etc/systemd/system/multi-user.target.wants
-	target=/etc/systemd/system/phoenix-agent.service
+	target=$unit_path
 	mkdir -p "$wants"
 	if [ "$(readlink "$wants/phoenix-agent.service" 2>/dev/null)" != "$target" ]; then
 		ln -sfn "$target" "$wants/phoenix-agent.service"

@@ -16,23 +16,30 @@ pub struct RunArgs {
     #[arg(long, env = "PHOENIX_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Collector base URL, e.g. https://collector.internal:7070 (required).
-    #[arg(long, env = "PHOENIX_COLLECTOR")]
-    pub collector: Option<String>,
+    /// Collector base URL, e.g. https://collector.internal:7070 (required). Repeat it for
+    /// several collectors: the agent fails over in this order and goes back to the first.
+    #[arg(long = "collector", env = "PHOENIX_COLLECTOR", value_delimiter = ',')]
+    #[serde(deserialize_with = "one_or_many")]
+    pub collector: Vec<String>,
+    /// Most batches sent at once, not yet acked [default: 1; 4 once the collector dedupes by a window of stored seqs].
+    #[arg(long, env = "PHOENIX_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
     /// Agent token for the collector (prefer --token-file: flags show in `ps`).
     #[arg(long, env = "PHOENIX_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the agent token.
     #[arg(long, env = "PHOENIX_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Reporting interval [default: 10s].
+    /// Reporting interval: 500ms, 10s, 2m; a bare number is seconds [default: 10s].
     #[arg(long, env = "PHOENIX_INTERVAL")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub interval: Option<String>,
     /// Where the spool, checkpoints and the agent's baseline live [default: /var/lib/phoenix-agent].
     #[arg(long, env = "PHOENIX_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Most bytes the on-disk spool may hold, e.g. 64MiB [default: 64MiB].
     #[arg(long, env = "PHOENIX_SPOOL_MAX")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub spool_max: Option<String>,
     /// Log file or glob to ship (repeatable); globs pick up files created later.
     #[arg(long = "log", env = "PHOENIX_LOG", value_delimiter = ',')]
@@ -40,6 +47,9 @@ pub struct RunArgs {
     /// On the very first start on a box, read files that already exist from `end` or `start` [default: end].
     #[arg(long, env = "PHOENIX_LOG_INITIAL")]
     pub log_initial: Option<String>,
+    /// Most tailed log files held open at once; idle ones are closed and found again by inode [default: min(256, open-file limit / 4)].
+    #[arg(long, env = "PHOENIX_MAX_OPEN_FILES")]
+    pub max_open_files: Option<usize>,
     /// Path whose files are hashed for drift (repeatable).
     #[arg(long = "drift-path", env = "PHOENIX_DRIFT_PATH", value_delimiter = ',')]
     pub drift_path: Vec<PathBuf>,
@@ -55,6 +65,7 @@ pub struct RunArgs {
     pub baseline: Option<PathBuf>,
     /// Full drift rescan period, on top of inotify [default: 1h].
     #[arg(long, env = "PHOENIX_DRIFT_RESCAN")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub drift_rescan: Option<String>,
     /// Override the discovered instance id.
     #[arg(long, env = "PHOENIX_INSTANCE_ID")]
@@ -65,9 +76,22 @@ pub struct RunArgs {
     /// Group (auto-scaling group, role) this instance belongs to.
     #[arg(long, env = "PHOENIX_GROUP")]
     pub group: Option<String>,
-    /// Local probe NAME=SPEC (repeatable): process:NAME, http://127.0.0.1:PORT/PATH, tcp:HOST:PORT, systemd:UNIT.
+    /// Local probe NAME=SPEC (repeatable): process:NAME, http://127.0.0.1:PORT/PATH[#STATUS]
+    /// (passes when the answer is exactly STATUS, 200 unless given), tcp:HOST:PORT, systemd:UNIT.
     #[arg(long = "check", env = "PHOENIX_CHECK", value_delimiter = ',')]
     pub check: Vec<String>,
+    /// Longest a check may take before it counts as failed [default: the smaller of interval/2 and 5s].
+    #[arg(long, env = "PHOENIX_CHECK_TIMEOUT")]
+    pub check_timeout: Option<String>,
+    /// `procstat` points for the top N processes by CPU and the top N by RSS; 0 = off [default: 10].
+    #[arg(long, env = "PHOENIX_TOP_PROCESSES")]
+    pub top_processes: Option<usize>,
+    /// Kernel messages from /dev/kmsg: auto (on unless --journal already carries them), on or off [default: auto].
+    #[arg(long, env = "PHOENIX_KMSG")]
+    pub kmsg: Option<String>,
+    /// Where the kernel's message device is [default: /dev/kmsg].
+    #[arg(long, env = "PHOENIX_KMSG_PATH")]
+    pub kmsg_path: Option<PathBuf>,
     /// Log format of the agent's own messages: text or json [default: text].
     #[arg(long, env = "PHOENIX_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -95,6 +119,7 @@ pub struct RunArgs {
     pub journal_unit: Vec<String>,
     /// Only journal entries this important or more: emerg, alert, crit, err, warning, notice, info, debug or 0-7.
     #[arg(long, env = "PHOENIX_JOURNAL_PRIORITY")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub journal_priority: Option<String>,
     /// Read the journal files in this directory instead of the local journal (turns the journal on).
     #[arg(long, env = "PHOENIX_JOURNAL_DIR")]
@@ -121,13 +146,19 @@ pub struct RunArgs {
 /// The merged, checked settings `run` works with.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    /// The first of `collectors`.
     pub collector: String,
+    /// Every collector, in order of preference.
+    pub collectors: Vec<String>,
+    pub max_in_flight: usize,
     pub token: Option<String>,
     pub interval: Duration,
     pub state_dir: PathBuf,
     pub spool_max: u64,
     pub logs: Vec<String>,
     pub log_from_start: bool,
+    /// `--max-open-files`; None: min(256, RLIMIT_NOFILE / 4).
+    pub max_open_files: Option<usize>,
     pub drift_paths: Vec<PathBuf>,
     pub drift_excludes: Vec<String>,
     pub baseline: Option<PathBuf>,
@@ -136,6 +167,11 @@ pub struct RunConfig {
     pub image_id: Option<String>,
     pub group: Option<String>,
     pub checks: Vec<String>,
+    pub check_timeout: Duration,
+    /// N for the top-N-by-CPU and top-N-by-RSS `procstat` points; 0 = off.
+    pub top_processes: usize,
+    /// Read kernel messages from this device (None: off, or the journal carries them).
+    pub kmsg: Option<PathBuf>,
     /// CA, client certificate and whether plain http:// may leave the box.
     pub tls: crate::tls::TlsOptions,
     /// Ship the systemd journal: on with --journal, --journal-dir or --journal-file.
@@ -165,9 +201,14 @@ impl RunArgs {
         };
         let pick = |a: Option<String>, b: Option<String>| a.or(b);
         let list = |a: Vec<String>, b: Vec<String>| if a.is_empty() { b } else { a };
-        let Some(collector) = pick(self.collector, file.collector) else {
+        let collectors = list(self.collector, file.collector);
+        let Some(collector) = collectors.first().cloned() else {
             bail!("no collector: give --collector URL (or PHOENIX_COLLECTOR, or collector = \"...\" in the config file)")
         };
+        let max_in_flight = self.max_in_flight.or(file.max_in_flight).unwrap_or(1);
+        if !(1..=64).contains(&max_in_flight) {
+            bail!("--max-in-flight {max_in_flight}: use 1 to 64");
+        }
         let token = match (
             pick(self.token, file.token),
             self.token_file.or(file.token_file),
@@ -227,10 +268,35 @@ impl RunArgs {
         }
         let imds_url =
             pick(self.imds_url, file.imds_url).unwrap_or_else(|| "http://169.254.169.254".into());
+        let check_timeout = match pick(self.check_timeout, file.check_timeout) {
+            Some(v) => dur(Some(v), "", "check-timeout")?,
+            None => (interval / 2).min(Duration::from_secs(5)),
+        };
+        if check_timeout.is_zero() || check_timeout > interval {
+            bail!("--check-timeout must be above 0 and at most --interval");
+        }
+        // The journal read whole from the local box (no unit filter) already has the kernel's
+        // lines; reading /dev/kmsg as well would ship each of them twice.
+        let journal_has_kernel = journal
+            && journal_units.is_empty()
+            && journal_dir.is_none()
+            && journal_files.is_empty();
+        let kmsg_path = self
+            .kmsg_path
+            .or(file.kmsg_path)
+            .unwrap_or_else(|| "/dev/kmsg".into());
+        let kmsg = match pick(self.kmsg, file.kmsg).as_deref().unwrap_or("auto") {
+            "auto" => (!journal_has_kernel).then_some(kmsg_path),
+            "on" => Some(kmsg_path),
+            "off" => None,
+            o => bail!("--kmsg {o:?}: use auto, on or off"),
+        };
         Ok(RunConfig {
             identity,
             imds_url,
             collector,
+            collectors,
+            max_in_flight,
             token,
             interval,
             state_dir: self
@@ -244,6 +310,7 @@ impl RunArgs {
             )?,
             logs: list(self.log, file.log),
             log_from_start,
+            max_open_files: self.max_open_files.or(file.max_open_files),
             drift_paths: if self.drift_path.is_empty() {
                 file.drift_path
             } else {
@@ -260,6 +327,9 @@ impl RunArgs {
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),
             checks: list(self.check, file.check),
+            check_timeout,
+            top_processes: self.top_processes.or(file.top_processes).unwrap_or(10),
+            kmsg,
             tls: crate::tls::TlsOptions {
                 ca_file: self.ca_file.or(file.ca_file),
                 client_cert: self.tls_client_cert.or(file.tls_client_cert),
@@ -274,6 +344,20 @@ impl RunArgs {
             journal_from_boot,
         })
     }
+}
+
+/// `collector = "URL"` or `collector = ["URL", ...]` in the config file.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `64MiB`, `500KB`, `1G`, or plain bytes.
@@ -304,6 +388,21 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.logs, vec!["/var/log/a.log".to_string()]);
         assert_eq!(c.spool_max, 64 << 20);
+        assert_eq!(c.max_in_flight, 1);
+        std::fs::write(
+            &f,
+            "collector = [\"http://a:1\", \"http://b:1\"]\nmax_in_flight = 2\n",
+        )
+        .unwrap();
+        let c = RunArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.collectors, ["http://a:1", "http://b:1"]);
+        assert_eq!(c.collector, "http://a:1");
+        assert_eq!(c.max_in_flight, 2);
         std::fs::write(&f, "colector = \"typo\"\n").unwrap();
         let e = RunArgs {
             config: Some(f),
@@ -319,5 +418,52 @@ mod tests {
         assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
         assert_eq!(parse_size("100").unwrap(), 100);
         assert!(parse_size("lots").is_err());
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn toml_numbers_mean_what_the_flags_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.toml");
+        std::fs::write(
+            &f,
+            "collector = \"http://127.0.0.1:1\"\ninterval = 10\nspool_max = 4096\njournal = true\njournal_priority = 3\n",
+        )
+        .unwrap();
+        let c = RunArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.spool_max, 4096);
+        assert_eq!(c.journal_priority, Some(3));
+    }
+
+    #[test]
+    fn help_is_complete_and_unknown_flags_get_the_nearest_one() {
+        let cmd = Cli::command();
+        for a in cmd.get_arguments() {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(!help.trim().is_empty(), "--{} has no help", a.get_id());
+        }
+        let check = cmd.get_arguments().find(|a| a.get_id() == "check").unwrap();
+        assert!(check.get_help().unwrap().to_string().contains("#STATUS"));
+        let e = Cli::try_parse_from(["x", "--intervall", "2"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--interval"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! phoenix-agent: metrics, log lines and a read-only config-drift hash, shipped off the box.
 //!
 //! Each source runs on its own thread behind [`source::Source`] and pushes batches into the
-//! durable [`spool::Spool`]; one [`transport::Sender`] drains it to the collector.
+//! durable [`spool::Spool`]; one [`transport::Sender`] drains it to the collectors.
 
 pub mod checks;
 pub mod config;
@@ -10,15 +10,20 @@ pub mod drift;
 pub mod enrol;
 pub mod identity;
 pub mod journal;
+pub mod kmsg;
 pub mod logs;
 pub mod metrics;
+pub mod procs;
+pub mod sockets;
 pub mod source;
 pub mod spool;
+pub mod supervise;
 pub mod tls;
 pub mod transport;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -30,9 +35,14 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     let mut out: Vec<Box<dyn Source>> = Vec::new();
     let mut m = metrics::MetricsSource::new("/proc");
     if !cfg.checks.is_empty() {
-        m.checks = Some(checks::Checks::new(&cfg.checks)?);
+        m.checks = Some(checks::Checks::new(&cfg.checks, cfg.check_timeout)?);
     }
+    m.procs = Some(procs::Procs::new("/proc", cfg.top_processes));
+    m.sockets = Some(sockets::Sockets::new("/proc"));
     out.push(Box::new(m));
+    if let Some(path) = &cfg.kmsg {
+        out.push(Box::new(kmsg::KmsgSource::new(path)));
+    }
     if !cfg.logs.is_empty() {
         out.push(Box::new(logs::LogSource::new(logs::Options::from_config(
             cfg,
@@ -60,7 +70,9 @@ pub fn run(
             cfg.state_dir.display()
         )
     })?;
-    tls::check_url(&cfg.collector, cfg.tls.insecure_http)?;
+    for c in &cfg.collectors {
+        tls::check_url(c, cfg.tls.insecure_http)?;
+    }
     let http = tls::http_agent(&cfg.tls)?;
     let spool = Arc::new(spool::Spool::open(
         &cfg.state_dir.join("spool"),
@@ -101,7 +113,7 @@ pub fn run(
             "--group {g:?}: use 1-128 chars of A-Z a-z 0-9 - _ . : /"
         );
     }
-    tracing::info!(instance_id = %identity.instance_id, image_id = %identity.image_id, collector = %cfg.collector, spooled = spool.len(), "phoenix-agent starting");
+    tracing::info!(instance_id = %identity.instance_id, image_id = %identity.image_id, collectors = %cfg.collectors.join(","), spooled = spool.len(), "phoenix-agent starting");
     // Before any thread starts, so every thread inherits the blocked signal mask.
     stop_signal(spool.clone());
     let ctx = Ctx {
@@ -114,23 +126,25 @@ pub fn run(
     for src in sources(&cfg)? {
         let ctx = ctx.clone();
         let name = src.name();
+        let again = cfg.clone();
+        let rebuild = move || Ok(sources(&again)?.into_iter().find(|s| s.name() == name));
         threads.push(
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || {
-                    if let Err(e) = src.run(ctx) {
-                        tracing::error!(source = name, error = %format!("{e:#}"), "source stopped");
-                    }
-                })?,
+                .spawn(move || supervise::run(src, ctx, rebuild))?,
         );
     }
-    let sender = transport::Sender::with_http(
+    let mut sender = transport::Sender::with_http(
         http,
-        &cfg.collector,
+        &cfg.collectors,
         cfg.token.clone(),
         spool.clone(),
         cfg.state_dir.clone(),
     );
+    sender.max_in_flight = cfg.max_in_flight;
+    // Often enough that a recovered first collector gets its agents back within a few
+    // intervals, rarely enough to cost nothing.
+    sender.probe_every = (cfg.interval * 3).clamp(Duration::from_secs(5), Duration::from_secs(60));
     sender.run();
     for t in threads {
         t.join().ok();

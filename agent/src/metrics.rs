@@ -36,8 +36,18 @@ pub struct MetricsSource {
     prev_cpu: HashMap<String, CpuTimes>,
     /// Extra point producers run each interval (checks, the agent's own figures).
     pub extras: Vec<Extra>,
+    /// Run on their own threads; each report carries their latest round.
     pub checks: Option<crate::checks::Checks>,
+    /// `processes` and `procstat`.
+    pub procs: Option<crate::procs::Procs>,
+    /// `netstat`, `phoenix_listen` and `phoenix_listen_set`.
+    pub sockets: Option<crate::sockets::Sockets>,
 }
+
+/// Fewer jiffies than this between two /proc/stat reads make no CPU figure: a quarter second
+/// of one CPU at the usual 100 Hz, below which one tick is 4 % and a sample reads 0 % or 100 %.
+/// The baseline is then kept, and the next sample covers the longer span.
+const MIN_CPU_TICKS: u64 = 25;
 
 impl std::fmt::Debug for MetricsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,6 +66,18 @@ impl MetricsSource {
             prev_cpu: HashMap::new(),
             extras: Vec::new(),
             checks: None,
+            procs: None,
+            sockets: None,
+        }
+    }
+
+    /// Read the baselines (CPU times, per-process ticks) without making points, so the first
+    /// report after a start has figures over a real span: no 0 % / 100 % spike on restart.
+    pub fn prime(&mut self) {
+        let mut scratch = Vec::new();
+        self.cpu(0, &mut scratch);
+        if let Some(p) = self.procs.as_mut() {
+            p.sample(0, &mut scratch);
         }
     }
 
@@ -68,6 +90,26 @@ impl MetricsSource {
         disk(&self.proc, ts, &mut out);
         diskio(&self.proc, ts, &mut out);
         system(&self.proc, ts, &mut out);
+        swap(&self.proc, ts, &mut out);
+        kernel(&self.proc, ts, &mut out);
+        let ssh_procs = match self.procs.as_mut() {
+            Some(p) => p.sample(ts, &mut out),
+            None => Vec::new(),
+        };
+        if let Some(s) = self.sockets.as_mut() {
+            let on_22: Vec<crate::sockets::Owned> = s
+                .sample(ts, &mut out)
+                .iter()
+                .filter(|o| o.listen.proto == "tcp" && o.listen.port == 22)
+                .cloned()
+                .collect();
+            if self.procs.is_some() {
+                out.push(ssh_point(&on_22, &ssh_procs, ts));
+            }
+        }
+        if let Some(k) = crate::kmsg::kernel_point(ts) {
+            out.push(k);
+        }
         out
     }
 
@@ -88,9 +130,18 @@ impl MetricsSource {
             } else {
                 name.to_string()
             };
-            if let Some(prev) = self.prev_cpu.insert(tag.clone(), cur) {
-                if let Some(fields) = cur.usage_since(&prev) {
-                    out.push(point("cpu", [("cpu", tag)], fields, ts));
+            match self.prev_cpu.get(&tag) {
+                Some(prev) if cur.total().saturating_sub(prev.total()) < MIN_CPU_TICKS => {
+                    // Too short a span: keep the older baseline.
+                }
+                Some(prev) => {
+                    if let Some(fields) = cur.usage_since(prev) {
+                        out.push(point("cpu", [("cpu", tag.clone())], fields, ts));
+                    }
+                    self.prev_cpu.insert(tag, cur);
+                }
+                None => {
+                    self.prev_cpu.insert(tag, cur);
                 }
             }
         }
@@ -177,13 +228,120 @@ fn point<const N: usize>(
 ) -> Point {
     Point {
         m: m.into(),
+        // Values come from the box (mount paths, device names): cut to what the wire takes.
         tags: tags
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.to_string(), v))
+            .map(|(k, v)| (k.to_string(), phoenix_wire::cut_value(&v)))
             .collect(),
         fields,
         ts,
+    }
+}
+
+/// `phoenix_ssh`, every interval: whether anything listens on TCP 22 or an SSH daemon runs.
+/// `found` is the one field a rule needs; `evidence` names the processes and addresses.
+fn ssh_point(
+    on_22: &[crate::sockets::Owned],
+    daemons: &[crate::procs::SshProcess],
+    ts: i64,
+) -> Point {
+    let mut evidence: Vec<String> = on_22
+        .iter()
+        .map(|o| format!("listening: {}", crate::sockets::describe(o)))
+        .collect();
+    evidence.extend(
+        daemons
+            .iter()
+            .take(20)
+            .map(|d| format!("running: {}[{}]", d.name, d.pid)),
+    );
+    let fields = BTreeMap::from([
+        (
+            "found".into(),
+            Value::Bool(!on_22.is_empty() || !daemons.is_empty()),
+        ),
+        ("listening".into(), int(on_22.len() as u64)),
+        ("daemons".into(), int(daemons.len() as u64)),
+        (
+            "evidence".into(),
+            Value::Str(phoenix_wire::cut_to(&evidence.join("; "), 4096)),
+        ),
+    ]);
+    point("phoenix_ssh", [], fields, ts)
+}
+
+/// `swap`, Telegraf's fields: sizes from /proc/meminfo, pages swapped in and out (as bytes,
+/// cumulative) from /proc/vmstat.
+fn swap(proc: &Path, ts: i64, out: &mut Vec<Point>) {
+    let Ok(mi) = std::fs::read_to_string(proc.join("meminfo")) else {
+        return;
+    };
+    let kb = |k: &str| {
+        mi.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_ascii_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let (total, free) = (kb("SwapTotal:"), kb("SwapFree:"));
+    let used = total.saturating_sub(free);
+    let vm = std::fs::read_to_string(proc.join("vmstat")).unwrap_or_default();
+    let pages = |k: &str| {
+        vm.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let fields = BTreeMap::from([
+        ("total".into(), int(total)),
+        ("used".into(), int(used)),
+        ("free".into(), int(free)),
+        (
+            "used_percent".into(),
+            Value::Float(if total > 0 {
+                100.0 * used as f64 / total as f64
+            } else {
+                0.0
+            }),
+        ),
+        ("in".into(), int(pages("pswpin ").saturating_mul(page))),
+        ("out".into(), int(pages("pswpout ").saturating_mul(page))),
+    ]);
+    out.push(point("swap", [], fields, ts));
+}
+
+/// `kernel`, Telegraf's fields, from /proc/stat and the entropy count.
+fn kernel(proc: &Path, ts: i64, out: &mut Vec<Point>) {
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+        return;
+    };
+    let first = |k: &str| {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_ascii_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let mut fields = BTreeMap::new();
+    for (key, field) in [
+        ("ctxt ", "context_switches"),
+        ("intr ", "interrupts"),
+        ("processes ", "processes_forked"),
+        ("btime ", "boot_time"),
+    ] {
+        if let Some(v) = first(key) {
+            fields.insert(field.to_string(), int(v));
+        }
+    }
+    let entropy = std::fs::read_to_string(proc.join("sys/kernel/random/entropy_avail"));
+    if let Some(e) = entropy.ok().and_then(|e| e.trim().parse::<u64>().ok()) {
+        fields.insert("entropy_avail".into(), int(e));
+    }
+    if !fields.is_empty() {
+        out.push(point("kernel", [], fields, ts));
     }
 }
 
@@ -515,8 +673,12 @@ impl Source for MetricsSource {
 
     fn run(mut self: Box<Self>, ctx: Ctx) -> anyhow::Result<()> {
         let mut jitter = crate::transport::Jitter::new();
-        // A first CPU sample now, so the first report (one interval later) has usage figures.
-        self.sample(now_ns());
+        // Baselines now, so the first report has usage figures over a real span.
+        self.prime();
+        if let Some(c) = &self.checks {
+            let stop = ctx.clone();
+            c.start(ctx.interval, move |d| stop.sleep(d));
+        }
         // Spread a fleet booted at once over the first interval.
         if ctx.sleep(ctx.interval.mul_f64(0.2 * jitter.next_f64())) {
             return Ok(());
@@ -526,9 +688,10 @@ impl Source for MetricsSource {
             let ts = now_ns();
             let mut report = ctx.report();
             report.metrics = self.sample(ts);
-            if let Some(checks) = self.checks.as_mut() {
+            if let Some(checks) = &self.checks {
                 // The collector turns these into `phoenix_check` points and feeds its rules.
-                report.checks = checks.run_all();
+                // Only the latest finished round: a wedged probe never holds this loop.
+                report.checks = checks.latest();
             }
             for extra in self.extras.iter_mut() {
                 extra(ts, &mut report.metrics);
@@ -560,7 +723,8 @@ mod tests {
             m.sample(1).iter().all(|p| p.m != "cpu"),
             "no CPU usage before a second sample"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        // Long enough for every CPU line to pass MIN_CPU_TICKS.
+        std::thread::sleep(Duration::from_millis(300));
         let pts = m.sample(2);
         let names: HashSet<&str> = pts.iter().map(|p| p.m.as_str()).collect();
         for want in ["cpu", "mem", "disk", "diskio", "system"] {
@@ -603,6 +767,66 @@ mod tests {
         assert_eq!(u["usage_user"], Value::Float(30.0));
         assert_eq!(u["usage_idle"], Value::Float(50.0));
         assert_eq!(u["usage_steal"], Value::Float(10.0));
+    }
+
+    #[test]
+    fn first_cpu_sample_after_start_has_no_spike() {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = |user: u64, idle: u64| {
+            std::fs::write(
+                dir.path().join("stat"),
+                format!("cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 0 0 0\n"),
+            )
+            .unwrap()
+        };
+        let mut m = MetricsSource::new(dir.path());
+        stat(1000, 9000);
+        m.prime();
+        // The agent's first report comes a few ticks after start: 2 busy of 3 would read 67 %.
+        stat(1002, 9001);
+        let cpu = |pts: Vec<Point>| pts.into_iter().find(|p| p.m == "cpu");
+        assert!(
+            cpu(m.sample(1)).is_none(),
+            "too short a span makes no figure"
+        );
+        // Later, the figure covers the whole span since the baseline read at start.
+        stat(1010, 9090);
+        let p = cpu(m.sample(2)).expect("a figure once the span is long enough");
+        assert_eq!(p.fields["usage_user"], Value::Float(10.0));
+        assert_eq!(p.fields["usage_idle"], Value::Float(90.0));
+    }
+
+    #[test]
+    fn long_mount_paths_and_device_names_are_cut() {
+        let long = format!("/mnt/{}", "p".repeat(1100));
+        let p = point(
+            "disk",
+            [("path", long.clone()), ("device", "sda".into())],
+            BTreeMap::from([("total".to_string(), Value::Int(1))]),
+            1,
+        );
+        assert!(p.tags["path"].len() <= phoenix_wire::MAX_TAG_VALUE);
+        assert_eq!(p.tags["device"], "sda");
+    }
+
+    #[test]
+    fn swap_and_kernel_with_telegraf_names() {
+        let mut out = Vec::new();
+        swap(Path::new("/proc"), 1, &mut out);
+        kernel(Path::new("/proc"), 1, &mut out);
+        let sw = &out[0];
+        for k in ["total", "used", "free", "used_percent", "in", "out"] {
+            assert!(sw.fields.contains_key(k), "swap {k}");
+        }
+        let k = &out[1];
+        for f in [
+            "context_switches",
+            "interrupts",
+            "processes_forked",
+            "boot_time",
+        ] {
+            assert!(k.fields.contains_key(f), "kernel {f}: {k:?}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ impl Ctx {
             logs: Vec::new(),
             drift: None,
             checks: Vec::new(),
+            drift_root: None,
         }
     }
 

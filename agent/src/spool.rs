@@ -6,9 +6,18 @@
 //! checkpoint when the entry is acked, and a restarting source resumes from the newest
 //! checkpoint still in the spool, so lines are neither lost nor read twice.
 //!
+//! Several batches may be in flight at once and their acks may come back in any order, so an
+//! acked entry is only marked done; [`Spool::promote`] then settles done entries from the head
+//! of the queue, in seq order. A later ack never promotes a checkpoint past an earlier batch
+//! that is still unacked.
+//!
 //! When the spool is full, the oldest metric entries are evicted and their points counted as
 //! dropped; log entries are never evicted: `push` of a log entry waits instead, because the
-//! log file itself is the buffer.
+//! log file itself is the buffer. A state dir that cannot be written (disk full, EIO) is
+//! treated the same way: metrics make room oldest first, log pushes wait with backoff.
+//!
+//! The highest seq handed out is kept in `seq` (fsync + rename, reserved in blocks), so seqs
+//! keep increasing within a boot even when every batch was acked and the clock stepped back.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,14 +25,16 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use phoenix_wire::Report;
 use serde::{Deserialize, Serialize};
 
+use crate::counters;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("spool directory {0}: {1} (check that the state dir is writable by the agent)")]
+    #[error("spool directory {0}: {1} (check that the state dir is writable by the agent and has free space)")]
     Io(PathBuf, io::Error),
     #[error("the agent is stopping")]
     Stopping,
@@ -45,8 +56,27 @@ pub struct Meta {
     /// Source name and its checkpoint after this batch, promoted on ack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<(String, serde_json::Value)>,
+    /// Handled without an ack (split into halves, or set aside in `rejected/`): nothing is
+    /// left to send, only the checkpoint to promote in order. Stored as a header-only file.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub settled: bool,
+    /// How often this batch's content was queued again under a new seq (see
+    /// [`Spool::reseq`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reseqs: u8,
+    /// Acked (or settled) and waiting for the batches before it.
+    #[serde(skip)]
+    pub done: bool,
     #[serde(skip)]
     pub bytes: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 /// A batch ready to send.
@@ -61,11 +91,21 @@ pub struct Entry {
 struct Inner {
     index: BTreeMap<u64, Meta>,
     /// Sequence numbers handed out whose entries are still being written. The sender never
-    /// sends past the lowest of them: the collector keeps only the highest seq it took per
-    /// boot, so sending N+1 before N would make N look like a duplicate and lose it.
+    /// sends past the lowest of them, so batches leave in seq order.
     pending: std::collections::BTreeSet<u64>,
     bytes: u64,
     stopping: bool,
+    /// Seqs below this are covered by the saved `seq` file.
+    ceiling: u64,
+    /// Bumped on every change, so a waiter cannot miss one (see [`Spool::wait_change`]).
+    generation: u64,
+    /// Bumped whenever an entry leaves (acked, evicted, superseded): room may have appeared.
+    freed: u64,
+    /// After a failed write: how long to rest, until when, and `freed` at the failure. A
+    /// push retries early when something was freed since.
+    write_backoff: Duration,
+    rest_until: Option<Instant>,
+    freed_at_failure: u64,
 }
 
 /// Counters the agent reports about itself in `phoenix_agent`.
@@ -87,6 +127,11 @@ pub struct Spool {
     changed: Condvar,
     pub stats: Stats,
 }
+
+/// How many seqs one save of the `seq` file covers: one fsync per this many batches.
+const SEQ_RESERVE: u64 = 4096;
+const MIN_WRITE_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_WRITE_BACKOFF: Duration = Duration::from_secs(30);
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -121,6 +166,7 @@ impl Spool {
             match read_entry(&ent.path()) {
                 Ok((mut meta, body)) => {
                     meta.bytes = body.len() as u64;
+                    meta.done = meta.settled;
                     bytes += meta.bytes;
                     index.insert(seq, meta);
                 }
@@ -133,10 +179,15 @@ impl Spool {
                 }
             }
         }
-        // Sequence numbers start from the clock so they keep increasing across restarts even
-        // if the state dir was wiped; the collector drops a (boot, seq) it already took.
+        // Seqs start from the clock so they keep increasing even if the state dir was wiped,
+        // and never below the saved ceiling, so a clock stepped back cannot reuse one: the
+        // collector drops a (boot, seq) it already took.
+        let saved = fs::read_to_string(dir.join("seq"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
         let last = index.keys().next_back().copied().unwrap_or(0);
-        let next = now_micros().max(last + 1);
+        let next = now_micros().max(last + 1).max(saved);
         Ok(Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -146,6 +197,12 @@ impl Spool {
                 pending: Default::default(),
                 bytes,
                 stopping: false,
+                ceiling: next,
+                generation: 0,
+                freed: 0,
+                write_backoff: Duration::ZERO,
+                rest_until: None,
+                freed_at_failure: 0,
             }),
             changed: Condvar::new(),
             stats: Stats::default(),
@@ -156,12 +213,24 @@ impl Spool {
         self.inner.lock().unwrap().bytes
     }
 
+    /// Entries not yet settled (sent and acked, or set aside).
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap().index.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Entries still to be sent (not acked and not settled).
+    pub fn unsent(&self) -> usize {
+        let g = self.inner.lock().unwrap();
+        g.index.values().filter(|m| !m.done).count()
+    }
+
+    /// The highest seq in the spool.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.inner.lock().unwrap().index.keys().next_back().copied()
     }
 
     /// The newest checkpoint of `source` still waiting in the spool, if any.
@@ -174,8 +243,9 @@ impl Spool {
     }
 
     /// Queue a report. Sets its sequence number, writes it durably, wakes the sender.
-    /// Log entries wait (up to `wait`) while the spool is full; metric entries evict the oldest
-    /// metric entries. Returns the seq, or None when a log entry timed out waiting for room.
+    /// Log entries wait (up to `wait`) while the spool is full or the state dir cannot be
+    /// written; metric entries evict the oldest metric entries. Returns the seq, or None when
+    /// a log entry timed out waiting for room, or a metric entry had to be dropped.
     pub fn push(
         &self,
         kind: Kind,
@@ -183,17 +253,29 @@ impl Spool {
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
     ) -> Result<Option<u64>, SpoolError> {
+        self.push_with(kind, report, checkpoint, wait, 0)
+    }
+
+    fn push_with(
+        &self,
+        kind: Kind,
+        report: Report,
+        checkpoint: Option<(String, serde_json::Value)>,
+        wait: Duration,
+        reseqs: u8,
+    ) -> Result<Option<u64>, SpoolError> {
         let seq = {
             let mut g = self.inner.lock().unwrap();
             let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
             g.pending.insert(seq);
             seq
         };
-        let res = self.push_as(seq, kind, report, checkpoint, wait);
+        let res = self.push_as(seq, kind, report, checkpoint, wait, reseqs);
         // On every path: the seq is no longer pending (on success it already went, with the
         // insert, under one lock).
         let mut g = self.inner.lock().unwrap();
         if g.pending.remove(&seq) {
+            g.generation += 1;
             drop(g);
             self.changed.notify_all();
         }
@@ -207,6 +289,7 @@ impl Spool {
         mut report: Report,
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
+        reseqs: u8,
     ) -> Result<Option<u64>, SpoolError> {
         let points = (report.metrics.len() + report.logs.len()) as u64;
         report.seq = seq;
@@ -215,56 +298,98 @@ impl Spool {
             kind,
             points,
             checkpoint,
+            settled: false,
+            reseqs,
+            done: false,
             bytes: body.len() as u64,
         };
         let need = meta.bytes;
-        let deadline = std::time::Instant::now() + wait;
+        let deadline = Instant::now() + wait;
         let mut g = self.inner.lock().unwrap();
         loop {
             if g.stopping {
                 return Err(SpoolError::Stopping);
             }
-            if g.bytes + need <= self.max_bytes || g.index.is_empty() {
-                break;
+            let now = Instant::now();
+            // A state dir that failed a write gets a rest before the next try, unless an entry
+            // left since (room may have appeared): a full disk must not mean a busy loop.
+            let resting = g.rest_until.is_some_and(|t| now < t) && g.freed == g.freed_at_failure;
+            // Drift states are small and must not be lost: they may overshoot the bound.
+            let fits =
+                g.bytes + need <= self.max_bytes || g.index.is_empty() || kind == Kind::Drift;
+            if !fits {
+                // Make room from the oldest metrics first: they are superseded by newer samples.
+                if self.evict_oldest_metrics(&mut g, &counters::dropped_points_spool_full) {
+                    continue;
+                }
+                if kind == Kind::Metrics {
+                    // Only log and drift entries left: this sample is the one to drop.
+                    self.count_dropped(points, &counters::dropped_points_spool_full);
+                    return Ok(None);
+                }
+                self.stats.log_waits.fetch_add(1, Ordering::Relaxed);
+            } else if !resting {
+                drop(g);
+                let written = self.write(seq, &meta, &body);
+                g = self.inner.lock().unwrap();
+                match written {
+                    Ok(()) => {
+                        g.write_backoff = Duration::ZERO;
+                        g.rest_until = None;
+                        break;
+                    }
+                    Err(e) => {
+                        counters::add(&counters::spool_write_errors, 1);
+                        g.write_backoff =
+                            (g.write_backoff * 2).clamp(MIN_WRITE_BACKOFF, MAX_WRITE_BACKOFF);
+                        g.rest_until = Some(Instant::now() + g.write_backoff);
+                        g.freed_at_failure = g.freed;
+                        // The disk is the limit now: the oldest metrics make room, for new
+                        // metrics and for log lines alike (a log file may rotate away).
+                        if kind != Kind::Drift
+                            && self.evict_oldest_metrics(&mut g, &counters::dropped_points_disk)
+                        {
+                            continue;
+                        }
+                        match kind {
+                            Kind::Logs => {
+                                tracing::warn!(seq, error = %e, retry_ms = g.write_backoff.as_millis() as u64, "cannot write a log batch to the spool; will retry (the log file keeps the lines)");
+                            }
+                            Kind::Metrics => {
+                                self.count_dropped(points, &counters::dropped_points_disk);
+                                return Err(SpoolError::Io(self.dir.clone(), e));
+                            }
+                            Kind::Drift => return Err(SpoolError::Io(self.dir.clone(), e)),
+                        }
+                    }
+                }
+            } else if kind == Kind::Metrics {
+                // Resting after a failed write: a new sample replaces the oldest one.
+                if self.evict_oldest_metrics(&mut g, &counters::dropped_points_disk) {
+                    continue;
+                }
+                self.count_dropped(points, &counters::dropped_points_disk);
+                return Err(SpoolError::Io(
+                    self.dir.clone(),
+                    io::Error::other("the last write failed; resting before the next"),
+                ));
+            } else if kind == Kind::Drift {
+                return Err(SpoolError::Io(
+                    self.dir.clone(),
+                    io::Error::other("the last write failed; resting before the next"),
+                ));
             }
-            // Make room from the oldest metrics first: they are superseded by newer samples.
-            let victim = g
-                .index
-                .iter()
-                .find(|(_, m)| m.kind == Kind::Metrics)
-                .map(|(s, _)| *s);
-            if let Some(v) = victim {
-                let m = g.index.remove(&v).unwrap();
-                g.bytes -= m.bytes;
-                best_effort("fs::remove_file", fs::remove_file(self.path(v)));
-                self.stats
-                    .dropped_points
-                    .fetch_add(m.points, Ordering::Relaxed);
-                self.stats.dropped_batches.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if kind == Kind::Metrics {
-                // Only log and drift entries left: this sample is the one to drop.
-                self.stats
-                    .dropped_points
-                    .fetch_add(points, Ordering::Relaxed);
-                self.stats.dropped_batches.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            if kind == Kind::Drift {
-                break; // drift states are small and must not be lost; allow the overshoot
-            }
-            self.stats.log_waits.fetch_add(1, Ordering::Relaxed);
-            let now = std::time::Instant::now();
+            // Only log entries get here: wait for room, or for the rest to end.
+            let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
             }
-            g = self.changed.wait_timeout(g, deadline - now).unwrap().0;
+            let mut nap = deadline - now;
+            if let Some(t) = g.rest_until.filter(|t| *t > now) {
+                nap = nap.min(t - now);
+            }
+            g = self.changed.wait_timeout(g, nap).unwrap().0;
         }
-        drop(g);
-        self.write(seq, &meta, &body)
-            .map_err(|e| SpoolError::Io(self.dir.clone(), e))?;
-        let mut g = self.inner.lock().unwrap();
         if kind == Kind::Drift {
             // A drift state supersedes every older one (each carries the whole entry list), so
             // a long outage with many changes keeps one, not one per change. Removing an
@@ -272,58 +397,143 @@ impl Spool {
             let stale: Vec<u64> = g
                 .index
                 .iter()
-                .filter(|(s, m)| m.kind == Kind::Drift && **s < seq)
+                .filter(|(s, m)| m.kind == Kind::Drift && **s < seq && !m.done)
                 .map(|(s, _)| *s)
                 .collect();
             for s in stale {
                 let m = g.index.remove(&s).expect("listed above");
                 g.bytes -= m.bytes;
+                g.freed += 1;
                 best_effort("fs::remove_file", fs::remove_file(self.path(s)));
             }
         }
         g.bytes += meta.bytes;
         g.index.insert(seq, meta);
         g.pending.remove(&seq);
+        g.generation += 1;
         drop(g);
         self.changed.notify_all();
         Ok(Some(seq))
+    }
+
+    /// Evict the oldest metric entry not yet acked; false when there is none.
+    fn evict_oldest_metrics(&self, g: &mut Inner, reason: &AtomicU64) -> bool {
+        let victim = g
+            .index
+            .iter()
+            .find(|(_, m)| m.kind == Kind::Metrics && !m.done)
+            .map(|(s, _)| *s);
+        let Some(v) = victim else { return false };
+        let m = g.index.remove(&v).expect("found above");
+        g.bytes -= m.bytes;
+        g.freed += 1;
+        g.generation += 1;
+        best_effort("fs::remove_file", fs::remove_file(self.path(v)));
+        self.count_dropped(m.points, reason);
+        true
+    }
+
+    fn count_dropped(&self, points: u64, reason: &AtomicU64) {
+        self.stats
+            .dropped_points
+            .fetch_add(points, Ordering::Relaxed);
+        self.stats.dropped_batches.fetch_add(1, Ordering::Relaxed);
+        counters::add(reason, points);
     }
 
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:020}.batch"))
     }
 
+    /// Write an entry durably. Saves a new seq ceiling first when `seq` reaches the old one.
     fn write(&self, seq: u64, meta: &Meta, body: &[u8]) -> io::Result<()> {
+        self.save_ceiling(seq)?;
         let tmp = self.dir.join(format!(".tmp-{seq}"));
-        let mut f = fs::File::create(&tmp)?;
-        let mut head = serde_json::to_vec(meta).expect("meta serialises");
-        head.push(b'\n');
-        f.write_all(&head)?;
-        f.write_all(body)?;
-        f.sync_data()?;
-        drop(f);
-        fs::rename(&tmp, self.path(seq))?;
-        sync_dir(&self.dir)
+        let res = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            let mut head = serde_json::to_vec(meta).expect("meta serialises");
+            head.push(b'\n');
+            f.write_all(&head)?;
+            f.write_all(body)?;
+            f.sync_data()?;
+            drop(f);
+            fs::rename(&tmp, self.path(seq))?;
+            sync_dir(&self.dir)
+        })();
+        if res.is_err() {
+            // A half-written temp file on a full disk would only take the room we wait for.
+            fs::remove_file(&tmp).ok();
+        }
+        res
     }
 
-    /// The oldest entry, waiting up to `wait` for one to appear (and for any older entry still
-    /// being written, so entries always go out in seq order).
-    pub fn oldest(&self, wait: Duration) -> Option<Entry> {
-        let deadline = std::time::Instant::now() + wait;
+    /// Keep the saved ceiling above every seq handed out, in blocks of [`SEQ_RESERVE`].
+    fn save_ceiling(&self, seq: u64) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap();
-        let seq = loop {
-            let first = g.index.keys().next().copied();
-            let blocked = matches!((first, g.pending.first()), (Some(f), Some(p)) if *p < f);
-            if let (Some(f), false) = (first, blocked) {
-                break f;
+        if seq < g.ceiling {
+            return Ok(());
+        }
+        let ceiling = seq + SEQ_RESERVE;
+        // Under the lock, so two writers cannot save ceilings out of order; once per block.
+        write_atomic(&self.dir.join("seq"), ceiling.to_string().as_bytes())?;
+        g.ceiling = ceiling;
+        Ok(())
+    }
+
+    /// A change counter for [`Spool::wait_change`].
+    pub fn generation(&self) -> u64 {
+        self.inner.lock().unwrap().generation
+    }
+
+    /// Wait until something changed since `generation` (an entry, an ack, a [`Spool::poke`])
+    /// or `d` passed; true when the agent is stopping.
+    pub fn wait_change(&self, generation: u64, d: Duration) -> bool {
+        let g = self.inner.lock().unwrap();
+        let g = self
+            .changed
+            .wait_timeout_while(g, d, |i| !i.stopping && i.generation == generation)
+            .unwrap()
+            .0;
+        g.stopping
+    }
+
+    /// Wake whoever waits in [`Spool::wait_change`] (the sender's helpers report this way).
+    pub fn poke(&self) {
+        self.inner.lock().unwrap().generation += 1;
+        self.changed.notify_all();
+    }
+
+    /// The first entry after `after` that is still to be sent, without waiting. Never one
+    /// past an entry still being written, so batches leave in seq order.
+    pub fn next_after(&self, after: Option<u64>) -> Option<Entry> {
+        loop {
+            let seq = {
+                let g = self.inner.lock().unwrap();
+                let from = after.map_or(0, |a| a.saturating_add(1));
+                let (seq, _) = g.index.range(from..).find(|(_, m)| !m.done)?;
+                if g.pending.first().is_some_and(|p| p < seq) {
+                    return None;
+                }
+                *seq
+            };
+            if let Some(e) = self.get(seq) {
+                return Some(e);
             }
-            let now = std::time::Instant::now();
-            if g.stopping || now >= deadline {
-                return None;
-            }
-            g = self.changed.wait_timeout(g, deadline - now).unwrap().0;
-        };
-        drop(g);
+        }
+    }
+
+    /// Entry `seq` if it is still to be sent (it may have been evicted or superseded).
+    pub fn get(&self, seq: u64) -> Option<Entry> {
+        if self
+            .inner
+            .lock()
+            .unwrap()
+            .index
+            .get(&seq)
+            .is_none_or(|m| m.done)
+        {
+            return None;
+        }
         match read_entry(&self.path(seq)) {
             Ok((meta, body)) => Some(Entry { seq, meta, body }),
             Err(e) => {
@@ -334,56 +544,238 @@ impl Spool {
         }
     }
 
-    /// The collector took `seq`: promote its checkpoint, then forget it.
-    pub fn ack(&self, entry: &Entry, state_dir: &Path) -> io::Result<()> {
-        if let Some((source, ckpt)) = &entry.meta.checkpoint {
-            write_atomic(
-                &state_dir.join(format!("{source}.acked.json")),
-                &serde_json::to_vec(ckpt).unwrap_or_default(),
-            )?;
+    /// The oldest entry still to be sent, waiting up to `wait` for one to appear (and for any
+    /// older entry still being written, so entries always go out in seq order).
+    pub fn oldest(&self, wait: Duration) -> Option<Entry> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let generation = self.generation();
+            if let Some(e) = self.next_after(None) {
+                return Some(e);
+            }
+            let now = Instant::now();
+            if now >= deadline || self.wait_change(generation, deadline - now) {
+                return None;
+            }
         }
+    }
+
+    /// The collector took `seq`: it is done, and is settled once every batch before it is.
+    pub fn mark_acked(&self, seq: u64) {
+        let mut g = self.inner.lock().unwrap();
+        if let Some(m) = g.index.get_mut(&seq) {
+            m.done = true;
+        }
+        g.generation += 1;
+        drop(g);
+        self.changed.notify_all();
         self.stats.acked_batches.fetch_add(1, Ordering::Relaxed);
-        self.remove(entry.seq);
+    }
+
+    /// Settle the done entries at the head of the queue, in seq order: promote their
+    /// checkpoints, then remove them. Stops at the first entry still out. Returns how many
+    /// were removed; an error (the state dir cannot be written) leaves the rest for later.
+    pub fn promote(&self, state_dir: &Path) -> io::Result<usize> {
+        let run: Vec<(u64, Option<(String, serde_json::Value)>)> = {
+            let g = self.inner.lock().unwrap();
+            g.index
+                .iter()
+                .take_while(|(s, m)| m.done && g.pending.first().is_none_or(|p| p > s))
+                .map(|(s, m)| (*s, m.checkpoint.clone()))
+                .collect()
+        };
+        if run.is_empty() {
+            return Ok(0);
+        }
+        // Only the newest checkpoint of each source in the run needs writing: one fsync per
+        // source, not per batch. Entries are removed in seq order after it, so a crash in
+        // between leaves a suffix of the run whose newest checkpoint is the one written.
+        let mut newest: BTreeMap<&str, &serde_json::Value> = BTreeMap::new();
+        for (_, c) in &run {
+            if let Some((src, v)) = c {
+                newest.insert(src, v);
+            }
+        }
+        for (src, v) in newest {
+            if let Err(e) = write_atomic(
+                &state_dir.join(format!("{src}.acked.json")),
+                &serde_json::to_vec(v).unwrap_or_default(),
+            ) {
+                counters::add(&counters::state_write_errors, 1);
+                return Err(e);
+            }
+        }
+        for (s, _) in &run {
+            self.remove(*s);
+        }
+        Ok(run.len())
+    }
+
+    /// The collector took this entry: mark it and settle what can be settled.
+    pub fn ack(&self, entry: &Entry, state_dir: &Path) -> io::Result<()> {
+        self.mark_acked(entry.seq);
+        self.promote(state_dir).map(|_| ())
+    }
+
+    /// Replace an entry the collector refused with two entries holding half its points each
+    /// (new seqs, no checkpoint), so one bad point cannot take good ones with it. The entry
+    /// itself stays as a settled header holding its checkpoint, promoted in order. False when
+    /// it holds a single point or line (or none): that one is for [`Spool::reject`].
+    pub fn split(&self, seq: u64) -> io::Result<bool> {
+        let Some(e) = self.get(seq) else {
+            return Ok(true); // gone already: nothing left to split
+        };
+        let json = phoenix_wire::gunzip_limited(&e.body, 1 << 30).map_err(io::Error::other)?;
+        let mut first: Report = serde_json::from_slice(&json).map_err(io::Error::other)?;
+        let (n_m, n_l) = (first.metrics.len(), first.logs.len());
+        if n_m + n_l <= 1 {
+            return Ok(false);
+        }
+        // Drift and checks stay with the first part; the second takes half the points, or
+        // all the lines when the entry holds both (metrics and lines fail separately).
+        let mut second = first.clone();
+        second.drift = None;
+        second.checks = Vec::new();
+        if n_m > 0 && n_l > 0 {
+            second.metrics = Vec::new();
+            first.logs = Vec::new();
+        } else if n_m > 1 {
+            second.metrics = first.metrics.split_off(n_m / 2);
+        } else {
+            second.logs = first.logs.split_off(n_l / 2);
+        }
+        self.push_part(e.meta.kind, first, 0)?;
+        self.push_part(e.meta.kind, second, 0)?;
+        self.settle(seq, &e.meta)?;
+        counters::add(&counters::batches_bisected, 1);
+        Ok(true)
+    }
+
+    /// Queue the content of entry `seq` again under a new seq (no checkpoint) and settle the
+    /// entry. For an entry a collector called a duplicate although this agent never had it
+    /// stored: a collector that keeps only the highest seq per boot says so for a batch that
+    /// arrived after a later one. Sending points twice is harmless (they carry their own
+    /// timestamps), dropping them is not.
+    pub fn reseq(&self, seq: u64) -> io::Result<()> {
+        let Some(e) = self.get(seq) else {
+            return Ok(());
+        };
+        let json = phoenix_wire::gunzip_limited(&e.body, 1 << 30).map_err(io::Error::other)?;
+        let r: Report = serde_json::from_slice(&json).map_err(io::Error::other)?;
+        self.push_part(e.meta.kind, r, e.meta.reseqs.saturating_add(1))?;
+        self.settle(seq, &e.meta)
+    }
+
+    /// Queue a part of a split entry: no waiting for room (it replaces what it came from).
+    fn push_part(&self, kind: Kind, report: Report, reseqs: u8) -> io::Result<()> {
+        if report.metrics.is_empty() && report.logs.is_empty() && report.drift.is_none() {
+            return Ok(());
+        }
+        match self.push_with(kind, report, None, Duration::ZERO, reseqs) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(io::Error::other("no room in the spool for a split batch")),
+            Err(SpoolError::Io(_, e)) => Err(e),
+            Err(SpoolError::Stopping) => Err(io::Error::other("stopping")),
+        }
+    }
+
+    /// Turn entry `seq` into a header-only settled entry (atomically), keeping its checkpoint.
+    fn settle(&self, seq: u64, meta: &Meta) -> io::Result<()> {
+        let mut m = meta.clone();
+        m.settled = true;
+        let mut head = serde_json::to_vec(&m).expect("meta serialises");
+        head.push(b'\n');
+        write_atomic(&self.path(seq), &head)?;
+        let mut g = self.inner.lock().unwrap();
+        if let Some(e) = g.index.get_mut(&seq) {
+            e.settled = true;
+            e.done = true;
+            let old = e.bytes;
+            e.bytes = 0;
+            g.bytes -= old;
+            g.freed += 1;
+        }
+        g.generation += 1;
+        drop(g);
+        self.changed.notify_all();
         Ok(())
     }
 
-    /// The collector refused `seq` for good (400/413): keep it aside for a person, never
-    /// silently, and move on so one bad batch does not block the rest.
-    pub fn reject(&self, entry: &Entry, state_dir: &Path, reason: &str) {
+    /// The collector refused `seq` (a single point or line, or an entry that cannot be
+    /// split) for good: keep it aside in `rejected/` for a person, never silently, and move
+    /// on. `rejected/` is bounded by the spool's size; its oldest entries go first, counted.
+    /// If the entry cannot be set aside, it stays in the spool and the error is returned.
+    pub fn reject(&self, seq: u64, state_dir: &Path, reason: &str) -> io::Result<()> {
+        let Some(e) = self.get(seq) else {
+            return Ok(());
+        };
         let dir = state_dir.join("rejected");
-        best_effort("fs::create_dir_all", fs::create_dir_all(&dir));
-        best_effort(
-            "fs::rename",
-            fs::rename(
-                self.path(entry.seq),
-                dir.join(format!("{:020}.batch", entry.seq)),
-            ),
-        );
+        fs::create_dir_all(&dir)?;
+        self.bound_rejected(&dir, e.meta.bytes + 512);
+        let kept = dir.join(format!("{seq:020}.batch"));
+        fs::remove_file(&kept).ok();
+        // A link, not a rename: the spool's file stays until the settled header replaces it,
+        // so a failure here leaves the batch where it was.
+        fs::hard_link(self.path(seq), &kept)?;
         best_effort(
             "fs::write",
-            fs::write(dir.join(format!("{:020}.reason", entry.seq)), reason),
+            fs::write(dir.join(format!("{seq:020}.reason")), reason),
         );
+        self.settle(seq, &e.meta)?;
         self.stats.rejected_batches.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(seq = entry.seq, reason, dir = %dir.display(), "collector refused a batch for good; kept it in the rejected dir");
-        // The checkpoint still moves on: those lines are accounted for in the rejected dir.
-        if let Some((source, ckpt)) = &entry.meta.checkpoint {
+        let lines = if e.meta.kind == Kind::Logs {
+            e.meta.points
+        } else {
+            0
+        };
+        counters::add(&counters::refused_lines, lines);
+        counters::add(&counters::refused_points, e.meta.points - lines);
+        tracing::error!(seq, reason, dir = %dir.display(), "collector refused a batch for good; kept it in the rejected dir");
+        Ok(())
+    }
+
+    /// Remove the oldest batches of `rejected/` until `room` more bytes fit in the bound.
+    fn bound_rejected(&self, dir: &Path, room: u64) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        let mut files: Vec<(PathBuf, u64)> = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+            .map(|e| (e.path(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        files.sort();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        for (p, len) in files {
+            if total + room <= self.max_bytes {
+                break;
+            }
+            if let Ok((m, _)) = read_entry(&p) {
+                if m.kind == Kind::Logs {
+                    counters::add(&counters::dropped_lines, m.points);
+                    counters::add(&counters::dropped_lines_rejected_full, m.points);
+                } else {
+                    self.stats
+                        .dropped_points
+                        .fetch_add(m.points, Ordering::Relaxed);
+                    counters::add(&counters::dropped_points_rejected_full, m.points);
+                }
+            }
+            best_effort("fs::remove_file", fs::remove_file(&p));
             best_effort(
-                "write_atomic",
-                write_atomic(
-                    &state_dir.join(format!("{source}.acked.json")),
-                    &serde_json::to_vec(ckpt).unwrap_or_default(),
-                ),
+                "fs::remove_file",
+                fs::remove_file(p.with_extension("reason")),
             );
+            total -= len;
         }
-        self.remove(entry.seq);
     }
 
     fn remove(&self, seq: u64) {
         let mut g = self.inner.lock().unwrap();
         if let Some(m) = g.index.remove(&seq) {
             g.bytes -= m.bytes;
+            g.freed += 1;
             best_effort("fs::remove_file", fs::remove_file(self.path(seq)));
         }
+        g.generation += 1;
         drop(g);
         self.changed.notify_all();
     }
@@ -440,12 +832,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         ".tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
     ));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    let res = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_data()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if res.is_err() {
+        fs::remove_file(&tmp).ok();
+    }
+    res
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -489,6 +887,7 @@ mod tests {
                 .collect(),
             drift: None,
             checks: vec![],
+            drift_root: None,
         }
     }
 
@@ -590,7 +989,14 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![last]
         );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        let batches = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                e.file_name().to_string_lossy().ends_with(".batch")
+            })
+            .count();
+        assert_eq!(batches, 2);
     }
 
     #[test]
@@ -644,5 +1050,186 @@ mod tests {
             0,
             "metrics were evicted for logs"
         );
+    }
+
+    fn ckpt(n: u64) -> Option<(String, serde_json::Value)> {
+        Some(("logs".into(), serde_json::json!({ "off": n })))
+    }
+
+    fn acked_off(state: &Path) -> Option<u64> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(state.join("logs.acked.json")).ok()?).ok()?;
+        v["off"].as_u64()
+    }
+
+    #[test]
+    fn acks_out_of_order_promote_in_seq_order_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let seqs: Vec<u64> = (1..=3)
+            .map(|n| {
+                s.push(Kind::Logs, report(0, 1), ckpt(n), Duration::ZERO)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        // All three out; the last two come back first.
+        let out: Vec<Entry> =
+            std::iter::successors(s.next_after(None), |e| s.next_after(Some(e.seq))).collect();
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
+        s.mark_acked(seqs[2]);
+        s.mark_acked(seqs[1]);
+        assert_eq!(s.promote(dir.path()).unwrap(), 0);
+        assert_eq!(acked_off(dir.path()), None, "nothing promoted past batch 1");
+        assert_eq!(s.len(), 3);
+        assert!(s.next_after(Some(seqs[2])).is_none());
+        // A restart now resends all three: the acks of 2 and 3 were only in memory.
+        assert_eq!(s.pending_checkpoint("logs").unwrap()["off"], 3);
+        s.mark_acked(seqs[0]);
+        assert_eq!(s.promote(dir.path()).unwrap(), 3);
+        assert_eq!(acked_off(dir.path()), Some(3));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn seq_never_goes_back_once_everything_was_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let a = s
+            .push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let e = s.oldest(Duration::ZERO).unwrap();
+        s.ack(&e, dir.path()).unwrap();
+        assert!(s.is_empty());
+        drop(s);
+        let saved: u64 = fs::read_to_string(dir.path().join("seq"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(saved > a, "the saved ceiling {saved} covers seq {a}");
+        // A clock far behind the seqs used: a ceiling from the future stands in for it.
+        let future = now_micros() + 3_600_000_000;
+        write_atomic(&dir.path().join("seq"), future.to_string().as_bytes()).unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let b = s
+            .push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        assert!(b >= future, "{b} < {future}");
+    }
+
+    #[test]
+    fn a_refused_batch_is_split_then_its_single_bad_point_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let big = s
+            .push(Kind::Logs, report(0, 4), ckpt(9), Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        assert!(s.split(big).unwrap());
+        // The original is settled (header only, checkpoint kept); two halves of 2 lines.
+        let halves: Vec<Entry> =
+            std::iter::successors(s.next_after(None), |e| s.next_after(Some(e.seq))).collect();
+        assert_eq!(halves.len(), 2);
+        assert!(halves
+            .iter()
+            .all(|e| e.seq > big && e.meta.checkpoint.is_none()));
+        let lines = |e: &Entry| {
+            phoenix_wire::decode(&e.body, true, &Default::default())
+                .unwrap()
+                .logs
+                .len()
+        };
+        assert_eq!(halves.iter().map(lines).collect::<Vec<_>>(), [2, 2]);
+        // Settled entries survive a restart as settled, and are not sent again.
+        drop(halves);
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let first = s.next_after(None).unwrap();
+        assert!(first.seq > big);
+        assert_eq!(s.promote(dir.path()).unwrap(), 1, "the settled head goes");
+        assert_eq!(acked_off(dir.path()), Some(9));
+        // Down to one line: not splittable; set aside, and counted.
+        assert!(s.split(first.seq).unwrap());
+        let one = std::iter::successors(s.next_after(None), |e| s.next_after(Some(e.seq)))
+            .last()
+            .unwrap();
+        assert_eq!(lines(&one), 1);
+        assert!(!s.split(one.seq).unwrap());
+        let refused = counters::refused_lines.load(Ordering::Relaxed);
+        s.reject(one.seq, dir.path(), "HTTP 400: bad").unwrap();
+        assert!(counters::refused_lines.load(Ordering::Relaxed) > refused);
+        let kept = dir.path().join(format!("rejected/{:020}.batch", one.seq));
+        assert!(read_entry(&kept).is_ok());
+        assert!(s.get(one.seq).is_none(), "not sent again");
+    }
+
+    #[test]
+    fn a_batch_that_cannot_be_set_aside_stays_in_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let q = s
+            .push(Kind::Metrics, report(1, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        // rejected/ cannot be made: a file is in its way.
+        fs::write(dir.path().join("rejected"), b"").unwrap();
+        assert!(s.reject(q, dir.path(), "HTTP 400").is_err());
+        assert_eq!(
+            s.get(q).unwrap().seq,
+            q,
+            "the batch is still there to retry"
+        );
+    }
+
+    #[test]
+    fn rejected_dir_is_bounded_oldest_first_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1500).unwrap();
+        let before = counters::dropped_points_rejected_full.load(Ordering::Relaxed);
+        let mut seqs = vec![];
+        for _ in 0..12 {
+            let q = s
+                .push(Kind::Metrics, report(30, 0), None, Duration::ZERO)
+                .unwrap()
+                .unwrap();
+            s.reject(q, dir.path(), "HTTP 400").unwrap();
+            seqs.push(q);
+        }
+        let size: u64 = fs::read_dir(dir.path().join("rejected"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert!(size <= 1500, "rejected/ holds {size} bytes");
+        assert!(counters::dropped_points_rejected_full.load(Ordering::Relaxed) > before);
+        let newest = dir.path().join(format!("rejected/{:020}.batch", seqs[11]));
+        assert!(newest.exists(), "the newest is kept");
+        let oldest = dir.path().join(format!("rejected/{:020}.batch", seqs[0]));
+        assert!(!oldest.exists(), "the oldest went first");
+    }
+
+    #[test]
+    fn reseq_queues_the_same_content_under_a_new_seq_and_keeps_the_checkpoint_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("spool"), 1 << 20).unwrap();
+        let a = s
+            .push(Kind::Logs, report(0, 3), ckpt(5), Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        s.reseq(a).unwrap();
+        let again = s.next_after(None).unwrap();
+        assert!(again.seq > a);
+        assert_eq!(again.meta.reseqs, 1);
+        assert!(again.meta.checkpoint.is_none());
+        let r = phoenix_wire::decode(&again.body, true, &Default::default()).unwrap();
+        assert_eq!((r.seq, r.logs.len()), (again.seq, 3));
+        // The original's checkpoint is promoted now (its lines are safe in the new entry).
+        assert_eq!(s.promote(dir.path()).unwrap(), 1);
+        assert_eq!(acked_off(dir.path()), Some(5));
+        s.ack(&again, dir.path()).unwrap();
+        assert!(s.is_empty());
     }
 }

@@ -1,43 +1,22 @@
 //! The collector's HTTP API. Every route names the roles it accepts; a token of another role
 //! gets 403, no token 401. Bodies are read only after the token was checked.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use phoenix_wire::{Ack, Limits};
+use phoenix_wire::Ack;
 use serde_json::json;
 
-use crate::auth::{bearer, Caller, Role, Tokens};
-use crate::fleet::Fleet;
+pub use crate::app::{authorize, read_body, AppState, Shared};
+pub use crate::reply::{error, unavailable};
+
+use crate::auth::Role;
 use crate::lineproto::Writer;
-use crate::writer::{Job, WriterHandle};
-
-#[derive(Debug)]
-pub struct AppState {
-    /// Who may speak for which instance id (`--identity`), and how many ids are kept.
-    pub identity: Arc<crate::identity::Gate>,
-    /// Each field's type per measurement.
-    pub schema: crate::schema::Registry,
-    pub tokens: Tokens,
-    pub baselines: crate::baselines::Baselines,
-    pub writer: WriterHandle,
-    pub fleet: Arc<Fleet>,
-    pub limits: Limits,
-    pub max_body: usize,
-    pub store: String,
-    /// Rate limits and the mutual-TLS switch.
-    pub security: crate::security::Security,
-    /// Self-metrics and the last log lines per instance (fleet page, /metrics).
-    pub obs: Arc<crate::selfmetrics::Obs>,
-}
-
-pub type Shared = Arc<AppState>;
+use crate::writer::Job;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -58,84 +37,13 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/phoenix", get(get_phoenix))
         .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(get_metrics))
         .merge(crate::page::routes())
         .with_state(state)
 }
 
-/// A JSON error with a reason the caller can act on.
-pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
-}
-
-pub fn unavailable(retry_after: Duration, msg: &str) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, msg);
-    let secs = retry_after.as_secs().max(1);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    r
-}
-
-/// The caller, if its token belongs to one of `allowed`; else the 401/403 to answer with.
-#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
-pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, Response> {
-    let presented = bearer(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    );
-    if presented.is_none() {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token: send Authorization: Bearer <token>",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(r);
-    }
-    if let Some(c) = s.tokens.check(presented, allowed) {
-        // Agent tokens are shared by a fleet: reports are limited per instance instead.
-        if c.role != Role::Agent {
-            if let Err(wait) = s.security.limiter.check(&format!("token/{}", c.token_name)) {
-                return Err(crate::security::too_many(
-                    wait,
-                    &format!("token {}", c.token_name),
-                ));
-            }
-        }
-        return Ok(c);
-    }
-    // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
-    if s.tokens.check(presented, &Role::ALL).is_some() {
-        let roles: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "this token's role may not do this; needs a {} token",
-                roles.join(" or ")
-            ),
-        ));
-    }
-    let mut r = error(StatusCode::UNAUTHORIZED, "invalid token");
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer error=\"invalid_token\""),
-    );
-    Err(r)
-}
-
-/// Read a request body of at most `max` bytes (413 past it).
-pub async fn read_body(req: Request, max: usize) -> Result<Bytes, Response> {
-    axum::body::to_bytes(req.into_body(), max)
-        .await
-        .map_err(|_| {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {max} bytes (--max-body); send smaller batches"),
-            )
-        })
-}
-
 async fn post_report(State(s): State<Shared>, req: Request) -> Response {
+    let arrived = Instant::now();
     let headers = req.headers().clone();
     if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
         return r;
@@ -182,10 +90,11 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     }
     // Before anything the report could change (rate buckets, dedupe, fleet state, points).
     let presented = crate::identity::Presented::from_headers(&headers);
-    if let Err(r) = s
-        .identity
-        .admit(&report.agent.instance_id, &presented, now_ms())
-    {
+    if let Err(r) = s.identity.admit(
+        &report.agent.instance_id,
+        &presented,
+        crate::fleet::clock::wall_now_ms(),
+    ) {
         if let crate::identity::Refusal::Forbidden(why) = &r {
             tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
         }
@@ -201,25 +110,38 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     {
         return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
     }
-    if s.fleet.is_duplicate(&report.agent, report.seq) {
+    if s.fleet.is_stored(&report.agent, report.seq) {
         return crate::selfmetrics::duplicate(
             Json(Ack {
                 accepted: report.seq,
                 duplicate: true,
                 rejected_points: 0,
+                // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
+                resend_drift: s
+                    .fleet
+                    .admit(&report, None, report.drift_root.clone())
+                    .resend_drift,
             })
             .into_response(),
         );
     }
+    let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
+    // Proof of life at arrival, before (and whatever becomes of) the write: a store that
+    // cannot take points is no sign that the instance is dead.
+    let admission = s
+        .fleet
+        .admit(&report, drift.clone(), report.drift_root.clone());
+    s.fleet
+        .note_lateness(arrived.elapsed().as_millis().min(i64::MAX as u128) as i64);
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
     crate::convert::report_lines(&report, &mut w);
-    let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
     if let Some(d) = &drift {
         crate::convert::drift_line(&report.agent, d, &mut w);
     }
     let mut rejected = 0;
     if w.lines > 0 {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let submitted = Instant::now();
         if let Err((_, u)) = s.writer.submit(Job {
             body: w.buf,
             ends: w.ends,
@@ -233,7 +155,12 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                 ),
             );
         }
-        match rx.await {
+        let outcome = rx.await;
+        // An agent waits for this ack before its next batch: a slow write delays the next
+        // proof of life by as much.
+        s.fleet
+            .note_lateness(submitted.elapsed().as_millis().min(i64::MAX as u128) as i64);
+        match outcome {
             Ok(Ok(written)) => rejected = written.rejected,
             Ok(Err(u)) => {
                 return unavailable(
@@ -247,12 +174,13 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             Err(_) => return unavailable(Duration::from_secs(5), "collector writer stopped"),
         }
     }
-    s.fleet.record(&report, drift, now_ms());
+    s.fleet.stored(&report.agent, report.seq);
     s.obs.logs.record(&report.agent.instance_id, &report.logs);
     Json(Ack {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
+        resend_drift: admission.resend_drift,
     })
     .into_response()
 }
@@ -264,21 +192,8 @@ fn judge_drift(
     d: &phoenix_wire::DriftState,
 ) -> crate::fleet::DriftInfo {
     let registered = s.baselines.get(&r.agent.image_id);
-    let mut peers = s.fleet.peer_hashes(&r.agent.image_id);
     // This instance counts with its new hash, not its previous one.
-    if let Some(old) = s
-        .fleet
-        .instances
-        .lock()
-        .unwrap()
-        .get(&r.agent.instance_id)
-        .and_then(|i| i.drift.as_ref())
-        .map(|d| d.hash.clone())
-    {
-        if let Some(pos) = peers.iter().position(|h| *h == old) {
-            peers.remove(pos);
-        }
-    }
+    let mut peers = s.fleet.peer_hashes(&r.agent.image_id, &r.agent.instance_id);
     peers.push(d.hash.clone());
     let peer_refs: Vec<&str> = peers.iter().map(String::as_str).collect();
     let v = crate::drift::judge(registered.as_deref(), d, &peer_refs);
@@ -354,45 +269,14 @@ async fn post_baseline(
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
         return r;
     }
-    let g = s.fleet.instances.lock().unwrap();
-    let mut list: Vec<serde_json::Value> = g.values().map(summary).collect();
-    list.sort_by(|a, b| a["instance_id"].as_str().cmp(&b["instance_id"].as_str()));
+    let v = s.fleet.view();
+    let list: Vec<&crate::fleet::view::InstanceSummary> =
+        v.instances.iter().map(|i| &i.summary).collect();
     Json(json!({ "instances": list })).into_response()
-}
-
-fn summary(i: &crate::fleet::Instance) -> serde_json::Value {
-    json!({
-        "instance_id": i.identity.instance_id,
-        "image_id": i.identity.image_id,
-        "group": i.identity.group,
-        "hostname": i.identity.hostname,
-        "boot_id": i.identity.boot_id,
-        "agent_version": i.identity.version,
-        "first_seen_ms": i.first_seen_ms,
-        "last_seen_ms": i.last_seen_ms,
-        "interval_ms": i.interval_ms,
-        "reports": i.reports,
-        "cpu_used_percent": i.cpu_used_percent,
-        "mem_used_percent": i.mem_used_percent,
-        "disk_max_used_percent": i.disk_max_used_percent,
-        "drifted": i.drift.as_ref().map(|d| d.drifted),
-        "state": i.phx.state.as_str(),
-        "reason": i.phx.mark.as_ref().map(|m| m.reason.as_str()).or(i.phx.problem.as_ref().map(|p| p.reason.as_str())),
-        "evidence": i.phx.mark.as_ref().map(|m| m.evidence.as_str()).or(i.phx.problem.as_ref().map(|p| p.evidence.as_str())),
-        "held": i.phx.held,
-        "mark": i.phx.mark,
-    })
 }
 
 /// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget.
@@ -400,7 +284,7 @@ async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler]) {
         return r;
     }
-    Json(s.fleet.phoenix_view(now_ms())).into_response()
+    Json(&s.fleet.view().queue).into_response()
 }
 
 /// The recycler took a marked instance; the mark stays (as acked) until it goes silent.
@@ -413,7 +297,7 @@ async fn ack_phoenix(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match s.fleet.ack(&id, &caller.token_name, now_ms()) {
+    match s.fleet.ack(&id, &caller.token_name) {
         Ok(now) => {
             if now {
                 crate::audit::record(
@@ -424,14 +308,10 @@ async fn ack_phoenix(
                     "recycler took the marked instance",
                 );
             }
-            s.fleet.wake.notify_one();
             Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now }))
                 .into_response()
         }
-        Err(()) => error(
-            StatusCode::NOT_FOUND,
-            format!("instance {id:?} is not marked for replacement (see GET /v1/phoenix)"),
-        ),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("instance {id:?}: {e}")),
     }
 }
 
@@ -443,14 +323,9 @@ async fn get_instance(
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
         return r;
     }
-    let g = s.fleet.instances.lock().unwrap();
-    match g.get(&id) {
-        Some(i) => {
-            let mut v = summary(i);
-            v["checks"] = json!(i.checks);
-            v["drift"] = json!(i.drift);
-            Json(v).into_response()
-        }
+    let v = s.fleet.view();
+    match v.instance(&id) {
+        Some(i) => Json(i).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             format!("no instance {id:?} has reported to this collector"),
@@ -460,6 +335,18 @@ async fn get_instance(
 
 async fn healthz(State(s): State<Shared>) -> Response {
     let down = s.writer.unavailable();
-    let body = json!({ "status": "ok", "store": s.store, "store_up": down.is_none(), "store_error": down.map(|d| d.reason) });
+    let body = json!({ "status": "ok", "store": s.store, "store_up": down.is_none(), "store_error": down.map(|d| d.reason), "fleet_store": s.fleet.describe_store(), "decider": s.fleet.is_decider() });
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// `GET /metrics` (open: figures only, no instance ids).
+async fn get_metrics(State(s): State<Shared>) -> Response {
+    let now = s.fleet.clock().wall_ms();
+    let f = crate::selfmetrics::figures(&s.obs, &s.writer, &s.fleet.view(), now);
+    let mut r = (StatusCode::OK, crate::selfmetrics::prometheus(&f)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }

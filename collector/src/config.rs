@@ -34,7 +34,11 @@ pub struct Args {
     /// v1 API: database [default: phoenix].
     #[arg(long, env = "PHOENIX_INFLUX_DB")]
     pub influx_db: Option<String>,
-    /// v1 API: retention policy.
+    /// v1 API: do not create a missing database at start-up (created by default, as
+    /// Telegraf does); either way a missing one is logged at warn level.
+    #[arg(long, env = "PHOENIX_INFLUX_SKIP_DATABASE_CREATION")]
+    pub influx_skip_database_creation: bool,
+    /// v1 API: retention policy (must exist: the collector will not start without it).
     #[arg(long, env = "PHOENIX_INFLUX_RP")]
     pub influx_rp: Option<String>,
     /// v1 API: user.
@@ -63,7 +67,7 @@ pub struct Args {
         hide_env_values = true
     )]
     pub agent_token: Vec<String>,
-    /// File(s) holding agent tokens, one per line.
+    /// File(s) holding agent tokens, one per line (`#` starts a comment); kept out of `ps`.
     #[arg(
         long = "agent-token-file",
         env = "PHOENIX_AGENT_TOKEN_FILE",
@@ -78,6 +82,7 @@ pub struct Args {
         hide_env_values = true
     )]
     pub recycler_token: Vec<String>,
+    /// File(s) holding recycler tokens, one per line (`#` starts a comment); kept out of `ps`.
     #[arg(
         long = "recycler-token-file",
         env = "PHOENIX_RECYCLER_TOKEN_FILE",
@@ -92,6 +97,7 @@ pub struct Args {
         hide_env_values = true
     )]
     pub pipeline_token: Vec<String>,
+    /// File(s) holding pipeline tokens, one per line (`#` starts a comment); kept out of `ps`.
     #[arg(
         long = "pipeline-token-file",
         env = "PHOENIX_PIPELINE_TOKEN_FILE",
@@ -106,6 +112,7 @@ pub struct Args {
         hide_env_values = true
     )]
     pub reader_token: Vec<String>,
+    /// File(s) holding reader tokens, one per line (`#` starts a comment); kept out of `ps`.
     #[arg(
         long = "reader-token-file",
         env = "PHOENIX_READER_TOKEN_FILE",
@@ -114,36 +121,44 @@ pub struct Args {
     pub reader_token_file: Vec<PathBuf>,
     /// Largest request body, compressed [default: 8MiB].
     #[arg(long, env = "PHOENIX_MAX_BODY")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub max_body: Option<String>,
     /// Largest report once decompressed [default: 64MiB].
     #[arg(long, env = "PHOENIX_MAX_REPORT")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub max_report: Option<String>,
     /// After an instance's first report only drift counts for this long [default: 300s].
     #[arg(long, env = "PHOENIX_GRACE")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub grace: Option<String>,
     /// No report for this long: unhealthy (3 missed intervals: suspect) [default: 2m].
     #[arg(long, env = "PHOENIX_SILENT_AFTER")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub silent_after: Option<String>,
     /// A check failing in this many consecutive reports: unhealthy [default: 3].
     #[arg(long, env = "PHOENIX_CHECK_FAILURES")]
     pub check_failures: Option<u32>,
     /// CPU or memory pegged (CPU > 95 %, available memory < 5 %) this long: unhealthy [default: 5m].
     #[arg(long, env = "PHOENIX_PEGGED_FOR")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub pegged_for: Option<String>,
     /// A filesystem fuller than this percentage: unhealthy [default: 95].
     #[arg(long, env = "PHOENIX_DISK_FULL")]
     pub disk_full: Option<f64>,
     /// Instances older than this are marked for recycling (off by default).
     #[arg(long, env = "PHOENIX_MAX_LIFETIME")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub max_lifetime: Option<String>,
-    /// Most of a group marked at once, e.g. 10% (at least 1 instance) [default: 10%].
+    /// Share of a group marked at once, written with %, e.g. 10% (at least 1 instance) [default: 10%].
     #[arg(long, env = "PHOENIX_BUDGET")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub budget: Option<String>,
     /// Most new marks per minute across the fleet [default: 10].
     #[arg(long, env = "PHOENIX_MARK_RATE")]
     pub mark_rate: Option<u32>,
     /// Share of a group turning bad at once that holds marks and raises an alert [default: 50%].
     #[arg(long, env = "PHOENIX_MASS_EVENT")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub mass_event: Option<String>,
     /// Mark nothing; log what would have been marked.
     #[arg(long, env = "PHOENIX_LOG_ONLY")]
@@ -169,6 +184,7 @@ pub struct Args {
     pub client_ca: Option<PathBuf>,
     /// Requests per instance (reports) and per token (other roles), e.g. 20/s, 600/m or off [default: 50/s].
     #[arg(long, env = "PHOENIX_RATE_LIMIT")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub rate_limit: Option<String>,
     /// Requests allowed in a burst above --rate-limit [default: twice the per-second rate].
     #[arg(long, env = "PHOENIX_RATE_BURST")]
@@ -214,10 +230,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub influx: Option<(String, Api)>,
     pub influx_gzip: bool,
+    pub influx_skip_database_creation: bool,
     pub tokens: Vec<(crate::auth::Role, String)>,
     pub max_body: usize,
     pub max_report: usize,
-    pub health: crate::health::Rules,
+    pub health: crate::fleet::Rules,
     pub webhook: Option<(String, String)>,
     /// HTTPS certificate, key and optional client CA.
     pub tls: Option<crate::tls::TlsFiles>,
@@ -249,6 +266,29 @@ fn percent(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<f64> {
         (0.0..=100.0).contains(&p),
         "--{flag}: {p} is not between 0% and 100%"
     );
+    Ok(p / 100.0)
+}
+
+/// `--budget`: the share of each group that may be marked at once, always written with `%`
+/// (`10%`, `2.5%`). A bare `2` is refused: it reads as two instances as easily as 2 %, and a
+/// wrong guess marks too many servers. Kept in one function so per-reason budgets extend it.
+pub fn parse_budget(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let Some(num) = t.strip_suffix('%') else {
+        return Err(match t.parse::<f64>() {
+            Ok(n) => format!(
+                "--budget {t}: a bare number is ambiguous; write {n}% for a share of each group (at least one instance is always allowed); a count of instances per group is not supported"
+            ),
+            Err(_) => format!("--budget {t:?}: write a share of each group such as 10%"),
+        });
+    };
+    let p: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("--budget {t:?}: write a share of each group such as 10%"))?;
+    if !(0.0..=100.0).contains(&p) {
+        return Err(format!("--budget {t}: {p} is not between 0% and 100%"));
+    }
     Ok(p / 100.0)
 }
 
@@ -342,7 +382,7 @@ impl Args {
             None | Some("off") | Some("0") => None,
             Some(v) => Some(dur(Some(v), "", "max-lifetime")?),
         };
-        let health = crate::health::Rules {
+        let health = crate::fleet::Rules {
             grace: dur(pick!(grace).as_deref(), "300s", "grace")?,
             silent_after: dur(pick!(silent_after).as_deref(), "2m", "silent-after")?,
             check_failures: pick!(check_failures).unwrap_or(3).max(1),
@@ -351,7 +391,8 @@ impl Args {
             mem_available_min: 5.0,
             disk_full: pick!(disk_full).unwrap_or(95.0),
             max_lifetime,
-            budget: percent(pick!(budget).as_deref(), "10%", "budget")?,
+            budget: parse_budget(pick!(budget).as_deref().unwrap_or("10%"))
+                .map_err(|e| anyhow::anyhow!(e))?,
             mark_rate_per_min: pick!(mark_rate).unwrap_or(10).max(1),
             mass_event: percent(pick!(mass_event).as_deref(), "50%", "mass-event")?,
             log_only,
@@ -414,11 +455,66 @@ impl Args {
             data_dir,
             influx,
             influx_gzip: pick!(influx_gzip).unwrap_or(true),
+            influx_skip_database_creation: self.influx_skip_database_creation
+                || f.influx_skip_database_creation,
             tokens,
             max_body: size(pick!(max_body).as_deref(), "8MiB", "max-body")?,
             max_report: size(pick!(max_report).as_deref(), "64MiB", "max-report")?,
             health,
             webhook,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_wants_a_percent_sign() {
+        assert_eq!(parse_budget("10%"), Ok(0.10));
+        assert_eq!(parse_budget(" 2.5 % "), Ok(0.025));
+        let e = parse_budget("2").unwrap_err();
+        assert!(e.contains("write 2%") && e.contains("count"), "{e}");
+        assert!(parse_budget("120%").is_err());
+        assert!(parse_budget("lots").unwrap_err().contains("10%"));
+    }
+
+    #[test]
+    fn toml_numbers_mean_what_the_flags_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "grace = 10\nsilent_after = 90\nmax_body = 1024\n").unwrap();
+        let args = Args::try_parse_from([
+            "phoenix-collector",
+            "--config",
+            f.to_str().unwrap(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let c = args.resolve().unwrap();
+        assert_eq!(c.health.grace, Duration::from_secs(10));
+        assert_eq!(c.health.silent_after, Duration::from_secs(90));
+        assert_eq!(c.max_body, 1024);
+        std::fs::write(&f, "budget = 2\n").unwrap();
+        let args = Args::try_parse_from(["phoenix-collector", "--config", f.to_str().unwrap()]);
+        let e = args.unwrap().resolve().unwrap_err();
+        assert!(format!("{e:#}").contains("write 2%"), "{e:#}");
+    }
+
+    #[test]
+    fn unknown_flags_get_the_nearest_one() {
+        let e = Args::try_parse_from(["phoenix-collector", "--influx-bucekt", "b"]).unwrap_err();
+        assert!(e.to_string().contains("--influx-bucket"), "{e}");
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        use clap::CommandFactory;
+        for a in Args::command().get_arguments() {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(!help.trim().is_empty(), "--{} has no help", a.get_id());
+        }
     }
 }

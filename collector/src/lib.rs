@@ -2,24 +2,26 @@
 //! state and marks drifted or unhealthy instances for phoenix replacement.
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod baselines;
 pub mod config;
 pub mod convert;
+pub mod decider;
 pub mod drift;
 pub mod fleet;
-pub mod health;
+pub mod hist;
 pub mod identity;
 pub mod lineproto;
 pub mod listen;
 pub mod page;
-pub mod queue;
+pub mod pgstore;
+pub mod reply;
 pub mod schema;
 pub mod security;
 pub mod selfmetrics;
 pub mod sink;
-pub mod store;
 pub mod tls;
 pub mod webhook;
 pub mod writer;
@@ -69,17 +71,53 @@ pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
 
 pub fn make_sink(cfg: &Config) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match &cfg.influx {
-        Some((url, api)) => Arc::new(sink::influx::Influx::new(
-            url,
-            api.clone(),
-            cfg.influx_gzip,
-            Duration::from_secs(30),
-        )),
+        Some((url, api)) => Arc::new(
+            sink::influx::Influx::new(url, api.clone(), cfg.influx_gzip, Duration::from_secs(30))
+                .create_database(!cfg.influx_skip_database_creation),
+        ),
         None => {
             let db = "phoenix";
             Arc::new(sink::file::FileSink::new(cfg.data_dir.join("influx"), db)?)
         }
     })
+}
+
+/// The store's start-up check. Reachable but lacking what we write to (a retention policy,
+/// a bucket): stop here with its name. Unreachable: start anyway (InfluxDB may come up after
+/// us; reports answer 503 meanwhile and agents keep them) and check again until it answers.
+async fn check_store(sink: &Arc<dyn Sink>) -> anyhow::Result<()> {
+    let first = {
+        let sink = sink.clone();
+        tokio::task::spawn_blocking(move || sink.prepare()).await?
+    };
+    match first {
+        Ok(()) => Ok(()),
+        Err(e @ sink::SinkError::NotFound(_)) => Err(e.into()),
+        Err(sink::SinkError::Unreachable { what, err }) => {
+            tracing::warn!(store = %what, error = %err, "store unreachable at start-up; starting anyway, reports get 503 until it answers (agents keep them); retrying");
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let s = sink.clone();
+                    match tokio::task::spawn_blocking(move || s.prepare()).await {
+                        Ok(Err(sink::SinkError::Unreachable { .. })) => continue,
+                        Ok(Ok(())) => tracing::info!(store = %sink.describe(), "store reachable"),
+                        Ok(Err(e)) => {
+                            tracing::error!(store = %sink.describe(), error = %e, "store reachable but not ready for writes")
+                        }
+                        Err(e) => tracing::error!(error = %e, "store check failed"),
+                    }
+                    break;
+                }
+            });
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store not ready for writes; starting anyway, reports get 503 until it is");
+            Ok(())
+        }
+    }
 }
 
 /// Run the collector until SIGTERM or SIGINT.
@@ -93,15 +131,25 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let tokens = load_tokens(&cfg)?;
     let sink = make_sink(&cfg)?;
     let store = sink.describe();
-    {
-        let sink = sink.clone();
-        // Not fatal: InfluxDB may come up after us; writes then answer 503 until it does.
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = sink.prepare() {
-                tracing::warn!(error = %e, "store not ready yet");
-            }
-        });
-    }
+    check_store(&sink).await?;
+    // Bind before the fleet task starts: a port in use is then a plain start-up error, with
+    // no background task cut off mid-save.
+    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
+    let tls = match &cfg.tls {
+        Some(files) => Some(
+            tls::Reloader::new(files.clone())
+                .context("loading TLS files (PEM certificate chain and private key)")?,
+        ),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another collector running? use --listen)",
+                cfg.listen
+            )
+        })?;
     let writer = writer::start(sink, writer::Settings::default());
     let limits = phoenix_wire::Limits {
         max_decompressed: cfg.max_report,
@@ -110,14 +158,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines"))
         .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
-    let (phoenix_fleet, phoenix_task, phoenix_stop) = start_phoenix(&cfg, writer.clone())?;
+    let (phoenix_fleet, decider) = start_phoenix(&cfg, writer.clone())?;
     let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
     tokio::spawn(selfmetrics::run(
         obs.clone(),
         phoenix_fleet.clone(),
         writer.clone(),
     ));
-    let identity = Arc::new(cfg.identity.open(&cfg.data_dir, api::now_ms())?);
+    let identity = Arc::new(
+        cfg.identity
+            .open(&cfg.data_dir, fleet::clock::wall_now_ms())?,
+    );
     tracing::info!(
         identity = identity.mode().as_str(),
         enrolled = identity.len(),
@@ -146,22 +197,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         obs,
     });
     let app = api::router(state);
-    // Load TLS before binding, so a bad certificate is a start-up error, not a silent port.
-    let tls = match &cfg.tls {
-        Some(files) => Some(
-            tls::Reloader::new(files.clone())
-                .context("loading TLS files (PEM certificate chain and private key)")?,
-        ),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "listening on {} (is another collector running? use --listen)",
-                cfg.listen
-            )
-        })?;
     match tls {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);
@@ -176,9 +211,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             listen::serve(listener, app, None, cfg.listen_limits, shutdown()).await;
         }
     }
-    // The queue's last pass and the final save of the fleet state.
-    phoenix_stop.send(true).ok();
-    phoenix_task.await.ok();
+    // The final save of the fleet state.
+    tokio::task::spawn_blocking(move || decider.stop())
+        .await
+        .ok();
     Ok(())
 }
 
@@ -192,29 +228,21 @@ async fn shutdown() {
     tracing::info!("stopping");
 }
 
-/// Fleet state from `<data-dir>/fleet.json`, and the phoenix queue's background task.
-#[allow(clippy::type_complexity)]
+/// Fleet state from its store (`<data-dir>/fleet.json` embedded), and the queue driver.
 fn start_phoenix(
     cfg: &Config,
     writer: writer::WriterHandle,
-) -> anyhow::Result<(
-    Arc<fleet::Fleet>,
-    tokio::task::JoinHandle<()>,
-    tokio::sync::watch::Sender<bool>,
-)> {
-    let store = store::Store::new(&cfg.data_dir);
-    let fleet = Arc::new(fleet::Fleet::new(cfg.health.clone(), api::now_ms()));
-    if let Some(snap) = store.load()? {
-        tracing::info!(instances = snap.instances.len(), saved_ms = snap.saved_ms, file = %store.path().display(), "fleet state restored");
-        fleet.restore(snap);
-    }
+) -> anyhow::Result<(Arc<fleet::Fleet>, decider::Decider)> {
+    let store: Arc<dyn fleet::FleetStore> = Arc::new(fleet::EmbeddedStore::new(&cfg.data_dir));
+    let clock: Arc<dyn fleet::Clock> = Arc::new(fleet::SystemClock::new());
+    let fleet = Arc::new(fleet::Fleet::open(cfg.health.clone(), clock, store)?);
     if cfg.health.log_only {
         tracing::warn!("--log-only: nothing will be marked for replacement; would-be marks are logged and listed under \"held\" in GET /v1/phoenix");
     }
     let hook = cfg.webhook.as_ref().map(|(url, secret)| {
         webhook::Webhook::start(url.clone(), secret.clone(), webhook::Settings::default())
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(fleet::run(fleet.clone(), writer, hook, store, stop_rx));
-    Ok((fleet, task, stop_tx))
+    let rt = tokio::runtime::Handle::current();
+    let decider = decider::Decider::start(fleet.clone(), writer, hook, rt);
+    Ok((fleet, decider))
 }

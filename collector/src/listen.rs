@@ -295,7 +295,7 @@ fn service(
             let call = tower_service::Service::call(&mut app, req);
             match tokio::time::timeout(timeout, call).await {
                 Ok(r) => r,
-                Err(_) => Ok(crate::api::error(
+                Err(_) => Ok(crate::reply::error(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
                         "request not received and answered within {} s (--request-timeout)",

@@ -200,6 +200,7 @@ mod tests {
             v: 1,
             agent: Identity::default(),
             seq: 1,
+            drift_root: None,
             interval_ms: 1000,
             metrics,
             logs,

@@ -162,7 +162,7 @@ impl Security {
 /// 429 with a whole-second Retry-After (at least 1: HTTP has no finer unit).
 pub fn too_many(wait: Duration, what: &str) -> Response {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut r = crate::api::error(
+    let mut r = crate::reply::error(
         StatusCode::TOO_MANY_REQUESTS,
         format!(
             "rate limit for {what} exceeded (--rate-limit); retry after {} s",

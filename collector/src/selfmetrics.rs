@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use phoenix_wire::{LogLine, Value};
 
-use crate::fleet::Fleet;
-use crate::health::Reason;
+pub use crate::hist::{Histogram, HistogramSnap, LATENCY_BOUNDS};
+
+use crate::fleet::{Fleet, FleetView, Reason, State as PhxState};
 use crate::lineproto::Writer;
-use crate::queue::State as PhxState;
 use crate::writer::{Job, WriterHandle};
 
 /// How often the figures are written to the store as `phoenix_collector`.
@@ -33,84 +33,6 @@ pub const LOG_LINES_KEPT: usize = 20;
 const LOG_INSTANCES_MAX: usize = 20_000;
 /// Characters of one kept log line (the store has the whole line).
 pub const LOG_CHARS_MAX: usize = 1000;
-
-/// Upper bounds (seconds) of the store-write latency histogram buckets, then +Inf.
-pub const LATENCY_BOUNDS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A latency histogram fed from the writer threads.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per bucket (not cumulative); the last one is +Inf.
-    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
-    sum_ns: AtomicU64,
-    count: AtomicU64,
-}
-
-/// A consistent-enough copy of a [`Histogram`]: cumulative bucket counts, sum and count.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct HistogramSnap {
-    pub cumulative: Vec<u64>,
-    pub sum_seconds: f64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn observe_ns(&self, ns: u64) {
-        let s = ns as f64 / 1e9;
-        let i = LATENCY_BOUNDS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(LATENCY_BOUNDS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> HistogramSnap {
-        let mut acc = 0;
-        let cumulative: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Ordering::Relaxed);
-                acc
-            })
-            .collect();
-        // The count is the +Inf bucket, so the exposition is self-consistent even while
-        // writers observe concurrently.
-        let count = *cumulative.last().unwrap_or(&0);
-        HistogramSnap {
-            cumulative,
-            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            count,
-        }
-    }
-}
-
-impl HistogramSnap {
-    /// The upper bound of the bucket holding quantile `q` of the observations since `before`
-    /// (None without observations; +Inf shows as the largest finite bound).
-    pub fn quantile_bound_since(&self, before: &HistogramSnap, q: f64) -> Option<f64> {
-        let n = self.count.saturating_sub(before.count);
-        if n == 0 {
-            return None;
-        }
-        let want = (q * n as f64).ceil().max(1.0) as u64;
-        for (i, c) in self.cumulative.iter().enumerate() {
-            let prev = before.cumulative.get(i).copied().unwrap_or(0);
-            if c.saturating_sub(prev) >= want {
-                return Some(
-                    *LATENCY_BOUNDS
-                        .get(i)
-                        .unwrap_or(&LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1]),
-                );
-            }
-        }
-        Some(LATENCY_BOUNDS[LATENCY_BOUNDS.len() - 1])
-    }
-}
 
 /// Why a report was not taken; `code` is the HTTP status it got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,6 +294,8 @@ impl LogRingInner {
 #[derive(Debug)]
 pub struct Obs {
     pub reports: ReportCounters,
+    /// Reports being handled now (read, decoded, written): the collector's own queue.
+    pub in_flight: AtomicU64,
     pub logs: LogRing,
     /// Serving HTTPS: the page's cookie gets `Secure`.
     pub tls: bool,
@@ -386,9 +310,10 @@ impl Obs {
             .unwrap_or_default();
         Obs {
             reports: ReportCounters::default(),
+            in_flight: AtomicU64::new(0),
             logs: LogRing::default(),
             tls,
-            started_ms: crate::api::now_ms(),
+            started_ms: crate::fleet::clock::wall_now_ms(),
             host,
         }
     }
@@ -402,53 +327,23 @@ impl Default for Obs {
 
 /// Middleware on `POST /v1/reports`: count each answer by outcome.
 pub async fn count_reports(State(obs): State<Arc<Obs>>, req: Request, next: Next) -> Response {
+    /// Counts down however the handler ends (answered, or dropped with its connection).
+    struct InFlight<'a>(&'a AtomicU64);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    obs.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(&obs.in_flight);
     let r = next.run(req).await;
     obs.reports
         .count(r.status(), r.extensions().get::<DuplicateAck>().is_some());
     r
 }
 
-// Exhaustive matches: a new state or reason fails to compile here until it is exported.
-const STATES: [PhxState; 8] = [
-    PhxState::New,
-    PhxState::Healthy,
-    PhxState::Suspect,
-    PhxState::Unhealthy,
-    PhxState::Drifted,
-    PhxState::Marked,
-    PhxState::Acked,
-    PhxState::Gone,
-];
-fn state_index(s: PhxState) -> usize {
-    match s {
-        PhxState::New => 0,
-        PhxState::Healthy => 1,
-        PhxState::Suspect => 2,
-        PhxState::Unhealthy => 3,
-        PhxState::Drifted => 4,
-        PhxState::Marked => 5,
-        PhxState::Acked => 6,
-        PhxState::Gone => 7,
-    }
-}
-const REASONS: [Reason; 6] = [
-    Reason::Drift,
-    Reason::CheckFailed,
-    Reason::Silent,
-    Reason::Pegged,
-    Reason::DiskFull,
-    Reason::Age,
-];
-fn reason_index(r: Reason) -> usize {
-    match r {
-        Reason::Drift => 0,
-        Reason::CheckFailed => 1,
-        Reason::Silent => 2,
-        Reason::Pegged => 3,
-        Reason::DiskFull => 4,
-        Reason::Age => 5,
-    }
-}
+const STATES: [PhxState; 8] = PhxState::ALL;
+const REASONS: [Reason; 6] = Reason::ALL;
 
 /// Every figure at one moment.
 #[derive(Debug, Clone, Default)]
@@ -472,12 +367,16 @@ pub struct Figures {
     /// Per group: (marks allowed at once, marks in use).
     pub budget: Vec<(String, u64, u64)>,
     pub log_instances: u64,
+    pub reports_in_flight: u64,
+    /// How far behind the collector is (the silence allowance), ms.
+    pub late_ms: u64,
     pub uptime_seconds: f64,
 }
 
-pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> Figures {
+pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &FleetView, now_ms: i64) -> Figures {
     let st = &writer.stats;
-    let mut f = Figures {
+    let c = &fleet.counts;
+    Figures {
         reports_accepted: obs.reports.accepted(),
         reports_rejected: Rejection::ALL
             .iter()
@@ -492,30 +391,15 @@ pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &Fleet, now_ms: i64) -> 
         queue_depth: st.queue_depth.load(Ordering::Relaxed),
         store_up: writer.unavailable().is_none(),
         log_instances: obs.logs.instances() as u64,
+        reports_in_flight: obs.in_flight.load(Ordering::Relaxed),
+        late_ms: fleet.queue.late_ms.max(0) as u64,
         uptime_seconds: (now_ms - obs.started_ms).max(0) as f64 / 1000.0,
-        ..Default::default()
-    };
-    {
-        let g = fleet.instances.lock().unwrap();
-        for i in g.values() {
-            f.instances_by_state[state_index(i.phx.state)] += 1;
-            match (&i.phx.mark, &i.phx.problem, &i.phx.held) {
-                (Some(m), _, _) if m.gone_ms.is_none() => {
-                    f.marks_by_reason[reason_index(m.reason)] += 1
-                }
-                (None, Some(p), Some(_)) => f.held_by_reason[reason_index(p.reason)] += 1,
-                _ => {}
-            }
-        }
+        instances_by_state: c.by_state,
+        marks_by_reason: c.marks_by_reason,
+        held_by_reason: c.held_by_reason,
+        alerts: c.alerts,
+        budget: c.budget.clone(),
     }
-    let q = fleet.queue.lock().unwrap();
-    f.alerts = q.alerts.len() as u64;
-    f.budget = q
-        .budget
-        .iter()
-        .map(|(g, b)| (g.clone(), b.allowed as u64, (b.marked + b.acked) as u64))
-        .collect();
-    f
 }
 
 /// A Prometheus label value: `\`, `"` and newline escaped.
@@ -752,6 +636,30 @@ pub fn prometheus(f: &Figures) -> String {
     .ok();
     head(
         &mut o,
+        "phoenix_collector_reports_in_flight",
+        "gauge",
+        "Reports being read, decoded or written right now.",
+    );
+    writeln!(
+        o,
+        "phoenix_collector_reports_in_flight {}",
+        f.reports_in_flight
+    )
+    .ok();
+    head(
+        &mut o,
+        "phoenix_collector_lateness_seconds",
+        "gauge",
+        "How long reports waited inside the collector lately; added to every silence threshold.",
+    );
+    writeln!(
+        o,
+        "phoenix_collector_lateness_seconds {}",
+        f.late_ms as f64 / 1000.0
+    )
+    .ok();
+    head(
+        &mut o,
         "phoenix_collector_uptime_seconds",
         "gauge",
         "Seconds since this collector started.",
@@ -798,19 +706,10 @@ pub fn point(f: &Figures, before: &HistogramSnap, host: &str, ts_ns: i64, w: &mu
         p = p.field(&format!("held_{}", r.as_str()), &int(n));
     }
     p.field("mass_event_alerts", &int(f.alerts))
+        .field("reports_in_flight", &int(f.reports_in_flight))
+        .field("lateness_ms", &int(f.late_ms))
         .field("uptime_seconds", &Value::Float(f.uptime_seconds))
         .end(ts_ns);
-}
-
-/// `GET /metrics` (open, as the design's API table says: figures only, no instance ids).
-pub async fn get_metrics(State(s): State<crate::api::Shared>) -> Response {
-    let f = figures(&s.obs, &s.writer, &s.fleet, crate::api::now_ms());
-    let mut r = (StatusCode::OK, prometheus(&f)).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
 }
 
 /// Write a `phoenix_collector` point every [`EVERY`] until the runtime stops. A point the
@@ -822,8 +721,8 @@ pub async fn run(obs: Arc<Obs>, fleet: Arc<Fleet>, writer: WriterHandle) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let now = crate::api::now_ms();
-        let f = figures(&obs, &writer, &fleet, now);
+        let now = fleet.clock().wall_ms();
+        let f = figures(&obs, &writer, &fleet.view(), now);
         let mut w = Writer::default();
         point(
             &f,

@@ -50,7 +50,7 @@ pub struct WriterStats {
     pub splits: AtomicU64,
     pub queue_depth: AtomicU64,
     pub last_write_ns: AtomicU64,
-    pub write_latency: crate::selfmetrics::Histogram,
+    pub write_latency: crate::hist::Histogram,
 }
 
 #[derive(Debug, Clone)]

@@ -192,6 +192,7 @@ fn random_report(rng: &mut Rng) -> Report {
         logs,
         drift: None,
         checks,
+        drift_root: None,
     }
 }
 
@@ -387,6 +388,7 @@ fn the_crafted_log_line_is_one_message() {
         }],
         drift: None,
         checks: vec![],
+        drift_root: None,
     };
     assert_eq!(check(&r), Ok(1));
 }

@@ -1,13 +1,29 @@
 # Bakes phoenix-agent into an image. Paste the variables, the file and shell provisioners into
 # your own build; the source below only stands in for yours.
 #
+# Run from the repository root (the default paths below are relative to it), after
+# `cargo build --release -p phoenix-agent && scripts/build-deb.sh agent`:
+#
+#   packer init image-snippets/packer
 #   packer build -var collector_url=https://collector:7070 -var pipeline_token=... \
-#                -var agent_token=... -var agent_binary=target/release/phoenix-agent .
+#                -var agent_token=... -var agent_deb=target/debian/phoenix-agent_0.1.0_amd64.deb \
+#                image-snippets/packer
 #
 # The image id the baseline is registered under must be the one the instances later report.
 # The AMI id does not exist until after the build, so the build names the image itself
 # (image_id below), tags the AMI with it and writes it into agent.toml, which the agent's
 # identity prefers over what the metadata service says.
+
+packer {
+  # 1.7 brought required_plugins; since 1.10 the amazon builder is a plugin, not built in.
+  required_version = ">= 1.7.0"
+  required_plugins {
+    amazon = {
+      version = ">= 1.2.0"
+      source  = "github.com/hashicorp/amazon"
+    }
+  }
+}
 
 variable "collector_url" {
   type        = string
@@ -26,10 +42,9 @@ variable "agent_token" {
   sensitive   = true
 }
 
-variable "agent_binary" {
+variable "agent_deb" {
   type        = string
-  default     = "target/release/phoenix-agent"
-  description = "The release binary of phoenix-agent (x86_64-unknown-linux-gnu or musl)."
+  description = "The phoenix-agent .deb from scripts/build-deb.sh (target/debian/phoenix-agent_VERSION_ARCH.deb)."
 }
 
 variable "snippets_dir" {
@@ -80,18 +95,13 @@ build {
   sources = ["source.amazon-ebs.base"]
 
   provisioner "file" {
-    source      = var.agent_binary
-    destination = "/tmp/phoenix-agent"
+    source      = var.agent_deb
+    destination = "/tmp/phoenix-agent.deb"
   }
 
   provisioner "file" {
     source      = var.agent_config
     destination = "/tmp/phoenix-agent.toml"
-  }
-
-  provisioner "file" {
-    source      = "${var.snippets_dir}/systemd/phoenix-agent.service"
-    destination = "/tmp/phoenix-agent.service"
   }
 
   provisioner "file" {
@@ -106,9 +116,10 @@ build {
     execute_command  = "sudo -E sh -eu '{{ .Path }}'"
     inline = [
       "printf '\\nimage_id = \"%s\"\\n' '${local.image_id}' >> /tmp/phoenix-agent.toml",
-      "sh /tmp/phoenix-install.sh --binary /tmp/phoenix-agent --config /tmp/phoenix-agent.toml --unit /tmp/phoenix-agent.service --enable",
-      "rm -f /tmp/phoenix-agent /tmp/phoenix-agent.toml /tmp/phoenix-agent.service /tmp/phoenix-install.sh",
-      "/usr/local/bin/phoenix-agent --version",
+      "sh /tmp/phoenix-install.sh --deb /tmp/phoenix-agent.deb --config /tmp/phoenix-agent.toml --enable",
+      "rm -f /tmp/phoenix-agent.deb /tmp/phoenix-agent.toml /tmp/phoenix-install.sh",
+      "/usr/bin/phoenix-agent --version",
+      "systemd-analyze verify /lib/systemd/system/phoenix-agent.service",
       # State of the build instance must not leak into the instances.
       "rm -rf /var/lib/phoenix-agent /var/lib/private/phoenix-agent",
       "cloud-init clean --logs --seed",

@@ -24,7 +24,8 @@ once=0
 case "${1:-}" in
   --once) once=1 ;;
   "") ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  # The whole header comment, however long it grows.
+  -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) die "unknown argument ${1}; use --once or nothing" ;;
 esac
 

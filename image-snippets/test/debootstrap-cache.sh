@@ -11,10 +11,11 @@ set -eu
 
 dir=${1:-${PHOENIX_ROOTFS:-/var/cache/phoenix-test/rootfs}}
 suite=${PHOENIX_SUITE:-bookworm}
-# What a stock cloud image has that the bake needs: cloud-init (the bake cleans its state) and
-# CA certificates. Everything else stays minimal. debootstrap does not resolve virtual packages:
-# python3-cffi-backend is what provides the one cloud-init needs through python3-cryptography.
-include=ca-certificates,cloud-init,python3-cffi-backend
+# What a stock cloud image has that the bake needs: cloud-init (the bake cleans its state), CA
+# certificates and systemd (the package's unit is verified there). Everything else stays
+# minimal. debootstrap does not resolve virtual packages: python3-cffi-backend is what
+# provides the one cloud-init needs through python3-cryptography.
+include=ca-certificates,cloud-init,python3-cffi-backend,systemd
 stamp="$suite minbase $include v1"
 
 ready() {

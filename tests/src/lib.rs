@@ -3,6 +3,8 @@
 //!
 //! Env: `PHOENIX_TEST_INFLUXD` names the influxd binary (default `influxd` on PATH).
 
+pub mod net;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nofile;
+pub mod pg;
 pub mod trust;
 
 pub const AGENT_TOKEN: &str = "agent-secret-1";
@@ -527,6 +531,10 @@ impl Agent {
         }
         if !self.args.iter().any(|a| a == "--interval") {
             cmd.args(["--interval", "1s"]);
+        }
+        // Kernel lines are the box's, not the test's: only tests that ask read them.
+        if !self.args.iter().any(|a| a == "--kmsg") {
+            cmd.args(["--kmsg", "off"]);
         }
         cmd.args(&self.args).env("PHOENIX_LOG_LEVEL", "info");
         let log = self._tmp.path().join(format!("agent-{}.log", rand_u64()));

@@ -221,6 +221,24 @@ fn packer_provision(image: &Path, vars: &[(&str, String)], image_id: &str) {
     assert_eq!(shells, 1);
 }
 
+/// The phoenix-agent package, made by `scripts/build-deb.sh` from the binary just built.
+fn agent_deb(dir: &Path) -> PathBuf {
+    let bin_dir = phoenix_e2e::bin("phoenix-agent")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let o = must(
+        Command::new(root().join("scripts/build-deb.sh"))
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .arg("--out")
+            .arg(dir.join("debs"))
+            .arg("agent")
+            .env("DEB_COMPRESSION", "none"),
+    );
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
 fn bake(dir: &Path, collector: &str) -> Baked {
     let image = dir.join("image");
     copy_tree(&rootfs(), &image);
@@ -246,10 +264,7 @@ fn bake(dir: &Path, collector: &str) -> Baked {
         ("collector_url", collector.to_string()),
         ("pipeline_token", PIPELINE_TOKEN.to_string()),
         ("agent_token", phoenix_e2e::AGENT_TOKEN.to_string()),
-        (
-            "agent_binary",
-            phoenix_e2e::bin("phoenix-agent").display().to_string(),
-        ),
+        ("agent_deb", agent_deb(dir).display().to_string()),
         (
             "snippets_dir",
             root().join("image-snippets").display().to_string(),
@@ -341,7 +356,7 @@ fn baked_image_copies_are_clean_until_one_is_changed_by_hand() {
         "cloud-init state left in the image"
     );
     for f in [
-        "tmp/phoenix-agent",
+        "tmp/phoenix-agent.deb",
         "tmp/phoenix-agent.toml",
         "tmp/phoenix-install.sh",
     ] {
@@ -358,6 +373,44 @@ fn baked_image_copies_are_clean_until_one_is_changed_by_hand() {
     assert!(img
         .join("etc/systemd/system/multi-user.target.wants/phoenix-agent.service")
         .is_symlink());
+    // Installed by dpkg from the package: dpkg knows it, the files are where the package puts
+    // them, its unit passes systemd-analyze verify in the image, and no user was created.
+    let st = must(Command::new("chroot").arg(img).args([
+        "dpkg-query",
+        "-W",
+        "-f",
+        "${Status} ${Version}",
+        "phoenix-agent",
+    ]));
+    assert!(
+        String::from_utf8_lossy(&st.stdout).starts_with("install ok installed"),
+        "{}",
+        text(&st)
+    );
+    let unit_path = img.join("lib/systemd/system/phoenix-agent.service");
+    assert!(unit_path.is_file(), "the package's unit");
+    assert!(img.join("usr/bin/phoenix-agent").is_file());
+    let verify = Command::new("chroot")
+        .arg(img)
+        .args([
+            "systemd-analyze",
+            "verify",
+            "/lib/systemd/system/phoenix-agent.service",
+        ])
+        .env_clear()
+        .env("PATH", PATH_ENV)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "systemd-analyze verify in the image:\n{}",
+        text(&verify)
+    );
+    let passwd = std::fs::read_to_string(img.join("etc/passwd")).unwrap();
+    assert!(
+        !passwd.contains("phoenix"),
+        "the package must create no user (the unit's DynamicUser does): {passwd}"
+    );
     let cfg = std::fs::read_to_string(img.join("etc/phoenix-agent/agent.toml")).unwrap();
     assert!(
         cfg.contains(&format!("image_id = \"{}\"", baked.image_id)),
@@ -402,7 +455,7 @@ fn baked_image_copies_are_clean_until_one_is_changed_by_hand() {
     // `phoenix-agent drift` on each, with the unit's rights only: the 0600 secret is read through
     // CAP_DAC_READ_SEARCH, and only the changed copy differs.
     for (n, t) in trees.iter().enumerate() {
-        let o = as_unit(t, &["/usr/local/bin/phoenix-agent", "drift"])
+        let o = as_unit(t, &["/usr/bin/phoenix-agent", "drift"])
             .output()
             .unwrap();
         let out = text(&o);
@@ -443,7 +496,7 @@ fn baked_image_copies_are_clean_until_one_is_changed_by_hand() {
         "--",
     ]);
     no_cap
-        .args(["/usr/local/bin/phoenix-agent", "drift"])
+        .args(["/usr/bin/phoenix-agent", "drift"])
         .env_clear()
         .env("PATH", PATH_ENV)
         .env("PHOENIX_STATE_DIR", "/var/lib/phoenix-agent");
@@ -457,8 +510,7 @@ fn baked_image_copies_are_clean_until_one_is_changed_by_hand() {
 
     // The agents themselves, as the unit starts them, each in its own mount namespace with
     // /proc, /sys and /dev of the host (an instance's kernel) bound into its tree.
-    let unit = std::fs::read_to_string(root().join("image-snippets/systemd/phoenix-agent.service"))
-        .unwrap();
+    let unit = std::fs::read_to_string(unit_path).unwrap();
     let exec_start = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))

@@ -344,6 +344,32 @@ fn every_dashboard_query_returns_data_from_real_agents() {
         ["i-dash-b"],
         "{rows:?}"
     );
+    // The queue is the current one: an instance marked earlier and gone since is not in it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let tags = format!("group=web,image_id={IMAGE},instance_id=i-dash-old,host=old");
+    let lines = format!(
+        "phoenix_instance,{tags} state=\"marked\",marked=true,reason=\"drift\",evidence=\"x\",held=\"\" {}\nphoenix_instance,{tags} state=\"gone\",marked=false,reason=\"drift\",evidence=\"x\",held=\"\" {}\n",
+        now - 60_000_000_000,
+        now - 30_000_000_000
+    );
+    let w = phoenix_e2e::post(
+        &format!("{}/write?db={DB}", influx.url()),
+        None,
+        &[],
+        lines.as_bytes(),
+    );
+    assert_eq!(w.status, 204, "{}", w.body);
+    let rows = influx.rows(DB, &queue);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["instance_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["i-dash-b"],
+        "a mark that is over is not in the current queue: {rows:?}"
+    );
     let logs = fill(
         dash["panels"]
             .as_array()

@@ -151,6 +151,11 @@ fn systemd_unit_passes_systemd_analyze_and_is_hardened() {
             "{k}= missing: the agent must never be what starves the instance"
         );
     }
+    let nofile: u64 = get("LimitNOFILE")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .expect("LimitNOFILE= in the unit: a glob over many log files must not run out");
+    assert!(nofile >= 4096, "LimitNOFILE={nofile} is below 4096");
     // State must land where the agent looks by default, and the unit must not hand out writes.
     assert!(
         !s.iter().any(|(k, _)| k == "ReadWritePaths"),
@@ -286,7 +291,37 @@ fn hcl_strings(e: &hcl::Expression) -> Vec<String> {
     }
 }
 
-fn packer_validate(template: &Path, agent: &Path) -> Output {
+/// The agent's .deb, as `scripts/build-deb.sh` makes it from the binary just built.
+fn agent_deb(out: &Path) -> PathBuf {
+    let bin_dir = agent_bin().parent().unwrap().to_path_buf();
+    let o = run(
+        Command::new(root().join("scripts/build-deb.sh"))
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .arg("--out")
+            .arg(out)
+            .arg("agent")
+            .env("DEB_COMPRESSION", "none"),
+        "apt-get install dpkg",
+    );
+    assert!(o.status.success(), "build-deb.sh:\n{}", text(&o));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+/// Packer before 1.7 has no `required_plugins`; the block is checked by the HCL parser below.
+fn packer_knows_required_plugins() -> bool {
+    let o = run(
+        Command::new("packer").arg("version"),
+        "apt-get install packer",
+    );
+    let v = String::from_utf8_lossy(&o.stdout);
+    let v = v.trim().trim_start_matches("Packer v");
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (1, 7)
+}
+
+/// `packer validate DIR` from the repository root, where the template says to run it.
+fn packer_validate(dir: &Path, agent_deb: &Path) -> Output {
     let mut cmd = Command::new("packer");
     cmd.current_dir(root())
         .env("CHECKPOINT_DISABLE", "1")
@@ -299,25 +334,65 @@ fn packer_validate(template: &Path, agent: &Path) -> Output {
         cmd.args(["-var", v]);
     }
     cmd.arg("-var")
-        .arg(format!("agent_binary={}", agent.display()))
-        .arg(template);
+        .arg(format!("agent_deb={}", agent_deb.display()))
+        .arg(dir);
     run(&mut cmd, "apt-get install packer")
 }
 
 #[test]
 fn packer_template_validates_and_bakes_last() {
-    let agent = agent_bin();
-    let tpl = snippet("packer/phoenix-agent.pkr.hcl");
-    // Real validation: packer also checks that every file a provisioner uploads exists.
-    let o = packer_validate(&tpl, &agent);
-    assert!(o.status.success(), "packer validate:\n{}", text(&o));
-    let o = packer_validate(&tpl, Path::new("/nonexistent/phoenix-agent"));
+    let tmp = tempfile::tempdir().unwrap();
+    let deb = agent_deb(tmp.path());
+    let tpl_text = read("packer/phoenix-agent.pkr.hcl");
+    // The documented command: `packer build ... image-snippets/packer` from the repository root.
     assert!(
-        !o.status.success() && text(&o).contains("/nonexistent/phoenix-agent"),
-        "packer must reject a missing binary:\n{}",
+        tpl_text.contains("image-snippets/packer\n")
+            && tpl_text.contains("Run from the repository root"),
+        "the template's usage comment names the directory form"
+    );
+    let dir = if packer_knows_required_plugins() {
+        root().join("image-snippets/packer")
+    } else {
+        // Debian's packer (1.6.6): validate everything but the `packer {}` block, offline.
+        let start = tpl_text.find("\npacker {\n").expect("a packer block") + 1;
+        let end = start + tpl_text[start..].find("\n}\n").unwrap() + 3;
+        let d = tmp.path().join("packer");
+        std::fs::create_dir(&d).unwrap();
+        let stripped = format!("{}{}", &tpl_text[..start], &tpl_text[end..]);
+        std::fs::write(d.join("phoenix-agent.pkr.hcl"), stripped).unwrap();
+        d
+    };
+    // Real validation: packer also checks that every file a provisioner uploads exists.
+    let o = packer_validate(&dir, &deb);
+    assert!(o.status.success(), "packer validate:\n{}", text(&o));
+    let o = packer_validate(&dir, Path::new("/nonexistent/phoenix-agent.deb"));
+    assert!(
+        !o.status.success() && text(&o).contains("/nonexistent/phoenix-agent.deb"),
+        "packer must reject a missing package:\n{}",
         text(&o)
     );
 
+    let body = hcl::parse(&tpl_text).expect("HCL2 parse");
+    let packer = body
+        .blocks()
+        .find(|b| b.identifier() == "packer")
+        .expect("a packer block");
+    let plugins = packer
+        .body()
+        .blocks()
+        .find(|b| b.identifier() == "required_plugins")
+        .expect("required_plugins");
+    let amazon = plugins
+        .body()
+        .attributes()
+        .find(|a| a.key() == "amazon")
+        .expect("the amazon plugin")
+        .expr()
+        .to_string();
+    assert!(
+        amazon.contains("github.com/hashicorp/amazon") && amazon.contains("version"),
+        "{amazon}"
+    );
     let body = hcl::parse(&read("packer/phoenix-agent.pkr.hcl")).expect("HCL2 parse");
     let build = body
         .blocks()
@@ -346,12 +421,7 @@ fn packer_template_validates_and_bakes_last() {
         .filter(|b| kind(b) == "file")
         .flat_map(|b| attr(b, "source"))
         .collect();
-    for want in [
-        "var.agent_binary",
-        "var.agent_config",
-        "systemd/phoenix-agent.service",
-        "install.sh",
-    ] {
+    for want in ["var.agent_deb", "var.agent_config", "install.sh"] {
         assert!(
             uploads.iter().any(|u| u.contains(want)),
             "no file provisioner uploads {want}: {uploads:?}"
@@ -387,8 +457,9 @@ fn packer_template_validates_and_bakes_last() {
     }
     let b = inline.len() - 1;
     for step in [
-        "install.sh",
+        "install.sh --deb",
         "--enable",
+        "systemd-analyze verify",
         "cloud-init clean --logs --seed",
         "/etc/machine-id",
         "/etc/ssh/ssh_host_",
@@ -760,16 +831,40 @@ fn grafana_provisioning_points_at_the_dashboard_and_both_influx_apis() {
     let dash: serde_json::Value =
         serde_json::from_str(&read("grafana/dashboards/phoenix-fleet.json"))
             .expect("dashboard JSON");
-    let var = dash["templating"]["list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["type"] == "datasource")
-        .expect("a datasource variable");
-    assert_eq!(
-        var["current"]["value"].as_str(),
-        influxql["uid"].as_str(),
-        "the dashboard defaults to the provisioned InfluxQL datasource"
+    // Every panel and variable is pinned to the InfluxQL datasource by uid: no picker that
+    // offers the Flux one, whose queries these InfluxQL panels cannot run.
+    assert!(
+        !dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["type"] == "datasource"),
+        "no datasource picker"
+    );
+    let text = serde_json::to_string(&dash).unwrap();
+    assert!(
+        !text.contains("${datasource}"),
+        "a panel still uses the picker"
+    );
+    let mut uids = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(u) = m.get("datasource").and_then(|d| d["uid"].as_str()) {
+                    out.push(u.to_string());
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut uids);
+    assert!(uids.len() > 20, "{uids:?}");
+    assert!(
+        uids.iter()
+            .all(|u| Some(u.as_str()) == influxql["uid"].as_str()),
+        "every datasource is the provisioned InfluxQL one: {uids:?}"
     );
 
     let prov = yaml(&read("grafana/provisioning/dashboards/phoenix.yaml"));
@@ -778,4 +873,52 @@ fn grafana_provisioning_points_at_the_dashboard_and_both_influx_apis() {
     assert!(p["options"]["path"]
         .as_str()
         .is_some_and(|s| s.starts_with('/')));
+}
+
+#[test]
+fn collector_unit_passes_systemd_analyze_and_is_locked_down() {
+    let unit = read("systemd/phoenix-collector.service");
+    let bin = phoenix_e2e::bin("phoenix-collector");
+    let dir = tempfile::tempdir().unwrap();
+    // The package installs the binary in /usr/bin; verify wants ExecStart's binary to exist.
+    let real = unit.replace("/usr/bin/phoenix-collector", bin.to_str().unwrap());
+    assert_ne!(real, unit, "ExecStart must name /usr/bin/phoenix-collector");
+    let path = dir.path().join("phoenix-collector.service");
+    std::fs::write(&path, &real).unwrap();
+    let o = run(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        "apt-get install systemd",
+    );
+    assert!(
+        o.status.success() && o.stderr.is_empty() && o.stdout.is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&o)
+    );
+    let o = run(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path),
+        "systemd",
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let score: f64 = out
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for phoenix-collector.service:"))
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{}", text(&o)));
+    assert!(score <= 2.5, "exposure {score} > 2.5:\n{out}");
+    let s = unit_settings(&unit);
+    for (k, v) in [
+        ("DynamicUser", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("StateDirectory", "phoenix-collector"),
+    ] {
+        assert!(
+            s.iter().any(|(kk, vv)| kk == k && vv == v),
+            "{k}={v} missing"
+        );
+    }
 }

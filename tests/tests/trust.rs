@@ -44,6 +44,7 @@ fn report(agent: Identity, seq: u64) -> Report {
         v: VERSION,
         agent,
         seq,
+        drift_root: None,
         interval_ms: 1000,
         metrics: vec![],
         logs: vec![],

@@ -9,8 +9,12 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+pub mod confval;
+mod cut;
 pub mod drift;
 pub mod logtext;
+
+pub use cut::{cut_to, cut_value, MAX_TAG_VALUE};
 
 /// Major version of the wire format. A collector rejects any other major with a 400.
 pub const VERSION: u32 = 1;
@@ -37,6 +41,10 @@ pub struct Report {
     pub drift: Option<DriftState>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckResult>,
+    /// The agent's current drift root hash, on every report of an agent that watches files,
+    /// so the collector can tell when its record is missing or stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_root: Option<String>,
 }
 
 /// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
@@ -184,6 +192,10 @@ pub struct Ack {
     /// Lines InfluxDB refused for good (logged at the collector); never retried.
     #[serde(default)]
     pub rejected_points: u64,
+    /// The collector has no current record of this agent's drift state: send the full
+    /// drift state with the next report.
+    #[serde(default)]
+    pub resend_drift: bool,
 }
 
 /// Limits a collector applies while decoding; every one has a reason in [`DecodeError`].
@@ -492,6 +504,7 @@ mod tests {
             logs: vec![],
             drift: None,
             checks: vec![],
+            drift_root: None,
         }
     }
 

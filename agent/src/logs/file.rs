@@ -121,9 +121,19 @@ pub(super) fn find_nl(hay: &[u8]) -> Option<usize> {
 #[derive(Debug)]
 pub(super) struct Tracked {
     pub src: String,
+    /// `src` cut to what a tag value may hold: the `path` tag of its lines.
+    pub tag: String,
     /// The pattern match that names this file now; None once it was rotated away or deleted.
     pub path: Option<PathBuf>,
-    pub file: File,
+    /// Where the file was last seen, to open it again after the budget closed it.
+    pub loc: PathBuf,
+    /// None while closed to stay within `--max-open-files`; (dev, ino) + head find it again.
+    pub file: Option<File>,
+    /// Something may be unread: it changed, was closed before its end, or could not be
+    /// opened. Read on the next round even without an event.
+    pub pending: bool,
+    /// Deleted while it was closed: nothing more can be read; dropped at the end of a round.
+    pub gone: bool,
     pub dev: u64,
     pub ino: u64,
     pub head: Head,
@@ -151,19 +161,41 @@ impl Tracked {
         offset: u64,
         now: Instant,
     ) -> Tracked {
+        let mut t = Tracked::closed(src, path, md.dev(), md.ino(), head, offset, now);
+        t.file = Some(file);
+        t.size = md.len();
+        t.pending = false;
+        t
+    }
+
+    /// A file known only from a checkpoint (it could not be opened yet): read from `offset`
+    /// once it can be.
+    pub(super) fn closed(
+        src: String,
+        path: Option<PathBuf>,
+        dev: u64,
+        ino: u64,
+        head: Head,
+        offset: u64,
+        now: Instant,
+    ) -> Tracked {
         Tracked {
+            tag: phoenix_wire::cut_value(&src),
+            loc: path.clone().unwrap_or_else(|| PathBuf::from(&src)),
             src,
             path,
-            file,
-            dev: md.dev(),
-            ino: md.ino(),
+            file: None,
+            pending: true,
+            gone: false,
+            dev,
+            ino,
             head,
             offset,
             committed: offset,
             part: None,
             committed_part: None,
             tail_since: None,
-            size: md.len(),
+            size: offset,
             changed_at: now,
         }
     }

@@ -17,12 +17,23 @@
 //! - When the spool is full, pushing waits: reading pauses and memory stays bounded (the file
 //!   is the buffer). If the wait gives up, the batch is dropped from memory and its lines are
 //!   read again from the last checkpoint, never skipped.
+//!
+//! How it stays cheap with thousands of files:
+//! - At most `--max-open-files` are open; the idlest beyond that are closed and opened again
+//!   by (device, inode) + head when they change, so a closed file loses and repeats nothing.
+//!   A file that cannot be opened (out of descriptors) keeps its checkpoint and is retried.
+//! - inotify on the directories (not on every file) wakes the tailer; only the files an
+//!   event names are read. A safety poll (`scan_every`, 5 s) expands the patterns again and
+//!   compares sizes, for what inotify misses. Scans are linear: one stat per path, identities
+//!   looked up in a map.
 
 mod file;
 mod pattern;
 #[cfg(test)]
 mod tests;
+mod watch;
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -57,10 +68,14 @@ pub struct Options {
     pub from_start: bool,
     /// A last line without its newline is shipped as it is after waiting this long.
     pub flush_timeout: Duration,
-    /// How often files are checked for new data when there was nothing to read.
+    /// While lines keep coming, how long to gather between two rounds. An idle tailer does
+    /// not poll: inotify wakes it.
     pub poll: Duration,
-    /// How often the patterns are expanded again (new files, rotation).
+    /// The safety poll: how often the patterns are expanded again and every file checked,
+    /// for what inotify misses (NFS, a lost event, no watch left).
     pub scan_every: Duration,
+    /// Most tailed files held open at once; the idlest are closed beyond it.
+    pub max_open_files: usize,
     /// A batch is queued once it is this old even if not full.
     pub linger: Duration,
     pub max_batch_lines: usize,
@@ -80,7 +95,8 @@ impl Options {
             from_start: false,
             flush_timeout: Duration::from_secs(1),
             poll: Duration::from_millis(200),
-            scan_every: Duration::from_millis(250),
+            scan_every: Duration::from_secs(5),
+            max_open_files: default_max_open_files(),
             linger: Duration::from_millis(500),
             max_batch_lines: 5000,
             max_batch_bytes: 4 << 20,
@@ -95,8 +111,25 @@ impl Options {
         // A batch must fit a small spool several times over, or the tailer and the sender
         // would take turns instead of overlapping.
         o.max_batch_bytes = ((cfg.spool_max / 4) as usize).clamp(64 << 10, 4 << 20);
+        if let Some(n) = cfg.max_open_files {
+            o.max_open_files = n.max(1);
+        }
         o
     }
+}
+
+/// min(256, a quarter of the open-file limit): the other three quarters stay for the spool,
+/// checkpoints, sockets and the other sources, so a glob over thousands of files can never
+/// starve them.
+pub fn default_max_open_files() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    let limit = if ok { r.rlim_cur } else { 1024 };
+    (limit / 4).clamp(1, 256) as usize
 }
 
 /// The `logs` source: one thread tailing every file the patterns name.
@@ -244,7 +277,14 @@ pub struct Tailer {
     buf: Vec<u8>,
     last_scan: Option<Instant>,
     /// Paths that could not be opened, so the warning is logged once, not every scan.
-    warned: std::collections::HashSet<PathBuf>,
+    warned: HashSet<PathBuf>,
+    /// Patterns that matched nothing, warned about once.
+    missing: HashSet<String>,
+    watch: watch::Watch,
+    /// Directories the last scan said to watch.
+    dirs: BTreeSet<PathBuf>,
+    /// How many files the last scan reported tailing, to log changes only.
+    last_tailed: usize,
 }
 
 fn now_ns() -> i64 {
@@ -300,6 +340,10 @@ impl Tailer {
             buf: vec![0; BUF],
             last_scan: None,
             warned: Default::default(),
+            missing: Default::default(),
+            watch: watch::Watch::new(),
+            dirs: BTreeSet::new(),
+            last_tailed: 0,
         };
         let now = Instant::now();
         if let Some(c) = ckpt {
@@ -307,6 +351,11 @@ impl Tailer {
             t.restore(c, now);
         }
         t.scan(now, first_start && !t.opts.from_start);
+        t.watch.set_dirs(t.dirs.clone());
+        // A line written between the scan and the watches going in raised no event.
+        for f in &mut t.files {
+            f.pending |= f.file.is_some();
+        }
         if first_start {
             let json = serde_json::to_vec(&t.checkpoint()).expect("checkpoint serialises");
             crate::spool::write_atomic(&acked, &json)
@@ -321,43 +370,84 @@ impl Tailer {
         Ok(t)
     }
 
-    /// Tail until the agent stops.
+    /// Tail until the agent stops. While lines come, rounds are `poll` apart (so a trickle is
+    /// gathered into batches); when nothing is written the thread sleeps until inotify names
+    /// a change or a timer is due (a half line to flush, a rotated file to let go, the safety
+    /// poll).
     pub fn run(&mut self) -> Result<(), LogError> {
         loop {
             if self.ctx.spool.stopping() {
                 return Err(LogError::Stopping);
             }
-            self.step(Instant::now())?;
-            if self.ctx.sleep(self.opts.poll) {
+            let busy = self.step(Instant::now())?;
+            let stop = if busy {
+                self.ctx.sleep(self.opts.poll)
+            } else {
+                let until = self.next_due(Instant::now());
+                self.watch.wait(until, &self.ctx.spool)
+            };
+            if stop {
                 return Err(LogError::Stopping);
             }
         }
     }
 
-    /// One round: rescan if due, read every file to its end (queueing full batches on the
-    /// way), queue what is left once it lingered long enough, close finished rotated files.
-    fn step(&mut self, now: Instant) -> Result<(), LogError> {
-        if self
-            .last_scan
-            .is_none_or(|t| now.duration_since(t) >= self.opts.scan_every)
-        {
-            self.scan(now, false);
+    /// When the next round is due if no event comes first.
+    fn next_due(&self, now: Instant) -> Instant {
+        let mut due = self.last_scan.unwrap_or(now) + self.opts.scan_every;
+        for f in &self.files {
+            if let Some((_, since)) = f.tail_since {
+                due = due.min(since + self.opts.flush_timeout);
+            }
+            if f.path.is_none() {
+                due = due.min(f.changed_at + self.opts.rotate_wait);
+            }
+            if f.pending {
+                // Could not be opened or read last round: try again soon, not in a loop.
+                due = due.min(now + Duration::from_secs(1));
+            }
         }
+        due.max(now + Duration::from_millis(10))
+    }
+
+    /// One round: rescan if events or the safety poll say so, read every file that may have
+    /// something new to its end (queueing full batches on the way), queue what is left once
+    /// it lingered long enough, close finished rotated files. True while lines are coming.
+    fn step(&mut self, now: Instant) -> Result<bool, LogError> {
+        let full = self.absorb(now);
         let before = self.batch.emitted;
         // Files found by a scan during this round wait for the next one, so that a rotated
         // file earlier in the list is read to its end before its successor.
         let mut end = self.files.len();
         let mut i = 0;
         while i < end {
+            let f = &mut self.files[i];
+            // Rotated-away files and half lines are few and always looked at; open files on
+            // the safety poll; the rest only when an event or the scan named them.
+            let due = f.pending
+                || f.path.is_none()
+                || f.tail_since.is_some()
+                || (full && f.file.is_some());
+            if !due || f.gone {
+                i += 1;
+                continue;
+            }
+            f.pending = false;
+            if f.file.is_none() && !self.reopen(i) {
+                i += 1;
+                continue;
+            }
             loop {
                 // A long drain of one file must not stop the scans and checks of the others:
                 // a file rotated in and out, or truncated twice, meanwhile would be missed.
+                // inotify saying a file was created or renamed counts as much as the poll.
                 let t = Instant::now();
-                if self
-                    .last_scan
-                    .is_none_or(|l| t.duration_since(l) >= self.opts.scan_every)
+                if self.watch.wants_rescan()
+                    || self
+                        .last_scan
+                        .is_none_or(|l| t.duration_since(l) >= self.opts.scan_every)
                 {
-                    self.scan(t, false);
+                    self.absorb(t);
                     self.check_others(&mut i, &mut end, now)?;
                 }
                 // Checked before every buffer read, so a truncation is seen before reading
@@ -373,10 +463,12 @@ impl Tailer {
                     Ok(Stop::Eof) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "log file read failed; will retry");
+                        self.files[i].pending = true;
                         break;
                     }
                 }
             }
+            self.fit_budget(Some(i));
             i += 1;
         }
         // Queue what there is once it lingered, or at once when the files went quiet: a
@@ -391,7 +483,101 @@ impl Tailer {
             self.commit()?;
         }
         self.forget_finished(now);
-        Ok(())
+        Ok(self.batch.emitted != before || !self.batch.lines.is_empty())
+    }
+
+    /// Take what inotify noted: expand the patterns again when something was created,
+    /// renamed or removed (or the safety poll is due), mark the files it named. True when
+    /// this is a full round (every open file is checked).
+    fn absorb(&mut self, now: Instant) -> bool {
+        let ev = self.watch.take();
+        let full = ev.full
+            || self
+                .last_scan
+                .is_none_or(|t| now.duration_since(t) >= self.opts.scan_every);
+        if ev.rescan {
+            self.watch.forget(&ev.paths);
+        }
+        if full || ev.rescan {
+            self.scan(now, false);
+            self.watch.set_dirs(self.dirs.clone());
+        }
+        if !ev.paths.is_empty() {
+            for f in &mut self.files {
+                if ev.paths.contains(&f.loc)
+                    || f.path.as_ref().is_some_and(|p| ev.paths.contains(p))
+                {
+                    f.pending = true;
+                }
+            }
+        }
+        full
+    }
+
+    /// Open a file the budget closed (or a checkpoint named) again, by its identity: at the
+    /// path it was last seen, else renamed within its directory. False when it cannot be read
+    /// now (it stays pending) or is gone.
+    fn reopen(&mut self, i: usize) -> bool {
+        let f = &mut self.files[i];
+        let at = f.path.clone().unwrap_or_else(|| f.loc.clone());
+        match locate(&at, f.dev, f.ino) {
+            Ok(Some((file, _, p))) => {
+                if p != at {
+                    counters::add(&counters::files_rotated, 1);
+                    tracing::debug!(src = %f.src, now = %p.display(), "closed log file was renamed");
+                    f.path = None;
+                    f.loc = p;
+                }
+                f.file = Some(file);
+                self.warned.remove(&at);
+                true
+            }
+            Ok(None) => {
+                if f.offset < f.size {
+                    tracing::warn!(src = %f.src, offset = f.offset, size = f.size, "log file deleted before its end was read; its last lines are lost");
+                } else {
+                    tracing::info!(src = %f.src, "log file deleted; forgetting it");
+                }
+                f.gone = true;
+                false
+            }
+            Err(e) => {
+                f.pending = true;
+                if self.warned.insert(at.clone()) {
+                    tracing::warn!(file = %at.display(), error = %e, "cannot open log file again; keeping its place and retrying (raise LimitNOFILE or lower --max-open-files if this says too many open files)");
+                }
+                false
+            }
+        }
+    }
+
+    /// Close the idlest open files until at most `--max-open-files` are open (a quarter
+    /// below, so the next opens do not close one file each). Files read to their end go
+    /// first; rotated-away files and half lines stay open (their name may be gone).
+    fn fit_budget(&mut self, keep: Option<usize>) {
+        let max = self.opts.max_open_files.max(1);
+        let open = self.files.iter().filter(|f| f.file.is_some()).count();
+        if open <= max {
+            return;
+        }
+        let target = (max - max / 4).max(1);
+        let mut idle: Vec<usize> = (0..self.files.len())
+            .filter(|&j| {
+                let f = &self.files[j];
+                Some(j) != keep && f.file.is_some() && f.path.is_some() && f.tail_since.is_none()
+            })
+            .collect();
+        idle.sort_by_key(|&j| {
+            let f = &self.files[j];
+            (f.offset < f.size, f.changed_at)
+        });
+        for j in idle.into_iter().take(open - target) {
+            let f = &mut self.files[j];
+            f.file = None;
+            if f.offset < f.size {
+                f.pending = true;
+            }
+        }
     }
 
     /// Queue everything read so far, with the checkpoint after it.
@@ -459,9 +645,7 @@ impl Tailer {
                 .iter()
                 .map(|f| FileCkpt {
                     src: f.src.clone(),
-                    path: f
-                        .path
-                        .as_ref()
+                    path: Some(f.path.as_ref().unwrap_or(&f.loc))
                         .map(|p| p.to_string_lossy().into_owned())
                         .filter(|p| *p != f.src),
                     dev: f.dev,
@@ -480,12 +664,29 @@ impl Tailer {
     fn restore(&mut self, c: Checkpoint, now: Instant) {
         for e in c.files {
             let last = PathBuf::from(e.path.as_deref().unwrap_or(&e.src));
-            let Some((file, md)) = locate(&last, e.dev, e.ino) else {
-                tracing::info!(file = %last.display(), "a checkpointed log file is gone; forgetting it");
-                continue;
-            };
             let Some(head) = Head::from_hex(e.head_len, &e.head) else {
                 continue;
+            };
+            let (file, md, at) = match locate(&last, e.dev, e.ino) {
+                Ok(Some((file, md, at))) => (file, md, at),
+                Ok(None) => {
+                    tracing::info!(file = %last.display(), "a checkpointed log file is gone; forgetting it");
+                    continue;
+                }
+                Err(err) => {
+                    // Out of descriptors, or no access for now: the file is still there, so
+                    // its place is kept and it is opened once it can be.
+                    if self.warned.insert(last.clone()) {
+                        tracing::warn!(file = %last.display(), error = %err, "cannot open a checkpointed log file; keeping its checkpoint and retrying");
+                    }
+                    let mut f =
+                        Tracked::closed(e.src, Some(last), e.dev, e.ino, head, e.offset, now);
+                    f.path = None;
+                    f.part = e.part;
+                    f.committed_part = e.part;
+                    self.files.push(f);
+                    continue;
+                }
             };
             let same_head = file::head_matches(&file, head).unwrap_or(false);
             if !same_head || md.len() < e.offset {
@@ -520,45 +721,90 @@ impl Tailer {
             } else {
                 head
             };
-            let mut f = Tracked::new(e.src, None, file, &md, head, offset, now);
+            // Still at its last path: closable by the budget (the scan confirms the name).
+            // Renamed while the agent was down: it stays open until read to its end.
+            let path = (at == last).then_some(at.clone());
+            let mut f = Tracked::new(e.src, path, file, &md, head, offset, now);
+            f.loc = at;
             f.part = part;
             f.committed_part = part;
+            // Lines may have been written while the agent was down.
+            f.pending = true;
             self.files.push(f);
+            self.fit_budget(None);
         }
     }
 
     /// Expand the patterns: note which tracked file each path names now, start tracking new
     /// files (from their start, or their end on a first start), mark the rest as rotated away.
+    /// Linear in the number of files: one stat per path, identities looked up in a map.
     fn scan(&mut self, now: Instant, new_at_end: bool) {
         self.last_scan = Some(now);
         let mut seen = vec![false; self.files.len()];
         let mut paths: Vec<PathBuf> = Vec::new();
+        let mut uniq: HashSet<PathBuf> = HashSet::new();
+        let mut dirs = BTreeSet::new();
         for p in &self.opts.patterns {
-            for path in pattern::expand(p) {
-                if !paths.contains(&path) {
+            let found = pattern::expand_into(p, &mut dirs);
+            if found.is_empty() {
+                if self.missing.insert(p.clone()) {
+                    tracing::warn!(pattern = %p, "--log names no file (yet): check the path; it is looked for again on every change in its directory and every few seconds");
+                }
+            } else if self.missing.remove(p) {
+                tracing::info!(pattern = %p, files = found.len(), "--log names files now");
+            }
+            for path in found {
+                if uniq.insert(path.clone()) {
                     paths.push(path);
                 }
             }
         }
+        for f in &self.files {
+            if let Some(d) = f.loc.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dirs.contains(d) && f.path.is_none() {
+                    dirs.insert(d.to_path_buf());
+                }
+            }
+        }
+        self.dirs = dirs;
+        let mut by_id: HashMap<(u64, u64), usize> = self
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !f.gone)
+            .map(|(i, f)| ((f.dev, f.ino), i))
+            .collect();
+        let mut open = self.files.iter().filter(|f| f.file.is_some()).count();
         for path in paths {
-            let Ok(md) = std::fs::metadata(&path) else {
-                continue;
+            let md = match std::fs::metadata(&path) {
+                Ok(md) => md,
+                Err(e) => {
+                    if self.warned.insert(path.clone()) {
+                        if e.raw_os_error() == Some(libc::ELOOP) {
+                            tracing::warn!(file = %path.display(), "log path is a symlink loop: fix the link; it is checked again on every scan");
+                        } else {
+                            tracing::warn!(file = %path.display(), error = %e, "log path cannot be read (a dangling symlink?); it is checked again on every scan");
+                        }
+                    }
+                    continue;
+                }
             };
             if !md.is_file() {
                 continue;
             }
-            if let Some(i) = self
-                .files
-                .iter()
-                .position(|f| f.dev == md.dev() && f.ino == md.ino())
-            {
+            if let Some(&i) = by_id.get(&(md.dev(), md.ino())) {
                 seen[i] = true;
                 let f = &mut self.files[i];
+                if md.len() != f.size {
+                    // The safety poll's check of a file whether open or closed.
+                    f.pending = true;
+                }
                 if f.path.as_ref() != Some(&path) {
                     if f.path.is_some() {
                         counters::add(&counters::files_rotated, 1);
                         tracing::debug!(src = %f.src, now = %path.display(), "log file renamed");
                     }
+                    f.loc = path.clone();
                     f.path = Some(path);
                 }
                 continue;
@@ -567,7 +813,7 @@ impl Tailer {
                 Ok(f) => f,
                 Err(e) => {
                     if self.warned.insert(path.clone()) {
-                        tracing::warn!(file = %path.display(), error = %e, "cannot open log file (give the agent read access); will retry");
+                        tracing::warn!(file = %path.display(), error = %e, "cannot open log file (give the agent read access, or raise LimitNOFILE if this says too many open files); will retry");
                     }
                     continue;
                 }
@@ -575,11 +821,7 @@ impl Tailer {
             self.warned.remove(&path);
             // The identity of what was opened, not of what the path named a moment before.
             let Ok(md) = file.metadata() else { continue };
-            if let Some(i) = self
-                .files
-                .iter()
-                .position(|f| f.dev == md.dev() && f.ino == md.ino())
-            {
+            if let Some(&i) = by_id.get(&(md.dev(), md.ino())) {
                 seen[i] = true;
                 continue;
             }
@@ -589,18 +831,36 @@ impl Tailer {
             } else {
                 0
             };
-            tracing::info!(file = %path.display(), offset, "tailing log file");
+            tracing::debug!(file = %path.display(), offset, "tailing log file");
             let src = path.to_string_lossy().into_owned();
-            self.files
-                .push(Tracked::new(src, Some(path), file, &md, head, offset, now));
+            let mut t = Tracked::new(src, Some(path), file, &md, head, offset, now);
+            t.pending = offset < md.len();
+            if open >= self.opts.max_open_files.max(1) {
+                // Over the budget: known by identity, opened when it has something to read.
+                t.file = None;
+            } else {
+                open += 1;
+            }
+            by_id.insert((t.dev, t.ino), self.files.len());
+            self.files.push(t);
             seen.push(true);
         }
+        let mut rotated = 0u64;
         for (f, seen) in self.files.iter_mut().zip(seen) {
             if !seen && f.path.is_some() {
                 counters::add(&counters::files_rotated, 1);
-                tracing::info!(src = %f.src, offset = f.offset, "log file rotated away or deleted; reading it to its end");
+                rotated += 1;
+                if rotated <= 20 {
+                    tracing::info!(src = %f.src, offset = f.offset, "log file rotated away or deleted; reading it to its end");
+                }
                 f.path = None;
+                f.pending = true;
             }
+        }
+        let tailed = self.files.len();
+        if self.last_tailed != tailed {
+            tracing::info!(files = tailed, open, "tailing log files");
+            self.last_tailed = tailed;
         }
     }
 
@@ -609,12 +869,16 @@ impl Tailer {
     /// to `i + 1`).
     fn check(&mut self, i: usize, now: Instant) -> Result<bool, LogError> {
         let f = &self.files[i];
-        let md = f.file.metadata().map_err(io_err(Path::new(&f.src)))?;
+        // A closed file is checked when it is opened again.
+        let Some(file) = f.file.as_ref() else {
+            return Ok(false);
+        };
+        let md = file.metadata().map_err(io_err(Path::new(&f.src)))?;
         let size = md.len();
         if size == f.size && size >= f.offset {
             return Ok(false);
         }
-        let same_head = file::head_matches(&f.file, f.head).map_err(io_err(Path::new(&f.src)))?;
+        let same_head = file::head_matches(file, f.head).map_err(io_err(Path::new(&f.src)))?;
         if size < f.offset || !same_head {
             // Lines read before the truncation must reach the spool before the offset resets.
             self.commit()?;
@@ -638,7 +902,11 @@ impl Tailer {
             f.part = None;
             f.committed_part = None;
             f.tail_since = None;
-            f.head = file::head_of(&f.file).unwrap_or(Head::EMPTY);
+            f.head = f
+                .file
+                .as_ref()
+                .and_then(|h| file::head_of(h).ok())
+                .unwrap_or(Head::EMPTY);
             f.size = size;
             f.changed_at = now;
             if let Some(copy) = copy {
@@ -652,7 +920,9 @@ impl Tailer {
         if (self.files[i].head.len as u64) < file::HEAD_MAX && size > self.files[i].head.len as u64
         {
             let f = &mut self.files[i];
-            f.head = file::head_of(&f.file).unwrap_or(f.head);
+            if let Some(h) = f.file.as_ref().and_then(|h| file::head_of(h).ok()) {
+                f.head = h;
+            }
         }
         let f = &mut self.files[i];
         f.size = size;
@@ -714,7 +984,10 @@ impl Tailer {
         if batch.lines.len() >= max_lines || batch.bytes >= max_bytes {
             return Ok(Stop::Full);
         }
-        let n = file::read_at(&f.file, buf, f.offset).map_err(io_err(Path::new(&f.src)))?;
+        let Some(handle) = f.file.as_ref() else {
+            return Ok(Stop::Eof);
+        };
+        let n = file::read_at(handle, buf, f.offset).map_err(io_err(Path::new(&f.src)))?;
         if n == 0 {
             f.tail_since = None;
             return Ok(Stop::Eof);
@@ -726,7 +999,7 @@ impl Tailer {
         let mut full = false;
         while let Some(nl) = file::find_nl(&data[pos..]) {
             batch.emit(
-                &f.src,
+                &f.tag,
                 &data[pos..pos + nl],
                 f.offset + pos as u64,
                 f.part.take(),
@@ -764,7 +1037,7 @@ impl Tailer {
             // character boundary, and go on with the rest of the line.
             let cut = char_boundary(data);
             let next = batch.emit(
-                &f.src,
+                &f.tag,
                 &data[..cut],
                 f.offset,
                 Some(f.part.unwrap_or(1)),
@@ -781,10 +1054,24 @@ impl Tailer {
         match f.tail_since {
             Some((at, since)) if at == f.offset => {
                 if now.duration_since(since) >= flush {
-                    batch.emit(&f.src, rest, f.offset, f.part.take(), ts, now);
-                    f.offset += rest.len() as u64;
+                    // The writer paused mid-line: ship what there is as a numbered part, so
+                    // the rest (part 2, its offset right after this one) is linked to it.
+                    let cut = match char_boundary(rest) {
+                        0 => rest.len(),
+                        c => c,
+                    };
+                    let next = batch.emit(
+                        &f.tag,
+                        &rest[..cut],
+                        f.offset,
+                        Some(f.part.unwrap_or(1)),
+                        ts,
+                        now,
+                    );
+                    f.part = Some(next);
+                    f.offset += cut as u64;
                     counters::add(&counters::lines_read, 1);
-                    counters::add(&counters::bytes_read, rest.len() as u64);
+                    counters::add(&counters::bytes_read, cut as u64);
                     f.tail_since = None;
                 }
             }
@@ -798,7 +1085,12 @@ impl Tailer {
     fn forget_finished(&mut self, now: Instant) {
         let wait = self.opts.rotate_wait;
         self.files.retain(|f| {
+            if f.gone {
+                return false;
+            }
+            // A file not open yet (a checkpoint's, out of descriptors) is not finished.
             let done = f.path.is_none()
+                && f.file.is_some()
                 && f.offset >= f.size
                 && f.offset == f.committed
                 && f.tail_since.is_none()
@@ -886,19 +1178,35 @@ fn char_boundary(data: &[u8]) -> usize {
 }
 
 /// Open the file with identity (dev, ino): at `path` if it is still there, else among the
-/// files of the same directory.
-fn locate(path: &Path, dev: u64, ino: u64) -> Option<(File, std::fs::Metadata)> {
-    let open = |p: &Path| -> Option<(File, std::fs::Metadata)> {
-        let f = File::open(p).ok()?;
-        let md = f.metadata().ok()?;
-        (md.dev() == dev && md.ino() == ino && md.is_file()).then_some((f, md))
+/// files of the same directory. None only when it is surely gone; an error (out of
+/// descriptors, no access) says it could not be looked for.
+fn locate(
+    path: &Path,
+    dev: u64,
+    ino: u64,
+) -> std::io::Result<Option<(File, std::fs::Metadata, PathBuf)>> {
+    let open = |p: &Path| -> std::io::Result<Option<(File, std::fs::Metadata, PathBuf)>> {
+        let f = match File::open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let md = f.metadata()?;
+        Ok((md.dev() == dev && md.ino() == ino && md.is_file()).then(|| (f, md, p.to_owned())))
     };
     if let Ok(md) = std::fs::metadata(path) {
         if md.dev() == dev && md.ino() == ino {
-            return open(path);
+            if let Some(found) = open(path)? {
+                return Ok(Some(found));
+            }
         }
     }
-    for ent in std::fs::read_dir(pattern::parent_dir(path)).ok()?.flatten() {
+    let dir = match std::fs::read_dir(pattern::parent_dir(path)) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for ent in dir.flatten() {
         if ent
             .metadata()
             .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
@@ -906,5 +1214,5 @@ fn locate(path: &Path, dev: u64, ino: u64) -> Option<(File, std::fs::Metadata)> 
             return open(&ent.path());
         }
     }
-    None
+    Ok(None)
 }

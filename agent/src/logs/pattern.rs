@@ -3,6 +3,7 @@
 //! so files created later are picked up. Hand-rolled rather than a crate: it is small, and the
 //! tailer needs only matching names against one directory at a time.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -11,12 +12,29 @@ fn has_meta(s: &[u8]) -> bool {
     s.iter().any(|b| matches!(b, b'*' | b'?' | b'['))
 }
 
+/// Does an entry exist at `p` (a dangling or looping symlink does: the caller says why it
+/// cannot be read, rather than it vanishing without a word)?
+fn present(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}
+
 /// Every existing path that `pattern` names (regular files and anything else: the caller
 /// filters), sorted so scans are deterministic.
+#[cfg(test)]
 pub(super) fn expand(pattern: &str) -> Vec<PathBuf> {
+    expand_into(pattern, &mut BTreeSet::new())
+}
+
+/// [`expand`], also adding to `dirs` every directory whose changes can change the answer
+/// (the ones read, and the ones the matches live in): what inotify should watch.
+pub(super) fn expand_into(pattern: &str, dirs: &mut BTreeSet<PathBuf>) -> Vec<PathBuf> {
     if !has_meta(pattern.as_bytes()) {
         let p = PathBuf::from(pattern);
-        return if p.exists() { vec![p] } else { Vec::new() };
+        let parent = parent_dir(&p);
+        if parent.is_dir() {
+            dirs.insert(parent.to_path_buf());
+        }
+        return if present(&p) { vec![p] } else { Vec::new() };
     }
     let (mut current, rest) = if let Some(r) = pattern.strip_prefix('/') {
         (vec![PathBuf::from("/")], r)
@@ -33,6 +51,11 @@ pub(super) fn expand(pattern: &str) -> Vec<PathBuf> {
                     std::fs::read_dir(dir)
                 };
                 let Ok(read) = read else { continue };
+                dirs.insert(if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir.clone()
+                });
                 let mut names: Vec<_> =
                     read.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
                 names.sort();
@@ -58,7 +81,13 @@ pub(super) fn expand(pattern: &str) -> Vec<PathBuf> {
             break;
         }
     }
-    current.retain(|p| p.exists());
+    for p in &current {
+        let parent = parent_dir(p);
+        if !dirs.contains(parent) && parent.is_dir() {
+            dirs.insert(parent.to_path_buf());
+        }
+    }
+    current.retain(|p| present(p));
     current
 }
 

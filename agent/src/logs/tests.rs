@@ -439,22 +439,27 @@ fn partial_line_waits_for_its_newline_then_flushes() {
     t.step(Instant::now()).unwrap();
     std::thread::sleep(Duration::from_millis(350));
     t.step(Instant::now()).unwrap();
-    let shipped = env.drain();
+    let first = env.drain();
     assert_eq!(
-        reassemble(&shipped)[&src(&a)],
+        reassemble(&first)[&src(&a)],
         vec![b"xyz".to_vec()],
         "shipped after the flush timeout"
     );
-    assert_eq!(shipped[0].offset, 7);
+    assert_eq!((first[0].offset, first[0].part), (7, Some(1)));
     append(&a, b"123\nnext\n");
     t.step(Instant::now()).unwrap();
-    let shipped = env.drain();
+    let rest = env.drain();
     assert_eq!(
-        reassemble(&shipped)[&src(&a)],
-        vec![b"123".to_vec(), b"next".to_vec()],
-        "the rest continues, nothing twice"
+        (rest[0].msg.as_str(), rest[0].offset, rest[0].part),
+        ("123", 10, Some(2)),
+        "the rest of a line split by a pause is its part 2, right after part 1"
     );
-    assert_eq!(shipped[0].offset, 10);
+    let both: Vec<LogLine> = first.into_iter().chain(rest).collect();
+    assert_eq!(
+        reassemble(&both)[&src(&a)],
+        vec![b"xyz123".to_vec(), b"next".to_vec()],
+        "the parts join into the line that was written; nothing twice"
+    );
 }
 
 #[test]
@@ -675,5 +680,255 @@ fn the_source_thread_ships_and_stops() {
     assert_eq!(
         numbered(&got[&src(&env.path("b.log"))]),
         (0..5).collect::<Vec<_>>()
+    );
+}
+
+/// Wait for inotify to say something changed (or `max`), then run one round; repeat until
+/// `done` or the deadline. Returns whether `done` held.
+fn step_on_events(
+    t: &mut Tailer,
+    env: &Env,
+    max: Duration,
+    mut done: impl FnMut(&Tailer) -> bool,
+) -> bool {
+    let deadline = Instant::now() + max;
+    while Instant::now() < deadline {
+        t.step(Instant::now()).unwrap();
+        if done(t) {
+            return true;
+        }
+        t.watch.wait(
+            deadline.min(Instant::now() + Duration::from_millis(500)),
+            &env.spool,
+        );
+    }
+    done(t)
+}
+
+fn open_files(t: &Tailer) -> usize {
+    t.files.iter().filter(|f| f.file.is_some()).count()
+}
+
+#[test]
+fn many_files_over_the_open_file_budget_lose_nothing() {
+    let mut env = Env::new();
+    let n = 60;
+    for i in 0..n {
+        File::create(env.path(&format!("f{i:03}.log"))).unwrap();
+    }
+    let mut o = env.opts("*.log");
+    o.max_open_files = 8;
+    // No safety poll during the test: inotify alone has to find the writes.
+    o.scan_every = Duration::from_secs(3600);
+    let mut t = env.tailer(o.clone());
+    t.step(Instant::now()).unwrap();
+    assert_eq!(t.files.len(), n);
+    assert!(open_files(&t) <= 8, "{} files open", open_files(&t));
+    for i in 0..n {
+        write_lines(&env.path(&format!("f{i:03}.log")), i..i + 1);
+    }
+    let mut got: Vec<LogLine> = Vec::new();
+    let ok = step_on_events(&mut t, &env, Duration::from_secs(20), |t| {
+        assert!(open_files(t) <= 8, "{} files open", open_files(t));
+        got.extend(env.drain());
+        got.len() >= n
+    });
+    assert!(ok, "only {} of {n} lines arrived", got.len());
+    let by_src = reassemble(&got);
+    for i in 0..n {
+        assert_eq!(
+            numbered(&by_src[&src(&env.path(&format!("f{i:03}.log")))]),
+            vec![i]
+        );
+    }
+    // Restart: every file keeps its place, open or not; a second line each, once.
+    drop(t);
+    env.restart_spool();
+    for i in 0..n {
+        write_lines(&env.path(&format!("f{i:03}.log")), 100 + i..101 + i);
+    }
+    let mut t = env.tailer(o);
+    assert_eq!(t.files.len(), n, "no checkpointed file was forgotten");
+    assert!(
+        open_files(&t) <= 8,
+        "resuming opened {} files at once",
+        open_files(&t)
+    );
+    let mut got: Vec<LogLine> = Vec::new();
+    let ok = step_on_events(&mut t, &env, Duration::from_secs(20), |_| {
+        got.extend(env.drain());
+        got.len() >= n
+    });
+    assert!(
+        ok,
+        "only {} of {n} lines arrived after the restart",
+        got.len()
+    );
+    let by_src = reassemble(&got);
+    for i in 0..n {
+        assert_eq!(
+            numbered(&by_src[&src(&env.path(&format!("f{i:03}.log")))]),
+            vec![100 + i]
+        );
+    }
+    assert!(open_files(&t) <= 8);
+}
+
+#[test]
+fn a_closed_file_rotated_away_is_read_to_its_end() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    let b = env.path("b.log");
+    File::create(&a).unwrap();
+    File::create(&b).unwrap();
+    let mut o = env.opts("*.log");
+    o.max_open_files = 1;
+    o.rotate_wait = Duration::from_secs(3600);
+    let mut t = env.tailer(o);
+    t.step(Instant::now()).unwrap();
+    write_lines(&a, 0..5);
+    write_lines(&b, 0..5);
+    t.step(Instant::now()).unwrap();
+    assert_eq!(open_files(&t), 1);
+    let closed = t
+        .files
+        .iter()
+        .find(|f| f.file.is_none())
+        .unwrap()
+        .loc
+        .clone();
+    // Lines written, then the closed file renamed away and a new one made in its place.
+    write_lines(&closed, 5..10);
+    fs::rename(&closed, env.path("rotated.1")).unwrap();
+    write_lines(&closed, 10..12);
+    for _ in 0..3 {
+        t.step(Instant::now()).unwrap();
+    }
+    let got = reassemble(&env.drain());
+    assert_eq!(numbered(&got[&src(&closed)]), (0..12).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_idle_tailer_sleeps_until_inotify_names_a_change() {
+    let env = Env::new();
+    let a = env.path("a.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("*.log");
+    o.scan_every = Duration::from_secs(3600);
+    let mut t = env.tailer(o);
+    t.step(Instant::now()).unwrap();
+    assert!(!t.step(Instant::now()).unwrap(), "nothing written: idle");
+    let start = Instant::now();
+    let stopped = t.watch.wait(start + Duration::from_secs(2), &env.spool);
+    assert!(!stopped);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1900),
+        "woke with nothing written"
+    );
+    // A write, and a new file matching the glob, both wake it and are read.
+    write_lines(&a, 0..3);
+    write_lines(&env.path("new.log"), 0..2);
+    let start = Instant::now();
+    t.watch.wait(start + Duration::from_secs(30), &env.spool);
+    assert!(start.elapsed() < Duration::from_secs(10), "inotify woke it");
+    let mut got = Vec::new();
+    let ok = step_on_events(&mut t, &env, Duration::from_secs(10), |_| {
+        got.extend(env.drain());
+        got.len() >= 5
+    });
+    assert!(ok, "got {} of 5 lines", got.len());
+    let got = reassemble(&got);
+    assert_eq!(numbered(&got[&src(&a)]), vec![0, 1, 2]);
+    assert_eq!(numbered(&got[&src(&env.path("new.log"))]), vec![0, 1]);
+}
+
+#[test]
+fn a_log_under_a_very_long_path_is_shipped_with_its_tag_cut() {
+    let env = Env::new();
+    let mut dir = env.logs.clone();
+    while dir.as_os_str().len() < 1100 {
+        dir.push("d".repeat(200));
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let long = dir.join("app.log");
+    let short = env.path("app.log");
+    File::create(&long).unwrap();
+    File::create(&short).unwrap();
+    let mut o = env.opts("app.log");
+    o.patterns.push(long.to_string_lossy().into_owned());
+    let mut t = env.tailer(o);
+    write_lines(&long, 0..10);
+    write_lines(&short, 0..10);
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    // drain decodes with the collector's limits: a src over 1024 bytes would fail here.
+    let got = env.drain();
+    let tag = phoenix_wire::cut_value(&src(&long));
+    assert!(tag.len() <= 1024 && tag.contains('…'));
+    let got = reassemble(&got);
+    assert_eq!(numbered(&got[&tag]), (0..10).collect::<Vec<_>>());
+    assert_eq!(numbered(&got[&src(&short)]), (0..10).collect::<Vec<_>>());
+    // The checkpoint keeps the whole path, so the file is found again.
+    assert_eq!(
+        t.checkpoint()
+            .files
+            .iter()
+            .filter(|f| f.src == src(&long))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_missing_path_is_noted_and_picked_up_when_it_appears() {
+    let env = Env::new();
+    let a = env.path("later/app.log");
+    let mut t = env.tailer(Options {
+        scan_every: Duration::ZERO,
+        ..env.opts("later/app.log")
+    });
+    t.step(Instant::now()).unwrap();
+    assert!(t.missing.contains(&src(&a)), "warned about once");
+    let looped = env.path("loop.log");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let mut o = env.opts("loop.log");
+    o.patterns.push(src(&a));
+    let mut t2 = env.tailer(o);
+    t2.step(Instant::now()).unwrap();
+    assert!(
+        t2.warned.contains(&looped),
+        "a symlink loop is warned about"
+    );
+    drop(t2);
+    fs::create_dir_all(a.parent().unwrap()).unwrap();
+    write_lines(&a, 0..3);
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    assert!(!t.missing.contains(&src(&a)));
+    assert_eq!(numbered(&reassemble(&env.drain())[&src(&a)]), vec![0, 1, 2]);
+}
+
+#[test]
+fn a_rotation_is_seen_by_inotify_without_the_safety_poll() {
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut o = env.opts("*.log");
+    o.scan_every = Duration::from_secs(3600);
+    o.rotate_wait = Duration::from_secs(3600);
+    let mut t = env.tailer(o);
+    t.step(Instant::now()).unwrap();
+    write_lines(&a, 0..5);
+    fs::rename(&a, env.path("app.log.1")).unwrap();
+    write_lines(&a, 5..10);
+    let mut got = Vec::new();
+    let ok = step_on_events(&mut t, &env, Duration::from_secs(10), |_| {
+        got.extend(env.drain());
+        got.len() >= 10
+    });
+    assert!(ok, "got {} of 10 lines: {:?}", got.len(), t.files);
+    assert_eq!(
+        numbered(&reassemble(&got)[&src(&a)]),
+        (0..10).collect::<Vec<_>>()
     );
 }

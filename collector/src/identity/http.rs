@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::api::{authorize, error, Shared};
+use crate::app::{authorize, Shared};
 use crate::auth::Role;
+use crate::reply::error;
 
 pub async fn delete_enrolment(
     State(s): State<Shared>,
@@ -39,10 +40,10 @@ pub async fn delete_enrolment(
             StatusCode::NOT_FOUND,
             format!("instance {id:?} is not enrolled here (nothing to reset)"),
         ),
-        Ok(Err(e)) => crate::api::unavailable(
+        Ok(Err(e)) => crate::reply::unavailable(
             std::time::Duration::from_secs(5),
             &format!("cannot record the reset: {e}"),
         ),
-        Err(_) => crate::api::unavailable(std::time::Duration::from_secs(5), "reset failed"),
+        Err(_) => crate::reply::unavailable(std::time::Duration::from_secs(5), "reset failed"),
     }
 }

@@ -218,14 +218,14 @@ pub enum Refusal {
 impl Refusal {
     pub fn into_response(self) -> Response {
         match self {
-            Refusal::Forbidden(m) => crate::api::error(StatusCode::FORBIDDEN, m),
+            Refusal::Forbidden(m) => crate::reply::error(StatusCode::FORBIDDEN, m),
             Refusal::Full(m) => {
-                let mut r = crate::api::error(StatusCode::TOO_MANY_REQUESTS, m);
+                let mut r = crate::reply::error(StatusCode::TOO_MANY_REQUESTS, m);
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(60));
                 r
             }
-            Refusal::Store(m) => crate::api::unavailable(std::time::Duration::from_secs(5), &m),
+            Refusal::Store(m) => crate::reply::unavailable(std::time::Duration::from_secs(5), &m),
         }
     }
 }
@@ -500,7 +500,7 @@ pub async fn sweep_every(gate: std::sync::Arc<Gate>, every: std::time::Duration)
     loop {
         tokio::time::sleep(every).await;
         let g = gate.clone();
-        tokio::task::spawn_blocking(move || g.sweep(crate::api::now_ms()))
+        tokio::task::spawn_blocking(move || g.sweep(crate::fleet::clock::wall_now_ms()))
             .await
             .ok();
     }

@@ -25,10 +25,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
-use serde_json::Value as Json;
 
-use crate::api::{now_ms, AppState, Shared};
+use crate::app::{AppState, Shared};
 use crate::auth::Role;
+use crate::fleet::clock::{ago, utc};
+use crate::fleet::view::{FleetView, InstanceView, QueueView};
 
 /// How often the page fetches itself again; a large fleet's page (about 0.5 KB a row) less
 /// often, so a phone left open does not pull megabytes a minute.
@@ -54,7 +55,6 @@ pub fn routes() -> Router<Shared> {
             "/static/page.js",
             get(|| async { asset(JS, "text/javascript; charset=utf-8") }),
         )
-        .route("/metrics", get(crate::selfmetrics::get_metrics))
 }
 
 /// HTML-escapes its text when formatted.
@@ -278,7 +278,7 @@ fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Resp
             h.insert(header::AUTHORIZATION, v);
         }
     }
-    match crate::api::authorize(s, &h, &READ_ROLES) {
+    match crate::app::authorize(s, &h, &READ_ROLES) {
         Ok(_) => None,
         Err(denied) => {
             let status = denied.status();
@@ -311,11 +311,12 @@ async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
         return r;
     }
     let gz = accepts_gzip(req.headers());
-    let inner = fleet_fragment(&s, now_ms());
+    let view = s.fleet.view();
+    let inner = fleet_fragment(&s, &view, s.fleet.clock().wall_ms());
     if q.fragment.is_some() {
         return html_gz(StatusCode::OK, inner, gz);
     }
-    let every = if s.fleet.instances.lock().unwrap().len() > LARGE_FLEET {
+    let every = if view.instances.len() > LARGE_FLEET {
         REFRESH_LARGE_MS
     } else {
         REFRESH_MS
@@ -333,7 +334,8 @@ async fn instance_page(State(s): State<Shared>, Path(id): Path<String>, req: Req
     if let Some(r) = access(&s, &req, &path, &q) {
         return r;
     }
-    let Some(inner) = instance_fragment(&s, &id, now_ms()) else {
+    let view = s.fleet.view();
+    let Some(inner) = instance_fragment(&s, &view, &id, s.fleet.clock().wall_ms()) else {
         let text = format!("No instance {id:?} has reported to this collector (or it was forgotten after going away).");
         if q.fragment.is_some() {
             return html(StatusCode::NOT_FOUND, format!("<p>{}</p>", esc(&text)));
@@ -361,45 +363,11 @@ fn when(now: i64, t_ms: i64) -> String {
     if t_ms <= 0 {
         return "never".into();
     }
-    let d = (now - t_ms).max(0) / 1000;
-    let rel = match d {
-        d if d < 60 => format!("{d} s ago"),
-        d if d < 3600 => format!("{} min ago", d / 60),
-        d if d < 86400 => format!("{} h ago", d / 3600),
-        d => format!("{} d ago", d / 86400),
-    };
     format!(
         "<time datetime=\"{iso}\" title=\"{iso}\">{rel}</time>",
-        iso = utc(t_ms)
+        iso = utc(t_ms),
+        rel = ago(now, t_ms)
     )
-}
-
-/// `2024-05-01T12:00:03Z` for a Unix ms time.
-pub fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let (y, m, d) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar, counting
-/// in 400-year eras that start on 1 March (so the leap day ends a year).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 fn pct_cell(v: Option<f64>) -> String {
@@ -410,56 +378,15 @@ fn badge(state: &str) -> String {
     format!("<span class=\"st st-{s}\">{s}</span>", s = esc(state))
 }
 
-/// What the fleet table shows of one instance, copied out under the lock.
-struct Row {
-    id: String,
-    image: String,
-    group: String,
-    host: String,
-    version: String,
-    state: &'static str,
-    reason: Option<&'static str>,
-    evidence: Option<String>,
-    held: Option<String>,
-    last_seen_ms: i64,
-    cpu: Option<f64>,
-    mem: Option<f64>,
-}
-
-fn fleet_fragment(s: &AppState, now: i64) -> String {
-    let rows: Vec<Row> = {
-        let g = s.fleet.instances.lock().unwrap();
-        g.values()
-            .map(|i| {
-                let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
-                    (Some(m), _) => (Some(m.reason.as_str()), Some(m.evidence.clone())),
-                    (None, Some(p)) => (Some(p.reason.as_str()), Some(p.evidence.clone())),
-                    _ => (None, None),
-                };
-                Row {
-                    id: i.identity.instance_id.clone(),
-                    image: i.identity.image_id.clone(),
-                    group: crate::queue::group_of(i).to_owned(),
-                    host: i.identity.hostname.clone(),
-                    version: i.identity.version.clone(),
-                    state: i.phx.state.as_str(),
-                    reason,
-                    evidence,
-                    held: i.phx.held.clone(),
-                    last_seen_ms: i.last_seen_ms,
-                    cpu: i.cpu_used_percent,
-                    mem: i.mem_used_percent,
-                }
-            })
-            .collect()
-    };
-    let phx = s.fleet.phoenix_view(now);
+fn fleet_fragment(s: &AppState, view: &FleetView, now: i64) -> String {
+    let rows = &view.instances;
+    let phx = &view.queue;
     let mut o = String::with_capacity(4096 + rows.len() * 512);
 
     // Summary.
     let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &rows {
-        *by_state.entry(r.state).or_default() += 1;
+    for r in rows {
+        *by_state.entry(r.summary.state.as_str()).or_default() += 1;
     }
     write!(
         o,
@@ -472,35 +399,37 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
     }
     o.push_str("</ul>");
     if let Some(d) = s.writer.unavailable() {
-        write!(o, "<p class=\"banner bad\">The store is not taking writes: {}. Agents keep their data and retry.</p>", esc(&d.reason)).ok();
+        write!(o, "<p class=\"banner bad\" id=\"store-down\">The store is not taking writes: {}. Agents keep their data and retry; silence does not count meanwhile.</p>", esc(&d.reason)).ok();
     }
-    if phx["log_only"] == true {
+    if !phx.decider {
+        o.push_str("<p class=\"banner\">This collector is not the decider: another one makes the marks.</p>");
+    }
+    if phx.log_only {
         o.push_str("<p class=\"banner\">--log-only: nothing is marked for replacement; would-be marks are listed as held.</p>");
     }
-    for a in phx["alerts"].as_array().into_iter().flatten() {
+    for a in &phx.alerts {
         write!(
             o,
             "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>",
-            esc(a["group"].as_str().unwrap_or("")),
-            esc(a["message"].as_str().unwrap_or(""))
+            esc(&a.group),
+            esc(&a.message)
         )
         .ok();
     }
 
-    queue_section(&mut o, &phx, now);
+    queue_section(&mut o, phx, now);
 
-    // Instances by group.
-    let mut groups: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
-    for r in &rows {
-        groups.entry(r.group.as_str()).or_default().push(r);
+    // Instances by group (the list is sorted by id already).
+    let mut groups: BTreeMap<&str, Vec<&InstanceView>> = BTreeMap::new();
+    for r in rows {
+        groups.entry(r.group_key.as_str()).or_default().push(r);
     }
     o.push_str("<section id=\"instances\">");
     if groups.is_empty() {
         o.push_str("<h2>Instances</h2><p class=\"muted\">No agent has reported yet.</p>");
     }
-    for (group, mut list) in groups {
-        list.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut images: Vec<&str> = list.iter().map(|r| r.image.as_str()).collect();
+    for (group, list) in groups {
+        let mut images: Vec<&str> = list.iter().map(|r| r.summary.image_id.as_str()).collect();
         images.sort_unstable();
         images.dedup();
         write!(
@@ -513,15 +442,17 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
         )
         .ok();
         o.push_str("<table><thead><tr><th>Instance</th><th>State</th><th>Reason</th><th>Last seen</th><th class=\"num\">CPU</th><th class=\"num\">Mem</th><th>Agent</th></tr></thead><tbody>");
-        for r in list {
+        for v in list {
+            let r = &v.summary;
+            let st = r.state.as_str();
             write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
-                id = esc(&r.id), st = r.state, link = pct(&r.id), host = esc(&r.host), badge = badge(r.state)).ok();
+                id = esc(&r.instance_id), link = pct(&r.instance_id), host = esc(&r.hostname), badge = badge(st)).ok();
             match r.reason {
                 Some(reason) => {
                     write!(
                         o,
                         "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>",
-                        esc(reason),
+                        esc(reason.as_str()),
                         esc(r.evidence.as_deref().unwrap_or(""))
                     )
                     .ok();
@@ -532,7 +463,7 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
                 write!(o, "<span class=\"held\">held: {}</span>", esc(h)).ok();
             }
             write!(o, "</td><td data-label=\"Last seen\">{}</td><td class=\"num\" data-label=\"CPU\">{}</td><td class=\"num\" data-label=\"Mem\">{}</td><td data-label=\"Agent\">{}</td></tr>",
-                when(now, r.last_seen_ms), pct_cell(r.cpu), pct_cell(r.mem), esc(&r.version)).ok();
+                when(now, r.last_seen_ms), pct_cell(r.cpu_used_percent), pct_cell(r.mem_used_percent), esc(&r.agent_version)).ok();
         }
         o.push_str("</tbody></table>");
     }
@@ -540,75 +471,69 @@ fn fleet_fragment(s: &AppState, now: i64) -> String {
     o
 }
 
-fn queue_section(o: &mut String, phx: &Json, now: i64) {
-    let str_of = |v: &Json, k: &str| v[k].as_str().unwrap_or("").to_owned();
-    let b = &phx["budget"];
+fn queue_section(o: &mut String, phx: &QueueView, now: i64) {
+    let b = &phx.budget;
     write!(
         o,
         "<section id=\"queue\"><h2>Phoenix queue <small>budget {:.0}% of a group, {} of {} marks in the last minute</small></h2>",
-        b["share"].as_f64().unwrap_or(0.0) * 100.0,
-        b["marks_last_minute"].as_u64().unwrap_or(0),
-        b["rate_per_min"].as_u64().unwrap_or(0),
+        b.share * 100.0,
+        b.marks_last_minute,
+        b.rate_per_min,
     ).ok();
-    let groups = b["groups"].as_array().cloned().unwrap_or_default();
-    if !groups.is_empty() {
+    if !b.groups.is_empty() {
         o.push_str("<table class=\"budget\"><thead><tr><th>Group</th><th class=\"num\">Size</th><th class=\"num\">Bad</th><th class=\"num\">Budget in use</th><th class=\"num\">Free</th></tr></thead><tbody>");
-        for g in &groups {
-            let n = |k: &str| g[k].as_u64().unwrap_or(0);
+        for g in &b.groups {
             write!(
                 o,
                 "<tr><td data-label=\"Group\">{}</td><td class=\"num\" data-label=\"Size\">{}</td><td class=\"num\" data-label=\"Bad\">{}</td><td class=\"num\" data-label=\"In use\">{} of {}{}</td><td class=\"num\" data-label=\"Free\">{}</td></tr>",
-                esc(&str_of(g, "group")),
-                n("size"),
-                n("bad"),
-                n("marked") + n("acked"),
-                n("allowed"),
-                if n("acked") > 0 { format!(" ({} acked)", n("acked")) } else { String::new() },
-                n("free")
+                esc(&g.group),
+                g.size,
+                g.bad,
+                g.marked.saturating_add(g.acked),
+                g.allowed,
+                if g.acked > 0 { format!(" ({} acked)", g.acked) } else { String::new() },
+                g.free
             ).ok();
         }
         o.push_str("</tbody></table>");
     }
-    let marked = phx["marked"].as_array().cloned().unwrap_or_default();
-    let held = phx["held"].as_array().cloned().unwrap_or_default();
     o.push_str("<h3>Marked for replacement</h3>");
-    if marked.is_empty() {
+    if phx.marked.is_empty() {
         o.push_str("<p class=\"muted\" id=\"no-marks\">No instance is marked.</p>");
     } else {
         o.push_str("<table id=\"marked\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Since</th><th>Recycler</th></tr></thead><tbody>");
-        for m in &marked {
-            let id = str_of(m, "instance_id");
-            let acked = m["acked_ms"]
-                .as_i64()
+        for m in &phx.marked {
+            let acked = m
+                .acked_ms
+                .flatten()
                 .map(|t| format!("acked {}", when(now, t)))
                 .unwrap_or_else(|| "waiting".into());
             write!(
                 o,
                 "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Since\">{}</td><td data-label=\"Recycler\">{}</td></tr>",
-                esc(&str_of(m, "group")),
-                esc(&str_of(m, "reason")),
-                esc(&str_of(m, "evidence")),
-                when(now, m["since"].as_i64().unwrap_or(0)),
+                esc(&m.group),
+                esc(m.reason.as_str()),
+                esc(&m.evidence),
+                when(now, m.since.unwrap_or(0)),
                 acked,
-                idq = esc(&id),
-                link = pct(&id),
+                idq = esc(&m.instance_id),
+                link = pct(&m.instance_id),
             ).ok();
         }
         o.push_str("</tbody></table>");
     }
-    if !held.is_empty() {
+    if !phx.held.is_empty() {
         o.push_str("<h3>Held marks</h3><table id=\"held\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Held because</th></tr></thead><tbody>");
-        for m in &held {
-            let id = str_of(m, "instance_id");
+        for m in &phx.held {
             write!(
                 o,
                 "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Held\">{}</td></tr>",
-                esc(&str_of(m, "group")),
-                esc(&str_of(m, "reason")),
-                esc(&str_of(m, "evidence")),
-                esc(&str_of(m, "hold")),
-                idq = esc(&id),
-                link = pct(&id),
+                esc(&m.group),
+                esc(m.reason.as_str()),
+                esc(&m.evidence),
+                esc(m.hold.as_deref().unwrap_or("")),
+                idq = esc(&m.instance_id),
+                link = pct(&m.instance_id),
             ).ok();
         }
         o.push_str("</tbody></table>");
@@ -616,21 +541,21 @@ fn queue_section(o: &mut String, phx: &Json, now: i64) {
     o.push_str("</section>");
 }
 
-fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
-    let i = s.fleet.instances.lock().unwrap().get(id).cloned()?;
+fn instance_fragment(s: &AppState, view: &FleetView, id: &str, now: i64) -> Option<String> {
+    let v = view.instance(id)?;
+    let i = &v.summary;
     let logs = s.obs.logs.lines(id);
-    let a = &i.identity;
     let mut o = String::with_capacity(8192);
-    write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.phx.state.as_str()), id = esc(id)).ok();
+    write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.state.as_str()), id = esc(id)).ok();
     o.push_str("<dl class=\"facts\">");
     let mut fact = |k: &str, v: String| {
         write!(o, "<dt>{k}</dt><dd>{v}</dd>").ok();
     };
-    fact("Image", format!("<code>{}</code>", esc(&a.image_id)));
-    fact("Group", esc(crate::queue::group_of(&i)).to_string());
-    fact("Host", esc(&a.hostname).to_string());
-    fact("Agent", esc(&a.version).to_string());
-    fact("Boot", format!("<code>{}</code>", esc(&a.boot_id)));
+    fact("Image", format!("<code>{}</code>", esc(&i.image_id)));
+    fact("Group", esc(&v.group_key).to_string());
+    fact("Host", esc(&i.hostname).to_string());
+    fact("Agent", esc(&i.agent_version).to_string());
+    fact("Boot", format!("<code>{}</code>", esc(&i.boot_id)));
     fact("First seen", when(now, i.first_seen_ms));
     fact("Last seen", when(now, i.last_seen_ms));
     fact(
@@ -646,7 +571,7 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
             pct_cell(i.disk_max_used_percent)
         ),
     );
-    match (&i.phx.mark, &i.phx.problem) {
+    match (&i.mark, i.reason) {
         (Some(m), _) => {
             let acked = match (m.acked_ms, &m.acked_by) {
                 (Some(t), by) => format!(
@@ -658,23 +583,23 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
             };
             fact("Marked", format!("<span class=\"reason\" id=\"reason\">{}</span> {}{acked}<span class=\"evidence\">{}</span>", esc(m.reason.as_str()), when(now, m.since_ms), esc(&m.evidence)));
         }
-        (None, Some(p)) => fact(
+        (None, Some(reason)) => fact(
             "Problem",
             format!(
                 "<span class=\"reason\" id=\"reason\">{}</span><span class=\"evidence\">{}</span>",
-                esc(p.reason.as_str()),
-                esc(&p.evidence)
+                esc(reason.as_str()),
+                esc(i.evidence.as_deref().unwrap_or(""))
             ),
         ),
         (None, None) => {}
     }
-    if let Some(h) = &i.phx.held {
+    if let Some(h) = &i.held {
         fact("Mark held", esc(h).to_string());
     }
     o.push_str("</dl>");
 
     o.push_str("<section id=\"drift\"><h3>Drift</h3>");
-    match &i.drift {
+    match &v.drift {
         None => o.push_str("<p class=\"muted\">This agent watches no files (no --drift-path).</p>"),
         Some(d) => {
             let verdict = if d.drifted { "<b>drifted</b>" } else { "clean" };
@@ -711,19 +636,14 @@ fn instance_fragment(s: &AppState, id: &str, now: i64) -> Option<String> {
         }
     }
     o.push_str("</section><section id=\"checks\"><h3>Checks</h3>");
-    if i.checks.is_empty() {
+    if v.checks.is_empty() {
         o.push_str("<p class=\"muted\">No checks configured (--check).</p>");
     } else {
-        let mut checks = i.checks.clone();
+        let mut checks: Vec<_> = v.checks.iter().collect();
         checks.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.name.cmp(&b.name)));
         o.push_str("<table><thead><tr><th>Check</th><th>Result</th><th>Detail</th><th class=\"num\">Took</th></tr></thead><tbody>");
         for c in &checks {
-            let streak = i
-                .tracking
-                .check_streaks
-                .get(&c.name)
-                .map(|(n, _)| *n)
-                .unwrap_or(0);
+            let streak = v.check_streaks.get(&c.name).copied().unwrap_or(0);
             let result = if c.ok {
                 "ok".to_string()
             } else {
@@ -785,15 +705,6 @@ mod tests {
         assert_eq!(unpct("%zz"), None);
     }
 
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
-        assert_eq!(utc(4_107_542_399_000), "2100-02-28T23:59:59Z");
-        assert_eq!(utc(-1000), "1969-12-31T23:59:59Z");
-    }
-
     fn state(dir: &std::path::Path) -> Shared {
         let mut tokens = crate::auth::Tokens::default();
         tokens.add(Role::Reader, "reader-1");
@@ -806,7 +717,7 @@ mod tests {
             tokens,
             baselines: crate::baselines::Baselines::open(&dir.join("baselines")).unwrap(),
             writer: crate::writer::start(sink, crate::writer::Settings::default()),
-            fleet: Arc::new(crate::fleet::Fleet::default()),
+            fleet: Arc::new(crate::fleet::Fleet::in_memory(Default::default())),
             limits: phoenix_wire::Limits::default(),
             max_body: 1 << 20,
             store: "test".into(),
@@ -852,7 +763,7 @@ mod tests {
                 boot_id: "b".into(),
                 ..Default::default()
             };
-            s.fleet.record(
+            s.fleet.admit(
                 &phoenix_wire::Report {
                     v: phoenix_wire::VERSION,
                     agent,
@@ -862,11 +773,13 @@ mod tests {
                     logs: vec![],
                     drift: None,
                     checks: vec![],
+                    drift_root: None,
                 },
                 None,
-                now_ms(),
+                None,
             );
         }
+        s.fleet.publish();
         let app = crate::api::router(s);
         let (st, h, body) = call(&app, "/", "127.0.0.1:5000", &[]).await;
         assert_eq!(st, StatusCode::OK);
@@ -1037,6 +950,7 @@ mod tests {
                 detail: evil.into(),
                 duration_ms: 1,
             }],
+            drift_root: None,
         };
         let drift = crate::fleet::DriftInfo {
             hash: "h".into(),
@@ -1049,9 +963,9 @@ mod tests {
             note: Some(evil.into()),
             ..Default::default()
         };
-        s.fleet.record(&r, Some(drift), now_ms());
+        s.fleet.admit(&r, Some(drift), None);
         s.obs.logs.record(evil, &r.logs);
-        s.fleet.tick(now_ms());
+        s.fleet.pass();
         let app = crate::api::router(s);
         let (st, _, fleet) = call(&app, "/", "127.0.0.1:1", &[]).await;
         assert_eq!(st, StatusCode::OK);

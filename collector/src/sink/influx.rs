@@ -54,6 +54,8 @@ pub struct Influx {
     base: String,
     api: Api,
     gzip: bool,
+    /// v1: create a missing database (Telegraf's default); `--influx-skip-database-creation`.
+    create_database: bool,
     http: ureq::Agent,
 }
 
@@ -70,7 +72,75 @@ impl Influx {
             base: base.trim_end_matches('/').to_owned(),
             api,
             gzip,
+            create_database: true,
             http: ureq::Agent::new_with_config(cfg),
+        }
+    }
+
+    /// Whether a missing v1 database is created at start-up (on unless turned off).
+    pub fn create_database(mut self, on: bool) -> Influx {
+        self.create_database = on;
+        self
+    }
+
+    /// The v1 `/query` URL with credentials in the query, as 1.x wants.
+    fn query_url(&self, q: &str) -> String {
+        let mut url = format!("{}/query?q={}", self.base, enc(q));
+        if let Api::V1 {
+            user: Some(u),
+            password: Some(p),
+            ..
+        } = &self.api
+        {
+            url += &format!("&u={}&p={}", enc(u), enc(p));
+        }
+        url
+    }
+
+    /// Run a read-only `SHOW ...` and take the first column of its rows.
+    fn v1_list(&self, q: &str) -> Result<Listing, SinkError> {
+        let mut r =
+            self.http
+                .get(&self.query_url(q))
+                .call()
+                .map_err(|e| SinkError::Unreachable {
+                    what: self.describe(),
+                    err: e.to_string(),
+                })?;
+        let status = r.status().as_u16();
+        Ok(parse_listing(
+            status,
+            &read_limited(r.body_mut().as_reader()),
+        ))
+    }
+
+    fn create_db(&self, db: &str) -> Result<(), SinkError> {
+        let mut url = format!("{}/query", self.base);
+        if let Api::V1 {
+            user: Some(u),
+            password: Some(p),
+            ..
+        } = &self.api
+        {
+            url += &format!("?u={}&p={}", enc(u), enc(p));
+        }
+        let q = format!("CREATE DATABASE {}", quote_ident(db));
+        let resp = self
+            .http
+            .post(&url)
+            .content_type("application/x-www-form-urlencoded")
+            .send(format!("q={}", enc(&q)));
+        match resp {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(mut r) => Err(SinkError::Setup(format!(
+                "InfluxDB refused CREATE DATABASE {db}: HTTP {} {} (create it yourself, or give a user allowed to)",
+                r.status().as_u16(),
+                read_limited(r.body_mut().as_reader()).trim()
+            ))),
+            Err(e) => Err(SinkError::Unreachable {
+                what: self.describe(),
+                err: e.to_string(),
+            }),
         }
     }
 
@@ -127,6 +197,82 @@ fn enc(s: &str) -> String {
     o
 }
 
+/// An InfluxQL identifier in double quotes, escaped.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn read_limited(r: impl Read) -> String {
+    let mut text = String::new();
+    r.take(1 << 20).read_to_string(&mut text).ok();
+    text
+}
+
+/// The first column of a 1.x `SHOW ...` answer, or why it could not be had.
+#[derive(Debug, PartialEq)]
+enum Listing {
+    Names(Vec<String>),
+    Refused(String),
+}
+
+fn parse_listing(status: u16, body: &str) -> Listing {
+    if !(200..300).contains(&status) {
+        return Listing::Refused(format!("HTTP {status} {}", body.trim()));
+    }
+    let v: serde_json::Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(e) => return Listing::Refused(format!("unreadable answer: {e}")),
+    };
+    let first = &v["results"][0];
+    if let Some(err) = first["error"].as_str() {
+        return Listing::Refused(err.to_owned());
+    }
+    let names = first["series"][0]["values"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r[0].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Listing::Names(names)
+}
+
+/// What a v2 `GET /api/v2/buckets?org=&name=` answer means for start-up.
+fn v2_verdict(
+    base: &str,
+    org: &str,
+    bucket: &str,
+    status: u16,
+    body: &str,
+) -> Result<(), SinkError> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let message = v["message"].as_str().unwrap_or("");
+    match status {
+        200 => match v["buckets"].as_array() {
+            Some(b) if b.iter().any(|b| b["name"].as_str() == Some(bucket)) => Ok(()),
+            Some(_) => Err(SinkError::NotFound(format!(
+                "InfluxDB at {base} has no bucket {bucket:?} in organisation {org:?}: create it (influx bucket create --org {org} --name {bucket}) or fix --influx-bucket"
+            ))),
+            None => {
+                tracing::info!(url = %base, "InfluxDB's bucket list is not in the expected shape; not checking the bucket");
+                Ok(())
+            }
+        },
+        404 if message.contains("organization") => Err(SinkError::NotFound(format!(
+            "InfluxDB at {base} has no organisation {org:?} ({message}): fix --influx-org"
+        ))),
+        401 | 403 => Err(SinkError::Setup(format!(
+            "InfluxDB at {base} refused the token (HTTP {status} {message}): check --influx-token; it needs read access to buckets and write access to {bucket:?}"
+        ))),
+        _ => {
+            // 1.8 and 3.x take /api/v2/write but have no buckets API: nothing to check.
+            tracing::info!(url = %base, status, "InfluxDB has no v2 buckets API; not checking org and bucket");
+            Ok(())
+        }
+    }
+}
+
 impl Sink for Influx {
     fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
         let mut req = self
@@ -165,37 +311,69 @@ impl Sink for Influx {
         })
     }
 
-    /// 1.x: create the database if it is missing (as Telegraf does); 2.x buckets are made by
-    /// their owners, so only say clearly when it is missing.
+    /// Check that what we write to exists, once at start-up (and again after a 404), so a
+    /// typo is a loud start-up error rather than a 503 on every report.
+    /// - v1: a missing database is created, as Telegraf does, unless
+    ///   [`Influx::create_database`] turned that off; either way a warning names it and the
+    ///   URL. A missing retention policy is [`SinkError::NotFound`]: we never invent one.
+    /// - v2: a missing organisation or bucket is [`SinkError::NotFound`]; servers without the
+    ///   buckets API (1.8's and 3.x's v2 write endpoint) are only written to.
     fn prepare(&self) -> Result<(), SinkError> {
         match &self.api {
-            Api::V1 {
-                db, user, password, ..
-            } => {
-                let mut url = format!("{}/query", self.base);
-                if let (Some(u), Some(p)) = (user, password) {
-                    url += &format!("?u={}&p={}", enc(u), enc(p));
+            Api::V1 { db, rp, .. } => {
+                match self.v1_list("SHOW DATABASES")? {
+                    Listing::Names(names) if names.iter().any(|n| n == db) => {}
+                    Listing::Names(_) if !self.create_database => {
+                        tracing::warn!(db = %db, url = %self.base, "InfluxDB has no such database and --influx-skip-database-creation is set: writes fail until it is created (CREATE DATABASE, or fix --influx-db)");
+                    }
+                    Listing::Names(_) => {
+                        tracing::warn!(db = %db, url = %self.base, "InfluxDB had no such database; creating it (if that name is a typo, fix --influx-db; --influx-skip-database-creation turns creation off)");
+                        self.create_db(db)?;
+                    }
+                    Listing::Refused(why) => {
+                        // A user with write rights only may not list databases: write anyway.
+                        tracing::warn!(db = %db, url = %self.base, reason = %why, "cannot list InfluxDB databases; not checking that the database exists");
+                    }
                 }
-                let q = format!(
-                    "CREATE DATABASE \"{}\"",
-                    db.replace('\\', "\\\\").replace('"', "\\\"")
-                );
-                let resp = self
-                    .http
-                    .post(&url)
-                    .content_type("application/x-www-form-urlencoded")
-                    .send(format!("q={}", enc(&q)));
-                match resp {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(mut r) => Err(SinkError::Setup(format!(
-                        "InfluxDB refused CREATE DATABASE {db}: HTTP {} {} (create it yourself, or give a user allowed to)",
-                        r.status().as_u16(),
-                        r.body_mut().read_to_string().unwrap_or_default().trim()
-                    ))),
-                    Err(e) => Err(SinkError::Unreachable { what: self.describe(), err: e.to_string() }),
+                if let Some(rp) = rp {
+                    let q = format!("SHOW RETENTION POLICIES ON {}", quote_ident(db));
+                    match self.v1_list(&q)? {
+                        Listing::Names(names) if names.iter().any(|n| n == rp) => {}
+                        Listing::Names(names) => {
+                            return Err(SinkError::NotFound(format!(
+                                "InfluxDB at {} has no retention policy {rp:?} on database {db:?} (it has: {}): create it (CREATE RETENTION POLICY {} ON {} DURATION 30d REPLICATION 1) or fix --influx-rp",
+                                self.base,
+                                names.join(", "),
+                                quote_ident(rp),
+                                quote_ident(db)
+                            )))
+                        }
+                        Listing::Refused(why) => {
+                            tracing::warn!(db = %db, rp = %rp, url = %self.base, reason = %why, "cannot list retention policies; not checking that --influx-rp exists");
+                        }
+                    }
                 }
+                Ok(())
             }
-            Api::V2 { .. } => Ok(()),
+            Api::V2 { org, bucket, token } => {
+                let url = format!(
+                    "{}/api/v2/buckets?org={}&name={}",
+                    self.base,
+                    enc(org),
+                    enc(bucket)
+                );
+                let mut req = self.http.get(&url);
+                if let Some(t) = token {
+                    req = req.header("Authorization", &format!("Token {t}"));
+                }
+                let mut r = req.call().map_err(|e| SinkError::Unreachable {
+                    what: self.describe(),
+                    err: e.to_string(),
+                })?;
+                let status = r.status().as_u16();
+                let body = read_limited(r.body_mut().as_reader());
+                v2_verdict(&self.base, org, bucket, status, &body)
+            }
         }
     }
 
@@ -254,5 +432,36 @@ mod tests {
             v2.headers(),
             vec![("Authorization", "Token t0k".to_string())]
         );
+    }
+
+    #[test]
+    fn listings_and_v2_answers() {
+        let body = r#"{"results":[{"statement_id":0,"series":[{"name":"databases","columns":["name"],"values":[["_internal"],["phoenix"]]}]}]}"#;
+        assert_eq!(
+            parse_listing(200, body),
+            Listing::Names(vec!["_internal".into(), "phoenix".into()])
+        );
+        let none = r#"{"results":[{"statement_id":0}]}"#;
+        assert_eq!(parse_listing(200, none), Listing::Names(vec![]));
+        let err = r#"{"results":[{"statement_id":0,"error":"database not found: x"}]}"#;
+        assert!(matches!(parse_listing(200, err), Listing::Refused(e) if e.contains("not found")));
+        assert!(matches!(parse_listing(401, "{}"), Listing::Refused(e) if e.contains("401")));
+        let b = "http://db:8086";
+        let found = r#"{"buckets":[{"name":"metrics","id":"1"}]}"#;
+        assert!(v2_verdict(b, "o", "metrics", 200, found).is_ok());
+        let e = v2_verdict(b, "o", "metrix", 200, r#"{"buckets":[]}"#).unwrap_err();
+        assert!(
+            matches!(&e, SinkError::NotFound(m) if m.contains("\"metrix\"")),
+            "{e}"
+        );
+        let org = r#"{"code":"not found","message":"organization name \"nope\" not found"}"#;
+        let e = v2_verdict(b, "nope", "metrics", 404, org).unwrap_err();
+        assert!(
+            matches!(&e, SinkError::NotFound(m) if m.contains("--influx-org")),
+            "{e}"
+        );
+        // 1.8 and 3.x: no buckets API; only written to.
+        assert!(v2_verdict(b, "o", "metrics", 404, "404 page not found").is_ok());
+        assert!(v2_verdict(b, "o", "metrics", 401, "{}").is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! Where points go: one module per kind of store, all behind [`Sink`]. The status-code policy
 //! (split on 413, back off on 429/503, drop only the bad lines on 400/422) lives in
-//! [`crate::writer`], so every sink gets it the same way.
+//! the writer module, so every sink gets it the same way.
 
 pub mod file;
 pub mod influx;
@@ -21,6 +21,10 @@ pub enum SinkError {
     Unreachable { what: String, err: String },
     #[error("{0}")]
     Setup(String),
+    /// Reachable, but what we write to (retention policy, bucket, organisation) is missing:
+    /// a start-up error, since retrying cannot fix it.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 pub trait Sink: Send + Sync {

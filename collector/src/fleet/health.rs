@@ -1,15 +1,19 @@
 //! Health rules: when an instance counts as unhealthy, and why.
 //!
-//! Pure functions over what the fleet state holds and a `now` passed in by the caller, so every
-//! rule can be tested with a fake clock. The queue ([`crate::queue`]) decides what a verdict
-//! leads to (a mark, a hold, an alert).
+//! Pure functions over what the fleet state holds and a [`Now`] passed in by the caller, so
+//! every rule can be tested with a fake clock. Every duration is measured on the monotonic
+//! reading; only the age rule compares wall times (a boot time is a wall time). All arithmetic
+//! saturates: report content (intervals, boot times) can be anything a sender likes. The
+//! queue decides what a verdict leads to (a mark, a hold, an alert).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Every rule is configurable; defaults are in [`crate::config`].
+use super::clock::{human, Now};
+
+/// Every rule is configurable; the command line's defaults are the same as these.
 #[derive(Debug, Clone)]
 pub struct Rules {
     /// After the first report only drift counts for this long.
@@ -82,6 +86,27 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Drift,
+        Reason::CheckFailed,
+        Reason::Silent,
+        Reason::Pegged,
+        Reason::DiskFull,
+        Reason::Age,
+    ];
+
+    /// Position in [`Reason::ALL`] (an exhaustive match: a new reason fails to compile here).
+    pub fn index(self) -> usize {
+        match self {
+            Reason::Drift => 0,
+            Reason::CheckFailed => 1,
+            Reason::Silent => 2,
+            Reason::Pegged => 3,
+            Reason::DiskFull => 4,
+            Reason::Age => 5,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Drift => "drift",
@@ -101,14 +126,31 @@ pub struct Problem {
     pub evidence: String,
 }
 
+/// An instance's drift as the collector judged it.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct DriftInfo {
+    pub hash: String,
+    pub expected: Option<String>,
+    /// Where `expected` came from: registered baseline, agent baseline or majority.
+    pub source: Option<String>,
+    pub drifted: bool,
+    pub changes: Vec<phoenix_wire::FileChange>,
+    pub note: Option<String>,
+    /// Unix ns of the scan or event the agent reported.
+    pub ts: i64,
+    /// Unix ms when the collector first saw the current drifted state (None when clean).
+    pub since_ms: Option<i64>,
+}
+
 /// Per-instance inputs the rules need beyond the latest figures, kept up to date as reports
 /// come in ([`Tracking::observe`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tracking {
     /// Check name → (consecutive failed reports, the latest failure's detail).
     pub check_streaks: BTreeMap<String, (u32, String)>,
-    /// Unix ms since when CPU or memory has been pegged, and which.
-    pub pegged_since_ms: Option<i64>,
+    /// Monotonic ms since when CPU or memory has been pegged, and which.
+    #[serde(rename = "pegged_since_mono")]
+    pub pegged_since: Option<i64>,
     pub pegged_what: String,
     /// The fullest filesystem in the latest report: (path, used %).
     pub disk_worst: Option<(String, f64)>,
@@ -124,7 +166,8 @@ pub struct Observed<'a> {
 }
 
 impl Tracking {
-    pub fn observe(&mut self, o: &Observed, rules: &Rules, now_ms: i64) {
+    /// Fold one report in; `now_mono` is when it arrived.
+    pub fn observe(&mut self, o: &Observed, rules: &Rules, now_mono: i64) {
         // Reports without check results (log or drift batches) say nothing about checks.
         if !o.checks.is_empty() {
             let mut next = BTreeMap::new();
@@ -149,11 +192,11 @@ impl Tracking {
             };
             match what {
                 Some(w) => {
-                    self.pegged_since_ms.get_or_insert(now_ms);
+                    self.pegged_since.get_or_insert(now_mono);
                     self.pegged_what = w;
                 }
                 None => {
-                    self.pegged_since_ms = None;
+                    self.pegged_since = None;
                     self.pegged_what.clear();
                 }
             }
@@ -164,19 +207,25 @@ impl Tracking {
     }
 }
 
-/// What the rules see of one instance.
+/// What the rules see of one instance. `_mono` fields are monotonic ms ([`Now::mono_ms`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
+    pub first_seen_mono: i64,
+    pub last_seen_mono: i64,
+    /// Unix ms of the first report (the age rule's fallback when no boot time was sent).
     pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
     pub interval_ms: u64,
     /// Unix seconds the instance booted (0: unknown; first_seen counts then).
     pub boot_time: u64,
     pub tracking: &'a Tracking,
-    pub drift: Option<&'a crate::fleet::DriftInfo>,
-    /// When this collector started: silence is measured from then at the latest, so a
-    /// collector that was down does not find the whole fleet silent.
-    pub watch_since_ms: i64,
+    pub drift: Option<&'a DriftInfo>,
+    /// Silence counts from here at the earliest: this collector's start, or the end of the
+    /// latest outage of the metrics store (agents then wait out their backoff, which is no
+    /// sign of death).
+    pub watch_since_mono: i64,
+    /// How far behind the collector itself is (reports waiting to be admitted or written):
+    /// added to every silence threshold, so its own lateness is never the instance's silence.
+    pub late_ms: i64,
 }
 
 /// The rules' judgement on one instance at `now_ms`.
@@ -199,14 +248,25 @@ impl Verdict {
 /// Default when an agent sent no interval: the agent's own default.
 const DEFAULT_INTERVAL_MS: u64 = 10_000;
 
-/// How long `f` has been silent, measured from when this collector could first have heard it.
-pub fn silent_for_ms(f: &Facts, now_ms: i64) -> i64 {
-    (now_ms - f.last_seen_ms.max(f.watch_since_ms)).max(0)
+/// The interval the rules assume: the agent's, or its default when it sent none.
+pub fn interval_of(interval_ms: u64) -> i64 {
+    if interval_ms == 0 {
+        DEFAULT_INTERVAL_MS as i64
+    } else {
+        interval_ms.min(i64::MAX as u64) as i64
+    }
 }
 
-pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
+/// How long `f` has been silent, measured from when this collector could first have heard it.
+pub fn silent_for_ms(f: &Facts, now: Now) -> i64 {
+    now.mono_ms
+        .saturating_sub(f.last_seen_mono.max(f.watch_since_mono))
+        .max(0)
+}
+
+pub fn judge(f: &Facts, rules: &Rules, now: Now) -> Verdict {
     let mut v = Verdict {
-        in_grace: now_ms - f.first_seen_ms < ms(rules.grace),
+        in_grace: now.mono_ms.saturating_sub(f.first_seen_mono) < ms(rules.grace),
         ..Default::default()
     };
     if let Some(d) = f.drift.filter(|d| d.drifted) {
@@ -215,12 +275,9 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
             evidence: drift_evidence(d),
         });
     }
-    let interval = if f.interval_ms == 0 {
-        DEFAULT_INTERVAL_MS
-    } else {
-        f.interval_ms
-    } as i64;
-    let silent = silent_for_ms(f, now_ms);
+    let interval = interval_of(f.interval_ms);
+    let silent = silent_for_ms(f, now);
+    let late = f.late_ms.max(0);
     if v.in_grace {
         // A booting instance is slow, busy and maybe not yet serving: only tampering counts.
         return v;
@@ -238,7 +295,7 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
             });
         }
     }
-    if silent >= ms(rules.silent_after) {
+    if silent >= ms(rules.silent_after).saturating_add(late) {
         v.problems.push(Problem {
             reason: Reason::Silent,
             evidence: format!(
@@ -247,14 +304,15 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
                 human(interval)
             ),
         });
-    } else if silent > 3 * interval {
+    } else if silent > interval.saturating_mul(3).saturating_add(late) {
         v.suspect = true;
     }
-    if let Some(since) = f.tracking.pegged_since_ms {
-        if now_ms - since >= ms(rules.pegged_for) {
+    if let Some(since) = f.tracking.pegged_since {
+        let pegged = now.mono_ms.saturating_sub(since);
+        if pegged >= ms(rules.pegged_for) {
             v.problems.push(Problem {
                 reason: Reason::Pegged,
-                evidence: format!("{} for {}", f.tracking.pegged_what, human(now_ms - since)),
+                evidence: format!("{} for {}", f.tracking.pegged_what, human(pegged)),
             });
         }
     }
@@ -271,11 +329,11 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
     }
     if let Some(max) = rules.max_lifetime {
         let born_ms = if f.boot_time > 0 {
-            f.boot_time as i64 * 1000
+            (f.boot_time.min(i64::MAX as u64) as i64).saturating_mul(1000)
         } else {
             f.first_seen_ms
         };
-        let age = now_ms - born_ms;
+        let age = now.wall_ms.saturating_sub(born_ms);
         if age > ms(max) {
             v.problems.push(Problem {
                 reason: Reason::Age,
@@ -291,7 +349,7 @@ pub fn judge(f: &Facts, rules: &Rules, now_ms: i64) -> Verdict {
     v
 }
 
-fn drift_evidence(d: &crate::fleet::DriftInfo) -> String {
+fn drift_evidence(d: &DriftInfo) -> String {
     let against = d.source.as_deref().unwrap_or("baseline");
     if d.changes.is_empty() {
         let short = |h: &str| h.chars().take(12).collect::<String>();
@@ -329,22 +387,9 @@ pub fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
-/// 45s, 2m5s, 3h10m, 7d2h: enough precision for a person reading a mark.
-pub fn human(ms: i64) -> String {
-    let s = ms.max(0) / 1000;
-    match s {
-        0 if ms > 0 => format!("{ms}ms"),
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
-        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::DriftInfo;
     use phoenix_wire::{CheckResult, FileChange};
 
     const T0: i64 = 1_700_000_000_000;
@@ -360,13 +405,23 @@ mod tests {
 
     fn facts(t: &Tracking) -> Facts<'_> {
         Facts {
+            first_seen_mono: T0,
+            last_seen_mono: T0,
             first_seen_ms: T0,
-            last_seen_ms: T0,
             interval_ms: 10_000,
             boot_time: 0,
             tracking: t,
             drift: None,
-            watch_since_ms: 0,
+            watch_since_mono: 0,
+            late_ms: 0,
+        }
+    }
+
+    /// Wall and monotonic readings alike (the clock tests move them apart).
+    fn n(ms: i64) -> Now {
+        Now {
+            wall_ms: ms,
+            mono_ms: ms,
         }
     }
 
@@ -388,8 +443,8 @@ mod tests {
         let t = Tracking::default();
         let r = rules();
         let mut f = facts(&t);
-        f.first_seen_ms = T0 - 3_600_000; // out of grace
-        let at = |s: i64| judge(&f, &r, T0 + s * 1000);
+        f.first_seen_mono = T0 - 3_600_000; // out of grace
+        let at = |s: i64| judge(&f, &r, n(T0 + s * 1000));
         assert_eq!(
             (at(30).suspect, reasons(&at(30))),
             (false, vec![]),
@@ -401,9 +456,12 @@ mod tests {
         assert_eq!((v.suspect, reasons(&v)), (false, vec![Reason::Silent]));
         assert_eq!(v.problems[0].evidence, "silent for 2m0s; reports every 10s");
         // A collector that was itself down measures silence from its own start.
-        f.watch_since_ms = T0 + 100_000;
-        assert!(judge(&f, &r, T0 + 150_000).problems.is_empty());
-        assert_eq!(reasons(&judge(&f, &r, T0 + 220_000)), vec![Reason::Silent]);
+        f.watch_since_mono = T0 + 100_000;
+        assert!(judge(&f, &r, n(T0 + 150_000)).problems.is_empty());
+        assert_eq!(
+            reasons(&judge(&f, &r, n(T0 + 220_000))),
+            vec![Reason::Silent]
+        );
     }
 
     #[test]
@@ -434,19 +492,19 @@ mod tests {
             ..Default::default()
         };
         let mut f = facts(&t);
-        let v = judge(&f, &r, T0 + 299_000);
+        let v = judge(&f, &r, n(T0 + 299_000));
         assert!(v.in_grace && v.problems.is_empty(), "{v:?}");
         f.drift = Some(&drift);
-        let v = judge(&f, &r, T0 + 299_000);
+        let v = judge(&f, &r, n(T0 + 299_000));
         assert_eq!(reasons(&v), vec![Reason::Drift]);
         assert_eq!(
             v.problems[0].evidence,
             "drifted from the registered baseline: /etc/x (content)"
         );
         // Out of grace (and still reporting) every rule counts, worst first.
-        f.last_seen_ms = T0 + 299_000;
-        f.first_seen_ms = T0 - 1;
-        let v = judge(&f, &r, T0 + 300_000);
+        f.last_seen_mono = T0 + 299_000;
+        f.first_seen_mono = T0 - 1;
+        let v = judge(&f, &r, n(T0 + 300_000));
         assert!(!v.in_grace);
         assert_eq!(
             reasons(&v),
@@ -469,7 +527,7 @@ mod tests {
         let mut t = Tracking::default();
         let bad = [check("web", false, "HTTP 500"), check("db", true, "")];
         let good = [check("web", true, "HTTP 200"), check("db", true, "")];
-        let verdict = |t: &Tracking| judge(&facts(t), &r, T0);
+        let verdict = |t: &Tracking| judge(&facts(t), &r, n(T0));
         t.observe(
             &Observed {
                 checks: &bad,
@@ -546,9 +604,9 @@ mod tests {
         t.observe(&obs(96.0, 50.0), &r, T0);
         t.observe(&obs(99.0, 50.0), &r, T0 + 200_000);
         let mut f = facts(&t);
-        f.last_seen_ms = T0 + 299_000;
-        assert!(judge(&f, &r, T0 + 299_000).problems.is_empty());
-        let v = judge(&f, &r, T0 + 300_000);
+        f.last_seen_mono = T0 + 299_000;
+        assert!(judge(&f, &r, n(T0 + 299_000)).problems.is_empty());
+        let v = judge(&f, &r, n(T0 + 300_000));
         assert_eq!(
             v.problems,
             vec![Problem {
@@ -560,14 +618,14 @@ mod tests {
         t.observe(&obs(50.0, 50.0), &r, T0 + 301_000);
         t.observe(&obs(50.0, 4.0), &r, T0 + 302_000);
         let mut f = facts(&t);
-        f.last_seen_ms = T0 + 600_000;
-        assert!(judge(&f, &r, T0 + 601_000).problems.is_empty());
-        let v = judge(&f, &r, T0 + 602_000);
+        f.last_seen_mono = T0 + 600_000;
+        assert!(judge(&f, &r, n(T0 + 601_000)).problems.is_empty());
+        let v = judge(&f, &r, n(T0 + 602_000));
         assert_eq!(v.problems[0].evidence, "available memory 4.0% for 5m0s");
         // Exactly at the threshold is not pegged.
         let mut t = Tracking::default();
         t.observe(&obs(95.0, 5.0), &r, T0);
-        assert_eq!(t.pegged_since_ms, None);
+        assert_eq!(t.pegged_since, None);
     }
 
     #[test]
@@ -586,7 +644,7 @@ mod tests {
             &r,
             T0,
         );
-        assert!(judge(&facts(&t), &r, T0).problems.is_empty());
+        assert!(judge(&facts(&t), &r, n(T0)).problems.is_empty());
         t.observe(
             &Observed {
                 disk_worst: Some(("/var".into(), 90.5)),
@@ -596,7 +654,7 @@ mod tests {
             T0,
         );
         assert_eq!(
-            judge(&facts(&t), &r, T0).problems[0].evidence,
+            judge(&facts(&t), &r, n(T0)).problems[0].evidence,
             "filesystem /var 90.5% full (limit 90%)"
         );
     }
@@ -606,19 +664,19 @@ mod tests {
         let t = Tracking::default();
         let off = rules();
         let mut f = facts(&t);
-        f.last_seen_ms = T0 + 400 * 86_400_000;
-        assert!(judge(&f, &off, f.last_seen_ms).problems.is_empty());
+        f.last_seen_mono = T0 + 400 * 86_400_000;
+        assert!(judge(&f, &off, n(f.last_seen_mono)).problems.is_empty());
         let r = Rules {
             max_lifetime: Some(Duration::from_secs(7 * 86400)),
             ..rules()
         };
-        f.last_seen_ms = T0 + 7 * 86_400_000;
+        f.last_seen_mono = T0 + 7 * 86_400_000;
         assert!(
-            judge(&f, &r, f.last_seen_ms).problems.is_empty(),
+            judge(&f, &r, n(f.last_seen_mono)).problems.is_empty(),
             "exactly the lifetime is not over it"
         );
-        f.last_seen_ms += 1000;
-        let v = judge(&f, &r, f.last_seen_ms);
+        f.last_seen_mono += 1000;
+        let v = judge(&f, &r, n(f.last_seen_mono));
         assert_eq!(reasons(&v), vec![Reason::Age]);
         assert_eq!(
             v.problems[0].evidence,
@@ -626,16 +684,10 @@ mod tests {
         );
         // The boot time counts when the agent sent it: it booted 8 days before the collector saw it.
         f.boot_time = ((T0 - 86_400_000) / 1000) as u64;
-        f.last_seen_ms = T0 + 6 * 86_400_000 + 1000;
-        assert_eq!(reasons(&judge(&f, &r, f.last_seen_ms)), vec![Reason::Age]);
-    }
-
-    #[test]
-    fn human_durations() {
-        assert_eq!(human(500), "500ms");
-        assert_eq!(human(45_000), "45s");
-        assert_eq!(human(125_000), "2m5s");
-        assert_eq!(human(3 * 3_600_000 + 600_000), "3h10m");
-        assert_eq!(human(7 * 86_400_000 + 2 * 3_600_000), "7d2h");
+        f.last_seen_mono = T0 + 6 * 86_400_000 + 1000;
+        assert_eq!(
+            reasons(&judge(&f, &r, n(f.last_seen_mono))),
+            vec![Reason::Age]
+        );
     }
 }

@@ -10,71 +10,16 @@
 //! - the rate limit: at most `mark_rate_per_min` new marks per minute across the fleet.
 //!
 //! Budgeted marks go to the worst reasons first ([`Reason`]'s order), then the longest bad.
-//! Everything here is a pure function of the fleet state and a `now` given by the caller.
+//! Everything here is a pure function of the fleet state and a [`Now`] given by the caller;
+//! every duration is monotonic, every sum saturates.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::Instance;
-use crate::health::{self, Facts, Problem, Reason, Rules};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    #[default]
-    New,
-    Healthy,
-    /// Three intervals without a report, not yet long enough to be unhealthy.
-    Suspect,
-    Unhealthy,
-    Drifted,
-    Marked,
-    Acked,
-    Gone,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::New => "new",
-            State::Healthy => "healthy",
-            State::Suspect => "suspect",
-            State::Unhealthy => "unhealthy",
-            State::Drifted => "drifted",
-            State::Marked => "marked",
-            State::Acked => "acked",
-            State::Gone => "gone",
-        }
-    }
-}
-
-/// A mark for replacement, from the moment it was made until the instance is forgotten.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Mark {
-    pub reason: Reason,
-    pub evidence: String,
-    pub since_ms: i64,
-    pub acked_ms: Option<i64>,
-    /// Which recycler token acked it (its name, never its value).
-    pub acked_by: Option<String>,
-    pub gone_ms: Option<i64>,
-}
-
-/// The queue's view of one instance, kept in its fleet entry (and so persisted with it).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Phx {
-    pub state: State,
-    /// The worst rule that fires now, and since when (that reason without a break).
-    pub problem: Option<Problem>,
-    pub problem_since_ms: Option<i64>,
-    pub mark: Option<Mark>,
-    /// Why a bad instance is not marked: mass event, budget, rate limit or log-only.
-    pub held: Option<String>,
-    /// Unix ms of the latest `phoenix_instance` point; 0: one is due.
-    #[serde(skip)]
-    pub last_point_ms: i64,
-}
+use super::clock::{human, Now};
+use super::health::{self, Facts, Reason, Rules};
+use super::state::{Instance, Mark, State};
 
 /// A mass event in one group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,7 +38,7 @@ pub struct Alert {
 pub struct QueueState {
     /// Active mass-event alerts by group.
     pub alerts: BTreeMap<String, Alert>,
-    /// Unix ms of the marks made in the last minute (the rate limit).
+    /// Monotonic ms of the marks made in the last minute (the rate limit).
     pub recent_marks: VecDeque<i64>,
     /// Per group: (size, allowed, marked, acked) as of the latest pass.
     #[serde(skip)]
@@ -123,8 +68,11 @@ pub struct Outcome {
     pub would_mark: Vec<String>,
 }
 
-pub fn group_of(i: &Instance) -> &str {
-    i.identity.group.as_deref().unwrap_or(&i.identity.image_id)
+/// Where silence can start counting, and how late the collector itself is (see [`Facts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    pub since_mono: i64,
+    pub late_ms: i64,
 }
 
 /// Marks allowed at once in a group of `size`.
@@ -151,27 +99,30 @@ fn alert_message(
     )
 }
 
-fn facts<'a>(i: &'a Instance, watch_since_ms: i64) -> Facts<'a> {
+pub fn facts(i: &Instance, w: Watch) -> Facts<'_> {
     Facts {
+        first_seen_mono: i.first_seen_mono,
+        last_seen_mono: i.last_seen_mono,
         first_seen_ms: i.first_seen_ms,
-        last_seen_ms: i.last_seen_ms,
         interval_ms: i.interval_ms,
         boot_time: i.identity.boot_time,
         tracking: &i.tracking,
-        drift: i.drift.as_ref(),
-        watch_since_ms,
+        drift: i.drift.as_deref(),
+        watch_since_mono: w.since_mono,
+        late_ms: w.late_ms,
     }
 }
 
-/// One pass over the fleet at `now_ms`. `watch_since_ms` is when this collector started.
+/// One pass over the fleet at `now`.
 pub fn evaluate(
     instances: &mut HashMap<String, Instance>,
     q: &mut QueueState,
     rules: &Rules,
-    now_ms: i64,
-    watch_since_ms: i64,
+    now: Now,
+    watch: Watch,
 ) -> Outcome {
     let mut out = Outcome::default();
+    let now_ms = now.wall_ms;
     let forget = health::ms(rules.forget_after);
     instances.retain(|id, i| {
         let keep = i
@@ -179,7 +130,7 @@ pub fn evaluate(
             .mark
             .as_ref()
             .and_then(|m| m.gone_ms)
-            .is_none_or(|g| now_ms - g < forget);
+            .is_none_or(|g| now_ms.saturating_sub(g) < forget);
         if !keep {
             out.forgotten.push(id.clone());
         }
@@ -189,29 +140,28 @@ pub fn evaluate(
     // 1. Rules, marks that end, and each instance's own state.
     let mut verdicts: HashMap<String, health::Verdict> = HashMap::with_capacity(instances.len());
     for (id, i) in instances.iter_mut() {
-        let f = facts(i, watch_since_ms);
-        let v = health::judge(&f, rules, now_ms);
-        let silent_for = health::silent_for_ms(&f, now_ms);
+        let f = facts(i, watch);
+        let v = health::judge(&f, rules, now);
+        let silent_for = health::silent_for_ms(&f, now);
         let worst = v.worst().cloned();
         if worst.as_ref().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason) {
             i.phx.problem_since_ms = worst.as_ref().map(|_| now_ms);
+            i.phx.problem_since_mono = worst.as_ref().map(|_| now.mono_ms);
         }
         i.phx.problem = worst;
         if let Some(m) = &mut i.phx.mark {
             if m.gone_ms.is_none() {
                 if m.acked_ms.is_some() {
                     // The recycler took it; once it stops reporting it is gone, and frees the budget.
-                    let interval = if i.interval_ms == 0 {
-                        10_000
-                    } else {
-                        i.interval_ms as i64
-                    };
-                    let gone_after = (3 * interval).min(health::ms(rules.silent_after));
+                    let interval = health::interval_of(i.interval_ms);
+                    let gone_after = interval
+                        .saturating_mul(3)
+                        .min(health::ms(rules.silent_after));
                     if silent_for >= gone_after {
                         m.gone_ms = Some(now_ms);
                         tracing::info!(instance_id = %id, reason = m.reason.as_str(), "acked instance went silent: gone");
                     }
-                } else if i.last_seen_ms > m.since_ms && v.problems.is_empty() {
+                } else if i.last_seen_mono > m.since_mono && v.problems.is_empty() {
                     // Only a report made after the mark can clear it: silence after a collector
                     // restart is no evidence that the instance recovered.
                     tracing::info!(instance_id = %id, reason = m.reason.as_str(), evidence = %m.evidence, "instance recovered before the recycler acted: mark withdrawn");
@@ -229,7 +179,7 @@ pub fn evaluate(
         if gone {
             continue;
         }
-        let (g, reasons) = groups.entry(group_of(i).to_string()).or_default();
+        let (g, reasons) = groups.entry(i.group().to_string()).or_default();
         g.size += 1;
         match &i.phx.mark {
             Some(m) if m.acked_ms.is_some() => g.acked += 1,
@@ -280,9 +230,10 @@ pub fn evaluate(
                 out.alerts_raised.push(a);
             }
             (false, Some(_)) => {
-                let a = q.alerts.remove(name).expect("present");
-                tracing::warn!(group = %name, bad = g.bad, size = g.size, "mass event over: marks in this group resume within the budget");
-                out.alerts_cleared.push(a);
+                if let Some(a) = q.alerts.remove(name) {
+                    tracing::warn!(group = %name, bad = g.bad, size = g.size, "mass event over: marks in this group resume within the budget");
+                    out.alerts_cleared.push(a);
+                }
             }
             (false, None) => {}
         }
@@ -296,7 +247,11 @@ pub fn evaluate(
     });
 
     // 3. Candidates, worst first, through the gates.
-    while q.recent_marks.front().is_some_and(|t| now_ms - t >= 60_000) {
+    while q
+        .recent_marks
+        .front()
+        .is_some_and(|t| now.mono_ms.saturating_sub(*t) >= 60_000)
+    {
         q.recent_marks.pop_front();
     }
     let mut candidates: Vec<(Reason, i64, String)> = instances
@@ -306,7 +261,7 @@ pub fn evaluate(
             i.phx.problem.as_ref().map(|p| {
                 (
                     p.reason,
-                    i.phx.problem_since_ms.unwrap_or(now_ms),
+                    i.phx.problem_since_mono.unwrap_or(now.mono_ms),
                     id.clone(),
                 )
             })
@@ -315,23 +270,28 @@ pub fn evaluate(
     candidates.sort();
     let mut held: HashMap<String, String> = HashMap::new();
     for (reason, _, id) in candidates {
-        let i = instances.get_mut(&id).expect("candidate exists");
-        let group = group_of(i).to_string();
-        let g = &mut groups.get_mut(&group).expect("group counted").0;
-        let interval = if i.interval_ms == 0 {
-            10_000
-        } else {
-            i.interval_ms as i64
+        let Some(i) = instances.get_mut(&id) else {
+            continue;
         };
-        let settle_until =
-            i.phx.problem_since_ms.unwrap_or(now_ms) + rules.settle_intervals as i64 * interval;
+        let group = i.group().to_string();
+        let Some((g, _)) = groups.get_mut(&group) else {
+            continue;
+        };
+        let interval = health::interval_of(i.interval_ms);
+        // Settling is counted on the monotonic clock from when this problem began, so it
+        // ends: the hold's "waiting Ns" counts down on every pass.
+        let settle_until = i
+            .phx
+            .problem_since_mono
+            .unwrap_or(now.mono_ms)
+            .saturating_add(interval.saturating_mul(i64::from(rules.settle_intervals)));
         let hold = if let Some(a) = q.alerts.get(&group) {
             Some(format!(
                 "mass event in group {group}: {} of {} bad",
                 a.bad, a.size
             ))
-        } else if now_ms < settle_until {
-            Some(format!("settling: waiting {} for the rest of group {group} to report (a mass event holds all marks)", health::human(settle_until - now_ms)))
+        } else if now.mono_ms < settle_until {
+            Some(format!("settling: waiting {} for the rest of group {group} to report (a mass event holds all marks)", human(settle_until - now.mono_ms)))
         } else if g.marked + g.acked >= g.allowed {
             Some(format!(
                 "budget: {} of at most {} in group {group} already marked",
@@ -350,19 +310,22 @@ pub fn evaluate(
         } else {
             None
         };
-        let problem = i.phx.problem.clone().expect("candidates have a problem");
+        let Some(problem) = i.phx.problem.clone() else {
+            continue;
+        };
         match hold {
             Some(h) => {
                 held.insert(id, h);
             }
             None => {
                 g.marked += 1;
-                q.recent_marks.push_back(now_ms);
+                q.recent_marks.push_back(now.mono_ms);
                 tracing::warn!(instance_id = %id, group = %group, reason = reason.as_str(), evidence = %problem.evidence, "marked for replacement");
                 i.phx.mark = Some(Mark {
                     reason,
                     evidence: problem.evidence,
                     since_ms: now_ms,
+                    since_mono: now.mono_ms,
                     acked_ms: None,
                     acked_by: None,
                     gone_ms: None,
@@ -387,7 +350,9 @@ pub fn evaluate(
             i.phx.held = h;
             out.changed.push(id.clone());
         }
-        let v = &verdicts[id];
+        let Some(v) = verdicts.get(id) else {
+            continue;
+        };
         let state = match &i.phx.mark {
             Some(m) if m.gone_ms.is_some() => State::Gone,
             Some(m) if m.acked_ms.is_some() => State::Acked,
@@ -412,21 +377,27 @@ pub fn evaluate(
     out
 }
 
-/// The recycler took `id`. Err(None): not known or not marked (404); acking twice is fine.
-#[allow(clippy::result_unit_err)] // replaced by the fleet core's typed errors
+/// Why an ack was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("instance is not marked for replacement (see GET /v1/phoenix)")]
+    NotMarked,
+}
+
+/// The recycler took `id`: Ok(true) acked now, Ok(false) acked before (harmless).
 pub fn ack(
     instances: &mut HashMap<String, Instance>,
     id: &str,
     by: &str,
     now_ms: i64,
-) -> Result<bool, ()> {
-    let i = instances.get_mut(id).ok_or(())?;
+) -> Result<bool, AckError> {
+    let i = instances.get_mut(id).ok_or(AckError::NotMarked)?;
     let m = i
         .phx
         .mark
         .as_mut()
         .filter(|m| m.gone_ms.is_none())
-        .ok_or(())?;
+        .ok_or(AckError::NotMarked)?;
     if m.acked_ms.is_some() {
         return Ok(false);
     }
@@ -440,8 +411,9 @@ pub fn ack(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::DriftInfo;
+    use crate::fleet::health::DriftInfo;
     use phoenix_wire::Identity;
+    use std::sync::Arc;
     use std::time::Duration;
 
     const T0: i64 = 1_700_000_000_000;
@@ -480,6 +452,8 @@ mod tests {
                             identity,
                             first_seen_ms: self.now,
                             last_seen_ms: self.now,
+                            first_seen_mono: self.now,
+                            last_seen_mono: self.now,
                             interval_ms: 1000,
                             ..Default::default()
                         },
@@ -494,13 +468,13 @@ mod tests {
                 change: "changed".into(),
                 attrs: vec!["content".into()],
             }];
-            self.fleet.get_mut(id).unwrap().drift = Some(DriftInfo {
+            self.fleet.get_mut(id).unwrap().drift = Some(Arc::new(DriftInfo {
                 hash: "h".into(),
                 drifted: true,
                 source: Some("registered baseline".into()),
                 changes,
                 ..Default::default()
-            });
+            }));
         }
         fn fail_check(&mut self, id: &str) {
             self.fleet
@@ -516,9 +490,16 @@ mod tests {
             for (id, i) in self.fleet.iter_mut() {
                 if !silent.contains(&id.as_str()) {
                     i.last_seen_ms = self.now;
+                    i.last_seen_mono = self.now;
                 }
             }
-            evaluate(&mut self.fleet, &mut self.q, &self.rules, self.now, 0)
+            evaluate(
+                &mut self.fleet,
+                &mut self.q,
+                &self.rules,
+                n(self.now),
+                Watch::default(),
+            )
         }
         fn state(&self, id: &str) -> State {
             self.fleet[id].phx.state
@@ -532,6 +513,13 @@ mod tests {
                 .collect();
             v.sort();
             v
+        }
+    }
+
+    fn n(ms: i64) -> Now {
+        Now {
+            wall_ms: ms,
+            mono_ms: ms,
         }
     }
 
@@ -640,10 +628,13 @@ mod tests {
         );
         assert_eq!(
             ack(&mut s.fleet, &ids[1], "recycler#1", s.now),
-            Err(()),
+            Err(AckError::NotMarked),
             "not marked"
         );
-        assert_eq!(ack(&mut s.fleet, "i-nope", "recycler#1", s.now), Err(()));
+        assert_eq!(
+            ack(&mut s.fleet, "i-nope", "recycler#1", s.now),
+            Err(AckError::NotMarked)
+        );
         // Acked and (still) silent: gone at the next pass, and the budget is free again.
         s.tick(S, &[a]);
         assert_eq!(s.state(a), State::Gone);
@@ -659,7 +650,7 @@ mod tests {
         );
         assert_eq!(
             ack(&mut s.fleet, a, "recycler#1", s.now),
-            Err(()),
+            Err(AckError::NotMarked),
             "a gone instance cannot be acked"
         );
         // Forgotten after forget_after.
@@ -861,7 +852,11 @@ mod tests {
         // The collector restarts: silence counts from its start, the silent rule stops
         // firing, but no report came: the mark stays.
         s.now += S;
-        evaluate(&mut s.fleet, &mut s.q, &s.rules, s.now, s.now);
+        let watch = Watch {
+            since_mono: s.now,
+            late_ms: 0,
+        };
+        evaluate(&mut s.fleet, &mut s.q, &s.rules, n(s.now), watch);
         assert!(s.fleet[a].phx.problem.is_none());
         assert_eq!(s.state(a), State::Marked);
         // A report after the mark, and healthy: withdrawn.

@@ -1,0 +1,101 @@
+//! What every handler shares: the collector's state, and the token check.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use phoenix_wire::Limits;
+
+use crate::auth::{bearer, Caller, Role, Tokens};
+use crate::fleet::Fleet;
+use crate::writer::WriterHandle;
+
+#[derive(Debug)]
+pub struct AppState {
+    /// Who may speak for which instance id (`--identity`), and how many ids are kept.
+    pub identity: Arc<crate::identity::Gate>,
+    /// Each field's type per measurement.
+    pub schema: crate::schema::Registry,
+    pub tokens: Tokens,
+    pub baselines: crate::baselines::Baselines,
+    pub writer: WriterHandle,
+    pub fleet: Arc<Fleet>,
+    pub limits: Limits,
+    pub max_body: usize,
+    pub store: String,
+    /// Rate limits and the mutual-TLS switch.
+    pub security: crate::security::Security,
+    /// Self-metrics and the last log lines per instance (fleet page, /metrics).
+    pub obs: Arc<crate::selfmetrics::Obs>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// The caller, if its token belongs to one of `allowed`; else the 401/403 to answer with.
+#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
+pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, Response> {
+    let presented = bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let needs = || {
+        let roles: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+        roles.join(" or ")
+    };
+    // Refusals are logged by role and token label (e.g. `reader#1`), never the token itself.
+    if presented.is_none() {
+        tracing::warn!(status = 401, needs = %needs(), "refused a request without a bearer token");
+        let mut r = crate::reply::error(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token: send Authorization: Bearer <token>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Err(r);
+    }
+    if let Some(c) = s.tokens.check(presented, allowed) {
+        // Agent tokens are shared by a fleet: reports are limited per instance instead.
+        if c.role != Role::Agent {
+            if let Err(wait) = s.security.limiter.check(&format!("token/{}", c.token_name)) {
+                return Err(crate::security::too_many(
+                    wait,
+                    &format!("token {}", c.token_name),
+                ));
+            }
+        }
+        return Ok(c);
+    }
+    // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
+    if let Some(c) = s.tokens.check(presented, &Role::ALL) {
+        tracing::warn!(status = 403, role = %c.role.name(), token = %c.token_name, needs = %needs(), "refused a token of the wrong role");
+        return Err(crate::reply::error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token's role may not do this; needs a {} token",
+                needs()
+            ),
+        ));
+    }
+    tracing::warn!(status = 401, needs = %needs(), "refused an unknown token");
+    let mut r = crate::reply::error(StatusCode::UNAUTHORIZED, "invalid token");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    Err(r)
+}
+
+/// Read a request body of at most `max` bytes (413 past it).
+pub async fn read_body(req: Request, max: usize) -> Result<Bytes, Response> {
+    axum::body::to_bytes(req.into_body(), max)
+        .await
+        .map_err(|_| {
+            crate::reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {max} bytes (--max-body); send smaller batches"),
+            )
+        })
+}

@@ -1,0 +1,1080 @@
+//! The fleet core: one room with a narrow door.
+//!
+//! Everything the collector knows about its instances (state, health rules, the phoenix
+//! queue, persistence) lives behind [`Fleet`]. Nothing outside this module takes its lock,
+//! touches an [`state::Instance`] or reads its JSON back:
+//! - ingest (the report handler) calls [`Fleet::is_stored`], [`Fleet::admit`] and
+//!   [`Fleet::stored`];
+//! - the recycler's ack calls [`Fleet::ack`];
+//! - the queue driver (the decider module) calls [`Fleet::pass`], [`Fleet::due_points`],
+//!   [`Fleet::save`] and friends;
+//! - readers (API, page, `/metrics`) take [`Fleet::view`], an `Arc` snapshot that never
+//!   blocks a report.
+//!
+//! Where the state lives is a [`FleetStore`] (embedded by default); time comes from one
+//! [`Clock`].
+
+pub mod clock;
+pub mod health;
+pub mod queue;
+pub mod state;
+pub mod store;
+pub mod view;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use phoenix_wire::{Identity, Report};
+
+pub use clock::{Clock, ManualClock, Now, SystemClock};
+pub use health::{DriftInfo, Reason, Rules};
+pub use queue::{AckError, Alert};
+pub use state::{Observation, State};
+pub use store::{EmbeddedStore, FleetStore, Snapshot, StoreError};
+pub use view::{FleetView, InstanceView, QueueEntry, QueueView, StoreHealth};
+
+use queue::{QueueState, Watch};
+use state::Instance;
+
+/// A `phoenix_instance` point per instance at least this often, so Grafana's "last" is fresh.
+pub const POINT_EVERY_MS: i64 = 30_000;
+
+/// Views of fleets up to this size are rebuilt on every read that follows a change; larger
+/// ones at most every [`REBUILD_GAP_MS`] (a build copies every instance under the lock).
+const SMALL_FLEET: usize = 1000;
+pub const REBUILD_GAP_MS: i64 = 500;
+
+/// How long a lateness peak counts (the allowance is the largest peak this recent).
+const LATE_MEMORY_MS: i64 = 10_000;
+
+#[derive(Debug, Default)]
+struct Inner {
+    instances: HashMap<String, Instance>,
+    queue: QueueState,
+    /// (monotonic ms, lateness peak) of the latest passes.
+    late: VecDeque<(i64, i64)>,
+}
+
+/// What the report handler learns from admitting a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Admission {
+    /// Ask the agent for its full drift state (the record is missing or differs).
+    pub resend_drift: bool,
+    /// This (boot, seq)'s effects were applied now (false: a retry).
+    pub first_time: bool,
+}
+
+/// A new mark, for the webhook and the audit trail.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MarkEvent {
+    pub instance_id: String,
+    pub image_id: String,
+    pub group: String,
+    pub host: String,
+    pub reason: Reason,
+    pub evidence: String,
+    pub since: i64,
+    pub state: State,
+}
+
+/// What one pass decided, for the queue driver.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    pub at: Now,
+    pub marks: Vec<MarkEvent>,
+    /// (instance, why) for instances whose mark became held (or whose hold changed).
+    pub holds: Vec<(String, String)>,
+    pub alerts_raised: Vec<Alert>,
+    pub alerts_cleared: Vec<Alert>,
+    pub forgotten: Vec<String>,
+    pub would_mark: Vec<String>,
+}
+
+/// The `phoenix_instance` point of one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstancePoint {
+    pub instance_id: String,
+    pub group: String,
+    pub host: String,
+    pub image_id: String,
+    pub state: State,
+    pub reason: &'static str,
+    pub evidence: String,
+    pub marked: bool,
+    pub held: String,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+    view: RwLock<Arc<FleetView>>,
+    rules: Rules,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn FleetStore>,
+    /// Monotonic ms this collector started: silence is counted from then at the earliest.
+    started_mono: i64,
+    /// Monotonic ms until which silence does not count: the metrics store was down (agents
+    /// wait out the Retry-After they were given).
+    blind_until: AtomicI64,
+    /// The largest lateness reported by the handlers since the last pass.
+    late_peak: AtomicI64,
+    metrics_store: Mutex<StoreHealth>,
+    wake: (Mutex<bool>, Condvar),
+    dirty: AtomicBool,
+    /// A verdict moved or an instance appeared since the view was built: the next read
+    /// rebuilds it (rarely: ordinary reports only refresh figures, which the next pass shows).
+    stale: AtomicBool,
+}
+
+impl Fleet {
+    /// An empty fleet.
+    pub fn new(rules: Rules, clock: Arc<dyn Clock>, store: Arc<dyn FleetStore>) -> Fleet {
+        let started_mono = clock.mono_ms();
+        Fleet {
+            inner: Mutex::default(),
+            view: RwLock::new(Arc::new(FleetView::default())),
+            rules,
+            clock,
+            store,
+            started_mono,
+            blind_until: AtomicI64::new(i64::MIN),
+            late_peak: AtomicI64::new(0),
+            metrics_store: Mutex::new(StoreHealth {
+                up: true,
+                ..Default::default()
+            }),
+            wake: (Mutex::new(false), Condvar::new()),
+            dirty: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// A fleet with what `store` saved, if anything.
+    pub fn open(
+        rules: Rules,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn FleetStore>,
+    ) -> Result<Fleet, StoreError> {
+        let f = Fleet::new(rules, clock, store);
+        if let Some(snap) = f.store.load()? {
+            tracing::info!(instances = snap.instances.len(), saved_ms = snap.saved_ms, store = %f.store.describe(), "fleet state restored");
+            f.restore(snap);
+        }
+        f.publish();
+        Ok(f)
+    }
+
+    /// A fleet in memory only, on the system clock (tests, tools).
+    pub fn in_memory(rules: Rules) -> Fleet {
+        Fleet::new(rules, Arc::new(SystemClock::new()), Arc::new(MemoryStore))
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    pub fn now(&self) -> Now {
+        Now::of(self.clock.as_ref())
+    }
+
+    pub fn describe_store(&self) -> String {
+        self.store.describe()
+    }
+
+    pub fn is_decider(&self) -> bool {
+        self.store.is_decider()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere must not turn every later report into a panic too.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where silence starts counting and the lateness allowance (`g` is the locked inner).
+    fn watch(&self, g: &Inner) -> Watch {
+        Watch {
+            since_mono: self
+                .started_mono
+                .max(self.blind_until.load(Ordering::Relaxed)),
+            late_ms: late_ms_of(&g.late),
+        }
+    }
+
+    // ---- ingest ----
+
+    /// Whether the points of this (instance, boot, seq) are known to be stored: only then
+    /// may a report be answered "duplicate".
+    pub fn is_stored(&self, id: &Identity, seq: u64) -> bool {
+        state::is_stored(&self.lock().instances, id, seq)
+    }
+
+    /// Admit an authenticated, decoded report: proof of life now, and (once per
+    /// (boot, seq)) its figures, checks and drift verdict. Call before writing its points.
+    pub fn admit(
+        &self,
+        r: &Report,
+        drift: Option<DriftInfo>,
+        drift_root: Option<String>,
+    ) -> Admission {
+        let o = Observation::of(r, drift, drift_root, self.now());
+        let (applied, moved) = {
+            let mut g = self.lock();
+            let applied = state::apply(&mut g.instances, &o, &self.rules);
+            let w = self.watch(&g);
+            let moved = g.instances.get(&o.identity.instance_id).is_some_and(|i| {
+                let v = health::judge(&queue::facts(i, w), &self.rules, o.at);
+                v.worst().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason)
+                    || i.phx.state == State::Suspect
+            });
+            (applied, moved || applied.new_life)
+        };
+        if let Err(e) = self.store.observe(&o) {
+            tracing::warn!(error = %e, "fleet store did not take an observation");
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+        if moved {
+            self.stale.store(true, Ordering::Relaxed);
+            // The queue pass (which needs the whole group) runs at once when a verdict
+            // moved, not only on the next tick.
+            self.wake();
+        }
+        Admission {
+            resend_drift: applied.resend_drift,
+            first_time: applied.first_time,
+        }
+    }
+
+    /// The points of this report were stored.
+    pub fn stored(&self, id: &Identity, seq: u64) {
+        let now = self.clock.mono_ms();
+        state::stored(&mut self.lock().instances, id, seq, now);
+        if let Err(e) = self.store.stored(&id.instance_id, &id.boot_id, seq) {
+            tracing::warn!(error = %e, "fleet store did not take a stored seq");
+        }
+    }
+
+    /// How long a report waited inside this collector (before admission, or for its write):
+    /// the collector's own lateness, which must never read as the instance's silence.
+    pub fn note_lateness(&self, ms: i64) {
+        self.late_peak.fetch_max(ms.max(0), Ordering::Relaxed);
+    }
+
+    /// Current drift hashes of every other live instance of `image` (the majority rule),
+    /// without `instance_id`'s own previous one.
+    pub fn peer_hashes(&self, image: &str, instance_id: &str) -> Vec<String> {
+        let g = self.lock();
+        g.instances
+            .iter()
+            .filter(|(id, i)| {
+                id.as_str() != instance_id
+                    && i.identity.image_id == image
+                    && i.phx.state != State::Gone
+            })
+            .filter_map(|(_, i)| i.drift.as_ref().map(|d| d.hash.clone()))
+            .collect()
+    }
+
+    // ---- the recycler ----
+
+    /// The recycler took `id`: Ok(true) acked now, Ok(false) acked before.
+    pub fn ack(&self, id: &str, by: &str) -> Result<bool, AckError> {
+        let now = self.clock.wall_ms();
+        let r = queue::ack(&mut self.lock().instances, id, by, now);
+        if r == Ok(true) {
+            tracing::info!(instance_id = %id, by, "mark acked by the recycler");
+            self.dirty.store(true, Ordering::Relaxed);
+            if let Err(e) = self.store.ack(id, by, now) {
+                tracing::warn!(error = %e, "fleet store did not take an ack");
+            }
+        }
+        if r.is_ok() {
+            self.publish();
+            self.wake();
+        }
+        r
+    }
+
+    // ---- the queue driver ----
+
+    /// The metrics store's state as the writer sees it; `retry_after` is what reports are
+    /// told to wait. While it is down, and for that long after, silence does not count.
+    pub fn set_metrics_store(&self, down: Option<(String, Duration)>) {
+        let now = self.now();
+        let mut s = self.metrics_store.lock().unwrap_or_else(|e| e.into_inner());
+        match down {
+            Some((reason, retry_after)) => {
+                let until = now
+                    .mono_ms
+                    .saturating_add(health::ms(retry_after))
+                    .saturating_add(1000);
+                self.blind_until.fetch_max(until, Ordering::Relaxed);
+                if s.up {
+                    s.down_since_ms = Some(now.wall_ms);
+                }
+                s.up = false;
+                s.reason = Some(reason);
+            }
+            None => {
+                *s = StoreHealth {
+                    up: true,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    /// One queue pass now: merge what other collectors observed, judge every instance, mark
+    /// or hold, and publish a new view.
+    pub fn pass(&self) -> PassReport {
+        let now = self.now();
+        let pulled = match self.store.pull() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet store: could not pull observations");
+                store::Pulled::default()
+            }
+        };
+        let decider = self.store.is_decider();
+        let peak = self.late_peak.swap(0, Ordering::Relaxed);
+        let mut rep = PassReport {
+            at: now,
+            ..Default::default()
+        };
+        {
+            let mut g = self.lock();
+            for o in &pulled.observations {
+                state::apply(&mut g.instances, o, &self.rules);
+            }
+            for (i, b, s) in &pulled.stored {
+                let id = Identity {
+                    instance_id: i.clone(),
+                    boot_id: b.clone(),
+                    ..Default::default()
+                };
+                state::stored(&mut g.instances, &id, *s, now.mono_ms);
+            }
+            for (i, by, at) in &pulled.acks {
+                queue::ack(&mut g.instances, i, by, *at).ok();
+            }
+            g.late.push_back((now.mono_ms, peak));
+            while g
+                .late
+                .front()
+                .is_some_and(|(t, _)| now.mono_ms.saturating_sub(*t) > LATE_MEMORY_MS)
+            {
+                g.late.pop_front();
+            }
+            let watch = self.watch(&g);
+            if decider {
+                let inner = &mut *g;
+                let out = queue::evaluate(
+                    &mut inner.instances,
+                    &mut inner.queue,
+                    &self.rules,
+                    now,
+                    watch,
+                );
+                if !out.changed.is_empty()
+                    || !out.forgotten.is_empty()
+                    || !out.alerts_raised.is_empty()
+                    || !out.alerts_cleared.is_empty()
+                {
+                    self.dirty.store(true, Ordering::Relaxed);
+                }
+                rep.marks = out
+                    .new_marks
+                    .iter()
+                    .filter_map(|id| inner.instances.get(id).and_then(mark_event))
+                    .collect();
+                rep.holds = out
+                    .changed
+                    .iter()
+                    .filter_map(|id| {
+                        let h = inner.instances.get(id)?.phx.held.clone()?;
+                        Some((id.clone(), h))
+                    })
+                    .collect();
+                rep.alerts_raised = out.alerts_raised;
+                rep.alerts_cleared = out.alerts_cleared;
+                rep.forgotten = out.forgotten;
+                rep.would_mark = out.would_mark;
+            }
+            self.stale.store(false, Ordering::Relaxed);
+            let v = self.build_view(&g, now);
+            drop(g);
+            self.set_view(v);
+        }
+        rep
+    }
+
+    fn build_view(&self, g: &Inner, now: Now) -> FleetView {
+        let inputs = view::Inputs {
+            now,
+            store: self
+                .metrics_store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            decider: self.store.is_decider(),
+            late_ms: late_ms_of(&g.late),
+        };
+        view::build(&g.instances, &g.queue, &self.rules, &inputs)
+    }
+
+    fn set_view(&self, v: FleetView) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+    }
+
+    /// Build and publish a view now (after an ack; tests).
+    pub fn publish(&self) {
+        let now = self.now();
+        let v = {
+            let g = self.lock();
+            self.build_view(&g, now)
+        };
+        self.set_view(v);
+    }
+
+    /// `phoenix_instance` points due: instances whose state changed or whose last point is
+    /// older than [`POINT_EVERY_MS`]. Call [`Fleet::points_failed`] if the store refuses them.
+    pub fn due_points(&self) -> Vec<InstancePoint> {
+        let now_ms = self.clock.wall_ms();
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        for i in g.instances.values_mut() {
+            let due = i.phx.last_point_ms == 0
+                || (now_ms.saturating_sub(i.phx.last_point_ms) >= POINT_EVERY_MS
+                    && i.phx.state != State::Gone);
+            if !due {
+                continue;
+            }
+            out.push(instance_point(i));
+            i.phx.last_point_ms = now_ms;
+        }
+        out
+    }
+
+    /// The store did not take these instances' points: they are due again.
+    pub fn points_failed(&self, ids: &[String]) {
+        let mut g = self.lock();
+        for id in ids {
+            if let Some(i) = g.instances.get_mut(id) {
+                i.phx.last_point_ms = 0;
+            }
+        }
+    }
+
+    /// Whether anything changed since the last call.
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let now = self.now();
+        let g = self.lock();
+        Snapshot {
+            version: store::VERSION,
+            saved_ms: now.wall_ms,
+            saved_mono: now.mono_ms,
+            instances: g.instances.values().cloned().collect(),
+            queue: g.queue.clone(),
+        }
+    }
+
+    /// Persist the whole state (blocking: call it off the async threads).
+    pub fn save(&self) -> Result<(), StoreError> {
+        let snap = self.snapshot();
+        self.store.save(&snap)
+    }
+
+    /// Take a saved state. Its monotonic readings belong to the process that wrote it; they
+    /// are moved onto this clock as if the time between (measured on the wall clocks, at
+    /// least zero) had passed.
+    pub fn restore(&self, s: Snapshot) {
+        let now = self.now();
+        let away = now.wall_ms.saturating_sub(s.saved_ms).max(0);
+        let offset = now
+            .mono_ms
+            .saturating_sub(away)
+            .saturating_sub(s.saved_mono);
+        let mv = |t: &mut i64| *t = t.saturating_add(offset);
+        let mut g = self.lock();
+        g.instances = s
+            .instances
+            .into_iter()
+            .map(|mut i| {
+                mv(&mut i.first_seen_mono);
+                mv(&mut i.last_seen_mono);
+                for b in i.boots.values_mut() {
+                    mv(&mut b.last_mono);
+                }
+                if let Some(t) = &mut i.tracking.pegged_since {
+                    mv(t);
+                }
+                if let Some(t) = &mut i.phx.problem_since_mono {
+                    mv(t);
+                }
+                if let Some(m) = &mut i.phx.mark {
+                    mv(&mut m.since_mono);
+                }
+                (i.identity.instance_id.clone(), i)
+            })
+            .collect();
+        g.queue = s.queue;
+        for t in g.queue.recent_marks.iter_mut() {
+            mv(t);
+        }
+    }
+
+    /// Wake the queue driver (a verdict moved, an ack came).
+    pub fn wake(&self) {
+        let (m, c) = &self.wake;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        c.notify_one();
+    }
+
+    /// Block until [`Fleet::wake`] or `timeout`.
+    pub fn wait_for_wake(&self, timeout: Duration) {
+        let (m, c) = &self.wake;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = c
+            .wait_timeout_while(g, timeout, |woken| !*woken)
+            .unwrap_or_else(|e| e.into_inner());
+        *g = false;
+    }
+
+    // ---- reads ----
+
+    /// The latest published view (at most one pass old). Never waits for a report, except
+    /// that a read right after a verdict moved (or a new instance came) rebuilds it, so a
+    /// reader sees what it just caused; in a large fleet at most every [`REBUILD_GAP_MS`].
+    pub fn view(&self) -> Arc<FleetView> {
+        let v = self.view.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !self.stale.swap(false, Ordering::Relaxed) {
+            return v;
+        }
+        let young = self.clock.mono_ms().saturating_sub(v.at.mono_ms) < REBUILD_GAP_MS;
+        if v.instances.len() > SMALL_FLEET && young {
+            self.stale.store(true, Ordering::Relaxed);
+            return v;
+        }
+        self.publish();
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn late_ms_of(peaks: &VecDeque<(i64, i64)>) -> i64 {
+    peaks.iter().map(|(_, p)| *p).max().unwrap_or(0)
+}
+
+fn mark_event(i: &Instance) -> Option<MarkEvent> {
+    let m = i.phx.mark.as_ref()?;
+    Some(MarkEvent {
+        instance_id: i.identity.instance_id.clone(),
+        image_id: i.identity.image_id.clone(),
+        group: i.group().to_owned(),
+        host: i.identity.hostname.clone(),
+        reason: m.reason,
+        evidence: m.evidence.clone(),
+        since: m.since_ms,
+        state: i.phx.state,
+    })
+}
+
+fn instance_point(i: &Instance) -> InstancePoint {
+    let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
+        (Some(m), _) => (m.reason.as_str(), m.evidence.clone()),
+        (None, Some(p)) => (p.reason.as_str(), p.evidence.clone()),
+        (None, None) => ("", String::new()),
+    };
+    InstancePoint {
+        instance_id: i.identity.instance_id.clone(),
+        group: i.group().to_owned(),
+        host: i.identity.hostname.clone(),
+        image_id: i.identity.image_id.clone(),
+        state: i.phx.state,
+        reason,
+        evidence,
+        marked: i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()),
+        held: i.phx.held.clone().unwrap_or_default(),
+    }
+}
+
+/// A fleet store that keeps nothing (tests, tools): memory is all there is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryStore;
+
+impl FleetStore for MemoryStore {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    fn load(&self) -> Result<Option<Snapshot>, StoreError> {
+        Ok(None)
+    }
+    fn save(&self, _: &Snapshot) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phoenix_wire::{CheckResult, Point, Value, VERSION};
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn report(id: &str, seq: u64, checks: Vec<CheckResult>, var_used: f64) -> Report {
+        Report {
+            v: VERSION,
+            agent: Identity {
+                instance_id: id.into(),
+                image_id: "img".into(),
+                group: Some("web".into()),
+                hostname: "h".into(),
+                boot_id: "b1".into(),
+                ..Default::default()
+            },
+            seq,
+            interval_ms: 1000,
+            metrics: vec![
+                Point {
+                    m: "cpu".into(),
+                    tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
+                    fields: [("usage_idle".to_string(), Value::Float(50.0))].into(),
+                    ts: 1,
+                },
+                Point {
+                    m: "disk".into(),
+                    tags: [("path".to_string(), "/var".to_string())].into(),
+                    fields: [("used_percent".to_string(), Value::Float(var_used))].into(),
+                    ts: 1,
+                },
+                Point {
+                    m: "disk".into(),
+                    tags: [("path".to_string(), "/".to_string())].into(),
+                    fields: [("used_percent".to_string(), Value::Float(40.0))].into(),
+                    ts: 1,
+                },
+            ],
+            logs: vec![],
+            drift: None,
+            checks,
+            drift_root: None,
+        }
+    }
+
+    fn bad() -> Vec<CheckResult> {
+        vec![CheckResult {
+            name: "web".into(),
+            ok: false,
+            detail: "HTTP 503".into(),
+            duration_ms: 3,
+        }]
+    }
+
+    fn fleet(rules: Rules) -> (Fleet, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(T0));
+        let f = Fleet::new(rules, clock.clone(), Arc::new(MemoryStore));
+        (f, clock)
+    }
+
+    /// Admit and store, as a report whose points were written.
+    fn take(f: &Fleet, r: &Report) {
+        f.admit(r, None, None);
+        f.stored(&r.agent, r.seq);
+    }
+
+    #[test]
+    fn reports_feed_the_rules_and_the_queue_end_to_end_in_memory() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            check_failures: 2,
+            pegged_for: Duration::from_secs(2),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for k in 0..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        clock.advance(1000);
+        take(&fleet, &report("i-0", 2, bad(), 97.5));
+        clock.advance(1000);
+        take(&fleet, &report("i-0", 3, bad(), 97.5));
+        assert!(fleet.is_stored(&report("i-0", 3, vec![], 0.0).agent, 3));
+        assert!(!fleet.is_stored(&report("i-0", 4, vec![], 0.0).agent, 4));
+        for k in 1..10 {
+            let used = if k == 1 { 99.0 } else { 50.0 };
+            take(&fleet, &report(&format!("i-{k}"), 2, vec![], used));
+        }
+        let out = fleet.pass();
+        let marked: Vec<&str> = out.marks.iter().map(|m| m.instance_id.as_str()).collect();
+        assert_eq!(
+            marked,
+            ["i-0"],
+            "the failed check goes before i-1's full disk"
+        );
+        let v = fleet.view();
+        let q = &v.queue;
+        assert_eq!(
+            q.marked[0].evidence,
+            "check web failed 2 times in a row: HTTP 503"
+        );
+        assert_eq!(q.marked[0].group, "web");
+        // i-1's disk is full too, but the budget (1 of 10) is taken.
+        assert_eq!(q.held.len(), 1);
+        assert_eq!(q.held[0].reason, Reason::DiskFull);
+        assert_eq!(q.held[0].evidence, "filesystem /var 99.0% full (limit 95%)");
+        assert_eq!(q.budget.groups[0].free, 0);
+        let json = serde_json::to_value(q).unwrap();
+        assert_eq!(json["marked"][0]["reason"], "check_failed");
+        assert!(json["marked"][0]["acked_ms"].is_null());
+        assert_eq!(json["budget"]["share"], 0.1);
+        assert_eq!(
+            v.instance("i-1").unwrap().summary.disk_max_used_percent,
+            Some(99.0)
+        );
+        assert_eq!(v.counts.marks_by_reason[Reason::CheckFailed.index()], 1);
+        // Points: every instance is due once, then not until 30 s later.
+        let due = fleet.due_points();
+        assert_eq!(due.len(), 10);
+        let p0 = due.iter().find(|p| p.instance_id == "i-0").unwrap();
+        assert!(p0.marked && p0.reason == "check_failed" && p0.state == State::Marked);
+        assert!(fleet.due_points().is_empty());
+        fleet.points_failed(&["i-3".to_string()]);
+        assert_eq!(fleet.due_points()[0].instance_id, "i-3");
+        clock.advance(POINT_EVERY_MS);
+        assert_eq!(fleet.due_points().len(), 10);
+        // Snapshot and restore keep marks, holds and seqs.
+        assert_eq!(fleet.ack("i-0", "recycler#1"), Ok(true));
+        assert_eq!(
+            fleet.view().queue.marked[0].acked_ms,
+            Some(Some(clock.wall_ms()))
+        );
+        let snap = fleet.snapshot();
+        let (back, _) = self::fleet(fleet.rules.clone());
+        back.restore(serde_json::from_slice(&serde_json::to_vec(&snap).unwrap()).unwrap());
+        assert!(back.is_stored(&report("i-0", 3, vec![], 0.0).agent, 3));
+        back.publish();
+        let a = back.view();
+        let a = a.instance("i-0").unwrap();
+        assert_eq!(a.summary.state, State::Acked);
+        assert_eq!(
+            a.summary.mark.as_ref().unwrap().acked_by.as_deref(),
+            Some("recycler#1")
+        );
+    }
+
+    #[test]
+    fn a_retried_report_counts_for_liveness_but_its_checks_count_once() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            check_failures: 3,
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for k in 0..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        // The store is down: seq 2 with a failing check is retried five times.
+        for _ in 0..5 {
+            clock.advance(1000);
+            let a = fleet.admit(&report("i-0", 2, bad(), 50.0), None, None);
+            assert!(!fleet.is_stored(&report("i-0", 2, vec![], 0.0).agent, 2));
+            let _ = a;
+        }
+        fleet.pass();
+        assert!(
+            fleet.view().queue.marked.is_empty(),
+            "one failure, not five"
+        );
+        let v = fleet.view();
+        let i = v.instance("i-0").unwrap();
+        assert_eq!(i.check_streaks["web"], 1);
+        assert_eq!(
+            i.summary.last_seen_ms,
+            clock.wall_ms(),
+            "every retry is a sign of life"
+        );
+        // Written at last: now it is a duplicate, and still counted once.
+        fleet.stored(&report("i-0", 2, vec![], 0.0).agent, 2);
+        assert!(fleet.is_stored(&report("i-0", 2, vec![], 0.0).agent, 2));
+    }
+
+    #[test]
+    fn a_wall_clock_step_on_the_collector_marks_no_one() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(5),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for seq in 1..=3 {
+            for k in 0..5 {
+                take(&fleet, &report(&format!("i-{k}"), seq, vec![], 50.0));
+            }
+            clock.advance(1000);
+            fleet.pass();
+        }
+        clock.step_wall(600_000);
+        fleet.pass();
+        clock.step_wall(-1_200_000);
+        fleet.pass();
+        let v = fleet.view();
+        assert!(
+            v.queue.marked.is_empty() && v.queue.held.is_empty(),
+            "{:?}",
+            v.queue
+        );
+        assert!(v
+            .instances
+            .iter()
+            .all(|i| i.summary.state == State::Healthy));
+        // Real silence still counts.
+        for seq in 4..11 {
+            clock.advance(1000);
+            for k in 0..4 {
+                take(&fleet, &report(&format!("i-{k}"), seq, vec![], 50.0));
+            }
+            fleet.pass();
+        }
+        assert_eq!(fleet.view().queue.marked[0].instance_id, "i-4");
+    }
+
+    #[test]
+    fn a_metrics_store_outage_makes_nobody_silent() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(4),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for k in 0..4 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        fleet.pass();
+        // 30 s of outage; the agents were told to come back in 5 s and do not make it.
+        for _ in 0..30 {
+            clock.advance(1000);
+            fleet.set_metrics_store(Some(("connection refused".into(), Duration::from_secs(5))));
+            fleet.pass();
+        }
+        let v = fleet.view();
+        assert!(!v.queue.store.up);
+        assert_eq!(v.queue.store.reason.as_deref(), Some("connection refused"));
+        assert!(v.queue.marked.is_empty() && v.queue.alerts.is_empty());
+        assert!(v
+            .instances
+            .iter()
+            .all(|i| i.summary.state == State::Healthy));
+        // Back: the agents report within their Retry-After, and all is well.
+        fleet.set_metrics_store(None);
+        clock.advance(3000);
+        for k in 0..4 {
+            take(&fleet, &report(&format!("i-{k}"), 2, vec![], 50.0));
+        }
+        fleet.pass();
+        let v = fleet.view();
+        assert!(v.queue.store.up && v.queue.marked.is_empty());
+        // One that never comes back is marked after silent_after counted from the recovery.
+        clock.advance(7000);
+        for k in 0..3 {
+            take(&fleet, &report(&format!("i-{k}"), 3, vec![], 50.0));
+        }
+        fleet.pass();
+        let v = fleet.view();
+        let marked: Vec<&str> = v
+            .queue
+            .marked
+            .iter()
+            .map(|m| m.instance_id.as_str())
+            .collect();
+        assert_eq!(marked, ["i-3"]);
+    }
+
+    #[test]
+    fn the_collectors_own_lateness_is_not_silence() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(5),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        take(&fleet, &report("i-0", 1, vec![], 50.0));
+        fleet.pass();
+        // Writes take 8 s: the agent's next report waits for its ack.
+        fleet.note_lateness(8000);
+        clock.advance(7000);
+        fleet.pass();
+        assert!(fleet.view().queue.marked.is_empty());
+        assert_eq!(fleet.view().queue.late_ms, 8000);
+        clock.advance(7000);
+        fleet.pass();
+        assert_eq!(fleet.view().queue.marked.len(), 1, "14 s is past 5 s + 8 s");
+    }
+
+    #[test]
+    fn settling_counts_down_and_ends() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(3),
+            settle_intervals: 2,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for k in 0..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        let mut holds = Vec::new();
+        for s in 2..10 {
+            clock.advance(1000);
+            for k in 1..10 {
+                take(&fleet, &report(&format!("i-{k}"), s, vec![], 50.0));
+            }
+            fleet.pass();
+            let v = fleet.view();
+            if let Some(h) = v.queue.held.first() {
+                holds.push(h.hold.clone().unwrap());
+            }
+            if !v.queue.marked.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            holds,
+            [
+                "settling: waiting 2s for the rest of group web to report (a mass event holds all marks)",
+                "settling: waiting 1s for the rest of group web to report (a mass event holds all marks)",
+            ]
+        );
+        assert_eq!(fleet.view().queue.marked[0].instance_id, "i-0");
+    }
+
+    #[test]
+    fn a_returning_gone_instance_keeps_its_drift_verdict_and_a_missing_record_asks_for_it() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(3),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for k in 1..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        let drifted = DriftInfo {
+            hash: "root-x".into(),
+            drifted: true,
+            source: Some("registered baseline".into()),
+            ..Default::default()
+        };
+        let r = report("i-0", 1, vec![], 50.0);
+        let a = fleet.admit(&r, Some(drifted), Some("root-x".into()));
+        assert!(!a.resend_drift, "the record matches the root");
+        fleet.pass();
+        assert_eq!(fleet.ack("i-0", "r"), Ok(true));
+        // It stays up but goes quiet past gone, then returns.
+        for s in 2..8 {
+            clock.advance(1000);
+            for k in 1..10 {
+                take(&fleet, &report(&format!("i-{k}"), s, vec![], 50.0));
+            }
+            fleet.pass();
+        }
+        assert_eq!(
+            fleet.view().instance("i-0").unwrap().summary.state,
+            State::Gone
+        );
+        let a = fleet.admit(&report("i-0", 2, vec![], 50.0), None, Some("root-x".into()));
+        assert!(!a.resend_drift);
+        fleet.pass();
+        let v = fleet.view();
+        let i = v.instance("i-0").unwrap();
+        assert_eq!(
+            i.summary.drifted,
+            Some(true),
+            "not back as new with drift null"
+        );
+        assert_eq!(i.summary.state, State::Marked);
+        // An agent whose root the collector has no record of is asked for its entries.
+        let a = fleet.admit(&report("i-5", 9, vec![], 50.0), None, Some("root-y".into()));
+        assert!(a.resend_drift);
+        let a = fleet.admit(&report("i-0", 3, vec![], 50.0), None, Some("root-z".into()));
+        assert!(a.resend_drift, "the root moved since the record");
+    }
+
+    #[test]
+    fn restore_translates_monotonic_readings_onto_the_new_clock() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            silent_after: Duration::from_secs(60),
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (a, clock) = fleet(rules.clone());
+        clock.advance(50_000); // mono 50 s into the old process
+        take(&a, &report("i-0", 1, vec![], 50.0));
+        let snap = a.snapshot();
+        // A new process (mono starts at 0) 10 s later by the wall clock.
+        let clock2 = Arc::new(ManualClock::new(clock.wall_ms() + 10_000));
+        let b = Fleet::new(rules, clock2.clone(), Arc::new(MemoryStore));
+        b.restore(snap);
+        {
+            let g = b.lock();
+            assert_eq!(g.instances["i-0"].last_seen_mono, -10_000);
+        }
+        b.pass();
+        assert!(b.view().queue.marked.is_empty());
+        clock2.advance(61_000);
+        b.pass();
+        assert_eq!(
+            b.view().queue.marked.len(),
+            1,
+            "silent since this collector started"
+        );
+    }
+
+    #[test]
+    fn hostile_numbers_reach_no_panic() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            max_lifetime: Some(Duration::from_secs(1)),
+            settle_intervals: u32::MAX,
+            ..Default::default()
+        };
+        let (fleet, clock) = fleet(rules);
+        for (k, (interval, boot_time)) in [
+            (u64::MAX, u64::MAX),
+            (0, 0),
+            (1, u64::MAX / 1000),
+            (i64::MAX as u64 + 1, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = report(&format!("i-{k}"), u64::MAX, bad(), f64::MAX);
+            r.interval_ms = interval;
+            r.agent.boot_time = boot_time;
+            r.metrics[0]
+                .fields
+                .insert("usage_idle".into(), Value::Float(f64::NAN));
+            take(&fleet, &r);
+        }
+        clock.advance(i64::MAX / 2);
+        fleet.pass();
+        clock.step_wall(i64::MIN / 2);
+        fleet.pass();
+        let _ = fleet.due_points();
+        assert_eq!(fleet.view().instances.len(), 4);
+    }
+}

@@ -1,0 +1,499 @@
+//! What the collector knows about each instance: identity, liveness, latest figures, the
+//! (boot, seq) windows of the batches whose effects it applied and whose points were stored,
+//! and its place in the phoenix queue. Plain data and the one function that folds a report's
+//! [`Observation`] in; locking is the door's business (the `Fleet` in mod.rs).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use phoenix_wire::{CheckResult, Identity, Report, Value};
+use serde::{Deserialize, Serialize};
+
+use super::clock::Now;
+use super::health::{DriftInfo, Observed, Problem, Reason, Rules, Tracking};
+
+/// Boots whose seq windows are kept per instance: a spool filled before a reboot is sent
+/// after it.
+pub const BOOTS_KEPT: usize = 4;
+
+/// Out-of-order seqs remembered above a window's floor. An agent keeps a few batches in
+/// flight (4), so a seq this many stored batches behind the newest is no longer in flight.
+pub const SEQ_WINDOW: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    #[default]
+    New,
+    Healthy,
+    /// Three intervals without a report, not yet long enough to be unhealthy.
+    Suspect,
+    Unhealthy,
+    Drifted,
+    Marked,
+    Acked,
+    Gone,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::New,
+        State::Healthy,
+        State::Suspect,
+        State::Unhealthy,
+        State::Drifted,
+        State::Marked,
+        State::Acked,
+        State::Gone,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::New => "new",
+            State::Healthy => "healthy",
+            State::Suspect => "suspect",
+            State::Unhealthy => "unhealthy",
+            State::Drifted => "drifted",
+            State::Marked => "marked",
+            State::Acked => "acked",
+            State::Gone => "gone",
+        }
+    }
+
+    /// Position in [`State::ALL`] (an exhaustive match: a new state fails to compile here).
+    pub fn index(self) -> usize {
+        match self {
+            State::New => 0,
+            State::Healthy => 1,
+            State::Suspect => 2,
+            State::Unhealthy => 3,
+            State::Drifted => 4,
+            State::Marked => 5,
+            State::Acked => 6,
+            State::Gone => 7,
+        }
+    }
+}
+
+/// A mark for replacement, from the moment it was made until the instance is forgotten.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    pub reason: Reason,
+    pub evidence: String,
+    /// Unix ms it was made (shown), and the monotonic reading then (decides).
+    pub since_ms: i64,
+    #[serde(default)]
+    pub since_mono: i64,
+    pub acked_ms: Option<i64>,
+    /// Which recycler token acked it (its name, never its value).
+    pub acked_by: Option<String>,
+    pub gone_ms: Option<i64>,
+}
+
+/// The queue's view of one instance, kept in its fleet entry (and so persisted with it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phx {
+    pub state: State,
+    /// The worst rule that fires now, and since when (that reason without a break): Unix ms
+    /// to show, monotonic ms to measure settling with.
+    pub problem: Option<Problem>,
+    pub problem_since_ms: Option<i64>,
+    #[serde(default)]
+    pub problem_since_mono: Option<i64>,
+    pub mark: Option<Mark>,
+    /// Why a bad instance is not marked: mass event, budget, rate limit or log-only.
+    pub held: Option<String>,
+    /// Unix ms of the latest `phoenix_instance` point; 0: one is due.
+    #[serde(skip)]
+    pub last_point_ms: i64,
+}
+
+/// Seqs of one boot known to be in a set (applied, or stored): every seq at or below
+/// `floor`, and the sorted seqs in `above`.
+///
+/// The floor only rises to a seq that was itself inserted: one step at a time while the next
+/// seq is present, or to the smallest remembered seq when more than [`SEQ_WINDOW`] are
+/// remembered above it. So a single report (seq 2^64−1, say) never moves it: it sits in
+/// `above` until a thousand real batches pass it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqWindow {
+    #[serde(default)]
+    floor: Option<u64>,
+    #[serde(default)]
+    above: Vec<u64>,
+}
+
+impl SeqWindow {
+    pub fn contains(&self, seq: u64) -> bool {
+        self.floor.is_some_and(|f| seq <= f) || self.above.binary_search(&seq).is_ok()
+    }
+
+    pub fn insert(&mut self, seq: u64) {
+        if self.contains(seq) {
+            return;
+        }
+        if let Err(at) = self.above.binary_search(&seq) {
+            self.above.insert(at, seq);
+        }
+        while self.above.len() > SEQ_WINDOW {
+            let oldest = self.above.remove(0);
+            self.floor = Some(self.floor.map_or(oldest, |f| f.max(oldest)));
+        }
+        while let (Some(f), Some(&next)) = (self.floor, self.above.first()) {
+            if f.checked_add(1) != Some(next) {
+                break;
+            }
+            self.floor = Some(next);
+            self.above.remove(0);
+        }
+    }
+
+    /// Everything at or below `floor` (a migrated high-water mark).
+    pub fn up_to(floor: u64) -> SeqWindow {
+        SeqWindow {
+            floor: Some(floor),
+            above: Vec::new(),
+        }
+    }
+
+    /// Seqs remembered above the floor (for the memory bound's tests).
+    pub fn remembered(&self) -> usize {
+        self.above.len()
+    }
+}
+
+/// The windows of one boot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BootSeqs {
+    /// Batches whose fleet effects (figures, check streaks, drift) were applied: once each.
+    pub applied: SeqWindow,
+    /// Batches whose points the metrics store took: only these are answered "duplicate".
+    pub stored: SeqWindow,
+    /// Monotonic ms of the latest report of this boot (the oldest boot goes first).
+    pub last_mono: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Instance {
+    pub identity: Identity,
+    /// Unix ms of the first and the latest report (shown).
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    /// Monotonic ms of the same (what the rules measure with).
+    #[serde(default)]
+    pub first_seen_mono: i64,
+    #[serde(default)]
+    pub last_seen_mono: i64,
+    pub interval_ms: u64,
+    pub reports: u64,
+    /// boot id → the seq windows of that boot.
+    #[serde(default)]
+    pub boots: BTreeMap<String, BootSeqs>,
+    /// Latest figures, for the fleet list and the health rules.
+    pub cpu_used_percent: Option<f64>,
+    pub mem_used_percent: Option<f64>,
+    pub mem_available_percent: Option<f64>,
+    pub disk_max_used_percent: Option<f64>,
+    /// Shared with the read snapshots, so publishing one copies no check or drift list.
+    pub checks: Arc<Vec<CheckResult>>,
+    /// The latest drift verdict, if the agent watches files.
+    #[serde(default)]
+    pub drift: Option<Arc<DriftInfo>>,
+    /// What the health rules track between reports (check streaks, pegged since).
+    #[serde(default)]
+    pub tracking: Tracking,
+    /// State, problem, mark.
+    #[serde(default)]
+    pub phx: Phx,
+}
+
+impl Instance {
+    /// The queue's group: identity.group, else the image.
+    pub fn group(&self) -> &str {
+        self.identity
+            .group
+            .as_deref()
+            .unwrap_or(&self.identity.image_id)
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some())
+    }
+
+    fn boot(&mut self, boot_id: &str, now_mono: i64) -> &mut BootSeqs {
+        if !self.boots.contains_key(boot_id) {
+            while self.boots.len() >= BOOTS_KEPT {
+                let Some(oldest) = self
+                    .boots
+                    .iter()
+                    .min_by_key(|(_, b)| b.last_mono)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                self.boots.remove(&oldest);
+            }
+        }
+        let b = self.boots.entry(boot_id.to_owned()).or_default();
+        b.last_mono = b.last_mono.max(now_mono);
+        b
+    }
+}
+
+/// The latest figures of one report, as far as the fleet list and the rules care.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub cpu_used_percent: Option<f64>,
+    pub mem_used_percent: Option<f64>,
+    pub mem_available_percent: Option<f64>,
+    /// The fullest filesystem: (path, used %).
+    pub disk_worst: Option<(String, f64)>,
+}
+
+impl Figures {
+    pub fn of(r: &Report) -> Figures {
+        let f = |p: &phoenix_wire::Point, k: &str| match p.fields.get(k) {
+            Some(Value::Float(v)) if v.is_finite() => Some(*v),
+            Some(Value::Int(v)) => Some(*v as f64),
+            _ => None,
+        };
+        let mut out = Figures::default();
+        for p in &r.metrics {
+            match p.m.as_str() {
+                "cpu" if p.tags.get("cpu").map(String::as_str) == Some("cpu-total") => {
+                    out.cpu_used_percent = f(p, "usage_idle").map(|i| 100.0 - i);
+                }
+                "mem" => {
+                    out.mem_used_percent = f(p, "used_percent");
+                    out.mem_available_percent = f(p, "available_percent");
+                }
+                "disk" => {
+                    if let Some(u) = f(p, "used_percent") {
+                        if out.disk_worst.as_ref().is_none_or(|(_, m)| u > *m) {
+                            let path = p.tags.get("path").cloned().unwrap_or_default();
+                            out.disk_worst = Some((path, u));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Figures::default()
+    }
+}
+
+/// What one report tells the fleet, recorded by the collector that took it. Applying the
+/// same (instance, boot, seq) twice only refreshes liveness: its figures, check results and
+/// drift verdict count once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    pub identity: Identity,
+    pub seq: u64,
+    pub interval_ms: u64,
+    /// When the report arrived (proof of life at that moment).
+    pub at: Now,
+    pub figures: Figures,
+    pub checks: Vec<CheckResult>,
+    /// The collector's verdict on the drift state the report carried, if any.
+    pub drift: Option<DriftInfo>,
+    /// The agent's current drift root (sent on every report by agents that watch files).
+    pub drift_root: Option<String>,
+}
+
+impl Observation {
+    pub fn of(r: &Report, drift: Option<DriftInfo>, drift_root: Option<String>, at: Now) -> Self {
+        Observation {
+            identity: r.agent.clone(),
+            seq: r.seq,
+            interval_ms: r.interval_ms,
+            at,
+            figures: Figures::of(r),
+            checks: r.checks.clone(),
+            drift,
+            drift_root,
+        }
+    }
+}
+
+/// What applying an observation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// The instance was not known (or was gone and came back).
+    pub new_life: bool,
+    /// Its effects were applied now (false: this (boot, seq) was applied before).
+    pub first_time: bool,
+    /// The collector's drift record is missing or differs from the agent's root: the agent
+    /// should send its full drift state with the next report.
+    pub resend_drift: bool,
+}
+
+/// Fold `o` into `instances`.
+pub fn apply(
+    instances: &mut std::collections::HashMap<String, Instance>,
+    o: &Observation,
+    rules: &Rules,
+) -> Applied {
+    let mut out = Applied::default();
+    let inst = instances
+        .entry(o.identity.instance_id.clone())
+        .or_insert_with(|| {
+            out.new_life = true;
+            Instance {
+                first_seen_ms: o.at.wall_ms,
+                first_seen_mono: o.at.mono_ms,
+                ..Default::default()
+            }
+        });
+    if inst.phx.state == State::Gone || inst.is_gone() {
+        // The id reports again (rebooted, or reused): a new life. The seq windows still
+        // count, and so does the drift verdict: a box that was drifted when it went away is
+        // drifted when it comes back until it reports otherwise.
+        let boots = std::mem::take(&mut inst.boots);
+        let drift = inst.drift.take();
+        *inst = Instance {
+            first_seen_ms: o.at.wall_ms,
+            first_seen_mono: o.at.mono_ms,
+            boots,
+            drift,
+            ..Default::default()
+        };
+        out.new_life = true;
+    }
+    if inst.identity != o.identity {
+        inst.identity = o.identity.clone();
+    }
+    // Liveness counts every time, retries included: a retry is a sign of life too.
+    inst.last_seen_ms = inst.last_seen_ms.max(o.at.wall_ms);
+    inst.last_seen_mono = inst.last_seen_mono.max(o.at.mono_ms);
+    inst.interval_ms = o.interval_ms;
+    let boot = inst.boot(&o.identity.boot_id, o.at.mono_ms);
+    out.first_time = !boot.applied.contains(o.seq);
+    if out.first_time {
+        boot.applied.insert(o.seq);
+        apply_effects(inst, o, rules);
+    }
+    out.resend_drift = o
+        .drift_root
+        .as_deref()
+        .is_some_and(|root| inst.drift.as_ref().map(|d| d.hash.as_str()) != Some(root));
+    out
+}
+
+fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
+    inst.reports = inst.reports.saturating_add(1);
+    let f = &o.figures;
+    if !f.is_empty() {
+        if f.cpu_used_percent.is_some() {
+            inst.cpu_used_percent = f.cpu_used_percent;
+        }
+        if f.mem_used_percent.is_some() || f.mem_available_percent.is_some() {
+            inst.mem_used_percent = f.mem_used_percent;
+            inst.mem_available_percent = f.mem_available_percent;
+        }
+        if let Some((_, u)) = &f.disk_worst {
+            inst.disk_max_used_percent = Some(*u);
+        }
+    }
+    if !o.checks.is_empty() {
+        inst.checks = Arc::new(o.checks.clone());
+    }
+    inst.tracking.observe(
+        &Observed {
+            checks: &o.checks,
+            cpu_used_percent: f.cpu_used_percent,
+            mem_available_percent: f.mem_available_percent,
+            disk_worst: f.disk_worst.clone(),
+        },
+        rules,
+        o.at.mono_ms,
+    );
+    if let Some(d) = &o.drift {
+        let mut d = d.clone();
+        d.since_ms = match &inst.drift {
+            _ if !d.drifted => None,
+            Some(old) if old.drifted => old.since_ms,
+            _ => Some(o.at.wall_ms),
+        };
+        inst.drift = Some(Arc::new(d));
+    }
+}
+
+/// The points of (instance, boot, seq) were stored: from now on it is a duplicate.
+pub fn stored(
+    instances: &mut std::collections::HashMap<String, Instance>,
+    id: &Identity,
+    seq: u64,
+    now_mono: i64,
+) {
+    if let Some(i) = instances.get_mut(&id.instance_id) {
+        let b = i.boot(&id.boot_id, now_mono);
+        b.stored.insert(seq);
+        b.applied.insert(seq);
+    }
+}
+
+/// Whether the points of (instance, boot, seq) are known to be stored.
+pub fn is_stored(
+    instances: &std::collections::HashMap<String, Instance>,
+    id: &Identity,
+    seq: u64,
+) -> bool {
+    instances
+        .get(&id.instance_id)
+        .and_then(|i| i.boots.get(&id.boot_id))
+        .is_some_and(|b| b.stored.contains(seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_answers_only_for_what_was_inserted_and_one_seq_cannot_poison_it() {
+        let mut w = SeqWindow::default();
+        assert!(!w.contains(0) && !w.contains(5));
+        // Out of order within a boot (several batches in flight).
+        for s in [3, 1, 2, 5] {
+            w.insert(s);
+        }
+        assert!(w.contains(1) && w.contains(2) && w.contains(3) && w.contains(5));
+        assert!(!w.contains(4), "4 was never stored: not a duplicate");
+        assert!(
+            !w.contains(0),
+            "below the first seq seen is unknown, not stored"
+        );
+        // A forged seq at the end of the range moves nothing.
+        w.insert(u64::MAX);
+        assert!(w.contains(u64::MAX));
+        assert!(!w.contains(6) && !w.contains(u64::MAX - 1));
+        for s in 6..=1000 {
+            w.insert(s);
+        }
+        assert!(
+            !w.contains(4),
+            "a gap stays unknown while it could still be in flight"
+        );
+        for s in 1001..=3000 {
+            w.insert(s);
+        }
+        // A thousand batches later the gap is given up (nothing sends it any more), the
+        // window compacts, and the forged seq is still the only thing above the floor.
+        assert!(w.contains(4) && w.contains(3000));
+        assert_eq!(w.remembered(), 1);
+        assert!(!w.contains(3001) && !w.contains(u64::MAX - 1));
+        // In order, a window that has a floor keeps almost nothing above it.
+        let mut w = SeqWindow::up_to(10);
+        for s in 11..100_000 {
+            w.insert(s);
+        }
+        assert_eq!(w.remembered(), 0);
+        assert!(w.contains(99_999) && !w.contains(100_000));
+        let mut w = SeqWindow::up_to(u64::MAX - 1);
+        w.insert(u64::MAX);
+        assert!(w.contains(u64::MAX), "no overflow at the end of the range");
+    }
+}

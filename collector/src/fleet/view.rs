@@ -1,0 +1,358 @@
+//! Typed read views of the fleet: what the API, the page and the self-metrics may see.
+//!
+//! A [`FleetView`] is built after every queue pass (and after an ack) and published as an
+//! `Arc`: readers clone the `Arc` and never hold the fleet's lock, so a page polled by many
+//! readers costs reports nothing. It is at most one pass (about a second) old.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use phoenix_wire::CheckResult;
+use serde::Serialize;
+
+use super::clock::Now;
+use super::health::{DriftInfo, Reason, Rules};
+use super::queue::{Alert, QueueState};
+use super::state::{Instance, Mark, State};
+
+/// How the metrics store (InfluxDB, or the file sink) is doing, as the decider last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StoreHealth {
+    pub up: bool,
+    /// Why it is down (None while up).
+    pub reason: Option<String>,
+    /// Unix ms when the current outage began.
+    pub down_since_ms: Option<i64>,
+}
+
+/// A mark as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MarkView {
+    pub reason: Reason,
+    pub evidence: String,
+    pub since_ms: i64,
+    pub acked_ms: Option<i64>,
+    pub acked_by: Option<String>,
+    pub gone_ms: Option<i64>,
+}
+
+impl From<&Mark> for MarkView {
+    fn from(m: &Mark) -> Self {
+        MarkView {
+            reason: m.reason,
+            evidence: m.evidence.clone(),
+            since_ms: m.since_ms,
+            acked_ms: m.acked_ms,
+            acked_by: m.acked_by.clone(),
+            gone_ms: m.gone_ms,
+        }
+    }
+}
+
+/// One instance in `GET /v1/instances` (the same fields as before the fleet core).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceSummary {
+    pub instance_id: String,
+    pub image_id: String,
+    pub group: Option<String>,
+    pub hostname: String,
+    pub boot_id: String,
+    pub agent_version: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub interval_ms: u64,
+    pub reports: u64,
+    pub cpu_used_percent: Option<f64>,
+    pub mem_used_percent: Option<f64>,
+    pub disk_max_used_percent: Option<f64>,
+    pub drifted: Option<bool>,
+    pub state: State,
+    /// The mark's reason, else the current problem's.
+    pub reason: Option<Reason>,
+    pub evidence: Option<String>,
+    pub held: Option<String>,
+    pub mark: Option<MarkView>,
+}
+
+/// One instance in full (`GET /v1/instances/{id}`, the instance page).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub summary: InstanceSummary,
+    pub checks: Arc<Vec<CheckResult>>,
+    pub drift: Option<Arc<DriftInfo>>,
+    /// The queue's group (identity.group, else the image).
+    #[serde(skip)]
+    pub group_key: String,
+    /// Consecutive failed reports per failing check.
+    #[serde(skip)]
+    pub check_streaks: BTreeMap<String, u32>,
+}
+
+impl InstanceView {
+    fn of(i: &Instance) -> InstanceView {
+        let a = &i.identity;
+        let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
+            (Some(m), _) => (Some(m.reason), Some(m.evidence.clone())),
+            (None, Some(p)) => (Some(p.reason), Some(p.evidence.clone())),
+            _ => (None, None),
+        };
+        InstanceView {
+            summary: InstanceSummary {
+                instance_id: a.instance_id.clone(),
+                image_id: a.image_id.clone(),
+                group: a.group.clone(),
+                hostname: a.hostname.clone(),
+                boot_id: a.boot_id.clone(),
+                agent_version: a.version.clone(),
+                first_seen_ms: i.first_seen_ms,
+                last_seen_ms: i.last_seen_ms,
+                interval_ms: i.interval_ms,
+                reports: i.reports,
+                cpu_used_percent: i.cpu_used_percent,
+                mem_used_percent: i.mem_used_percent,
+                disk_max_used_percent: i.disk_max_used_percent,
+                drifted: i.drift.as_ref().map(|d| d.drifted),
+                state: i.phx.state,
+                reason,
+                evidence,
+                held: i.phx.held.clone(),
+                mark: i.phx.mark.as_ref().map(MarkView::from),
+            },
+            checks: i.checks.clone(),
+            drift: i.drift.clone(),
+            group_key: i.group().to_owned(),
+            check_streaks: i
+                .tracking
+                .check_streaks
+                .iter()
+                .map(|(k, (n, _))| (k.clone(), *n))
+                .collect(),
+        }
+    }
+}
+
+/// One entry of the phoenix queue (`GET /v1/phoenix`: marked, held, gone).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueEntry {
+    pub instance_id: String,
+    pub image_id: String,
+    pub group: String,
+    pub host: String,
+    pub state: State,
+    pub last_seen_ms: i64,
+    pub reason: Reason,
+    pub evidence: String,
+    /// When the mark was made, or (held) since when the problem lasts.
+    pub since: Option<i64>,
+    /// Marked and gone entries: when the recycler acked (null: not yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked_ms: Option<Option<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gone_ms: Option<i64>,
+    /// Held entries: why no mark was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
+}
+
+/// One group's budget as of the latest pass.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupView {
+    pub group: String,
+    pub size: usize,
+    pub allowed: usize,
+    pub marked: usize,
+    pub acked: usize,
+    pub bad: usize,
+    pub free: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetView {
+    /// The share of a group that may be marked at once.
+    pub share: f64,
+    pub rate_per_min: u32,
+    pub marks_last_minute: usize,
+    pub mass_event: f64,
+    pub groups: Vec<GroupView>,
+}
+
+/// `GET /v1/phoenix`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueView {
+    pub marked: Vec<QueueEntry>,
+    pub held: Vec<QueueEntry>,
+    pub gone: Vec<QueueEntry>,
+    pub alerts: Vec<Alert>,
+    pub log_only: bool,
+    pub budget: BudgetView,
+    /// The metrics store: while it is down agents keep their batches, and nobody is silent.
+    pub store: StoreHealth,
+    /// Whether this collector makes the marks (always, with the embedded fleet store).
+    pub decider: bool,
+    /// How far behind this collector is (ms added to every silence threshold).
+    pub late_ms: i64,
+}
+
+/// Counts for `/metrics` and the `phoenix_collector` point.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    pub by_state: [u64; State::ALL.len()],
+    /// Standing marks (marked or acked, not gone), by reason.
+    pub marks_by_reason: [u64; Reason::ALL.len()],
+    /// Bad instances whose mark is held, by reason.
+    pub held_by_reason: [u64; Reason::ALL.len()],
+    pub alerts: u64,
+    /// Per group: (marks allowed at once, marks in use).
+    pub budget: Vec<(String, u64, u64)>,
+}
+
+/// The whole fleet at one moment.
+#[derive(Debug, Clone)]
+pub struct FleetView {
+    /// When it was built.
+    pub at: Now,
+    /// Sorted by instance id.
+    pub instances: Vec<InstanceView>,
+    index: HashMap<String, usize>,
+    pub queue: QueueView,
+    pub counts: Counts,
+}
+
+impl Default for FleetView {
+    fn default() -> Self {
+        build(
+            &HashMap::new(),
+            &QueueState::default(),
+            &Rules::default(),
+            &Inputs::default(),
+        )
+    }
+}
+
+impl FleetView {
+    pub fn instance(&self, id: &str) -> Option<&InstanceView> {
+        self.index.get(id).and_then(|k| self.instances.get(*k))
+    }
+}
+
+/// What a view shows beyond the instances and the queue.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub now: Now,
+    pub store: StoreHealth,
+    pub decider: bool,
+    pub late_ms: i64,
+}
+
+pub fn build(
+    instances: &HashMap<String, Instance>,
+    q: &QueueState,
+    rules: &Rules,
+    inp: &Inputs,
+) -> FleetView {
+    let mut list: Vec<InstanceView> = instances.values().map(InstanceView::of).collect();
+    list.sort_by(|a, b| a.summary.instance_id.cmp(&b.summary.instance_id));
+    let index = list
+        .iter()
+        .enumerate()
+        .map(|(k, v)| (v.summary.instance_id.clone(), k))
+        .collect();
+    let mut counts = Counts::default();
+    let (mut marked, mut held, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+    for i in instances.values() {
+        counts.by_state[i.phx.state.index()] += 1;
+        let entry = |reason: Reason, evidence: &str, since: Option<i64>| QueueEntry {
+            instance_id: i.identity.instance_id.clone(),
+            image_id: i.identity.image_id.clone(),
+            group: i.group().to_owned(),
+            host: i.identity.hostname.clone(),
+            state: i.phx.state,
+            last_seen_ms: i.last_seen_ms,
+            reason,
+            evidence: evidence.to_owned(),
+            since,
+            acked_ms: None,
+            gone_ms: None,
+            hold: None,
+        };
+        match (&i.phx.mark, &i.phx.problem, &i.phx.held) {
+            (Some(m), _, _) => {
+                let mut e = entry(m.reason, &m.evidence, Some(m.since_ms));
+                e.acked_ms = Some(m.acked_ms);
+                if m.gone_ms.is_some() {
+                    e.gone_ms = m.gone_ms;
+                    gone.push(e);
+                } else {
+                    counts.marks_by_reason[m.reason.index()] += 1;
+                    marked.push(e);
+                }
+            }
+            (None, Some(p), Some(h)) => {
+                counts.held_by_reason[p.reason.index()] += 1;
+                let mut e = entry(p.reason, &p.evidence, i.phx.problem_since_ms);
+                e.hold = Some(h.clone());
+                held.push(e);
+            }
+            _ => {}
+        }
+    }
+    let by_since = |a: &QueueEntry, b: &QueueEntry| {
+        a.since
+            .cmp(&b.since)
+            .then_with(|| a.instance_id.cmp(&b.instance_id))
+    };
+    marked.sort_by(by_since);
+    held.sort_by(by_since);
+    gone.sort_by(by_since);
+    let marks_last_minute = q
+        .recent_marks
+        .iter()
+        .filter(|t| inp.now.mono_ms.saturating_sub(**t) < 60_000)
+        .count();
+    let groups: Vec<GroupView> = q
+        .budget
+        .iter()
+        .map(|(name, b)| GroupView {
+            group: name.clone(),
+            size: b.size,
+            allowed: b.allowed,
+            marked: b.marked,
+            acked: b.acked,
+            bad: b.bad,
+            free: b.allowed.saturating_sub(b.marked.saturating_add(b.acked)),
+        })
+        .collect();
+    counts.alerts = q.alerts.len() as u64;
+    counts.budget = q
+        .budget
+        .iter()
+        .map(|(g, b)| {
+            let used = b.marked.saturating_add(b.acked);
+            (g.clone(), b.allowed as u64, used as u64)
+        })
+        .collect();
+    FleetView {
+        at: inp.now,
+        instances: list,
+        index,
+        queue: QueueView {
+            marked,
+            held,
+            gone,
+            alerts: q.alerts.values().cloned().collect(),
+            log_only: rules.log_only,
+            budget: BudgetView {
+                share: rules.budget,
+                rate_per_min: rules.mark_rate_per_min,
+                marks_last_minute,
+                mass_event: rules.mass_event,
+                groups,
+            },
+            store: inp.store.clone(),
+            decider: inp.decider,
+            late_ms: inp.late_ms,
+        },
+        counts,
+    }
+}

@@ -1,0 +1,595 @@
+//! The collector's PostgreSQL fleet store against a real PostgreSQL 15 (a throw-away server
+//! per test, tests/src/pg.rs): migrations raced by two collectors, exactly one decider with
+//! fencing, budgets held in the database, one statement per flush however many reports,
+//! exactly-once observations, wake-ups across collectors, and a crashed PostgreSQL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use phoenix_collector::pgstore::batch::Seen;
+use phoenix_collector::pgstore::decide::{Applied, Decision, Fence};
+use phoenix_collector::pgstore::{schema, PgError, PgOptions, PgStore};
+use phoenix_e2e::pg::{Postgres, PG_DB};
+
+fn opts(ttl_ms: u64) -> PgOptions {
+    PgOptions {
+        lease_ttl: Duration::from_millis(ttl_ms),
+        flush_every: Duration::from_millis(200),
+        ..PgOptions::default()
+    }
+}
+
+async fn open(pg: &Postgres, ttl_ms: u64) -> Arc<PgStore> {
+    PgStore::open(&pg.url(), opts(ttl_ms))
+        .await
+        .unwrap_or_else(|e| panic!("opening the store: {e}\n{}", pg.log_text()))
+}
+
+fn seen(id: usize, seq: i64, at_ms: i64) -> Seen {
+    Seen {
+        instance_id: format!("i-{id:03}"),
+        group: "g1".into(),
+        image_id: "img-1".into(),
+        identity_json: format!("{{\"instance_id\":\"i-{id:03}\"}}"),
+        interval_ms: 1000,
+        at_ms,
+        figures_json: format!("{{\"cpu\":{seq}}}"),
+        boot_id: "boot-a".into(),
+        seq,
+    }
+}
+
+fn mark(id: &str, allowed: i64) -> Decision {
+    Decision::Mark {
+        instance_id: id.into(),
+        group: "g1".into(),
+        reason: "drift".into(),
+        evidence: serde_json::json!({"changed": ["/etc/passwd"]}),
+        allowed,
+    }
+}
+
+/// Polls an async condition with a deadline.
+async fn until<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collectors_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let pg = Postgres::start();
+    let url = pg.url();
+    let (a, b, c) = tokio::join!(
+        PgStore::open(&url, opts(2000)),
+        PgStore::open(&url, opts(2000)),
+        PgStore::open(&url, opts(2000)),
+    );
+    for r in [a, b, c] {
+        r.unwrap_or_else(|e| panic!("a racing collector failed: {e}"));
+    }
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM phoenix_schema"),
+        schema::latest().to_string()
+    );
+    assert_eq!(
+        pg.scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'phoenix_%'"
+        ),
+        "12"
+    );
+    // A newer collector migrated the database: an older one refuses rather than guess.
+    pg.psql(
+        PG_DB,
+        "INSERT INTO phoenix_schema (version, name) VALUES (999, 'from the future')",
+    );
+    let e = PgStore::open(&url, opts(2000)).await.unwrap_err();
+    assert!(e.to_string().contains("newer than this collector"), "{e}");
+    // And a store that is not there is an error at start, with the reason.
+    let dead = format!(
+        "postgres://postgres@127.0.0.1:{}/phoenix",
+        phoenix_e2e::free_port()
+    );
+    let e = PgStore::open(&dead, opts(2000)).await.unwrap_err();
+    assert!(e.to_string().starts_with("PostgreSQL"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_decider_takeover_after_expiry_and_a_deposed_deciders_writes_are_refused() {
+    let pg = Postgres::start();
+    let ttl = Duration::from_millis(2000);
+    let a = open(&pg, 2000).await;
+    let b = open(&pg, 2000).await;
+
+    let ha = a
+        .lease_tick()
+        .await
+        .unwrap()
+        .expect("first candidate takes the lease");
+    assert!(b.lease_tick().await.unwrap().is_none(), "a second decider");
+    assert_eq!(a.decide(&mark("i-001", 5)).await.unwrap(), Applied::Done);
+    assert!(matches!(
+        b.decide(&mark("i-002", 5)).await,
+        Err(PgError::Fenced(_))
+    ));
+
+    // a renews once more, then "hangs" (stops renewing). b must not take over before a's
+    // lease ran out, and must within twice the lease time.
+    a.lease_tick()
+        .await
+        .unwrap()
+        .expect("renewal keeps the lease");
+    let last_renewal = Instant::now();
+    assert_eq!(
+        a.lease_tick().await.unwrap().map(|h| h.fence),
+        Some(ha.fence)
+    );
+    let mut took = None;
+    while last_renewal.elapsed() < ttl * 2 {
+        if let Some(h) = b.lease_tick().await.unwrap() {
+            took = Some((h, last_renewal.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (hb, after) = took.expect("b took over within 2x the lease time");
+    assert!(
+        after >= ttl - Duration::from_millis(300),
+        "taken before expiry: {after:?}"
+    );
+    assert_eq!(
+        hb.fence,
+        ha.fence + 1,
+        "fence goes up at every change of holder"
+    );
+
+    // a's local deadline has passed: it knows it is not the decider.
+    assert!(a.decider().is_none());
+    // Even a write a deposed decider sends with its old fence is refused by the database.
+    let old = Fence {
+        lease: &a.lease.name,
+        holder: &a.lease.holder,
+        fence: ha.fence,
+    };
+    let late = a.decide_with(&old, &mark("i-003", 5)).await;
+    assert!(
+        matches!(late, Err(PgError::Fenced(f)) if f == ha.fence),
+        "{late:?}"
+    );
+    assert!(
+        a.lease_tick().await.unwrap().is_none(),
+        "a cannot take it back"
+    );
+    let q = b.queue().await.unwrap();
+    let ids: Vec<&str> = q.iter().map(|r| r.instance_id.as_str()).collect();
+    assert_eq!(ids, ["i-001"], "only the live decider's marks");
+    assert_eq!(q[0].fence, ha.fence);
+    assert_eq!(
+        pg.scalar("SELECT string_agg(action || ':' || fence, ',') FROM phoenix_audit"),
+        format!("mark:{}", ha.fence)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_holds_in_the_database_acks_count_and_releases_free_it() {
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    a.lease_tick().await.unwrap().expect("lease");
+    let mut done = 0;
+    for i in 0..10 {
+        match a.decide(&mark(&format!("i-{i:03}"), 2)).await.unwrap() {
+            Applied::Done => done += 1,
+            Applied::OverBudget => {}
+            Applied::Unchanged => panic!("nothing was marked twice"),
+        }
+    }
+    assert_eq!(done, 2, "a group of 10 at budget 2");
+    // Asking again is idempotent and does not count twice against the budget.
+    assert_eq!(
+        a.decide(&mark("i-000", 2)).await.unwrap(),
+        Applied::Unchanged
+    );
+    assert!(a.ack("i-000", "recycler").await.unwrap());
+    assert!(!a.ack("i-000", "recycler").await.unwrap(), "acked once");
+    assert_eq!(
+        a.decide(&mark("i-005", 2)).await.unwrap(),
+        Applied::OverBudget,
+        "an acked instance still counts until it is gone"
+    );
+    let release = Decision::Release {
+        instance_id: "i-001".into(),
+        why: "clean again".into(),
+    };
+    assert_eq!(a.decide(&release).await.unwrap(), Applied::Done);
+    assert_eq!(a.decide(&mark("i-005", 2)).await.unwrap(), Applied::Done);
+    // A held instance can be promoted to marked only within the budget.
+    let hold = Decision::Hold {
+        instance_id: "i-007".into(),
+        group: "g1".into(),
+        reason: "mass event: 8 of 10".into(),
+        evidence: serde_json::json!({}),
+    };
+    assert_eq!(a.decide(&hold).await.unwrap(), Applied::Done);
+    assert_eq!(
+        a.decide(&mark("i-007", 2)).await.unwrap(),
+        Applied::OverBudget
+    );
+    assert_eq!(
+        pg.scalar(
+            "SELECT string_agg(instance_id || '=' || state, ',' ORDER BY instance_id) \
+             FROM phoenix_marks"
+        ),
+        "i-000=acked,i-005=marked,i-007=held"
+    );
+    assert_eq!(
+        pg.scalar("SELECT string_agg(action, ',' ORDER BY id) FROM phoenix_audit"),
+        "mark,mark,ack,release,mark,hold"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_reports_through_two_collectors_are_two_statements_and_exactly_once() {
+    let pg = Postgres::start_with(&["shared_preload_libraries = 'pg_stat_statements'"]);
+    pg.psql(PG_DB, "CREATE EXTENSION pg_stat_statements");
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    pg.psql(PG_DB, "SELECT pg_stat_statements_reset()");
+
+    // 40 instances x 50 reports, alternating between the collectors (an agent failing over);
+    // every 5th report carries a check observation, and each of those is retried through the
+    // other collector too (its ack was lost).
+    let t0 = 1_700_000_000_000i64;
+    let mut observations = 0;
+    for seq in 1..=50i64 {
+        for id in 0..40usize {
+            let at = t0 + seq * 1000 + id as i64;
+            let (first, other) = if (seq + id as i64) % 2 == 0 {
+                (&a, &b)
+            } else {
+                (&b, &a)
+            };
+            let obs = (seq % 5 == 0).then(|| format!("{{\"web\":{}}}", seq % 2 == 0));
+            first.batch.seen(seen(id, seq, at), obs.clone()).unwrap();
+            if let Some(o) = obs {
+                observations += 1;
+                other.batch.seen(seen(id, seq, at), Some(o)).unwrap();
+            }
+        }
+    }
+    let fa = a.flush().await.unwrap();
+    let fb = b.flush().await.unwrap();
+    assert_eq!(fa.observations + fb.observations, observations);
+    assert_eq!(a.flush().await.unwrap(), Default::default(), "nothing left");
+
+    let calls = pg.scalar(
+        "SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+         WHERE d.datname = 'phoenix' AND s.query NOT ILIKE '%pg_stat_statements%'",
+    );
+    assert_eq!(calls, "2", "one statement per flush for 2,000 reports");
+    assert_eq!(pg.scalar("SELECT count(*) FROM phoenix_instances"), "40");
+    // Retries through the other collector counted as reports (2000 + 400) but every
+    // observation is stored once.
+    assert_eq!(
+        pg.scalar("SELECT sum(reports) FROM phoenix_instances"),
+        "2400"
+    );
+    assert_eq!(
+        pg.scalar("SELECT count(*) FROM phoenix_observations"),
+        observations.to_string()
+    );
+    // Newest wins whatever order the collectors flushed in.
+    assert_eq!(
+        pg.scalar(
+            "SELECT last_seen_ms - first_seen_ms || ' ' || (figures->>'cpu') \
+             FROM phoenix_instances WHERE instance_id = 'i-007'"
+        ),
+        "49000 50"
+    );
+    assert_eq!(
+        pg.scalar("SELECT min(seq) || '-' || max(seq) FROM phoenix_seqs"),
+        "50-50"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_verdict_wakes_the_other_collector_and_an_unchanged_one_costs_nothing() {
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    let mut sub = b.subscribe();
+    b.start();
+    // Drain the wake-ups of b's own start (LISTEN connected, lease taken).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while tokio::time::timeout(Duration::from_millis(700), b.wake.notified())
+        .await
+        .is_ok()
+    {}
+    let body = r#"{"drifted":true,"hash":"abc"}"#;
+    assert!(a.put_verdict("i-001", "drift", body).await.unwrap());
+    let woke = tokio::time::timeout(Duration::from_secs(5), b.wake.notified()).await;
+    assert!(woke.is_ok(), "NOTIFY from a reached b");
+    // Subscribers get the payloads: first the reload of b's (re)connect, then a's verdict.
+    let mut seen_payloads = Vec::new();
+    while let Ok(Ok(p)) = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await {
+        seen_payloads.push(p);
+    }
+    assert_eq!(seen_payloads, ["reload", "verdict:i-001"]);
+    assert!(!a.put_verdict("i-001", "drift", body).await.unwrap());
+    // b writing the same verdict changes no row and wakes nobody.
+    assert!(!b.put_verdict("i-001", "drift", body).await.unwrap());
+    assert_eq!(
+        pg.scalar("SELECT body->>'hash' FROM phoenix_verdicts WHERE instance_id = 'i-001'"),
+        "abc"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_reports_still_taken_nobody_marked_then_catch_up() {
+    let mut pg = Postgres::start();
+    let a = open(&pg, 1500).await;
+    a.start();
+    assert!(
+        until(Duration::from_secs(5), || async { a.decider().is_some() }).await,
+        "the only collector becomes the decider"
+    );
+    let t0 = phoenix_collector::pgstore::wall_ms();
+    for id in 0..10 {
+        a.batch.seen(seen(id, 1, t0), None).unwrap();
+    }
+    assert!(until(Duration::from_secs(5), || async { a.batch.pending() == 0 }).await);
+
+    pg.kill();
+    let down_at = phoenix_collector::pgstore::wall_ms();
+    // Reports keep coming; the collector keeps taking them.
+    let mut seq = 1;
+    let end = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < end {
+        seq += 1;
+        for id in 0..10 {
+            a.batch
+                .seen(seen(id, seq, phoenix_collector::pgstore::wall_ms()), None)
+                .expect("reports are taken while PostgreSQL is down");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let st = a.health.status();
+    assert!(!st.up, "the outage is known: {st:?}");
+    assert!(
+        st.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no instance is marked"),
+        "{st:?}"
+    );
+    assert!(a.decider().is_none(), "no decider without the store");
+    assert!(a.silence_floor_ms().is_none());
+    assert!(a.decide(&mark("i-001", 5)).await.is_err(), "no marks");
+    assert_eq!(a.batch.pending(), 10, "one buffered entry per instance");
+
+    pg.up();
+    assert!(
+        until(Duration::from_secs(15), || async {
+            a.health.is_up() && a.batch.pending() == 0 && a.decider().is_some()
+        })
+        .await,
+        "caught up and deciding again: {:?}",
+        a.health.status()
+    );
+    let st = a.health.status();
+    assert!(st.back_ms > down_at, "{st:?}");
+    let floor = a.silence_floor_ms().unwrap();
+    assert!(floor > st.back_ms, "silence counts from after the gap");
+    assert_eq!(pg.scalar("SELECT count(*) FROM phoenix_marks"), "0");
+    assert_eq!(
+        pg.scalar("SELECT sum(reports) FROM phoenix_instances"),
+        (10 * seq).to_string(),
+        "every report of the gap arrived"
+    );
+    assert_eq!(
+        pg.scalar("SELECT min(seq) FROM phoenix_seqs"),
+        seq.to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decider_pulls_what_others_wrote_once_by_cursor_and_its_memory_is_fenced() {
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    a.lease_tick().await.unwrap().expect("a decides");
+
+    let everything = a.pull(0).await.unwrap();
+    assert!(everything.instances.is_empty());
+    let t0 = 1_700_000_000_000i64;
+    b.batch
+        .seen(seen(1, 1, t0), Some(r#"{"checks":"web failed"}"#.into()))
+        .unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(a.decide(&mark("i-001", 1)).await.unwrap(), Applied::Done);
+    assert!(b.ack("i-001", "recycler").await.unwrap());
+
+    let p1 = a.pull(everything.cursor).await.unwrap();
+    assert_eq!(p1.instances.len(), 1);
+    assert_eq!(p1.instances[0].last_seen_ms, t0);
+    assert_eq!(p1.seqs, [("i-001".to_string(), "boot-a".to_string(), 1)]);
+    assert_eq!(p1.observations.len(), 1);
+    assert_eq!(p1.observations[0].body_json, r#"{"checks": "web failed"}"#);
+    assert_eq!(p1.acks.len(), 1);
+    assert_eq!(p1.acks[0].by, "recycler");
+
+    // Nothing new: the next pull returns nothing.
+    let p2 = a.pull(p1.cursor).await.unwrap();
+    assert_eq!(
+        (
+            p2.instances.len(),
+            p2.seqs.len(),
+            p2.observations.len(),
+            p2.acks.len()
+        ),
+        (0, 0, 0, 0),
+        "{p2:?}"
+    );
+    // A retried, older report changes no row and is not pulled again.
+    b.batch.seen(seen(1, 1, t0), None).unwrap();
+    b.flush().await.unwrap();
+    let p3 = a.pull(p2.cursor).await.unwrap();
+    assert!(p3.seqs.is_empty(), "{p3:?}");
+
+    a.save_state("queue", r#"{"recent_marks":[1]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(
+        b.save_state("queue", "{}").await,
+        Err(PgError::Fenced(_))
+    ));
+    assert_eq!(
+        pg.scalar("SELECT body::text FROM phoenix_state WHERE key = 'queue'"),
+        r#"{"recent_marks": [1]}"#
+    );
+}
+
+/// The fence each holder process last printed, from its log.
+fn last_decider_line(p: &phoenix_e2e::Proc) -> Option<i64> {
+    p.log_text().lines().rev().find_map(|l| {
+        l.strip_prefix("decider ")
+            .map(|f| f.trim().parse().unwrap())
+    })
+}
+
+fn holder(pg: &Postgres, ttl_ms: u64, name: &str) -> phoenix_e2e::Proc {
+    let dir = std::env::temp_dir();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgstore-holder"));
+    cmd.arg(pg.url()).arg(ttl_ms.to_string());
+    let log = dir.join(format!("pgstore-holder-{name}-{}.log", std::process::id()));
+    phoenix_e2e::Proc::spawn(cmd, log)
+}
+
+#[test]
+fn kill_9_of_the_holder_process_hands_the_lease_to_exactly_one_other_before_it_expires() {
+    let pg = Postgres::start();
+    let ttl = Duration::from_millis(3000);
+    let mut a = holder(&pg, 3000, "a");
+    let fa = phoenix_e2e::wait_for(Duration::from_secs(10), || last_decider_line(&a))
+        .unwrap_or_else(|| panic!("a never decided: {}", a.log_text()));
+    let b = holder(&pg, 3000, "b");
+    let c = holder(&pg, 3000, "c");
+    // Give b and c time to contend: they must not take a live lease.
+    std::thread::sleep(ttl);
+    assert_eq!(last_decider_line(&b), None, "b decided beside a");
+    assert_eq!(last_decider_line(&c), None, "c decided beside a");
+    let row_holder = pg.scalar("SELECT holder FROM phoenix_lease");
+    assert!(
+        row_holder.contains(&format!("/{}/", a.pid())),
+        "{row_holder}"
+    );
+
+    a.kill();
+    let killed = Instant::now();
+    let (who, fence) = phoenix_e2e::wait_for(ttl * 2, || {
+        last_decider_line(&b)
+            .map(|f| ("b", f))
+            .or_else(|| last_decider_line(&c).map(|f| ("c", f)))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "nobody took over within 2x the lease time; b: {} c: {}",
+            b.log_text(),
+            c.log_text()
+        )
+    });
+    let took = killed.elapsed();
+    eprintln!("lease {ttl:?}: {who} took over {took:?} after kill -9 of the holder");
+    assert!(took < ttl * 2, "takeover after {took:?}");
+    // The killed holder's session is gone, so nobody waits for the expiry: a poll suffices.
+    assert!(took < ttl, "waited for the expiry after a kill: {took:?}");
+    assert_eq!(fence, fa + 1);
+    // Exactly one of the survivors decides.
+    std::thread::sleep(ttl / 2);
+    let deciding = [&b, &c]
+        .iter()
+        .filter(|p| last_decider_line(p).is_some())
+        .count();
+    assert_eq!(deciding, 1, "{who} took over; both decide?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baselines_and_enrolments_are_shared_atomic_and_never_silently_replaced() {
+    use phoenix_collector::pgstore::registry::{self, Registered};
+    let pg = Postgres::start();
+    let a = open(&pg, 5000).await;
+    let b = open(&pg, 5000).await;
+    let put = |s: Arc<PgStore>, root: &'static str| async move {
+        let m = format!(r#"{{"image_id":"img-1","root":"{root}"}}"#);
+        s.registry(move |c| {
+            Box::pin(async move { registry::put_baseline(c, "img-1", root, &m, 1).await })
+        })
+        .await
+        .unwrap()
+    };
+    // Collectors registering the same baseline at once (a retried pipeline step through
+    // the balancer): exactly one creates it, on separate tasks so the statements overlap.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(put(s, "r1")));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    let created = got.iter().filter(|r| **r == Registered::Created).count();
+    assert_eq!(created, 1, "{got:?}");
+    assert!(got
+        .iter()
+        .all(|r| matches!(r, Registered::Created | Registered::Unchanged)));
+    assert_eq!(
+        put(b.clone(), "r2").await,
+        Registered::Replaced {
+            old_root: "r1".into()
+        }
+    );
+    let all = a
+        .registry(|c| Box::pin(registry::baselines(c)))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].1.contains("\"r2\""), "{all:?}");
+
+    let enrol = |s: Arc<PgStore>, body: &'static str| async move {
+        s.registry(move |c| Box::pin(registry::enrol(c, "i-001", "instance", body, 5)))
+            .await
+            .unwrap()
+    };
+    assert!(enrol(a.clone(), r#"{"key":"k1"}"#).await);
+    assert!(
+        !enrol(b.clone(), r#"{"key":"attacker"}"#).await,
+        "first stands"
+    );
+    let e = b
+        .registry(|c| Box::pin(registry::enrolment(c, "i-001")))
+        .await
+        .unwrap()
+        .expect("enrolled");
+    assert_eq!(e.body_json, r#"{"key": "k1"}"#);
+    assert!(b
+        .registry(|c| Box::pin(registry::revoke(c, "i-001", 9)))
+        .await
+        .unwrap());
+    assert!(!a
+        .registry(|c| Box::pin(registry::revoke(c, "i-001", 10)))
+        .await
+        .unwrap());
+    assert_eq!(
+        pg.scalar("SELECT revoked_ms FROM phoenix_enrolments WHERE subject = 'i-001'"),
+        "9"
+    );
+}
