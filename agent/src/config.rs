@@ -134,6 +134,13 @@ pub struct RunArgs {
     /// On the very first start on a box, read the journal from its `end` or from the start of the current `boot` [default: end].
     #[arg(long, env = "PHOENIX_JOURNAL_INITIAL")]
     pub journal_initial: Option<String>,
+    /// How this instance proves its id to the collector: tofu, aws, mtls or shared (as the
+    /// collector's --identity); aws sends the EC2 instance identity document [default: tofu].
+    #[arg(long, env = "PHOENIX_IDENTITY")]
+    pub identity: Option<String>,
+    /// EC2 metadata service base URL (for tests) [default: http://169.254.169.254].
+    #[arg(long, env = "PHOENIX_IMDS_URL")]
+    pub imds_url: Option<String>,
 }
 
 /// The merged, checked settings `run` works with.
@@ -175,6 +182,9 @@ pub struct RunConfig {
     pub journal_dir: Option<PathBuf>,
     pub journal_files: Vec<PathBuf>,
     pub journal_from_boot: bool,
+    /// `tofu`, `aws`, `mtls` or `shared`; only `aws` changes what the agent sends.
+    pub identity: String,
+    pub imds_url: String,
 }
 
 impl RunArgs {
@@ -252,6 +262,12 @@ impl RunArgs {
                 .as_deref()
                 .unwrap_or("end"),
         )?;
+        let identity = pick(self.identity, file.identity).unwrap_or_else(|| "tofu".into());
+        if !matches!(identity.as_str(), "tofu" | "aws" | "mtls" | "shared") {
+            bail!("--identity {identity:?}: give tofu (default), aws, mtls or shared, as the collector's --identity");
+        }
+        let imds_url =
+            pick(self.imds_url, file.imds_url).unwrap_or_else(|| "http://169.254.169.254".into());
         let check_timeout = match pick(self.check_timeout, file.check_timeout) {
             Some(v) => dur(Some(v), "", "check-timeout")?,
             None => (interval / 2).min(Duration::from_secs(5)),
@@ -276,6 +292,8 @@ impl RunArgs {
             o => bail!("--kmsg {o:?}: use auto, on or off"),
         };
         Ok(RunConfig {
+            identity,
+            imds_url,
             collector,
             collectors,
             max_in_flight,

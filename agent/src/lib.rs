@@ -7,6 +7,7 @@ pub mod checks;
 pub mod config;
 pub mod counters;
 pub mod drift;
+pub mod enrol;
 pub mod identity;
 pub mod journal;
 pub mod kmsg;
@@ -77,9 +78,31 @@ pub fn run(
         &cfg.state_dir.join("spool"),
         cfg.spool_max,
     )?);
+    let aws = if cfg.identity == "aws" {
+        let p = enrol::fetch_aws(&cfg.imds_url, std::time::Duration::from_secs(5))
+            .context("--identity aws: reading the instance identity document from IMDS")?;
+        if let Some(given) = cfg.instance_id.as_deref().filter(|i| *i != p.instance_id) {
+            tracing::warn!(given, signed = %p.instance_id, "--instance-id differs from the signed instance identity document; the collector will refuse the reports");
+        }
+        Some(p)
+    } else {
+        None
+    };
+    let instance_id = cfg
+        .instance_id
+        .as_deref()
+        .or(aws.as_ref().map(|a| a.instance_id.as_str()));
+    let image_id = cfg
+        .image_id
+        .as_deref()
+        .or(aws.as_ref().and_then(|a| a.image_id.as_deref()));
+    enrol::install(enrol::Proof {
+        credential: enrol::credential(&cfg.state_dir)?,
+        aws: aws.clone(),
+    });
     let identity = identity::discover(&identity::Overrides {
-        instance_id: cfg.instance_id.as_deref(),
-        image_id: cfg.image_id.as_deref(),
+        instance_id,
+        image_id,
         group: cfg.group.as_deref(),
         baked_image_id: drift::baked_image_id(cfg.baseline.as_deref(), &cfg.state_dir),
         root: Path::new("/"),

@@ -62,7 +62,7 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        req
+        crate::enrol::present(req)
     }
 
     fn send(&self, idx: usize, entry: &Entry) -> Outcome {

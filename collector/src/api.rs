@@ -30,6 +30,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/images/{image_id}/baseline", post(post_baseline))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
+        .route(
+            "/v1/instances/{id}/enrolment",
+            axum::routing::delete(crate::identity::http::delete_enrolment),
+        )
         .route("/v1/phoenix", get(get_phoenix))
         .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
@@ -42,6 +46,9 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     let arrived = Instant::now();
     let headers = req.headers().clone();
     if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
+        return r;
+    }
+    if let Err(r) = s.security.check_peer(&req) {
         return r;
     }
     let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
@@ -70,7 +77,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     } else {
         phoenix_wire::decode(&body, gz, &limits)
     };
-    let report = match decoded {
+    let mut report = match decoded {
         Ok(r) => r,
         Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -80,6 +87,21 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: client certificate does not match");
             return error(StatusCode::FORBIDDEN, why);
         }
+    }
+    // Before anything the report could change (rate buckets, dedupe, fleet state, points).
+    let presented = crate::identity::Presented::from_headers(&headers);
+    if let Err(r) = s.identity.admit(
+        &report.agent.instance_id,
+        &presented,
+        crate::fleet::clock::wall_now_ms(),
+    ) {
+        if let crate::identity::Refusal::Forbidden(why) = &r {
+            tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+        }
+        return r.into_response();
+    }
+    if let Err(why) = s.schema.enforce(&mut report) {
+        return error(StatusCode::BAD_REQUEST, why);
     }
     if let Err(wait) = s
         .security

@@ -14,6 +14,10 @@ use crate::writer::WriterHandle;
 
 #[derive(Debug)]
 pub struct AppState {
+    /// Who may speak for which instance id (`--identity`), and how many ids are kept.
+    pub identity: Arc<crate::identity::Gate>,
+    /// Each field's type per measurement.
+    pub schema: crate::schema::Registry,
     pub tokens: Tokens,
     pub baselines: crate::baselines::Baselines,
     pub writer: WriterHandle,

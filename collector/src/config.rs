@@ -192,6 +192,35 @@ pub struct Args {
     /// Most metric points plus log lines in one report [default: 100000].
     #[arg(long, env = "PHOENIX_MAX_POINTS")]
     pub max_points: Option<usize>,
+    /// How an instance proves its id: tofu, aws, mtls or shared [default: tofu; mtls with --client-ca].
+    #[arg(long, env = "PHOENIX_IDENTITY")]
+    pub identity: Option<String>,
+    /// --identity aws: AWS's public certificate(s) for instance identity signatures (PEM).
+    #[arg(long, env = "PHOENIX_AWS_IDENTITY_CERT")]
+    pub aws_identity_cert: Option<PathBuf>,
+    /// --identity aws: accept only these AWS account ids (repeatable) [default: any].
+    #[arg(
+        long = "aws-account",
+        env = "PHOENIX_AWS_ACCOUNT",
+        value_delimiter = ','
+    )]
+    pub aws_account: Vec<String>,
+    /// Most instance ids kept; a new one past it gets 429 and an alert [default: 10000].
+    #[arg(long, env = "PHOENIX_MAX_INSTANCES")]
+    pub max_instances: Option<usize>,
+    /// Most open connections; past it a new one is answered 503 and closed [default: 4096,
+    /// lowered to fit the open-file limit].
+    #[arg(long, env = "PHOENIX_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A connection must send a request's headers within this [default: 10s].
+    #[arg(long, env = "PHOENIX_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// A request must be read and answered within this [default: 120s].
+    #[arg(long, env = "PHOENIX_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// Reports per peer address, checked before the body is read, e.g. 200/s or off [default: 500/s].
+    #[arg(long, env = "PHOENIX_PEER_RATE_LIMIT")]
+    pub peer_rate_limit: Option<String>,
 }
 
 /// Merged, checked settings.
@@ -211,6 +240,11 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     pub rate_limit: Option<crate::security::Rate>,
     pub max_points: usize,
+    /// `--identity` and what it needs.
+    pub identity: crate::identity::Config,
+    /// Connection cap and timeouts of the listener.
+    pub listen_limits: crate::listen::Limits,
+    pub peer_rate_limit: Option<crate::security::Rate>,
 }
 
 fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
@@ -393,7 +427,27 @@ impl Args {
         .map_err(|e| anyhow::anyhow!(e))?;
         let max_points = pick!(max_points).unwrap_or(100_000);
         anyhow::ensure!(max_points > 0, "--max-points must be at least 1");
+        let identity = crate::identity::Config::resolve(
+            pick!(identity).as_deref(),
+            pick!(aws_identity_cert),
+            list!(aws_account),
+            pick!(max_instances),
+            tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        )?;
+        let listen_limits = crate::listen::Limits {
+            max_connections: pick!(max_connections).unwrap_or(4096).max(1),
+            header_timeout: dur(pick!(header_timeout).as_deref(), "10s", "header-timeout")?,
+            request_timeout: dur(pick!(request_timeout).as_deref(), "120s", "request-timeout")?,
+        };
+        let peer_rate_limit = crate::security::Rate::parse(
+            pick!(peer_rate_limit).as_deref().unwrap_or("500/s"),
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!(e.replace("--rate-limit", "--peer-rate-limit")))?;
         Ok(Config {
+            identity,
+            listen_limits,
+            peer_rate_limit,
             tls,
             rate_limit,
             max_points,

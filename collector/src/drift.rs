@@ -137,6 +137,7 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
             }
         }
     };
+    let changes = keep_some(changes, &mut notes);
     Verdict {
         expected: Some(expected),
         reason: Some(reason),
@@ -145,6 +146,34 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
         agent_baseline_mismatch,
         note: (!notes.is_empty()).then(|| notes.join("; ")),
     }
+}
+
+/// Changes kept per instance (fleet state, the page, `phoenix_drift`); the rest are counted.
+pub const MAX_CHANGES_KEPT: usize = 1000;
+/// Bytes of paths kept per instance: a thousand long paths must not cost megabytes each.
+pub const MAX_CHANGE_BYTES: usize = 256 << 10;
+
+/// The first changes within [`MAX_CHANGES_KEPT`] and [`MAX_CHANGE_BYTES`]; a note counts the rest.
+/// One report with a million changes must not cost a million entries in memory and on disk.
+fn keep_some(mut changes: Vec<FileChange>, notes: &mut Vec<String>) -> Vec<FileChange> {
+    let all = changes.len();
+    let mut bytes = 0usize;
+    let mut keep = 0;
+    for c in changes.iter().take(MAX_CHANGES_KEPT) {
+        bytes += c.path.len() + c.attrs.iter().map(String::len).sum::<usize>() + 16;
+        if bytes > MAX_CHANGE_BYTES {
+            break;
+        }
+        keep += 1;
+    }
+    if keep < all {
+        changes.truncate(keep);
+        changes.shrink_to_fit();
+        notes.push(format!(
+            "{all} files changed; the first {keep} are listed (the agent's own `phoenix-agent drift` lists all)"
+        ));
+    }
+    changes
 }
 
 /// What a baseline registration does to the stored one.
@@ -188,6 +217,43 @@ pub fn check_registration(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_million_changes_keep_a_thousand_and_a_count() {
+        let changes: Vec<FileChange> = (0..1_000_000)
+            .map(|i| FileChange {
+                path: format!("/etc/f{i}"),
+                change: "added".into(),
+                attrs: vec![],
+            })
+            .collect();
+        let state = DriftState {
+            hash: "x".into(),
+            baseline: Some("y".into()),
+            changes,
+            ..Default::default()
+        };
+        let v = judge(None, &state, &[]);
+        assert!(v.drifted);
+        assert_eq!(v.changes.len(), MAX_CHANGES_KEPT);
+        assert!(v.note.unwrap().contains("1000000 files changed"));
+        let long: Vec<FileChange> = (0..900)
+            .map(|i| FileChange {
+                path: format!("/{i}/{}", "a".repeat(4000)),
+                change: "added".into(),
+                attrs: vec![],
+            })
+            .collect();
+        let v = judge(
+            None,
+            &DriftState {
+                changes: long,
+                ..state
+            },
+            &[],
+        );
+        assert!(v.changes.len() < 100, "{}", v.changes.len());
+    }
     use phoenix_wire::drift::MANIFEST_VERSION;
     use phoenix_wire::FileEntry;
 

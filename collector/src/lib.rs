@@ -12,10 +12,13 @@ pub mod decider;
 pub mod drift;
 pub mod fleet;
 pub mod hist;
+pub mod identity;
 pub mod lineproto;
+pub mod listen;
 pub mod page;
 pub mod pgstore;
 pub mod reply;
+pub mod schema;
 pub mod security;
 pub mod selfmetrics;
 pub mod sink;
@@ -162,7 +165,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         phoenix_fleet.clone(),
         writer.clone(),
     ));
+    let identity = Arc::new(
+        cfg.identity
+            .open(&cfg.data_dir, fleet::clock::wall_now_ms())?,
+    );
+    tracing::info!(
+        identity = identity.mode().as_str(),
+        enrolled = identity.len(),
+        max_instances = cfg.identity.limits.max_instances,
+        "identity gate ready"
+    );
+    tokio::spawn(identity::sweep_every(
+        identity.clone(),
+        Duration::from_secs(60),
+    ));
     let state = Arc::new(api::AppState {
+        identity,
+        schema: schema::Registry::default(),
         tokens,
         baselines,
         writer,
@@ -172,6 +191,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         store: store.clone(),
         security: security::Security {
             limiter: security::Limiter::new(cfg.rate_limit),
+            peers: security::Limiter::new(cfg.peer_rate_limit),
             mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         },
         obs,
@@ -181,20 +201,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);
             tracing::info!(listen = %listener.local_addr()?, store = %store, tls = true, mtls = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "phoenix-collector ready");
-            tls::serve(listener, app, tls, shutdown()).await;
+            tls::serve(listener, app, tls, cfg.listen_limits, shutdown()).await;
         }
         None => {
             if !cfg.listen.ip().is_loopback() {
                 tracing::warn!(listen = %cfg.listen, "serving plain HTTP on a non-loopback address: tokens cross the network in clear; give --tls-cert and --tls-key");
             }
             tracing::info!(listen = %listener.local_addr()?, store = %store, tls = false, "phoenix-collector ready");
-            // The peer address lets the fleet page stay open to loopback only.
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown())
-            .await?;
+            listen::serve(listener, app, None, cfg.listen_limits, shutdown()).await;
         }
     }
     // The final save of the fleet state.

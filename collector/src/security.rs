@@ -125,6 +125,8 @@ impl Limiter {
 #[derive(Debug)]
 pub struct Security {
     pub limiter: Limiter,
+    /// Reports per peer address, taken before the body is read or unzipped.
+    pub peers: Limiter,
     /// `--client-ca` is set: a report's instance id must match the client certificate.
     pub mtls: bool,
 }
@@ -133,8 +135,27 @@ impl Default for Security {
     fn default() -> Self {
         Security {
             limiter: Limiter::new(None),
+            peers: Limiter::new(None),
             mtls: false,
         }
+    }
+}
+
+impl Security {
+    /// The per-peer limit, before a byte of the body is read: a flood costs a hash lookup,
+    /// not a gunzip and a parse.
+    #[allow(clippy::result_large_err)] // an axum Response, answered at once
+    pub fn check_peer(&self, req: &axum::extract::Request) -> Result<(), Response> {
+        let Some(addr) = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        else {
+            return Ok(());
+        };
+        let ip = addr.0.ip();
+        self.peers
+            .check(&format!("peer/{ip}"))
+            .map_err(|wait| too_many(wait, &format!("peer {ip} (--peer-rate-limit)")))
     }
 }
 

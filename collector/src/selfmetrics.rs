@@ -164,16 +164,36 @@ pub struct KeptLine {
     pub cut: bool,
 }
 
-/// The last [`LOG_LINES_KEPT`] log lines of each instance.
+/// The last [`LOG_LINES_KEPT`] log lines of each instance, within byte budgets: at most
+/// [`LOG_BYTES_PER_INSTANCE`] per instance and [`LOG_BYTES_TOTAL`] in all (past it the
+/// instances quiet longest are dropped), so invented ids or huge lines cannot grow it.
 #[derive(Debug, Default)]
 pub struct LogRing {
     inner: Mutex<LogRingInner>,
 }
 
+/// Bytes of kept lines per instance: the fleet page shows a glimpse, the store has the rest.
+pub const LOG_BYTES_PER_INSTANCE: usize = 8 << 10;
+/// Bytes of kept lines across all instances.
+pub const LOG_BYTES_TOTAL: usize = 32 << 20;
+
 #[derive(Debug, Default)]
 struct LogRingInner {
     clock: u64,
-    per: HashMap<String, (u64, VecDeque<KeptLine>)>,
+    per: HashMap<String, Kept>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    touched: u64,
+    bytes: usize,
+    q: VecDeque<KeptLine>,
+}
+
+/// What a kept line costs, roughly: its text plus the bookkeeping around it.
+fn cost(l: &KeptLine) -> usize {
+    l.msg.len() + l.src.len() + 64
 }
 
 impl LogRing {
@@ -191,34 +211,44 @@ impl LogRing {
         g.clock += 1;
         let clock = g.clock;
         if !g.per.contains_key(instance_id) && g.per.len() >= LOG_INSTANCES_MAX {
-            if let Some(quiet) = g
-                .per
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone())
-            {
-                g.per.remove(&quiet);
+            g.drop_quietest(instance_id);
+        }
+        let mut added = 0usize;
+        let mut freed = 0usize;
+        {
+            let k = g.per.entry(instance_id.to_owned()).or_default();
+            k.touched = clock;
+            for l in take {
+                let cut = l.msg.chars().count() > LOG_CHARS_MAX;
+                let msg = if cut {
+                    l.msg.chars().take(LOG_CHARS_MAX).collect()
+                } else {
+                    l.msg.clone()
+                };
+                let line = KeptLine {
+                    src: l.src.chars().take(LOG_CHARS_MAX).collect(),
+                    ts: l.ts,
+                    msg,
+                    escaped: l.escaped,
+                    cut: cut || l.part.is_some(),
+                };
+                let c = cost(&line);
+                k.q.push_back(line);
+                k.bytes += c;
+                added += c;
+                while k.q.len() > LOG_LINES_KEPT
+                    || (k.bytes > LOG_BYTES_PER_INSTANCE && k.q.len() > 1)
+                {
+                    let old = k.q.pop_front().expect("more than one line");
+                    let c = cost(&old);
+                    k.bytes -= c;
+                    freed += c;
+                }
             }
         }
-        let (touched, q) = g.per.entry(instance_id.to_owned()).or_default();
-        *touched = clock;
-        for l in take {
-            if q.len() == LOG_LINES_KEPT {
-                q.pop_front();
-            }
-            let cut = l.msg.chars().count() > LOG_CHARS_MAX;
-            let msg = if cut {
-                l.msg.chars().take(LOG_CHARS_MAX).collect()
-            } else {
-                l.msg.clone()
-            };
-            q.push_back(KeptLine {
-                src: l.src.clone(),
-                ts: l.ts,
-                msg,
-                escaped: l.escaped,
-                cut: cut || l.part.is_some(),
-            });
+        g.bytes = (g.bytes + added).saturating_sub(freed);
+        while g.bytes > LOG_BYTES_TOTAL && g.per.len() > 1 {
+            g.drop_quietest(instance_id);
         }
     }
 
@@ -229,12 +259,34 @@ impl LogRing {
             .unwrap()
             .per
             .get(instance_id)
-            .map(|(_, q)| q.iter().cloned().collect())
+            .map(|k| k.q.iter().cloned().collect())
             .unwrap_or_default()
     }
 
     pub fn instances(&self) -> usize {
         self.inner.lock().unwrap().per.len()
+    }
+
+    /// Bytes of kept lines now (what the budgets bound).
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap().bytes
+    }
+}
+
+impl LogRingInner {
+    /// Drop the instance quiet longest (never `keep`, the one being recorded).
+    fn drop_quietest(&mut self, keep: &str) {
+        let quiet = self
+            .per
+            .iter()
+            .filter(|(k, _)| k.as_str() != keep)
+            .min_by_key(|(_, v)| v.touched)
+            .map(|(k, _)| k.clone());
+        if let Some(q) = quiet {
+            if let Some(k) = self.per.remove(&q) {
+                self.bytes = self.bytes.saturating_sub(k.bytes);
+            }
+        }
     }
 }
 
@@ -719,6 +771,17 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_last_lines_cut_and_bounded() {
+        let ring = LogRing::default();
+        // Byte budgets: 2 KiB lines from many invented ids stay within the total.
+        let big: Vec<LogLine> = (0..20)
+            .map(|k| line("/var/log/a", &format!("{k} {}", "x".repeat(2048)), None))
+            .collect();
+        for i in 0..6000 {
+            ring.record(&format!("i-{i}"), &big);
+        }
+        assert!(ring.bytes() <= LOG_BYTES_TOTAL, "{}", ring.bytes());
+        assert!(ring.lines("i-5999").len() <= 8);
+        assert!(!ring.lines("i-5999").is_empty());
         let ring = LogRing::default();
         let batch: Vec<LogLine> = (0..15)
             .map(|k| line("/var/log/a", &format!("line {k}"), None))

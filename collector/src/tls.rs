@@ -14,8 +14,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -23,8 +21,6 @@ use rustls::{RootCertStore, ServerConfig};
 
 /// How often the certificate files are looked at for a rotation.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
-/// A client that has not finished its handshake by then is dropped (slow-loris guard).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -206,72 +202,14 @@ pub fn check_identity(peer: Option<&PeerCert>, instance_id: &str) -> Result<(), 
         .map_err(|_| format!("the client certificate is not issued for instance {instance_id:?} (its subjectAltName must be the instance id); an instance may only report for itself"))
 }
 
-/// Serve `app` over TLS on `listener` until `shutdown` resolves, then let open connections
-/// finish for up to 10 s.
+/// Serve `app` over TLS on `listener` until `shutdown` resolves (see [`crate::listen`]: the
+/// connection cap and timeouts are the same as for plain HTTP).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Arc<Reloader>,
+    limits: crate::listen::Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: wait for descriptors to free up rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        tcp.set_nodelay(true).ok();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-        let app = app.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(peer = %addr, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(peer = %addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| PeerCert(Arc::new(c.clone().into_owned())));
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                if let Some(p) = &peer {
-                    req.extensions_mut().insert(p.clone());
-                }
-                // As axum's own serve does with connect info: the fleet page is open to loopback.
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(addr));
-                let mut app = app.clone();
-                async move { tower_service::Service::call(&mut app, req).await }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("connections still open after 10 s; closing them"),
-    }
+    crate::listen::serve(listener, app, Some(tls), limits, shutdown).await
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod nofile;
 pub mod pg;
+pub mod trust;
 
 pub const AGENT_TOKEN: &str = "agent-secret-1";
 pub const RECYCLER_TOKEN: &str = "recycler-secret-1";
@@ -456,7 +457,14 @@ impl Collector {
 
     /// POST a report the way an agent does (gzip JSON, agent token).
     pub fn post_report(&self, report: &phoenix_wire::Report) -> Resp {
-        self.post_raw(&phoenix_wire::encode(report), Some(AGENT_TOKEN), true)
+        let cred = trust::harness_credential(&report.agent.instance_id);
+        let h = [
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "gzip"),
+            (trust::CREDENTIAL_HEADER, cred.as_str()),
+        ];
+        let url = format!("{}/v1/reports", self.url());
+        post(&url, Some(AGENT_TOKEN), &h, &phoenix_wire::encode(report))
     }
 
     pub fn post_raw(&self, body: &[u8], token: Option<&str>, gzip: bool) -> Resp {

@@ -136,6 +136,7 @@ impl Fleet {
                 };
                 for r in reports {
                     // The collector may be restarting: a lost report is just a missed interval.
+                    let cred = phoenix_e2e::trust::harness_credential(&r.agent.instance_id);
                     std::panic::catch_unwind(|| {
                         post(
                             &body_url,
@@ -143,6 +144,7 @@ impl Fleet {
                             &[
                                 ("Content-Type", "application/json"),
                                 ("Content-Encoding", "gzip"),
+                                (phoenix_e2e::trust::CREDENTIAL_HEADER, &cred),
                             ],
                             &phoenix_wire::encode(&r),
                         )

@@ -649,6 +649,11 @@ fn hostile_reports_are_refused_while_others_are_served() {
         "5000",
         "--rate-limit",
         "off",
+        // This test posts made-up instances itself, as fast as it can, from one address.
+        "--identity",
+        "shared",
+        "--peer-rate-limit",
+        "off",
     ]);
     let url = c.url();
     let stop = Arc::new(AtomicBool::new(false));
@@ -771,7 +776,17 @@ fn a_flooding_instance_gets_429_and_the_rest_of_the_fleet_does_not() {
     let c = TlsCollector::start(
         &cert,
         &key,
-        &["--rate-limit", "20/s", "--rate-burst", "20"],
+        // Made-up instances posted by the test itself: per-instance limits, not identity.
+        &[
+            "--rate-limit",
+            "20/s",
+            "--rate-burst",
+            "20",
+            "--identity",
+            "shared",
+            "--peer-rate-limit",
+            "off",
+        ],
         &http,
     );
     let url = c.url("/v1/reports");
@@ -860,6 +875,10 @@ fn load_figure_reports_per_second_over_tls() {
             &influx.url(),
             "--influx-db",
             "load",
+            "--identity",
+            "shared",
+            "--peer-rate-limit",
+            "off",
             "--rate-limit",
             "off",
         ],

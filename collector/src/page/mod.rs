@@ -712,6 +712,8 @@ mod tests {
         let sink =
             Arc::new(crate::sink::file::FileSink::new(dir.join("influx"), "phoenix").unwrap());
         Arc::new(AppState {
+            identity: Arc::new(crate::identity::Gate::shared_for_tests()),
+            schema: Default::default(),
             tokens,
             baselines: crate::baselines::Baselines::open(&dir.join("baselines")).unwrap(),
             writer: crate::writer::start(sink, crate::writer::Settings::default()),

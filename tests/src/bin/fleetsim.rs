@@ -304,7 +304,11 @@ fn main() {
                     let mut req = http
                         .post(&url)
                         .header("Authorization", &auth)
-                        .header("Content-Type", "application/json");
+                        .header("Content-Type", "application/json")
+                        .header(
+                            phoenix_e2e::trust::CREDENTIAL_HEADER,
+                            &phoenix_e2e::trust::harness_credential(&ids[j]),
+                        );
                     if o.gzip {
                         req = req.header("Content-Encoding", "gzip");
                     }

@@ -1,0 +1,221 @@
+//! Where tofu enrolments live between restarts, behind [`EnrolmentStore`] so the fleet
+//! core's store (or PostgreSQL) can take the job over without the gate changing.
+//!
+//! [`FileEnrolments`] is an append-only log, `<data-dir>/enrolments.log`, one JSON object a
+//! line. Appending keeps a flood of new ids from rewriting a large file per id; the log is
+//! compacted once at start. Only credential *hashes* are written: the file can be read by an
+//! operator without handing out the right to speak for any box.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// One enrolled instance: the SHA-256 of its credential (hex) and when it enrolled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub credential_sha256: String,
+    pub enrolled_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("enrolment store {path}: {source} (is the data dir writable and not full?)")]
+pub struct StoreError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Persistence for enrolments. The gate keeps its own copy in memory; a store only has to
+/// load everything at start and record each change durably before it is answered.
+pub trait EnrolmentStore: Send + Sync + std::fmt::Debug {
+    fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError>;
+    fn enrolled(&self, instance_id: &str, e: &Enrolment) -> Result<(), StoreError>;
+    /// The enrolment is gone (reset by an operator, or forgotten after silence).
+    fn removed(&self, instance_id: &str) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum Op {
+    Enrol {
+        id: String,
+        #[serde(flatten)]
+        e: Enrolment,
+    },
+    Remove {
+        id: String,
+    },
+}
+
+/// The append-only file store.
+#[derive(Debug)]
+pub struct FileEnrolments {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+impl FileEnrolments {
+    pub fn new(data_dir: &Path) -> FileEnrolments {
+        FileEnrolments {
+            path: data_dir.join("enrolments.log"),
+            file: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: std::io::Error) -> StoreError {
+        StoreError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn append(&self, op: &Op) -> Result<(), StoreError> {
+        let mut g = self.file.lock().unwrap();
+        if g.is_none() {
+            *g = Some(
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&self.path)
+                    .map_err(|e| self.err(e))?,
+            );
+        }
+        let f = g.as_mut().expect("opened above");
+        let mut line = serde_json::to_vec(op).expect("plain structs serialize");
+        line.push(b'\n');
+        f.write_all(&line).map_err(|e| self.err(e))?;
+        // An enrolment answered but lost in a crash would let the next sender claim the id.
+        f.sync_data().map_err(|e| self.err(e))
+    }
+}
+
+impl EnrolmentStore for FileEnrolments {
+    fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError> {
+        let mut map = HashMap::new();
+        let f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(map),
+            Err(e) => return Err(self.err(e)),
+        };
+        for (n, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|e| self.err(e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Op>(&line) {
+                Ok(Op::Enrol { id, e }) => {
+                    map.insert(id, e);
+                }
+                Ok(Op::Remove { id }) => {
+                    map.remove(&id);
+                }
+                // A torn last line after a crash: that enrolment was never answered.
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), line = n + 1, error = %e, "skipping an unreadable enrolment record")
+                }
+            }
+        }
+        // Compact: one record per live enrolment, written aside and renamed over the log.
+        let tmp = self.path.with_extension("log.tmp");
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.err(e))?;
+        let mut ids: Vec<&String> = map.keys().collect();
+        ids.sort();
+        for id in ids {
+            let op = Op::Enrol {
+                id: id.clone(),
+                e: map[id].clone(),
+            };
+            let mut line = serde_json::to_vec(&op).expect("plain structs serialize");
+            line.push(b'\n');
+            out.write_all(&line).map_err(|e| self.err(e))?;
+        }
+        out.sync_all().map_err(|e| self.err(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))?;
+        Ok(map)
+    }
+
+    fn enrolled(&self, instance_id: &str, e: &Enrolment) -> Result<(), StoreError> {
+        self.append(&Op::Enrol {
+            id: instance_id.to_owned(),
+            e: e.clone(),
+        })
+    }
+
+    fn removed(&self, instance_id: &str) -> Result<(), StoreError> {
+        self.append(&Op::Remove {
+            id: instance_id.to_owned(),
+        })
+    }
+}
+
+/// Nothing persisted: for `--identity shared|mtls|aws`, where no secret is kept, and tests.
+#[derive(Debug, Default)]
+pub struct NoStore;
+
+impl EnrolmentStore for NoStore {
+    fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError> {
+        Ok(HashMap::new())
+    }
+    fn enrolled(&self, _: &str, _: &Enrolment) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn removed(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_and_compacts() {
+        let d = tempfile::tempdir().unwrap();
+        let s = FileEnrolments::new(d.path());
+        assert!(s.load().unwrap().is_empty());
+        let e = |h: &str| Enrolment {
+            credential_sha256: h.into(),
+            enrolled_ms: 5,
+        };
+        s.enrolled("i-1", &e("aa")).unwrap();
+        s.enrolled("i-2", &e("bb")).unwrap();
+        s.removed("i-1").unwrap();
+        s.enrolled("i-1", &e("cc")).unwrap();
+        // A torn line at the end, as a crash mid-append leaves it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.path())
+            .unwrap()
+            .write_all(b"{\"op\":\"enr")
+            .unwrap();
+        let again = FileEnrolments::new(d.path());
+        let m = again.load().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["i-1"].credential_sha256, "cc");
+        assert_eq!(m["i-2"].credential_sha256, "bb");
+        let text = std::fs::read_to_string(again.path()).unwrap();
+        assert_eq!(text.lines().count(), 2, "compacted: {text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(again.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+    }
+}

@@ -1,0 +1,49 @@
+//! `DELETE /v1/instances/{id}/enrolment`: forget a tofu enrolment, for a box whose state dir
+//! (and with it its credential) was wiped. Audited: a reset opens the id to the next sender.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::app::{authorize, Shared};
+use crate::auth::Role;
+use crate::reply::error;
+
+pub async fn delete_enrolment(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let gate = s.identity.clone();
+    let id2 = id.clone();
+    // The store fsyncs: off the async threads.
+    let done = tokio::task::spawn_blocking(move || gate.reset(&id2)).await;
+    match done {
+        Ok(Ok(true)) => {
+            tracing::warn!(instance_id = %id, token = %caller.token_name, "enrolment reset: the next report for this id enrols it");
+            crate::audit::record(
+                &s.writer,
+                "enrolment_reset",
+                &caller.token_name,
+                &id,
+                "enrolment reset; the next report for this id enrols it",
+            );
+            Json(json!({ "instance_id": id, "reset": true })).into_response()
+        }
+        Ok(Ok(false)) => error(
+            StatusCode::NOT_FOUND,
+            format!("instance {id:?} is not enrolled here (nothing to reset)"),
+        ),
+        Ok(Err(e)) => crate::reply::unavailable(
+            std::time::Duration::from_secs(5),
+            &format!("cannot record the reset: {e}"),
+        ),
+        Err(_) => crate::reply::unavailable(std::time::Duration::from_secs(5), "reset failed"),
+    }
+}
