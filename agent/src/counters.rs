@@ -24,6 +24,7 @@ mod names {
         drift_scans,
         drift_events,
         drift_overflows,
+        drift_resends,
         journal_entries,
         journal_cursor_resets
     );

@@ -86,6 +86,7 @@ pub fn run(
         spool: spool.clone(),
         state_dir: cfg.state_dir.clone(),
         interval: cfg.interval,
+        drift_link: drift::DriftLink::default(),
     };
     let mut threads = Vec::new();
     for src in sources(&cfg)? {
@@ -107,7 +108,8 @@ pub fn run(
         cfg.token.clone(),
         spool.clone(),
         cfg.state_dir.clone(),
-    );
+    )
+    .with_drift_link(ctx.drift_link.clone());
     sender.run();
     for t in threads {
         t.join().ok();

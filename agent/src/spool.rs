@@ -489,6 +489,7 @@ mod tests {
                 .collect(),
             drift: None,
             checks: vec![],
+            drift_root: None,
         }
     }
 

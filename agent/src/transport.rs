@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::drift::DriftLink;
 use crate::spool::{Entry, Spool};
 
 #[derive(Debug)]
@@ -16,6 +17,7 @@ pub struct Sender {
     token: Option<String>,
     spool: Arc<Spool>,
     state_dir: PathBuf,
+    drift_link: DriftLink,
 }
 
 /// What to do with a batch after one attempt.
@@ -57,7 +59,14 @@ impl Sender {
             token,
             spool,
             state_dir,
+            drift_link: DriftLink::default(),
         }
+    }
+
+    /// Pass the collector's resend-drift requests (in acks) to the drift source.
+    pub fn with_drift_link(mut self, link: DriftLink) -> Sender {
+        self.drift_link = link;
+        self
     }
 
     /// Until the agent stops: send, ack, back off.
@@ -117,7 +126,12 @@ impl Sender {
             .read_to_string(&mut body)
             .ok();
         match status {
-            200..=299 => Outcome::Acked,
+            200..=299 => {
+                if let Ok(ack) = serde_json::from_str::<phoenix_wire::Ack>(&body) {
+                    self.drift_link.on_ack(&ack);
+                }
+                Outcome::Acked
+            }
             400 | 413 | 422 => Outcome::Refused(format!("HTTP {status}: {}", body.trim())),
             401 | 403 => Outcome::Retry(
                 Some(Duration::from_secs(30)),

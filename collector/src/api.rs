@@ -182,6 +182,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                 accepted: report.seq,
                 duplicate: true,
                 rejected_points: 0,
+                resend_drift: false,
             })
             .into_response(),
         );
@@ -228,6 +229,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
+        resend_drift: false,
     })
     .into_response()
 }

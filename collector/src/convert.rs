@@ -179,6 +179,7 @@ mod tests {
             }],
             drift: None,
             checks: vec![],
+            drift_root: None,
         };
         let mut w = Writer::default();
         report_lines(&r, &mut w);

@@ -602,6 +602,7 @@ mod tests {
             logs: vec![],
             drift: None,
             checks,
+            drift_root: None,
         }
     }
 

@@ -36,6 +36,7 @@ fn report(instance: &str, seq: u64) -> Report {
         logs: vec![],
         drift: None,
         checks: vec![],
+        drift_root: None,
     }
 }
 

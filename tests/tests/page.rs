@@ -467,6 +467,7 @@ fn page_answers_plain_http_clients_with_escaped_html() {
         logs: vec![],
         drift: None,
         checks: vec![],
+        drift_root: None,
     };
     let ack = c.post_report(&r);
     assert_eq!(ack.status, 200, "{}", ack.body);

@@ -106,6 +106,7 @@ fn sim_report(s: &Sim) -> Report {
         logs: vec![],
         drift,
         checks: vec![],
+        drift_root: None,
     }
 }
 

@@ -209,6 +209,7 @@ fn report(instance: &str, seq: u64, points: usize) -> Report {
         logs: vec![],
         drift: None,
         checks: vec![],
+        drift_root: None,
     }
 }
 

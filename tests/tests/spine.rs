@@ -27,6 +27,7 @@ fn report(instance: &str, seq: u64, points: Vec<Point>) -> Report {
         logs: vec![],
         drift: None,
         checks: vec![],
+        drift_root: None,
     }
 }
 

@@ -51,6 +51,7 @@ impl Env {
             spool: self.spool.clone(),
             state_dir: self.state.clone(),
             interval: Duration::from_secs(10),
+            drift_link: Default::default(),
         }
     }
 

@@ -860,6 +860,7 @@ mod tests {
                     logs: vec![],
                     drift: None,
                     checks: vec![],
+                    drift_root: None,
                 },
                 None,
                 now_ms(),
@@ -1035,6 +1036,7 @@ mod tests {
                 detail: evil.into(),
                 duration_ms: 1,
             }],
+            drift_root: None,
         };
         let drift = crate::fleet::DriftInfo {
             hash: "h".into(),

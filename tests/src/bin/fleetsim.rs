@@ -217,6 +217,7 @@ fn report(id: &str, group: &str, seq: u64, points: usize, interval_ms: u64) -> R
         logs: vec![],
         drift: None,
         checks: vec![],
+        drift_root: None,
     }
 }
 
