@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod decide;
+
 pub const AGENT_TOKEN: &str = "agent-secret-1";
 pub const RECYCLER_TOKEN: &str = "recycler-secret-1";
 pub const PIPELINE_TOKEN: &str = "pipeline-secret-1";
