@@ -52,10 +52,20 @@ impl DriftLink {
         self.0.resend.swap(false, Ordering::SeqCst)
     }
 
-    /// The drift source queued its full state as spool seq `seq`: requests in acks of older
-    /// batches are answered by it.
-    pub fn sent_full(&self, seq: u64) {
-        self.0.answered.fetch_max(seq, Ordering::SeqCst);
+    /// The drift source is about to queue its full state: until [`DriftLink::sent_full`]
+    /// names its seq, every request is taken as answered by it. Otherwise the sender could
+    /// pass on an ack of an older batch after the new state is in the spool but before its
+    /// seq is recorded, and the state would go out twice. Returns what to restore if the
+    /// push fails.
+    pub fn sending_full(&self) -> u64 {
+        self.0.answered.swap(u64::MAX, Ordering::SeqCst)
+    }
+
+    /// The full state went into the spool as `seq` (None: it could not be queued); `prev`
+    /// is what [`DriftLink::sending_full`] returned.
+    pub fn sent_full(&self, prev: u64, seq: Option<u64>) {
+        let now = seq.map_or(prev, |s| s.max(prev));
+        self.0.answered.store(now, Ordering::SeqCst);
     }
 }
 
@@ -90,7 +100,11 @@ mod tests {
         assert!(l.take_resend());
         // The full state went out as seq 9; batches 6..8 were already queued before it and
         // their acks still ask: no second resend for them.
-        l.sent_full(9);
+        let prev = l.sending_full();
+        // While the state is being queued, no request (of any age) starts another one.
+        l.on_ack(&ack(u64::MAX - 1, true));
+        assert!(!l.take_resend());
+        l.sent_full(prev, Some(9));
         for s in 6..9 {
             l.on_ack(&ack(s, true));
         }

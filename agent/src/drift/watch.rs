@@ -185,13 +185,12 @@ impl DriftSource {
         ctx.drift_link.set_root(tree.root());
         let mut report = ctx.report();
         report.drift = Some(self.state(tree, note));
-        match ctx.spool.push(Kind::Drift, report, None, Duration::ZERO) {
-            Ok(seq) => {
-                if let Some(seq) = seq {
-                    ctx.drift_link.sent_full(seq);
-                }
-                seq
-            }
+        let prev = ctx.drift_link.sending_full();
+        let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
+        ctx.drift_link
+            .sent_full(prev, pushed.as_ref().ok().copied().flatten());
+        match pushed {
+            Ok(seq) => seq,
             Err(e) => {
                 if !ctx.spool.stopping() {
                     tracing::error!(error = %e, "cannot queue the drift report; will retry on the next change or rescan");
