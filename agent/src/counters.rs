@@ -31,6 +31,7 @@ mod names {
         drift_scans,
         drift_events,
         drift_overflows,
+        drift_resends,
         journal_entries,
         journal_cursor_resets,
         // Metric points evicted or never queued: the spool was at --spool-max, or the state

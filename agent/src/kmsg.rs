@@ -426,6 +426,7 @@ mod tests {
             spool: spool.clone(),
             state_dir: state.clone(),
             interval: Duration::from_secs(1),
+            drift_link: Default::default(),
         };
         let dev = dir.path().join("kmsg");
         let boot = dir.path().join("boot_id");

@@ -121,6 +121,7 @@ pub fn run(
         spool: spool.clone(),
         state_dir: cfg.state_dir.clone(),
         interval: cfg.interval,
+        drift_link: drift::DriftLink::default(),
     };
     let mut threads = Vec::new();
     for src in sources(&cfg)? {
@@ -140,7 +141,8 @@ pub fn run(
         cfg.token.clone(),
         spool.clone(),
         cfg.state_dir.clone(),
-    );
+    )
+    .with_drift_link(ctx.drift_link.clone());
     sender.max_in_flight = cfg.max_in_flight;
     // Often enough that a recovered first collector gets its agents back within a few
     // intervals, rarely enough to cost nothing.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use phoenix_wire::{Identity, Report, VERSION};
 
+use crate::drift::DriftLink;
 use crate::spool::Spool;
 
 /// Everything a source needs: who we are, where to queue batches, where to keep state.
@@ -14,6 +15,8 @@ pub struct Ctx {
     pub spool: Arc<Spool>,
     pub state_dir: PathBuf,
     pub interval: std::time::Duration,
+    /// The drift root every report carries, and the collector's requests to resend drift.
+    pub drift_link: DriftLink,
 }
 
 impl Ctx {
@@ -28,7 +31,7 @@ impl Ctx {
             logs: Vec::new(),
             drift: None,
             checks: Vec::new(),
-            drift_root: None,
+            drift_root: self.drift_link.root(),
         }
     }
 

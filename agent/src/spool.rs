@@ -915,7 +915,8 @@ mod tests {
         assert_eq!(s.pending_checkpoint("logs").unwrap()["off"], 42);
         let e = s.oldest(Duration::ZERO).unwrap();
         assert_eq!(e.seq, a);
-        let r = phoenix_wire::decode(&e.body, true, &Default::default()).unwrap();
+        let r = phoenix_wire::decode(&e.body, true, &phoenix_wire::Limits::default().any_time())
+            .unwrap();
         assert_eq!(r.seq, a);
         assert_eq!(r.metrics.len(), 3);
         s.ack(&e, dir.path()).unwrap();

@@ -81,6 +81,7 @@ mod tests {
             spool: Arc::new(Spool::open(&dir.path().join("spool"), 1 << 20).unwrap()),
             state_dir: dir.path().to_path_buf(),
             interval: Duration::from_secs(10),
+            drift_link: Default::default(),
         };
         let runs = Arc::new(AtomicU32::new(0));
         let before = counters::source_restarts.load(Ordering::Relaxed);

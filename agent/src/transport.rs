@@ -183,6 +183,8 @@ pub struct Sender {
     pub max_in_flight: usize,
     /// How often the first collector is probed while another one is in use.
     pub probe_every: Duration,
+    /// Where the collector's resend-drift requests (in acks) go: the drift source.
+    drift_link: crate::drift::DriftLink,
 }
 
 impl Sender {
@@ -221,7 +223,14 @@ impl Sender {
             state_dir,
             max_in_flight: 4,
             probe_every: Duration::from_secs(30),
+            drift_link: crate::drift::DriftLink::default(),
         }
+    }
+
+    /// Pass the collector's resend-drift requests (in acks) to the drift source.
+    pub fn with_drift_link(mut self, link: crate::drift::DriftLink) -> Sender {
+        self.drift_link = link;
+        self
     }
 
     /// One attempt of `entry` at collector `idx` (0 is the first given).
@@ -421,6 +430,7 @@ impl Sender {
     /// The single place an accepted ack is handled.
     fn on_acked(&self, st: &mut State, seq: u64, ack: &phoenix_wire::Ack) {
         self.spool.mark_acked(seq);
+        self.drift_link.on_ack(ack);
         if ack.rejected_points > 0 {
             tracing::warn!(
                 seq,

@@ -126,6 +126,7 @@ fn any_chunking_of_any_bytes_yields_exactly_the_lines() {
         spool: spool.clone(),
         state_dir: state.clone(),
         interval: Duration::from_secs(10),
+        drift_link: Default::default(),
     };
     let mut o = Options::new(vec![path.display().to_string()]);
     o.from_start = true;

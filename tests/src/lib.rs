@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod decide;
 pub mod nofile;
 pub mod pg;
 pub mod trust;

@@ -237,7 +237,7 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
             baseline: Some(forged.clone()),
             changes: vec![],
             entries: entries.len() as u64,
-            ts: 1,
+            ts: phoenix_wire::bounds::now_ns(),
             note: None,
             entries_list: Some(entries),
         }),
@@ -259,7 +259,7 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         baseline: Some(manifest.root.clone()),
         changes: vec![],
         entries: manifest.entries.len() as u64,
-        ts: 2,
+        ts: phoenix_wire::bounds::now_ns(),
         note: None,
         entries_list: Some(manifest.entries.clone()),
     });

@@ -9,6 +9,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+pub mod bounds;
 pub mod confval;
 mod cut;
 pub mod drift;
@@ -31,6 +32,8 @@ pub struct Report {
     /// Increasing per agent; the collector drops a batch whose (instance, boot, seq) it already took.
     pub seq: u64,
     /// The agent's reporting interval, so the collector can tell "late" from "silent".
+    /// 0 (absent) or [`bounds::MIN_INTERVAL_MS`]..=[`bounds::MAX_INTERVAL_MS`]; decode refuses
+    /// anything else.
     #[serde(default)]
     pub interval_ms: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -41,8 +44,11 @@ pub struct Report {
     pub drift: Option<DriftState>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckResult>,
-    /// The agent's current drift root hash, on every report of an agent that watches files,
-    /// so the collector can tell when its record is missing or stale.
+    /// The agent's current drift root (hex, the [`DriftState::hash`] of its latest scan or
+    /// event), on every report whatever it carries, so the collector notices cheaply when its
+    /// record of the instance's drift is missing or stale (a restart, a gone instance coming
+    /// back, a lost drift report) and asks for the full state with [`Ack::resend_drift`].
+    /// None when the agent watches nothing or has not finished its first scan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_root: Option<String>,
 }
@@ -59,6 +65,7 @@ pub struct Identity {
     pub boot_id: String,
     pub version: String,
     /// Unix seconds at which this boot started; lets the collector compute instance age.
+    /// 0 (unknown) or from [`bounds::MIN_BOOT_TIME`] to a little after the collector's clock.
     #[serde(default)]
     pub boot_time: u64,
 }
@@ -192,8 +199,9 @@ pub struct Ack {
     /// Lines InfluxDB refused for good (logged at the collector); never retried.
     #[serde(default)]
     pub rejected_points: u64,
-    /// The collector has no current record of this agent's drift state: send the full
-    /// drift state with the next report.
+    /// The collector's drift record for this instance is missing or differs from the
+    /// report's [`Report::drift_root`]: the agent should send its full drift state (changes
+    /// and entry list, as in a normal drift report) at once.
     #[serde(default)]
     pub resend_drift: bool,
 }
@@ -208,6 +216,15 @@ pub struct Limits {
     pub max_string: usize,
     pub max_checks: usize,
     pub max_drift_entries: usize,
+    /// How far before the collector's clock a point, line or drift timestamp may lie: a
+    /// spooled batch from a long outage still fits, a time decades off does not.
+    pub max_age: std::time::Duration,
+    /// How far after the collector's clock a timestamp (or `boot_time`) may lie: agents'
+    /// clocks run a little ahead, never by hours.
+    pub max_ahead: std::time::Duration,
+    /// The collector's clock in Unix ns; `None` reads the system clock at each decode.
+    /// Tests pin it so a fixed corpus keeps decoding.
+    pub now_ns: Option<i64>,
 }
 
 impl Default for Limits {
@@ -220,6 +237,22 @@ impl Default for Limits {
             max_string: 64 << 10,
             max_checks: 256,
             max_drift_entries: 1_000_000,
+            max_age: std::time::Duration::from_secs(7 * 86_400),
+            max_ahead: std::time::Duration::from_secs(600),
+            now_ns: None,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits with the time window opened to (nearly) all of i64: for tools and tests
+    /// that read spooled or synthetic reports rather than judge them against a clock.
+    pub fn any_time(self) -> Limits {
+        Limits {
+            max_age: std::time::Duration::MAX,
+            max_ahead: std::time::Duration::MAX,
+            now_ns: Some(0),
+            ..self
         }
     }
 }
@@ -288,6 +321,8 @@ pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, Dec
     }
     let report: Report = serde_json::from_slice(&json).map_err(DecodeError::Json)?;
     validate(&report, limits).map_err(DecodeError::Invalid)?;
+    let now = limits.now_ns.unwrap_or_else(bounds::now_ns);
+    bounds::check_numbers(&report, now, limits).map_err(DecodeError::Invalid)?;
     Ok(report)
 }
 
@@ -491,7 +526,7 @@ mod tests {
                 hostname: "web-1".into(),
                 boot_id: "b".into(),
                 version: "0.1.0".into(),
-                boot_time: 1,
+                boot_time: 1_700_000_000,
             },
             seq: 7,
             interval_ms: 10_000,
@@ -499,7 +534,7 @@ mod tests {
                 m: "cpu".into(),
                 tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
                 fields,
-                ts: 1,
+                ts: bounds::now_ns(),
             }],
             logs: vec![],
             drift: None,

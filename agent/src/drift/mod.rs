@@ -7,6 +7,7 @@
 //! collector computes exactly the same roots and diffs.
 
 mod glob;
+pub mod link;
 pub mod scan;
 mod watch;
 
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use phoenix_wire::drift::{diff, Manifest, MANIFEST_VERSION};
 
 pub use glob::{Excludes, DEFAULT_EXCLUDES};
+pub use link::DriftLink;
 pub use scan::{path_text, Scanner, Tree};
 pub use watch::DriftSource;
 

@@ -438,6 +438,7 @@ fn test_ctx(state: &Path) -> crate::source::Ctx {
         spool,
         state_dir: state.to_path_buf(),
         interval: Duration::from_secs(10),
+        drift_link: Default::default(),
     }
 }
 
@@ -594,4 +595,83 @@ proptest! {
         // Every one of the three edits changes something the entry records.
         prop_assert_ne!(t.root(), before);
     }
+}
+
+/// Wait for the next queued report of any kind, taking it off the spool.
+fn next_report(ctx: &crate::source::Ctx, within: Duration) -> Option<phoenix_wire::Report> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(e) = ctx.spool.oldest(Duration::from_millis(100)) {
+            let r = phoenix_wire::decode(&e.body, true, &phoenix_wire::Limits::default()).unwrap();
+            ctx.spool.ack(&e, &ctx.state_dir).unwrap();
+            return Some(r);
+        }
+    }
+    None
+}
+
+#[test]
+fn every_report_carries_the_root_and_a_resend_request_gets_the_full_state() {
+    let d = tempfile::tempdir().unwrap();
+    sample_tree(d.path());
+    let watched = d.path().join("etc");
+    let s = Scanner::new(
+        std::slice::from_ref(&watched),
+        Excludes::new(DEFAULT_EXCLUDES),
+        1,
+    );
+    let base = s.full_scan();
+    let baseline = Baseline {
+        root: base.root(),
+        entries: base.entries(),
+    };
+    // Drifted before the agent starts, as a box whose drift the collector forgot.
+    fs::write(watched.join("passwd"), "mallory::0:0::/:/bin/sh\n").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = test_ctx(state.path());
+    assert_eq!(
+        ctx.report().drift_root,
+        None,
+        "no root before the first scan"
+    );
+    let src = Box::new(DriftSource::new(
+        s.clone(),
+        Some(baseline),
+        Duration::from_secs(3600),
+    ));
+    let c2 = ctx.clone();
+    let h = std::thread::spawn(move || crate::source::Source::run(src, c2));
+    let first = next_report(&ctx, Duration::from_secs(10)).expect("first drift report");
+    let fd = first.drift.clone().expect("drift state");
+    assert_eq!(first.drift_root.as_deref(), Some(fd.hash.as_str()));
+    assert_eq!(fd.changes.len(), 1, "{:?}", fd.changes);
+    // Any other report (metrics, logs) built from now on carries the root too.
+    assert_eq!(ctx.report().drift_root.as_deref(), Some(fd.hash.as_str()));
+
+    // Nothing changes, so nothing more is queued...
+    assert!(next_report(&ctx, Duration::from_millis(800)).is_none());
+    // ...until an ack asks for the state again.
+    let t = Instant::now();
+    ctx.drift_link.on_ack(&phoenix_wire::Ack {
+        accepted: first.seq + 1,
+        duplicate: false,
+        rejected_points: 0,
+        resend_drift: true,
+    });
+    let again = next_report(&ctx, Duration::from_secs(5)).expect("the state, resent");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let ad = again.drift.expect("a drift state");
+    assert_eq!(ad.hash, fd.hash);
+    assert_eq!(ad.changes, fd.changes);
+    assert_eq!(ad.entries_list, fd.entries_list, "the full entry list");
+    // An ack of a batch queued before the resend still asks; that request is stale.
+    ctx.drift_link.on_ack(&phoenix_wire::Ack {
+        accepted: again.seq - 1,
+        duplicate: false,
+        rejected_points: 0,
+        resend_drift: true,
+    });
+    assert!(next_report(&ctx, Duration::from_millis(800)).is_none());
+    ctx.spool.stop();
+    h.join().unwrap().unwrap();
 }

@@ -179,17 +179,44 @@ impl DriftSource {
         None
     }
 
-    fn push(&self, ctx: &Ctx, tree: &Tree, note: Option<String>) -> bool {
+    /// Queue the full state; the spool seq it got, or None when it could not be queued.
+    fn push(&self, ctx: &Ctx, tree: &Tree, note: Option<String>) -> Option<u64> {
+        // The root first, so this report and every later one (metrics, logs) carry it.
+        ctx.drift_link.set_root(tree.root());
         let mut report = ctx.report();
         report.drift = Some(self.state(tree, note));
-        match ctx.spool.push(Kind::Drift, report, None, Duration::ZERO) {
-            Ok(_) => true,
+        let prev = ctx.drift_link.sending_full();
+        let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
+        ctx.drift_link
+            .sent_full(prev, pushed.as_ref().ok().copied().flatten());
+        match pushed {
+            Ok(seq) => seq,
             Err(e) => {
                 if !ctx.spool.stopping() {
                     tracing::error!(error = %e, "cannot queue the drift report; will retry on the next change or rescan");
                 }
-                false
+                None
             }
+        }
+    }
+
+    /// The collector asked (in an ack) for the full state: its record is missing or stale.
+    /// Send what we have now; the tree is always current, so no rescan is needed.
+    fn answer_resend(&self, ctx: &Ctx, tree: &Tree, note: Option<String>) -> bool {
+        if !ctx.drift_link.take_resend() {
+            return false;
+        }
+        match self.push(ctx, tree, note) {
+            Some(seq) => {
+                counters::add(&counters::drift_resends, 1);
+                tracing::info!(
+                    seq,
+                    root = %tree.root(),
+                    "collector asked for the drift state again; queued it"
+                );
+                true
+            }
+            None => false,
         }
     }
 }
@@ -232,9 +259,11 @@ impl Source for DriftSource {
         };
         let mut tree = self.full_scan();
         let mut pushed: Option<(String, Option<String>)> = None;
-        if self.push(&ctx, &tree, degraded.clone()) {
+        if self.push(&ctx, &tree, degraded.clone()).is_some() {
             pushed = Some((tree.root(), degraded.clone()));
         }
+        // A request that came in during the first scan is answered by the state just queued.
+        ctx.drift_link.take_resend();
         tracing::info!(entries = tree.len(), root = %tree.root(), paths = ?self.scanner.roots(), "drift watching");
         let mut next_full = Instant::now() + rescan_every;
         while !ctx.spool.stopping() {
@@ -244,11 +273,19 @@ impl Source for DriftSource {
                 next_full = now + rescan_every;
                 degraded.clone()
             } else {
-                // Short waits so a stop is noticed promptly.
-                let first = match rx.recv_timeout((next_full - now).min(Duration::from_millis(250)))
-                {
+                // Short waits so a stop and a resend request are noticed promptly.
+                let first = match rx.recv_timeout((next_full - now).min(super::link::RESEND_POLL)) {
                     Ok(ev) => ev,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if self.answer_resend(
+                            &ctx,
+                            &tree,
+                            pushed.as_ref().and_then(|p| p.1.clone()),
+                        ) {
+                            pushed = Some((tree.root(), pushed.and_then(|p| p.1)));
+                        }
+                        continue;
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         anyhow::bail!("the inotify watcher thread ended")
                     }
@@ -275,8 +312,10 @@ impl Source for DriftSource {
             let changed = pushed
                 .as_ref()
                 .is_none_or(|(r, n)| *r != root || (note.is_some() && *n != note));
-            if changed && self.push(&ctx, &tree, note.clone()) {
+            if changed && self.push(&ctx, &tree, note.clone()).is_some() {
                 tracing::debug!(root = %root, entries = tree.len(), "drift state queued");
+                pushed = Some((root, note));
+            } else if self.answer_resend(&ctx, &tree, note.clone()) {
                 pushed = Some((root, note));
             }
         }

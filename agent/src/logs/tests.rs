@@ -51,6 +51,7 @@ impl Env {
             spool: self.spool.clone(),
             state_dir: self.state.clone(),
             interval: Duration::from_secs(10),
+            drift_link: Default::default(),
         }
     }
 
@@ -78,7 +79,9 @@ impl Env {
     fn drain(&self) -> Vec<LogLine> {
         let mut out = Vec::new();
         while let Some(e) = self.spool.oldest(Duration::ZERO) {
-            let r = phoenix_wire::decode(&e.body, true, &Default::default()).unwrap();
+            let r =
+                phoenix_wire::decode(&e.body, true, &phoenix_wire::Limits::default().any_time())
+                    .unwrap();
             out.extend(r.logs);
             self.spool.ack(&e, &self.state).unwrap();
         }
@@ -564,7 +567,7 @@ fn batches_are_bounded() {
     let mut sizes = Vec::new();
     while let Some(e) = env.spool.oldest(Duration::ZERO) {
         sizes.push(
-            phoenix_wire::decode(&e.body, true, &Default::default())
+            phoenix_wire::decode(&e.body, true, &phoenix_wire::Limits::default().any_time())
                 .unwrap()
                 .logs
                 .len(),
