@@ -23,6 +23,18 @@ pub fn discover(o: &Overrides) -> Identity {
         .unwrap_or_else(|| "localhost".into());
     let boot_id = read_trim(&o.root.join("proc/sys/kernel/random/boot_id")).unwrap_or_default();
     let boot_time = boot_time(o.root);
+    // An id given explicitly but unusable is a mistake in the config: say so once and loudly,
+    // before falling back, so an instance does not report under a surprising name unnoticed.
+    for (flag, v) in [("--instance-id", o.instance_id), ("--image-id", o.image_id)] {
+        if let Some(v) = v.filter(|v| !phoenix_wire::valid_id(v)) {
+            tracing::warn!(
+                flag,
+                value = %v,
+                "ignoring an invalid {flag}: use 1-128 chars of A-Z a-z 0-9 - _ . : /; \
+                 discovering the id instead (cloud-init, IMDS, or the host's machine id)"
+            );
+        }
+    }
     let mut instance_id = o.instance_id.map(str::to_owned);
     let mut image_id = o.image_id.map(str::to_owned);
     if instance_id.is_none() || image_id.is_none() {
