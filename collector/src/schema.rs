@@ -91,7 +91,9 @@ fn log_kind(field: &str) -> Option<Kind> {
 
 /// Measurements only the collector writes.
 fn reserved(m: &str) -> bool {
-    m == "log" || (m.starts_with("phoenix_") && m != "phoenix_agent")
+    // The wire format's one list: the agent's own phoenix_* measurements (phoenix_agent,
+    // phoenix_listen, phoenix_ssh, phoenix_kernel …) stay the agent's.
+    phoenix_wire::COLLECTOR_MEASUREMENTS.contains(&m)
 }
 
 /// `v` as `want`, if that loses nothing.
