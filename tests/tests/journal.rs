@@ -16,7 +16,15 @@ use serde_json::Value;
 const DB: &str = "phoenix";
 const BOOT: &str = "fedcba9876543210fedcba9876543210";
 /// Realtime of the first test entry, µs; far from "now" so nothing else lands there.
-const T0: i64 = 1_650_000_000_000_000;
+/// The entries' time (µs): a day ago, inside the collector's accepted window (−7 d/+10 min),
+/// whole seconds so the expected values stay readable.
+static T0: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    (now - 86_400) * 1_000_000
+});
 
 fn journal_remote() -> PathBuf {
     [
@@ -50,7 +58,7 @@ fn e(us: i64, unit: &str, prio: u8, msg: &[u8]) -> Entry {
 fn write_journal(path: &Path, entries: &[Entry]) {
     let mut out = Vec::new();
     for en in entries {
-        let mono = (en.us - T0 + 1_000_000).to_string();
+        let mono = (en.us - *T0 + 1_000_000).to_string();
         let fields: [(&str, &[u8]); 8] = [
             ("__REALTIME_TIMESTAMP", en.us.to_string().as_bytes()),
             ("__MONOTONIC_TIMESTAMP", mono.as_bytes()),
@@ -222,7 +230,7 @@ fn every_entry_arrives_once_with_unit_level_time_and_exact_bytes() {
     write_journal(
         &file,
         &[e(
-            T0,
+            *T0,
             "seed.service",
             6,
             b"written before the agent started: not shipped",
@@ -234,32 +242,32 @@ fn every_entry_arrives_once_with_unit_level_time_and_exact_bytes() {
         &["--journal-file", file.to_str().unwrap()],
     );
     let wrote = vec![
-        e(T0 + 1_000, "web.service", 6, b"GET /index.html 200"),
+        e(*T0 + 1_000, "web.service", 6, b"GET /index.html 200"),
         e(
-            T0 + 2_000,
+            *T0 + 2_000,
             "web.service",
             3,
             b"Traceback (most recent call last):\n  File \"app.py\", line 1\nValueError: x",
         ),
         e(
-            T0 + 2_000,
+            *T0 + 2_000,
             "db.service",
             4,
             b"binary \xff\xfe\x00 bytes, \\x41 and a backslash",
         ),
         e(
-            T0 + 2_000,
+            *T0 + 2_000,
             "db.service",
             2,
             "unicode ✓ Grüße 😀, \"quoted\" a=b,c".as_bytes(),
         ),
         e(
-            T0 + 3_000,
+            *T0 + 3_000,
             "cron.service",
             7,
             b"debug line with\ttab and \x1b[31mcolour\x1b[0m",
         ),
-        e(T0 + 4_000, "web.service", 5, b""),
+        e(*T0 + 4_000, "web.service", 5, b""),
     ];
     write_journal(&file, &wrote);
     wait_count(&influx, "i-journal-1", wrote.len() as u64, &|| a.log_text());
@@ -298,7 +306,7 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
     let jdir = dir.path().join("journal");
     std::fs::create_dir_all(&jdir).unwrap();
     let file = jdir.join("system.journal");
-    write_journal(&file, &[e(T0, "seed.service", 6, b"seed")]);
+    write_journal(&file, &[e(*T0, "seed.service", 6, b"seed")]);
     let id = "i-journal-2";
     let mut a = agent(&c, id, &["--journal-dir", jdir.to_str().unwrap()]);
     let mut n = 0i64;
@@ -306,7 +314,7 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
         let out = (n..n + k)
             .map(|i| {
                 e(
-                    T0 + 1_000 + i * 10,
+                    *T0 + 1_000 + i * 10,
                     ["web.service", "db.service", "cron.service"][(i % 3) as usize],
                     (i % 8) as u8,
                     format!("entry {i}\nsecond line {}", "x".repeat((i % 40) as usize)).as_bytes(),
@@ -363,7 +371,7 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(r["time"].as_i64().unwrap(), (T0 + 1_000 + i * 10) * 1000);
+        assert_eq!(r["time"].as_i64().unwrap(), (*T0 + 1_000 + i * 10) * 1000);
         assert!(seen.insert(i, ()).is_none(), "entry {i} twice");
     }
     assert_eq!(seen.len() as i64, n);
@@ -373,7 +381,7 @@ fn restarts_and_sigkill_lose_nothing_and_duplicate_nothing() {
 fn unit_and_priority_filters() {
     let (influx, c, dir) = setup();
     let file = dir.path().join("f.journal");
-    write_journal(&file, &[e(T0, "seed.service", 6, b"seed")]);
+    write_journal(&file, &[e(*T0, "seed.service", 6, b"seed")]);
     let a = agent(
         &c,
         "i-journal-3",
@@ -395,7 +403,7 @@ fn unit_and_priority_filters() {
     {
         for p in 0..8u8 {
             wrote.push(e(
-                T0 + 1_000 + (i as i64) * 100 + p as i64,
+                *T0 + 1_000 + (i as i64) * 100 + p as i64,
                 unit,
                 p,
                 format!("{unit} p{p}").as_bytes(),
@@ -421,14 +429,14 @@ fn unit_and_priority_filters() {
 fn a_journal_replaced_under_the_agent_is_reported_and_reading_goes_on() {
     let (influx, c, dir) = setup();
     let file = dir.path().join("r.journal");
-    write_journal(&file, &[e(T0, "seed.service", 6, b"seed")]);
+    write_journal(&file, &[e(*T0, "seed.service", 6, b"seed")]);
     let id = "i-journal-4";
     let mut a = agent(&c, id, &["--journal-file", file.to_str().unwrap()]);
     write_journal(
         &file,
         &[
-            e(T0 + 10, "a.service", 6, b"one"),
-            e(T0 + 20, "a.service", 6, b"two"),
+            e(*T0 + 10, "a.service", 6, b"one"),
+            e(*T0 + 20, "a.service", 6, b"two"),
         ],
     );
     wait_count(&influx, id, 2, &|| a.log_text());
@@ -438,8 +446,8 @@ fn a_journal_replaced_under_the_agent_is_reported_and_reading_goes_on() {
     write_journal(
         &fresh,
         &[
-            e(T0 + 30, "b.service", 6, b"three"),
-            e(T0 + 40, "b.service", 6, b"four"),
+            e(*T0 + 30, "b.service", 6, b"three"),
+            e(*T0 + 40, "b.service", 6, b"four"),
         ],
     );
     std::fs::rename(&fresh, &file).unwrap();
@@ -465,7 +473,7 @@ fn a_journal_replaced_under_the_agent_is_reported_and_reading_goes_on() {
     // The same while the agent is down: still no crash, the new entries arrive.
     a.stop();
     let fresh = dir.path().join("fresh2.journal");
-    write_journal(&fresh, &[e(T0 + 50, "c.service", 6, b"five")]);
+    write_journal(&fresh, &[e(*T0 + 50, "c.service", 6, b"five")]);
     std::fs::rename(&fresh, &file).unwrap();
     a.up();
     wait_count(&influx, id, 5, &|| a.log_text());
