@@ -1138,7 +1138,7 @@ mod tests {
             .iter()
             .all(|e| e.seq > big && e.meta.checkpoint.is_none()));
         let lines = |e: &Entry| {
-            phoenix_wire::decode(&e.body, true, &Default::default())
+            phoenix_wire::decode(&e.body, true, &phoenix_wire::Limits::default().any_time())
                 .unwrap()
                 .logs
                 .len()
@@ -1225,7 +1225,12 @@ mod tests {
         assert!(again.seq > a);
         assert_eq!(again.meta.reseqs, 1);
         assert!(again.meta.checkpoint.is_none());
-        let r = phoenix_wire::decode(&again.body, true, &Default::default()).unwrap();
+        let r = phoenix_wire::decode(
+            &again.body,
+            true,
+            &phoenix_wire::Limits::default().any_time(),
+        )
+        .unwrap();
         assert_eq!((r.seq, r.logs.len()), (again.seq, 3));
         // The original's checkpoint is promoted now (its lines are safe in the new entry).
         assert_eq!(s.promote(dir.path()).unwrap(), 1);

