@@ -10,6 +10,7 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 pub mod bounds;
+pub mod civil;
 pub mod confval;
 mod cut;
 pub mod drift;

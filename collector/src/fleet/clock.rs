@@ -122,29 +122,13 @@ pub fn human(ms: i64) -> String {
 pub fn utc(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let (y, m, d) = civil(days);
+    let (y, m, d) = phoenix_wire::civil::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar, counting
-/// in 400-year eras that start on 1 March (so the leap day ends a year).
-fn civil(days: i64) -> (i64, u32, u32) {
-    // Saturating: a hostile timestamp must not overflow (the result is nonsense, not a panic).
-    let z = days.saturating_add(719_468);
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe.saturating_add(era.saturating_mul(400)) + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// "12 s ago" for a Unix ms time seen at `now_ms`.

@@ -36,22 +36,9 @@ impl FileSink {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let (y, m, d) = civil_from_days((secs / 86400) as i64);
+        let (y, m, d) = phoenix_wire::civil::civil_from_days((secs / 86400) as i64);
         format!("{y:04}-{m:02}-{d:02}")
     }
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 impl Sink for FileSink {
@@ -107,8 +94,8 @@ impl Sink for FileSink {
 mod tests {
     #[test]
     fn dates() {
-        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(super::civil_from_days(20_512), (2026, 2, 28));
+        assert_eq!(phoenix_wire::civil::civil_from_days(0), (1970, 1, 1));
+        assert_eq!(phoenix_wire::civil::civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(phoenix_wire::civil::civil_from_days(20_512), (2026, 2, 28));
     }
 }
