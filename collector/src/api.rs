@@ -335,7 +335,7 @@ async fn get_instance(
 
 async fn healthz(State(s): State<Shared>) -> Response {
     let down = s.writer.unavailable();
-    let body = json!({ "status": "ok", "store": s.store, "store_up": down.is_none(), "store_error": down.map(|d| d.reason), "fleet_store": s.fleet.describe_store(), "decider": s.fleet.is_decider() });
+    let body = json!({ "status": "ok", "store": s.store, "store_up": down.is_none(), "store_error": down.map(|d| d.reason), "fleet_store": s.fleet.describe_store(), "fleet_store_status": s.fleet.store_status(), "decider": s.fleet.is_decider() });
     (StatusCode::OK, Json(body)).into_response()
 }
 

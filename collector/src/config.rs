@@ -221,6 +221,25 @@ pub struct Args {
     /// Reports per peer address, checked before the body is read, e.g. 200/s or off [default: 500/s].
     #[arg(long, env = "PHOENIX_PEER_RATE_LIMIT")]
     pub peer_rate_limit: Option<String>,
+    /// Share fleet state with other collectors in PostgreSQL, e.g.
+    /// postgres://phoenix@db.internal:5432/phoenix (the schema is created and migrated by the
+    /// collector). Every role's token must then be given (generated ones are single-node).
+    /// Without it fleet state stays in --data-dir.
+    #[arg(long, env = "PHOENIX_FLEET_STORE", hide_env_values = true)]
+    pub fleet_store: Option<String>,
+    /// With --fleet-store: the decider lease; a dead decider is replaced within about this
+    /// [default: 10s].
+    #[arg(long, env = "PHOENIX_FLEET_LEASE")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
+    pub fleet_lease: Option<String>,
+}
+
+/// `--fleet-store`: where fleet state is shared.
+#[derive(Debug, Clone)]
+pub struct FleetStoreConfig {
+    /// A checked `postgres://` URL (may hold a password: never log it unredacted).
+    pub url: String,
+    pub lease: Duration,
 }
 
 /// Merged, checked settings.
@@ -245,6 +264,8 @@ pub struct Config {
     /// Connection cap and timeouts of the listener.
     pub listen_limits: crate::listen::Limits,
     pub peer_rate_limit: Option<crate::security::Rate>,
+    /// `--fleet-store`; None: embedded (`<data-dir>/fleet.json`).
+    pub fleet_store: Option<FleetStoreConfig>,
 }
 
 fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
@@ -444,7 +465,20 @@ impl Args {
             None,
         )
         .map_err(|e| anyhow::anyhow!(e.replace("--rate-limit", "--peer-rate-limit")))?;
+        let fleet_store = match pick!(fleet_store) {
+            None => None,
+            Some(url) => {
+                crate::pgstore::parse_url(&url)?;
+                let lease = dur(pick!(fleet_lease).as_deref(), "10s", "fleet-lease")?;
+                anyhow::ensure!(
+                    lease >= Duration::from_secs(1),
+                    "--fleet-lease must be at least 1s"
+                );
+                Some(FleetStoreConfig { url, lease })
+            }
+        };
         Ok(Config {
+            fleet_store,
             identity,
             listen_limits,
             peer_rate_limit,

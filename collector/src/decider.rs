@@ -84,8 +84,10 @@ fn run(fleet: &Fleet, writer: &WriterHandle, hook: Option<&Webhook>, stop: &Atom
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        once(fleet, writer, hook, &mut pending);
-        if last_save.elapsed() >= SAVE_EVERY && fleet.take_dirty() {
+        let decided = once(fleet, writer, hook, &mut pending);
+        // A pass that marked, held or alerted is saved at once: a shared store's next
+        // decider must start from it (budgets hold across a takeover).
+        if (decided || last_save.elapsed() >= SAVE_EVERY) && fleet.take_dirty() {
             last_save = Instant::now();
             save(fleet);
         }
@@ -94,13 +96,13 @@ fn run(fleet: &Fleet, writer: &WriterHandle, hook: Option<&Webhook>, stop: &Atom
     save(fleet);
 }
 
-/// One pass and everything it leads to.
+/// One pass and everything it leads to; true when it marked, held or alerted.
 pub fn once(
     fleet: &Fleet,
     writer: &WriterHandle,
     hook: Option<&Webhook>,
     pending: &mut Vec<(Reply, Vec<String>)>,
-) {
+) -> bool {
     // Points of earlier passes the store refused are due again.
     pending.retain_mut(|(rx, ids)| match rx.try_recv() {
         Ok(Ok(_)) => false,
@@ -112,6 +114,10 @@ pub fn once(
     });
     fleet.set_metrics_store(writer.unavailable().map(|u| (u.reason, u.retry_after)));
     let rep = fleet.pass();
+    let decided = !rep.marks.is_empty()
+        || !rep.holds.is_empty()
+        || !rep.alerts_raised.is_empty()
+        || !rep.alerts_cleared.is_empty();
     if let Some(h) = hook {
         for m in &rep.marks {
             h.send(&mark_event(m));
@@ -139,13 +145,18 @@ pub fn once(
     for a in &rep.alerts_cleared {
         alert_point(a, false, ts, &mut w);
     }
-    let due = fleet.due_points();
+    // One collector writes the `phoenix_instance` points: the one that decides.
+    let due = if fleet.is_decider() {
+        fleet.due_points()
+    } else {
+        Vec::new()
+    };
     let ids: Vec<String> = due.iter().map(|p| p.instance_id.clone()).collect();
     for p in &due {
         instance_point(p, ts, &mut w);
     }
     if w.lines == 0 {
-        return;
+        return decided;
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     match writer.submit(Job {
@@ -161,6 +172,7 @@ pub fn once(
             fleet.points_failed(&ids);
         }
     }
+    decided
 }
 
 fn save(fleet: &Fleet) {

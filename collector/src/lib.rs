@@ -42,6 +42,25 @@ pub fn load_tokens(cfg: &Config) -> anyhow::Result<Tokens> {
     for (role, v) in &cfg.tokens {
         t.add(*role, v);
     }
+    if cfg.fleet_store.is_some() {
+        // A generated token lives in one collector's data dir: agents that fail over to
+        // another collector would be refused there.
+        let missing: Vec<&str> = Role::ALL
+            .into_iter()
+            .filter(|r| !t.has(*r))
+            .map(Role::name)
+            .collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "--fleet-store: give every collector the same tokens from files or env \
+             (--{0}-token-file F or PHOENIX_{1}_TOKEN); generated tokens are single-node. \
+             Missing: {2}",
+            missing[0],
+            missing[0].to_uppercase(),
+            missing.join(", ")
+        );
+        return Ok(t);
+    }
     let dir = cfg.data_dir.join("tokens");
     for role in Role::ALL {
         if t.has(role) {
@@ -158,7 +177,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines"))
         .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
-    let (phoenix_fleet, decider) = start_phoenix(&cfg, writer.clone())?;
+    let (phoenix_fleet, decider, shared) = start_phoenix(&cfg, writer.clone())?;
     let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
     tokio::spawn(selfmetrics::run(
         obs.clone(),
@@ -211,10 +230,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             listen::serve(listener, app, None, cfg.listen_limits, shutdown()).await;
         }
     }
-    // The final save of the fleet state.
-    tokio::task::spawn_blocking(move || decider.stop())
-        .await
-        .ok();
+    // The final save of the fleet state, a last flush to a shared store, the lease given up.
+    tokio::task::spawn_blocking(move || {
+        decider.stop();
+        if let Some(pg) = shared {
+            pg.close();
+        }
+    })
+    .await
+    .ok();
     Ok(())
 }
 
@@ -228,13 +252,33 @@ async fn shutdown() {
     tracing::info!("stopping");
 }
 
-/// Fleet state from its store (`<data-dir>/fleet.json` embedded), and the queue driver.
+type Shared = Option<Arc<pgstore::store::PgFleetStore>>;
+
+/// Fleet state from its store (`<data-dir>/fleet.json` embedded, or PostgreSQL), and the
+/// queue driver.
 fn start_phoenix(
     cfg: &Config,
     writer: writer::WriterHandle,
-) -> anyhow::Result<(Arc<fleet::Fleet>, decider::Decider)> {
-    let store: Arc<dyn fleet::FleetStore> = Arc::new(fleet::EmbeddedStore::new(&cfg.data_dir));
+) -> anyhow::Result<(Arc<fleet::Fleet>, decider::Decider, Shared)> {
     let clock: Arc<dyn fleet::Clock> = Arc::new(fleet::SystemClock::new());
+    let (store, shared): (Arc<dyn fleet::FleetStore>, Shared) = match &cfg.fleet_store {
+        None => (Arc::new(fleet::EmbeddedStore::new(&cfg.data_dir)), None),
+        Some(fs) => {
+            let opts = pgstore::PgOptions {
+                lease_ttl: fs.lease,
+                ..Default::default()
+            };
+            let pg = pgstore::store::PgFleetStore::open(&fs.url, opts, clock.clone())
+                .with_context(|| {
+                    format!(
+                        "opening the fleet store {} (is PostgreSQL up and the database created?)",
+                        pgstore::redact(&fs.url)
+                    )
+                })?;
+            tracing::info!(store = %fleet::FleetStore::describe(pg.as_ref()), "fleet state shared in PostgreSQL");
+            (pg.clone(), Some(pg))
+        }
+    };
     let fleet = Arc::new(fleet::Fleet::open(cfg.health.clone(), clock, store)?);
     if cfg.health.log_only {
         tracing::warn!("--log-only: nothing will be marked for replacement; would-be marks are logged and listed under \"held\" in GET /v1/phoenix");
@@ -244,5 +288,5 @@ fn start_phoenix(
     });
     let rt = tokio::runtime::Handle::current();
     let decider = decider::Decider::start(fleet.clone(), writer, hook, rt);
-    Ok((fleet, decider))
+    Ok((fleet, decider, shared))
 }

@@ -191,6 +191,11 @@ impl Fleet {
         self.store.is_decider()
     }
 
+    /// A shared fleet store's health: None for the embedded one (nothing to be down).
+    pub fn store_status(&self) -> Option<store::SharedStatus> {
+        self.store.status()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere must not turn every later report into a panic too.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -362,6 +367,19 @@ impl Fleet {
             for (i, by, at) in &pulled.acks {
                 queue::ack(&mut g.instances, i, by, *at).ok();
             }
+            // Not deciding: the decider's verdicts (state, marks, holds) as it saved them.
+            for (id, phx) in pulled.phx {
+                if let Some(i) = g.instances.get_mut(&id) {
+                    let last_point_ms = i.phx.last_point_ms;
+                    i.phx = phx;
+                    i.phx.last_point_ms = last_point_ms;
+                }
+            }
+            if let Some(q) = pulled.queue {
+                let budget = std::mem::take(&mut g.queue.budget);
+                g.queue = q;
+                g.queue.budget = budget;
+            }
             g.late.push_back((now.mono_ms, peak));
             while g
                 .late
@@ -509,20 +527,7 @@ impl Fleet {
             .instances
             .into_iter()
             .map(|mut i| {
-                mv(&mut i.first_seen_mono);
-                mv(&mut i.last_seen_mono);
-                for b in i.boots.values_mut() {
-                    mv(&mut b.last_mono);
-                }
-                if let Some(t) = &mut i.tracking.pegged_since {
-                    mv(t);
-                }
-                if let Some(t) = &mut i.phx.problem_since_mono {
-                    mv(t);
-                }
-                if let Some(m) = &mut i.phx.mark {
-                    mv(&mut m.since_mono);
-                }
+                i.shift_mono(offset);
                 (i.identity.instance_id.clone(), i)
             })
             .collect();

@@ -108,6 +108,18 @@ pub struct Phx {
     pub last_point_ms: i64,
 }
 
+impl Phx {
+    /// Moves the queue's monotonic readings by `by` ms (see [`Instance::shift_mono`]).
+    pub fn shift_mono(&mut self, by: i64) {
+        if let Some(t) = &mut self.problem_since_mono {
+            *t = t.saturating_add(by);
+        }
+        if let Some(m) = &mut self.mark {
+            m.since_mono = m.since_mono.saturating_add(by);
+        }
+    }
+}
+
 /// Seqs of one boot known to be in a set (applied, or stored): every seq at or below
 /// `floor`, and the sorted seqs in `above`.
 ///
@@ -218,6 +230,21 @@ impl Instance {
 
     pub fn is_gone(&self) -> bool {
         self.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some())
+    }
+
+    /// Moves every monotonic reading by `by` ms (onto another process's clock: a restore,
+    /// or a state written by another collector).
+    pub fn shift_mono(&mut self, by: i64) {
+        let mv = |t: &mut i64| *t = t.saturating_add(by);
+        mv(&mut self.first_seen_mono);
+        mv(&mut self.last_seen_mono);
+        for b in self.boots.values_mut() {
+            mv(&mut b.last_mono);
+        }
+        if let Some(t) = &mut self.tracking.pegged_since {
+            mv(t);
+        }
+        self.phx.shift_mono(by);
     }
 
     fn boot(&mut self, boot_id: &str, now_mono: i64) -> &mut BootSeqs {

@@ -103,10 +103,26 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// For the decider: what other collectors observed since the last pull.
+    /// What other collectors observed since the last pull (and, for a collector that does
+    /// not decide, the decider's verdicts).
     fn pull(&self) -> Result<Pulled, StoreError> {
         Ok(Pulled::default())
     }
+
+    /// A shared store's health for `/healthz` and the page; None: embedded, nothing to be down.
+    fn status(&self) -> Option<SharedStatus> {
+        None
+    }
+}
+
+/// How a shared fleet store is doing, as this collector sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SharedStatus {
+    pub up: bool,
+    /// Why not, and what happens meanwhile.
+    pub reason: Option<String>,
+    /// Unix ms of the last change between up and down.
+    pub since_ms: i64,
 }
 
 /// What [`FleetStore::pull`] hands the decider.
@@ -117,6 +133,11 @@ pub struct Pulled {
     pub stored: Vec<(String, String, u64)>,
     /// (instance, by, at_ms) acks taken elsewhere.
     pub acks: Vec<(String, String, i64)>,
+    /// For a collector that does not decide: the decider's queue view of these instances
+    /// (state, problem, mark, hold), already on this collector's monotonic clock.
+    pub phx: Vec<(String, super::state::Phx)>,
+    /// For a collector that does not decide: the decider's queue state (alerts, rate).
+    pub queue: Option<QueueState>,
 }
 
 /// Memory plus `<data-dir>/fleet.json`.

@@ -20,6 +20,7 @@ pub mod listen;
 pub mod pull;
 pub mod registry;
 pub mod schema;
+pub mod store;
 pub mod verdict;
 
 use std::str::FromStr;
@@ -298,7 +299,13 @@ impl PgStore {
         ));
     }
 
-    fn note<T>(&self, r: &Result<T, PgError>, g: &mut Option<Client>) {
+    /// The work connection (one statement at a time; see `ensure` and `note`).
+    pub(crate) async fn work(&self) -> tokio::sync::MutexGuard<'_, Option<Client>> {
+        self.conn.lock().await
+    }
+
+    /// Records an outcome on the work connection: an outage drops it, to be re-opened.
+    pub(crate) fn note<T>(&self, r: &Result<T, PgError>, g: &mut Option<Client>) {
         match r {
             Ok(_) => self.health.ok(wall_ms()),
             Err(e) if e.is_outage() => {
@@ -309,7 +316,8 @@ impl PgStore {
         }
     }
 
-    async fn ensure<'a>(&self, g: &'a mut Option<Client>) -> Result<&'a mut Client, PgError> {
+    /// The work connection, (re)opened if needed.
+    pub(crate) async fn ensure<'a>(&self, g: &'a mut Option<Client>) -> Result<&'a mut Client, PgError> {
         if g.as_ref().is_none_or(|c| c.is_closed()) {
             match connect(&self.cfg).await {
                 Ok(c) => *g = Some(c),

@@ -12,7 +12,8 @@ use super::PgError;
 pub const MIGRATE_LOCK: i64 = 0x0070_6878_6d69_6772;
 
 /// (version, what it does, SQL). Append only: a released migration is never edited.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
     1,
     "fleet state, dedupe, observations, verdicts, baselines, enrolments, queue, lease, audit",
     r#"
@@ -138,7 +139,42 @@ CREATE TABLE phoenix_lease (
     expires_at  timestamptz NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "the fleet store seam: reports (observations and stored seqs), the decider's fleet rows",
+        r#"
+-- One row per accepted report (instance, boot, seq): the observation the collector that took
+-- it applied (JSON text: agent strings may hold what jsonb refuses), and whether its points
+-- were stored (only then may any collector answer "duplicate"). Pruned after a while.
+CREATE TABLE phoenix_reports (
+    instance_id text NOT NULL,
+    boot_id     text NOT NULL,
+    seq         bigint NOT NULL,
+    at_ms       bigint NOT NULL,
+    writer      text NOT NULL,
+    body        text NOT NULL,
+    stored      boolean NOT NULL DEFAULT false,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    PRIMARY KEY (instance_id, boot_id, seq)
+);
+CREATE INDEX phoenix_reports_changed ON phoenix_reports (changed);
+CREATE INDEX phoenix_reports_at ON phoenix_reports (at_ms);
+
+-- The decider's fleet state, one row per instance (JSON text), written under its fence when
+-- it changed; `saved_ms`/`saved_mono` translate the monotonic readings inside.
+CREATE TABLE phoenix_fleet (
+    instance_id text PRIMARY KEY,
+    body        text NOT NULL,
+    saved_ms    bigint NOT NULL,
+    saved_mono  bigint NOT NULL,
+    fence       bigint NOT NULL,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX phoenix_fleet_changed ON phoenix_fleet (changed);
+"#,
+    ),
+];
 
 /// The newest version this build knows.
 pub fn latest() -> i32 {
