@@ -41,7 +41,7 @@ use crate::fleet::state::{Instance, Observation, Phx};
 use crate::fleet::store::{FleetStore, Pulled, SharedStatus, Snapshot, StoreError, VERSION};
 
 /// Reports older than this are deleted (the decider's rows hold what they did long before).
-pub const KEEP_REPORTS_MS: i64 = 10 * 60_000;
+pub const KEEP_REPORTS_MS: i64 = 5 * 60_000;
 /// A first pull replays reports this recent on top of the loaded rows (these are at most
 /// [`REFRESH_MS`] behind in liveness and dedupe).
 pub const REPLAY_MS: i64 = 120_000;
