@@ -72,7 +72,10 @@ fn watch(cs: &[Option<Collector>], d: Duration, healthy: &[&str], marks: &[&str]
             }
             let m = marked(c);
             if m.iter().any(|id| !marks.contains(&id.as_str())) {
-                panic!("{when}: collector {k} marked {m:?}, allowed {marks:?}\n{}", logs(cs));
+                panic!(
+                    "{when}: collector {k} marked {m:?}, allowed {marks:?}\n{}",
+                    logs(cs)
+                );
             }
         }
         if Instant::now() >= end {
@@ -82,7 +85,12 @@ fn watch(cs: &[Option<Collector>], d: Duration, healthy: &[&str], marks: &[&str]
     }
 }
 
-fn until_all(cs: &[Option<Collector>], what: &str, within: Duration, f: impl Fn(&Collector) -> bool) {
+fn until_all(
+    cs: &[Option<Collector>],
+    what: &str,
+    within: Duration,
+    f: impl Fn(&Collector) -> bool,
+) {
     let ok = wait_for(within, || live(cs).iter().all(|(_, c)| f(c)).then_some(()));
     if ok.is_none() {
         let (_, c) = live(cs)[0];
@@ -146,9 +154,12 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     let all: Vec<&str> = ids.iter().map(String::as_str).collect();
 
     // Up: one decider, everyone healthy through every collector.
-    until_all(&cs, "fleet healthy on every collector", Duration::from_secs(60), |c| {
-        not_healthy(c, &all).is_none()
-    });
+    until_all(
+        &cs,
+        "fleet healthy on every collector",
+        Duration::from_secs(60),
+        |c| not_healthy(c, &all).is_none(),
+    );
     let deciders: Vec<usize> = live(&cs)
         .iter()
         .filter(|(_, c)| is_decider(c))
@@ -158,16 +169,22 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     for (_, c) in live(&cs) {
         let h = healthz(c);
         assert_eq!(h["fleet_store_status"]["up"], true, "{h}");
-        assert!(h["fleet_store"].as_str().unwrap().starts_with("postgres "), "{h}");
+        assert!(
+            h["fleet_store"].as_str().unwrap().starts_with("postgres "),
+            "{h}"
+        );
     }
     watch(&cs, Duration::from_secs(3), &all, &[], "before any drift");
 
     // 1. One drift: marked once, seen alike through every collector.
     trees[0].tamper();
     let first = ids[0].as_str();
-    until_all(&cs, "the drifted one marked on every collector", Duration::from_secs(30), |c| {
-        marked(c) == [first]
-    });
+    until_all(
+        &cs,
+        "the drifted one marked on every collector",
+        Duration::from_secs(30),
+        |c| marked(c) == [first],
+    );
     for (_, c) in live(&cs) {
         let i = instance(c, first).unwrap();
         assert_eq!(i["state"], "marked", "{i}");
@@ -175,7 +192,13 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         assert_eq!(i["drift"]["drifted"], true, "{i}");
     }
     let rest: Vec<&str> = all[1..].to_vec();
-    watch(&cs, Duration::from_secs(3), &rest, &[first], "after one drift");
+    watch(
+        &cs,
+        Duration::from_secs(3),
+        &rest,
+        &[first],
+        "after one drift",
+    );
     let audit = format!(
         "SELECT count(detail) FROM phoenix_audit WHERE action = 'mark' AND target = '{first}'"
     );
@@ -183,7 +206,12 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         let n = influx.count(DB, &audit);
         (n >= 1).then_some(n)
     });
-    assert_eq!(n, Some(1), "one mark audited across the cluster\n{}", logs(&cs));
+    assert_eq!(
+        n,
+        Some(1),
+        "one mark audited across the cluster\n{}",
+        logs(&cs)
+    );
     let queue_before = marked(live(&cs)[0].1);
 
     // 2. kill -9 of the lease holder: another decides within 2× the lease time.
@@ -207,15 +235,26 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     let now_deciding = live(&cs).iter().filter(|(_, c)| is_decider(c)).count();
     assert_eq!(now_deciding, 1, "one decider after the takeover");
     // Every agent is served by the survivors (its last report newer than the kill).
-    until_all(&cs, "every agent served by the survivors", Duration::from_secs(30), |c| {
-        let i = instances(c);
-        all.iter().all(|id| {
-            i.get(*id)
-                .and_then(|v| v["last_seen_ms"].as_i64())
-                .is_some_and(|t| t > killed_ms + 1000)
-        })
-    });
-    watch(&cs, Duration::from_secs(5), &rest, &[first], "after the kill -9");
+    until_all(
+        &cs,
+        "every agent served by the survivors",
+        Duration::from_secs(30),
+        |c| {
+            let i = instances(c);
+            all.iter().all(|id| {
+                i.get(*id)
+                    .and_then(|v| v["last_seen_ms"].as_i64())
+                    .is_some_and(|t| t > killed_ms + 1000)
+            })
+        },
+    );
+    watch(
+        &cs,
+        Duration::from_secs(5),
+        &rest,
+        &[first],
+        "after the kill -9",
+    );
     for (_, c) in live(&cs) {
         assert_eq!(marked(c), queue_before, "queue unchanged by the takeover");
     }
@@ -223,15 +262,26 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     // 3. PostgreSQL stopped for 30 s.
     let down_ns = phoenix_wire::bounds::now_ns();
     pg.down();
-    until_all(&cs, "healthz says the fleet store is down", Duration::from_secs(15), |c| {
-        let h = healthz(c);
-        h["fleet_store_status"]["up"] == false
-            && h["fleet_store_status"]["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("no instance is marked"))
-            && h["decider"] == false
-    });
-    watch(&cs, Duration::from_secs(27), &rest, &[first], "while PostgreSQL is down");
+    until_all(
+        &cs,
+        "healthz says the fleet store is down",
+        Duration::from_secs(15),
+        |c| {
+            let h = healthz(c);
+            h["fleet_store_status"]["up"] == false
+                && h["fleet_store_status"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("no instance is marked"))
+                && h["decider"] == false
+        },
+    );
+    watch(
+        &cs,
+        Duration::from_secs(27),
+        &rest,
+        &[first],
+        "while PostgreSQL is down",
+    );
     let up_ns = phoenix_wire::bounds::now_ns();
     pg.up();
     until_all(&cs, "fleet store back", Duration::from_secs(30), |c| {
@@ -240,8 +290,18 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     let back = wait_for(Duration::from_secs(2 * LEASE_S + 10), || {
         (live(&cs).iter().filter(|(_, c)| is_decider(c)).count() == 1).then_some(())
     });
-    assert!(back.is_some(), "one decider again after the outage\n{}", logs(&cs));
-    watch(&cs, Duration::from_secs(8), &rest, &[first], "after PostgreSQL came back");
+    assert!(
+        back.is_some(),
+        "one decider again after the outage\n{}",
+        logs(&cs)
+    );
+    watch(
+        &cs,
+        Duration::from_secs(8),
+        &rest,
+        &[first],
+        "after PostgreSQL came back",
+    );
     for (_, c) in live(&cs) {
         assert_eq!(marked(c), queue_before, "state intact after the outage");
         assert_eq!(instances(c).len(), AGENTS);
@@ -268,14 +328,21 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     trees[1].tamper();
     until_all(&cs, "a mass event alert", Duration::from_secs(30), |c| {
         let q = phoenix(c);
-        q["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x["group"] == "web"))
+        q["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["group"] == "web"))
             && ids_in(&q, "held").len() >= AGENTS / 2
     });
     let end = Instant::now() + Duration::from_secs(6);
     while Instant::now() < end {
         for (k, c) in live(&cs) {
             let m = marked(c);
-            assert_eq!(m, queue_before, "collector {k}: marks past the budget\n{}", logs(&cs));
+            assert_eq!(
+                m,
+                queue_before,
+                "collector {k}: marks past the budget\n{}",
+                logs(&cs)
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -299,19 +366,29 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     for c in cs.iter_mut().flatten() {
         c.up();
     }
-    until_all(&cs, "state intact after the restart", Duration::from_secs(30), |c| {
-        let q = phoenix(c);
-        let mut held = ids_in(&q, "held");
-        held.sort();
-        marked(c) == queue_before
-            && held == held_before[0]
-            && q["alerts"].as_array().is_some_and(|a| !a.is_empty())
-            && instances(c).len() == AGENTS
-    });
+    until_all(
+        &cs,
+        "state intact after the restart",
+        Duration::from_secs(30),
+        |c| {
+            let q = phoenix(c);
+            let mut held = ids_in(&q, "held");
+            held.sort();
+            marked(c) == queue_before
+                && held == held_before[0]
+                && q["alerts"].as_array().is_some_and(|a| !a.is_empty())
+                && instances(c).len() == AGENTS
+        },
+    );
     for (_, c) in live(&cs) {
         assert_eq!(instance(c, first).unwrap()["state"], "marked");
     }
     let n = influx.count(DB, &audit);
-    assert_eq!(n, 1, "still one mark audited across the cluster\n{}", logs(&cs));
+    assert_eq!(
+        n,
+        1,
+        "still one mark audited across the cluster\n{}",
+        logs(&cs)
+    );
     drop(dead);
 }

@@ -594,3 +594,152 @@ async fn baselines_and_enrolments_are_shared_atomic_and_never_silently_replaced(
         "9"
     );
 }
+
+mod fleet_store {
+    //! The fleet core's seam on PostgreSQL (`pgstore::store::PgFleetStore`), driven through
+    //! the `FleetStore` trait as the `Fleet` door drives it.
+
+    use super::*;
+    use phoenix_collector::fleet::clock::{Now, SystemClock};
+    use phoenix_collector::fleet::state::{Figures, Instance, Mark, Observation};
+    use phoenix_collector::fleet::{FleetStore, Reason, Snapshot};
+    use phoenix_collector::pgstore::store::PgFleetStore;
+
+    fn store(pg: &Postgres) -> Arc<PgFleetStore> {
+        let o = PgOptions {
+            lease_ttl: Duration::from_millis(1500),
+            flush_every: Duration::from_millis(200),
+            ..PgOptions::default()
+        };
+        PgFleetStore::open(&pg.url(), o, Arc::new(SystemClock::new()))
+            .unwrap_or_else(|e| panic!("opening: {e}\n{}", pg.log_text()))
+    }
+
+    fn obs(id: &str, seq: u64) -> Observation {
+        let mut identity = phoenix_wire::Identity::default();
+        identity.instance_id = id.into();
+        identity.boot_id = "boot-1".into();
+        identity.image_id = "img".into();
+        Observation {
+            identity,
+            seq,
+            interval_ms: 1000,
+            at: Now {
+                wall_ms: phoenix_collector::pgstore::wall_ms(),
+                mono_ms: 123,
+            },
+            figures: Figures::default(),
+            checks: vec![],
+            drift: None,
+            drift_root: None,
+        }
+    }
+
+    fn wait(what: &str, f: impl FnMut() -> Option<()>) {
+        assert!(
+            phoenix_e2e::wait_for(Duration::from_secs(15), f).is_some(),
+            "{what}: not within 15 s"
+        );
+    }
+
+    #[test]
+    fn reports_cross_collectors_one_decides_its_state_survives_and_an_outage_decides_nothing() {
+        let mut pg = Postgres::start();
+        let (a, b) = (store(&pg), store(&pg));
+        // Exactly one of the two decides (after the lease and the catch-up).
+        wait("one decider", || {
+            (a.is_decider() ^ b.is_decider()).then_some(())
+        });
+        let (dec, other) = if a.is_decider() { (&a, &b) } else { (&b, &a) };
+        assert!(dec.status().unwrap().up);
+
+        // A report taken by one collector, stored there: the other sees it, stored.
+        other.observe(&obs("i-x", 7)).unwrap();
+        other.stored("i-x", "boot-1", 7).unwrap();
+        let mut seen = Vec::new();
+        wait("the decider pulls the other's report", || {
+            let p = dec.pull().unwrap();
+            seen.extend(p.observations);
+            (!p.stored.is_empty()).then_some(())
+        });
+        let o = seen
+            .iter()
+            .find(|o| o.identity.instance_id == "i-x")
+            .unwrap();
+        assert_eq!(o.seq, 7);
+        assert_ne!(
+            o.at.mono_ms, 123,
+            "another process's monotonic reading is translated"
+        );
+
+        // The decider's save (a mark) reaches the other, and a fresh collector loads it.
+        let mut i = Instance::default();
+        i.identity = o.identity.clone();
+        i.phx.mark = Some(Mark {
+            reason: Reason::Drift,
+            evidence: "drifted".into(),
+            since_ms: 1,
+            since_mono: 1,
+            acked_ms: None,
+            acked_by: None,
+            gone_ms: None,
+        });
+        let now = Now::of(&SystemClock::new());
+        let snap = Snapshot {
+            version: phoenix_collector::fleet::store::VERSION,
+            saved_ms: now.wall_ms,
+            saved_mono: now.mono_ms,
+            instances: vec![i],
+            queue: Default::default(),
+        };
+        // A collector that does not decide writes nothing.
+        other.save(&snap).unwrap();
+        assert_eq!(pg.scalar("SELECT count(*) FROM phoenix_fleet"), "0");
+        dec.save(&snap).unwrap();
+        assert_eq!(pg.scalar("SELECT count(*) FROM phoenix_fleet"), "1");
+        wait("the other takes the decider's mark", || {
+            let p = other.pull().unwrap();
+            p.phx
+                .iter()
+                .any(|(id, phx)| id == "i-x" && phx.mark.is_some())
+                .then_some(())
+        });
+        let c = store(&pg);
+        let loaded = c.load().unwrap().expect("state in PostgreSQL");
+        assert_eq!(loaded.instances.len(), 1);
+        assert_eq!(
+            loaded.instances[0].phx.mark.as_ref().unwrap().reason,
+            Reason::Drift
+        );
+
+        // PostgreSQL gone: reports are still taken (buffered), nobody decides, and the
+        // status says why.
+        pg.kill();
+        wait("nobody decides while PostgreSQL is gone", || {
+            (!a.is_decider() && !b.is_decider()).then_some(())
+        });
+        other.observe(&obs("i-y", 1)).unwrap();
+        let st = other.status().unwrap();
+        wait("the outage is seen", || {
+            (!other.status().unwrap().up).then_some(())
+        });
+        let st2 = other.status().unwrap();
+        assert!(
+            st2.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("no instance is marked"),
+            "{st:?} {st2:?}"
+        );
+        assert!(dec.save(&snap).is_ok(), "not deciding: nothing to save");
+        // Back: the buffered report arrives, and one decides again.
+        pg.up();
+        wait("one decider again", || {
+            (a.is_decider() ^ b.is_decider()).then_some(())
+        });
+        wait("the buffered report was flushed", || {
+            (pg.scalar("SELECT count(*) FROM phoenix_reports WHERE instance_id = 'i-y'") == "1")
+                .then_some(())
+        });
+    }
+}

@@ -402,7 +402,12 @@ fn fleet_fragment(s: &AppState, view: &FleetView, now: i64) -> String {
         write!(o, "<p class=\"banner bad\" id=\"store-down\">The store is not taking writes: {}. Agents keep their data and retry; silence does not count meanwhile.</p>", esc(&d.reason)).ok();
     }
     if let Some(fs) = s.fleet.store_status().filter(|f| !f.up) {
-        write!(o, "<p class=\"banner bad\" id=\"fleet-store-down\">{}</p>", esc(fs.reason.as_deref().unwrap_or("fleet store unavailable"))).ok();
+        write!(
+            o,
+            "<p class=\"banner bad\" id=\"fleet-store-down\">{}</p>",
+            esc(fs.reason.as_deref().unwrap_or("fleet store unavailable"))
+        )
+        .ok();
     }
     if !phx.decider {
         o.push_str("<p class=\"banner\">This collector is not the decider: another one makes the marks.</p>");

@@ -317,7 +317,10 @@ impl PgStore {
     }
 
     /// The work connection, (re)opened if needed.
-    pub(crate) async fn ensure<'a>(&self, g: &'a mut Option<Client>) -> Result<&'a mut Client, PgError> {
+    pub(crate) async fn ensure<'a>(
+        &self,
+        g: &'a mut Option<Client>,
+    ) -> Result<&'a mut Client, PgError> {
         if g.as_ref().is_none_or(|c| c.is_closed()) {
             match connect(&self.cfg).await {
                 Ok(c) => *g = Some(c),

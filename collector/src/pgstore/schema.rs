@@ -14,9 +14,9 @@ pub const MIGRATE_LOCK: i64 = 0x0070_6878_6d69_6772;
 /// (version, what it does, SQL). Append only: a released migration is never edited.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
-    1,
-    "fleet state, dedupe, observations, verdicts, baselines, enrolments, queue, lease, audit",
-    r#"
+        1,
+        "fleet state, dedupe, observations, verdicts, baselines, enrolments, queue, lease, audit",
+        r#"
 CREATE TABLE phoenix_instances (
     instance_id   text PRIMARY KEY,
     group_name    text NOT NULL,

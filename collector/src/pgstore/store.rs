@@ -801,7 +801,8 @@ impl FleetStore for PgFleetStore {
                 "ack buffer full while PostgreSQL is unavailable; the recycler should retry".into(),
             ));
         }
-        p.acks.push((instance_id.to_string(), by.to_string(), at_ms));
+        p.acks
+            .push((instance_id.to_string(), by.to_string(), at_ms));
         Ok(())
     }
 
