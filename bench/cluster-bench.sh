@@ -123,11 +123,15 @@ P1=$(free_port); P2=$(free_port)
 start_collector "$P1" "$DIR/b1" "$DIR/b1.log" --fleet-store "$PG_URL"; B1=$LAST_PID
 start_collector "$P2" "$DIR/b2" "$DIR/b2.log" --fleet-store "$PG_URL"; B2=$LAST_PID
 HALF=$((INSTANCES / 2))
-warm "$P1" "c1-" "$HALF" & warm "$P2" "c2-" "$HALF" & wait
+warm "$P1" "c1-" "$HALF" & W1=$!
+warm "$P2" "c2-" "$HALF" & W2=$!
+wait "$W1" "$W2"
 psql_ -d phoenix -c 'SELECT pg_stat_statements_reset()' >/dev/null
 x0=$(psql_ -d phoenix -c "SELECT xact_commit FROM pg_stat_database WHERE datname = 'phoenix'")
 b10=$(cpu_s "$B1"); b20=$(cpu_s "$B2"); g0=$(tree_cpu_s "$POSTMASTER"); u0=$(date +%s.%N)
-sim "$P1" "c1-" "$HALF" "$DIR/b1.json" & sim "$P2" "c2-" "$HALF" "$DIR/b2.json" & wait
+sim "$P1" "c1-" "$HALF" "$DIR/b1.json" & S1=$!
+sim "$P2" "c2-" "$HALF" "$DIR/b2.json" & S2=$!
+wait "$S1" "$S2"
 b11=$(cpu_s "$B1"); b21=$(cpu_s "$B2"); g1=$(tree_cpu_s "$POSTMASTER"); u1=$(date +%s.%N)
 x1=$(psql_ -d phoenix -c "SELECT xact_commit FROM pg_stat_database WHERE datname = 'phoenix'")
 stmts=$(psql_ -d phoenix -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'phoenix')")

@@ -502,8 +502,10 @@ async fn pull_rows(
         .query(
             "SELECT instance_id, actor, at_ms FROM phoenix_audit
              WHERE action = 'ack' AND instance_id IS NOT NULL AND changed >= $1::text::xid8
+               AND at_ms >= $2
              ORDER BY id",
-            &[&from],
+            // A first pull takes only recent acks: an old one must not ack a later mark.
+            &[&from, &at_least],
         )
         .await?
         .iter()
