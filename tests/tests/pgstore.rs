@@ -616,10 +616,12 @@ mod fleet_store {
     }
 
     fn obs(id: &str, seq: u64) -> Observation {
-        let mut identity = phoenix_wire::Identity::default();
-        identity.instance_id = id.into();
-        identity.boot_id = "boot-1".into();
-        identity.image_id = "img".into();
+        let identity = phoenix_wire::Identity {
+            instance_id: id.into(),
+            boot_id: "boot-1".into(),
+            image_id: "img".into(),
+            ..Default::default()
+        };
         Observation {
             identity,
             seq,
@@ -673,8 +675,10 @@ mod fleet_store {
         );
 
         // The decider's save (a mark) reaches the other, and a fresh collector loads it.
-        let mut i = Instance::default();
-        i.identity = o.identity.clone();
+        let mut i = Instance {
+            identity: o.identity.clone(),
+            ..Default::default()
+        };
         i.phx.mark = Some(Mark {
             reason: Reason::Drift,
             evidence: "drifted".into(),

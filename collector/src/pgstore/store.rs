@@ -149,11 +149,14 @@ impl PgFleetStore {
                     match PgStore::open(&u, opts).await {
                         Ok(s) => {
                             s.start();
-                            let _ = ready_tx.send(Ok(Arc::clone(&s)));
-                            let _ = stopped.await;
+                            if ready_tx.send(Ok(Arc::clone(&s))).is_err() {
+                                return; // the opener gave up waiting
+                            }
+                            // Until the store is dropped (Err: its sender went away).
+                            stopped.await.ok();
                         }
                         Err(e) => {
-                            let _ = ready_tx.send(Err(e));
+                            ready_tx.send(Err(e)).ok();
                         }
                     }
                 });
@@ -207,7 +210,8 @@ impl PgFleetStore {
     ) -> Result<T, PgError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.rt.spawn(async move {
-            let _ = tx.send(f.await);
+            // The caller may have timed out and gone: nothing to tell then.
+            tx.send(f.await).ok();
         });
         rx.recv_timeout(OP_TIMEOUT + Duration::from_secs(1))
             .map_err(|_| PgError::Timeout(OP_TIMEOUT))?
