@@ -5,8 +5,8 @@
 # flushing once a second (tests/src/bin/pgstore-bench.rs). Prints one JSON line: reports/s
 # sustained, flush latency, PostgreSQL CPU per 1,000 reports, statements per report, sizes.
 #
-# Not the cluster bench of issue 15 (fleet-bench against 2 collectors + PostgreSQL vs one
-# embedded collector): that needs --fleet-store wired into the collector. Runs as root
+# The parts' cost only (the store's batch module, not what --fleet-store wires); the cluster
+# against one embedded collector is bench/cluster-bench.sh. Runs as root
 # (PostgreSQL then runs as `postgres`) or as any user with /usr/lib/postgresql/15/bin.
 #   cargo build --release -p phoenix-e2e --bin pgstore-bench
 #   INSTANCES=100000 INTERVAL=10 SIM_SECONDS=30 bench/pgstore-bench.sh

@@ -8,7 +8,8 @@
 //! `listen` (LISTEN/NOTIFY between collectors), `pull` (what the decider reads back, by
 //! transaction-id cursor, and its fenced memory), `registry` (baselines and enrolments),
 //! `health` (is PostgreSQL there, since when,
-//! why not).
+//! why not), and `store`: the fleet core's `FleetStore` on top of them, which is what
+//! `--fleet-store` plugs into the collector (see its docs for what the wiring uses).
 //!
 //! The client is `tokio-postgres` without TLS: see docs/scaling.md on `sslmode`.
 
