@@ -392,3 +392,27 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     );
     drop(dead);
 }
+
+#[test]
+fn a_shared_fleet_store_refuses_generated_tokens_at_start_naming_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin("phoenix-collector"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args(["--agent-token", AGENT_TOKEN])
+        .args(["--fleet-store", "postgres://postgres@127.0.0.1:1/phoenix"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("generated tokens are single-node")
+            && err.contains("Missing: pipeline, recycler, reader"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("tokens").exists(),
+        "no token was generated"
+    );
+}
