@@ -243,6 +243,7 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         }),
         checks: vec![],
         drift_root: None,
+        protected: None,
     };
     let r = c.post_report(&report);
     assert_eq!(r.status, 200, "{}", r.body);

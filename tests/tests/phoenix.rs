@@ -107,6 +107,7 @@ fn sim_report(s: &Sim) -> Report {
         drift,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 

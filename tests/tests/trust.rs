@@ -45,6 +45,7 @@ fn report(agent: Identity, seq: u64) -> Report {
         agent,
         seq,
         drift_root: None,
+        protected: None,
         interval_ms: 1000,
         metrics: vec![],
         logs: vec![],

@@ -52,6 +52,12 @@ pub struct Report {
     /// None when the agent watches nothing or has not finished its first scan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_root: Option<String>,
+    /// Whether the agent's protect file (`--protect-file`, default
+    /// `/run/phoenix/do-not-replace`) exists: while it does, the collector holds voluntary
+    /// marks (drift, expiry) of this instance. Sent on metrics reports; None: not looked at
+    /// (other batches, older agents). Only presence counts: the file's content is never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
 }
 
 /// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
@@ -541,6 +547,7 @@ mod tests {
             drift: None,
             checks: vec![],
             drift_root: None,
+            protected: None,
         }
     }
 

@@ -16,6 +16,7 @@
 
 pub mod clock;
 pub mod health;
+pub mod policy;
 pub mod queue;
 pub mod state;
 pub mod store;
@@ -666,6 +667,7 @@ mod tests {
             drift: None,
             checks,
             drift_root: None,
+            protected: None,
         }
     }
 
