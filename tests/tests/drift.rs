@@ -240,6 +240,8 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
             ts: phoenix_wire::bounds::now_ns(),
             note: None,
             entries_list: Some(entries),
+            hash_version: None,
+            baseline_hash_version: None,
         }),
         checks: vec![],
         drift_root: None,
@@ -263,6 +265,8 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         ts: phoenix_wire::bounds::now_ns(),
         note: None,
         entries_list: Some(manifest.entries.clone()),
+        hash_version: None,
+        baseline_hash_version: None,
     });
     assert_eq!(c.post_report(&honest).status, 200);
     let d = drift_of(&c, "i-forger").unwrap();

@@ -172,6 +172,8 @@ fn a_forged_drift_report_for_an_enrolled_instance_is_refused_and_the_victim_stay
         ts: now_ns(),
         note: None,
         entries_list: None,
+        hash_version: None,
+        baseline_hash_version: None,
     });
     assert_all_forgeries_refused(&c, &forged);
 

@@ -154,6 +154,13 @@ pub struct DriftState {
     /// baseline. Paths and hashes only, never contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries_list: Option<Vec<FileEntry>>,
+    /// [`drift::HASH_VERSION`] of `hash` and `entries_list` (None: 1, agents before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_version: Option<u32>,
+    /// The hash version of the agent's baseline (None: 1). When it differs from
+    /// `hash_version` the agent did not compare, and the collector does not either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_hash_version: Option<u32>,
 }
 
 /// One watched file as hashed: never its contents, only their hash.
