@@ -226,12 +226,18 @@ impl Fleet {
         let o = Observation::of(r, drift, drift_root, self.now());
         let (applied, moved) = {
             let mut g = self.lock();
+            let was_protected = g
+                .instances
+                .get(&o.identity.instance_id)
+                .map(|i| i.protected);
             let applied = state::apply(&mut g.instances, &o, &self.rules);
             let w = self.watch(&g);
             let moved = g.instances.get(&o.identity.instance_id).is_some_and(|i| {
                 let v = health::judge(&queue::facts(i, w), &self.rules, o.at);
                 v.worst().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason)
                     || i.phx.state == State::Suspect
+                    // A protect file came or went: the hold changes at once.
+                    || was_protected.is_some_and(|w| w != i.protected)
             });
             (applied, moved || applied.new_life)
         };
