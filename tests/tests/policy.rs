@@ -123,6 +123,36 @@ fn ten_drift_one_is_marked_then_three_die_and_are_marked_past_the_spent_drift_bu
     assert_eq!(g["size"], 10);
     assert_eq!(q["budget"]["spec"], "drift=10%,unhealthy=50%");
 
+    // The preview: a 30% drift budget would mark two more now; asking changes nothing.
+    let r = c.get(
+        &format!("/v1/phoenix/preview?budget={}", urlencode("drift=30%,unhealthy=50%")),
+        Some(READER_TOKEN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["would_mark"].as_array().unwrap().len(), 2, "{p:#}");
+    assert_eq!(p["would_mark"][0]["reason"], "drift");
+    assert_eq!(p["already_marked"], 1);
+    let r = c.get(
+        &format!("/v1/phoenix/preview?window={}", urlencode("Sat 00:00-00:01 Pacific/Kiritimati")),
+        Some(RECYCLER_TOKEN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(marked_for(&c, "drift"), vec![drift_marked.clone()], "a preview marks nothing");
+    for (query, why) in [
+        ("budget=2.5", "2.5%"),
+        ("budget=dirft%3D1", "unknown reason"),
+        ("window=Mon%209-5", "not a time"),
+        ("window=Mon%2009:00-17:00%20Mars/Olympus", "tzdb"),
+        ("budgte=10%25", "unknown parameter"),
+    ] {
+        let r = c.get(&format!("/v1/phoenix/preview?{query}"), Some(READER_TOKEN));
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert!(r.json()["error"].as_str().unwrap().contains(why), "{query}: {}", r.body);
+    }
+    assert_eq!(c.get("/v1/phoenix/preview", None).status, 401);
+    assert_eq!(c.get("/v1/phoenix/preview", Some(AGENT_TOKEN)).status, 403);
+
     // Three (drifted, unmarked) agents die: the unhealthy budget (5) takes them.
     let dead: Vec<usize> = (0..10)
         .filter(|k| ids[*k] != drift_marked)
