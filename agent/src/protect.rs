@@ -38,9 +38,15 @@ impl ProtectFile {
         };
         if self.last != Some(now) {
             match (&why, now) {
-                (Some(e), _) => tracing::warn!(path = %self.path.display(), error = %e, "cannot tell whether the protect file exists; reporting it present (voluntary replacement held)"),
-                (None, true) => tracing::info!(path = %self.path.display(), "protect file present: voluntary replacement of this instance is held"),
-                (None, false) if self.last.is_some() => tracing::info!(path = %self.path.display(), "protect file removed"),
+                (Some(e), _) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot tell whether the protect file exists; reporting it present (voluntary replacement held)")
+                }
+                (None, true) => {
+                    tracing::info!(path = %self.path.display(), "protect file present: voluntary replacement of this instance is held")
+                }
+                (None, false) if self.last.is_some() => {
+                    tracing::info!(path = %self.path.display(), "protect file removed")
+                }
                 (None, false) => {}
             }
             self.last = Some(now);

@@ -305,14 +305,15 @@ async fn preview_phoenix(
     let mut windows: Vec<String> = Vec::new();
     for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "budget" if budget.is_none() => {
-                match crate::fleet::policy::Budgets::parse(&v) {
-                    Ok(b) => budget = Some(b),
-                    Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
-                }
-            }
+            "budget" if budget.is_none() => match crate::fleet::policy::Budgets::parse(&v) {
+                Ok(b) => budget = Some(b),
+                Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
+            },
             "budget" => {
-                return error(StatusCode::BAD_REQUEST, "give budget once (comma-separate reasons: drift=10%,unhealthy=20%)")
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give budget once (comma-separate reasons: drift=10%,unhealthy=20%)",
+                )
             }
             "window" if windows.len() < MAX_PREVIEW_WINDOWS => windows.push(v.into_owned()),
             "window" => {
@@ -324,7 +325,10 @@ async fn preview_phoenix(
             other => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {:?}: use budget and window", phoenix_wire::cut_to(other, 64)),
+                    format!(
+                        "unknown parameter {:?}: use budget and window",
+                        phoenix_wire::cut_to(other, 64)
+                    ),
                 )
             }
         }

@@ -511,7 +511,11 @@ mod tests {
         .unwrap()
         .resolve()
         .unwrap();
-        assert_eq!(c.health.windows.list.len(), 2, "flags replace the file's list");
+        assert_eq!(
+            c.health.windows.list.len(),
+            2,
+            "flags replace the file's list"
+        );
         let e = Args::try_parse_from(["phoenix-collector", "--window", "Mon 9-5"])
             .unwrap()
             .resolve()
@@ -543,7 +547,11 @@ mod tests {
         std::fs::write(&f, "budget = 2\n").unwrap();
         let args = Args::try_parse_from(["phoenix-collector", "--config", f.to_str().unwrap()]);
         let c = args.unwrap().resolve().unwrap();
-        assert_eq!(c.health.budget.to_string(), "2", "a TOML number is a count, as the flag");
+        assert_eq!(
+            c.health.budget.to_string(),
+            "2",
+            "a TOML number is a count, as the flag"
+        );
     }
 
     #[test]

@@ -457,7 +457,10 @@ mod tests {
         st.baseline_hash_version = Some(7);
         let v = judge(None, &st, &[]);
         assert!(!v.drifted);
-        assert!(v.note.unwrap().contains("baseline has drift hash version 7"));
+        assert!(v
+            .note
+            .unwrap()
+            .contains("baseline has drift hash version 7"));
         // An agent hashing with a version this collector does not compute.
         let mut st = state(now, None);
         st.hash_version = Some(2);

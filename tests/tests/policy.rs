@@ -125,7 +125,10 @@ fn ten_drift_one_is_marked_then_three_die_and_are_marked_past_the_spent_drift_bu
 
     // The preview: a 30% drift budget would mark two more now; asking changes nothing.
     let r = c.get(
-        &format!("/v1/phoenix/preview?budget={}", urlencode("drift=30%,unhealthy=50%")),
+        &format!(
+            "/v1/phoenix/preview?budget={}",
+            urlencode("drift=30%,unhealthy=50%")
+        ),
         Some(READER_TOKEN),
     );
     assert_eq!(r.status, 200, "{}", r.body);
@@ -134,11 +137,18 @@ fn ten_drift_one_is_marked_then_three_die_and_are_marked_past_the_spent_drift_bu
     assert_eq!(p["would_mark"][0]["reason"], "drift");
     assert_eq!(p["already_marked"], 1);
     let r = c.get(
-        &format!("/v1/phoenix/preview?window={}", urlencode("Sat 00:00-00:01 Pacific/Kiritimati")),
+        &format!(
+            "/v1/phoenix/preview?window={}",
+            urlencode("Sat 00:00-00:01 Pacific/Kiritimati")
+        ),
         Some(RECYCLER_TOKEN),
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(marked_for(&c, "drift"), vec![drift_marked.clone()], "a preview marks nothing");
+    assert_eq!(
+        marked_for(&c, "drift"),
+        vec![drift_marked.clone()],
+        "a preview marks nothing"
+    );
     for (query, why) in [
         ("budget=2.5", "2.5%"),
         ("budget=dirft%3D1", "unknown reason"),
@@ -148,7 +158,11 @@ fn ten_drift_one_is_marked_then_three_die_and_are_marked_past_the_spent_drift_bu
     ] {
         let r = c.get(&format!("/v1/phoenix/preview?{query}"), Some(READER_TOKEN));
         assert_eq!(r.status, 400, "{query}: {}", r.body);
-        assert!(r.json()["error"].as_str().unwrap().contains(why), "{query}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(why),
+            "{query}: {}",
+            r.body
+        );
     }
     assert_eq!(c.get("/v1/phoenix/preview", None).status, 401);
     assert_eq!(c.get("/v1/phoenix/preview", Some(AGENT_TOKEN)).status, 403);
@@ -166,11 +180,16 @@ fn ten_drift_one_is_marked_then_three_die_and_are_marked_past_the_spent_drift_bu
         v.sort();
         v
     };
-    until(&c, "the three dead marked for silence", Duration::from_secs(30), || {
-        let mut got = marked_for(&c, "silent");
-        got.sort();
-        (got == want).then_some(())
-    });
+    until(
+        &c,
+        "the three dead marked for silence",
+        Duration::from_secs(30),
+        || {
+            let mut got = marked_for(&c, "silent");
+            got.sort();
+            (got == want).then_some(())
+        },
+    );
     assert_eq!(marked_for(&c, "drift"), vec![drift_marked.clone()]);
     never_for(&c, Duration::from_secs(3), "after the deaths", || {
         let q = phoenix(&c);
@@ -223,9 +242,12 @@ fn a_protect_file_holds_the_drift_mark_until_it_is_removed() {
     assert_eq!(drifted(&c, id), Some(true));
     let removed = Instant::now();
     std::fs::remove_file(&protect).unwrap();
-    until(&c, "marked after the removal", Duration::from_secs(20), || {
-        (marked_for(&c, "drift") == vec![id.to_string()]).then_some(())
-    });
+    until(
+        &c,
+        "marked after the removal",
+        Duration::from_secs(20),
+        || (marked_for(&c, "drift") == vec![id.to_string()]).then_some(()),
+    );
     let took = removed.elapsed();
     assert!(
         took <= interval * 2,
@@ -244,11 +266,24 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
         .unwrap()
         .as_secs() as i64;
     let start_s = (now_s + 2 * 3600) / 60 * 60 + 60;
-    let hm = |s: i64| format!("{:02}:{:02}", s.rem_euclid(86400) / 3600, s.rem_euclid(3600) / 60);
+    let hm = |s: i64| {
+        format!(
+            "{:02}:{:02}",
+            s.rem_euclid(86400) / 3600,
+            s.rem_euclid(3600) / 60
+        )
+    };
     let window = format!("daily {}-{} UTC", hm(start_s), hm(start_s + 3600));
     let clock = FakeClock::new();
     let c = collector_with_clock(
-        &["--grace", "1s", "--silent-after", "30s", "--window", &window],
+        &[
+            "--grace",
+            "1s",
+            "--silent-after",
+            "30s",
+            "--window",
+            &window,
+        ],
         &clock,
     );
     let w = Watched::new("img-pol-window", &c.url());
@@ -266,7 +301,10 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
             .then_some(())
     });
     let hold = hold_of(&c, id).unwrap();
-    assert!(hold.contains(&window) && hold.contains("opens in 2h"), "{hold}");
+    assert!(
+        hold.contains(&window) && hold.contains("opens in 2h"),
+        "{hold}"
+    );
     never_for(&c, Duration::from_secs(4), "window closed", || {
         let q = phoenix(&c);
         (!entries(&q, "marked").is_empty()).then(|| format!("marked: {q}"))
@@ -277,12 +315,18 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
         .unwrap()
         .as_secs() as i64;
     clock.set_offset(start_s + 30 - now_s);
-    until(&c, "the step reached the collector", Duration::from_secs(15), || {
-        clock_offset(&c).is_some_and(|o| o > 3600).then_some(())
-    });
-    until(&c, "marked once the window opened", Duration::from_secs(15), || {
-        (marked_for(&c, "drift") == vec![id.to_string()]).then_some(())
-    });
+    until(
+        &c,
+        "the step reached the collector",
+        Duration::from_secs(15),
+        || clock_offset(&c).is_some_and(|o| o > 3600).then_some(()),
+    );
+    until(
+        &c,
+        "marked once the window opened",
+        Duration::from_secs(15),
+        || (marked_for(&c, "drift") == vec![id.to_string()]).then_some(()),
+    );
     let q = phoenix(&c);
     assert_eq!(q["budget"]["window_open"], true, "{q:#}");
     assert_eq!(q["budget"]["windows"][0], window.as_str());
@@ -328,10 +372,15 @@ fn a_baseline_with_a_future_hash_version_gives_no_drifted_verdict() {
     };
     let _now = start("i-pol-hash-v1", &today);
     let _next = start("i-pol-hash-v2", &future);
-    until(&c, "both report drift state", Duration::from_secs(60), || {
-        (drifted(&c, "i-pol-hash-v1").is_some() && drifted(&c, "i-pol-hash-v2").is_some())
-            .then_some(())
-    });
+    until(
+        &c,
+        "both report drift state",
+        Duration::from_secs(60),
+        || {
+            (drifted(&c, "i-pol-hash-v1").is_some() && drifted(&c, "i-pol-hash-v2").is_some())
+                .then_some(())
+        },
+    );
     // The same tampering: the v1 agent is drifted (the control), the v2 one gets no verdict.
     std::fs::write(tree.join("app.conf"), "listen = 6666\n").unwrap();
     until(&c, "the v1 agent drifted", Duration::from_secs(30), || {

@@ -596,10 +596,10 @@ impl Fleet {
             let g = self.lock();
             (g.instances.clone(), g.queue.clone(), self.watch(&g))
         };
-        let out = tracing::subscriber::with_default(
-            tracing::subscriber::NoSubscriber::default(),
-            || queue::evaluate(&mut instances, &mut q, &rules, now, w),
-        );
+        let out =
+            tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+                queue::evaluate(&mut instances, &mut q, &rules, now, w)
+            });
         let entry = |id: &str, hold: Option<String>| {
             let i = instances.get(id)?;
             let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
@@ -615,8 +615,11 @@ impl Fleet {
                 hold,
             })
         };
-        let mut would_mark: Vec<PreviewEntry> =
-            out.new_marks.iter().filter_map(|id| entry(id, None)).collect();
+        let mut would_mark: Vec<PreviewEntry> = out
+            .new_marks
+            .iter()
+            .filter_map(|id| entry(id, None))
+            .collect();
         would_mark.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         let mut held: Vec<PreviewEntry> = instances
             .iter()
@@ -849,12 +852,30 @@ mod tests {
         assert_eq!(p.budget, "20%");
         // A closed window does not hold a full disk (involuntary); a tighter budget does.
         let shut = policy::Windows::parse_all(&["Sat 00:00-00:01"]).unwrap();
-        let p = fleet.preview(Some(policy::Budgets::parse("unhealthy=1").unwrap()), Some(shut));
+        let p = fleet.preview(
+            Some(policy::Budgets::parse("unhealthy=1").unwrap()),
+            Some(shut),
+        );
         assert!(p.would_mark.is_empty());
-        assert!(p.held[0].hold.as_deref().unwrap().starts_with("budget: 1 of at most 1"), "{:?}", p.held);
+        assert!(
+            p.held[0]
+                .hold
+                .as_deref()
+                .unwrap()
+                .starts_with("budget: 1 of at most 1"),
+            "{:?}",
+            p.held
+        );
         assert!(!p.window_open);
-        assert_eq!(fleet.view().queue.held.len(), 1, "the preview marked nothing");
-        assert!(fleet.pass().marks.is_empty(), "and the real policy still holds i-1");
+        assert_eq!(
+            fleet.view().queue.held.len(),
+            1,
+            "the preview marked nothing"
+        );
+        assert!(
+            fleet.pass().marks.is_empty(),
+            "and the real policy still holds i-1"
+        );
         // Points: every instance is due once, then not until 30 s later.
         let due = fleet.due_points();
         assert_eq!(due.len(), 10);

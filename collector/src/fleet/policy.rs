@@ -173,10 +173,7 @@ impl Budgets {
             };
             let amount = parse_amount(amount).map_err(|e| format!("--budget {part:?}: {e}"))?;
             if list.iter().any(|b: &Budget| b.selector == sel) {
-                return Err(format!(
-                    "--budget {s:?}: {} is given twice",
-                    sel.key()
-                ));
+                return Err(format!("--budget {s:?}: {} is given twice", sel.key()));
             }
             list.push(Budget {
                 selector: sel,
@@ -435,7 +432,10 @@ impl Windows {
         if self.is_open(wall_ms) {
             return None;
         }
-        let mut t = wall_ms.div_euclid(60_000).saturating_add(1).saturating_mul(60_000);
+        let mut t = wall_ms
+            .div_euclid(60_000)
+            .saturating_add(1)
+            .saturating_mul(60_000);
         let end = wall_ms.saturating_add(LOOKAHEAD_MS);
         while t <= end {
             if self.is_open(t) {
@@ -574,14 +574,22 @@ mod tests {
         assert_eq!(counts.allowed("drift", 500), 1, "the most restrictive wins");
         assert_eq!(counts.allowed("silent", 500), 2);
         let both = Budgets::parse("voluntary=5%,drift=50%").unwrap();
-        assert_eq!(both.allowed("drift", 100), 5, "voluntary is tighter than drift");
+        assert_eq!(
+            both.allowed("drift", 100),
+            5,
+            "voluntary is tighter than drift"
+        );
         assert_eq!(both.allowed("silent", 100), 10, "default for the rest");
         // Refusals name the fix.
         let e = Budgets::parse("2.5").unwrap_err();
         assert!(e.contains("2.5%"), "{e}");
         assert!(Budgets::parse("drift=120%").unwrap_err().contains("100%"));
-        assert!(Budgets::parse("dirft=10%").unwrap_err().contains("unknown reason"));
-        assert!(Budgets::parse("drift=1,drift=2").unwrap_err().contains("twice"));
+        assert!(Budgets::parse("dirft=10%")
+            .unwrap_err()
+            .contains("unknown reason"));
+        assert!(Budgets::parse("drift=1,drift=2")
+            .unwrap_err()
+            .contains("twice"));
         assert!(Budgets::parse(" , ").unwrap_err().contains("empty"));
         assert!(Budgets::parse("lots").unwrap_err().contains("10%"));
     }
@@ -665,8 +673,14 @@ mod tests {
         // Fri 2026-12-04 22:30 EST = Sat 03:30 UTC.
         assert!(n.is_open(utc(2026, 12, 5, 3, 30)));
         assert!(n.is_open(utc(2026, 12, 5, 6, 59)), "Sat 01:59 local");
-        assert!(!n.is_open(utc(2026, 12, 5, 7, 0)), "Sat 02:00 local: closed");
-        assert!(!n.is_open(utc(2026, 12, 4, 6, 30)), "Fri 01:30 local: Thursday was not named");
+        assert!(
+            !n.is_open(utc(2026, 12, 5, 7, 0)),
+            "Sat 02:00 local: closed"
+        );
+        assert!(
+            !n.is_open(utc(2026, 12, 4, 6, 30)),
+            "Fri 01:30 local: Thursday was not named"
+        );
         assert!(!n.is_open(utc(2026, 12, 4, 2, 59)), "Thu 21:59 local");
         // The next opening, a week ahead at most.
         let next = n.next_open(utc(2026, 12, 5, 7, 0)).unwrap();
@@ -702,9 +716,15 @@ mod tests {
     fn the_mass_event_floor_lets_small_groups_repair() {
         // A group of 3 with one bad box: never a mass event, whatever the share.
         assert!(!is_mass(1, 3, 0.2, 3));
-        assert!(!is_mass(2, 3, 0.2, 3), "two of three is below the floor of 3");
+        assert!(
+            !is_mass(2, 3, 0.2, 3),
+            "two of three is below the floor of 3"
+        );
         assert!(is_mass(3, 3, 0.5, 3));
-        assert!(!is_mass(5, 10, 0.5, 3), "exactly half is not more than half");
+        assert!(
+            !is_mass(5, 10, 0.5, 3),
+            "exactly half is not more than half"
+        );
         assert!(is_mass(6, 10, 0.5, 3));
         assert!(!is_mass(250, 500, 0.5, 3));
         assert!(is_mass(251, 500, 0.5, 3));

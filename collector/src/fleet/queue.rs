@@ -956,17 +956,32 @@ mod tests {
         // Grace over: the drift (worst) takes the one slot; the failing check waits.
         let o = s.tick(300 * S, &[]);
         assert_eq!(o.new_marks, vec![ids[2].clone()]);
-        assert!(s.fleet[&ids[0]].phx.held.as_deref().unwrap().starts_with("budget: 1 of at most 1"));
+        assert!(s.fleet[&ids[0]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("budget: 1 of at most 1"));
         // A replacement comes up: in grace it holds the budget though the old one is gone.
         ack(&mut s.fleet, &ids[2], "r", s.now).unwrap();
         s.add_one("web", "i-web-new");
         s.tick(3 * S, &[&ids[2]]);
         let o = s.tick(3 * S, &[&ids[2]]);
         assert_eq!(s.state(&ids[2]), State::Gone);
-        assert!(o.new_marks.is_empty(), "the new box is not ready: {:?}", s.q.budget["web"]);
+        assert!(
+            o.new_marks.is_empty(),
+            "the new box is not ready: {:?}",
+            s.q.budget["web"]
+        );
         assert_eq!(s.q.budget["web"].not_ready, 1);
         let o = s.tick(300 * S, &[&ids[2]]);
-        assert_eq!(o.new_marks, vec![ids[0].clone()], "ready: the next one goes: {:?} {:?}", s.q.budget["web"], s.fleet[&ids[0]].phx);
+        assert_eq!(
+            o.new_marks,
+            vec![ids[0].clone()],
+            "ready: the next one goes: {:?} {:?}",
+            s.q.budget["web"],
+            s.fleet[&ids[0]].phx
+        );
     }
 
     fn utc(y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
@@ -1009,7 +1024,10 @@ mod tests {
         got.sort();
         assert_eq!(got, dead);
         for d in &dead {
-            assert_eq!(s.fleet[*d].phx.mark.as_ref().unwrap().reason, Reason::Silent);
+            assert_eq!(
+                s.fleet[*d].phx.mark.as_ref().unwrap().reason,
+                Reason::Silent
+            );
         }
         assert_eq!(s.marked().len(), 4, "1 drift + 3 silent");
         let held: Vec<&str> = ids
@@ -1017,15 +1035,26 @@ mod tests {
             .filter_map(|i| s.fleet[i].phx.held.as_deref())
             .collect();
         assert_eq!(held.len(), 6);
-        assert!(held.iter().all(|h| h.starts_with("budget: 4 of at most 1")), "{held:?}");
+        assert!(
+            held.iter().all(|h| h.starts_with("budget: 4 of at most 1")),
+            "{held:?}"
+        );
         // The unhealthy budget is spent at 5 in disruption: a fifth death is marked, a sixth held.
         let more = [dead[0], dead[1], dead[2], ids[8].as_str(), ids[9].as_str()];
         s.tick(2 * S, &more);
         s.tick(2 * S, &more);
         assert_eq!(s.marked().len(), 5);
-        let h = s.fleet[&ids[9]].phx.held.clone().or(s.fleet[&ids[8]].phx.held.clone());
+        let h = s.fleet[&ids[9]]
+            .phx
+            .held
+            .clone()
+            .or(s.fleet[&ids[8]].phx.held.clone());
         let h = h.unwrap();
-        assert!(h.starts_with("budget: 5 of at most 1 in group web in disruption for drift") && h.contains(" | budget: 5 of at most 5 in group web in disruption for silent"), "{h}");
+        assert!(
+            h.starts_with("budget: 5 of at most 1 in group web in disruption for drift")
+                && h.contains(" | budget: 5 of at most 5 in group web in disruption for silent"),
+            "{h}"
+        );
     }
 
     #[test]
@@ -1042,7 +1071,11 @@ mod tests {
         s.drift(&ids[0], "/etc/x");
         s.tick(S, &[&ids[1]]);
         s.tick(2 * S, &[&ids[1]]);
-        assert_eq!(s.marked(), vec![ids[1].clone()], "silence waits for no window");
+        assert_eq!(
+            s.marked(),
+            vec![ids[1].clone()],
+            "silence waits for no window"
+        );
         let h = s.fleet[&ids[0]].phx.held.clone().unwrap();
         assert!(h.starts_with("window: outside every maintenance window (Mon-Fri 09:00-17:00 Europe/Berlin); opens in 29m"), "{h}");
         assert_eq!(s.state(&ids[0]), State::Drifted);
@@ -1060,9 +1093,18 @@ mod tests {
         let ids = s.add("web", 20);
         s.tick(120 * S, &[]);
         assert!(s.marked().is_empty());
-        assert!(s.fleet[&ids[0]].phx.held.as_deref().unwrap().starts_with("window"));
+        assert!(s.fleet[&ids[0]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("window"));
         let o = s.tick(3600 * S, &[]);
-        assert_eq!(o.new_marks.len(), 2, "Saturday: 10% of 20, no forceful expiry");
+        assert_eq!(
+            o.new_marks.len(),
+            2,
+            "Saturday: 10% of 20, no forceful expiry"
+        );
     }
 
     #[test]
