@@ -341,7 +341,18 @@ async fn preview_phoenix(
             Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
         }
     };
-    Json(s.fleet.preview(budget, windows)).into_response()
+    match s.fleet.preview(budget, windows) {
+        Some(p) => Json(p).into_response(),
+        None => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "another preview is running; retry in a second",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
 }
 
 /// The recycler took a marked instance; the mark stays (as acked) until it goes silent.

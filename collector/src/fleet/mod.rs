@@ -127,6 +127,8 @@ pub struct Fleet {
     /// A verdict moved or an instance appeared since the view was built: the next read
     /// rebuilds it (rarely: ordinary reports only refresh figures, which the next pass shows).
     stale: AtomicBool,
+    /// One preview at a time: each copies the whole fleet under the lock.
+    previewing: Mutex<()>,
 }
 
 impl Fleet {
@@ -149,6 +151,7 @@ impl Fleet {
             wake: (Mutex::new(false), Condvar::new()),
             dirty: AtomicBool::new(false),
             stale: AtomicBool::new(false),
+            previewing: Mutex::new(()),
         }
     }
 
@@ -578,11 +581,13 @@ impl Fleet {
     /// `GET /v1/phoenix/preview`: which instances a policy (this collector's, with `budget`
     /// and `windows` in place of its own where given) would mark now, and why the others
     /// wait. Runs one queue pass on a copy of the fleet, logging nothing and changing nothing.
+    /// None while another preview runs (each copies the fleet under its lock).
     pub fn preview(
         &self,
         budget: Option<policy::Budgets>,
         windows: Option<policy::Windows>,
-    ) -> Preview {
+    ) -> Option<Preview> {
+        let _one = self.previewing.try_lock().ok()?;
         let mut rules = self.rules.clone();
         if let Some(b) = budget {
             rules.budget = b;
@@ -632,7 +637,7 @@ impl Fleet {
             .filter(|i| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()))
             .count()
             .saturating_sub(would_mark.len());
-        Preview {
+        Some(Preview {
             budget: rules.budget.to_string(),
             windows: rules.windows.texts(),
             window_open: rules.windows.is_open(now.wall_ms),
@@ -640,7 +645,7 @@ impl Fleet {
             held,
             already_marked,
             groups: q.budget.into_iter().collect(),
-        }
+        })
     }
 }
 
@@ -844,7 +849,9 @@ mod tests {
         );
         assert_eq!(v.counts.marks_by_reason[Reason::CheckFailed.index()], 1);
         // A preview: under a 20% budget i-1 would be marked now; nothing changes.
-        let p = fleet.preview(Some(policy::Budgets::parse("20%").unwrap()), None);
+        let p = fleet
+            .preview(Some(policy::Budgets::parse("20%").unwrap()), None)
+            .unwrap();
         assert_eq!(p.would_mark.len(), 1);
         assert_eq!(p.would_mark[0].instance_id, "i-1");
         assert_eq!(p.would_mark[0].reason, Reason::DiskFull);
@@ -852,10 +859,12 @@ mod tests {
         assert_eq!(p.budget, "20%");
         // A closed window does not hold a full disk (involuntary); a tighter budget does.
         let shut = policy::Windows::parse_all(&["Sat 00:00-00:01"]).unwrap();
-        let p = fleet.preview(
-            Some(policy::Budgets::parse("unhealthy=1").unwrap()),
-            Some(shut),
-        );
+        let p = fleet
+            .preview(
+                Some(policy::Budgets::parse("unhealthy=1").unwrap()),
+                Some(shut),
+            )
+            .unwrap();
         assert!(p.would_mark.is_empty());
         assert!(
             p.held[0]
