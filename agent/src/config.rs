@@ -67,6 +67,11 @@ pub struct RunArgs {
     #[arg(long, env = "PHOENIX_DRIFT_RESCAN")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub drift_rescan: Option<String>,
+    /// While this file exists the collector holds voluntary replacement (drift, expiry) of
+    /// this instance; only its presence is checked, never its content
+    /// [default: /run/phoenix/do-not-replace].
+    #[arg(long, env = "PHOENIX_PROTECT_FILE")]
+    pub protect_file: Option<PathBuf>,
     /// Override the discovered instance id.
     #[arg(long, env = "PHOENIX_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -163,6 +168,8 @@ pub struct RunConfig {
     pub drift_excludes: Vec<String>,
     pub baseline: Option<PathBuf>,
     pub drift_rescan: Duration,
+    /// `--protect-file`: its presence is reported with every metrics batch.
+    pub protect_file: PathBuf,
     pub instance_id: Option<String>,
     pub image_id: Option<String>,
     pub group: Option<String>,
@@ -323,6 +330,10 @@ impl RunArgs {
                 "1h",
                 "drift-rescan",
             )?,
+            protect_file: self
+                .protect_file
+                .or(file.protect_file)
+                .unwrap_or_else(|| crate::protect::DEFAULT_PATH.into()),
             instance_id: pick(self.instance_id, file.instance_id),
             image_id: pick(self.image_id, file.image_id),
             group: pick(self.group, file.group),

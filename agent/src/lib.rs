@@ -14,6 +14,7 @@ pub mod kmsg;
 pub mod logs;
 pub mod metrics;
 pub mod procs;
+pub mod protect;
 pub mod sockets;
 pub mod source;
 pub mod spool;
@@ -39,6 +40,7 @@ pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     }
     m.procs = Some(procs::Procs::new("/proc", cfg.top_processes));
     m.sockets = Some(sockets::Sockets::new("/proc"));
+    m.protect = Some(protect::ProtectFile::new(&cfg.protect_file));
     out.push(Box::new(m));
     if let Some(path) = &cfg.kmsg {
         out.push(Box::new(kmsg::KmsgSource::new(path)));

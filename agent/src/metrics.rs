@@ -42,6 +42,8 @@ pub struct MetricsSource {
     pub procs: Option<crate::procs::Procs>,
     /// `netstat`, `phoenix_listen` and `phoenix_listen_set`.
     pub sockets: Option<crate::sockets::Sockets>,
+    /// Whether the protect file exists goes with every report.
+    pub protect: Option<crate::protect::ProtectFile>,
 }
 
 /// Fewer jiffies than this between two /proc/stat reads make no CPU figure: a quarter second
@@ -68,6 +70,7 @@ impl MetricsSource {
             checks: None,
             procs: None,
             sockets: None,
+            protect: None,
         }
     }
 
@@ -692,6 +695,9 @@ impl Source for MetricsSource {
                 // The collector turns these into `phoenix_check` points and feeds its rules.
                 // Only the latest finished round: a wedged probe never holds this loop.
                 report.checks = checks.latest();
+            }
+            if let Some(p) = &mut self.protect {
+                report.protected = Some(p.present());
             }
             for extra in self.extras.iter_mut() {
                 extra(ts, &mut report.metrics);

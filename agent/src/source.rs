@@ -32,6 +32,7 @@ impl Ctx {
             drift: None,
             checks: Vec::new(),
             drift_root: self.drift_link.root(),
+            protected: None,
         }
     }
 

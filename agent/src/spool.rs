@@ -888,6 +888,7 @@ mod tests {
             drift: None,
             checks: vec![],
             drift_root: None,
+            protected: None,
         }
     }
 

@@ -35,6 +35,7 @@ pub fn router(state: Shared) -> Router {
             axum::routing::delete(crate::identity::http::delete_enrolment),
         )
         .route("/v1/phoenix", get(get_phoenix))
+        .route("/v1/phoenix/preview", get(preview_phoenix))
         .route("/v1/phoenix/{id}/ack", post(ack_phoenix))
         .route("/healthz", get(healthz))
         .route("/metrics", get(get_metrics))
@@ -285,6 +286,73 @@ async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
         return r;
     }
     Json(&s.fleet.view().queue).into_response()
+}
+
+/// Most `window` parameters one preview takes.
+const MAX_PREVIEW_WINDOWS: usize = 32;
+
+/// `GET /v1/phoenix/preview?budget=…&window=…&window=…`: which instances a policy would mark
+/// now, and why the others wait; changes nothing. Without parameters, this collector's own.
+async fn preview_phoenix(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
+        return r;
+    }
+    let mut budget = None;
+    let mut windows: Vec<String> = Vec::new();
+    for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "budget" if budget.is_none() => match crate::fleet::policy::Budgets::parse(&v) {
+                Ok(b) => budget = Some(b),
+                Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
+            },
+            "budget" => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give budget once (comma-separate reasons: drift=10%,unhealthy=20%)",
+                )
+            }
+            "window" if windows.len() < MAX_PREVIEW_WINDOWS => windows.push(v.into_owned()),
+            "window" => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("at most {MAX_PREVIEW_WINDOWS} window parameters"),
+                )
+            }
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown parameter {:?}: use budget and window",
+                        phoenix_wire::cut_to(other, 64)
+                    ),
+                )
+            }
+        }
+    }
+    let windows = if windows.is_empty() {
+        None
+    } else {
+        match crate::fleet::policy::Windows::parse_all(&windows) {
+            Ok(w) => Some(w),
+            Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
+        }
+    };
+    match s.fleet.preview(budget, windows) {
+        Some(p) => Json(p).into_response(),
+        None => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "another preview is running; retry in a second",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
 }
 
 /// The recycler took a marked instance; the mark stays (as acked) until it goes silent.

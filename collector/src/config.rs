@@ -149,10 +149,18 @@ pub struct Args {
     #[arg(long, env = "PHOENIX_MAX_LIFETIME")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub max_lifetime: Option<String>,
-    /// Share of a group marked at once, written with %, e.g. 10% (at least 1 instance) [default: 10%].
+    /// Instances of a group in disruption (marked, acked or not yet ready) at once, per reason:
+    /// `10%` (every reason), `drift=10%,unhealthy=20%,expired=5%`, or counts (`drift=1`).
+    /// A share is rounded up, at least 1; the tightest budget covering a reason wins; a reason
+    /// none names gets 10% (docs/policy.md) [default: 10%].
     #[arg(long, env = "PHOENIX_BUDGET")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub budget: Option<String>,
+    /// Maintenance window for voluntary marks (drift, expired, ssh), repeatable:
+    /// `DAYS HH:MM-HH:MM [ZONE]`, e.g. 'Mon-Fri 09:00-17:00 Europe/Berlin' (an end before the
+    /// start runs past midnight; ZONE from the system tzdb, default UTC) [default: always open].
+    #[arg(long = "window", env = "PHOENIX_WINDOW", value_delimiter = ';')]
+    pub window: Vec<String>,
     /// Most new marks per minute across the fleet [default: 10].
     #[arg(long, env = "PHOENIX_MARK_RATE")]
     pub mark_rate: Option<u32>,
@@ -160,6 +168,10 @@ pub struct Args {
     #[arg(long, env = "PHOENIX_MASS_EVENT")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub mass_event: Option<String>,
+    /// Fewest bad instances that make a mass event, whatever the share, so one bad box in a
+    /// group of three is replaced rather than held [default: 3].
+    #[arg(long, env = "PHOENIX_MASS_EVENT_MIN")]
+    pub mass_event_min: Option<usize>,
     /// Mark nothing; log what would have been marked.
     #[arg(long, env = "PHOENIX_LOG_ONLY")]
     pub log_only: bool,
@@ -290,27 +302,11 @@ fn percent(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<f64> {
     Ok(p / 100.0)
 }
 
-/// `--budget`: the share of each group that may be marked at once, always written with `%`
-/// (`10%`, `2.5%`). A bare `2` is refused: it reads as two instances as easily as 2 %, and a
-/// wrong guess marks too many servers. Kept in one function so per-reason budgets extend it.
-pub fn parse_budget(s: &str) -> Result<f64, String> {
-    let t = s.trim();
-    let Some(num) = t.strip_suffix('%') else {
-        return Err(match t.parse::<f64>() {
-            Ok(n) => format!(
-                "--budget {t}: a bare number is ambiguous; write {n}% for a share of each group (at least one instance is always allowed); a count of instances per group is not supported"
-            ),
-            Err(_) => format!("--budget {t:?}: write a share of each group such as 10%"),
-        });
-    };
-    let p: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("--budget {t:?}: write a share of each group such as 10%"))?;
-    if !(0.0..=100.0).contains(&p) {
-        return Err(format!("--budget {t}: {p} is not between 0% and 100%"));
-    }
-    Ok(p / 100.0)
+/// `--budget`: per reason, counts (`2`, whole instances) or shares (`10%`); see
+/// [`crate::fleet::policy::Budgets::parse`]. `2.5` is refused: it reads as 2.5 % as easily as
+/// as instances, and a wrong guess marks too many servers.
+pub fn parse_budget(s: &str) -> Result<crate::fleet::policy::Budgets, String> {
+    crate::fleet::policy::Budgets::parse(s)
 }
 
 impl Args {
@@ -414,6 +410,9 @@ impl Args {
             max_lifetime,
             budget: parse_budget(pick!(budget).as_deref().unwrap_or("10%"))
                 .map_err(|e| anyhow::anyhow!(e))?,
+            windows: crate::fleet::policy::Windows::parse_all(&list!(window))
+                .map_err(|e| anyhow::anyhow!(e))?,
+            mass_min: pick!(mass_event_min).unwrap_or(3),
             mark_rate_per_min: pick!(mark_rate).unwrap_or(10).max(1),
             mass_event: percent(pick!(mass_event).as_deref(), "50%", "mass-event")?,
             log_only,
@@ -505,13 +504,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budget_wants_a_percent_sign() {
-        assert_eq!(parse_budget("10%"), Ok(0.10));
-        assert_eq!(parse_budget(" 2.5 % "), Ok(0.025));
-        let e = parse_budget("2").unwrap_err();
-        assert!(e.contains("write 2%") && e.contains("count"), "{e}");
+    fn budget_takes_shares_counts_and_reasons() {
+        use crate::fleet::policy::Budgets;
+        assert_eq!(parse_budget("10%"), Ok(Budgets::share(0.10)));
+        assert_eq!(parse_budget(" 2.5 % "), Ok(Budgets::share(0.025)));
+        assert_eq!(parse_budget("2").unwrap().allowed("drift", 500), 2);
+        let e = parse_budget("2.5").unwrap_err();
+        assert!(e.contains("2.5%") && e.contains("whole number"), "{e}");
         assert!(parse_budget("120%").is_err());
         assert!(parse_budget("lots").unwrap_err().contains("10%"));
+        let b = parse_budget("drift=10%,unhealthy=20%,expired=5%").unwrap();
+        assert_eq!(b.allowed("silent", 10), 2);
+    }
+
+    #[test]
+    fn windows_and_the_mass_event_floor_come_from_flags_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "window = [\"Sat,Sun 00:00-24:00\"]\nmass_event_min = 2\nbudget = \"drift=1,20%\"\n",
+        )
+        .unwrap();
+        let c = Args::try_parse_from(["phoenix-collector", "--config", f.to_str().unwrap()])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.health.windows.texts(), vec!["Sat,Sun 00:00-24:00"]);
+        assert_eq!(c.health.mass_min, 2);
+        assert_eq!(c.health.budget.to_string(), "drift=1,20%");
+        let c = Args::try_parse_from([
+            "phoenix-collector",
+            "--config",
+            f.to_str().unwrap(),
+            "--window",
+            "Mon-Fri 09:00-17:00 Europe/Berlin",
+            "--window",
+            "Fri 22:00-02:00",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.health.windows.list.len(),
+            2,
+            "flags replace the file's list"
+        );
+        let e = Args::try_parse_from(["phoenix-collector", "--window", "Mon 9-5"])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("not a time"), "{e:#}");
     }
 
     #[test]
@@ -531,10 +574,18 @@ mod tests {
         assert_eq!(c.health.grace, Duration::from_secs(10));
         assert_eq!(c.health.silent_after, Duration::from_secs(90));
         assert_eq!(c.max_body, 1024);
-        std::fs::write(&f, "budget = 2\n").unwrap();
+        std::fs::write(&f, "budget = 2.5\n").unwrap();
         let args = Args::try_parse_from(["phoenix-collector", "--config", f.to_str().unwrap()]);
         let e = args.unwrap().resolve().unwrap_err();
-        assert!(format!("{e:#}").contains("write 2%"), "{e:#}");
+        assert!(format!("{e:#}").contains("2.5%"), "{e:#}");
+        std::fs::write(&f, "budget = 2\n").unwrap();
+        let args = Args::try_parse_from(["phoenix-collector", "--config", f.to_str().unwrap()]);
+        let c = args.unwrap().resolve().unwrap();
+        assert_eq!(
+            c.health.budget.to_string(),
+            "2",
+            "a TOML number is a count, as the flag"
+        );
     }
 
     #[test]

@@ -180,6 +180,7 @@ mod tests {
             drift: None,
             checks: vec![],
             drift_root: None,
+            protected: None,
         };
         let mut w = Writer::default();
         report_lines(&r, &mut w);

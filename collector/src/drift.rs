@@ -6,7 +6,7 @@
 //! agent can never replace a registered baseline: what it reports as its baseline is only
 //! compared with it (a mismatch is flagged), never stored in its place.
 
-use phoenix_wire::drift::{diff, root_of_entries, Manifest};
+use phoenix_wire::drift::{computes, diff, root_of_entries, Manifest, HASH_VERSION};
 use phoenix_wire::{DriftState, FileChange};
 
 /// Where the expected hash came from.
@@ -78,6 +78,18 @@ pub fn expected_hash(
 /// the agent sent, or, against the agent's own baseline, from the changes the agent computed.
 /// Against a majority hash there is no entry list to diff, so `changes` stays empty.
 pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&str]) -> Verdict {
+    if let Some(why) = version_gap(registered, state) {
+        // Hashes of two versions are never compared: an upgrade that changed the hashing
+        // must not look like a drifted fleet. No verdict until both sides agree.
+        return Verdict {
+            expected: None,
+            reason: None,
+            drifted: false,
+            changes: Vec::new(),
+            agent_baseline_mismatch: false,
+            note: Some(why),
+        };
+    }
     let mut notes = Vec::new();
     // An entry list that does not hash to the reported root means the report cannot be
     // trusted either way; it counts as drifted.
@@ -146,6 +158,34 @@ pub fn judge(registered: Option<&Manifest>, state: &DriftState, peer_hashes: &[&
         agent_baseline_mismatch,
         note: (!notes.is_empty()).then(|| notes.join("; ")),
     }
+}
+
+/// Why `state` cannot be compared with the baseline that would decide, if it cannot: the
+/// agent hashes with a version this collector does not compute, or the deciding baseline
+/// (registered, else the agent's own) has another hash version than the agent's scan.
+pub fn version_gap(registered: Option<&Manifest>, state: &DriftState) -> Option<String> {
+    let scan = state.hash_version.unwrap_or(1);
+    if !computes(scan) {
+        return Some(format!(
+            "no verdict: the agent hashes with drift hash version {scan}, which this collector (v{HASH_VERSION}) does not compute; upgrade the collector"
+        ));
+    }
+    if let Some(m) = registered {
+        if m.hash_version != scan {
+            return Some(format!(
+                "no verdict: the registered baseline has drift hash version {}, the agent's scan {scan}; re-register the baseline baked with this agent, or upgrade the agent",
+                m.hash_version
+            ));
+        }
+        return None;
+    }
+    let base = state.baseline_hash_version.unwrap_or(1);
+    if state.baseline.is_some() && base != scan {
+        return Some(format!(
+            "no verdict: the agent's baseline has drift hash version {base}, its scan {scan}; bake the baseline with this agent, or upgrade the agent"
+        ));
+    }
+    None
 }
 
 /// Changes kept per instance (fleet state, the page, `phoenix_drift`); the rest are counted.
@@ -273,6 +313,7 @@ mod tests {
     fn manifest(entries: Vec<FileEntry>) -> Manifest {
         Manifest {
             version: MANIFEST_VERSION,
+            hash_version: phoenix_wire::drift::HASH_VERSION,
             image_id: "img-1".into(),
             created: "2024-01-01T00:00:00Z".into(),
             paths: vec!["/etc".into()],
@@ -394,5 +435,51 @@ mod tests {
             .unwrap_err()
             .contains("does not match"));
         assert!(check_registration("bad id", &m, None).is_err());
+    }
+
+    #[test]
+    fn a_hash_version_this_side_does_not_share_gives_no_verdict_not_drift() {
+        let base = vec![file("/etc/a", "1"), file("/etc/b", "2")];
+        let now = vec![file("/etc/a", "1"), file("/etc/b", "changed")];
+        let m = manifest(base);
+        // Same version: drifted, as before.
+        assert!(judge(Some(&m), &state(now.clone(), None), &[]).drifted);
+        // A registered baseline of a future version: no verdict, not drifted.
+        let future = Manifest {
+            hash_version: 2,
+            ..m.clone()
+        };
+        let v = judge(Some(&future), &state(now.clone(), None), &[]);
+        assert!(!v.drifted && v.expected.is_none());
+        assert!(v.note.unwrap().contains("hash version 2"));
+        // The agent's own baseline of a future version (no registered one).
+        let mut st = state(now.clone(), Some(&m.root));
+        st.baseline_hash_version = Some(7);
+        let v = judge(None, &st, &[]);
+        assert!(!v.drifted);
+        assert!(v
+            .note
+            .unwrap()
+            .contains("baseline has drift hash version 7"));
+        // An agent hashing with a version this collector does not compute.
+        let mut st = state(now, None);
+        st.hash_version = Some(2);
+        let v = judge(Some(&m), &st, &["x", "x"]);
+        assert!(!v.drifted);
+        assert!(v.note.unwrap().contains("upgrade the collector"));
+        // Old agents and baselines (no version field) are v1 and still compared.
+        let old: Manifest = serde_json::from_value({
+            let mut j = serde_json::to_value(&m).unwrap();
+            j.as_object_mut().unwrap().remove("hash_version");
+            j
+        })
+        .unwrap();
+        assert_eq!(old.hash_version, 1);
+        assert!(old.verify().is_ok());
+        assert!(judge(Some(&old), &state(vec![file("/etc/a", "x")], None), &[]).drifted);
+        // A future-version manifest is structurally checked but its root is not recomputed.
+        let mut f2 = future.clone();
+        f2.root = "0".repeat(64);
+        assert!(f2.verify().is_ok());
     }
 }

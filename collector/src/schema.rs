@@ -203,6 +203,7 @@ mod tests {
             agent: Identity::default(),
             seq: 1,
             drift_root: None,
+            protected: None,
             interval_ms: 1000,
             metrics,
             logs,

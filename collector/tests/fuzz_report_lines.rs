@@ -193,6 +193,7 @@ fn random_report(rng: &mut Rng) -> Report {
         drift: None,
         checks,
         drift_root: None,
+        protected: None,
     }
 }
 
@@ -397,6 +398,7 @@ fn the_crafted_log_line_is_one_message() {
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     };
     assert_eq!(check(&r), Ok(1));
 }

@@ -240,9 +240,12 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
             ts: phoenix_wire::bounds::now_ns(),
             note: None,
             entries_list: Some(entries),
+            hash_version: None,
+            baseline_hash_version: None,
         }),
         checks: vec![],
         drift_root: None,
+        protected: None,
     };
     let r = c.post_report(&report);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -262,6 +265,8 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         ts: phoenix_wire::bounds::now_ns(),
         note: None,
         entries_list: Some(manifest.entries.clone()),
+        hash_version: None,
+        baseline_hash_version: None,
     });
     assert_eq!(c.post_report(&honest).status, 200);
     let d = drift_of(&c, "i-forger").unwrap();

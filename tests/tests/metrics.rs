@@ -37,6 +37,7 @@ fn report(instance: &str, seq: u64) -> Report {
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 

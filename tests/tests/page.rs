@@ -468,6 +468,7 @@ fn page_answers_plain_http_clients_with_escaped_html() {
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     };
     let ack = c.post_report(&r);
     assert_eq!(ack.status, 200, "{}", ack.body);

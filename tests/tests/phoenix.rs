@@ -69,6 +69,8 @@ fn sim_report(s: &Sim) -> Report {
             ts,
             note: None,
             entries_list: None,
+            hash_version: None,
+            baseline_hash_version: None,
         })
     } else {
         None
@@ -107,6 +109,7 @@ fn sim_report(s: &Sim) -> Report {
         drift,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 

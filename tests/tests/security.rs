@@ -210,6 +210,7 @@ fn report(instance: &str, seq: u64, points: usize) -> Report {
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 

@@ -28,6 +28,7 @@ fn report(instance: &str, seq: u64, points: Vec<Point>) -> Report {
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn report(agent: Identity, seq: u64) -> Report {
         agent,
         seq,
         drift_root: None,
+        protected: None,
         interval_ms: 1000,
         metrics: vec![],
         logs: vec![],
@@ -171,6 +172,8 @@ fn a_forged_drift_report_for_an_enrolled_instance_is_refused_and_the_victim_stay
         ts: now_ns(),
         note: None,
         entries_list: None,
+        hash_version: None,
+        baseline_hash_version: None,
     });
     assert_all_forgeries_refused(&c, &forged);
 

@@ -10,8 +10,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FileChange, FileEntry};
 
-/// Version of the manifest layout and of the leaf/root encoding.
+/// Version of the manifest layout.
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// Version of the drift hash: how a file becomes its entry (content hash, attributes) and how
+/// entries become leaves and the root. Baselines and reports carry it; two hashes of
+/// different versions are never compared, so an upgrade that changes the hashing gives "no
+/// verdict" (with a note), never a fleet that looks drifted (Karpenter's drift storm after
+/// an upgrade changed its hash, fixed the same way).
+pub const HASH_VERSION: u32 = 1;
+
+/// Whether this build computes hashes of version `v`.
+pub fn computes(v: u32) -> bool {
+    v == HASH_VERSION
+}
+
+fn hash_v1() -> u32 {
+    1
+}
 
 /// Domain-separation contexts, so a leaf can never be confused with a root or with a content hash.
 const LEAF_CONTEXT: &str = "phoenix-drift 2024 entry leaf v1";
@@ -21,6 +37,9 @@ const ROOT_CONTEXT: &str = "phoenix-drift 2024 merkle root v1";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub version: u32,
+    /// [`HASH_VERSION`] of `root` and `entries`; absent in manifests baked before it (v1).
+    #[serde(default = "hash_v1")]
+    pub hash_version: u32,
     pub image_id: String,
     /// RFC 3339 UTC time of the bake.
     pub created: String,
@@ -56,8 +75,10 @@ impl Manifest {
                 w[1].path
             ));
         }
+        // A hash this build does not compute cannot be checked here; whoever compares it
+        // must refuse to compare (see [`computes`]).
         let root = root_of_entries(&self.entries);
-        if root != self.root {
+        if computes(self.hash_version) && root != self.root {
             return Err(format!("baseline root {} does not match its entries (computed {root}); the manifest was edited or truncated, bake it again", self.root));
         }
         Ok(())
@@ -216,6 +237,7 @@ mod tests {
     fn manifest(entries: Vec<FileEntry>) -> Manifest {
         Manifest {
             version: MANIFEST_VERSION,
+            hash_version: HASH_VERSION,
             image_id: "img-1".into(),
             created: "2024-01-01T00:00:00Z".into(),
             paths: vec!["/etc".into()],

@@ -52,6 +52,12 @@ pub struct Report {
     /// None when the agent watches nothing or has not finished its first scan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift_root: Option<String>,
+    /// Whether the agent's protect file (`--protect-file`, default
+    /// `/run/phoenix/do-not-replace`) exists: while it does, the collector holds voluntary
+    /// marks (drift, expiry) of this instance. Sent on metrics reports; None: not looked at
+    /// (other batches, older agents). Only presence counts: the file's content is never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
 }
 
 /// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
@@ -148,6 +154,13 @@ pub struct DriftState {
     /// baseline. Paths and hashes only, never contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries_list: Option<Vec<FileEntry>>,
+    /// [`drift::HASH_VERSION`] of `hash` and `entries_list` (None: 1, agents before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_version: Option<u32>,
+    /// The hash version of the agent's baseline (None: 1). When it differs from
+    /// `hash_version` the agent did not compare, and the collector does not either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_hash_version: Option<u32>,
 }
 
 /// One watched file as hashed: never its contents, only their hash.
@@ -541,6 +554,7 @@ mod tests {
             drift: None,
             checks: vec![],
             drift_root: None,
+            protected: None,
         }
     }
 

@@ -66,6 +66,7 @@ fn report(now: i64) -> Report {
             duration_ms: 3,
         }],
         drift_root: Some("ab".repeat(32)),
+        protected: None,
     }
 }
 

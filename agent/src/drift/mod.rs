@@ -129,6 +129,7 @@ pub fn make_manifest(scanner: &Scanner, image_id: &str) -> Manifest {
     let tree = scanner.full_scan();
     Manifest {
         version: MANIFEST_VERSION,
+        hash_version: phoenix_wire::drift::HASH_VERSION,
         image_id: image_id.to_string(),
         created: rfc3339_utc(std::time::SystemTime::now()),
         paths: scanner.roots().iter().map(|p| path_text(p)).collect(),
@@ -230,6 +231,16 @@ pub fn drift(args: DriftArgs) -> Result<u8, DriftError> {
     let path = find_baseline(args.baseline.as_deref(), &args.state_dir)
         .ok_or_else(|| DriftError::NoBaseline(args.state_dir.join("baseline.json")))?;
     let base = load_baseline(&path)?;
+    if !phoenix_wire::drift::computes(base.hash_version) {
+        return Err(DriftError::BadBaseline(
+            path,
+            format!(
+                "its drift hash version {} is not computed by this agent (v{}): no comparison is possible; use the phoenix-agent that baked it",
+                base.hash_version,
+                phoenix_wire::drift::HASH_VERSION
+            ),
+        ));
+    }
     let roots: Vec<PathBuf> = base.paths.iter().map(PathBuf::from).collect();
     let scanner = Scanner::new(&roots, Excludes::new(&base.excludes), scan_threads());
     let t = Instant::now();

@@ -469,6 +469,7 @@ fn drift_source_reports_changes_within_a_second() {
     let baseline = Baseline {
         root: base.root(),
         entries: base.entries(),
+        hash_version: phoenix_wire::drift::HASH_VERSION,
     };
     let state = tempfile::tempdir().unwrap();
     let ctx = test_ctx(state.path());
@@ -624,6 +625,7 @@ fn every_report_carries_the_root_and_a_resend_request_gets_the_full_state() {
     let baseline = Baseline {
         root: base.root(),
         entries: base.entries(),
+        hash_version: phoenix_wire::drift::HASH_VERSION,
     };
     // Drifted before the agent starts, as a box whose drift the collector forgot.
     fs::write(watched.join("passwd"), "mallory::0:0::/:/bin/sh\n").unwrap();

@@ -31,6 +31,9 @@ const DEGRADED_RESCAN: Duration = Duration::from_secs(300);
 pub struct Baseline {
     pub root: String,
     pub entries: Vec<FileEntry>,
+    /// Its [`phoenix_wire::drift::HASH_VERSION`]: one this agent does not compute is never
+    /// compared (no changes are reported, and the collector gives no verdict).
+    pub hash_version: u32,
 }
 
 #[derive(Debug)]
@@ -61,13 +64,17 @@ impl DriftSource {
                 if !cfg.drift_paths.is_empty() && cfg.drift_paths != roots {
                     tracing::warn!(baseline = %path.display(), "--drift-path differs from the baseline's paths; watching the baseline's paths so the comparison holds");
                 }
-                tracing::info!(baseline = %path.display(), image_id = %m.image_id, entries = m.entries.len(), "drift baseline loaded");
+                tracing::info!(baseline = %path.display(), image_id = %m.image_id, entries = m.entries.len(), hash_version = m.hash_version, "drift baseline loaded");
+                if !phoenix_wire::drift::computes(m.hash_version) {
+                    tracing::warn!(baseline = %path.display(), hash_version = m.hash_version, this_agent = phoenix_wire::drift::HASH_VERSION, "the baseline's drift hash version is not computed by this agent: no drift comparison (no verdict, never \"drifted\"); upgrade the agent or bake the baseline with this one");
+                }
                 (
                     roots,
                     m.excludes,
                     Some(Baseline {
                         root: m.root,
                         entries: m.entries,
+                        hash_version: m.hash_version,
                     }),
                 )
             }
@@ -90,6 +97,7 @@ impl DriftSource {
     fn state(&self, tree: &Tree, note: Option<String>) -> DriftState {
         let entries = tree.entries();
         let changes = match &self.baseline {
+            Some(b) if !phoenix_wire::drift::computes(b.hash_version) => Vec::new(),
             Some(b) if b.root != tree.root() => diff(&b.entries, &entries),
             _ => Vec::new(),
         };
@@ -103,6 +111,8 @@ impl DriftSource {
             // Always the full list: the collector diffs it against a registered baseline, and
             // a list it has to assemble from deltas would break on any lost report.
             entries_list: Some(entries),
+            hash_version: Some(phoenix_wire::drift::HASH_VERSION),
+            baseline_hash_version: self.baseline.as_ref().map(|b| b.hash_version),
         }
     }
 

@@ -30,8 +30,10 @@ pub struct Rules {
     pub disk_full: f64,
     /// Older than this: marked for recycling. None: off.
     pub max_lifetime: Option<Duration>,
-    /// Share of a group that may be marked at once (at least one instance).
-    pub budget: f64,
+    /// What may be in disruption at once per group, per reason (see [`super::policy`]).
+    pub budget: super::policy::Budgets,
+    /// Maintenance windows for voluntary marks (none: always open).
+    pub windows: super::policy::Windows,
     /// New marks per minute across the fleet.
     pub mark_rate_per_min: u32,
     /// Share of a group turning bad at once that holds all marks and raises an alert.
@@ -60,7 +62,8 @@ impl Default for Rules {
             mem_available_min: 5.0,
             disk_full: 95.0,
             max_lifetime: None,
-            budget: 0.10,
+            budget: Default::default(),
+            windows: Default::default(),
             mark_rate_per_min: 10,
             mass_event: 0.5,
             mass_min: 3,

@@ -16,6 +16,7 @@
 
 pub mod clock;
 pub mod health;
+pub mod policy;
 pub mod queue;
 pub mod state;
 pub mod store;
@@ -126,6 +127,8 @@ pub struct Fleet {
     /// A verdict moved or an instance appeared since the view was built: the next read
     /// rebuilds it (rarely: ordinary reports only refresh figures, which the next pass shows).
     stale: AtomicBool,
+    /// One preview at a time: each copies the whole fleet under the lock.
+    previewing: Mutex<()>,
 }
 
 impl Fleet {
@@ -148,6 +151,7 @@ impl Fleet {
             wake: (Mutex::new(false), Condvar::new()),
             dirty: AtomicBool::new(false),
             stale: AtomicBool::new(false),
+            previewing: Mutex::new(()),
         }
     }
 
@@ -230,12 +234,18 @@ impl Fleet {
         let o = Observation::of(r, drift, drift_root, self.now());
         let (applied, moved) = {
             let mut g = self.lock();
+            let was_protected = g
+                .instances
+                .get(&o.identity.instance_id)
+                .map(|i| i.protected);
             let applied = state::apply(&mut g.instances, &o, &self.rules);
             let w = self.watch(&g);
             let moved = g.instances.get(&o.identity.instance_id).is_some_and(|i| {
                 let v = health::judge(&queue::facts(i, w), &self.rules, o.at);
                 v.worst().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason)
                     || i.phx.state == State::Suspect
+                    // A protect file came or went: the hold changes at once.
+                    || was_protected.is_some_and(|w| w != i.protected)
             });
             (applied, moved || applied.new_life)
         };
@@ -572,6 +582,102 @@ impl Fleet {
         self.publish();
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// `GET /v1/phoenix/preview`: which instances a policy (this collector's, with `budget`
+    /// and `windows` in place of its own where given) would mark now, and why the others
+    /// wait. Runs one queue pass on a copy of the fleet, logging nothing and changing nothing.
+    /// None while another preview runs (each copies the fleet under its lock).
+    pub fn preview(
+        &self,
+        budget: Option<policy::Budgets>,
+        windows: Option<policy::Windows>,
+    ) -> Option<Preview> {
+        let _one = self.previewing.try_lock().ok()?;
+        let mut rules = self.rules.clone();
+        if let Some(b) = budget {
+            rules.budget = b;
+        }
+        if let Some(w) = windows {
+            rules.windows = w;
+        }
+        rules.log_only = false;
+        let now = self.now();
+        let (mut instances, mut q, w) = {
+            let g = self.lock();
+            (g.instances.clone(), g.queue.clone(), self.watch(&g))
+        };
+        let out =
+            tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+                queue::evaluate(&mut instances, &mut q, &rules, now, w)
+            });
+        let entry = |id: &str, hold: Option<String>| {
+            let i = instances.get(id)?;
+            let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
+                (Some(m), _) if hold.is_none() => (m.reason, m.evidence.clone()),
+                (_, Some(p)) => (p.reason, p.evidence.clone()),
+                _ => return None,
+            };
+            Some(PreviewEntry {
+                instance_id: id.to_string(),
+                group: i.group().to_string(),
+                reason,
+                evidence,
+                hold,
+            })
+        };
+        let mut would_mark: Vec<PreviewEntry> = out
+            .new_marks
+            .iter()
+            .filter_map(|id| entry(id, None))
+            .collect();
+        would_mark.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        let mut held: Vec<PreviewEntry> = instances
+            .iter()
+            .filter(|(_, i)| i.phx.mark.is_none())
+            .filter_map(|(id, i)| i.phx.held.clone().and_then(|h| entry(id, Some(h))))
+            .collect();
+        held.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        let already_marked = instances
+            .values()
+            .filter(|i| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()))
+            .count()
+            .saturating_sub(would_mark.len());
+        Some(Preview {
+            budget: rules.budget.to_string(),
+            windows: rules.windows.texts(),
+            window_open: rules.windows.is_open(now.wall_ms),
+            would_mark,
+            held,
+            already_marked,
+            groups: q.budget.into_iter().collect(),
+        })
+    }
+}
+
+/// What a policy would do now (`GET /v1/phoenix/preview`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Preview {
+    pub budget: String,
+    pub windows: Vec<String>,
+    pub window_open: bool,
+    /// Instances this policy would mark in a pass now.
+    pub would_mark: Vec<PreviewEntry>,
+    /// Bad instances it would hold, with why.
+    pub held: Vec<PreviewEntry>,
+    /// Instances marked or acked already (they count against the budgets).
+    pub already_marked: usize,
+    /// Per group: size, marked, acked, not ready and each budget's limit under this policy.
+    pub groups: Vec<(String, queue::GroupBudget)>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PreviewEntry {
+    pub instance_id: String,
+    pub group: String,
+    pub reason: Reason,
+    pub evidence: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
 }
 
 fn late_ms_of(peaks: &VecDeque<(i64, i64)>) -> i64 {
@@ -671,6 +777,7 @@ mod tests {
             drift: None,
             checks,
             drift_root: None,
+            protected: None,
         }
     }
 
@@ -746,6 +853,43 @@ mod tests {
             Some(99.0)
         );
         assert_eq!(v.counts.marks_by_reason[Reason::CheckFailed.index()], 1);
+        // A preview: under a 20% budget i-1 would be marked now; nothing changes.
+        let p = fleet
+            .preview(Some(policy::Budgets::parse("20%").unwrap()), None)
+            .unwrap();
+        assert_eq!(p.would_mark.len(), 1);
+        assert_eq!(p.would_mark[0].instance_id, "i-1");
+        assert_eq!(p.would_mark[0].reason, Reason::DiskFull);
+        assert_eq!(p.already_marked, 1);
+        assert_eq!(p.budget, "20%");
+        // A closed window does not hold a full disk (involuntary); a tighter budget does.
+        let shut = policy::Windows::parse_all(&["Sat 00:00-00:01"]).unwrap();
+        let p = fleet
+            .preview(
+                Some(policy::Budgets::parse("unhealthy=1").unwrap()),
+                Some(shut),
+            )
+            .unwrap();
+        assert!(p.would_mark.is_empty());
+        assert!(
+            p.held[0]
+                .hold
+                .as_deref()
+                .unwrap()
+                .starts_with("budget: 1 of at most 1"),
+            "{:?}",
+            p.held
+        );
+        assert!(!p.window_open);
+        assert_eq!(
+            fleet.view().queue.held.len(),
+            1,
+            "the preview marked nothing"
+        );
+        assert!(
+            fleet.pass().marks.is_empty(),
+            "and the real policy still holds i-1"
+        );
         // Points: every instance is due once, then not until 30 s later.
         let due = fleet.due_points();
         assert_eq!(due.len(), 10);

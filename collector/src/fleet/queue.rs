@@ -6,10 +6,16 @@
 //! - a mass event (more than `mass_event` of a group bad at once, and at least `mass_min`
 //!   instances) holds every new mark in that group and raises an alert: a whole group turning
 //!   bad together points at a bad baseline, a rollout or the network, not at the instances;
-//! - the budget: at most `budget` of the group (at least one) marked or acked at a time;
+//! - the budgets, per reason: marked, acked and not-ready (in grace) instances of the group
+//!   count against each, and the most restrictive covering a reason wins;
+//!   voluntary reasons (drift, age, ssh) also wait for a maintenance window and for the
+//!   instance's protect file to go (the arithmetic is [`super::policy`]'s);
 //! - the rate limit: at most `mark_rate_per_min` new marks per minute across the fleet.
 //!
 //! Budgeted marks go to the worst reasons first ([`Reason`]'s order), then the longest bad.
+//! An instance with several problems is marked for the first one (worst first) whose gates
+//! let it through: a drifted box that dies is replaced under the unhealthy budget even while
+//! the drift budget is spent or the window closed.
 //! Everything here is a pure function of the fleet state and a [`Now`] given by the caller;
 //! every duration is monotonic, every sum saturates.
 
@@ -19,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::{human, Now};
 use super::health::{self, Facts, Reason, Rules};
+use super::policy::{self, Disruption, Gate};
 use super::state::{Instance, Mark, State};
 
 /// A mass event in one group.
@@ -48,10 +55,25 @@ pub struct QueueState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GroupBudget {
     pub size: usize,
+    /// The most any one reason may have in disruption at once (the loosest budget).
     pub allowed: usize,
     pub marked: usize,
     pub acked: usize,
+    /// In grace (not yet ready), not marked: counts against every budget.
+    pub not_ready: usize,
     pub bad: usize,
+    /// Each `--budget` entry and what it allows in this group, e.g. ("drift", 1).
+    pub limits: Vec<(String, usize)>,
+}
+
+impl GroupBudget {
+    pub fn disruption(&self) -> Disruption {
+        Disruption {
+            marked: self.marked,
+            acked: self.acked,
+            not_ready: self.not_ready,
+        }
+    }
 }
 
 /// What one pass changed, for logs, the webhook and InfluxDB.
@@ -75,15 +97,9 @@ pub struct Watch {
     pub late_ms: i64,
 }
 
-/// Marks allowed at once in a group of `size`.
-pub fn allowed(size: usize, budget: f64) -> usize {
-    // A small epsilon so 10 % of 30 is 3, not 2.9999…
-    ((size as f64 * budget) + 1e-9).floor().max(1.0) as usize
-}
-
-/// Whether `bad` of `size` instances is a mass event.
+/// Whether `bad` of `size` instances is a mass event under `rules`.
 pub fn is_mass(bad: usize, size: usize, rules: &Rules) -> bool {
-    size > 0 && bad >= rules.mass_min.max(1) && bad as f64 > rules.mass_event * size as f64
+    policy::is_mass(bad, size, rules.mass_event, rules.mass_min)
 }
 
 fn alert_message(
@@ -174,7 +190,7 @@ pub fn evaluate(
 
     // 2. Per group: size, bad, budget in use; mass events.
     let mut groups: BTreeMap<String, (GroupBudget, BTreeMap<String, usize>)> = BTreeMap::new();
-    for i in instances.values() {
+    for (id, i) in instances.iter() {
         let gone = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some());
         if gone {
             continue;
@@ -184,6 +200,7 @@ pub fn evaluate(
         match &i.phx.mark {
             Some(m) if m.acked_ms.is_some() => g.acked += 1,
             Some(_) => g.marked += 1,
+            None if verdicts.get(id).is_some_and(|v| v.in_grace) => g.not_ready += 1,
             None => {}
         }
         // Age is routine recycling, not a sign of trouble: it never makes a mass event.
@@ -206,7 +223,12 @@ pub fn evaluate(
         }
     }
     for (name, (g, reasons)) in &mut groups {
-        g.allowed = allowed(g.size, rules.budget);
+        g.limits = rules.budget.limits(g.size);
+        g.allowed = Reason::ALL
+            .iter()
+            .map(|r| rules.budget.allowed(r.as_str(), g.size))
+            .max()
+            .unwrap_or(1);
         let mass = is_mass(g.bad, g.size, rules);
         match (mass, q.alerts.get_mut(name)) {
             (true, Some(a)) => {
@@ -268,8 +290,10 @@ pub fn evaluate(
         })
         .collect();
     candidates.sort();
+    // Once a pass: whether voluntary marks wait for a window (and until when).
+    let window = policy::window_hold(&rules.windows, now_ms);
     let mut held: HashMap<String, String> = HashMap::new();
-    for (reason, _, id) in candidates {
+    for (_, _, id) in candidates {
         let Some(i) = instances.get_mut(&id) else {
             continue;
         };
@@ -285,6 +309,37 @@ pub fn evaluate(
             .problem_since_mono
             .unwrap_or(now.mono_ms)
             .saturating_add(interval.saturating_mul(i64::from(rules.settle_intervals)));
+        // The first of its problems (worst first) that every gate lets through. An instance
+        // in grace is itself counted as not ready: marking it adds no disruption.
+        let in_grace = verdicts.get(&id).is_some_and(|v| v.in_grace);
+        let mut disruption = g.disruption();
+        if in_grace {
+            disruption.not_ready = disruption.not_ready.saturating_sub(1);
+        }
+        let gate = Gate {
+            budgets: &rules.budget,
+            window: window.as_deref(),
+            group: &group,
+            size: g.size,
+            disruption,
+            protected: i.protected,
+        };
+        let problems: &[health::Problem] = verdicts
+            .get(&id)
+            .map(|v| v.problems.as_slice())
+            .unwrap_or_default();
+        let mut holds: Vec<String> = Vec::new();
+        let mut chosen = None;
+        for p in problems {
+            match policy::hold_for(&gate, p.reason.as_str()) {
+                None => {
+                    chosen = Some(p.clone());
+                    break;
+                }
+                Some(h) if !holds.contains(&h) => holds.push(h),
+                Some(_) => {}
+            }
+        }
         let hold = if let Some(a) = q.alerts.get(&group) {
             Some(format!(
                 "mass event in group {group}: {} of {} bad",
@@ -292,47 +347,42 @@ pub fn evaluate(
             ))
         } else if now.mono_ms < settle_until {
             Some(format!("settling: waiting {} for the rest of group {group} to report (a mass event holds all marks)", human(settle_until - now.mono_ms)))
-        } else if g.marked + g.acked >= g.allowed {
-            Some(format!(
-                "budget: {} of at most {} in group {group} already marked",
-                g.marked + g.acked,
-                g.allowed
-            ))
+        } else if chosen.is_none() {
+            // Every problem's hold, worst first: why neither the drift nor the failing check went.
+            Some(holds.join(" | "))
         } else if q.recent_marks.len() >= rules.mark_rate_per_min as usize {
             Some(format!(
                 "rate limit: {} marks in the last minute",
                 q.recent_marks.len()
             ))
         } else if rules.log_only {
-            g.marked += 1; // as if marked, so log-only shows what the budget would allow
+            // As if marked, so log-only shows what the budget would allow.
+            take_slot(g, in_grace);
             out.would_mark.push(id.clone());
             Some("log-only: would be marked".to_string())
         } else {
             None
         };
-        let Some(problem) = i.phx.problem.clone() else {
-            continue;
-        };
-        match hold {
-            Some(h) => {
+        let (Some(problem), None) = (chosen, &hold) else {
+            if let Some(h) = hold {
                 held.insert(id, h);
             }
-            None => {
-                g.marked += 1;
-                q.recent_marks.push_back(now.mono_ms);
-                tracing::warn!(instance_id = %id, group = %group, reason = reason.as_str(), evidence = %problem.evidence, "marked for replacement");
-                i.phx.mark = Some(Mark {
-                    reason,
-                    evidence: problem.evidence,
-                    since_ms: now_ms,
-                    since_mono: now.mono_ms,
-                    acked_ms: None,
-                    acked_by: None,
-                    gone_ms: None,
-                });
-                out.new_marks.push(id);
-            }
-        }
+            continue;
+        };
+        let reason = problem.reason;
+        take_slot(g, in_grace);
+        q.recent_marks.push_back(now.mono_ms);
+        tracing::warn!(instance_id = %id, group = %group, reason = reason.as_str(), evidence = %problem.evidence, "marked for replacement");
+        i.phx.mark = Some(Mark {
+            reason,
+            evidence: problem.evidence,
+            since_ms: now_ms,
+            since_mono: now.mono_ms,
+            acked_ms: None,
+            acked_by: None,
+            gone_ms: None,
+        });
+        out.new_marks.push(id);
     }
     q.budget = groups.into_iter().map(|(k, (g, _))| (k, g)).collect();
 
@@ -375,6 +425,14 @@ pub fn evaluate(
         }
     }
     out
+}
+
+/// A mark moves an instance into the group's marked count (out of not-ready if in grace).
+fn take_slot(g: &mut GroupBudget, in_grace: bool) {
+    g.marked += 1;
+    if in_grace {
+        g.not_ready = g.not_ready.saturating_sub(1);
+    }
 }
 
 /// Why an ack was refused.
@@ -461,6 +519,25 @@ mod tests {
                     id
                 })
                 .collect()
+        }
+        fn add_one(&mut self, group: &str, id: &str) {
+            self.fleet.insert(
+                id.to_string(),
+                Instance {
+                    identity: Identity {
+                        instance_id: id.to_string(),
+                        image_id: "img".into(),
+                        group: Some(group.into()),
+                        ..Default::default()
+                    },
+                    first_seen_ms: self.now,
+                    first_seen_mono: self.now,
+                    last_seen_ms: self.now,
+                    last_seen_mono: self.now,
+                    interval_ms: 1000,
+                    ..Default::default()
+                },
+            );
         }
         fn drift(&mut self, id: &str, file: &str) {
             let changes = vec![phoenix_wire::FileChange {
@@ -572,15 +649,6 @@ mod tests {
 
     #[test]
     fn budget_arithmetic() {
-        assert_eq!(allowed(1, 0.10), 1);
-        assert_eq!(allowed(9, 0.10), 1);
-        assert_eq!(allowed(10, 0.10), 1);
-        assert_eq!(allowed(19, 0.10), 1);
-        assert_eq!(allowed(20, 0.10), 2);
-        assert_eq!(allowed(30, 0.10), 3, "no float rounding loss");
-        assert_eq!(allowed(100, 0.25), 25);
-        assert_eq!(allowed(0, 0.10), 1);
-        assert_eq!(allowed(10, 0.0), 1, "at least one, always");
         let r = Rules {
             mass_event: 0.5,
             mass_min: 3,
@@ -642,10 +710,12 @@ mod tests {
             s.q.budget["web"],
             GroupBudget {
                 size: 19,
-                allowed: 1,
+                allowed: 2,
                 marked: 0,
                 acked: 0,
-                bad: 0
+                not_ready: 0,
+                bad: 0,
+                limits: vec![("all".into(), 2)],
             }
         );
         assert_eq!(
@@ -674,7 +744,7 @@ mod tests {
         assert_eq!(s.marked(), vec![ids[0].clone()], "budget 1 of 10");
         assert_eq!(
             s.fleet[&ids[1]].phx.held.as_deref(),
-            Some("budget: 1 of at most 1 in group web already marked")
+            Some("budget: 1 of at most 1 in group web in disruption for drift (1 marked, 0 acked, 0 not ready)")
         );
         assert_eq!(s.state(&ids[1]), State::Drifted);
         ack(&mut s.fleet, &ids[0], "r", s.now).unwrap();
@@ -737,12 +807,11 @@ mod tests {
         }
         let o = t.tick(4 * S, &[&ids[5], &ids[7], &ids[9]]);
         assert_eq!(t.state(&ids[7]), State::Gone);
-        assert_eq!(o.new_marks.len(), 2, "27 left: budget 2");
+        assert_eq!(o.new_marks.len(), 3, "27 left: 10% rounded up is 3");
         assert_eq!(o.new_marks[0], ids[3], "disk full first");
-        assert_eq!(
-            t.fleet[&o.new_marks[1]].phx.mark.as_ref().unwrap().reason,
-            Reason::Age
-        );
+        for m in &o.new_marks[1..] {
+            assert_eq!(t.fleet[m].phx.mark.as_ref().unwrap().reason, Reason::Age);
+        }
     }
 
     #[test]
@@ -793,7 +862,7 @@ mod tests {
     fn the_rate_limit_spans_the_fleet() {
         let mut s = Sim::new(Rules {
             mark_rate_per_min: 2,
-            budget: 1.0,
+            budget: crate::fleet::policy::Budgets::share(1.0),
             ..quick()
         });
         let ids = s.add("web", 10);
@@ -866,7 +935,7 @@ mod tests {
     }
 
     #[test]
-    fn grace_holds_everything_but_drift() {
+    fn grace_holds_everything_but_drift_and_not_ready_instances_count_against_the_budget() {
         let mut s = Sim::new(Rules {
             grace: Duration::from_secs(300),
             ..quick()
@@ -877,6 +946,189 @@ mod tests {
         assert!(s.marked().is_empty());
         assert_eq!(s.state(&ids[1]), State::New);
         s.drift(&ids[2], "/etc/x");
-        assert_eq!(s.tick(S, &[&ids[1]]).new_marks, vec![ids[2].clone()]);
+        assert!(s.tick(S, &[&ids[1]]).new_marks.is_empty());
+        assert_eq!(
+            s.fleet[&ids[2]].phx.held.as_deref(),
+            Some("budget: 9 of at most 1 in group web in disruption for drift (0 marked, 0 acked, 9 not ready)"),
+            "the other nine are not ready yet"
+        );
+        assert_eq!(s.q.budget["web"].not_ready, 10);
+        // Grace over: the drift (worst) takes the one slot; the failing check waits.
+        let o = s.tick(300 * S, &[]);
+        assert_eq!(o.new_marks, vec![ids[2].clone()]);
+        assert!(s.fleet[&ids[0]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("budget: 1 of at most 1"));
+        // A replacement comes up: in grace it holds the budget though the old one is gone.
+        ack(&mut s.fleet, &ids[2], "r", s.now).unwrap();
+        s.add_one("web", "i-web-new");
+        s.tick(3 * S, &[&ids[2]]);
+        let o = s.tick(3 * S, &[&ids[2]]);
+        assert_eq!(s.state(&ids[2]), State::Gone);
+        assert!(
+            o.new_marks.is_empty(),
+            "the new box is not ready: {:?}",
+            s.q.budget["web"]
+        );
+        assert_eq!(s.q.budget["web"].not_ready, 1);
+        let o = s.tick(300 * S, &[&ids[2]]);
+        assert_eq!(
+            o.new_marks,
+            vec![ids[0].clone()],
+            "ready: the next one goes: {:?} {:?}",
+            s.q.budget["web"],
+            s.fleet[&ids[0]].phx
+        );
+    }
+
+    fn utc(y: i16, mo: i8, d: i8, h: i8, mi: i8) -> i64 {
+        jiff::civil::date(y, mo, d)
+            .at(h, mi, 0, 0)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_millisecond()
+    }
+
+    #[test]
+    fn per_reason_budgets_a_spent_drift_budget_does_not_stop_repair() {
+        let mut s = Sim::new(Rules {
+            budget: policy::Budgets::parse("drift=10%,unhealthy=50%").unwrap(),
+            mass_event: 1.0,
+            ..quick()
+        });
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        for id in &ids {
+            s.drift(id, "/etc/app.conf");
+        }
+        let o = s.tick(S, &[]);
+        assert_eq!(o.new_marks.len(), 1, "10% of 10");
+        let first = o.new_marks[0].clone();
+        assert!(s.q.alerts.is_empty(), "--mass-event 100% never holds");
+        s.tick(S, &[]);
+        assert_eq!(s.marked(), vec![first.clone()]);
+        // Three drifted boxes die: marked for silence, under the unhealthy budget (5).
+        let dead: Vec<&str> = ids
+            .iter()
+            .filter(|i| **i != first)
+            .take(3)
+            .map(String::as_str)
+            .collect();
+        s.tick(2 * S, &dead);
+        let o = s.tick(2 * S, &dead);
+        let mut got = o.new_marks.clone();
+        got.sort();
+        assert_eq!(got, dead);
+        for d in &dead {
+            assert_eq!(
+                s.fleet[*d].phx.mark.as_ref().unwrap().reason,
+                Reason::Silent
+            );
+        }
+        assert_eq!(s.marked().len(), 4, "1 drift + 3 silent");
+        let held: Vec<&str> = ids
+            .iter()
+            .filter_map(|i| s.fleet[i].phx.held.as_deref())
+            .collect();
+        assert_eq!(held.len(), 6);
+        assert!(
+            held.iter().all(|h| h.starts_with("budget: 4 of at most 1")),
+            "{held:?}"
+        );
+        // The unhealthy budget is spent at 5 in disruption: a fifth death is marked, a sixth held.
+        let more = [dead[0], dead[1], dead[2], ids[8].as_str(), ids[9].as_str()];
+        s.tick(2 * S, &more);
+        s.tick(2 * S, &more);
+        assert_eq!(s.marked().len(), 5);
+        let h = s.fleet[&ids[9]]
+            .phx
+            .held
+            .clone()
+            .or(s.fleet[&ids[8]].phx.held.clone());
+        let h = h.unwrap();
+        assert!(
+            h.starts_with("budget: 5 of at most 1 in group web in disruption for drift")
+                && h.contains(" | budget: 5 of at most 5 in group web in disruption for silent"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn a_closed_window_holds_drift_not_silence_and_opens_on_time() {
+        // Mon 2026-11-30 07:30 UTC is 08:30 in Berlin: the window opens in 30 minutes.
+        let mut s = Sim::new(Rules {
+            budget: policy::Budgets::share(0.5),
+            windows: policy::Windows::parse_all(&["Mon-Fri 09:00-17:00 Europe/Berlin"]).unwrap(),
+            ..quick()
+        });
+        s.now = utc(2026, 11, 30, 7, 30);
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        s.drift(&ids[0], "/etc/x");
+        s.tick(S, &[&ids[1]]);
+        s.tick(2 * S, &[&ids[1]]);
+        assert_eq!(
+            s.marked(),
+            vec![ids[1].clone()],
+            "silence waits for no window"
+        );
+        let h = s.fleet[&ids[0]].phx.held.clone().unwrap();
+        assert!(h.starts_with("window: outside every maintenance window (Mon-Fri 09:00-17:00 Europe/Berlin); opens in 29m"), "{h}");
+        assert_eq!(s.state(&ids[0]), State::Drifted);
+        s.tick(29 * 60 * S + 44 * S, &[&ids[1]]);
+        assert!(s.fleet[&ids[0]].phx.mark.is_none(), "08:59:5x Berlin");
+        let o = s.tick(10 * S, &[&ids[1]]);
+        assert_eq!(o.new_marks, vec![ids[0].clone()], "09:00 Berlin");
+        // Expiry is voluntary: it waits for the window too, and for the budget.
+        let mut s = Sim::new(Rules {
+            max_lifetime: Some(Duration::from_secs(60)),
+            windows: policy::Windows::parse_all(&["Sat 00:00-24:00 UTC"]).unwrap(),
+            ..quick()
+        });
+        s.now = utc(2026, 12, 4, 23, 0);
+        let ids = s.add("web", 20);
+        s.tick(120 * S, &[]);
+        assert!(s.marked().is_empty());
+        assert!(s.fleet[&ids[0]]
+            .phx
+            .held
+            .as_deref()
+            .unwrap()
+            .starts_with("window"));
+        let o = s.tick(3600 * S, &[]);
+        assert_eq!(
+            o.new_marks.len(),
+            2,
+            "Saturday: 10% of 20, no forceful expiry"
+        );
+    }
+
+    #[test]
+    fn a_protect_file_holds_drift_until_it_goes_but_not_failing_checks() {
+        let mut s = Sim::new(Rules {
+            budget: policy::Budgets::share(0.5),
+            ..quick()
+        });
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        for id in &ids[..2] {
+            s.fleet.get_mut(id).unwrap().protected = true;
+        }
+        s.drift(&ids[0], "/etc/x");
+        s.fail_check(&ids[1]);
+        let o = s.tick(S, &[]);
+        assert_eq!(o.new_marks, vec![ids[1].clone()], "involuntary: not held");
+        assert_eq!(
+            s.fleet[&ids[0]].phx.held.as_deref(),
+            Some("protected: the instance's protect file is present (voluntary drift waits until it is removed)")
+        );
+        s.tick(S, &[]);
+        assert!(s.fleet[&ids[0]].phx.mark.is_none());
+        s.fleet.get_mut(&ids[0]).unwrap().protected = false;
+        assert_eq!(s.tick(S, &[]).new_marks, vec![ids[0].clone()]);
     }
 }

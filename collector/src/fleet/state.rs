@@ -217,6 +217,9 @@ pub struct Instance {
     /// State, problem, mark.
     #[serde(default)]
     pub phx: Phx,
+    /// The agent's protect file was present at its latest check: voluntary marks wait.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 impl Instance {
@@ -329,6 +332,9 @@ pub struct Observation {
     pub drift: Option<DriftInfo>,
     /// The agent's current drift root (sent on every report by agents that watch files).
     pub drift_root: Option<String>,
+    /// Whether the agent's protect file exists (None: this report did not look).
+    #[serde(default)]
+    pub protected: Option<bool>,
 }
 
 impl Observation {
@@ -342,6 +348,7 @@ impl Observation {
             checks: r.checks.clone(),
             drift,
             drift_root,
+            protected: r.protected,
         }
     }
 }
@@ -427,6 +434,12 @@ fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
     }
     if !o.checks.is_empty() {
         inst.checks = Arc::new(o.checks.clone());
+    }
+    if let Some(p) = o.protected {
+        if p != inst.protected {
+            tracing::info!(instance_id = %o.identity.instance_id, protected = p, "protect file {}", if p { "present: voluntary marks wait" } else { "removed" });
+        }
+        inst.protected = p;
     }
     inst.tracking.observe(
         &Observed {

@@ -163,14 +163,27 @@ pub struct GroupView {
     pub allowed: usize,
     pub marked: usize,
     pub acked: usize,
+    /// In grace: not yet ready, and counted against every budget.
+    pub not_ready: usize,
     pub bad: usize,
+    /// Free slots under the loosest budget (`allowed − marked − acked − not ready`).
     pub free: usize,
+    /// Each `--budget` entry and what it allows in this group.
+    pub limits: Vec<(String, usize)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BudgetView {
-    /// The share of a group that may be marked at once.
+    /// The share of a group that may be marked at once, when one share covers every reason
+    /// (else the default share for reasons no budget names).
     pub share: f64,
+    /// `--budget` as given, e.g. `drift=10%,unhealthy=20%`.
+    pub spec: String,
+    /// `--window`s (voluntary marks wait for one); empty: always open.
+    pub windows: Vec<String>,
+    /// Whether a window is open now.
+    pub window_open: bool,
+    pub mass_event_min: usize,
     pub rate_per_min: u32,
     pub marks_last_minute: usize,
     pub mass_event: f64,
@@ -319,8 +332,10 @@ pub fn build(
             allowed: b.allowed,
             marked: b.marked,
             acked: b.acked,
+            not_ready: b.not_ready,
             bad: b.bad,
-            free: b.allowed.saturating_sub(b.marked.saturating_add(b.acked)),
+            free: b.allowed.saturating_sub(b.disruption().total()),
+            limits: b.limits.clone(),
         })
         .collect();
     counts.alerts = q.alerts.len() as u64;
@@ -328,7 +343,7 @@ pub fn build(
         .budget
         .iter()
         .map(|(g, b)| {
-            let used = b.marked.saturating_add(b.acked);
+            let used = b.disruption().total();
             (g.clone(), b.allowed as u64, used as u64)
         })
         .collect();
@@ -343,7 +358,14 @@ pub fn build(
             alerts: q.alerts.values().cloned().collect(),
             log_only: rules.log_only,
             budget: BudgetView {
-                share: rules.budget,
+                share: rules
+                    .budget
+                    .uniform_share()
+                    .unwrap_or(super::policy::DEFAULT_SHARE),
+                spec: rules.budget.to_string(),
+                windows: rules.windows.texts(),
+                window_open: rules.windows.is_open(inp.now.wall_ms),
+                mass_event_min: rules.mass_min,
                 rate_per_min: rules.mark_rate_per_min,
                 marks_last_minute,
                 mass_event: rules.mass_event,

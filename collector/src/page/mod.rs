@@ -483,10 +483,11 @@ fn queue_section(o: &mut String, phx: &QueueView, now: i64) {
     let b = &phx.budget;
     write!(
         o,
-        "<section id=\"queue\"><h2>Phoenix queue <small>budget {:.0}% of a group, {} of {} marks in the last minute</small></h2>",
-        b.share * 100.0,
+        "<section id=\"queue\"><h2>Phoenix queue <small>budget {} of a group, {} of {} marks in the last minute{} (<a href=\"/v1/phoenix/preview\" id=\"preview\">preview a policy</a>, docs/policy.md)</small></h2>",
+        esc(&b.spec),
         b.marks_last_minute,
         b.rate_per_min,
+        if b.windows.is_empty() { String::new() } else { format!("; voluntary marks in {}", esc(&b.windows.join("; "))) },
     ).ok();
     if !b.groups.is_empty() {
         o.push_str("<table class=\"budget\"><thead><tr><th>Group</th><th class=\"num\">Size</th><th class=\"num\">Bad</th><th class=\"num\">Budget in use</th><th class=\"num\">Free</th></tr></thead><tbody>");
@@ -497,9 +498,14 @@ fn queue_section(o: &mut String, phx: &QueueView, now: i64) {
                 esc(&g.group),
                 g.size,
                 g.bad,
-                g.marked.saturating_add(g.acked),
+                g.marked.saturating_add(g.acked).saturating_add(g.not_ready),
                 g.allowed,
-                if g.acked > 0 { format!(" ({} acked)", g.acked) } else { String::new() },
+                match (g.acked, g.not_ready) {
+                    (0, 0) => String::new(),
+                    (a, 0) => format!(" ({a} acked)"),
+                    (0, n) => format!(" ({n} not ready)"),
+                    (a, n) => format!(" ({a} acked, {n} not ready)"),
+                },
                 g.free
             ).ok();
         }
@@ -782,6 +788,7 @@ mod tests {
                     drift: None,
                     checks: vec![],
                     drift_root: None,
+                    protected: None,
                 },
                 None,
                 None,
@@ -959,6 +966,7 @@ mod tests {
                 duration_ms: 1,
             }],
             drift_root: None,
+            protected: None,
         };
         let drift = crate::fleet::DriftInfo {
             hash: "h".into(),

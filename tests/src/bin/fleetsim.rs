@@ -218,6 +218,7 @@ fn report(id: &str, group: &str, seq: u64, points: usize, interval_ms: u64) -> R
         drift: None,
         checks: vec![],
         drift_root: None,
+        protected: None,
     }
 }
 
