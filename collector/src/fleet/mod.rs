@@ -15,6 +15,7 @@
 //! [`Clock`].
 
 pub mod clock;
+pub mod diag;
 pub mod health;
 pub mod queue;
 pub mod state;
@@ -55,6 +56,8 @@ struct Inner {
     queue: QueueState,
     /// (monotonic ms, lateness peak) of the latest passes.
     late: VecDeque<(i64, i64)>,
+    /// Diagnostics requests and snapshots (memory only).
+    diag: diag::Board,
 }
 
 /// What the report handler learns from admitting a report.
@@ -280,6 +283,62 @@ impl Fleet {
             .collect()
     }
 
+    // ---- diagnostics on demand ----
+
+    /// A reader or recycler (`by`, a token name) asks `id` for a snapshot of `probes`. At
+    /// most [`diag::MAX_OUTSTANDING`] wait per instance.
+    pub fn request_diagnostics(
+        &self,
+        id: &str,
+        probes: phoenix_wire::diag::ProbeSet,
+        by: &str,
+    ) -> Result<diag::Pending, diag::DiagError> {
+        let now = self.now();
+        let p = {
+            let mut g = self.lock();
+            match g.instances.get(id) {
+                None => return Err(diag::DiagError::Unknown(id.to_string())),
+                Some(i) if i.phx.state == State::Gone || i.is_gone() => {
+                    return Err(diag::DiagError::Gone(id.to_string()))
+                }
+                Some(_) => {}
+            }
+            g.diag.request(id, probes, by, now)?
+        };
+        self.stale.store(true, Ordering::Relaxed);
+        Ok(p)
+    }
+
+    /// The request to hand `identity`'s agent in the ack being built, if one waits.
+    pub fn diagnostics_for_ack(&self, identity: &Identity) -> Option<phoenix_wire::diag::Handed> {
+        let now = self.now();
+        let mut g = self.lock();
+        let interval = g
+            .instances
+            .get(&identity.instance_id)
+            .map_or(0, |i| health::interval_of(i.interval_ms));
+        let h = g.diag.for_ack(&identity.instance_id, interval, now);
+        if h.is_some() {
+            self.stale.store(true, Ordering::Relaxed);
+        }
+        h
+    }
+
+    /// An agent's answer (decoded and validated; `bytes` is its JSON's size).
+    pub fn answer_diagnostics(
+        &self,
+        a: phoenix_wire::diag::Answer,
+        bytes: usize,
+    ) -> Result<Arc<diag::Latest>, diag::DiagError> {
+        let now = self.now();
+        let l =
+            self.lock()
+                .diag
+                .answer(&a.agent.instance_id, a.request_id, a.snapshot, bytes, now)?;
+        self.stale.store(true, Ordering::Relaxed);
+        Ok(l)
+    }
+
     // ---- the recycler ----
 
     /// The recycler took `id`: Ok(true) acked now, Ok(false) acked before.
@@ -405,6 +464,9 @@ impl Fleet {
                 rep.forgotten = out.forgotten;
                 rep.would_mark = out.would_mark;
             }
+            let inner = &mut *g;
+            let instances = &inner.instances;
+            inner.diag.retain(|id| instances.contains_key(id));
             self.stale.store(false, Ordering::Relaxed);
             let v = self.build_view(&g, now);
             drop(g);
@@ -423,6 +485,7 @@ impl Fleet {
                 .clone(),
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
+            diag: g.diag.views(),
         };
         view::build(&g.instances, &g.queue, &self.rules, &inputs)
     }
