@@ -686,10 +686,14 @@ pub fn run(
                     }
                 }
             }
+            // A pause before the next round, in steps that notice the agent stopping.
+            let until = Instant::now() + Duration::from_secs(1 << round);
+            while Instant::now() < until && !stopping() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             if stopping() {
                 break;
             }
-            std::thread::sleep(Duration::from_secs(1 << round));
         }
         if sent {
             tracing::info!(
