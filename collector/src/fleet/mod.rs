@@ -835,6 +835,104 @@ mod tests {
     }
 
     #[test]
+    fn ssh_on_marks_in_grace_and_a_diagnostics_request_rides_the_next_ack() {
+        let ssh = |r: &mut Report, found: bool| {
+            r.metrics.push(Point {
+                m: "phoenix_ssh".into(),
+                tags: Default::default(),
+                fields: [
+                    ("found".to_string(), Value::Bool(found)),
+                    (
+                        "evidence".to_string(),
+                        Value::Str("listening: tcp 0.0.0.0:22 sshd[812]".into()),
+                    ),
+                ]
+                .into(),
+                ts: 1,
+            })
+        };
+        for allowed in [false, true] {
+            let (fleet, clock) = fleet(Rules {
+                settle_intervals: 0,
+                ssh_allowed: allowed,
+                ..Default::default()
+            });
+            for k in 1..10 {
+                take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+            }
+            let mut r = report("i-0", 1, vec![], 50.0);
+            ssh(&mut r, true);
+            take(&fleet, &r);
+            clock.advance(1000);
+            fleet.pass();
+            let v = fleet.view();
+            let i = v.instance("i-0").unwrap();
+            assert_eq!(
+                i.ssh.as_deref(),
+                Some("listening: tcp 0.0.0.0:22 sshd[812]")
+            );
+            if allowed {
+                assert!(v.queue.marked.is_empty(), "--ssh-allowed: {:?}", v.queue);
+                continue;
+            }
+            assert_eq!(
+                v.queue.marked[0].reason,
+                Reason::Ssh,
+                "in grace, like drift"
+            );
+            assert_eq!(
+                v.queue.marked[0].evidence,
+                "SSH is on: listening: tcp 0.0.0.0:22 sshd[812]"
+            );
+            // Off again before the recycler acted: the mark is withdrawn.
+            clock.advance(1000);
+            let mut r = report("i-0", 2, vec![], 50.0);
+            ssh(&mut r, false);
+            take(&fleet, &r);
+            fleet.pass();
+            assert!(fleet.view().queue.marked.is_empty());
+        }
+        let (fleet, _) = fleet(Rules::default());
+        let r = report("i-0", 1, vec![], 50.0);
+        use phoenix_wire::diag::ProbeSet;
+        assert!(matches!(
+            fleet.request_diagnostics("i-0", ProbeSet::Full, "reader"),
+            Err(diag::DiagError::Unknown(_))
+        ));
+        take(&fleet, &r);
+        assert_eq!(fleet.diagnostics_for_ack(&r.agent), None);
+        let p = fleet
+            .request_diagnostics("i-0", ProbeSet::Full, "reader")
+            .unwrap();
+        assert_eq!(
+            fleet.diagnostics_for_ack(&r.agent).map(|h| h.id),
+            Some(p.id)
+        );
+        assert!(fleet
+            .view()
+            .instance("i-0")
+            .unwrap()
+            .diagnostics
+            .pending
+            .is_some());
+        let answer = phoenix_wire::diag::Answer {
+            v: VERSION,
+            agent: r.agent.clone(),
+            request_id: p.id,
+            snapshot: Default::default(),
+        };
+        fleet.answer_diagnostics(answer.clone(), 100).unwrap();
+        let v = fleet.view();
+        let d = &v.instance("i-0").unwrap().diagnostics;
+        assert!(d.pending.is_none() && d.latest.as_ref().unwrap().id == p.id);
+        assert!(
+            fleet.answer_diagnostics(answer, 100).is_err(),
+            "answered once"
+        );
+        assert_eq!(fleet.diagnostics_for_ack(&r.agent), None);
+    }
+
+    #[test]
     fn a_retried_report_counts_for_liveness_but_its_checks_count_once() {
         let rules = Rules {
             grace: Duration::ZERO,
