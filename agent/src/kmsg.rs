@@ -111,16 +111,16 @@ pub struct Checkpoint {
 
 /// One /dev/kmsg record: `prio,seq,usec,flags[,...];text` then `\n KEY=value` lines.
 #[derive(Debug, Clone, PartialEq)]
-struct Record {
-    level: u8,
-    facility: u8,
-    seq: u64,
-    usec: u64,
-    text: String,
+pub(crate) struct Record {
+    pub(crate) level: u8,
+    pub(crate) facility: u8,
+    pub(crate) seq: u64,
+    pub(crate) usec: u64,
+    pub(crate) text: String,
 }
 
 /// Split a read into records: a record starts on a line that does not begin with a space.
-fn records(b: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn records(b: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = b;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -147,7 +147,7 @@ fn records(b: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-fn parse_record(b: &[u8]) -> Option<Record> {
+pub(crate) fn parse_record(b: &[u8]) -> Option<Record> {
     let s = String::from_utf8_lossy(b);
     let (head, rest) = s.split_once(';')?;
     let mut h = head.split(',');

@@ -6,6 +6,7 @@
 pub mod checks;
 pub mod config;
 pub mod counters;
+pub mod diag;
 pub mod drift;
 pub mod enrol;
 pub mod identity;
@@ -145,6 +146,24 @@ pub fn run(
         cfg.state_dir.clone(),
     )
     .with_drift_link(ctx.drift_link.clone());
+    let diag_link = diag::DiagLink::default();
+    sender = sender.with_diag_link(diag_link.clone());
+    {
+        let probes = diag::Probes {
+            kmsg: cfg
+                .kmsg
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/dev/kmsg")),
+            ..Default::default()
+        };
+        let post: Arc<dyn diag::Post> = Arc::new(sender.diag_poster());
+        let (identity, spool) = (ctx.identity.clone(), spool.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("diag".into())
+                .spawn(move || diag::run(diag_link, probes, identity, post, || spool.stopping()))?,
+        );
+    }
     sender.max_in_flight = cfg.max_in_flight;
     // Often enough that a recovered first collector gets its agents back within a few
     // intervals, rarely enough to cost nothing.

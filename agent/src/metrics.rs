@@ -448,7 +448,7 @@ fn nodev_types(proc: &Path) -> HashSet<String> {
         .collect()
 }
 
-fn unescape_mount(s: &str) -> String {
+pub(crate) fn unescape_mount(s: &str) -> String {
     // /proc/mounts writes space, tab, newline and backslash as \040 \011 \012 \134.
     let mut out = String::with_capacity(s.len());
     let b = s.as_bytes();
@@ -533,7 +533,7 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
     }
 }
 
-fn statvfs(path: &str) -> Option<libc::statvfs> {
+pub(crate) fn statvfs(path: &str) -> Option<libc::statvfs> {
     let c = std::ffi::CString::new(path).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path and st a properly sized out-parameter.

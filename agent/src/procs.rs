@@ -316,7 +316,7 @@ fn parse_stat(b: &[u8]) -> Option<Stat> {
     })
 }
 
-fn read_passwd(p: &Path) -> HashMap<u32, String> {
+pub(crate) fn read_passwd(p: &Path) -> HashMap<u32, String> {
     std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()

@@ -308,7 +308,7 @@ fn parse_line(line: &str, v6: bool) -> Option<Line> {
 }
 
 /// The kernel prints the address as one host-order u32 in hex.
-fn parse_v4(h: &str) -> Option<Ipv4Addr> {
+pub(crate) fn parse_v4(h: &str) -> Option<Ipv4Addr> {
     if h.len() != 8 {
         return None;
     }
@@ -317,7 +317,7 @@ fn parse_v4(h: &str) -> Option<Ipv4Addr> {
 }
 
 /// Four host-order u32 words in hex.
-fn parse_v6(h: &str) -> Option<Ipv6Addr> {
+pub(crate) fn parse_v6(h: &str) -> Option<Ipv6Addr> {
     if h.len() != 32 {
         return None;
     }

@@ -92,6 +92,32 @@ impl Client {
         judge(status, retry_after, &body, entry.seq)
     }
 
+    /// POST a diagnostics snapshot (gzip JSON) to collector `idx`.
+    fn post_answer(&self, idx: usize, body: &[u8]) -> Result<(), String> {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/diagnostics", self.bases[idx]))
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", "gzip");
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let req = crate::enrol::present(req);
+        match req.send(body) {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(mut r) => {
+                let mut b = Vec::new();
+                r.body_mut().as_reader().take(512).read_to_end(&mut b).ok();
+                Err(format!(
+                    "HTTP {}: {}",
+                    r.status().as_u16(),
+                    snippet(String::from_utf8_lossy(&b).trim())
+                ))
+            }
+            Err(e) => Err(format!("cannot reach collector: {e}")),
+        }
+    }
+
     /// Is the collector `idx` up? A GET of its /healthz.
     fn healthy(&self, idx: usize) -> bool {
         self.http
@@ -185,6 +211,24 @@ pub struct Sender {
     pub probe_every: Duration,
     /// Where the collector's resend-drift requests (in acks) go: the drift source.
     drift_link: crate::drift::DriftLink,
+    /// Where diagnostics requests (in acks) go: the diagnostics worker.
+    diag_link: crate::diag::DiagLink,
+}
+
+/// The sender's HTTP client as the diagnostics worker sees it.
+#[derive(Debug, Clone)]
+pub struct DiagPoster(Arc<Client>);
+
+impl crate::diag::Post for DiagPoster {
+    fn post_diagnostics(&self, idx: usize, body: &[u8]) -> Result<(), String> {
+        if idx >= self.0.bases.len() {
+            return Err(format!("no collector {idx}"));
+        }
+        self.0.post_answer(idx, body)
+    }
+    fn collectors(&self) -> usize {
+        self.0.bases.len()
+    }
 }
 
 impl Sender {
@@ -224,7 +268,19 @@ impl Sender {
             max_in_flight: 4,
             probe_every: Duration::from_secs(30),
             drift_link: crate::drift::DriftLink::default(),
+            diag_link: crate::diag::DiagLink::default(),
         }
+    }
+
+    /// Pass the collector's diagnostics requests (in acks) to the diagnostics worker.
+    pub fn with_diag_link(mut self, link: crate::diag::DiagLink) -> Sender {
+        self.diag_link = link;
+        self
+    }
+
+    /// What the diagnostics worker posts its snapshots with (same TLS, token and collectors).
+    pub fn diag_poster(&self) -> DiagPoster {
+        DiagPoster(self.client.clone())
     }
 
     /// Pass the collector's resend-drift requests (in acks) to the drift source.
@@ -363,7 +419,7 @@ impl Sender {
                 // a few times at most, then believe the collector.
                 let reseqs = self.spool.get(seq).map_or(u8::MAX, |e| e.meta.reseqs);
                 if reseqs >= MAX_RESEQS {
-                    self.on_acked(st, seq, &ack);
+                    self.on_acked(st, seq, idx, &ack);
                 } else if let Err(e) = self.spool.reseq(seq) {
                     self.state_dir_failed(st, seq, &e);
                 } else {
@@ -372,7 +428,7 @@ impl Sender {
                     self.promote(st);
                 }
             }
-            Outcome::Acked(ack) => self.on_acked(st, seq, &ack),
+            Outcome::Acked(ack) => self.on_acked(st, seq, idx, &ack),
             Outcome::Refused(reason) => {
                 match self.spool.split(seq) {
                     Ok(true) => {
@@ -428,9 +484,10 @@ impl Sender {
     }
 
     /// The single place an accepted ack is handled.
-    fn on_acked(&self, st: &mut State, seq: u64, ack: &phoenix_wire::Ack) {
+    fn on_acked(&self, st: &mut State, seq: u64, idx: usize, ack: &phoenix_wire::Ack) {
         self.spool.mark_acked(seq);
         self.drift_link.on_ack(ack);
+        self.diag_link.on_ack(ack, idx);
         if ack.rejected_points > 0 {
             tracing::warn!(
                 seq,

@@ -31,6 +31,11 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
         .route(
+            "/v1/instances/{id}/diagnostics",
+            post(request_diagnostics).get(get_diagnostics),
+        )
+        .route("/v1/diagnostics", post(post_diagnostics))
+        .route(
             "/v1/instances/{id}/enrolment",
             axum::routing::delete(crate::identity::http::delete_enrolment),
         )
@@ -122,6 +127,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                     .fleet
                     .admit(&report, None, report.drift_root.clone())
                     .resend_drift,
+                diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
             })
             .into_response(),
         );
@@ -182,6 +188,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         duplicate: false,
         rejected_points: rejected,
         resend_drift: admission.resend_drift,
+        diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
     })
     .into_response()
 }
@@ -417,4 +424,140 @@ async fn get_metrics(State(s): State<Shared>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
+}
+
+/// Largest body of a diagnostics request: it names a probe set, nothing more.
+const MAX_DIAG_REQUEST: usize = 4096;
+
+/// `POST /v1/instances/{id}/diagnostics`: ask the instance's agent for a snapshot of a fixed,
+/// read-only probe set. The body names the probe set and nothing else (`{"probes":"full"}`,
+/// or empty); anything naming a command, a path or an argument is a 400.
+async fn request_diagnostics(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
+    let headers = req.headers().clone();
+    let caller = match authorize(&s, &headers, &[Role::Reader, Role::Recycler]) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(req, MAX_DIAG_REQUEST).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let r = match phoenix_wire::diag::parse_request(&body) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    use crate::fleet::diag::DiagError;
+    match s
+        .fleet
+        .request_diagnostics(&id, r.probes, &caller.token_name)
+    {
+        Ok(p) => {
+            crate::audit::record(
+                &s.writer,
+                "diagnostics",
+                &caller.token_name,
+                &id,
+                &format!(
+                    "asked for probe set {} (request {})",
+                    r.probes.as_str(),
+                    p.id
+                ),
+            );
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "instance_id": id, "request_id": p.id, "probes": r.probes, "state": "pending" })),
+            )
+                .into_response()
+        }
+        Err(e @ DiagError::Unknown(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// `GET /v1/instances/{id}/diagnostics`: the outstanding request and the latest snapshot,
+/// with when it was asked for and when it arrived.
+async fn get_diagnostics(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, &[Role::Reader, Role::Recycler]) {
+        return r;
+    }
+    let v = s.fleet.view();
+    match v.instance(&id) {
+        Some(i) => Json(json!({
+            "instance_id": id,
+            "pending": i.diagnostics.pending,
+            "latest": i.diagnostics.latest,
+        }))
+        .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no instance {id:?} has reported to this collector"),
+        ),
+    }
+}
+
+/// `POST /v1/diagnostics` (agent): the snapshot answering a request handed out in an ack.
+/// The same gates as a report: token, peer, client certificate, the identity gate.
+async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Response {
+    let headers = req.headers().clone();
+    if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
+        return r;
+    }
+    if let Err(r) = s.security.check_peer(&req) {
+        return r;
+    }
+    let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
+    let body = match read_body(req, s.max_body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let gz = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip");
+    let decoded = tokio::task::spawn_blocking(move || {
+        phoenix_wire::diag::decode_answer(&body, gz).map(|a| {
+            let bytes = serde_json::to_vec(&a.snapshot).map_or(0, |j| j.len());
+            (a, bytes)
+        })
+    })
+    .await;
+    let (answer, bytes) = match decoded {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) if e.is_too_large() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(_) => return unavailable(Duration::from_secs(5), "collector is stopping"),
+    };
+    let instance = answer.agent.instance_id.clone();
+    if s.security.mtls {
+        if let Err(why) = crate::tls::check_identity(peer.as_ref(), &instance) {
+            return error(StatusCode::FORBIDDEN, why);
+        }
+    }
+    let presented = crate::identity::Presented::from_headers(&headers);
+    if let Err(r) = s
+        .identity
+        .admit(&instance, &presented, crate::fleet::clock::wall_now_ms())
+    {
+        return r.into_response();
+    }
+    if let Err(wait) = s.security.limiter.check(&format!("instance/{instance}")) {
+        return crate::security::too_many(wait, &format!("instance {instance}"));
+    }
+    let id = answer.request_id;
+    match s.fleet.answer_diagnostics(answer, bytes) {
+        Ok(_) => {
+            tracing::info!(instance_id = %instance, request = id, bytes, "diagnostics snapshot received");
+            Json(json!({ "accepted": id })).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
 }

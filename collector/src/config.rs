@@ -175,6 +175,10 @@ pub struct Args {
     /// Mark nothing; log what would have been marked.
     #[arg(long, env = "PHOENIX_LOG_ONLY")]
     pub log_only: bool,
+    /// SSH on an instance (anything on TCP 22, a running sshd or dropbear) is no finding:
+    /// for fleets that still use SSH. Off by default: SSH on is reason `ssh`, like drift.
+    #[arg(long, env = "PHOENIX_SSH_ALLOWED")]
+    pub ssh_allowed: bool,
     /// URL to POST each new mark to (JSON, signed).
     #[arg(long, env = "PHOENIX_WEBHOOK")]
     pub webhook: Option<String>,
@@ -416,6 +420,7 @@ impl Args {
             mark_rate_per_min: pick!(mark_rate).unwrap_or(10).max(1),
             mass_event: percent(pick!(mass_event).as_deref(), "50%", "mass-event")?,
             log_only,
+            ssh_allowed: self.ssh_allowed || f.ssh_allowed,
             ..Default::default()
         };
         let webhook = match (pick!(webhook), pick!(webhook_secret)) {

@@ -343,7 +343,7 @@ pub async fn count_reports(State(obs): State<Arc<Obs>>, req: Request, next: Next
 }
 
 const STATES: [PhxState; 8] = PhxState::ALL;
-const REASONS: [Reason; 6] = Reason::ALL;
+const REASONS: [Reason; Reason::ALL.len()] = Reason::ALL;
 
 /// Every figure at one moment.
 #[derive(Debug, Clone, Default)]

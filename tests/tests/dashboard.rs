@@ -129,11 +129,13 @@ fn every_dashboard_query_returns_data_from_real_agents() {
     ]
     .map(String::from)
     .to_vec();
-    let _a = Agent::start(
-        &collector.url(),
-        "i-dash-a",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    // a also reads kernel messages, from a file standing in for /dev/kmsg (the box's own
+    // kernel log stays out of it), for the kernel panels.
+    let kmsg = tmp.path().join("kmsg");
+    std::fs::write(&kmsg, "").unwrap();
+    let mut a_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    a_args.extend(["--kmsg", "on", "--kmsg-path", kmsg.to_str().unwrap()]);
+    let _a = Agent::start(&collector.url(), "i-dash-a", &a_args);
     // b is a copy of the same image changed by hand: the same path, other content. Its own mount
     // namespace shows it b's directory at a's path.
     std::fs::write(dir_b.join("app.conf"), "listen = 9090\n").unwrap();
@@ -169,6 +171,34 @@ fn every_dashboard_query_returns_data_from_real_agents() {
         "2026-01-01 INFO request served",
     ];
     std::fs::write(&log, format!("{}\n", lines.join("\n"))).unwrap();
+    // A kernel OOM kill, stamped now (records carry microseconds since boot).
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let oom = "Out of memory: Killed process 4242 (dash) total-vm:1kB";
+    let append_kmsg = || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&kmsg)
+            .unwrap();
+        writeln!(f, "3,1,{},-;{oom}", (uptime * 1e6) as u64).unwrap();
+    };
+    // After the reader started (it begins at the end of the buffer on a first start).
+    assert!(
+        wait_for(Duration::from_secs(30), || (influx.count(
+            DB,
+            "SELECT count(\"oom_kills\") FROM \"phoenix_kernel\""
+        ) >= 1)
+            .then_some(()))
+        .is_some(),
+        "no phoenix_kernel point"
+    );
+    append_kmsg();
 
     // Enough samples for derivatives over 2s buckets, and the collector's judgements.
     let ready = wait_for(Duration::from_secs(90), || {
@@ -176,6 +206,9 @@ fn every_dashboard_query_returns_data_from_real_agents() {
         (n("SELECT count(\"usage_idle\") FROM \"cpu\"") >= 10
             && n("SELECT count(\"message\") FROM \"log\"") >= 6
             && n("SELECT count(\"hash\") FROM \"phoenix_drift\"") >= 2
+            && n("SELECT count(\"message\") FROM \"log\" WHERE \"src\" = 'kernel'") >= 1
+            && n("SELECT count(\"pid\") FROM \"procstat\"") >= 2
+            && n("SELECT count(\"pid\") FROM \"phoenix_listen\"") >= 1
             && n("SELECT count(\"state\") FROM \"phoenix_instance\" WHERE \"marked\" = true") >= 1)
             .then_some(())
     });
@@ -288,13 +321,63 @@ fn every_dashboard_query_returns_data_from_real_agents() {
             }
         }
     }
-    assert!(ran >= 30, "only {ran} queries ran");
+    assert!(ran >= 40, "only {ran} queries ran");
+    for title in [
+        "Processes",
+        "Top processes",
+        "Listening sockets",
+        "SSH found",
+        "Kernel events",
+        "Kernel lines",
+    ] {
+        assert!(
+            dash["panels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["title"] == title),
+            "no panel {title}"
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {ran} dashboard queries failed:\n{}",
         failures.len(),
         failures.join("\n")
     );
+
+    // The kernel panels show the OOM kill: one line, and the counter at 1 for a.
+    let panel_query = |title: &str| {
+        let p = dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap();
+        fill(p["targets"][0]["query"].as_str().unwrap(), &all)
+    };
+    let lines = influx.rows(DB, &panel_query("Kernel lines"));
+    assert!(
+        lines.iter().any(|r| r["message"] == oom
+            && r["instance_id"] == "i-dash-a"
+            && r["level"] == "error"),
+        "{lines:?}"
+    );
+    let kernel = influx.query(DB, &panel_query("Kernel events"));
+    let oom_max = kernel["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["tags"]["instance_id"] == "i-dash-a")
+        .flat_map(|s| {
+            s["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r[1].as_u64().unwrap_or(0))
+        })
+        .max();
+    assert_eq!(oom_max, Some(1), "{kernel}");
 
     // And the panels say what happened: b is the drifted, marked one; the error line is there.
     let drift = fill(
@@ -386,7 +469,8 @@ fn every_dashboard_query_returns_data_from_real_agents() {
         !rows.is_empty()
             && rows
                 .iter()
-                .all(|r| r["message"].as_str().unwrap().contains("ERROR")),
+                // The kernel's OOM line is an error too (priority 3).
+                .all(|r| r["path"] == "kernel" || r["message"].as_str().unwrap().contains("ERROR")),
         "level filter: {rows:?}"
     );
 }

@@ -61,7 +61,11 @@ fn mute_server() -> u16 {
 #[test]
 fn a_check_that_never_answers_marks_check_failed_and_metrics_keep_flowing() {
     let db = "dchk";
-    let (influx, c) = up(db, &["--grace", "1s", "--check-failures", "2"]);
+    // Another test here opens TCP 22 for a while: SSH is no finding for this fleet.
+    let (influx, c) = up(
+        db,
+        &["--grace", "1s", "--check-failures", "2", "--ssh-allowed"],
+    );
     let port = mute_server();
     let id = "i-diag-check";
     let a = Agent::start(
@@ -289,6 +293,49 @@ fn telegraf_default_set_processes_and_a_listener_on_port_22() {
         set[0]["set"].as_str().unwrap().contains("tcp 127.0.0.1:22"),
         "{set:?}"
     );
+    // The collector marks the instance with reason ssh (in grace too, like drift), the
+    // evidence naming the process and the address, and keeps the listening set for the page.
+    let marked = wait_for(Duration::from_secs(30), || {
+        let v = c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).json();
+        v["marked"]
+            .as_array()?
+            .iter()
+            .find(|e| e["instance_id"] == id)
+            .cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not marked: {}\ncollector:\n{}",
+            c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body,
+            c.log_text()
+        )
+    });
+    assert_eq!(marked["reason"], "ssh", "{marked}");
+    let evidence = marked["evidence"].as_str().unwrap();
+    assert!(
+        evidence.contains("listening: tcp 127.0.0.1:22")
+            && evidence.contains(&format!("{}[{test_pid}]", comm.trim())),
+        "{evidence}"
+    );
+    let inst = c
+        .get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+        .json();
+    assert!(
+        inst["ssh"].as_str().unwrap().contains("127.0.0.1:22"),
+        "{inst}"
+    );
+    let l = inst["listening"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == 22)
+        .cloned()
+        .unwrap_or_else(|| panic!("{inst}"));
+    assert_eq!(
+        (&l["proto"], &l["address"], l["pid"].as_u64()),
+        (&J::from("tcp"), &J::from("127.0.0.1"), Some(test_pid)),
+        "{l}"
+    );
     drop(l22);
     // Closed again: the next set no longer has it, and the evidence clears.
     assert!(
@@ -300,6 +347,171 @@ fn telegraf_default_set_processes_and_a_listener_on_port_22() {
         &format!("SELECT \"set\" FROM phoenix_listen_set WHERE instance_id = '{id}' ORDER BY time DESC LIMIT 1"),
     );
     assert!(!set[0]["set"].as_str().unwrap().contains(":22 "), "{set:?}");
+    // SSH off again before the recycler acted: the mark is withdrawn, the set has no :22.
+    let back = wait_for(Duration::from_secs(20), || {
+        let i = c
+            .get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+            .json();
+        (i["state"] != "marked" && i["ssh"].is_null()).then_some(i)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{}",
+            c.get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+                .body
+        )
+    });
+    assert!(
+        back["listening"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["port"] != 22),
+        "{back}"
+    );
+}
+
+/// `POST /v1/instances/{id}/diagnostics` with `body`, as `token`.
+fn ask(c: &Collector, id: &str, token: Option<&str>, body: &str) -> Resp {
+    post(
+        &format!("{}/v1/instances/{id}/diagnostics", c.url()),
+        token,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn diagnostics_on_demand_come_back_within_two_intervals_and_take_no_command() {
+    let db = "ddiag";
+    let (_influx, c) = up(db, &["--ssh-allowed"]);
+    let id = "i-diag-ondemand";
+    let interval_ms = 3000u64;
+    let a = Agent::start(&c.url(), id, &["--interval", "3s"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || (c
+            .get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+            .status
+            == 200)
+            .then_some(()))
+        .is_some(),
+        "agent never reported: {}",
+        a.log_text()
+    );
+    // Only a probe set can be named: commands, paths and anything else are a 400 with a reason.
+    for body in [
+        r#"{"command":"cat /etc/shadow"}"#,
+        r#"{"probes":"full","path":"/etc/shadow"}"#,
+        r#"{"probes":"/bin/sh -c id"}"#,
+        r#"{"probes":["full"],"args":["-rf","/"]}"#,
+        "rm -rf /",
+    ] {
+        let r = ask(&c, id, Some(READER_TOKEN), body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("names only a probe set"),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(ask(&c, id, None, "{}").status, 401);
+    assert_eq!(ask(&c, id, Some(AGENT_TOKEN), "{}").status, 403);
+    assert_eq!(ask(&c, "i-nobody", Some(READER_TOKEN), "{}").status, 404);
+    // An answer posted by something that cannot prove it is this instance (no instance
+    // credential: the collector runs --identity tofu) is refused by the same gate as reports.
+    let stray = phoenix_wire::diag::Answer {
+        v: phoenix_wire::VERSION,
+        agent: phoenix_wire::Identity {
+            instance_id: id.into(),
+            image_id: "img-test".into(),
+            ..Default::default()
+        },
+        request_id: 1,
+        snapshot: Default::default(),
+    };
+    let r = post(
+        &format!("{}/v1/diagnostics", c.url()),
+        Some(AGENT_TOKEN),
+        &[("Content-Encoding", "gzip")],
+        &phoenix_wire::gzip(&serde_json::to_vec(&stray).unwrap()),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("credential"), "{}", r.body);
+
+    let r = ask(&c, id, Some(READER_TOKEN), r#"{"probes":"full"}"#);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mut req = r.json()["request_id"].as_u64().unwrap();
+    // One outstanding request per instance (202 only if the first was answered in between).
+    let again = ask(&c, id, Some(RECYCLER_TOKEN), "");
+    match again.status {
+        409 => assert!(again.body.contains("still waiting"), "{}", again.body),
+        202 => req = again.json()["request_id"].as_u64().unwrap(),
+        s => panic!("{s}: {}", again.body),
+    }
+    let got = wait_for(Duration::from_secs(30), || {
+        let d = c
+            .get(
+                &format!("/v1/instances/{id}/diagnostics"),
+                Some(READER_TOKEN),
+            )
+            .json();
+        (d["latest"]["id"].as_u64() == Some(req)).then_some(d)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no answer: {}\nagent:\n{}\ncollector:\n{}",
+            c.get(
+                &format!("/v1/instances/{id}/diagnostics"),
+                Some(READER_TOKEN)
+            )
+            .body,
+            a.log_text(),
+            c.log_text()
+        )
+    });
+    let latest = &got["latest"];
+    let waited = latest["received_ms"].as_i64().unwrap() - latest["requested_ms"].as_i64().unwrap();
+    assert!(
+        (0..=2 * interval_ms as i64).contains(&waited),
+        "answered {waited} ms after the request; the agent reports every {interval_ms} ms"
+    );
+    let snap = &latest["snapshot"];
+    let agent_pid = a.proc.as_ref().unwrap().pid() as u64;
+    let me = snap["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(agent_pid))
+        .cloned()
+        .unwrap_or_else(|| panic!("the agent is not in its own process list"));
+    assert_eq!(me["name"], "phoenix-agent", "{me}");
+    let cmd = me["cmdline"].as_str().unwrap();
+    assert!(
+        cmd.contains("run --collector") && cmd.contains("--token ***"),
+        "{cmd}"
+    );
+    assert!(!cmd.contains(AGENT_TOKEN), "the token leaked: {cmd}");
+    assert!(
+        snap["sockets"]["counts"].is_object()
+            && snap["mounts"].as_array().is_some_and(|m| !m.is_empty()),
+        "{snap}"
+    );
+    assert!(snap["pressure"]["mem_total_bytes"].as_u64().unwrap() > 0);
+    assert!(snap["kernel"].is_array(), "{snap}");
+    // The instance view carries the summary for the page.
+    let inst = c
+        .get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+        .json();
+    assert_eq!(
+        inst["diagnostics"]["latest"]["id"].as_u64(),
+        Some(req),
+        "{inst}"
+    );
+    assert!(inst["diagnostics"]["pending"].is_null());
+    assert!(inst["diagnostics"]["latest"].get("snapshot").is_none());
 }
 
 #[test]

@@ -379,3 +379,144 @@ fn both_programs_log_one_json_object_per_line() {
         plain.log_text()
     );
 }
+
+fn meminfo_bytes(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Telegraf's swap, kernel, netstat, processes and procstat reach InfluxDB with its field
+/// names and values that agree with /proc, as cpu and mem do in the spine test.
+#[test]
+fn swap_kernel_netstat_processes_and_procstat_agree_with_proc() {
+    let influx = Influx::start();
+    let db = "mtel";
+    let c = Collector::start(&["--influx-url", &influx.url(), "--influx-db", db]);
+    let id = "i-metrics-tel";
+    // A listener held for the whole test: netstat must count at least it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = Agent::start(&c.url(), id, &["--top-processes", "3"]);
+    let q = |q: &str| influx.rows(db, q);
+    let seen = wait_for(Duration::from_secs(40), || {
+        ["swap", "kernel", "netstat", "processes", "procstat"]
+            .iter()
+            .all(|m| {
+                !q(&format!(
+                    "SELECT * FROM \"{m}\" WHERE instance_id = '{id}' LIMIT 1"
+                ))
+                .is_empty()
+            })
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "measurements missing; agent:\n{}",
+        a.log_text()
+    );
+
+    let swap = q("SELECT last(total) AS total, last(used) AS used, last(free) AS free, last(used_percent) AS up, last(\"in\") AS si, last(\"out\") AS so FROM swap");
+    let s = &swap[0];
+    assert_eq!(
+        s["total"].as_u64(),
+        Some(meminfo_bytes("SwapTotal:")),
+        "{s:?}"
+    );
+    let (total, used, free) = (
+        s["total"].as_u64().unwrap(),
+        s["used"].as_u64().unwrap(),
+        s["free"].as_u64().unwrap(),
+    );
+    assert_eq!(used + free, total, "{s:?}");
+    let up = s["up"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&up), "{s:?}");
+    assert!(
+        s["si"].as_u64().is_some() && s["so"].as_u64().is_some(),
+        "{s:?}"
+    );
+
+    let k = &q("SELECT last(boot_time) AS bt, last(context_switches) AS cs, last(interrupts) AS intr, last(processes_forked) AS pf, last(entropy_avail) AS ea FROM kernel")[0];
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(k["bt"].as_u64(), Some(btime), "{k:?}");
+    let ctxt_now: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cs = k["cs"].as_u64().unwrap();
+    assert!(
+        cs > 0 && cs <= ctxt_now,
+        "context_switches {cs}, /proc/stat now {ctxt_now}"
+    );
+    assert!(
+        k["intr"].as_u64().unwrap() > 0 && k["pf"].as_u64().unwrap() > 0,
+        "{k:?}"
+    );
+
+    let n = &q(&format!(
+        "SELECT last(tcp_listen) AS l, last(tcp_established) AS e, last(udp_socket) AS u FROM netstat WHERE instance_id = '{id}'"
+    ))[0];
+    assert!(n["l"].as_u64().unwrap() >= 1, "the held listener: {n:?}");
+    assert!(
+        n["e"].as_u64().is_some() && n["u"].as_u64().is_some(),
+        "{n:?}"
+    );
+
+    let p = &q("SELECT last(total) AS t, last(running) AS r, last(sleeping) AS s, last(zombies) AS z, last(total_threads) AS th FROM processes")[0];
+    let t = p["t"].as_u64().unwrap();
+    assert!(
+        p["r"].as_u64().unwrap() >= 1,
+        "the agent runs while it counts: {p:?}"
+    );
+    assert!(
+        p["s"].as_u64().unwrap() <= t && p["z"].as_u64().unwrap() <= t,
+        "{p:?}"
+    );
+    assert!(p["th"].as_u64().unwrap() >= t, "{p:?}");
+
+    // procstat: the agent itself, its RSS close to what /proc says of it now.
+    let pid = a.proc.as_ref().unwrap().pid();
+    let me = wait_for(Duration::from_secs(20), || {
+        q(&format!("SELECT last(memory_rss) AS rss, last(cpu_usage) AS cpu, last(num_threads) AS th FROM procstat WHERE process_name = 'phoenix-agent' AND instance_id = '{id}' AND pid = {pid} AND cpu_usage >= 0"))
+            .into_iter()
+            .next()
+    })
+    .unwrap_or_else(|| panic!("no procstat for the agent: {:?}", q("SELECT * FROM procstat LIMIT 10")));
+    let rss = me["rss"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let vm_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    assert!(
+        rss > vm_rss / 4 && rss < vm_rss * 4,
+        "procstat memory_rss {rss}, VmRSS now {vm_rss}"
+    );
+    let cpu = me["cpu"].as_f64().unwrap();
+    let ncpu = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
+    assert!(
+        (0.0..=100.0 * ncpu as f64).contains(&cpu),
+        "cpu_usage {cpu}"
+    );
+    drop(held);
+}

@@ -13,6 +13,7 @@ pub mod bounds;
 pub mod civil;
 pub mod confval;
 mod cut;
+pub mod diag;
 pub mod drift;
 pub mod logtext;
 
@@ -205,7 +206,7 @@ pub struct CheckResult {
 }
 
 /// The collector's answer to an accepted report.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Ack {
     pub accepted: u64,
     #[serde(default)]
@@ -218,6 +219,10 @@ pub struct Ack {
     /// and entry list, as in a normal drift report) at once.
     #[serde(default)]
     pub resend_drift: bool,
+    /// A reader asked for diagnostics: the agent runs the named probe set (once per id) and
+    /// posts the snapshot to `POST /v1/diagnostics`. Sent in every ack until answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<diag::Handed>,
 }
 
 /// Limits a collector applies while decoding; every one has a reason in [`DecodeError`].

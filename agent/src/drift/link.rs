@@ -79,6 +79,7 @@ mod tests {
             duplicate: false,
             rejected_points: 0,
             resend_drift: resend,
+            ..Default::default()
         }
     }
 

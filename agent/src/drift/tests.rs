@@ -659,6 +659,7 @@ fn every_report_carries_the_root_and_a_resend_request_gets_the_full_state() {
         duplicate: false,
         rejected_points: 0,
         resend_drift: true,
+        ..Default::default()
     });
     let again = next_report(&ctx, Duration::from_secs(5)).expect("the state, resent");
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
@@ -672,6 +673,7 @@ fn every_report_carries_the_root_and_a_resend_request_gets_the_full_state() {
         duplicate: false,
         rejected_points: 0,
         resend_drift: true,
+        ..Default::default()
     });
     assert!(next_report(&ctx, Duration::from_millis(800)).is_none());
     ctx.spool.stop();

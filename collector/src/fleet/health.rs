@@ -49,6 +49,9 @@ pub struct Rules {
     pub settle_intervals: u32,
     /// Instances gone this long are dropped from the fleet state.
     pub forget_after: Duration,
+    /// SSH on an instance (a listener on TCP 22, a running sshd or dropbear) is no finding:
+    /// for fleets that still use SSH.
+    pub ssh_allowed: bool,
 }
 
 impl Default for Rules {
@@ -70,17 +73,20 @@ impl Default for Rules {
             log_only: false,
             settle_intervals: 2,
             forget_after: Duration::from_secs(3600),
+            ssh_allowed: false,
         }
     }
 }
 
-/// Why an instance is bad, worst first: budgeted marks go in this order. Drift (tampering) and
-/// failing checks (the service is down) are certain harm; silence, pegged resources and a
-/// full disk are symptoms with other possible causes; age is routine recycling.
+/// Why an instance is bad, worst first: budgeted marks go in this order. Drift (tampering),
+/// SSH left on (a way in that the image says is closed) and failing checks (the service is
+/// down) are certain harm; silence, pegged resources and a full disk are symptoms with other
+/// possible causes; age is routine recycling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     Drift,
+    Ssh,
     CheckFailed,
     Silent,
     Pegged,
@@ -89,8 +95,9 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Drift,
+        Reason::Ssh,
         Reason::CheckFailed,
         Reason::Silent,
         Reason::Pegged,
@@ -102,17 +109,19 @@ impl Reason {
     pub fn index(self) -> usize {
         match self {
             Reason::Drift => 0,
-            Reason::CheckFailed => 1,
-            Reason::Silent => 2,
-            Reason::Pegged => 3,
-            Reason::DiskFull => 4,
-            Reason::Age => 5,
+            Reason::Ssh => 1,
+            Reason::CheckFailed => 2,
+            Reason::Silent => 3,
+            Reason::Pegged => 4,
+            Reason::DiskFull => 5,
+            Reason::Age => 6,
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Drift => "drift",
+            Reason::Ssh => "ssh",
             Reason::CheckFailed => "check_failed",
             Reason::Silent => "silent",
             Reason::Pegged => "pegged",
@@ -157,6 +166,10 @@ pub struct Tracking {
     pub pegged_what: String,
     /// The fullest filesystem in the latest report: (path, used %).
     pub disk_worst: Option<(String, f64)>,
+    /// The agent's latest SSH evidence (`phoenix_ssh`) when it found SSH on: what listens on
+    /// TCP 22 and which sshd/dropbear runs. None: off, or never reported.
+    #[serde(default)]
+    pub ssh: Option<String>,
 }
 
 /// What one report said, as far as the rules care.
@@ -166,6 +179,9 @@ pub struct Observed<'a> {
     pub cpu_used_percent: Option<f64>,
     pub mem_available_percent: Option<f64>,
     pub disk_worst: Option<(String, f64)>,
+    /// `phoenix_ssh` in this report: Some(Some(evidence)) SSH found, Some(None) not found,
+    /// None: the report had no such point (it says nothing).
+    pub ssh: Option<Option<String>>,
 }
 
 impl Tracking {
@@ -206,6 +222,9 @@ impl Tracking {
         }
         if o.disk_worst.is_some() {
             self.disk_worst = o.disk_worst.clone();
+        }
+        if let Some(ssh) = &o.ssh {
+            self.ssh = ssh.clone();
         }
     }
 }
@@ -278,11 +297,20 @@ pub fn judge(f: &Facts, rules: &Rules, now: Now) -> Verdict {
             evidence: drift_evidence(d),
         });
     }
+    // Like drift, SSH is no symptom but a state someone chose (an image that ships sshd, a
+    // listener someone opened): it counts from the first report, grace or not.
+    if let Some(e) = f.tracking.ssh.as_ref().filter(|_| !rules.ssh_allowed) {
+        v.problems.push(Problem {
+            reason: Reason::Ssh,
+            evidence: format!("SSH is on: {e}"),
+        });
+    }
     let interval = interval_of(f.interval_ms);
     let silent = silent_for_ms(f, now);
     let late = f.late_ms.max(0);
     if v.in_grace {
         // A booting instance is slow, busy and maybe not yet serving: only tampering counts.
+        v.problems.sort_by_key(|p| p.reason);
         return v;
     }
     for (name, (n, detail)) in &f.tracking.check_streaks {
@@ -518,6 +546,43 @@ mod tests {
                 Reason::DiskFull
             ]
         );
+    }
+
+    #[test]
+    fn ssh_on_counts_in_grace_like_drift_and_ssh_allowed_turns_it_off() {
+        let r = rules();
+        let mut t = Tracking::default();
+        let found = |e: Option<&str>| Observed {
+            ssh: Some(e.map(str::to_string)),
+            ..Default::default()
+        };
+        t.observe(
+            &found(Some(
+                "listening: tcp 0.0.0.0:22 sshd[812]; running: sshd[812]",
+            )),
+            &r,
+            T0,
+        );
+        let f = facts(&t);
+        let v = judge(&f, &r, n(T0 + 1000));
+        assert!(v.in_grace);
+        assert_eq!(reasons(&v), vec![Reason::Ssh]);
+        assert_eq!(
+            v.problems[0].evidence,
+            "SSH is on: listening: tcp 0.0.0.0:22 sshd[812]; running: sshd[812]"
+        );
+        let allowed = Rules {
+            ssh_allowed: true,
+            ..rules()
+        };
+        assert!(judge(&f, &allowed, n(T0 + 1000)).problems.is_empty());
+        // A report without the point says nothing; one that finds nothing clears it.
+        t.observe(&Observed::default(), &r, T0);
+        assert_eq!(reasons(&judge(&facts(&t), &r, n(T0))), vec![Reason::Ssh]);
+        t.observe(&found(None), &r, T0);
+        assert!(judge(&facts(&t), &r, n(T0)).problems.is_empty());
+        // Worst first: drift, then SSH, then the rest.
+        assert!(Reason::Drift < Reason::Ssh && Reason::Ssh < Reason::CheckFailed);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! [`Clock`].
 
 pub mod clock;
+pub mod diag;
 pub mod health;
 pub mod policy;
 pub mod queue;
@@ -56,6 +57,8 @@ struct Inner {
     queue: QueueState,
     /// (monotonic ms, lateness peak) of the latest passes.
     late: VecDeque<(i64, i64)>,
+    /// Diagnostics requests and snapshots (memory only).
+    diag: diag::Board,
 }
 
 /// What the report handler learns from admitting a report.
@@ -295,6 +298,62 @@ impl Fleet {
             .collect()
     }
 
+    // ---- diagnostics on demand ----
+
+    /// A reader or recycler (`by`, a token name) asks `id` for a snapshot of `probes`. At
+    /// most [`diag::MAX_OUTSTANDING`] wait per instance.
+    pub fn request_diagnostics(
+        &self,
+        id: &str,
+        probes: phoenix_wire::diag::ProbeSet,
+        by: &str,
+    ) -> Result<diag::Pending, diag::DiagError> {
+        let now = self.now();
+        let p = {
+            let mut g = self.lock();
+            match g.instances.get(id) {
+                None => return Err(diag::DiagError::Unknown(id.to_string())),
+                Some(i) if i.phx.state == State::Gone || i.is_gone() => {
+                    return Err(diag::DiagError::Gone(id.to_string()))
+                }
+                Some(_) => {}
+            }
+            g.diag.request(id, probes, by, now)?
+        };
+        self.stale.store(true, Ordering::Relaxed);
+        Ok(p)
+    }
+
+    /// The request to hand `identity`'s agent in the ack being built, if one waits.
+    pub fn diagnostics_for_ack(&self, identity: &Identity) -> Option<phoenix_wire::diag::Handed> {
+        let now = self.now();
+        let mut g = self.lock();
+        let interval = g
+            .instances
+            .get(&identity.instance_id)
+            .map_or(0, |i| health::interval_of(i.interval_ms));
+        let h = g.diag.for_ack(&identity.instance_id, interval, now);
+        if h.is_some() {
+            self.stale.store(true, Ordering::Relaxed);
+        }
+        h
+    }
+
+    /// An agent's answer (decoded and validated; `bytes` is its JSON's size).
+    pub fn answer_diagnostics(
+        &self,
+        a: phoenix_wire::diag::Answer,
+        bytes: usize,
+    ) -> Result<Arc<diag::Latest>, diag::DiagError> {
+        let now = self.now();
+        let l =
+            self.lock()
+                .diag
+                .answer(&a.agent.instance_id, a.request_id, a.snapshot, bytes, now)?;
+        self.stale.store(true, Ordering::Relaxed);
+        Ok(l)
+    }
+
     // ---- the recycler ----
 
     /// The recycler took `id`: Ok(true) acked now, Ok(false) acked before.
@@ -433,6 +492,9 @@ impl Fleet {
                 rep.forgotten = out.forgotten;
                 rep.would_mark = out.would_mark;
             }
+            let inner = &mut *g;
+            let instances = &inner.instances;
+            inner.diag.retain(|id| instances.contains_key(id));
             self.stale.store(false, Ordering::Relaxed);
             let v = self.build_view(&g, now);
             drop(g);
@@ -451,6 +513,7 @@ impl Fleet {
                 .clone(),
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
+            diag: g.diag.views(),
         };
         view::build(&g.instances, &g.queue, &self.rules, &inputs)
     }
@@ -918,6 +981,104 @@ mod tests {
             a.summary.mark.as_ref().unwrap().acked_by.as_deref(),
             Some("recycler#1")
         );
+    }
+
+    #[test]
+    fn ssh_on_marks_in_grace_and_a_diagnostics_request_rides_the_next_ack() {
+        let ssh = |r: &mut Report, found: bool| {
+            r.metrics.push(Point {
+                m: "phoenix_ssh".into(),
+                tags: Default::default(),
+                fields: [
+                    ("found".to_string(), Value::Bool(found)),
+                    (
+                        "evidence".to_string(),
+                        Value::Str("listening: tcp 0.0.0.0:22 sshd[812]".into()),
+                    ),
+                ]
+                .into(),
+                ts: 1,
+            })
+        };
+        for allowed in [false, true] {
+            let (fleet, clock) = fleet(Rules {
+                settle_intervals: 0,
+                ssh_allowed: allowed,
+                ..Default::default()
+            });
+            for k in 1..10 {
+                take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+            }
+            let mut r = report("i-0", 1, vec![], 50.0);
+            ssh(&mut r, true);
+            take(&fleet, &r);
+            clock.advance(1000);
+            fleet.pass();
+            let v = fleet.view();
+            let i = v.instance("i-0").unwrap();
+            assert_eq!(
+                i.ssh.as_deref(),
+                Some("listening: tcp 0.0.0.0:22 sshd[812]")
+            );
+            if allowed {
+                assert!(v.queue.marked.is_empty(), "--ssh-allowed: {:?}", v.queue);
+                continue;
+            }
+            assert_eq!(
+                v.queue.marked[0].reason,
+                Reason::Ssh,
+                "in grace, like drift"
+            );
+            assert_eq!(
+                v.queue.marked[0].evidence,
+                "SSH is on: listening: tcp 0.0.0.0:22 sshd[812]"
+            );
+            // Off again before the recycler acted: the mark is withdrawn.
+            clock.advance(1000);
+            let mut r = report("i-0", 2, vec![], 50.0);
+            ssh(&mut r, false);
+            take(&fleet, &r);
+            fleet.pass();
+            assert!(fleet.view().queue.marked.is_empty());
+        }
+        let (fleet, _) = fleet(Rules::default());
+        let r = report("i-0", 1, vec![], 50.0);
+        use phoenix_wire::diag::ProbeSet;
+        assert!(matches!(
+            fleet.request_diagnostics("i-0", ProbeSet::Full, "reader"),
+            Err(diag::DiagError::Unknown(_))
+        ));
+        take(&fleet, &r);
+        assert_eq!(fleet.diagnostics_for_ack(&r.agent), None);
+        let p = fleet
+            .request_diagnostics("i-0", ProbeSet::Full, "reader")
+            .unwrap();
+        assert_eq!(
+            fleet.diagnostics_for_ack(&r.agent).map(|h| h.id),
+            Some(p.id)
+        );
+        assert!(fleet
+            .view()
+            .instance("i-0")
+            .unwrap()
+            .diagnostics
+            .pending
+            .is_some());
+        let answer = phoenix_wire::diag::Answer {
+            v: VERSION,
+            agent: r.agent.clone(),
+            request_id: p.id,
+            snapshot: Default::default(),
+        };
+        fleet.answer_diagnostics(answer.clone(), 100).unwrap();
+        let v = fleet.view();
+        let d = &v.instance("i-0").unwrap().diagnostics;
+        assert!(d.pending.is_none() && d.latest.as_ref().unwrap().id == p.id);
+        assert!(
+            fleet.answer_diagnostics(answer, 100).is_err(),
+            "answered once"
+        );
+        assert_eq!(fleet.diagnostics_for_ack(&r.agent), None);
     }
 
     #[test]

@@ -408,7 +408,8 @@ pub fn evaluate(
             Some(m) if m.acked_ms.is_some() => State::Acked,
             Some(_) => State::Marked,
             None => match v.worst().map(|p| p.reason) {
-                Some(Reason::Drift) => State::Drifted,
+                // SSH on is a choice someone made against the image, as drift is.
+                Some(Reason::Drift | Reason::Ssh) => State::Drifted,
                 Some(_) => State::Unhealthy,
                 None if v.suspect => State::Suspect,
                 None if v.in_grace => State::New,

@@ -16,6 +16,12 @@ use super::health::{DriftInfo, Observed, Problem, Reason, Rules, Tracking};
 /// after it.
 pub const BOOTS_KEPT: usize = 4;
 
+/// Listening sockets kept per instance (the agent sends up to 1,000; the count says how many
+/// there were).
+pub const LISTEN_KEPT: usize = 256;
+/// Longest SSH evidence kept, in bytes.
+const SSH_EVIDENCE_KEPT: usize = 1024;
+
 /// Out-of-order seqs remembered above a window's floor. An agent keeps a few batches in
 /// flight (4), so a seq this many stored batches behind the newest is no longer in flight.
 pub const SEQ_WINDOW: usize = 1024;
@@ -220,6 +226,31 @@ pub struct Instance {
     /// The agent's protect file was present at its latest check: voluntary marks wait.
     #[serde(default)]
     pub protected: bool,
+    /// The current listening set (from the agent's latest `phoenix_listen_set` and its
+    /// `phoenix_listen` points), at most [`LISTEN_KEPT`].
+    #[serde(default)]
+    pub listening: Arc<ListenSet>,
+}
+
+/// What listens on an instance, as its agent last sent it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenSet {
+    /// How many listeners the agent counted (may be more than `list` holds).
+    pub count: u64,
+    pub list: Vec<Listener>,
+    /// Unix ms of the report that carried it.
+    pub at_ms: i64,
+}
+
+/// One listening socket and the process that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Listener {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub address: String,
+    pub port: u16,
+    pub process: Option<String>,
+    pub pid: Option<u32>,
 }
 
 impl Instance {
@@ -278,6 +309,12 @@ pub struct Figures {
     pub mem_available_percent: Option<f64>,
     /// The fullest filesystem: (path, used %).
     pub disk_worst: Option<(String, f64)>,
+    /// `phoenix_ssh`: Some(Some(evidence)) found, Some(None) not found, None: not sent.
+    #[serde(default)]
+    pub ssh: Option<Option<String>>,
+    /// The listening set, when the report carried one (`phoenix_listen_set`).
+    #[serde(default)]
+    pub listening: Option<ListenSet>,
 }
 
 impl Figures {
@@ -288,8 +325,52 @@ impl Figures {
             _ => None,
         };
         let mut out = Figures::default();
+        let mut listeners = Vec::new();
         for p in &r.metrics {
             match p.m.as_str() {
+                "phoenix_ssh" => {
+                    if let Some(Value::Bool(found)) = p.fields.get("found") {
+                        let evidence = match p.fields.get("evidence") {
+                            Some(Value::Str(e)) if !e.is_empty() => {
+                                phoenix_wire::cut_to(e, SSH_EVIDENCE_KEPT)
+                            }
+                            _ => "SSH found (no evidence sent)".to_string(),
+                        };
+                        out.ssh = Some(found.then_some(evidence));
+                    }
+                }
+                "phoenix_listen_set" => {
+                    let count = match p.fields.get("count") {
+                        Some(Value::Int(n)) => (*n).max(0) as u64,
+                        _ => 0,
+                    };
+                    out.listening = Some(ListenSet {
+                        count,
+                        list: Vec::new(),
+                        at_ms: 0,
+                    });
+                }
+                "phoenix_listen" if listeners.len() < LISTEN_KEPT => {
+                    let tag = |k: &str| p.tags.get(k).cloned();
+                    let (Some(proto), Some(address), Some(port)) = (
+                        tag("proto"),
+                        tag("address"),
+                        tag("port").and_then(|v| v.parse::<u16>().ok()),
+                    ) else {
+                        continue;
+                    };
+                    let pid = match p.fields.get("pid") {
+                        Some(Value::Int(n)) => u32::try_from(*n).ok(),
+                        _ => None,
+                    };
+                    listeners.push(Listener {
+                        proto: phoenix_wire::cut_to(&proto, 16),
+                        address: phoenix_wire::cut_to(&address, 128),
+                        port,
+                        process: tag("process_name").map(|n| phoenix_wire::cut_to(&n, 256)),
+                        pid,
+                    });
+                }
                 "cpu" if p.tags.get("cpu").map(String::as_str) == Some("cpu-total") => {
                     out.cpu_used_percent = f(p, "usage_idle").map(|i| 100.0 - i);
                 }
@@ -307,6 +388,12 @@ impl Figures {
                 }
                 _ => {}
             }
+        }
+        if let Some(set) = &mut out.listening {
+            listeners.sort();
+            listeners.dedup();
+            set.count = set.count.max(listeners.len() as u64);
+            set.list = listeners;
         }
         out
     }
@@ -431,6 +518,11 @@ fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
         if let Some((_, u)) = &f.disk_worst {
             inst.disk_max_used_percent = Some(*u);
         }
+        if let Some(set) = &f.listening {
+            let mut set = set.clone();
+            set.at_ms = o.at.wall_ms;
+            inst.listening = Arc::new(set);
+        }
     }
     if !o.checks.is_empty() {
         inst.checks = Arc::new(o.checks.clone());
@@ -447,6 +539,7 @@ fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
             cpu_used_percent: f.cpu_used_percent,
             mem_available_percent: f.mem_available_percent,
             disk_worst: f.disk_worst.clone(),
+            ssh: f.ssh.clone(),
         },
         rules,
         o.at.mono_ms,
@@ -491,6 +584,104 @@ pub fn is_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssh_evidence_and_the_listening_set_come_from_the_agents_points() {
+        use phoenix_wire::Point;
+        let pt = |m: &str, tags: &[(&str, &str)], fields: Vec<(&str, Value)>| Point {
+            m: m.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ts: 1,
+        };
+        let mut r = Report {
+            v: 1,
+            agent: Identity::default(),
+            seq: 1,
+            interval_ms: 0,
+            metrics: vec![
+                pt(
+                    "phoenix_ssh",
+                    &[],
+                    vec![
+                        ("found", Value::Bool(true)),
+                        (
+                            "evidence",
+                            Value::Str("listening: tcp 127.0.0.1:22 x[7]".into()),
+                        ),
+                    ],
+                ),
+                pt("phoenix_listen_set", &[], vec![("count", Value::Int(2))]),
+                pt(
+                    "phoenix_listen",
+                    &[
+                        ("proto", "tcp"),
+                        ("address", "127.0.0.1"),
+                        ("port", "22"),
+                        ("process_name", "x"),
+                    ],
+                    vec![("pid", Value::Int(7))],
+                ),
+                pt(
+                    "phoenix_listen",
+                    &[("proto", "udp"), ("address", "::"), ("port", "not-a-port")],
+                    vec![("pid", Value::Int(-1))],
+                ),
+            ],
+            logs: vec![],
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+        };
+        let f = Figures::of(&r);
+        assert_eq!(
+            f.ssh,
+            Some(Some("listening: tcp 127.0.0.1:22 x[7]".to_string()))
+        );
+        let set = f.listening.unwrap();
+        assert_eq!(
+            set.count, 2,
+            "the agent's count, though one point was unreadable"
+        );
+        assert_eq!(
+            set.list,
+            [Listener {
+                proto: "tcp".into(),
+                address: "127.0.0.1".into(),
+                port: 22,
+                process: Some("x".into()),
+                pid: Some(7)
+            }]
+        );
+        // No set point: the report says nothing about listeners (they are sent on change).
+        r.metrics.retain(|p| p.m == "phoenix_ssh");
+        assert_eq!(Figures::of(&r).listening, None);
+        // Hostile volume is bounded.
+        r.metrics = (0..LISTEN_KEPT + 50)
+            .map(|k| {
+                let port = k.to_string();
+                pt(
+                    "phoenix_listen",
+                    &[("proto", "tcp"), ("address", "0.0.0.0"), ("port", &port)],
+                    vec![("pid", Value::Int(1))],
+                )
+            })
+            .collect();
+        r.metrics.push(pt(
+            "phoenix_listen_set",
+            &[],
+            vec![("count", Value::Int(9))],
+        ));
+        let set = Figures::of(&r).listening.unwrap();
+        assert_eq!(set.list.len(), LISTEN_KEPT);
+        assert_eq!(set.count, LISTEN_KEPT as u64);
+    }
 
     #[test]
     fn a_window_answers_only_for_what_was_inserted_and_one_seq_cannot_poison_it() {

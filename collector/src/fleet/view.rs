@@ -11,9 +11,10 @@ use phoenix_wire::CheckResult;
 use serde::Serialize;
 
 use super::clock::Now;
+use super::diag::DiagView;
 use super::health::{DriftInfo, Reason, Rules};
 use super::queue::{Alert, QueueState};
-use super::state::{Instance, Mark, State};
+use super::state::{Instance, ListenSet, Mark, State};
 
 /// How the metrics store (InfluxDB, or the file sink) is doing, as the decider last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -81,6 +82,17 @@ pub struct InstanceView {
     pub summary: InstanceSummary,
     pub checks: Arc<Vec<CheckResult>>,
     pub drift: Option<Arc<DriftInfo>>,
+    /// What listens on the instance (its agent's latest set; at most
+    /// [`super::state::LISTEN_KEPT`] entries, `count` says how many there were).
+    pub listening: Arc<ListenSet>,
+    /// The agent's SSH evidence when it found SSH on (a listener on TCP 22, a running sshd
+    /// or dropbear); None when off. With `--ssh-allowed` it is shown but marks nothing.
+    pub ssh: Option<String>,
+    /// Diagnostics on demand: the outstanding request and the latest snapshot. The
+    /// instance JSON carries the snapshot's summary only; `GET
+    /// /v1/instances/{id}/diagnostics` returns it whole.
+    #[serde(serialize_with = "diag_summary")]
+    pub diagnostics: DiagView,
     /// The queue's group (identity.group, else the image).
     #[serde(skip)]
     pub group_key: String,
@@ -89,8 +101,35 @@ pub struct InstanceView {
     pub check_streaks: BTreeMap<String, u32>,
 }
 
+fn diag_summary<S: serde::Serializer>(d: &DiagView, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Latest<'a> {
+        id: u64,
+        probes: &'a str,
+        requested_ms: i64,
+        received_ms: i64,
+        bytes: usize,
+    }
+    #[derive(Serialize)]
+    struct Summary<'a> {
+        pending: &'a Option<super::diag::Pending>,
+        latest: Option<Latest<'a>>,
+    }
+    Summary {
+        pending: &d.pending,
+        latest: d.latest.as_ref().map(|l| Latest {
+            id: l.id,
+            probes: l.probes.as_str(),
+            requested_ms: l.requested_ms,
+            received_ms: l.received_ms,
+            bytes: l.bytes,
+        }),
+    }
+    .serialize(s)
+}
+
 impl InstanceView {
-    fn of(i: &Instance) -> InstanceView {
+    fn of(i: &Instance, diagnostics: DiagView) -> InstanceView {
         let a = &i.identity;
         let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
             (Some(m), _) => (Some(m.reason), Some(m.evidence.clone())),
@@ -121,6 +160,9 @@ impl InstanceView {
             },
             checks: i.checks.clone(),
             drift: i.drift.clone(),
+            listening: i.listening.clone(),
+            ssh: i.tracking.ssh.clone(),
+            diagnostics,
             group_key: i.group().to_owned(),
             check_streaks: i
                 .tracking
@@ -256,6 +298,8 @@ pub struct Inputs {
     pub store: StoreHealth,
     pub decider: bool,
     pub late_ms: i64,
+    /// Diagnostics by instance id (only instances with a request or a snapshot).
+    pub diag: HashMap<String, DiagView>,
 }
 
 pub fn build(
@@ -264,7 +308,10 @@ pub fn build(
     rules: &Rules,
     inp: &Inputs,
 ) -> FleetView {
-    let mut list: Vec<InstanceView> = instances.values().map(InstanceView::of).collect();
+    let mut list: Vec<InstanceView> = instances
+        .iter()
+        .map(|(id, i)| InstanceView::of(i, inp.diag.get(id).cloned().unwrap_or_default()))
+        .collect();
     list.sort_by(|a, b| a.summary.instance_id.cmp(&b.summary.instance_id));
     let index = list
         .iter()
