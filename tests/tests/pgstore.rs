@@ -634,6 +634,7 @@ mod fleet_store {
             checks: vec![],
             drift: None,
             drift_root: None,
+            protected: None,
         }
     }
 

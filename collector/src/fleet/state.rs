@@ -638,6 +638,7 @@ mod tests {
             drift: None,
             checks: vec![],
             drift_root: None,
+            protected: None,
         };
         let f = Figures::of(&r);
         assert_eq!(
