@@ -297,30 +297,35 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// Decompress (bounded), parse and validate a report.
 pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, DecodeError> {
-    let json = if gzipped {
-        gunzip_limited(body, limits.max_decompressed)?
+    let json: std::borrow::Cow<'_, [u8]> = if gzipped {
+        gunzip_limited(body, limits.max_decompressed)?.into()
     } else {
         if body.len() > limits.max_decompressed {
             return Err(DecodeError::TooLarge(limits.max_decompressed));
         }
-        body.to_vec()
+        body.into()
     };
-    // Read the version first so a v2 report gets "unsupported version", not a field error.
-    #[derive(Deserialize)]
-    struct V {
-        v: Option<u32>,
-    }
-    match serde_json::from_slice::<V>(&json) {
-        Ok(V { v: Some(v) }) if v != VERSION => return Err(DecodeError::Version(v)),
-        Ok(V { v: None }) => {
-            return Err(DecodeError::Invalid(
-                "missing \"v\" (wire format version)".into(),
-            ))
+    // One parse in the common case; only a report that does not parse is read again for its
+    // version, so a v2 report gets "unsupported version", not a field error.
+    let report: Report = match serde_json::from_slice(&json) {
+        Ok(r) => r,
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct V {
+                v: Option<u32>,
+            }
+            return Err(match serde_json::from_slice::<V>(&json) {
+                Ok(V { v: Some(v) }) if v != VERSION => DecodeError::Version(v),
+                Ok(V { v: None }) => {
+                    DecodeError::Invalid("missing \"v\" (wire format version)".into())
+                }
+                _ => DecodeError::Json(e),
+            });
         }
-        Err(e) => return Err(DecodeError::Json(e)),
-        _ => {}
+    };
+    if report.v != VERSION {
+        return Err(DecodeError::Version(report.v));
     }
-    let report: Report = serde_json::from_slice(&json).map_err(DecodeError::Json)?;
     validate(&report, limits).map_err(DecodeError::Invalid)?;
     let now = limits.now_ns.unwrap_or_else(bounds::now_ns);
     bounds::check_numbers(&report, now, limits).map_err(DecodeError::Invalid)?;
