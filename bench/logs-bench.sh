@@ -112,7 +112,9 @@ EOF
 python3 "$ROOT/bench/logs-tcp-sink.py" "$SINK_PORT" "$N" "$DIR/rsyslog/sink.done" &
 SINK_PID=$!
 PIDS+=("$SINK_PID")
-sleep 0.5
+# Listening before rsyslog starts: a refused first connect costs rsyslog a 30 s resume wait.
+port_open() { python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" 2>/dev/null; }
+wait_for 10 port_open "$SINK_PORT"
 alive "$SINK_PID" logs-tcp-sink.py /dev/null
 t0=$(now)
 rsyslogd -n -f "$DIR/rsyslog/rsyslog.conf" -i "$DIR/rsyslog/rsyslogd.pid" > "$DIR/rsyslog/rsyslogd.log" 2>&1 &
