@@ -97,7 +97,9 @@ impl PointWriter<'_> {
         let b = &mut self.w.buf;
         match value {
             Value::Int(i) => {
-                write!(b, "{i}i").ok();
+                // itoa: the same digits as `{i}`, without the formatting machinery.
+                b.push_str(itoa::Buffer::new().format(*i));
+                b.push('i');
             }
             Value::Float(f) => {
                 // Debug formatting keeps a `.0` on whole numbers so InfluxDB types them as float.
@@ -131,7 +133,9 @@ impl PointWriter<'_> {
             self.w.buf.truncate(self.start);
             return false;
         }
-        writeln!(self.w.buf, " {ts}").ok();
+        self.w.buf.push(' ');
+        self.w.buf.push_str(itoa::Buffer::new().format(ts));
+        self.w.buf.push('\n');
         self.w.lines += 1;
         self.w.ends.push(self.w.buf.len());
         true
@@ -154,8 +158,7 @@ fn escape_into(out: &mut String, s: &str, special: &[u8]) {
             // line into the fields (found by tests/fuzz_report_lines.rs).
             b'\n' | b'\r' | b'\t' => "\\ ",
             b'\\'
-                if b
-                    .get(i + 1)
+                if b.get(i + 1)
                     .is_none_or(|n| special.contains(n) || matches!(n, b'\n' | b'\r' | b'\t')) =>
             {
                 "/"

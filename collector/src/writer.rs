@@ -275,7 +275,11 @@ impl Worker {
     }
 
     /// Apply the status-code policy to the store's answer to a write of `lines`.
-    fn answer<'a>(&mut self, lines: &[&'a str], resp: Response) -> Result<Vec<&'a str>, Unavailable> {
+    fn answer<'a>(
+        &mut self,
+        lines: &[&'a str],
+        resp: Response,
+    ) -> Result<Vec<&'a str>, Unavailable> {
         match resp.status {
             200..=299 => Ok(Vec::new()),
             413 if lines.len() > 1 => {
@@ -533,7 +537,7 @@ mod tests {
         };
         // The second body holds text after its last line (a point never ended): not sent.
         let jobs = vec![
-            job("a v=1i 1\nb v=\"x\ny\" 2\n", vec![9, 22]),
+            job("a v=1i 1\nb v=\"x\ny\" 2\n", vec![9, 21]),
             job("c v=3i 3\npartial", vec![9]),
         ];
         assert_eq!(w.write_jobs(&jobs), Ok(vec![]));
@@ -544,9 +548,16 @@ mod tests {
         assert_eq!(w.stats.writes.load(Ordering::Relaxed), 1);
         // A refused line among whole bodies: only it is dropped, the rest written again.
         sink.stored.lock().unwrap().clear();
-        let jobs = vec![job("d v=1i 1\n", vec![9]), job("BAD x\ne v=1i 2\n", vec![6, 15])];
+        let jobs = vec![
+            job("d v=1i 1\n", vec![9]),
+            job("BAD x\ne v=1i 2\n", vec![6, 15]),
+        ];
         assert_eq!(w.write_jobs(&jobs), Ok(vec!["BAD x"]));
-        assert!(sink.stored.lock().unwrap().ends_with(&["d v=1i 1".to_string(), "e v=1i 2".to_string()]));
+        assert!(sink
+            .stored
+            .lock()
+            .unwrap()
+            .ends_with(&["d v=1i 1".to_string(), "e v=1i 2".to_string()]));
     }
 
     #[test]
