@@ -4,7 +4,8 @@
 #
 #   bench/agent-footprint.sh             # 180 s at a 10 s interval
 #   DURATION=300 bench/agent-footprint.sh
-#   AGENT_ARGS="--top-processes 0" bench/agent-footprint.sh   # extra agent flags [default: --top-processes 10]
+#   AGENT_ARGS="--top-processes 0" bench/agent-footprint.sh   # extra flags for both agents [default: --top-processes 10]
+# The box's process count is printed: the top-processes scan reads /proc/<pid> of every one.
 #
 # Needs: collectd-core (apt-get install -y collectd-core), python3. Builds the release binaries.
 set -euo pipefail
@@ -28,11 +29,12 @@ for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&
   --state-dir "$W/agent" --instance-id i-bench --image-id img-bench $AGENT_ARGS >"$W/agent.log" 2>&1 &
 AGENT=$!
 # The same agent with one log file and drift over /etc (the idle footprint issue 16 targets).
+# shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
 mkdir -p "$W/logs"
 : >"$W/logs/app.log"
 ./target/release/phoenix-agent run --collector "http://127.0.0.1:$PORT" --token bench --interval "${INTERVAL}s" \
   --state-dir "$W/agent-logs" --instance-id i-bench-logs --image-id img-bench \
-  --log "$W/logs/app.log" --drift-path /etc >"$W/agent-logs.log" 2>&1 &
+  --log "$W/logs/app.log" --drift-path /etc $AGENT_ARGS >"$W/agent-logs.log" 2>&1 &
 AGENT_LOGS=$!
 
 # collectd with the plugins that match the agent's metrics, same interval, sending over UDP
@@ -60,6 +62,7 @@ collectd -f -C "$W/collectd.conf" >"$W/collectd.log" 2>&1 &
 COLLECTD=$!
 # Past the start: the first drift scan of /etc is a one-off, not the idle cost.
 sleep "${SETTLE:-5}"
+echo "processes on the box: $(find /proc -maxdepth 1 -name '[0-9]*' | wc -l); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "measuring for ${DURATION}s at a ${INTERVAL}s interval (agent pid $AGENT, agent with logs+drift pid $AGENT_LOGS, collectd pid $COLLECTD)"
 python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "logs+drift" "$AGENT_LOGS" "collectd" "$COLLECTD" | tee "$W/result.txt"
 # shellcheck disable=SC2046

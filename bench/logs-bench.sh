@@ -14,6 +14,8 @@
 # package), rsyslogd (rsyslog) and python3.
 #
 #   N=1000000 bench/logs-bench.sh            # results on stdout; work files in $DIR
+#   PHOENIX_MAX_IN_FLIGHT=1 N=300000 bench/logs-bench.sh      # the agent's window (default 4)
+#   COLLECTOR_ARGS="--influx-gzip false" N=300000 bench/logs-bench.sh   # extra flags for step 5
 set -euo pipefail
 
 N=${N:-1000000}
@@ -80,6 +82,7 @@ python3 "$ROOT/bench/logs-gen.py" "$N" "$LOG"
 SIZE=$(stat -c %s "$LOG")
 echo "file: $N lines, $SIZE bytes ($(( SIZE / N )) bytes/line avg)"
 echo "machine: $(nproc) cores, $(awk '/model name/ { $1=$2=$3=""; print; exit }' /proc/cpuinfo)"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); agent window: ${PHOENIX_MAX_IN_FLIGHT:-4} batches in flight"
 echo
 
 # --- InfluxDB -------------------------------------------------------------------------------
@@ -109,7 +112,9 @@ EOF
 python3 "$ROOT/bench/logs-tcp-sink.py" "$SINK_PORT" "$N" "$DIR/rsyslog/sink.done" &
 SINK_PID=$!
 PIDS+=("$SINK_PID")
-sleep 0.5
+# Listening before rsyslog starts: a refused first connect costs rsyslog a 30 s resume wait.
+port_open() { python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$1" 2>/dev/null; }
+wait_for 10 port_open "$SINK_PORT"
 alive "$SINK_PID" logs-tcp-sink.py /dev/null
 t0=$(now)
 rsyslogd -n -f "$DIR/rsyslog/rsyslog.conf" -i "$DIR/rsyslog/rsyslogd.pid" > "$DIR/rsyslog/rsyslogd.log" 2>&1 &
@@ -183,12 +188,13 @@ echo "   lines in the collector's line-protocol files: $arrived of $N"
 
 # 5. End to end into InfluxDB.
 d=$DIR/agent-influx; mkdir -p "$d"
-start_collector "$d" --influx-url "http://127.0.0.1:$INFLUX_PORT" --influx-db phoenix
+# shellcheck disable=SC2086 # COLLECTOR_ARGS is a list of flags
+start_collector "$d" --influx-url "http://127.0.0.1:$INFLUX_PORT" --influx-db phoenix ${COLLECTOR_ARGS:-}
 run_agent "$d" "5. phoenix-agent -> collector -> InfluxDB" "http://127.0.0.1:$COLLECTOR_PORT" "$CPID"
 stop "$CPID"
 E2E_RATE=$PH_RATE
 count=$(influx_query phoenix "SELECT count(message) FROM log" | grep -o '"values":\[\[[^]]*\]' | grep -o '[0-9]*\]$' | tr -d ']')
-echo "   lines in InfluxDB (count of message): ${count:-0} of $N"
+echo "   lines in InfluxDB (count of message): ${count:-0} of $N$([ "${count:-0}" = "$N" ] && echo ' (all, once each)' || echo ' (LOST OR EXTRA LINES)')"
 echo
 printf 'agent vs rsyslog: %.2fx   end-to-end vs InfluxDB direct: %.0f %%\n' \
     "$(echo "$AGENT_RATE * $rs_secs / $N" | bc -l)" "$(echo "$E2E_RATE * 100 / $drate" | bc -l)"

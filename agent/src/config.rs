@@ -21,7 +21,8 @@ pub struct RunArgs {
     #[arg(long = "collector", env = "PHOENIX_COLLECTOR", value_delimiter = ',')]
     #[serde(deserialize_with = "one_or_many")]
     pub collector: Vec<String>,
-    /// Most batches sent at once, not yet acked [default: 1; 4 once the collector dedupes by a window of stored seqs].
+    /// Most batches sent at once, not yet acked; acks may come back in any order, checkpoints
+    /// are promoted in seq order, and the collector dedupes by a window of stored seqs [default: 4].
     #[arg(long, env = "PHOENIX_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
     /// Agent token for the collector (prefer --token-file: flags show in `ps`).
@@ -212,7 +213,7 @@ impl RunArgs {
         let Some(collector) = collectors.first().cloned() else {
             bail!("no collector: give --collector URL (or PHOENIX_COLLECTOR, or collector = \"...\" in the config file)")
         };
-        let max_in_flight = self.max_in_flight.or(file.max_in_flight).unwrap_or(1);
+        let max_in_flight = self.max_in_flight.or(file.max_in_flight).unwrap_or(4);
         if !(1..=64).contains(&max_in_flight) {
             bail!("--max-in-flight {max_in_flight}: use 1 to 64");
         }
@@ -399,7 +400,7 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!(c.logs, vec!["/var/log/a.log".to_string()]);
         assert_eq!(c.spool_max, 64 << 20);
-        assert_eq!(c.max_in_flight, 1);
+        assert_eq!(c.max_in_flight, 4);
         std::fs::write(
             &f,
             "collector = [\"http://a:1\", \"http://b:1\"]\nmax_in_flight = 2\n",

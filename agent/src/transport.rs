@@ -1,7 +1,7 @@
 //! Sends spooled batches to the collector and settles each only after a real ack for it.
 //!
-//! Up to `max_in_flight` batches are out at once (each on its own short-lived thread), sent in
-//! seq order; their acks may come back in any order, and the spool promotes checkpoints in seq
+//! Up to `max_in_flight` batches are out at once (on as many sending threads, started once and
+//! kept, so an idle agent starts no thread per batch), sent in seq order; their acks may come back in any order, and the spool promotes checkpoints in seq
 //! order only. Only a JSON ack `{"accepted": seq}` for the very seq sent counts: a captive
 //! portal's 200 page, a wrong seq or an empty body is a retry with backoff, logged with what
 //! came back. Retries back off exponentially with jitter and honour Retry-After.
@@ -294,9 +294,53 @@ impl Sender {
         self.client.send(idx, entry)
     }
 
+    /// Start the sending threads: each takes a batch, sends it, reports the outcome. Returns
+    /// where to hand them batches and how many started (0: send on the dispatcher itself).
+    fn workers(&self, tx: &mpsc::Sender<Msg>) -> (mpsc::Sender<(usize, Entry)>, usize) {
+        let (work_tx, work_rx) = mpsc::channel::<(usize, Entry)>();
+        let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
+        let mut started = 0;
+        for i in 0..self.max_in_flight.max(1) {
+            let (client, tx, spool, work_rx) = (
+                self.client.clone(),
+                tx.clone(),
+                self.spool.clone(),
+                work_rx.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("send-{i}"))
+                .spawn(move || loop {
+                    // The lock is held only while waiting for the next batch.
+                    let next = work_rx
+                        .lock()
+                        .map_err(drop)
+                        .and_then(|r| r.recv().map_err(drop));
+                    let Ok((idx, entry)) = next else { return };
+                    let out = client.send(idx, &entry);
+                    // A send error only means the dispatcher is gone (stopping).
+                    tx.send(Msg::Sent {
+                        seq: entry.seq,
+                        idx,
+                        out,
+                    })
+                    .ok();
+                    spool.poke();
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a sending thread; fewer batches go out at once");
+                    break;
+                }
+            }
+        }
+        (work_tx, started)
+    }
+
     /// Until the agent stops: send, settle acks in order, back off, fail over.
     pub fn run(&self) {
         let (tx, rx) = mpsc::channel::<Msg>();
+        let (work, senders) = self.workers(&tx);
         let mut st = State {
             inflight: BTreeSet::new(),
             retry: BTreeSet::new(),
@@ -335,23 +379,26 @@ impl Sender {
                     spool.poke();
                 });
             }
-            let window = if st.fails > 0 { 1 } else { self.max_in_flight };
+            let window = if st.fails > 0 {
+                1
+            } else {
+                self.max_in_flight.min(senders.max(1))
+            };
             let resting = st.retry_at.is_some_and(|t| now < t);
             if !resting && st.inflight.len() < window {
                 if let Some(entry) = self.next_entry(&mut st) {
                     st.inflight.insert(entry.seq);
                     let idx = st.active;
-                    let (client, tx, spool) = (self.client.clone(), tx.clone(), self.spool.clone());
-                    std::thread::spawn(move || {
-                        let out = client.send(idx, &entry);
-                        tx.send(Msg::Sent {
-                            seq: entry.seq,
-                            idx,
-                            out,
-                        })
-                        .ok();
-                        spool.poke();
-                    });
+                    if senders == 0 {
+                        let seq = entry.seq;
+                        let out = self.client.send(idx, &entry);
+                        self.handle(&mut st, Msg::Sent { seq, idx, out });
+                    } else if let Err(mpsc::SendError((idx, entry))) = work.send((idx, entry)) {
+                        // Every sending thread is gone (they never end before the dispatcher).
+                        let seq = entry.seq;
+                        let out = self.client.send(idx, &entry);
+                        self.handle(&mut st, Msg::Sent { seq, idx, out });
+                    }
                     continue;
                 }
             }

@@ -64,7 +64,7 @@ impl Writer {
 
     pub fn point(&mut self, measurement: &str) -> PointWriter<'_> {
         let start = self.buf.len();
-        escape_into(&mut self.buf, measurement, &[',', ' ']);
+        escape_into(&mut self.buf, measurement, MEASUREMENT);
         PointWriter {
             w: self,
             start,
@@ -81,9 +81,9 @@ impl PointWriter<'_> {
         }
         debug_assert_eq!(self.fields, 0, "tags go before fields");
         self.w.buf.push(',');
-        escape_into(&mut self.w.buf, key, &[',', '=', ' ']);
+        escape_into(&mut self.w.buf, key, KEY);
         self.w.buf.push('=');
-        escape_into(&mut self.w.buf, value, &[',', '=', ' ']);
+        escape_into(&mut self.w.buf, value, KEY);
         self
     }
 
@@ -93,36 +93,37 @@ impl PointWriter<'_> {
                 return self; // NaN and inf have no line-protocol spelling
             }
         }
-        self.w.buf.push(if self.fields == 0 { ' ' } else { ',' });
-        self.fields += 1;
-        escape_into(&mut self.w.buf, key, &[',', '=', ' ']);
-        self.w.buf.push('=');
+        self.key(key);
         let b = &mut self.w.buf;
         match value {
             Value::Int(i) => {
-                write!(b, "{i}i").ok();
+                // itoa: the same digits as `{i}`, without the formatting machinery.
+                b.push_str(itoa::Buffer::new().format(*i));
+                b.push('i');
             }
             Value::Float(f) => {
                 // Debug formatting keeps a `.0` on whole numbers so InfluxDB types them as float.
                 write!(b, "{f:?}").ok();
             }
             Value::Bool(v) => b.push_str(if *v { "true" } else { "false" }),
-            Value::Str(s) => {
-                b.push('"');
-                for c in s.chars() {
-                    if c == '"' || c == '\\' {
-                        b.push('\\');
-                    }
-                    b.push(c);
-                }
-                b.push('"');
-            }
+            Value::Str(s) => quote_into(b, s),
         }
         self
     }
 
-    pub fn str_field(self, key: &str, value: &str) -> Self {
-        self.field(key, &Value::Str(value.to_owned()))
+    /// A string field, written from the borrowed text (no copy of it is made first).
+    pub fn str_field(mut self, key: &str, value: &str) -> Self {
+        self.key(key);
+        quote_into(&mut self.w.buf, value);
+        self
+    }
+
+    /// The separator before a field and its escaped key with `=`.
+    fn key(&mut self, key: &str) {
+        self.w.buf.push(if self.fields == 0 { ' ' } else { ',' });
+        self.fields += 1;
+        escape_into(&mut self.w.buf, key, KEY);
+        self.w.buf.push('=');
     }
 
     /// Ends the line with its timestamp (ns). A point without fields is dropped: InfluxDB
@@ -132,33 +133,63 @@ impl PointWriter<'_> {
             self.w.buf.truncate(self.start);
             return false;
         }
-        writeln!(self.w.buf, " {ts}").ok();
+        self.w.buf.push(' ');
+        self.w.buf.push_str(itoa::Buffer::new().format(ts));
+        self.w.buf.push('\n');
         self.w.lines += 1;
         self.w.ends.push(self.w.buf.len());
         true
     }
 }
 
-fn escape_into(out: &mut String, s: &str, special: &[char]) {
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
+/// What is escaped in a measurement name.
+const MEASUREMENT: &[u8] = b", ";
+/// What is escaped in tag keys, tag values and field keys.
+const KEY: &[u8] = b",= ";
+
+/// Append `s` escaped for a name or tag value: runs of ordinary bytes are copied whole. Every
+/// byte looked at is ASCII, so each cut falls on a char boundary.
+fn escape_into(out: &mut String, s: &str, special: &[u8]) {
+    let b = s.as_bytes();
+    let mut from = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let with: &str = match c {
             // As an escaped space: a bare one would end the tag set and shift the rest of the
             // line into the fields (found by tests/fuzz_report_lines.rs).
-            '\n' | '\r' | '\t' => out.push_str("\\ "),
-            '\\' if chars
-                .peek()
-                .is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) =>
+            b'\n' | b'\r' | b'\t' => "\\ ",
+            b'\\'
+                if b.get(i + 1)
+                    .is_none_or(|n| special.contains(n) || matches!(n, b'\n' | b'\r' | b'\t')) =>
             {
-                out.push('/')
+                "/"
             }
-            c if special.contains(&c) => {
-                out.push('\\');
-                out.push(c);
-            }
-            c => out.push(c),
+            b',' if special.contains(&c) => "\\,",
+            b'=' if special.contains(&c) => "\\=",
+            b' ' if special.contains(&c) => "\\ ",
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        out.push_str(with);
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
+}
+
+/// Append `s` as a quoted string field value: `"` and `\` get a backslash, nothing else
+/// changes (a newline included).
+fn quote_into(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let mut from = 0;
+    for (i, &c) in s.as_bytes().iter().enumerate() {
+        if c == b'"' || c == b'\\' {
+            out.push_str(&s[from..i]);
+            out.push('\\');
+            from = i;
         }
     }
+    out.push_str(&s[from..]);
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -220,6 +251,52 @@ mod tests {
             .end(1));
         assert_eq!(w.buf, "");
         assert_eq!(w.lines, 0);
+    }
+
+    proptest! {
+        #[test]
+        fn str_field_writes_what_a_string_value_writes(key in "[a-z ,=\\\\]{1,8}", text in any::<String>()) {
+            let mut a = Writer::default();
+            a.point("m").str_field(&key, &text).end(1);
+            let mut b = Writer::default();
+            b.point("m").field(&key, &Value::Str(text.clone())).end(1);
+            prop_assert_eq!(a.buf, b.buf);
+        }
+    }
+
+    /// The char-by-char escaping this module had before it copied runs of bytes.
+    fn escape_reference(s: &str, special: &[char]) -> String {
+        let mut out = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\n' | '\r' | '\t' => out.push_str("\\ "),
+                '\\' if chars
+                    .peek()
+                    .is_none_or(|n| special.contains(n) || matches!(n, '\n' | '\r' | '\t')) =>
+                {
+                    out.push('/')
+                }
+                c if special.contains(&c) => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn escaping_matches_the_char_by_char_rules(s in "[a-z ,=\\\\\n\r\té😀\"]{0,24}") {
+            for (bytes, chars) in [(MEASUREMENT, &[',', ' '][..]), (KEY, &[',', '=', ' '][..])] {
+                let mut got = String::new();
+                escape_into(&mut got, &s, bytes);
+                prop_assert_eq!(got, escape_reference(&s, chars));
+            }
+        }
     }
 
     fn name() -> impl Strategy<Value = String> {

@@ -191,22 +191,20 @@ impl Worker {
                 }
                 continue;
             }
-            let outcome = {
-                let lines: Vec<&str> = jobs.iter().flat_map(job_lines).collect();
-                self.write_lines(&lines).map(|bad| {
-                    let per_job: Vec<u64> = jobs
-                        .iter()
-                        .map(|j| {
-                            if bad.is_empty() {
-                                0
-                            } else {
-                                job_lines(j).filter(|l| bad.contains(l)).count() as u64
-                            }
-                        })
-                        .collect();
-                    (lines.len(), bad.len(), per_job)
-                })
-            };
+            let outcome = self.write_jobs(&jobs).map(|bad| {
+                let per_job: Vec<u64> = jobs
+                    .iter()
+                    .map(|j| {
+                        if bad.is_empty() {
+                            0
+                        } else {
+                            job_lines(j).filter(|l| bad.contains(l)).count() as u64
+                        }
+                    })
+                    .collect();
+                let total: usize = jobs.iter().map(|j| j.ends.len()).sum();
+                (total, bad.len(), per_job)
+            });
             match outcome {
                 Ok((total, bad, per_job)) => {
                     self.backoff = Duration::from_secs(1);
@@ -234,6 +232,34 @@ impl Worker {
         }
     }
 
+    /// Write the jobs' bodies as they are (each is whole lines), one after the other; only
+    /// an answer other than 2xx looks at single lines. Ok(lines refused for good) or Err when
+    /// nothing can be written now.
+    fn write_jobs<'a>(&mut self, jobs: &'a [Job]) -> Result<Vec<&'a str>, Unavailable> {
+        let parts: Vec<&[u8]> = jobs
+            .iter()
+            .map(|j| &j.body.as_bytes()[..j.ends.last().copied().unwrap_or(0)])
+            .collect();
+        let resp = self.send(&parts)?;
+        if (200..300).contains(&resp.status) {
+            return Ok(Vec::new());
+        }
+        let lines: Vec<&str> = jobs.iter().flat_map(job_lines).collect();
+        self.answer(&lines, resp)
+    }
+
+    /// One write of `parts` to the store, timed.
+    fn send(&mut self, parts: &[&[u8]]) -> Result<Response, Unavailable> {
+        let t = Instant::now();
+        let resp = self.sink.write(parts);
+        let ns = t.elapsed().as_nanos() as u64;
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_ns_total.fetch_add(ns, Ordering::Relaxed);
+        self.stats.last_write_ns.store(ns, Ordering::Relaxed);
+        self.stats.write_latency.observe_ns(ns);
+        resp.map_err(|e| self.unavailable(None, e.to_string()))
+    }
+
     /// Write `lines`; Ok(lines refused for good) or Err when nothing can be written now.
     fn write_lines<'a>(&mut self, lines: &[&'a str]) -> Result<Vec<&'a str>, Unavailable> {
         if lines.is_empty() {
@@ -244,17 +270,16 @@ impl Worker {
             body.push_str(l);
             body.push('\n');
         }
-        let t = Instant::now();
-        let resp = self.sink.write(body.as_bytes());
-        let ns = t.elapsed().as_nanos() as u64;
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats.write_ns_total.fetch_add(ns, Ordering::Relaxed);
-        self.stats.last_write_ns.store(ns, Ordering::Relaxed);
-        self.stats.write_latency.observe_ns(ns);
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => return Err(self.unavailable(None, e.to_string())),
-        };
+        let resp = self.send(&[body.as_bytes()])?;
+        self.answer(lines, resp)
+    }
+
+    /// Apply the status-code policy to the store's answer to a write of `lines`.
+    fn answer<'a>(
+        &mut self,
+        lines: &[&'a str],
+        resp: Response,
+    ) -> Result<Vec<&'a str>, Unavailable> {
         match resp.status {
             200..=299 => Ok(Vec::new()),
             413 if lines.len() > 1 => {
@@ -381,7 +406,8 @@ mod tests {
     }
 
     impl Sink for FakeInflux {
-        fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
+        fn write(&self, parts: &[&[u8]]) -> Result<Response, SinkError> {
+            let body = &parts.concat()[..];
             if self.down.load(Ordering::SeqCst) {
                 return Ok(Response {
                     status: 503,
@@ -487,6 +513,51 @@ mod tests {
             submit(&h, "c v=1i 1\n").blocking_recv().unwrap(),
             Ok(Written { rejected: 0 })
         );
+    }
+
+    #[test]
+    fn job_bodies_are_written_whole_and_nothing_past_the_last_line() {
+        let sink = Arc::new(FakeInflux {
+            max_body: 1 << 20,
+            down: false.into(),
+            stored: Mutex::new(vec![]),
+        });
+        let mut w = Worker {
+            sink: sink.clone(),
+            rx: Arc::new(Mutex::new(sync_channel(1).1)),
+            down: Arc::new(Mutex::new(None)),
+            stats: Arc::new(WriterStats::default()),
+            batch_lines: 100,
+            backoff: Duration::from_secs(1),
+        };
+        let job = |body: &str, ends: Vec<usize>| Job {
+            body: body.into(),
+            ends,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        // The second body holds text after its last line (a point never ended): not sent.
+        let jobs = vec![
+            job("a v=1i 1\nb v=\"x\ny\" 2\n", vec![9, 21]),
+            job("c v=3i 3\npartial", vec![9]),
+        ];
+        assert_eq!(w.write_jobs(&jobs), Ok(vec![]));
+        assert_eq!(
+            *sink.stored.lock().unwrap(),
+            ["a v=1i 1", "b v=\"x", "y\" 2", "c v=3i 3"]
+        );
+        assert_eq!(w.stats.writes.load(Ordering::Relaxed), 1);
+        // A refused line among whole bodies: only it is dropped, the rest written again.
+        sink.stored.lock().unwrap().clear();
+        let jobs = vec![
+            job("d v=1i 1\n", vec![9]),
+            job("BAD x\ne v=1i 2\n", vec![6, 15]),
+        ];
+        assert_eq!(w.write_jobs(&jobs), Ok(vec!["BAD x"]));
+        assert!(sink
+            .stored
+            .lock()
+            .unwrap()
+            .ends_with(&["d v=1i 1".to_string(), "e v=1i 2".to_string()]));
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
+    fn write(&self, parts: &[&[u8]]) -> Result<Response, SinkError> {
         let day = Self::day();
         let mut g = self.open.lock().unwrap();
         if g.as_ref().map(|(d, _)| d != &day).unwrap_or(true) {
@@ -67,7 +67,10 @@ impl Sink for FileSink {
             *g = Some((day, f));
         }
         let (_, f) = g.as_mut().expect("opened above");
-        let res = f.write_all(body).and_then(|_| f.sync_data());
+        let res = parts
+            .iter()
+            .try_for_each(|p| f.write_all(p))
+            .and_then(|_| f.sync_data());
         Ok(match res {
             Ok(()) => Response {
                 status: 204,

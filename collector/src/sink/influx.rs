@@ -184,6 +184,24 @@ impl Influx {
     }
 }
 
+/// zlib's fastest level: on loopback or a LAN the bytes saved by a higher one cost more CPU
+/// than they save (docs/benchmarks.md measures off against this).
+pub const GZIP_LEVEL: u32 = 1;
+
+/// The parts one after the other, gzip-compressed at `level` (1 fastest .. 9 smallest).
+pub fn gzip_parts(parts: &[&[u8]], level: u32) -> Vec<u8> {
+    use std::io::Write;
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(len / 4 + 64),
+        flate2::Compression::new(level.clamp(1, 9)),
+    );
+    for p in parts {
+        enc.write_all(p).expect("writing to a Vec cannot fail");
+    }
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
 /// Percent-encode a query value.
 fn enc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -274,7 +292,7 @@ fn v2_verdict(
 }
 
 impl Sink for Influx {
-    fn write(&self, body: &[u8]) -> Result<Response, SinkError> {
+    fn write(&self, parts: &[&[u8]]) -> Result<Response, SinkError> {
         let mut req = self
             .http
             .post(&self.write_url())
@@ -283,9 +301,9 @@ impl Sink for Influx {
             req = req.header(k, &v);
         }
         let payload = if self.gzip {
-            phoenix_wire::gzip(body)
+            gzip_parts(parts, GZIP_LEVEL)
         } else {
-            body.to_vec()
+            parts.concat()
         };
         let mut resp = req.send(&payload[..]).map_err(|e| SinkError::Unreachable {
             what: self.describe(),

@@ -28,8 +28,10 @@ pub enum SinkError {
 }
 
 pub trait Sink: Send + Sync {
-    /// Write newline-separated line protocol with ns timestamps.
-    fn write(&self, body: &[u8]) -> Result<Response, SinkError>;
+    /// Write newline-separated line protocol with ns timestamps: the body is `parts` one after
+    /// the other (each part whole lines, so the reports of a batch need not be copied into
+    /// one buffer first).
+    fn write(&self, parts: &[&[u8]]) -> Result<Response, SinkError>;
     /// Make ready to write (e.g. create the database); called at start and after a 404.
     fn prepare(&self) -> Result<(), SinkError> {
         Ok(())
