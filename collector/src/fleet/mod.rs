@@ -15,6 +15,8 @@
 //! [`Clock`].
 
 pub mod clock;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod queue;
 pub mod state;
