@@ -16,6 +16,8 @@
 
 pub mod aws;
 pub mod enrolments;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 
 use std::collections::HashMap;
