@@ -95,8 +95,14 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         &presented,
         crate::fleet::clock::wall_now_ms(),
     ) {
-        if let crate::identity::Refusal::Forbidden(why) = &r {
-            tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+        match &r {
+            crate::identity::Refusal::Forbidden(why) => {
+                tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+            }
+            crate::identity::Refusal::Full(_) => s
+                .fleet
+                .refused_new_instance(s.identity.limits().max_instances),
+            crate::identity::Refusal::Store(_) => {}
         }
         return r.into_response();
     }

@@ -123,6 +123,8 @@ pub struct Fleet {
     /// The largest lateness reported by the handlers since the last pass.
     late_peak: AtomicI64,
     metrics_store: Mutex<StoreHealth>,
+    /// New ids refused at `--max-instances`: the alert, and the monotonic ms of the latest.
+    cap: Mutex<Option<(view::CapAlert, i64)>>,
     wake: (Mutex<bool>, Condvar),
     dirty: AtomicBool,
     /// A verdict moved or an instance appeared since the view was built: the next read
@@ -147,6 +149,7 @@ impl Fleet {
                 up: true,
                 ..Default::default()
             }),
+            cap: Mutex::new(None),
             wake: (Mutex::new(false), Condvar::new()),
             dirty: AtomicBool::new(false),
             stale: AtomicBool::new(false),
@@ -265,6 +268,41 @@ impl Fleet {
     /// the collector's own lateness, which must never read as the instance's silence.
     pub fn note_lateness(&self, ms: i64) {
         self.late_peak.fetch_max(ms.max(0), Ordering::Relaxed);
+    }
+
+    /// The identity gate refused a new instance id: the collector knows `max_instances` ids.
+    /// Raises the instance-cap alert of `GET /v1/phoenix` (cleared
+    /// [`view::CAP_ALERT_MS`] after the latest refusal).
+    pub fn refused_new_instance(&self, max_instances: usize) {
+        let now = self.now();
+        let mut g = self.cap.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = g
+            .as_ref()
+            .is_none_or(|(_, t)| now.mono_ms.saturating_sub(*t) >= view::CAP_ALERT_MS);
+        if fresh {
+            self.stale.store(true, Ordering::Relaxed);
+            *g = Some((
+                view::CapAlert {
+                    refused: 0,
+                    max_instances,
+                    since_ms: now.wall_ms,
+                    last_ms: now.wall_ms,
+                    message: String::new(),
+                },
+                now.mono_ms,
+            ));
+        }
+        if let Some((a, t)) = g.as_mut() {
+            a.refused = a.refused.saturating_add(1);
+            a.max_instances = max_instances;
+            a.last_ms = now.wall_ms;
+            a.message = format!(
+                "{} new instance ids refused (429) since {}: this collector already knows --max-instances ({max_instances}) ids. Real new boxes are not being admitted: raise --max-instances if the fleet is this big, else look for a sender inventing ids",
+                a.refused,
+                clock::utc(a.since_ms)
+            );
+            *t = now.mono_ms;
+        }
     }
 
     /// Current drift hashes of every other live instance of `image` (the majority rule),
@@ -425,6 +463,13 @@ impl Fleet {
                 .clone(),
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
+            instance_cap: self
+                .cap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(_, t)| now.mono_ms.saturating_sub(*t) < view::CAP_ALERT_MS)
+                .map(|(a, _)| a.clone()),
         };
         view::build(&g.instances, &g.queue, &self.rules, &inputs)
     }
@@ -1078,5 +1123,42 @@ mod tests {
         fleet.pass();
         let _ = fleet.due_points();
         assert_eq!(fleet.view().instances.len(), 4);
+    }
+
+    #[test]
+    fn refused_new_ids_raise_the_instance_cap_alert_until_they_stop() {
+        let (fleet, clock) = fleet(Rules::default());
+        take(&fleet, &report("i-0", 1, vec![], 50.0));
+        fleet.pass();
+        assert_eq!(fleet.view().queue.instance_cap, None);
+        fleet.refused_new_instance(1);
+        clock.advance(1000);
+        fleet.refused_new_instance(1);
+        fleet.pass();
+        let v = fleet.view();
+        let a = v.queue.instance_cap.as_ref().expect("raised");
+        assert_eq!((a.refused, a.max_instances), (2, 1));
+        assert_eq!((a.since_ms, a.last_ms), (T0, T0 + 1000));
+        assert!(
+            a.message.starts_with("2 new instance ids refused (429)"),
+            "{}",
+            a.message
+        );
+        let json = serde_json::to_value(&v.queue).unwrap();
+        assert_eq!(json["instance_cap"]["refused"], 2);
+        clock.advance(view::CAP_ALERT_MS - 1);
+        fleet.pass();
+        assert!(fleet.view().queue.instance_cap.is_some());
+        clock.advance(1);
+        fleet.pass();
+        assert_eq!(
+            fleet.view().queue.instance_cap,
+            None,
+            "cleared 5 min after the last"
+        );
+        // A new refusal later is a new alert, counted from one.
+        fleet.refused_new_instance(1);
+        fleet.pass();
+        assert_eq!(fleet.view().queue.instance_cap.as_ref().unwrap().refused, 1);
     }
 }
