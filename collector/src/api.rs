@@ -279,10 +279,16 @@ async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
         return r;
     }
+    /// Serialised straight from the snapshot: no `serde_json::Value` tree of the whole fleet.
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        instances: Vec<&'a crate::fleet::view::InstanceSummary>,
+    }
     let v = s.fleet.view();
-    let list: Vec<&crate::fleet::view::InstanceSummary> =
-        v.instances.iter().map(|i| &i.summary).collect();
-    Json(json!({ "instances": list })).into_response()
+    let list = List {
+        instances: v.instances.iter().map(|i| &i.summary).collect(),
+    };
+    Json(list).into_response()
 }
 
 /// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget.
