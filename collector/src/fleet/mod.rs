@@ -44,9 +44,8 @@ use state::Instance;
 pub const POINT_EVERY_MS: i64 = 30_000;
 
 /// Views of fleets up to this size are rebuilt on every read that follows a change; larger
-/// ones at most every [`REBUILD_GAP_MS`] (a build copies every instance under the lock).
+/// ones only by the queue pass (a build copies every instance under the lock).
 const SMALL_FLEET: usize = 1000;
-pub const REBUILD_GAP_MS: i64 = 500;
 
 /// How long a lateness peak counts (the allowance is the largest peak this recent).
 const LATE_MEMORY_MS: i64 = 10_000;
@@ -303,6 +302,31 @@ impl Fleet {
             );
             *t = now.mono_ms;
         }
+    }
+
+    /// The identity gate forgot these ids (silent past its limit): drop them here too,
+    /// except those with a standing mark (the recycler still has to see it; the budget
+    /// bounds them). Returns how many were dropped.
+    pub fn forget(&self, ids: &[String]) -> usize {
+        let mut g = self.lock();
+        let before = g.instances.len();
+        for id in ids {
+            let standing = g
+                .instances
+                .get(id)
+                .is_some_and(|i| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()));
+            if !standing {
+                g.instances.remove(id);
+            }
+        }
+        let n = before - g.instances.len();
+        drop(g);
+        if n > 0 {
+            tracing::info!(forgotten = n, "fleet forgot ids the identity gate forgot");
+            self.dirty.store(true, Ordering::Relaxed);
+            self.stale.store(true, Ordering::Relaxed);
+        }
+        n
     }
 
     /// Current drift hashes of every other live instance of `image` (the majority rule),
@@ -599,16 +623,13 @@ impl Fleet {
     // ---- reads ----
 
     /// The latest published view (at most one pass old). Never waits for a report, except
-    /// that a read right after a verdict moved (or a new instance came) rebuilds it, so a
-    /// reader sees what it just caused; in a large fleet at most every [`REBUILD_GAP_MS`].
+    /// that in a small fleet a read right after a verdict moved (or a new instance came)
+    /// rebuilds it, so a reader sees what it just caused. A large fleet's readers always get
+    /// the latest pass's view: a rebuild copies every instance under the lock reports take,
+    /// and under a flood of new ids every read would pay for one (seconds, at 10,000).
     pub fn view(&self) -> Arc<FleetView> {
         let v = self.view.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if !self.stale.swap(false, Ordering::Relaxed) {
-            return v;
-        }
-        let young = self.clock.mono_ms().saturating_sub(v.at.mono_ms) < REBUILD_GAP_MS;
-        if v.instances.len() > SMALL_FLEET && young {
-            self.stale.store(true, Ordering::Relaxed);
+        if v.instances.len() > SMALL_FLEET || !self.stale.swap(false, Ordering::Relaxed) {
             return v;
         }
         self.publish();
@@ -1160,5 +1181,29 @@ mod tests {
         fleet.refused_new_instance(1);
         fleet.pass();
         assert_eq!(fleet.view().queue.instance_cap.as_ref().unwrap().refused, 1);
+    }
+
+    #[test]
+    fn ids_the_gate_forgot_are_forgotten_unless_marked() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            check_failures: 1,
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, _clock) = fleet(rules);
+        for k in 0..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        take(&fleet, &report("i-0", 2, bad(), 50.0));
+        fleet.pass();
+        assert_eq!(fleet.view().queue.marked[0].instance_id, "i-0");
+        let ids: Vec<String> = ["i-0", "i-1", "i-2", "nobody"].map(String::from).into();
+        assert_eq!(fleet.forget(&ids), 2);
+        fleet.pass();
+        let v = fleet.view();
+        assert_eq!(v.instances.len(), 8);
+        assert!(v.instance("i-0").is_some(), "a standing mark stays");
+        assert!(v.instance("i-1").is_none() && v.instance("i-2").is_none());
     }
 }
