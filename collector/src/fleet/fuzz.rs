@@ -443,7 +443,7 @@ impl Case {
         // As the report handler does: a duplicate is admitted for liveness, without drift.
         let drift = if dup { None } else { drift };
         let a = self.fleet.admit(r, drift, r.drift_root.clone());
-        check(a.first_time == !self.model.applied.contains(&key), || {
+        check(a.first_time != self.model.applied.contains(&key), || {
             format!(
                 "{key:?}: first_time {} but applied before: {}",
                 a.first_time,
