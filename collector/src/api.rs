@@ -101,8 +101,14 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         &presented,
         crate::fleet::clock::wall_now_ms(),
     ) {
-        if let crate::identity::Refusal::Forbidden(why) = &r {
-            tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+        match &r {
+            crate::identity::Refusal::Forbidden(why) => {
+                tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
+            }
+            crate::identity::Refusal::Full(_) => s
+                .fleet
+                .refused_new_instance(s.identity.limits().max_instances),
+            crate::identity::Refusal::Store(_) => {}
         }
         return r.into_response();
     }
@@ -281,10 +287,16 @@ async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
         return r;
     }
+    /// Serialised straight from the snapshot: no `serde_json::Value` tree of the whole fleet.
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        instances: Vec<&'a crate::fleet::view::InstanceSummary>,
+    }
     let v = s.fleet.view();
-    let list: Vec<&crate::fleet::view::InstanceSummary> =
-        v.instances.iter().map(|i| &i.summary).collect();
-    Json(json!({ "instances": list })).into_response()
+    let list = List {
+        instances: v.instances.iter().map(|i| &i.summary).collect(),
+    };
+    Json(list).into_response()
 }
 
 /// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget.

@@ -196,6 +196,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     tokio::spawn(identity::sweep_every(
         identity.clone(),
+        phoenix_fleet.clone(),
         Duration::from_secs(60),
     ));
     let state = Arc::new(api::AppState {

@@ -662,6 +662,7 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
     }
     // Meanwhile: the calm agent keeps being served and the fleet list stays fast.
     let mut worst_list = Duration::ZERO;
+    let mut lists = 0u32;
     let mut calm_seen = vec![reports_of(&c, calm)];
     let mut stalled = Duration::ZERO;
     let mut last_change = Instant::now();
@@ -671,6 +672,7 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
         let r = c.get("/v1/instances", Some(READER_TOKEN));
         assert_eq!(r.status, 200);
         worst_list = worst_list.max(t.elapsed());
+        lists += 1;
         let n = reports_of(&c, calm);
         if Some(&n) != calm_seen.last() {
             last_change = Instant::now();
@@ -696,21 +698,39 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
     let known = list.json()["instances"].as_array().unwrap().len();
     peak_kib = peak_kib.max(trust::peak_rss_kib(pid).unwrap_or(0));
     let outcomes = outcomes.lock().unwrap().clone();
+    // The refusals at the cap are an alert for operators in the queue the recycler reads
+    // (within a queue pass of the last one).
+    let cap = wait_for(Duration::from_secs(5), || {
+        let q = c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).json();
+        let a = q["instance_cap"].clone();
+        let want = outcomes.get(&429).copied().unwrap_or(1).max(1);
+        a["refused"]
+            .as_u64()
+            .is_some_and(|n| n >= want)
+            .then_some(a)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no instance-cap alert for {outcomes:?}: {}",
+            c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body
+        )
+    });
     eprintln!(
-        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during, {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}",
+        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during ({lists} reads), {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}; instance-cap alert: {}",
         peak_kib / 1024,
         worst_list.as_millis(),
         list_after.as_millis(),
         stalled.as_millis(),
-        calm_seen
+        calm_seen,
+        cap["message"]
     );
     assert!(
         peak_kib < 256 * 1024,
         "collector peak RSS {} MiB",
         peak_kib / 1024
     );
-    // During the flood the list is built under the fleet lock every report takes; serving
-    // reads from snapshots is the fleet core's work (issue 12). Printed above, asserted after.
+    // The list is served from the fleet's published snapshot. During the flood it measured
+    // 1.4 s worst (debug build, loaded 2-core box): printed above, not yet under 1 s.
     assert!(
         list_after < Duration::from_secs(1),
         "fleet list took {list_after:?}"

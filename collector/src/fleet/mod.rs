@@ -16,6 +16,8 @@
 
 pub mod clock;
 pub mod diag;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod policy;
 pub mod queue;
@@ -44,9 +46,8 @@ use state::Instance;
 pub const POINT_EVERY_MS: i64 = 30_000;
 
 /// Views of fleets up to this size are rebuilt on every read that follows a change; larger
-/// ones at most every [`REBUILD_GAP_MS`] (a build copies every instance under the lock).
+/// ones only by the queue pass (a build copies every instance under the lock).
 const SMALL_FLEET: usize = 1000;
-pub const REBUILD_GAP_MS: i64 = 500;
 
 /// How long a lateness peak counts (the allowance is the largest peak this recent).
 const LATE_MEMORY_MS: i64 = 10_000;
@@ -125,6 +126,8 @@ pub struct Fleet {
     /// The largest lateness reported by the handlers since the last pass.
     late_peak: AtomicI64,
     metrics_store: Mutex<StoreHealth>,
+    /// New ids refused at `--max-instances`: the alert, and the monotonic ms of the latest.
+    cap: Mutex<Option<(view::CapAlert, i64)>>,
     wake: (Mutex<bool>, Condvar),
     dirty: AtomicBool,
     /// A verdict moved or an instance appeared since the view was built: the next read
@@ -151,6 +154,7 @@ impl Fleet {
                 up: true,
                 ..Default::default()
             }),
+            cap: Mutex::new(None),
             wake: (Mutex::new(false), Condvar::new()),
             dirty: AtomicBool::new(false),
             stale: AtomicBool::new(false),
@@ -281,6 +285,66 @@ impl Fleet {
     /// the collector's own lateness, which must never read as the instance's silence.
     pub fn note_lateness(&self, ms: i64) {
         self.late_peak.fetch_max(ms.max(0), Ordering::Relaxed);
+    }
+
+    /// The identity gate refused a new instance id: the collector knows `max_instances` ids.
+    /// Raises the instance-cap alert of `GET /v1/phoenix` (cleared
+    /// [`view::CAP_ALERT_MS`] after the latest refusal).
+    pub fn refused_new_instance(&self, max_instances: usize) {
+        let now = self.now();
+        let mut g = self.cap.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = g
+            .as_ref()
+            .is_none_or(|(_, t)| now.mono_ms.saturating_sub(*t) >= view::CAP_ALERT_MS);
+        if fresh {
+            self.stale.store(true, Ordering::Relaxed);
+            *g = Some((
+                view::CapAlert {
+                    refused: 0,
+                    max_instances,
+                    since_ms: now.wall_ms,
+                    last_ms: now.wall_ms,
+                    message: String::new(),
+                },
+                now.mono_ms,
+            ));
+        }
+        if let Some((a, t)) = g.as_mut() {
+            a.refused = a.refused.saturating_add(1);
+            a.max_instances = max_instances;
+            a.last_ms = now.wall_ms;
+            a.message = format!(
+                "{} new instance ids refused (429) since {}: this collector already knows --max-instances ({max_instances}) ids. Real new boxes are not being admitted: raise --max-instances if the fleet is this big, else look for a sender inventing ids",
+                a.refused,
+                clock::utc(a.since_ms)
+            );
+            *t = now.mono_ms;
+        }
+    }
+
+    /// The identity gate forgot these ids (silent past its limit): drop them here too,
+    /// except those with a standing mark (the recycler still has to see it; the budget
+    /// bounds them). Returns how many were dropped.
+    pub fn forget(&self, ids: &[String]) -> usize {
+        let mut g = self.lock();
+        let before = g.instances.len();
+        for id in ids {
+            let standing = g
+                .instances
+                .get(id)
+                .is_some_and(|i| i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_none()));
+            if !standing {
+                g.instances.remove(id);
+            }
+        }
+        let n = before - g.instances.len();
+        drop(g);
+        if n > 0 {
+            tracing::info!(forgotten = n, "fleet forgot ids the identity gate forgot");
+            self.dirty.store(true, Ordering::Relaxed);
+            self.stale.store(true, Ordering::Relaxed);
+        }
+        n
     }
 
     /// Current drift hashes of every other live instance of `image` (the majority rule),
@@ -514,6 +578,13 @@ impl Fleet {
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
             diag: g.diag.views(),
+            instance_cap: self
+                .cap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(_, t)| now.mono_ms.saturating_sub(*t) < view::CAP_ALERT_MS)
+                .map(|(a, _)| a.clone()),
         };
         view::build(&g.instances, &g.queue, &self.rules, &inputs)
     }
@@ -630,16 +701,13 @@ impl Fleet {
     // ---- reads ----
 
     /// The latest published view (at most one pass old). Never waits for a report, except
-    /// that a read right after a verdict moved (or a new instance came) rebuilds it, so a
-    /// reader sees what it just caused; in a large fleet at most every [`REBUILD_GAP_MS`].
+    /// that in a small fleet a read right after a verdict moved (or a new instance came)
+    /// rebuilds it, so a reader sees what it just caused. A large fleet's readers always get
+    /// the latest pass's view: a rebuild copies every instance under the lock reports take,
+    /// and under a flood of new ids every read would pay for one (seconds, at 10,000).
     pub fn view(&self) -> Arc<FleetView> {
         let v = self.view.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if !self.stale.swap(false, Ordering::Relaxed) {
-            return v;
-        }
-        let young = self.clock.mono_ms().saturating_sub(v.at.mono_ms) < REBUILD_GAP_MS;
-        if v.instances.len() > SMALL_FLEET && young {
-            self.stale.store(true, Ordering::Relaxed);
+        if v.instances.len() > SMALL_FLEET || !self.stale.swap(false, Ordering::Relaxed) {
             return v;
         }
         self.publish();
@@ -1386,5 +1454,66 @@ mod tests {
         fleet.pass();
         let _ = fleet.due_points();
         assert_eq!(fleet.view().instances.len(), 4);
+    }
+
+    #[test]
+    fn refused_new_ids_raise_the_instance_cap_alert_until_they_stop() {
+        let (fleet, clock) = fleet(Rules::default());
+        take(&fleet, &report("i-0", 1, vec![], 50.0));
+        fleet.pass();
+        assert_eq!(fleet.view().queue.instance_cap, None);
+        fleet.refused_new_instance(1);
+        clock.advance(1000);
+        fleet.refused_new_instance(1);
+        fleet.pass();
+        let v = fleet.view();
+        let a = v.queue.instance_cap.as_ref().expect("raised");
+        assert_eq!((a.refused, a.max_instances), (2, 1));
+        assert_eq!((a.since_ms, a.last_ms), (T0, T0 + 1000));
+        assert!(
+            a.message.starts_with("2 new instance ids refused (429)"),
+            "{}",
+            a.message
+        );
+        let json = serde_json::to_value(&v.queue).unwrap();
+        assert_eq!(json["instance_cap"]["refused"], 2);
+        clock.advance(view::CAP_ALERT_MS - 1);
+        fleet.pass();
+        assert!(fleet.view().queue.instance_cap.is_some());
+        clock.advance(1);
+        fleet.pass();
+        assert_eq!(
+            fleet.view().queue.instance_cap,
+            None,
+            "cleared 5 min after the last"
+        );
+        // A new refusal later is a new alert, counted from one.
+        fleet.refused_new_instance(1);
+        fleet.pass();
+        assert_eq!(fleet.view().queue.instance_cap.as_ref().unwrap().refused, 1);
+    }
+
+    #[test]
+    fn ids_the_gate_forgot_are_forgotten_unless_marked() {
+        let rules = Rules {
+            grace: Duration::ZERO,
+            check_failures: 1,
+            settle_intervals: 0,
+            ..Default::default()
+        };
+        let (fleet, _clock) = fleet(rules);
+        for k in 0..10 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        take(&fleet, &report("i-0", 2, bad(), 50.0));
+        fleet.pass();
+        assert_eq!(fleet.view().queue.marked[0].instance_id, "i-0");
+        let ids: Vec<String> = ["i-0", "i-1", "i-2", "nobody"].map(String::from).into();
+        assert_eq!(fleet.forget(&ids), 2);
+        fleet.pass();
+        let v = fleet.view();
+        assert_eq!(v.instances.len(), 8);
+        assert!(v.instance("i-0").is_some(), "a standing mark stays");
+        assert!(v.instance("i-1").is_none() && v.instance("i-2").is_none());
     }
 }

@@ -26,6 +26,22 @@ pub struct StoreHealth {
     pub down_since_ms: Option<i64>,
 }
 
+/// New instance ids are being refused because the collector knows `--max-instances` ids
+/// (raised by the first refusal, cleared [`CAP_ALERT_MS`] after the latest one).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CapAlert {
+    /// New ids refused (429) since the alert was raised.
+    pub refused: u64,
+    pub max_instances: usize,
+    /// Unix ms of the first and the latest refusal.
+    pub since_ms: i64,
+    pub last_ms: i64,
+    pub message: String,
+}
+
+/// How long the instance-cap alert stays up after the latest refusal.
+pub const CAP_ALERT_MS: i64 = 5 * 60_000;
+
 /// A mark as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MarkView {
@@ -239,6 +255,8 @@ pub struct QueueView {
     pub held: Vec<QueueEntry>,
     pub gone: Vec<QueueEntry>,
     pub alerts: Vec<Alert>,
+    /// New instances refused at `--max-instances` (null: none lately).
+    pub instance_cap: Option<CapAlert>,
     pub log_only: bool,
     pub budget: BudgetView,
     /// The metrics store: while it is down agents keep their batches, and nobody is silent.
@@ -300,6 +318,7 @@ pub struct Inputs {
     pub late_ms: i64,
     /// Diagnostics by instance id (only instances with a request or a snapshot).
     pub diag: HashMap<String, DiagView>,
+    pub instance_cap: Option<CapAlert>,
 }
 
 pub fn build(
@@ -403,6 +422,7 @@ pub fn build(
             held,
             gone,
             alerts: q.alerts.values().cloned().collect(),
+            instance_cap: inp.instance_cap.clone(),
             log_only: rules.log_only,
             budget: BudgetView {
                 share: rules

@@ -16,6 +16,8 @@
 
 pub mod aws;
 pub mod enrolments;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 
 use std::collections::HashMap;
@@ -495,14 +497,24 @@ impl Gate {
     }
 }
 
-/// Forget silent ids every `every`, off the async threads (the store may fsync).
-pub async fn sweep_every(gate: std::sync::Arc<Gate>, every: std::time::Duration) {
+/// Forget silent ids every `every`, off the async threads (the store may fsync); the fleet
+/// forgets them too, so `--max-instances` bounds the fleet state as well as the gate.
+pub async fn sweep_every(
+    gate: std::sync::Arc<Gate>,
+    fleet: std::sync::Arc<crate::fleet::Fleet>,
+    every: std::time::Duration,
+) {
     loop {
         tokio::time::sleep(every).await;
-        let g = gate.clone();
-        tokio::task::spawn_blocking(move || g.sweep(crate::fleet::clock::wall_now_ms()))
-            .await
-            .ok();
+        let (g, f) = (gate.clone(), fleet.clone());
+        tokio::task::spawn_blocking(move || {
+            let gone = g.sweep(crate::fleet::clock::wall_now_ms());
+            if !gone.is_empty() {
+                f.forget(&gone);
+            }
+        })
+        .await
+        .ok();
     }
 }
 
