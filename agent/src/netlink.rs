@@ -321,8 +321,9 @@ mod tests {
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         let full = msg(SOCK_DIAG_BY_FAMILY, 1, &diag_msg());
-        for cut in 0..full.len() {
-            let _ = parse(&full[..cut], 1, &mut |_| {});
+        assert_eq!(parse(&[], 1, &mut |_| {}).unwrap(), Step::More);
+        for cut in 1..full.len() {
+            assert!(parse(&full[..cut], 1, &mut |_| {}).is_err(), "cut at {cut}");
         }
         let mut lying = full.clone();
         lying[0..4].copy_from_slice(&100_000u32.to_ne_bytes());
