@@ -1069,9 +1069,12 @@ mod tests {
             })
         };
         for allowed in [false, true] {
+            // The whole group is in grace, and instances in grace count against the budget
+            // (policy): a budget of the whole group leaves room for the one with SSH on.
             let (fleet, clock) = fleet(Rules {
                 settle_intervals: 0,
                 ssh_allowed: allowed,
+                budget: policy::Budgets::share(1.0),
                 ..Default::default()
             });
             for k in 1..10 {
