@@ -478,13 +478,14 @@ fn swap_kernel_netstat_processes_and_procstat_agree_with_proc() {
 
     let p = &q("SELECT last(total) AS t, last(running) AS r, last(sleeping) AS s, last(zombies) AS z, last(total_threads) AS th FROM processes")[0];
     let t = p["t"].as_u64().unwrap();
+    // Per process, as Telegraf counts: a process's state is its main thread's, so the agent
+    // itself may read as sleeping while another of its threads counts; every state is a part
+    // of the total.
+    let part = |k: &str| p[k].as_u64().unwrap();
+    assert!(t >= 1, "{p:?}");
     assert!(
-        p["r"].as_u64().unwrap() >= 1,
-        "the agent runs while it counts: {p:?}"
-    );
-    assert!(
-        p["s"].as_u64().unwrap() <= t && p["z"].as_u64().unwrap() <= t,
-        "{p:?}"
+        part("r") + part("s") + part("z") <= t,
+        "states are parts of the total: {p:?}"
     );
     assert!(p["th"].as_u64().unwrap() >= t, "{p:?}");
 
