@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::procs::parse_stat;
 use phoenix_wire::diag::{
     self, Answer, Handed, KernelLine, Mount, Pressure, ProbeSet, Process, Snapshot, Socket, Sockets,
 };
@@ -601,38 +602,6 @@ fn parse_socket(line: &str, v6: bool) -> Option<SockLine> {
         remote: addr(f.get(2)?)?,
         state: u8::from_str_radix(f.get(3)?, 16).ok()?,
         inode: f.get(9)?.parse().ok()?,
-    })
-}
-
-#[derive(Debug, PartialEq)]
-struct Stat {
-    comm: String,
-    state: u8,
-    ppid: u32,
-    utime: u64,
-    stime: u64,
-    threads: u64,
-    start: u64,
-    rss_pages: u64,
-}
-
-/// `/proc/PID/stat`; the numbers are read after the last `)` (the name may hold anything).
-fn parse_stat(b: &[u8]) -> Option<Stat> {
-    let open = b.iter().position(|&c| c == b'(')?;
-    let close = b.iter().rposition(|&c| c == b')')?;
-    let comm = String::from_utf8_lossy(b.get(open + 1..close)?).into_owned();
-    let rest = std::str::from_utf8(b.get(close + 1..)?).ok()?;
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let n = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-    Some(Stat {
-        comm,
-        state: *f.first()?.as_bytes().first()?,
-        ppid: n(4)?.min(u32::MAX as u64) as u32,
-        utime: n(14)?,
-        stime: n(15)?,
-        threads: n(20)?,
-        start: n(22)?,
-        rss_pages: n(24)?,
     })
 }
 

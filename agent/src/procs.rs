@@ -284,20 +284,22 @@ fn state_name(c: u8) -> &'static str {
     }
 }
 
+/// The fields of `/proc/PID/stat` the agent reads (here and in diagnostics).
 #[derive(Debug, PartialEq)]
-struct Stat {
-    comm: String,
-    state: u8,
-    utime: u64,
-    stime: u64,
-    threads: u64,
-    start: u64,
-    rss_pages: u64,
+pub(crate) struct Stat {
+    pub(crate) comm: String,
+    pub(crate) state: u8,
+    pub(crate) ppid: u32,
+    pub(crate) utime: u64,
+    pub(crate) stime: u64,
+    pub(crate) threads: u64,
+    pub(crate) start: u64,
+    pub(crate) rss_pages: u64,
 }
 
 /// `/proc/PID/stat`. The name sits in parentheses and may itself hold spaces and `)`, so the
 /// numbers are read after the last `)`.
-fn parse_stat(b: &[u8]) -> Option<Stat> {
+pub(crate) fn parse_stat(b: &[u8]) -> Option<Stat> {
     let open = b.iter().position(|&c| c == b'(')?;
     let close = b.iter().rposition(|&c| c == b')')?;
     let comm = String::from_utf8_lossy(b.get(open + 1..close)?).into_owned();
@@ -308,6 +310,7 @@ fn parse_stat(b: &[u8]) -> Option<Stat> {
     Some(Stat {
         comm,
         state: *f.first()?.as_bytes().first()?,
+        ppid: n(4)?.min(u32::MAX as u64) as u32,
         utime: n(14)?,
         stime: n(15)?,
         threads: n(20)?,
