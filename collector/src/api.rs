@@ -48,18 +48,25 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// The gates every agent request passes before its body is read: the agent token, the
+/// peer's rate limit and address, then the body within `--max-body`. Reports and
+/// diagnostics answers share them so they cannot drift apart.
+async fn agent_request(
+    s: &Shared,
+    req: Request,
+) -> Result<(HeaderMap, Option<crate::tls::PeerCert>, axum::body::Bytes), Response> {
+    let headers = req.headers().clone();
+    authorize(s, &headers, &[Role::Agent])?;
+    s.security.check_peer(&req)?;
+    let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
+    let body = read_body(req, s.max_body).await?;
+    Ok((headers, peer, body))
+}
+
 async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     let arrived = Instant::now();
-    let headers = req.headers().clone();
-    if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
-        return r;
-    }
-    if let Err(r) = s.security.check_peer(&req) {
-        return r;
-    }
-    let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
-    let body = match read_body(req, s.max_body).await {
-        Ok(b) => b,
+    let (headers, peer, body) = match agent_request(&s, req).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let gz = match headers
@@ -518,16 +525,8 @@ async fn get_diagnostics(
 /// `POST /v1/diagnostics` (agent): the snapshot answering a request handed out in an ack.
 /// The same gates as a report: token, peer, client certificate, the identity gate.
 async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Response {
-    let headers = req.headers().clone();
-    if let Err(r) = authorize(&s, &headers, &[Role::Agent]) {
-        return r;
-    }
-    if let Err(r) = s.security.check_peer(&req) {
-        return r;
-    }
-    let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
-    let body = match read_body(req, s.max_body).await {
-        Ok(b) => b,
+    let (headers, peer, body) = match agent_request(&s, req).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let gz = headers
