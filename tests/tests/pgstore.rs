@@ -46,6 +46,7 @@ fn mark(id: &str, allowed: i64) -> Decision {
         reason: "drift".into(),
         evidence: serde_json::json!({"changed": ["/etc/passwd"]}),
         allowed,
+        per_reason: None,
     }
 }
 
@@ -235,6 +236,75 @@ async fn the_budget_holds_in_the_database_acks_count_and_releases_free_it() {
         pg.scalar("SELECT string_agg(action, ',' ORDER BY id) FROM phoenix_audit"),
         "mark,mark,ack,release,mark,hold"
     );
+}
+
+/// `--budget drift=10%,unhealthy=50%` in a group of 10, decided through two collectors in
+/// turn (each its own fence): the drift budget (1) holds across them, an unhealthy mark
+/// still fits its own budget (5) while drift's is spent, and never more than 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_reason_budgets_hold_in_the_database_across_deciders() {
+    use phoenix_collector::fleet::policy::Budgets;
+    use phoenix_collector::pgstore::decide::ReasonBudget;
+    let pg = Postgres::start();
+    let a = open(&pg, 1500).await;
+    let b = open(&pg, 1500).await;
+    let rb = ReasonBudget {
+        budgets: Budgets::parse("drift=10%,unhealthy=50%").unwrap(),
+        group_size: 10,
+    };
+    let m = |id: usize, reason: &str| Decision::Mark {
+        instance_id: format!("i-{id:03}"),
+        group: "g1".into(),
+        reason: reason.into(),
+        evidence: serde_json::json!({}),
+        // The group-wide number alone would allow all of them.
+        allowed: 10,
+        per_reason: Some(rb.clone()),
+    };
+    a.lease_tick().await.unwrap().expect("a decides first");
+    assert_eq!(a.decide(&m(0, "drift")).await.unwrap(), Applied::Done);
+    assert_eq!(
+        a.decide(&m(1, "drift")).await.unwrap(),
+        Applied::OverBudget,
+        "drift=10% of 10 is 1"
+    );
+    // a stops; b takes over after the expiry and starts from the database's queue.
+    drop(a);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            b.lease_tick().await.ok().flatten().is_some()
+        })
+        .await,
+        "b never took the lease"
+    );
+    for i in 1..10 {
+        assert_eq!(
+            b.decide(&m(i, "drift")).await.unwrap(),
+            Applied::OverBudget,
+            "i-{i:03}: the drift budget is spent through the other collector"
+        );
+    }
+    let mut unhealthy = 0;
+    for (i, reason) in [
+        (1, "check_failed"),
+        (2, "silent"),
+        (3, "silent"),
+        (4, "disk_full"),
+    ]
+    .into_iter()
+    .chain((5..10).map(|i| (i, "check_failed")))
+    {
+        if b.decide(&m(i, reason)).await.unwrap() == Applied::Done {
+            unhealthy += 1;
+        }
+    }
+    assert_eq!(unhealthy, 5, "unhealthy=50% of 10, drift's mark aside");
+    let per: String = pg.scalar(
+        "SELECT string_agg(reason || '=' || n, ',' ORDER BY reason) FROM \
+         (SELECT CASE WHEN reason = 'drift' THEN 'drift' ELSE 'unhealthy' END AS reason, \
+                 count(*) AS n FROM phoenix_marks WHERE state = 'marked' GROUP BY 1) c",
+    );
+    assert_eq!(per, "drift=1,unhealthy=5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

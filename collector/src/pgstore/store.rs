@@ -201,6 +201,31 @@ impl PgFleetStore {
         &self.pg
     }
 
+    /// Runs one registry operation on the store's runtime and waits for it (baselines and
+    /// enrolments: see caches.rs). Blocks; never call it from the store's runtime.
+    pub fn blocking<T: Send + 'static>(
+        &self,
+        op: impl for<'c> FnOnce(&'c Client) -> super::RegistryFuture<'c, T> + Send + 'static,
+    ) -> Result<T, PgError> {
+        let pg = Arc::clone(&self.pg);
+        self.call(async move { pg.registry(op).await })
+    }
+
+    /// Runs `f` on the store's runtime, not waited for.
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.rt.spawn(f);
+    }
+
+    /// The tofu enrolments shared by every collector (`identity::EnrolmentStore`).
+    pub fn enrolments(self: &Arc<Self>) -> Box<dyn crate::identity::EnrolmentStore> {
+        Box::new(super::caches::PgEnrolments::new(Arc::clone(self)))
+    }
+
+    /// The baselines shared by every collector (`baselines::BaselineStore`).
+    pub fn baselines(self: &Arc<Self>) -> Box<dyn crate::baselines::BaselineStore> {
+        Box::new(super::caches::PgBaselines::new(Arc::clone(self)))
+    }
+
     /// Runs `f` on the store's runtime and waits for it, at most `OP_TIMEOUT` plus a second.
     /// Never call from the store's own runtime (nothing does: the trait's callers are the
     /// fleet's).
