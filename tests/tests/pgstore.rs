@@ -86,8 +86,8 @@ async fn collectors_starting_together_migrate_once_and_a_newer_schema_is_refused
         pg.scalar(
             "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'phoenix_%'"
         ),
-        "14",
-        "migration 2 adds phoenix_reports and phoenix_fleet"
+        "15",
+        "migration 2 adds phoenix_reports and phoenix_fleet, 3 phoenix_diag"
     );
     // A newer collector migrated the database: an older one refuses rather than guess.
     pg.psql(
