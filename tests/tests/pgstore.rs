@@ -715,6 +715,122 @@ mod fleet_store {
         );
     }
 
+    /// Tofu enrolments and baselines as the collector wires them (`identity::Gate` and
+    /// `baselines::Baselines` over the PostgreSQL stores): the same new id enrolled through
+    /// two collectors at once with different credentials enrols once; a reset through one
+    /// reaches the other's cache; with PostgreSQL down a known id still verifies and a new
+    /// one is refused (503), never enrolled unverified; a baseline registered through one
+    /// is read by the other.
+    #[test]
+    fn shared_enrolments_first_writer_wins_resets_reach_the_other_outage_refuses_new_ones() {
+        use phoenix_collector::baselines::Baselines;
+        use phoenix_collector::drift::Registration;
+        use phoenix_collector::identity::{Admitted, Gate, Limits, Mode, Presented, Refusal};
+        let mut pg = Postgres::start();
+        let (a, b) = (store(&pg), store(&pg));
+        let gate = |s: &Arc<PgFleetStore>| {
+            Arc::new(Gate::open(Mode::Tofu, Limits::default(), s.enrolments(), 0).unwrap())
+        };
+        let (ga, gb) = (gate(&a), gate(&b));
+        let cred = |k: usize| format!("{k:0>40}-credential");
+        let admit = |g: &Gate, id: &str, c: &str| {
+            let p = Presented {
+                credential: Some(c),
+                ..Default::default()
+            };
+            g.admit(id, &p, phoenix_collector::pgstore::wall_ms())
+        };
+        let racers: Vec<_> = (0..8)
+            .map(|k| {
+                let g = if k % 2 == 0 { ga.clone() } else { gb.clone() };
+                std::thread::spawn(move || {
+                    let c = cred(k);
+                    let p = Presented {
+                        credential: Some(&c),
+                        ..Default::default()
+                    };
+                    (k, g.admit("i-race", &p, 1))
+                })
+            })
+            .collect();
+        let got: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners: Vec<usize> = got
+            .iter()
+            .filter(|(_, r)| *r == Ok(Admitted::New))
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(winners.len(), 1, "{got:?}");
+        assert!(
+            got.iter()
+                .all(|(k, r)| *k == winners[0] || matches!(r, Err(Refusal::Forbidden(_)))),
+            "{got:?}"
+        );
+        let w = cred(winners[0]);
+        assert_eq!(admit(&ga, "i-race", &w), Ok(Admitted::Known));
+        assert_eq!(admit(&gb, "i-race", &w), Ok(Admitted::Known));
+
+        // A reset through a: b drops its cached copy on the notification, and the box
+        // with a fresh credential enrols through b.
+        assert!(ga.reset("i-race").unwrap());
+        let fresh = cred(99);
+        wait("b takes the reset", || {
+            admit(&gb, "i-race", &fresh).is_ok().then_some(())
+        });
+        assert!(matches!(
+            admit(&ga, "i-race", &w),
+            Err(Refusal::Forbidden(_))
+        ));
+
+        // A baseline registered through a is read by b.
+        let m = phoenix_wire::drift::Manifest {
+            version: phoenix_wire::drift::MANIFEST_VERSION,
+            hash_version: phoenix_wire::drift::HASH_VERSION,
+            image_id: "img-shared".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            paths: vec!["/etc".into()],
+            excludes: vec![],
+            root: phoenix_wire::drift::root_of_entries(&[]),
+            entries: vec![],
+        };
+        let (ba, bb) = (
+            Baselines::with_store(a.baselines()).unwrap(),
+            Baselines::with_store(b.baselines()).unwrap(),
+        );
+        assert_eq!(
+            ba.register("img-shared", m.clone()).unwrap(),
+            Registration::Created
+        );
+        wait("b reads a's baseline", || bb.get("img-shared").map(|_| ()));
+        assert_eq!(
+            bb.register("img-shared", m).unwrap(),
+            Registration::Unchanged,
+            "registered once, through any collector"
+        );
+
+        // PostgreSQL down: the enrolled id verifies from memory; a new one is refused.
+        pg.down();
+        wait("b sees the outage", || {
+            (!b.status().unwrap().up).then_some(())
+        });
+        assert_eq!(admit(&gb, "i-race", &fresh), Ok(Admitted::Known));
+        assert!(matches!(
+            admit(&gb, "i-new", &cred(5)),
+            Err(Refusal::Store(_))
+        ));
+        assert!(matches!(
+            admit(&gb, "i-race", &w),
+            Err(Refusal::Forbidden(_))
+        ));
+        pg.up();
+        wait("a new id enrols once PostgreSQL is back", || {
+            (admit(&gb, "i-new", &cred(5)) == Ok(Admitted::New)).then_some(())
+        });
+        assert_eq!(
+            pg.scalar("SELECT count(*) FROM phoenix_enrolments WHERE kind = 'tofu'"),
+            "2"
+        );
+    }
+
     #[test]
     fn reports_cross_collectors_one_decides_its_state_survives_and_an_outage_decides_nothing() {
         let mut pg = Postgres::start();
