@@ -88,6 +88,12 @@ pub trait EnrolmentStore: Send + Sync + std::fmt::Debug {
         self.removed(instance_id)
     }
 
+    /// True for a store other collectors write too (a network round trip): the gate then
+    /// asks it without holding its own lock, and it must decide the first writer itself.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// What changed elsewhere since the last call; asked at every admission, so it must be
     /// cheap when nothing did.
     fn changed(&self) -> Option<Changed> {
@@ -268,6 +274,9 @@ mod tests {
             let new = !g.contains_key(id);
             let stored = g.entry(id.into()).or_insert_with(|| e.clone()).clone();
             Ok(Claimed { stored, new })
+        }
+        fn is_shared(&self) -> bool {
+            true
         }
         fn changed(&self) -> Option<Changed> {
             let ids = std::mem::take(&mut *self.changed.lock().unwrap());

@@ -21,7 +21,7 @@ mod fuzz;
 pub mod http;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -267,6 +267,9 @@ pub struct Gate {
     limits: Limits,
     store: Box<dyn EnrolmentStore>,
     known: Mutex<HashMap<String, Known>>,
+    /// New ids being claimed in the store right now (changed under `known`'s lock): they
+    /// hold a place, so `--max-instances` is never passed while the lock is let go.
+    claiming: AtomicUsize,
     /// New ids refused because the collector was full (an alert for operators).
     pub refused_full: AtomicU64,
     last_full_warning_ms: Mutex<i64>,
@@ -358,6 +361,7 @@ impl Gate {
             limits,
             store,
             known: Mutex::new(known),
+            claiming: AtomicUsize::new(0),
             refused_full: AtomicU64::new(0),
             last_full_warning_ms: Mutex::new(i64::MIN),
         })
@@ -437,7 +441,7 @@ impl Gate {
             k.last_ms = k.last_ms.max(now_ms);
             return Ok(Admitted::Known);
         }
-        if g.len() >= self.limits.max_instances {
+        if g.len() + self.claiming.load(Ordering::Relaxed) >= self.limits.max_instances {
             drop(g);
             self.refused_full.fetch_add(1, Ordering::Relaxed);
             let mut w = self.last_full_warning_ms.lock().unwrap();
@@ -457,10 +461,21 @@ impl Gate {
                 credential_sha256: hex(c),
                 enrolled_ms: now_ms,
             };
-            // Not under the lock: a shared store is a network round trip, and enrolled
-            // instances must keep verifying meanwhile (and while it is down).
-            drop(g);
-            let claimed = match self.store.claim(instance_id, &e) {
+            // A shared store is a network round trip: not under the lock, so enrolled
+            // instances keep verifying meanwhile (and while it is down); it decides the
+            // first writer itself. A local one is the whole truth: under the lock, so two
+            // senders of one new id cannot both be first.
+            let claimed = if self.store.is_shared() {
+                self.claiming.fetch_add(1, Ordering::Relaxed);
+                drop(g);
+                let r = self.store.claim(instance_id, &e);
+                g = self.known.lock().unwrap();
+                self.claiming.fetch_sub(1, Ordering::Relaxed);
+                r
+            } else {
+                self.store.claim(instance_id, &e)
+            };
+            let claimed = match claimed {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
@@ -480,7 +495,14 @@ impl Gate {
             } else {
                 admitted = Admitted::Known;
             }
-            g = self.known.lock().unwrap();
+        }
+        if let Some(Known {
+            cred: Some(want), ..
+        }) = g.get(instance_id)
+        {
+            if cred.as_ref().is_some_and(|got| !ct_eq(want, got)) {
+                return Err(mismatch(instance_id));
+            }
         }
         let k = g.entry(instance_id.to_owned()).or_insert(Known {
             cred,

@@ -158,6 +158,10 @@ impl EnrolmentStore for PgEnrolments {
         self.reset(instance_id, true).map(|_| ())
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn claim(&self, instance_id: &str, e: &Enrolment) -> Result<Claimed, StoreError> {
         up(self.store.pg()).map_err(shared)?;
         let (id, hash, at) = (
@@ -209,7 +213,8 @@ impl EnrolmentStore for PgEnrolments {
     }
 
     fn changed(&self) -> Option<Changed> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        // A plain load first: this runs for every report, and nearly always finds nothing.
+        if !self.dirty.load(Ordering::Acquire) || !self.dirty.swap(false, Ordering::AcqRel) {
             return None;
         }
         self.pending.lock().unwrap().take()
@@ -341,7 +346,8 @@ impl crate::baselines::BaselineStore for PgBaselines {
     }
 
     fn changed(&self) -> Vec<Manifest> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        // A plain load first: this runs for every report, and nearly always finds nothing.
+        if !self.dirty.load(Ordering::Acquire) || !self.dirty.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         std::mem::take(&mut *self.news.lock().unwrap())
