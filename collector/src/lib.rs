@@ -175,19 +175,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         max_points: cfg.max_points,
         ..Default::default()
     };
-    let baselines = baselines::Baselines::open(&cfg.data_dir.join("baselines"))
-        .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?;
     let (phoenix_fleet, decider, shared) = start_phoenix(&cfg, writer.clone())?;
+    let baselines = match &shared {
+        None => baselines::Baselines::open(&cfg.data_dir.join("baselines"))
+            .with_context(|| format!("opening {}/baselines", cfg.data_dir.display()))?,
+        Some(pg) => baselines::Baselines::with_store(pg.baselines()).map_err(anyhow::Error::msg)?,
+    };
     let obs = Arc::new(selfmetrics::Obs::new(cfg.tls.is_some()));
     tokio::spawn(selfmetrics::run(
         obs.clone(),
         phoenix_fleet.clone(),
         writer.clone(),
     ));
-    let identity = Arc::new(
-        cfg.identity
-            .open(&cfg.data_dir, fleet::clock::wall_now_ms())?,
-    );
+    let identity = Arc::new(cfg.identity.open(
+        &cfg.data_dir,
+        shared.as_ref().map(|pg| pg.enrolments()),
+        fleet::clock::wall_now_ms(),
+    )?);
     tracing::info!(
         identity = identity.mode().as_str(),
         enrolled = identity.len(),

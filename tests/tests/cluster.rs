@@ -8,9 +8,14 @@
 //!    unchanged;
 //! 3. PostgreSQL stopped for 30 s: `/healthz` says why, nobody decides, points keep flowing,
 //!    no marks; the state is intact after;
-//! 4. the rest of the group drifts at once: a mass event; marks stay within the group's
-//!    budget across the cluster;
+//! 4. the rest of the group drifts at once: a mass event; marks stay within the drift
+//!    budget (`--budget drift=10%,unhealthy=50%`) across the cluster;
 //! 5. the surviving collectors restarted together: the state is intact.
+//!
+//! Before step 1, what lives in PostgreSQL besides fleet state: baselines registered through
+//! one collector judge reports taken by all; an instance enrolled (tofu) through one
+//! collector is refused (403) to a forger through another; a diagnostics request through one
+//! collector is answered by an agent reporting to another and read through a third.
 //!
 //! A wrong mark destroys a server: every step watches for one the whole time.
 
@@ -18,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use phoenix_e2e::decide::*;
 use phoenix_e2e::pg::Postgres;
+use phoenix_e2e::trust::CREDENTIAL_HEADER;
 use phoenix_e2e::*;
+use phoenix_wire::{Identity, Report, VERSION};
 use serde_json::Value;
 
 const LEASE_S: u64 = 4;
@@ -121,23 +128,18 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         "--silent-after",
         "15s",
         "--budget",
-        "10%",
+        "drift=10%,unhealthy=50%",
     ];
     let mut cs: Vec<Option<Collector>> = (0..3).map(|_| Some(Collector::start(&flags))).collect();
     let urls: Vec<String> = live(&cs).iter().map(|(_, c)| c.url()).collect();
 
     // One group of two images: the first agent watches a tree of its own (image a), the
     // other nine share one (image b), so one drift and a mass drift are one tamper each.
-    // Baselines are registered on every collector (they are per collector, see the report).
+    // Baselines are registered once, through collector 0: PostgreSQL shares them.
     let trees = [
         Watched::new("img-cl-a", &urls[0]),
         Watched::new("img-cl-b", &urls[0]),
     ];
-    for w in &trees {
-        for u in &urls[1..] {
-            bake_registered(&w.tree, &w.baseline, &w.image, u);
-        }
-    }
     let ids: Vec<String> = (0..AGENTS).map(|k| format!("i-cl-{k}")).collect();
     let _agents: Vec<Agent> = (0..AGENTS)
         .map(|k| {
@@ -175,6 +177,93 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         );
     }
     watch(&cs, Duration::from_secs(3), &all, &[], "before any drift");
+
+    // Baselines registered through collector 0 judge the reports every collector takes (a
+    // third of the agents report to each first): clean, against the registered baseline.
+    until_all(
+        &cs,
+        "every instance clean against the registered baseline on every collector",
+        Duration::from_secs(30),
+        |c| {
+            all.iter().all(|id| {
+                instance(c, id).is_some_and(|i| {
+                    i["drift"]["drifted"] == false && i["drift"]["source"] == "registered baseline"
+                })
+            })
+        },
+    );
+
+    // Enrolments are shared: agent 0 enrolled through collector 0; a forger holding the agent
+    // token but not its credential is refused by collector 1, which never heard from it.
+    let victim = instance(cs[0].as_ref().unwrap(), &ids[0]).unwrap();
+    let forged = Report {
+        v: VERSION,
+        agent: Identity {
+            instance_id: ids[0].clone(),
+            image_id: victim["image_id"].as_str().unwrap().into(),
+            group: Some("web".into()),
+            hostname: victim["hostname"].as_str().unwrap().into(),
+            boot_id: victim["boot_id"].as_str().unwrap().into(),
+            version: "0.1.0".into(),
+            boot_time: 0,
+        },
+        seq: 1 << 40,
+        drift_root: None,
+        protected: None,
+        interval_ms: 1000,
+        metrics: vec![],
+        logs: vec![],
+        drift: None,
+        checks: vec![],
+    };
+    let made_up = "f".repeat(64);
+    for (what, cred) in [("no credential", None), ("a made-up one", Some(&made_up))] {
+        let mut h = vec![
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "gzip"),
+        ];
+        if let Some(c) = cred {
+            h.push((CREDENTIAL_HEADER, c.as_str()));
+        }
+        let r = post(
+            &format!("{}/v1/reports", urls[1]),
+            Some(AGENT_TOKEN),
+            &h,
+            &phoenix_wire::encode(&forged),
+        );
+        assert_eq!(
+            r.status, 403,
+            "forger with {what} through collector 1: {}",
+            r.body
+        );
+        assert!(r.body.contains("credential"), "{what}: {}", r.body);
+    }
+
+    // Diagnostics: asked through collector 0 for agent 1 (which reports to collector 1),
+    // answered there, read through collector 2.
+    let asked = post(
+        &format!("{}/v1/instances/{}/diagnostics", urls[0], ids[1]),
+        Some(READER_TOKEN),
+        &[("Content-Type", "application/json")],
+        b"",
+    );
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let req = asked.json()["request_id"].as_u64().unwrap();
+    let path = format!("/v1/instances/{}/diagnostics", ids[1]);
+    let answered = wait_for(Duration::from_secs(30), || {
+        let d = cs[2]
+            .as_ref()
+            .unwrap()
+            .get(&path, Some(READER_TOKEN))
+            .json();
+        (d["latest"]["id"].as_u64() == Some(req)).then_some(d)
+    });
+    assert!(
+        answered.is_some(),
+        "diagnostics request {req} not answered across collectors: {}\n{}",
+        cs[2].as_ref().unwrap().get(&path, Some(READER_TOKEN)).body,
+        logs(&cs)
+    );
 
     // 1. One drift: marked once, seen alike through every collector.
     trees[0].tamper();
@@ -324,7 +413,8 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         );
     }
 
-    // 4. The rest of the group drifts at once: within the budget (1 of 10) across the cluster.
+    // 4. The rest of the group drifts at once: within the drift budget (1 of 10) across the
+    // cluster, whichever collector decides.
     trees[1].tamper();
     until_all(&cs, "a mass event alert", Duration::from_secs(30), |c| {
         let q = phoenix(c);

@@ -46,6 +46,7 @@ fn mark(id: &str, allowed: i64) -> Decision {
         reason: "drift".into(),
         evidence: serde_json::json!({"changed": ["/etc/passwd"]}),
         allowed,
+        per_reason: None,
     }
 }
 
@@ -85,8 +86,8 @@ async fn collectors_starting_together_migrate_once_and_a_newer_schema_is_refused
         pg.scalar(
             "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'phoenix_%'"
         ),
-        "14",
-        "migration 2 adds phoenix_reports and phoenix_fleet"
+        "15",
+        "migration 2 adds phoenix_reports and phoenix_fleet, 3 phoenix_diag"
     );
     // A newer collector migrated the database: an older one refuses rather than guess.
     pg.psql(
@@ -235,6 +236,75 @@ async fn the_budget_holds_in_the_database_acks_count_and_releases_free_it() {
         pg.scalar("SELECT string_agg(action, ',' ORDER BY id) FROM phoenix_audit"),
         "mark,mark,ack,release,mark,hold"
     );
+}
+
+/// `--budget drift=10%,unhealthy=50%` in a group of 10, decided through two collectors in
+/// turn (each its own fence): the drift budget (1) holds across them, an unhealthy mark
+/// still fits its own budget (5) while drift's is spent, and never more than 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_reason_budgets_hold_in_the_database_across_deciders() {
+    use phoenix_collector::fleet::policy::Budgets;
+    use phoenix_collector::pgstore::decide::ReasonBudget;
+    let pg = Postgres::start();
+    let a = open(&pg, 1500).await;
+    let b = open(&pg, 1500).await;
+    let rb = ReasonBudget {
+        budgets: Budgets::parse("drift=10%,unhealthy=50%").unwrap(),
+        group_size: 10,
+    };
+    let m = |id: usize, reason: &str| Decision::Mark {
+        instance_id: format!("i-{id:03}"),
+        group: "g1".into(),
+        reason: reason.into(),
+        evidence: serde_json::json!({}),
+        // The group-wide number alone would allow all of them.
+        allowed: 10,
+        per_reason: Some(rb.clone()),
+    };
+    a.lease_tick().await.unwrap().expect("a decides first");
+    assert_eq!(a.decide(&m(0, "drift")).await.unwrap(), Applied::Done);
+    assert_eq!(
+        a.decide(&m(1, "drift")).await.unwrap(),
+        Applied::OverBudget,
+        "drift=10% of 10 is 1"
+    );
+    // a stops; b takes over after the expiry and starts from the database's queue.
+    drop(a);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            b.lease_tick().await.ok().flatten().is_some()
+        })
+        .await,
+        "b never took the lease"
+    );
+    for i in 1..10 {
+        assert_eq!(
+            b.decide(&m(i, "drift")).await.unwrap(),
+            Applied::OverBudget,
+            "i-{i:03}: the drift budget is spent through the other collector"
+        );
+    }
+    let mut unhealthy = 0;
+    for (i, reason) in [
+        (1, "check_failed"),
+        (2, "silent"),
+        (3, "silent"),
+        (4, "disk_full"),
+    ]
+    .into_iter()
+    .chain((5..10).map(|i| (i, "check_failed")))
+    {
+        if b.decide(&m(i, reason)).await.unwrap() == Applied::Done {
+            unhealthy += 1;
+        }
+    }
+    assert_eq!(unhealthy, 5, "unhealthy=50% of 10, drift's mark aside");
+    let per: String = pg.scalar(
+        "SELECT string_agg(reason || '=' || n, ',' ORDER BY reason) FROM \
+         (SELECT CASE WHEN reason = 'drift' THEN 'drift' ELSE 'unhealthy' END AS reason, \
+                 count(*) AS n FROM phoenix_marks WHERE state = 'marked' GROUP BY 1) c",
+    );
+    assert_eq!(per, "drift=1,unhealthy=5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,6 +712,122 @@ mod fleet_store {
         assert!(
             phoenix_e2e::wait_for(Duration::from_secs(15), f).is_some(),
             "{what}: not within 15 s"
+        );
+    }
+
+    /// Tofu enrolments and baselines as the collector wires them (`identity::Gate` and
+    /// `baselines::Baselines` over the PostgreSQL stores): the same new id enrolled through
+    /// two collectors at once with different credentials enrols once; a reset through one
+    /// reaches the other's cache; with PostgreSQL down a known id still verifies and a new
+    /// one is refused (503), never enrolled unverified; a baseline registered through one
+    /// is read by the other.
+    #[test]
+    fn shared_enrolments_first_writer_wins_resets_reach_the_other_outage_refuses_new_ones() {
+        use phoenix_collector::baselines::Baselines;
+        use phoenix_collector::drift::Registration;
+        use phoenix_collector::identity::{Admitted, Gate, Limits, Mode, Presented, Refusal};
+        let mut pg = Postgres::start();
+        let (a, b) = (store(&pg), store(&pg));
+        let gate = |s: &Arc<PgFleetStore>| {
+            Arc::new(Gate::open(Mode::Tofu, Limits::default(), s.enrolments(), 0).unwrap())
+        };
+        let (ga, gb) = (gate(&a), gate(&b));
+        let cred = |k: usize| format!("{k:0>40}-credential");
+        let admit = |g: &Gate, id: &str, c: &str| {
+            let p = Presented {
+                credential: Some(c),
+                ..Default::default()
+            };
+            g.admit(id, &p, phoenix_collector::pgstore::wall_ms())
+        };
+        let racers: Vec<_> = (0..8)
+            .map(|k| {
+                let g = if k % 2 == 0 { ga.clone() } else { gb.clone() };
+                std::thread::spawn(move || {
+                    let c = cred(k);
+                    let p = Presented {
+                        credential: Some(&c),
+                        ..Default::default()
+                    };
+                    (k, g.admit("i-race", &p, 1))
+                })
+            })
+            .collect();
+        let got: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners: Vec<usize> = got
+            .iter()
+            .filter(|(_, r)| *r == Ok(Admitted::New))
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(winners.len(), 1, "{got:?}");
+        assert!(
+            got.iter()
+                .all(|(k, r)| *k == winners[0] || matches!(r, Err(Refusal::Forbidden(_)))),
+            "{got:?}"
+        );
+        let w = cred(winners[0]);
+        assert_eq!(admit(&ga, "i-race", &w), Ok(Admitted::Known));
+        assert_eq!(admit(&gb, "i-race", &w), Ok(Admitted::Known));
+
+        // A reset through a: b drops its cached copy on the notification, and the box
+        // with a fresh credential enrols through b.
+        assert!(ga.reset("i-race").unwrap());
+        let fresh = cred(99);
+        wait("b takes the reset", || {
+            admit(&gb, "i-race", &fresh).is_ok().then_some(())
+        });
+        assert!(matches!(
+            admit(&ga, "i-race", &w),
+            Err(Refusal::Forbidden(_))
+        ));
+
+        // A baseline registered through a is read by b.
+        let m = phoenix_wire::drift::Manifest {
+            version: phoenix_wire::drift::MANIFEST_VERSION,
+            hash_version: phoenix_wire::drift::HASH_VERSION,
+            image_id: "img-shared".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            paths: vec!["/etc".into()],
+            excludes: vec![],
+            root: phoenix_wire::drift::root_of_entries(&[]),
+            entries: vec![],
+        };
+        let (ba, bb) = (
+            Baselines::with_store(a.baselines()).unwrap(),
+            Baselines::with_store(b.baselines()).unwrap(),
+        );
+        assert_eq!(
+            ba.register("img-shared", m.clone()).unwrap(),
+            Registration::Created
+        );
+        wait("b reads a's baseline", || bb.get("img-shared").map(|_| ()));
+        assert_eq!(
+            bb.register("img-shared", m).unwrap(),
+            Registration::Unchanged,
+            "registered once, through any collector"
+        );
+
+        // PostgreSQL down: the enrolled id verifies from memory; a new one is refused.
+        pg.down();
+        wait("b sees the outage", || {
+            (!b.status().unwrap().up).then_some(())
+        });
+        assert_eq!(admit(&gb, "i-race", &fresh), Ok(Admitted::Known));
+        assert!(matches!(
+            admit(&gb, "i-new", &cred(5)),
+            Err(Refusal::Store(_))
+        ));
+        assert!(matches!(
+            admit(&gb, "i-race", &w),
+            Err(Refusal::Forbidden(_))
+        ));
+        pg.up();
+        wait("a new id enrols once PostgreSQL is back", || {
+            (admit(&gb, "i-new", &cred(5)) == Ok(Admitted::New)).then_some(())
+        });
+        assert_eq!(
+            pg.scalar("SELECT count(*) FROM phoenix_enrolments WHERE kind = 'tofu'"),
+            "2"
         );
     }
 

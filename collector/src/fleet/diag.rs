@@ -2,13 +2,17 @@
 //! and the latest snapshot each instance sent back, within a fleet-wide byte budget.
 //!
 //! Kept in memory only: a snapshot is a one-off closer look, not fleet state, and a request
-//! a restarted collector forgot is asked again. Requests expire when no answer came.
+//! a restarted collector forgot is asked again. Requests expire when no answer came. Under a
+//! shared store each request and answer is also handed to the store ([`Shared`]), and what
+//! other collectors shared is adopted at the next pull, so a request made through one
+//! collector reaches the agent through whichever it reports to, and the answer is read
+//! through any.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use phoenix_wire::diag::{Handed, ProbeSet, Snapshot};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::clock::Now;
 
@@ -67,6 +71,49 @@ pub enum DiagError {
     Outstanding { instance: String, id: u64 },
     #[error("instance {instance:?} has no outstanding diagnostics request {id} (expired, answered, or never made)")]
     NotRequested { instance: String, id: u64 },
+}
+
+/// A request, or its answer, as collectors share it: one per instance, the newest id wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shared {
+    pub id: u64,
+    pub probes: ProbeSet,
+    pub requested_ms: i64,
+    pub requested_by: String,
+    pub answer: Option<SharedAnswer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedAnswer {
+    pub received_ms: i64,
+    pub bytes: usize,
+    pub snapshot: Snapshot,
+}
+
+impl Shared {
+    pub fn request(p: &Pending) -> Shared {
+        Shared {
+            id: p.id,
+            probes: p.probes,
+            requested_ms: p.requested_ms,
+            requested_by: p.requested_by.clone(),
+            answer: None,
+        }
+    }
+
+    pub fn answer(l: &Latest) -> Shared {
+        Shared {
+            id: l.id,
+            probes: l.probes,
+            requested_ms: l.requested_ms,
+            requested_by: l.requested_by.clone(),
+            answer: Some(SharedAnswer {
+                received_ms: l.received_ms,
+                bytes: l.bytes,
+                snapshot: (*l.snapshot).clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -155,7 +202,14 @@ impl Board {
             bytes,
             snapshot: Arc::new(snapshot),
         });
-        if let Some(old) = self.latest.insert(instance.to_string(), l.clone()) {
+        self.keep(instance, l.clone());
+        Ok(l)
+    }
+
+    /// `l` becomes `instance`'s latest snapshot, within the byte budget.
+    fn keep(&mut self, instance: &str, l: Arc<Latest>) {
+        let bytes = l.bytes;
+        if let Some(old) = self.latest.insert(instance.to_string(), l) {
             self.bytes = self.bytes.saturating_sub(old.bytes);
         }
         self.bytes = self.bytes.saturating_add(bytes);
@@ -173,7 +227,49 @@ impl Board {
                 self.bytes = self.bytes.saturating_sub(old.bytes);
             }
         }
-        Ok(l)
+    }
+
+    /// Takes what another collector shared: a request this collector's acks then hand out,
+    /// or an answer that becomes the latest snapshot. Older than what is here: ignored.
+    pub fn adopt(&mut self, instance: &str, s: Shared, now: Now) {
+        if self.latest.get(instance).is_some_and(|l| l.id >= s.id) {
+            return;
+        }
+        match s.answer {
+            Some(a) => {
+                if self.pending.get(instance).is_some_and(|p| p.id <= s.id) {
+                    self.pending.remove(instance);
+                }
+                let l = Latest {
+                    id: s.id,
+                    probes: s.probes,
+                    requested_ms: s.requested_ms,
+                    requested_by: s.requested_by,
+                    received_ms: a.received_ms,
+                    bytes: a.bytes.min(phoenix_wire::diag::MAX_SNAPSHOT_BYTES),
+                    snapshot: Arc::new(a.snapshot),
+                };
+                self.keep(instance, Arc::new(l));
+            }
+            None => {
+                if self.pending.get(instance).is_some_and(|p| p.id >= s.id) {
+                    return;
+                }
+                // Its age counts from when it was made, on this collector's clock.
+                let age = now.wall_ms.saturating_sub(s.requested_ms).max(0);
+                self.pending.insert(
+                    instance.to_string(),
+                    Pending {
+                        id: s.id,
+                        probes: s.probes,
+                        requested_ms: s.requested_ms,
+                        requested_by: s.requested_by,
+                        handed_ms: None,
+                        requested_mono: now.mono_ms.saturating_sub(age),
+                    },
+                );
+            }
+        }
     }
 
     /// Drop what belongs to instances the fleet no longer has.
@@ -283,5 +379,29 @@ mod tests {
         assert!(v.contains_key("i-4") && v.contains_key("i-3") && !v.contains_key("i-0"));
         b.retain(|k| k != "i-4");
         assert_eq!(b.bytes(), big);
+    }
+
+    #[test]
+    fn a_request_shared_by_another_collector_is_handed_and_its_answer_read_there() {
+        let (mut a, mut b) = (Board::default(), Board::default());
+        let p = a.request("i-1", ProbeSet::Kernel, "reader", at(0)).unwrap();
+        b.adopt("i-1", Shared::request(&p), at(5));
+        assert_eq!(b.for_ack("i-1", 1000, at(6)).map(|h| h.id), Some(p.id));
+        let l = b
+            .answer("i-1", p.id, Snapshot::default(), 10, at(7))
+            .unwrap();
+        // The answer travels back; a stale copy of the request does not undo it.
+        a.adopt("i-1", Shared::answer(&l), at(8));
+        a.adopt("i-1", Shared::request(&p), at(9));
+        let v = a.views();
+        assert!(v["i-1"].pending.is_none(), "{v:?}");
+        assert_eq!(v["i-1"].latest.as_ref().unwrap().id, p.id);
+        assert_eq!(a.for_ack("i-1", 1000, at(10)), None);
+        // An adopted request expires by its own age, not by when it arrived here.
+        let mut c = Board::default();
+        let mut old = Shared::request(&p);
+        old.requested_ms = at(0).wall_ms - EXPIRE_MS - 1;
+        c.adopt("i-1", old, at(0));
+        assert_eq!(c.for_ack("i-1", 1000, at(0)), None);
     }
 }

@@ -385,6 +385,9 @@ impl Fleet {
             g.diag.request(id, probes, by, now)?
         };
         self.stale.store(true, Ordering::Relaxed);
+        if let Err(e) = self.store.share_diag(id, &diag::Shared::request(&p)) {
+            tracing::warn!(error = %e, instance_id = %id, "fleet store: diagnostics request not shared; it reaches the agent only through this collector");
+        }
         Ok(p)
     }
 
@@ -415,6 +418,12 @@ impl Fleet {
                 .diag
                 .answer(&a.agent.instance_id, a.request_id, a.snapshot, bytes, now)?;
         self.stale.store(true, Ordering::Relaxed);
+        if let Err(e) = self
+            .store
+            .share_diag(&a.agent.instance_id, &diag::Shared::answer(&l))
+        {
+            tracing::warn!(error = %e, "fleet store: diagnostics answer not shared; read it through this collector");
+        }
         Ok(l)
     }
 
@@ -506,6 +515,11 @@ impl Fleet {
                     let last_point_ms = i.phx.last_point_ms;
                     i.phx = phx;
                     i.phx.last_point_ms = last_point_ms;
+                }
+            }
+            for (id, d) in pulled.diag {
+                if g.instances.contains_key(&id) {
+                    g.diag.adopt(&id, d, now);
                 }
             }
             if let Some(q) = pulled.queue {

@@ -93,7 +93,7 @@ impl Selector {
         }
     }
 
-    fn key(&self) -> String {
+    pub fn key(&self) -> String {
         match self {
             Selector::All => "all".into(),
             Selector::Class(Class::Voluntary) => "voluntary".into(),

@@ -103,6 +103,11 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// A diagnostics request made here, or an answer taken here, for the other collectors.
+    fn share_diag(&self, _instance_id: &str, _d: &super::diag::Shared) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// What other collectors observed since the last pull (and, for a collector that does
     /// not decide, the decider's verdicts).
     fn pull(&self) -> Result<Pulled, StoreError> {
@@ -138,6 +143,8 @@ pub struct Pulled {
     pub phx: Vec<(String, super::state::Phx)>,
     /// For a collector that does not decide: the decider's queue state (alerts, rate).
     pub queue: Option<QueueState>,
+    /// Diagnostics requests and answers other collectors shared.
+    pub diag: Vec<(String, super::diag::Shared)>,
 }
 
 /// Memory plus `<data-dir>/fleet.json`.

@@ -1,5 +1,6 @@
 //! Where tofu enrolments live between restarts, behind [`EnrolmentStore`] so the fleet
-//! core's store (or PostgreSQL) can take the job over without the gate changing.
+//! core's store (or PostgreSQL) can take the job over without the gate changing. The one
+//! for a cluster is `pgstore::registry::PgEnrolments`: first writer wins across collectors.
 //!
 //! [`FileEnrolments`] is an append-only log, `<data-dir>/enrolments.log`, one JSON object a
 //! line. Appending keeps a flood of new ids from rewriting a large file per id; the log is
@@ -23,20 +24,81 @@ pub struct Enrolment {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("enrolment store {path}: {source} (is the data dir writable and not full?)")]
-pub struct StoreError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+pub enum StoreError {
+    #[error("enrolment store {path}: {source} (is the data dir writable and not full?)")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared enrolment store: {0} (enrolled instances still verify; new ones wait until PostgreSQL answers)")]
+    Shared(String),
 }
 
-/// Persistence for enrolments. The gate keeps its own copy in memory; a store only has to
-/// load everything at start and record each change durably before it is answered.
+/// What `claim` found: the enrolment that stands for the id, and whether this call made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub stored: Enrolment,
+    pub new: bool,
+}
+
+/// Enrolments changed behind the gate's back (by another collector).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// These ids were reset or forgotten elsewhere: drop what is cached of them.
+    Ids(Vec<String>),
+    /// Everything as stored now (after notifications may have been missed): drop what
+    /// differs from it.
+    All(HashMap<String, Enrolment>),
+}
+
+/// Persistence for enrolments. The gate keeps its own copy in memory (the cache: a known id
+/// never costs a store round trip); a store loads everything at start and records each
+/// change durably before it is answered.
 pub trait EnrolmentStore: Send + Sync + std::fmt::Debug {
     fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError>;
     fn enrolled(&self, instance_id: &str, e: &Enrolment) -> Result<(), StoreError>;
     /// The enrolment is gone (reset by an operator, or forgotten after silence).
     fn removed(&self, instance_id: &str) -> Result<(), StoreError>;
+
+    /// Records `e` unless the id is enrolled already, and answers the enrolment that stands
+    /// (the first writer's, when several collectors enrol the same id at once). The gate
+    /// compares its hash with what the sender presented. A store of one collector only: the
+    /// gate's copy is the whole truth, so this is `enrolled`.
+    fn claim(&self, instance_id: &str, e: &Enrolment) -> Result<Claimed, StoreError> {
+        self.enrolled(instance_id, e)?;
+        Ok(Claimed {
+            stored: e.clone(),
+            new: true,
+        })
+    }
+
+    /// An operator's reset: true when there was an enrolment to reset (`known_here`: the
+    /// gate had one).
+    fn reset(&self, instance_id: &str, known_here: bool) -> Result<bool, StoreError> {
+        if known_here {
+            self.removed(instance_id)?;
+        }
+        Ok(known_here)
+    }
+
+    /// The gate forgot a silent id. A shared store keeps it while other collectors still
+    /// hear from the instance.
+    fn forgotten(&self, instance_id: &str) -> Result<(), StoreError> {
+        self.removed(instance_id)
+    }
+
+    /// True for a store other collectors write too (a network round trip): the gate then
+    /// asks it without holding its own lock, and it must decide the first writer itself.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// What changed elsewhere since the last call; asked at every admission, so it must be
+    /// cheap when nothing did.
+    fn changed(&self) -> Option<Changed> {
+        None
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,7 +134,7 @@ impl FileEnrolments {
     }
 
     fn err(&self, source: std::io::Error) -> StoreError {
-        StoreError {
+        StoreError::File {
             path: self.path.clone(),
             source,
         }
@@ -183,6 +245,86 @@ impl EnrolmentStore for NoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store shared with "another collector": what it enrolled stands, and it can reset
+    /// behind the gate's back. Down: every call fails.
+    #[derive(Debug, Default)]
+    struct Cluster {
+        stored: Mutex<HashMap<String, Enrolment>>,
+        changed: Mutex<Vec<String>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl EnrolmentStore for std::sync::Arc<Cluster> {
+        fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError> {
+            Ok(self.stored.lock().unwrap().clone())
+        }
+        fn enrolled(&self, id: &str, e: &Enrolment) -> Result<(), StoreError> {
+            self.claim(id, e).map(|_| ())
+        }
+        fn removed(&self, id: &str) -> Result<(), StoreError> {
+            self.stored.lock().unwrap().remove(id);
+            Ok(())
+        }
+        fn claim(&self, id: &str, e: &Enrolment) -> Result<Claimed, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Shared("down".into()));
+            }
+            let mut g = self.stored.lock().unwrap();
+            let new = !g.contains_key(id);
+            let stored = g.entry(id.into()).or_insert_with(|| e.clone()).clone();
+            Ok(Claimed { stored, new })
+        }
+        fn is_shared(&self) -> bool {
+            true
+        }
+        fn changed(&self) -> Option<Changed> {
+            let ids = std::mem::take(&mut *self.changed.lock().unwrap());
+            (!ids.is_empty()).then_some(Changed::Ids(ids))
+        }
+    }
+
+    #[test]
+    fn a_shared_store_decides_first_writer_cache_verifies_while_down() {
+        use crate::identity::{Admitted, Gate, Limits, Mode, Presented, Refusal};
+        use std::sync::atomic::Ordering;
+        let a_cred = "0123456789abcdef0123456789abcdef-box-a";
+        let forger = "0123456789abcdef0123456789abcdef-forger";
+        let with = |c| Presented {
+            credential: Some(c),
+            ..Default::default()
+        };
+        let cluster = std::sync::Arc::new(Cluster::default());
+        let a = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0).unwrap();
+        let b = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0).unwrap();
+        assert_eq!(a.admit("i-1", &with(a_cred), 1), Ok(Admitted::New));
+        // b never saw i-1: the store's enrolment decides, not b's empty memory.
+        assert!(matches!(
+            b.admit("i-1", &with(forger), 2),
+            Err(Refusal::Forbidden(_))
+        ));
+        assert_eq!(b.admit("i-1", &with(a_cred), 3), Ok(Admitted::Known));
+        // Down: the known one still verifies from memory, a new id is refused (503).
+        cluster.down.store(true, Ordering::Relaxed);
+        assert_eq!(b.admit("i-1", &with(a_cred), 4), Ok(Admitted::Known));
+        assert!(matches!(
+            b.admit("i-2", &with(forger), 4),
+            Err(Refusal::Store(_))
+        ));
+        assert!(matches!(
+            b.admit("i-1", &with(forger), 4),
+            Err(Refusal::Forbidden(_))
+        ));
+        cluster.down.store(false, Ordering::Relaxed);
+        // A reset through a reaches b: its cached copy goes, the next sender enrols.
+        assert!(a.reset("i-1").unwrap());
+        cluster.changed.lock().unwrap().push("i-1".into());
+        assert_eq!(b.admit("i-1", &with(forger), 5), Ok(Admitted::New));
+        assert!(matches!(
+            a.admit("i-1", &with(a_cred), 6),
+            Err(Refusal::Forbidden(_))
+        ));
+    }
 
     #[test]
     fn survives_reopen_and_compacts() {

@@ -21,13 +21,15 @@ mod fuzz;
 pub mod http;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
-pub use enrolments::{Enrolment, EnrolmentStore, FileEnrolments, NoStore, StoreError};
+pub use enrolments::{
+    Changed, Claimed, Enrolment, EnrolmentStore, FileEnrolments, NoStore, StoreError,
+};
 
 pub const CREDENTIAL_HEADER: &str = "x-phoenix-instance-credential";
 pub const AWS_DOCUMENT_HEADER: &str = "x-phoenix-aws-identity-document";
@@ -120,11 +122,20 @@ impl Config {
         })
     }
 
-    /// The gate, with the tofu enrolments kept under `data_dir`.
-    pub fn open(&self, data_dir: &std::path::Path, now_ms: i64) -> anyhow::Result<Gate> {
+    /// The gate, with the tofu enrolments kept under `data_dir`, or in `shared` (the
+    /// cluster's store, `--fleet-store`) when given.
+    pub fn open(
+        &self,
+        data_dir: &std::path::Path,
+        shared: Option<Box<dyn EnrolmentStore>>,
+        now_ms: i64,
+    ) -> anyhow::Result<Gate> {
         use anyhow::Context;
         let (mode, store): (Mode, Box<dyn EnrolmentStore>) = match self.mode {
-            ModeName::Tofu => (Mode::Tofu, Box::new(FileEnrolments::new(data_dir))),
+            ModeName::Tofu => (
+                Mode::Tofu,
+                shared.unwrap_or_else(|| Box::new(FileEnrolments::new(data_dir))),
+            ),
             ModeName::Mtls => (Mode::Mtls, Box::new(NoStore)),
             ModeName::Shared => {
                 tracing::warn!("--identity shared: any holder of the agent token can report as any instance (forge drift, fail checks, get a healthy box recycled); use tofu, aws or mtls");
@@ -256,6 +267,9 @@ pub struct Gate {
     limits: Limits,
     store: Box<dyn EnrolmentStore>,
     known: Mutex<HashMap<String, Known>>,
+    /// New ids being claimed in the store right now (changed under `known`'s lock): they
+    /// hold a place, so `--max-instances` is never passed while the lock is let go.
+    claiming: AtomicUsize,
     /// New ids refused because the collector was full (an alert for operators).
     pub refused_full: AtomicU64,
     last_full_warning_ms: Mutex<i64>,
@@ -281,6 +295,31 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+fn mismatch(instance_id: &str) -> Refusal {
+    Refusal::Forbidden(format!(
+        "instance {instance_id:?} is enrolled with another credential: only the box that enrolled it may report for it. If that box lost its state dir, a reader or recycler resets the enrolment: DELETE /v1/instances/{instance_id}/enrolment"
+    ))
+}
+
+/// Drops cached enrolments another collector reset or replaced (the next report for such an
+/// id asks the store again).
+fn drop_changed(known: &mut HashMap<String, Known>, c: Changed) {
+    match c {
+        Changed::Ids(ids) => {
+            for id in ids {
+                known.remove(&id);
+            }
+        }
+        Changed::All(stored) => known.retain(|id, k| match k.cred {
+            None => true,
+            Some(have) => stored
+                .get(id)
+                .and_then(|e| unhex(&e.credential_sha256))
+                .is_some_and(|want| ct_eq(&want, &have)),
+        }),
+    }
 }
 
 fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -322,6 +361,7 @@ impl Gate {
             limits,
             store,
             known: Mutex::new(known),
+            claiming: AtomicUsize::new(0),
             refused_full: AtomicU64::new(0),
             last_full_warning_ms: Mutex::new(i64::MIN),
         })
@@ -389,18 +429,19 @@ impl Gate {
             Mode::Mtls | Mode::Shared => None,
         };
         let mut g = self.known.lock().unwrap();
+        if let Some(c) = self.store.changed() {
+            drop_changed(&mut g, c);
+        }
         if let Some(k) = g.get_mut(instance_id) {
             if let (Some(want), Some(got)) = (&k.cred, &cred) {
                 if !ct_eq(want, got) {
-                    return Err(Refusal::Forbidden(format!(
-                        "instance {instance_id:?} is enrolled with another credential: only the box that enrolled it may report for it. If that box lost its state dir, a reader or recycler resets the enrolment: DELETE /v1/instances/{instance_id}/enrolment"
-                    )));
+                    return Err(mismatch(instance_id));
                 }
             }
             k.last_ms = k.last_ms.max(now_ms);
             return Ok(Admitted::Known);
         }
-        if g.len() >= self.limits.max_instances {
+        if g.len() + self.claiming.load(Ordering::Relaxed) >= self.limits.max_instances {
             drop(g);
             self.refused_full.fetch_add(1, Ordering::Relaxed);
             let mut w = self.last_full_warning_ms.lock().unwrap();
@@ -413,41 +454,74 @@ impl Gate {
                 self.limits.max_instances
             )));
         }
+        let mut enrolled_ms = now_ms;
+        let mut admitted = Admitted::New;
         if let Some(c) = &cred {
             let e = Enrolment {
                 credential_sha256: hex(c),
                 enrolled_ms: now_ms,
             };
-            if let Err(e) = self.store.enrolled(instance_id, &e) {
-                tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
-                return Err(Refusal::Store(format!(
-                    "cannot record the enrolment now ({e}); keep the batch and retry"
-                )));
+            // A shared store is a network round trip: not under the lock, so enrolled
+            // instances keep verifying meanwhile (and while it is down); it decides the
+            // first writer itself. A local one is the whole truth: under the lock, so two
+            // senders of one new id cannot both be first.
+            let claimed = if self.store.is_shared() {
+                self.claiming.fetch_add(1, Ordering::Relaxed);
+                drop(g);
+                let r = self.store.claim(instance_id, &e);
+                g = self.known.lock().unwrap();
+                self.claiming.fetch_sub(1, Ordering::Relaxed);
+                r
+            } else {
+                self.store.claim(instance_id, &e)
+            };
+            let claimed = match claimed {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
+                    return Err(Refusal::Store(format!(
+                        "cannot record the enrolment now ({e}); keep the batch and retry"
+                    )));
+                }
+            };
+            // The first writer's credential stands, wherever it enrolled.
+            match unhex(&claimed.stored.credential_sha256) {
+                Some(want) if ct_eq(&want, c) => {}
+                _ => return Err(mismatch(instance_id)),
             }
-            tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
+            enrolled_ms = claimed.stored.enrolled_ms;
+            if claimed.new {
+                tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
+            } else {
+                admitted = Admitted::Known;
+            }
         }
-        g.insert(
-            instance_id.to_owned(),
-            Known {
-                cred,
-                enrolled_ms: now_ms,
-                first_ms: now_ms,
-                last_ms: now_ms,
-            },
-        );
-        Ok(Admitted::New)
+        if let Some(Known {
+            cred: Some(want), ..
+        }) = g.get(instance_id)
+        {
+            if cred.as_ref().is_some_and(|got| !ct_eq(want, got)) {
+                return Err(mismatch(instance_id));
+            }
+        }
+        let k = g.entry(instance_id.to_owned()).or_insert(Known {
+            cred,
+            enrolled_ms,
+            first_ms: enrolled_ms.min(now_ms),
+            last_ms: now_ms,
+        });
+        k.last_ms = k.last_ms.max(now_ms);
+        Ok(admitted)
     }
 
     /// Forget an id's enrolment, so the next report for it enrols afresh. `Ok(false)` when
     /// it was not known.
     pub fn reset(&self, instance_id: &str) -> Result<bool, StoreError> {
-        let mut g = self.known.lock().unwrap();
-        if !g.contains_key(instance_id) {
-            return Ok(false);
-        }
-        self.store.removed(instance_id)?;
-        g.remove(instance_id);
-        Ok(true)
+        let here = self.known.lock().unwrap().contains_key(instance_id);
+        // A shared store knows ids enrolled through other collectors too.
+        let was = self.store.reset(instance_id, here)?;
+        self.known.lock().unwrap().remove(instance_id);
+        Ok(was)
     }
 
     /// When the id enrolled, if it is known.
@@ -479,7 +553,7 @@ impl Gate {
         let mut gone = Vec::with_capacity(stale.len());
         for id in stale {
             if g[&id].cred.is_some() {
-                if let Err(e) = self.store.removed(&id) {
+                if let Err(e) = self.store.forgotten(&id) {
                     tracing::warn!(error = %e, "cannot forget an enrolment now; trying again later");
                     continue;
                 }

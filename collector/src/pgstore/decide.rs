@@ -3,7 +3,8 @@
 //! queue row and its audit row, and wakes the other collectors. A mark is also checked
 //! against the group's budget inside the same transaction, so however many collectors there
 //! are and whatever a confused one believes, a group never has more than `allowed` instances
-//! marked or acked at once.
+//! marked or acked at once, nor more than each budget covering the mark's reason allows
+//! (`--budget drift=10%,unhealthy=50%`: counted over the reasons that budget covers).
 //!
 //! Acks come from the recycler through any collector: they are not the decider's decision,
 //! need no fence, and are audited with the recycler as actor.
@@ -30,6 +31,8 @@ pub enum Decision {
         reason: String,
         evidence: serde_json::Value,
         allowed: i64,
+        /// The per-reason budgets too (None: only `allowed`).
+        per_reason: Option<ReasonBudget>,
     },
     /// Hold (a mass event, or over budget) with the reason.
     Hold {
@@ -45,6 +48,29 @@ pub enum Decision {
         kind: String,
         message: String,
     },
+}
+
+/// The policy's budgets and the group's size, for the per-reason check of a mark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasonBudget {
+    pub budgets: crate::fleet::policy::Budgets,
+    pub group_size: usize,
+}
+
+impl ReasonBudget {
+    /// The first budget covering `reason` that `in_queue` (the reasons of the group's other
+    /// marked and acked instances) already fills: (its key, what it allows, how many).
+    pub fn spent(&self, reason: &str, in_queue: &[String]) -> Option<(String, usize, usize)> {
+        self.budgets
+            .list
+            .iter()
+            .filter(|b| b.selector.covers(reason))
+            .find_map(|b| {
+                let allowed = b.amount.of(self.group_size);
+                let used = in_queue.iter().filter(|r| b.selector.covers(r)).count();
+                (used >= allowed).then(|| (b.selector.key(), allowed, used))
+            })
+    }
 }
 
 /// What a decision did.
@@ -84,8 +110,29 @@ pub async fn decide(
             reason,
             evidence,
             allowed,
+            per_reason,
         } => {
             let ev = evidence.to_string();
+            // The lease row is locked (check_fence): decisions are serialised, so what is
+            // counted here is what the insert below sees.
+            let spent = match per_reason {
+                Some(rb) => {
+                    let in_queue: Vec<String> = tx
+                        .query(
+                            "SELECT reason FROM phoenix_marks
+                             WHERE group_name = $1 AND state IN ('marked', 'acked')
+                               AND instance_id <> $2",
+                            &[group, instance_id],
+                        )
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    rb.spent(reason, &in_queue)
+                }
+                None => None,
+            };
+            let allowed_now = if spent.is_some() { 0 } else { *allowed };
             // Already marked or acked: nothing new, and it must not count twice.
             let n = tx
                 .execute(
@@ -100,7 +147,15 @@ pub async fn decide(
                        evidence = EXCLUDED.evidence, since_ms = EXCLUDED.since_ms,
                        fence = EXCLUDED.fence
                      WHERE m.state = 'held'",
-                    &[instance_id, group, reason, &ev, &now_ms, &f.fence, allowed],
+                    &[
+                        instance_id,
+                        group,
+                        reason,
+                        &ev,
+                        &now_ms,
+                        &f.fence,
+                        &allowed_now,
+                    ],
                 )
                 .await?;
             let applied = if n == 1 {
@@ -122,7 +177,8 @@ pub async fn decide(
                 applied,
                 Some(instance_id),
                 Some(group),
-                serde_json::json!({"reason": reason, "evidence": evidence, "allowed": allowed}),
+                serde_json::json!({"reason": reason, "evidence": evidence, "allowed": allowed,
+                    "reason_budget": spent.map(|(k, a, u)| format!("{k}: {u} of {a}"))}),
             )
         }
         Decision::Hold {

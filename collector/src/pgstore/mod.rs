@@ -14,6 +14,7 @@
 //! The client is `tokio-postgres` without TLS: see docs/scaling.md on `sslmode`.
 
 pub mod batch;
+pub mod caches;
 pub mod decide;
 pub mod health;
 pub mod lease;

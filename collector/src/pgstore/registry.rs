@@ -155,3 +155,131 @@ pub async fn revoke(client: &Client, subject: &str, now_ms: i64) -> Result<bool,
         .await?;
     Ok(row.get::<_, i64>(0) == 1)
 }
+
+/// The payload that tells other collectors an enrolment was reset or forgotten.
+pub fn enrolment_payload(subject: &str) -> String {
+    format!("enrolment:{subject}")
+}
+
+/// What [`claim_enrolment`] found: the credential hash that stands, when it enrolled, and
+/// whether this call wrote it. A revoked enrolment has an empty hash (nothing matches it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub credential_sha256: String,
+    pub created_ms: i64,
+    pub new: bool,
+}
+
+/// Tofu across collectors: the first writer wins. Inserts unless the subject is enrolled,
+/// then reads back what stands (a separate statement, so a row another collector committed
+/// meanwhile is seen); the caller compares hashes.
+pub async fn claim_enrolment(
+    client: &Client,
+    subject: &str,
+    credential_sha256: &str,
+    now_ms: i64,
+) -> Result<Claim, PgError> {
+    // A reset between the two statements deletes the row: try again (twice is plenty).
+    for _ in 0..3 {
+        let n = client
+            .execute(
+                "INSERT INTO phoenix_enrolments (subject, kind, body, created_ms)
+                 VALUES ($1, 'tofu', jsonb_build_object('credential_sha256', $2::text), $3)
+                 ON CONFLICT (subject) DO NOTHING",
+                &[&subject, &credential_sha256, &now_ms],
+            )
+            .await?;
+        if n == 1 {
+            return Ok(Claim {
+                credential_sha256: credential_sha256.to_string(),
+                created_ms: now_ms,
+                new: true,
+            });
+        }
+        let row = client
+            .query_opt(
+                "SELECT coalesce(body->>'credential_sha256', ''), created_ms,
+                        revoked_ms IS NOT NULL
+                 FROM phoenix_enrolments WHERE subject = $1",
+                &[&subject],
+            )
+            .await?;
+        if let Some(r) = row {
+            let revoked: bool = r.get(2);
+            return Ok(Claim {
+                credential_sha256: if revoked { String::new() } else { r.get(0) },
+                created_ms: r.get(1),
+                new: false,
+            });
+        }
+    }
+    Err(PgError::Invalid(format!(
+        "the enrolment of {subject:?} keeps being reset while it enrols; retry"
+    )))
+}
+
+/// Every live tofu enrolment: subject → (credential hash, created).
+pub async fn tofu_enrolments(
+    client: &Client,
+) -> Result<std::collections::HashMap<String, (String, i64)>, PgError> {
+    Ok(client
+        .query(
+            "SELECT subject, coalesce(body->>'credential_sha256', ''), created_ms
+             FROM phoenix_enrolments WHERE kind = 'tofu' AND revoked_ms IS NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
+/// An operator's reset: the enrolment goes (the next sender enrols afresh) and every
+/// collector drops its cached copy. False when there was none.
+pub async fn reset_enrolment(client: &Client, subject: &str) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "WITH del AS (DELETE FROM phoenix_enrolments WHERE subject = $1 RETURNING 1)
+             SELECT count(*), (SELECT count(pg_notify($2, $3)) FROM del) FROM del",
+            &[&subject, &WAKE_CHANNEL, &enrolment_payload(subject)],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// A collector forgot a silent instance: the enrolment goes only when no collector has taken
+/// a report from it since `heard_since_ms` (it may report to another one). True if it went.
+pub async fn forget_enrolment(
+    client: &Client,
+    subject: &str,
+    heard_since_ms: i64,
+) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "WITH del AS (
+               DELETE FROM phoenix_enrolments WHERE subject = $1
+                 AND NOT EXISTS (SELECT 1 FROM phoenix_reports
+                                 WHERE instance_id = $1 AND at_ms >= $2)
+               RETURNING 1)
+             SELECT count(*), (SELECT count(pg_notify($3, $4)) FROM del) FROM del",
+            &[
+                &subject,
+                &heard_since_ms,
+                &WAKE_CHANNEL,
+                &enrolment_payload(subject),
+            ],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// One baseline's manifest JSON, if registered.
+pub async fn baseline(client: &Client, image: &str) -> Result<Option<String>, PgError> {
+    Ok(client
+        .query_opt(
+            "SELECT manifest::text FROM phoenix_baselines WHERE image_id = $1",
+            &[&image],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}

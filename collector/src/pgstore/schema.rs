@@ -174,6 +174,24 @@ CREATE TABLE phoenix_fleet (
 CREATE INDEX phoenix_fleet_changed ON phoenix_fleet (changed);
 "#,
     ),
+    (
+        3,
+        "diagnostics shared between collectors: one request or answer per instance",
+        r#"
+-- The newest diagnostics request of an instance, or its answer (JSON text, the snapshot
+-- capped as the API caps it), so a request made through one collector reaches the agent
+-- through another, and the answer is read through any. Pruned after a day.
+CREATE TABLE phoenix_diag (
+    instance_id text PRIMARY KEY,
+    req_id      bigint NOT NULL,
+    body        text NOT NULL,
+    writer      text NOT NULL,
+    updated_ms  bigint NOT NULL,
+    changed     xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+CREATE INDEX phoenix_diag_changed ON phoenix_diag (changed);
+"#,
+    ),
 ];
 
 /// The newest version this build knows.

@@ -51,6 +51,10 @@ pub const REFRESH_MS: i64 = 30_000;
 pub const PULL_MAX: i64 = 50_000;
 /// Most acks buffered while PostgreSQL is away.
 const MAX_ACKS: usize = 10_000;
+/// Most diagnostics requests and answers buffered while PostgreSQL is away.
+const MAX_DIAG: usize = 1_000;
+/// Shared diagnostics are deleted after this; a first pull reads this far back.
+const KEEP_DIAG_MS: i64 = 24 * 3_600_000;
 /// The key of the decider's queue state in `phoenix_state`.
 const QUEUE_KEY: &str = "fleet_queue";
 
@@ -66,13 +70,15 @@ struct Row {
 struct Pending {
     reports: BTreeMap<(String, String, u64), Row>,
     acks: Vec<(String, String, i64)>,
+    /// Diagnostics to share: instance → (request id, JSON of `diag::Shared`).
+    diag: HashMap<String, (i64, String)>,
     /// A report moved a verdict (drift, a failing check): wake the decider.
     wake: bool,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.reports.is_empty() && self.acks.is_empty()
+        self.reports.is_empty() && self.acks.is_empty() && self.diag.is_empty()
     }
 
     /// `newer` came in while `self` was being written (and failed): keep both.
@@ -91,6 +97,12 @@ impl Pending {
             }
         }
         self.acks.extend(newer.acks);
+        for (k, d) in newer.diag {
+            let newest = self.diag.get(&k).is_none_or(|old| old.0 <= d.0);
+            if newest {
+                self.diag.insert(k, d);
+            }
+        }
         self.wake |= newer.wake;
     }
 }
@@ -201,6 +213,31 @@ impl PgFleetStore {
         &self.pg
     }
 
+    /// Runs one registry operation on the store's runtime and waits for it (baselines and
+    /// enrolments: see caches.rs). Blocks; never call it from the store's runtime.
+    pub fn blocking<T: Send + 'static>(
+        &self,
+        op: impl for<'c> FnOnce(&'c Client) -> super::RegistryFuture<'c, T> + Send + 'static,
+    ) -> Result<T, PgError> {
+        let pg = Arc::clone(&self.pg);
+        self.call(async move { pg.registry(op).await })
+    }
+
+    /// Runs `f` on the store's runtime, not waited for.
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.rt.spawn(f);
+    }
+
+    /// The tofu enrolments shared by every collector (`identity::EnrolmentStore`).
+    pub fn enrolments(self: &Arc<Self>) -> Box<dyn crate::identity::EnrolmentStore> {
+        Box::new(super::caches::PgEnrolments::new(Arc::clone(self)))
+    }
+
+    /// The baselines shared by every collector (`baselines::BaselineStore`).
+    pub fn baselines(self: &Arc<Self>) -> Box<dyn crate::baselines::BaselineStore> {
+        Box::new(super::caches::PgBaselines::new(Arc::clone(self)))
+    }
+
     /// Runs `f` on the store's runtime and waits for it, at most `OP_TIMEOUT` plus a second.
     /// Never call from the store's own runtime (nothing does: the trait's callers are the
     /// fleet's).
@@ -303,6 +340,13 @@ async fn write_reports(c: &Client, p: &Pending, holder: &str) -> Result<(), PgEr
         a_by.push(by.as_str());
         a_at.push(*at);
     }
+    let (mut d_ids, mut d_reqs, mut d_bodies) = (vec![], vec![], vec![]);
+    for (i, (req, body)) in &p.diag {
+        d_ids.push(i.as_str());
+        d_reqs.push(*req);
+        d_bodies.push(body.as_str());
+    }
+    let now_ms = super::wall_ms();
     super::timed(async {
         c.query_one(
             "WITH ins AS (
@@ -324,9 +368,21 @@ async fn write_reports(c: &Client, p: &Pending, holder: &str) -> Result<(), PgEr
                INSERT INTO phoenix_audit (at_ms, actor, action, instance_id, detail)
                SELECT a, by, 'ack', i, '{}'::jsonb
                FROM unnest($11::text[], $12::text[], $13::bigint[]) AS u(i, by, a)
+               RETURNING 1),
+             diag AS (
+               INSERT INTO phoenix_diag AS t (instance_id, req_id, body, writer, updated_ms)
+               SELECT i, r, b, $5, $20
+               FROM unnest($17::text[], $18::bigint[], $19::text[]) AS u(i, r, b)
+               ON CONFLICT (instance_id) DO UPDATE SET req_id = EXCLUDED.req_id,
+                 body = EXCLUDED.body, writer = EXCLUDED.writer,
+                 updated_ms = EXCLUDED.updated_ms, changed = pg_current_xact_id()
+               -- An answer replaces its request; an old request never its answer.
+               WHERE EXCLUDED.req_id > t.req_id
+                  OR (EXCLUDED.req_id = t.req_id AND EXCLUDED.body <> t.body
+                      AND EXCLUDED.body LIKE '%\"answer\":{%')
                RETURNING 1)
              SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd),
-                    (SELECT count(*) FROM ack),
+                    (SELECT count(*) FROM ack), (SELECT count(*) FROM diag),
                     (SELECT count(pg_notify($14, 'reports'))
                      FROM (SELECT 1 WHERE $15::bool OR $16::bool) w)",
             &[
@@ -346,6 +402,10 @@ async fn write_reports(c: &Client, p: &Pending, holder: &str) -> Result<(), PgEr
                 &WAKE_CHANNEL,
                 &p.wake,
                 &!p.acks.is_empty(),
+                &d_ids,
+                &d_reqs,
+                &d_bodies,
+                &now_ms,
             ],
         )
         .await?;
@@ -441,6 +501,11 @@ async fn save_rows(c: &mut Client, j: &SaveJob) -> Result<(), PgError> {
     if let Some(before) = j.prune_before {
         tx.execute("DELETE FROM phoenix_reports WHERE at_ms < $1", &[&before])
             .await?;
+        tx.execute(
+            "DELETE FROM phoenix_diag WHERE updated_ms < $1",
+            &[&before.saturating_sub(KEEP_DIAG_MS)],
+        )
+        .await?;
     }
     tx.execute("SELECT pg_notify($1, 'fleet')", &[&WAKE_CHANNEL])
         .await?;
@@ -457,6 +522,7 @@ struct PullRows {
     acks: Vec<(String, String, i64)>,
     fleet: Vec<FleetRow>,
     queue: Option<String>,
+    diag: Vec<(String, String)>,
 }
 
 async fn pull_rows(
@@ -464,6 +530,7 @@ async fn pull_rows(
     cursor: Option<i64>,
     replay_from_ms: i64,
     with_decided: bool,
+    me: &str,
 ) -> Result<PullRows, PgError> {
     let tx = c
         .build_transaction()
@@ -515,6 +582,21 @@ async fn pull_rows(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    let diag_from = if cursor.is_none() {
+        replay_from_ms.saturating_sub(KEEP_DIAG_MS)
+    } else {
+        i64::MIN
+    };
+    let diag = tx
+        .query(
+            "SELECT instance_id, body FROM phoenix_diag
+             WHERE changed >= $1::text::xid8 AND updated_ms >= $2 AND writer <> $3",
+            &[&from, &diag_from, &me],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let (fleet, queue) = if with_decided {
         let fleet = tx
             .query(
@@ -544,6 +626,7 @@ async fn pull_rows(
         acks,
         fleet,
         queue,
+        diag,
     })
 }
 
@@ -812,6 +895,35 @@ impl FleetStore for PgFleetStore {
         Ok(())
     }
 
+    fn share_diag(
+        &self,
+        instance_id: &str,
+        d: &crate::fleet::diag::Shared,
+    ) -> Result<(), StoreError> {
+        if !storable(instance_id) {
+            return Err(StoreError::Unavailable("an id holds a NUL byte".into()));
+        }
+        let body = serde_json::to_string(d).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if body.len() > phoenix_wire::diag::MAX_SNAPSHOT_BYTES + 4096 {
+            return Err(StoreError::Unavailable(format!(
+                "a diagnostics answer of {} bytes is larger than the API takes; not shared",
+                body.len()
+            )));
+        }
+        let mut p = self.pending.lock().unwrap();
+        if !p.diag.contains_key(instance_id) && p.diag.len() >= MAX_DIAG {
+            return Err(StoreError::Unavailable(
+                "diagnostics buffer full while PostgreSQL is unavailable".into(),
+            ));
+        }
+        let req = i64::try_from(d.id).unwrap_or(i64::MAX);
+        let newest = p.diag.get(instance_id).is_none_or(|old| old.0 <= req);
+        if newest {
+            p.diag.insert(instance_id.to_string(), (req, body));
+        }
+        Ok(())
+    }
+
     fn pull(&self) -> Result<Pulled, StoreError> {
         let cursor = *self.cursor.lock().unwrap();
         let with_decided = !self.is_decider();
@@ -820,8 +932,11 @@ impl FleetStore for PgFleetStore {
         let rows = self
             .call(async move {
                 let mut g = pg.work().await;
+                let me = pg.lease.holder.clone();
                 let r = match pg.ensure(&mut g).await {
-                    Ok(c) => super::timed(pull_rows(c, cursor, replay_from, with_decided)).await,
+                    Ok(c) => {
+                        super::timed(pull_rows(c, cursor, replay_from, with_decided, &me)).await
+                    }
                     Err(e) => Err(e),
                 };
                 pg.note(&r, &mut g);
@@ -865,6 +980,14 @@ impl FleetStore for PgFleetStore {
             }
         }
         out.queue = rows.queue.as_deref().and_then(|q| self.queue_of(q));
+        for (id, body) in rows.diag {
+            match serde_json::from_str::<crate::fleet::diag::Shared>(&body) {
+                Ok(d) => out.diag.push((id, d)),
+                Err(e) => {
+                    tracing::debug!(instance_id = %id, error = %e, "fleet store: an unreadable diagnostics row; skipped")
+                }
+            }
+        }
         *self.cursor.lock().unwrap() = Some(rows.cursor);
         Ok(out)
     }
