@@ -215,6 +215,7 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         hash: "00".repeat(32),
         target: None,
         error: None,
+        size: None,
     });
     entries.sort();
     let forged = phoenix_wire::drift::root_of_entries(&entries);

@@ -56,6 +56,7 @@ fn sim_report(s: &Sim) -> Report {
                     path: "/etc/app.conf".into(),
                     change: "changed".into(),
                     attrs: vec!["content".into()],
+                    values: vec![],
                 }],
             )
         } else {
