@@ -574,7 +574,8 @@ fn each_role_is_refused_where_it_does_not_belong_and_no_token_leaks() {
         ("POST", "/v1/images/img-x/baseline", &["pipeline"]),
         ("GET", "/v1/instances", &["recycler", "reader"]),
         ("GET", "/v1/instances/i-x", &["recycler", "reader"]),
-        ("GET", "/v1/phoenix", &["recycler"]),
+        // Readers see the queue (the page shows it to them); only recyclers ack.
+        ("GET", "/v1/phoenix", &["recycler", "reader"]),
         ("POST", "/v1/phoenix/i-x/ack", &["recycler"]),
     ];
     // A fresh connection per request: a refused request's unread body may end the kept-alive
