@@ -93,10 +93,14 @@ pub struct Outcome {
     pub holds_news: Vec<String>,
 }
 
-/// A hold's text without its figures ("settling: waiting 9s …" and "… 8s …" are one hold),
-/// to tell a new or changed hold from one that only counts down.
+/// A hold's text without its figures ("settling: waiting 4s …" and "… 675ms …" are one
+/// hold), to tell a new or changed hold from one that only counts down: every word with a
+/// digit in it goes.
 fn hold_kind(h: &str) -> String {
-    h.chars().filter(|c| !c.is_ascii_digit()).collect()
+    h.split_whitespace()
+        .filter(|w| !w.bytes().any(|b| b.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Where silence can start counting, and how late the collector itself is (see [`Facts`]).
@@ -676,6 +680,14 @@ mod tests {
             "a countdown changes the hold's text (shown) but is no news (logged): {o:?}"
         );
         assert_eq!(s.tick(S, &[]).new_marks, vec![ids[4].clone()]);
+        assert_eq!(
+            hold_kind("settling: waiting 4s for group g1"),
+            hold_kind("settling: waiting 675ms for group g1")
+        );
+        assert_ne!(
+            hold_kind("settling: waiting 4s"),
+            hold_kind("protected: 4s")
+        );
     }
 
     #[test]
