@@ -45,6 +45,19 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(get_metrics))
         .merge(crate::page::routes())
+        // Unknown routes and methods answer like every other refusal: JSON with a reason.
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::NotFound(format!(
+                "no route {}; the routes are in README.md (HTTP API of the collector)",
+                phoenix_wire::cut_to(uri.path(), 256)
+            ))
+        })
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{m} is not allowed on {}",
+                phoenix_wire::cut_to(uri.path(), 256)
+            ))
+        })
         .with_state(state)
 }
 
