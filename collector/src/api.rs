@@ -12,7 +12,7 @@ use phoenix_wire::Ack;
 use serde_json::json;
 
 pub use crate::app::{authorize, read_body, AppState, Shared};
-pub use crate::reply::{error, unavailable};
+pub use crate::reply::ApiError;
 
 use crate::auth::Role;
 use crate::lineproto::Writer;
@@ -45,6 +45,19 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(get_metrics))
         .merge(crate::page::routes())
+        // Unknown routes and methods answer like every other refusal: JSON with a reason.
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::NotFound(format!(
+                "no route {}; the routes are in README.md (HTTP API of the collector)",
+                phoenix_wire::cut_to(uri.path(), 256)
+            ))
+        })
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{m} is not allowed on {}",
+                phoenix_wire::cut_to(uri.path(), 256)
+            ))
+        })
         .with_state(state)
 }
 
@@ -54,7 +67,7 @@ pub fn router(state: Shared) -> Router {
 async fn agent_request(
     s: &Shared,
     req: Request,
-) -> Result<(HeaderMap, Option<crate::tls::PeerCert>, axum::body::Bytes), Response> {
+) -> Result<(HeaderMap, Option<crate::tls::PeerCert>, axum::body::Bytes), ApiError> {
     let headers = req.headers().clone();
     authorize(s, &headers, &[Role::Agent])?;
     s.security.check_peer(&req)?;
@@ -63,12 +76,29 @@ async fn agent_request(
     Ok((headers, peer, body))
 }
 
-async fn post_report(State(s): State<Shared>, req: Request) -> Response {
+/// A payload error of the wire crate: 413 when it is over a limit, else 400.
+fn decode_error(e: phoenix_wire::DecodeError) -> ApiError {
+    if e.is_too_large() {
+        ApiError::PayloadTooLarge(e.to_string())
+    } else {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+/// The 503 for points the store cannot take now: the agent keeps the batch.
+fn cannot_store(u: crate::writer::Unavailable) -> ApiError {
+    ApiError::unavailable(
+        u.retry_after,
+        format!(
+            "cannot store points now: {}; keep the batch and retry",
+            u.reason
+        ),
+    )
+}
+
+async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let (headers, peer, body) = match agent_request(&s, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+    let (headers, peer, body) = agent_request(&s, req).await?;
     let gz = match headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -76,10 +106,9 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         None | Some("identity") => false,
         Some("gzip") => true,
         Some(other) => {
-            return error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Encoding {other:?} not supported; use gzip"),
-            )
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding {other:?} not supported; use gzip"
+            )))
         }
     };
     let limits = s.limits;
@@ -90,15 +119,11 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     } else {
         phoenix_wire::decode(&body, gz, &limits)
     };
-    let mut report = match decoded {
-        Ok(r) => r,
-        Err(e) if e.is_too_large() => return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
+    let mut report = decoded.map_err(decode_error)?;
     if s.security.mtls {
         if let Err(why) = crate::tls::check_identity(peer.as_ref(), &report.agent.instance_id) {
             tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: client certificate does not match");
-            return error(StatusCode::FORBIDDEN, why);
+            return Err(ApiError::Forbidden(why));
         }
     }
     // Before anything the report could change (rate buckets, dedupe, fleet state, points).
@@ -117,20 +142,23 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                 .refused_new_instance(s.identity.limits().max_instances),
             crate::identity::Refusal::Store(_) => {}
         }
-        return r.into_response();
+        return Err(r.into());
     }
-    if let Err(why) = s.schema.enforce(&mut report) {
-        return error(StatusCode::BAD_REQUEST, why);
-    }
+    s.schema
+        .enforce(&mut report)
+        .map_err(ApiError::BadRequest)?;
     if let Err(wait) = s
         .security
         .limiter
         .check(&format!("instance/{}", report.agent.instance_id))
     {
-        return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
+        return Err(crate::security::too_many(
+            wait,
+            &format!("instance {}", report.agent.instance_id),
+        ));
     }
     if s.fleet.is_stored(&report.agent, report.seq) {
-        return crate::selfmetrics::duplicate(
+        return Ok(crate::selfmetrics::duplicate(
             Json(Ack {
                 accepted: report.seq,
                 duplicate: true,
@@ -143,7 +171,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
                 diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
             })
             .into_response(),
-        );
+        ));
     }
     let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
     // Proof of life at arrival, before (and whatever becomes of) the write: a store that
@@ -167,13 +195,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             ends: w.ends,
             reply: tx,
         }) {
-            return unavailable(
-                u.retry_after,
-                &format!(
-                    "cannot store points now: {}; keep the batch and retry",
-                    u.reason
-                ),
-            );
+            return Err(cannot_store(u));
         }
         let outcome = rx.await;
         // An agent waits for this ack before its next batch: a slow write delays the next
@@ -182,28 +204,25 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             .note_lateness(submitted.elapsed().as_millis().min(i64::MAX as u128) as i64);
         match outcome {
             Ok(Ok(written)) => rejected = written.rejected,
-            Ok(Err(u)) => {
-                return unavailable(
-                    u.retry_after,
-                    &format!(
-                        "cannot store points now: {}; keep the batch and retry",
-                        u.reason
-                    ),
-                )
+            Ok(Err(u)) => return Err(cannot_store(u)),
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    Duration::from_secs(5),
+                    "collector writer stopped",
+                ))
             }
-            Err(_) => return unavailable(Duration::from_secs(5), "collector writer stopped"),
         }
     }
     s.fleet.stored(&report.agent, report.seq);
     s.obs.logs.record(&report.agent.instance_id, &report.logs);
-    Json(Ack {
+    Ok(Json(Ack {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
         resend_drift: admission.resend_drift,
         diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
     })
-    .into_response()
+    .into_response())
 }
 
 /// Judge a reported drift state against the registered baseline, the agent's, or the majority.
@@ -234,39 +253,23 @@ async fn post_baseline(
     State(s): State<Shared>,
     Path(image): Path<String>,
     req: Request,
-) -> Response {
+) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
-    let caller = match authorize(&s, &headers, &[Role::Pipeline]) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let body = match read_body(req, s.limits.max_decompressed).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let caller = authorize(&s, &headers, &[Role::Pipeline])?;
+    let body = read_body(req, s.limits.max_decompressed).await?;
     let json = if headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| v == "gzip")
     {
-        match phoenix_wire::gunzip_limited(&body, s.limits.max_decompressed) {
-            Ok(j) => j,
-            Err(e) if e.is_too_large() => {
-                return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-            }
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        }
+        phoenix_wire::gunzip_limited(&body, s.limits.max_decompressed).map_err(decode_error)?
     } else {
         body.to_vec()
     };
-    let manifest: phoenix_wire::drift::Manifest = match serde_json::from_slice(&json) {
-        Ok(m) => m,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("body is not a baseline manifest (as phoenix-agent bake writes): {e}"),
-            )
-        }
-    };
+    let manifest: phoenix_wire::drift::Manifest = serde_json::from_slice(&json).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body is not a baseline manifest (as phoenix-agent bake writes): {e}"
+        ))
+    })?;
     let root = manifest.root.clone();
     let entries = manifest.entries.len();
     match s.baselines.register(&image, manifest) {
@@ -284,16 +287,14 @@ async fn post_baseline(
             } else {
                 StatusCode::OK
             };
-            (status, Json(json!({ "image_id": image, "root": root, "entries": entries, "outcome": format!("{outcome:?}") }))).into_response()
+            Ok((status, Json(json!({ "image_id": image, "root": root, "entries": entries, "outcome": format!("{outcome:?}") }))).into_response())
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => Err(ApiError::BadRequest(e)),
     }
 }
 
-async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
-        return r;
-    }
+async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
     /// Serialised straight from the snapshot: no `serde_json::Value` tree of the whole fleet.
     #[derive(serde::Serialize)]
     struct List<'a> {
@@ -303,15 +304,14 @@ async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Response
     let list = List {
         instances: v.instances.iter().map(|i| &i.summary).collect(),
     };
-    Json(list).into_response()
+    Ok(Json(list).into_response())
 }
 
-/// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget.
-async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers, &[Role::Recycler]) {
-        return r;
-    }
-    Json(&s.fleet.view().queue).into_response()
+/// The phoenix queue: marked (and acked) instances, held marks, alerts, the budget. Readers
+/// may look (the page shows them the same queue); only recyclers ack.
+async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
+    Ok(Json(&s.fleet.view().queue).into_response())
 }
 
 /// Most `window` parameters one preview takes.
@@ -323,61 +323,46 @@ async fn preview_phoenix(
     State(s): State<Shared>,
     headers: HeaderMap,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
+    let bad = |e: String| ApiError::BadRequest(phoenix_wire::cut_to(&e, 1024).to_string());
     let mut budget = None;
     let mut windows: Vec<String> = Vec::new();
     for (k, v) in form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "budget" if budget.is_none() => match crate::fleet::policy::Budgets::parse(&v) {
-                Ok(b) => budget = Some(b),
-                Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
-            },
+            "budget" if budget.is_none() => {
+                budget = Some(crate::fleet::policy::Budgets::parse(&v).map_err(bad)?)
+            }
             "budget" => {
-                return error(
-                    StatusCode::BAD_REQUEST,
+                return Err(ApiError::bad_request(
                     "give budget once (comma-separate reasons: drift=10%,unhealthy=20%)",
-                )
+                ))
             }
             "window" if windows.len() < MAX_PREVIEW_WINDOWS => windows.push(v.into_owned()),
             "window" => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("at most {MAX_PREVIEW_WINDOWS} window parameters"),
-                )
+                return Err(ApiError::BadRequest(format!(
+                    "at most {MAX_PREVIEW_WINDOWS} window parameters"
+                )))
             }
             other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown parameter {:?}: use budget and window",
-                        phoenix_wire::cut_to(other, 64)
-                    ),
-                )
+                return Err(ApiError::BadRequest(format!(
+                    "unknown parameter {:?}: use budget and window",
+                    phoenix_wire::cut_to(other, 64)
+                )))
             }
         }
     }
     let windows = if windows.is_empty() {
         None
     } else {
-        match crate::fleet::policy::Windows::parse_all(&windows) {
-            Ok(w) => Some(w),
-            Err(e) => return error(StatusCode::BAD_REQUEST, phoenix_wire::cut_to(&e, 1024)),
-        }
+        Some(crate::fleet::policy::Windows::parse_all(&windows).map_err(bad)?)
     };
     match s.fleet.preview(budget, windows) {
-        Some(p) => Json(p).into_response(),
-        None => {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "another preview is running; retry in a second",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
+        Some(p) => Ok(Json(p).into_response()),
+        None => Err(ApiError::too_many(
+            Duration::from_secs(1),
+            "another preview is running; retry in a second",
+        )),
     }
 }
 
@@ -386,11 +371,8 @@ async fn ack_phoenix(
     State(s): State<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let caller = match authorize(&s, &headers, &[Role::Recycler]) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<Response, ApiError> {
+    let caller = authorize(&s, &headers, &[Role::Recycler])?;
     match s.fleet.ack(&id, &caller.token_name) {
         Ok(now) => {
             if now {
@@ -402,28 +384,30 @@ async fn ack_phoenix(
                     "recycler took the marked instance",
                 );
             }
-            Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now }))
-                .into_response()
+            Ok(
+                Json(json!({ "instance_id": id, "state": "acked", "already_acked": !now }))
+                    .into_response(),
+            )
         }
-        Err(e) => error(StatusCode::NOT_FOUND, format!("instance {id:?}: {e}")),
+        Err(e) => Err(ApiError::NotFound(format!("instance {id:?}: {e}"))),
     }
+}
+
+/// The 404 for an id the fleet does not know.
+fn unknown_instance(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no instance {id:?} has reported to this collector"))
 }
 
 async fn get_instance(
     State(s): State<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
     let v = s.fleet.view();
     match v.instance(&id) {
-        Some(i) => Json(i).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("no instance {id:?} has reported to this collector"),
-        ),
+        Some(i) => Ok(Json(i).into_response()),
+        None => Err(unknown_instance(&id)),
     }
 }
 
@@ -455,20 +439,11 @@ async fn request_diagnostics(
     State(s): State<Shared>,
     Path(id): Path<String>,
     req: Request,
-) -> Response {
+) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
-    let caller = match authorize(&s, &headers, &[Role::Reader, Role::Recycler]) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let body = match read_body(req, MAX_DIAG_REQUEST).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let r = match phoenix_wire::diag::parse_request(&body) {
-        Ok(r) => r,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
-    };
+    let caller = authorize(&s, &headers, &[Role::Reader, Role::Recycler])?;
+    let body = read_body(req, MAX_DIAG_REQUEST).await?;
+    let r = phoenix_wire::diag::parse_request(&body).map_err(ApiError::BadRequest)?;
     use crate::fleet::diag::DiagError;
     match s
         .fleet
@@ -486,14 +461,14 @@ async fn request_diagnostics(
                     p.id
                 ),
             );
-            (
+            Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({ "instance_id": id, "request_id": p.id, "probes": r.probes, "state": "pending" })),
             )
-                .into_response()
+                .into_response())
         }
-        Err(e @ DiagError::Unknown(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ DiagError::Unknown(_)) => Err(ApiError::NotFound(e.to_string())),
+        Err(e) => Err(ApiError::Conflict(e.to_string())),
     }
 }
 
@@ -503,32 +478,25 @@ async fn get_diagnostics(
     State(s): State<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers, &[Role::Reader, Role::Recycler]) {
-        return r;
-    }
+) -> Result<Response, ApiError> {
+    use crate::fleet::view::{LatestJson, PendingJson};
+    authorize(&s, &headers, &[Role::Reader, Role::Recycler])?;
     let v = s.fleet.view();
     match v.instance(&id) {
-        Some(i) => Json(json!({
+        Some(i) => Ok(Json(json!({
             "instance_id": id,
-            "pending": i.diagnostics.pending,
-            "latest": i.diagnostics.latest,
+            "pending": i.diagnostics.pending.as_ref().map(PendingJson::of),
+            "latest": i.diagnostics.latest.as_deref().map(LatestJson::of),
         }))
-        .into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("no instance {id:?} has reported to this collector"),
-        ),
+        .into_response()),
+        None => Err(unknown_instance(&id)),
     }
 }
 
 /// `POST /v1/diagnostics` (agent): the snapshot answering a request handed out in an ack.
 /// The same gates as a report: token, peer, client certificate, the identity gate.
-async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Response {
-    let (headers, peer, body) = match agent_request(&s, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
+async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Result<Response, ApiError> {
+    let (headers, peer, body) = agent_request(&s, req).await?;
     let gz = headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| v == "gzip");
@@ -540,35 +508,33 @@ async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Response {
     })
     .await;
     let (answer, bytes) = match decoded {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) if e.is_too_large() => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        Ok(a) => a.map_err(decode_error)?,
+        Err(_) => {
+            return Err(ApiError::unavailable(
+                Duration::from_secs(5),
+                "collector is stopping",
+            ))
         }
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(_) => return unavailable(Duration::from_secs(5), "collector is stopping"),
     };
     let instance = answer.agent.instance_id.clone();
     if s.security.mtls {
-        if let Err(why) = crate::tls::check_identity(peer.as_ref(), &instance) {
-            return error(StatusCode::FORBIDDEN, why);
-        }
+        crate::tls::check_identity(peer.as_ref(), &instance).map_err(ApiError::Forbidden)?;
     }
     let presented = crate::identity::Presented::from_headers(&headers);
-    if let Err(r) = s
-        .identity
-        .admit(&instance, &presented, crate::fleet::clock::wall_now_ms())
-    {
-        return r.into_response();
-    }
+    s.identity
+        .admit(&instance, &presented, crate::fleet::clock::wall_now_ms())?;
     if let Err(wait) = s.security.limiter.check(&format!("instance/{instance}")) {
-        return crate::security::too_many(wait, &format!("instance {instance}"));
+        return Err(crate::security::too_many(
+            wait,
+            &format!("instance {instance}"),
+        ));
     }
     let id = answer.request_id;
     match s.fleet.answer_diagnostics(answer, bytes) {
         Ok(_) => {
             tracing::info!(instance_id = %instance, request = id, bytes, "diagnostics snapshot received");
-            Json(json!({ "accepted": id })).into_response()
+            Ok(Json(json!({ "accepted": id })).into_response())
         }
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => Err(ApiError::Conflict(e.to_string())),
     }
 }

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::Request;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap};
 use phoenix_wire::Limits;
 
 use crate::auth::{bearer, Caller, Role, Tokens};
 use crate::fleet::Fleet;
+use crate::reply::ApiError;
 use crate::writer::WriterHandle;
 
 #[derive(Debug)]
@@ -33,9 +33,8 @@ pub struct AppState {
 
 pub type Shared = Arc<AppState>;
 
-/// The caller, if its token belongs to one of `allowed`; else the 401/403 to answer with.
-#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
-pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, Response> {
+/// The caller, if its token belongs to one of `allowed`; else the 401/403/429 to answer with.
+pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<Caller, ApiError> {
     let presented = bearer(
         headers
             .get(header::AUTHORIZATION)
@@ -48,13 +47,10 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
     // Refusals are logged by role and token label (e.g. `reader#1`), never the token itself.
     if presented.is_none() {
         tracing::warn!(status = 401, needs = %needs(), "refused a request without a bearer token");
-        let mut r = crate::reply::error(
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token: send Authorization: Bearer <token>",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(r);
+        return Err(ApiError::Unauthorized {
+            reason: "missing bearer token: send Authorization: Bearer <token>".into(),
+            invalid_token: false,
+        });
     }
     if let Some(c) = s.tokens.check(presented, allowed) {
         // Agent tokens are shared by a fleet: reports are limited per instance instead.
@@ -71,31 +67,25 @@ pub fn authorize(s: &AppState, headers: &HeaderMap, allowed: &[Role]) -> Result<
     // A valid token of another role is a 403; an unknown token a 401. Neither is echoed.
     if let Some(c) = s.tokens.check(presented, &Role::ALL) {
         tracing::warn!(status = 403, role = %c.role.name(), token = %c.token_name, needs = %needs(), "refused a token of the wrong role");
-        return Err(crate::reply::error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "this token's role may not do this; needs a {} token",
-                needs()
-            ),
-        ));
+        return Err(ApiError::Forbidden(format!(
+            "this token's role may not do this; needs a {} token",
+            needs()
+        )));
     }
     tracing::warn!(status = 401, needs = %needs(), "refused an unknown token");
-    let mut r = crate::reply::error(StatusCode::UNAUTHORIZED, "invalid token");
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer error=\"invalid_token\""),
-    );
-    Err(r)
+    Err(ApiError::Unauthorized {
+        reason: "invalid token".into(),
+        invalid_token: true,
+    })
 }
 
 /// Read a request body of at most `max` bytes (413 past it).
-pub async fn read_body(req: Request, max: usize) -> Result<Bytes, Response> {
+pub async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(req.into_body(), max)
         .await
         .map_err(|_| {
-            crate::reply::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {max} bytes (--max-body); send smaller batches"),
-            )
+            ApiError::PayloadTooLarge(format!(
+                "request body over {max} bytes (--max-body); send smaller batches"
+            ))
         })
 }

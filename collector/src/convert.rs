@@ -11,7 +11,7 @@ const IDENTITY: [&str; 4] = ["group", "host", "image_id", "instance_id"];
 pub fn report_lines(r: &Report, out: &mut Writer) {
     let a = &r.agent;
     let ident: [(&str, &str); 4] = [
-        ("group", a.group.as_deref().unwrap_or("")),
+        ("group", a.group_or_image()),
         ("host", &a.hostname),
         ("image_id", &a.image_id),
         ("instance_id", &a.instance_id),
@@ -115,7 +115,7 @@ pub fn drift_line(a: &phoenix_wire::Identity, d: &crate::fleet::DriftInfo, out: 
     let expected = d.expected.clone().unwrap_or_default();
     let mut pw = out.point("phoenix_drift");
     for (k, v) in [
-        ("group", a.group.as_deref().unwrap_or("")),
+        ("group", a.group_or_image()),
         ("host", &a.hostname),
         ("image_id", &a.image_id),
         ("instance_id", &a.instance_id),

@@ -123,7 +123,7 @@ pub fn once(
             h.send(&mark_event(m));
         }
         for a in &rep.alerts_raised {
-            h.send(&json!({"event": "alert", "group": a.group, "bad": a.bad, "size": a.size, "reasons": a.reasons, "message": a.message, "since": a.since_ms}));
+            h.send(&json!({"event": "alert", "group": a.group, "bad": a.bad, "size": a.size, "reasons": a.reasons, "message": a.message, "since_ms": a.since_ms, "since_at": crate::fleet::clock::rfc3339(a.since_ms)}));
         }
     }
     // The audit trail: what the collector itself decided, under its own name.
@@ -191,7 +191,8 @@ pub fn mark_event(m: &MarkEvent) -> serde_json::Value {
         "host": m.host,
         "reason": m.reason.as_str(),
         "evidence": m.evidence,
-        "since": m.since,
+        "since_ms": m.since,
+        "since_at": crate::fleet::clock::rfc3339(m.since),
         "state": m.state.as_str(),
     })
 }

@@ -199,8 +199,16 @@ fn keep_some(mut changes: Vec<FileChange>, notes: &mut Vec<String>) -> Vec<FileC
     let all = changes.len();
     let mut bytes = 0usize;
     let mut keep = 0;
-    for c in changes.iter().take(MAX_CHANGES_KEPT) {
-        bytes += c.path.len() + c.attrs.iter().map(String::len).sum::<usize>() + 16;
+    for c in changes.iter_mut().take(MAX_CHANGES_KEPT) {
+        // Decode already refused more than MAX_VALUES per change; this keeps older or
+        // hand-made states within the same bound.
+        c.values.truncate(phoenix_wire::drift::MAX_VALUES);
+        let values: usize = c
+            .values
+            .iter()
+            .map(|v| v.attr.len() + v.old.len() + v.new.len() + 8)
+            .sum();
+        bytes += c.path.len() + c.attrs.iter().map(String::len).sum::<usize>() + values + 16;
         if bytes > MAX_CHANGE_BYTES {
             break;
         }
@@ -265,6 +273,7 @@ mod tests {
                 path: format!("/etc/f{i}"),
                 change: "added".into(),
                 attrs: vec![],
+                values: vec![],
             })
             .collect();
         let state = DriftState {
@@ -282,6 +291,7 @@ mod tests {
                 path: format!("/{i}/{}", "a".repeat(4000)),
                 change: "added".into(),
                 attrs: vec![],
+                values: vec![],
             })
             .collect();
         let v = judge(
@@ -307,6 +317,7 @@ mod tests {
             hash: content.into(),
             target: None,
             error: None,
+            size: None,
         }
     }
 
@@ -360,7 +371,13 @@ mod tests {
             vec![FileChange {
                 path: "/etc/sudoers".into(),
                 change: "changed".into(),
-                attrs: vec!["content".into()]
+                attrs: vec!["content".into()],
+                // The collector's own diff against the registered baseline shows hashes.
+                values: vec![phoenix_wire::AttrValue {
+                    attr: "content".into(),
+                    old: "s1".into(),
+                    new: "evil".into(),
+                }],
             }]
         );
         // Without a registered baseline the forged one would have passed: that is the point.

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -295,12 +294,11 @@ fn service(
             let call = tower_service::Service::call(&mut app, req);
             match tokio::time::timeout(timeout, call).await {
                 Ok(r) => r,
-                Err(_) => Ok(crate::reply::error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
+                Err(_) => Ok(axum::response::IntoResponse::into_response(
+                    crate::reply::ApiError::RequestTimeout(format!(
                         "request not received and answered within {} s (--request-timeout)",
                         timeout.as_secs()
-                    ),
+                    )),
                 )),
             }
         }

@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::Response;
+use crate::reply::ApiError;
 
 /// Buckets kept at most; past it, buckets that have refilled (and so mean nothing) are dropped,
 /// and if that is not enough, new keys share one bucket. Bounds memory against a sender that
@@ -144,8 +143,7 @@ impl Default for Security {
 impl Security {
     /// The per-peer limit, before a byte of the body is read: a flood costs a hash lookup,
     /// not a gunzip and a parse.
-    #[allow(clippy::result_large_err)] // an axum Response, answered at once
-    pub fn check_peer(&self, req: &axum::extract::Request) -> Result<(), Response> {
+    pub fn check_peer(&self, req: &axum::extract::Request) -> Result<(), ApiError> {
         let Some(addr) = req
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -160,18 +158,14 @@ impl Security {
 }
 
 /// 429 with a whole-second Retry-After (at least 1: HTTP has no finer unit).
-pub fn too_many(wait: Duration, what: &str) -> Response {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut r = crate::reply::error(
-        StatusCode::TOO_MANY_REQUESTS,
+pub fn too_many(wait: Duration, what: &str) -> ApiError {
+    ApiError::too_many(
+        wait,
         format!(
             "rate limit for {what} exceeded (--rate-limit); retry after {} s",
-            secs.max(1)
+            crate::reply::retry_secs(wait)
         ),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-    r
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ fn every_docs_path_named_in_the_readme_exists() {
         "docs/schema.md",
         "docs/wire.md",
         "docs/baking.md",
+        "docs/api.md",
     ] {
         assert!(
             named.iter().any(|n| n == want),
@@ -39,7 +40,13 @@ fn every_docs_path_named_in_the_readme_exists() {
         "README names docs that do not exist: {missing:?}"
     );
     // The docs' own relative links too.
-    for doc in ["quickstart.md", "schema.md", "wire.md", "baking.md"] {
+    for doc in [
+        "quickstart.md",
+        "schema.md",
+        "wire.md",
+        "baking.md",
+        "api.md",
+    ] {
         let text = std::fs::read_to_string(root.join("docs").join(doc)).unwrap();
         for part in text.split("](").skip(1) {
             let target = part.split(')').next().unwrap();

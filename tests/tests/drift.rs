@@ -182,6 +182,116 @@ fn every_kind_of_change_is_seen_within_two_seconds_and_undoing_it_is_clean() {
     );
 }
 
+/// The `{old, new}` of `attr` in the change of the file ending in `file`, if shown.
+fn value_of(d: &serde_json::Value, file: &str, attr: &str) -> Option<(String, String)> {
+    let c = d["changes"]
+        .as_array()?
+        .iter()
+        .find(|c| c["path"].as_str().is_some_and(|p| p.ends_with(file)))?;
+    let v = c["values"].as_array()?.iter().find(|v| v["attr"] == attr)?;
+    Some((
+        v["old"].as_str()?.to_string(),
+        v["new"].as_str()?.to_string(),
+    ))
+}
+
+#[test]
+fn a_change_shows_old_and_new_values_and_never_the_contents() {
+    let c = Collector::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let conf = tree.join("app.conf");
+    std::fs::write(&conf, "password = hunter2\n").unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let base = tmp.path().join("baseline.json");
+    let out = bake(&tree, &base, "img-values", &c.url(), PIPELINE_TOKEN);
+    assert!(
+        out.status.success(),
+        "bake: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let baked = std::fs::read_to_string(&base).unwrap();
+    assert!(
+        baked.contains("\"size\": 19"),
+        "the manifest records sizes: {baked}"
+    );
+    let id = "i-drift-values";
+    let _a = Agent::start(
+        &c.url(),
+        id,
+        &[
+            "--image-id",
+            "img-values",
+            "--baseline",
+            base.to_str().unwrap(),
+            "--interval",
+            "30s",
+        ],
+    );
+    until(&c, id, "clean at start", |d| d["drifted"] == false);
+
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o666)).unwrap();
+    until(&c, id, "mode old -> new", |d| {
+        value_of(d, "app.conf", "mode").is_some()
+    });
+    let d = drift_of(&c, id).unwrap();
+    assert_eq!(
+        value_of(&d, "app.conf", "mode"),
+        Some(("0644".into(), "0666".into())),
+        "{d:#}"
+    );
+    // Drift times carry their unit and an RFC 3339 twin.
+    assert!(
+        d["ts_ns"]
+            .as_i64()
+            .is_some_and(|t| t > 1_000_000_000_000_000_000),
+        "{d}"
+    );
+    assert!(d["ts_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{d}");
+    assert!(d["since_at"].as_str().is_some(), "{d}");
+
+    std::fs::write(&conf, "password = s3cret-longer\n").unwrap();
+    until(&c, id, "content old -> new", |d| {
+        value_of(d, "app.conf", "content").is_some()
+    });
+    let d = drift_of(&c, id).unwrap();
+    let (old, new) = value_of(&d, "app.conf", "content").unwrap();
+    let hex12 = |h: &str| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit());
+    assert!(hex12(&old) && hex12(&new) && old != new, "{old} -> {new}");
+    assert_eq!(
+        value_of(&d, "app.conf", "size"),
+        Some(("19".into(), "25".into())),
+        "{d:#}"
+    );
+    // The hashes are those of the baseline's and the box's contents, and the contents
+    // themselves appear nowhere: not in the JSON, not on the page.
+    assert!(
+        baked.contains(&old),
+        "old hash prefix {old} is the baseline's"
+    );
+    let json = c
+        .get(&format!("/v1/instances/{id}"), Some(READER_TOKEN))
+        .body;
+    let page = c.get(&format!("/instances/{id}"), Some(READER_TOKEN));
+    assert_eq!(page.status, 200);
+    for secret in ["hunter2", "s3cret"] {
+        assert!(!json.contains(secret), "{secret} in the JSON: {json}");
+        assert!(!page.body.contains(secret), "{secret} on the page");
+    }
+    assert!(
+        page.body
+            .contains("mode <code>0644</code> → <code>0666</code>"),
+        "the page shows old → new: {}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains(&format!("content <code>{old}</code> → <code>{new}</code>")),
+        "the page shows the short hashes"
+    );
+}
+
 #[test]
 fn a_registered_baseline_wins_over_what_the_agent_claims() {
     let c = Collector::start(&[]);
@@ -215,6 +325,7 @@ fn a_registered_baseline_wins_over_what_the_agent_claims() {
         hash: "00".repeat(32),
         target: None,
         error: None,
+        size: None,
     });
     entries.sort();
     let forged = phoenix_wire::drift::root_of_entries(&entries);

@@ -56,6 +56,7 @@ fn sim_report(s: &Sim) -> Report {
                     path: "/etc/app.conf".into(),
                     change: "changed".into(),
                     attrs: vec!["content".into()],
+                    values: vec![],
                 }],
             )
         } else {
@@ -319,7 +320,7 @@ fn marks(v: &J) -> Vec<(String, String, String, String)> {
                 e["instance_id"].as_str().unwrap().to_string(),
                 e["reason"].as_str().unwrap().to_string(),
                 e["state"].as_str().unwrap().to_string(),
-                e["since"].to_string(),
+                e["since_ms"].to_string(),
             )
         })
         .collect();
@@ -789,6 +790,28 @@ fn a_fleet_gets_its_sick_instances_marked_safely_and_recycled() {
     assert_eq!(ack(drifter, None).status, 401);
     assert_eq!(ack(drifter, Some(READER_TOKEN)).status, 403);
     assert_eq!(c.get("/v1/phoenix", Some(AGENT_TOKEN)).status, 403);
+    // A reader may read the queue it sees on the page, and its times carry units.
+    let q = c.get("/v1/phoenix", Some(READER_TOKEN));
+    assert_eq!(q.status, 200, "{}", q.body);
+    let q = q.json();
+    let m = entry(&q["marked"], drifter)
+        .or_else(|| entry(&q["gone"], drifter))
+        .unwrap_or_else(|| panic!("{drifter} missing: {q:#}"));
+    assert!(
+        m["since_ms"].as_i64().is_some() && m.get("since").is_none(),
+        "{m}"
+    );
+    assert!(
+        m["since_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+        "{m}"
+    );
+    assert!(
+        q["budget"]["max_share"].as_f64().is_some(),
+        "{}",
+        q["budget"]
+    );
     drop(fleet);
 }
 

@@ -254,6 +254,20 @@ fn a_protect_file_holds_the_drift_mark_until_it_is_removed() {
         "marked {took:?} after the protect file went; wanted within 2 intervals ({:?})",
         interval * 2
     );
+    // The hold was logged when it started (settling) and when it changed (protected), not on
+    // each of the many passes while settling counted down and the file stayed; its end once.
+    let log = c.log_text();
+    let lines = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(id))
+            .count()
+    };
+    assert!(
+        (1..=2).contains(&lines("mark held")),
+        "{} 'mark held' lines:\n{log}",
+        lines("mark held")
+    );
+    assert_eq!(lines("mark no longer held"), 1, "{log}");
 }
 
 #[test]

@@ -146,6 +146,13 @@ fn https(ca: &Path, client: Option<(&Path, &Path)>) -> ureq::Agent {
 }
 
 /// One request; Err when the connection or handshake failed.
+/// Whether a refusal is the collector's JSON error: `{"error": "<reason>"}`.
+fn json_error(r: &Resp) -> bool {
+    r.header("content-type")
+        .is_some_and(|t| t.starts_with("application/json"))
+        && r.json()["error"].as_str().is_some_and(|e| !e.is_empty())
+}
+
 fn call(
     http: &ureq::Agent,
     method: &str,
@@ -574,7 +581,8 @@ fn each_role_is_refused_where_it_does_not_belong_and_no_token_leaks() {
         ("POST", "/v1/images/img-x/baseline", &["pipeline"]),
         ("GET", "/v1/instances", &["recycler", "reader"]),
         ("GET", "/v1/instances/i-x", &["recycler", "reader"]),
-        ("GET", "/v1/phoenix", &["recycler"]),
+        // Readers see the queue (the page shows it to them); only recyclers ack.
+        ("GET", "/v1/phoenix", &["recycler", "reader"]),
         ("POST", "/v1/phoenix/i-x/ack", &["recycler"]),
     ];
     // A fresh connection per request: a refused request's unread body may end the kept-alive
@@ -625,9 +633,34 @@ fn each_role_is_refused_where_it_does_not_belong_and_no_token_leaks() {
         )
         .unwrap();
         assert_eq!(near.status, 401);
+        assert!(
+            json_error(&none),
+            "{method} {path}: a 401 has a JSON reason: {}",
+            none.body
+        );
         bodies.push_str(&none.body);
         bodies.push_str(&bogus.body);
     }
+    // Unknown routes and methods are refused like the rest: JSON with a reason.
+    let r = call("GET", &format!("{}/v1/nosuch", c.url()), None, false, b"").unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(json_error(&r), "{}", r.body);
+    let r = call(
+        "GET",
+        &format!("{}/v1/phoenix/i-x/ack", c.url()),
+        None,
+        false,
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("GET is not allowed")),
+        "{}",
+        r.body
+    );
     let log = c.log_text();
     for secret in tokens.iter().map(|t| t.1).chain(["bogus-token-value-123"]) {
         assert!(

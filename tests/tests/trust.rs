@@ -167,6 +167,7 @@ fn a_forged_drift_report_for_an_enrolled_instance_is_refused_and_the_victim_stay
             path: "/etc/shadow".into(),
             change: "changed".into(),
             attrs: vec!["content".into()],
+            values: vec![],
         }],
         entries: 1,
         ts: now_ns(),

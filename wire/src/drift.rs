@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FileChange, FileEntry};
+use crate::{AttrValue, FileChange, FileEntry};
 
 /// Version of the manifest layout.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -175,6 +175,73 @@ pub fn changed_attrs(base: &FileEntry, cur: &FileEntry) -> Vec<String> {
     out
 }
 
+/// Hex digits of a content hash shown as a changed file's old and new `content`: enough to
+/// tell two versions apart at a glance, and never the contents themselves.
+pub const SHORT_HASH: usize = 12;
+
+/// Values one [`FileChange`] may carry (one per attribute: mode, uid, gid, size, type,
+/// target, content, with room for one more).
+pub const MAX_VALUES: usize = 8;
+
+fn kind_name(k: char) -> &'static str {
+    match k {
+        'f' => "file",
+        'd' => "directory",
+        'l' => "symlink",
+        'e' => "unreadable",
+        _ => "other",
+    }
+}
+
+fn short(hash: &str) -> String {
+    hash.chars().take(SHORT_HASH).collect()
+}
+
+/// The old and new value of every attribute that differs between two entries of one path,
+/// for a person to read (`mode` `0644` → `0666`). Contents never appear: a changed file shows
+/// the first [`SHORT_HASH`] hex digits of each content hash, and its sizes when both are known.
+pub fn changed_values(base: &FileEntry, cur: &FileEntry) -> Vec<AttrValue> {
+    let mut out = Vec::new();
+    let mut put = |attr: &str, old: String, new: String| {
+        if old != new {
+            out.push(AttrValue {
+                attr: attr.to_string(),
+                old,
+                new,
+            });
+        }
+    };
+    put(
+        "type",
+        kind_name(base.kind).to_string(),
+        kind_name(cur.kind).to_string(),
+    );
+    put(
+        "mode",
+        format!("{:04o}", base.mode),
+        format!("{:04o}", cur.mode),
+    );
+    put("uid", base.uid.to_string(), cur.uid.to_string());
+    put("gid", base.gid.to_string(), cur.gid.to_string());
+    if base.kind == cur.kind {
+        match base.kind {
+            'f' => {
+                put("content", short(&base.hash), short(&cur.hash));
+                if let (Some(a), Some(b)) = (base.size, cur.size) {
+                    put("size", a.to_string(), b.to_string());
+                }
+            }
+            'l' => put(
+                "target",
+                base.target.clone().unwrap_or_default(),
+                cur.target.clone().unwrap_or_default(),
+            ),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// What changed from `baseline` to `current`, sorted by path. Either list may be in any order.
 pub fn diff(baseline: &[FileEntry], current: &[FileEntry]) -> Vec<FileChange> {
     let mut b: Vec<&FileEntry> = baseline.iter().collect();
@@ -187,13 +254,16 @@ pub fn diff(baseline: &[FileEntry], current: &[FileEntry]) -> Vec<FileChange> {
         path: path.to_string(),
         change: what.to_string(),
         attrs,
+        values: Vec::new(),
     };
     while i < b.len() || j < c.len() {
         match (b.get(i), c.get(j)) {
             (Some(x), Some(y)) if x.path == y.path => {
                 let attrs = changed_attrs(x, y);
                 if !attrs.is_empty() {
-                    out.push(change(&x.path, "changed", attrs));
+                    let mut ch = change(&x.path, "changed", attrs);
+                    ch.values = changed_values(x, y);
+                    out.push(ch);
                 }
                 i += 1;
                 j += 1;
@@ -231,6 +301,7 @@ mod tests {
             hash: blake3::hash(content.as_bytes()).to_hex().to_string(),
             target: None,
             error: None,
+            size: Some(content.len() as u64),
         }
     }
 
@@ -277,6 +348,84 @@ mod tests {
         };
         assert_eq!(changed_attrs(&a, &err), vec!["error"]);
         assert!(changed_attrs(&err, &err).is_empty());
+    }
+
+    #[test]
+    fn values_show_old_and_new_never_contents() {
+        let a = file("/etc/a", "secret=1");
+        let mut b = file("/etc/a", "secret=22");
+        b.mode = 0o666;
+        b.uid = 1000;
+        let v = changed_values(&a, &b);
+        let got: Vec<(&str, &str, &str)> = v
+            .iter()
+            .map(|v| (v.attr.as_str(), v.old.as_str(), v.new.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("mode", "0644", "0666"),
+                ("uid", "0", "1000"),
+                ("content", &a.hash[..SHORT_HASH], &b.hash[..SHORT_HASH]),
+                ("size", "8", "9"),
+            ]
+        );
+        assert!(
+            v.iter()
+                .all(|v| !v.old.contains("secret") && !v.new.contains("secret")),
+            "{v:?}"
+        );
+        // A manifest baked before sizes were recorded: no size, the rest as usual.
+        let old = FileEntry {
+            size: None,
+            ..a.clone()
+        };
+        assert!(changed_values(&old, &b).iter().all(|v| v.attr != "size"));
+        let link = |t: &str| FileEntry {
+            kind: 'l',
+            hash: blake3::hash(t.as_bytes()).to_hex().to_string(),
+            target: Some(t.into()),
+            size: None,
+            ..file("/etc/l", "")
+        };
+        let v = changed_values(&link("/a"), &link("/b"));
+        assert_eq!(
+            (v[0].attr.as_str(), v[0].old.as_str(), v[0].new.as_str()),
+            ("target", "/a", "/b")
+        );
+        let dir = FileEntry {
+            kind: 'd',
+            hash: String::new(),
+            size: None,
+            ..a.clone()
+        };
+        assert_eq!(
+            changed_values(&a, &dir),
+            vec![AttrValue {
+                attr: "type".into(),
+                old: "file".into(),
+                new: "directory".into()
+            }]
+        );
+        // diff fills them in.
+        let d = diff(std::slice::from_ref(&a), std::slice::from_ref(&b));
+        assert_eq!(d[0].values.len(), 4);
+        assert!(changed_values(&a, &a).is_empty());
+    }
+
+    const PINNED_ROOT: &str = "d725247f8ff85d49cdbbe84d4e2cf03e48af339b9d2b799aac151f4302ab357b";
+
+    #[test]
+    fn size_is_not_hashed() {
+        // Adding `size` to entries must not move any root (HASH_VERSION stays 1).
+        let with = file("/etc/a", "x");
+        let without = FileEntry {
+            size: None,
+            ..with.clone()
+        };
+        assert_eq!(leaf_hash(&with), leaf_hash(&without));
+        // Pinned: the v1 root of this entry, computed before `size` existed.
+        assert_eq!(root_of_entries(&[without]), PINNED_ROOT);
     }
 
     #[test]
@@ -350,6 +499,7 @@ mod tests {
                 gid,
                 target: (kind == 'l').then(|| hash.clone()),
                 error: (kind == 'e').then(|| "permission denied".to_string()),
+                size: (kind == 'f').then_some(hash.len() as u64),
                 hash,
             })
     }
@@ -403,9 +553,9 @@ mod tests {
             let gone = w.remove(pick.index(v.len()));
             prop_assert_ne!(root_of_entries(&v), root_of_entries(&w));
             let d = diff(&v, &w);
-            prop_assert_eq!(d, vec![FileChange { path: gone.path.clone(), change: "removed".into(), attrs: vec![] }]);
+            prop_assert_eq!(d, vec![FileChange { path: gone.path.clone(), change: "removed".into(), attrs: vec![], values: vec![] }]);
             let d = diff(&w, &v);
-            prop_assert_eq!(d, vec![FileChange { path: gone.path, change: "added".into(), attrs: vec![] }]);
+            prop_assert_eq!(d, vec![FileChange { path: gone.path, change: "added".into(), attrs: vec![], values: vec![] }]);
         }
     }
 }

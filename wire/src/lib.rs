@@ -78,6 +78,14 @@ pub struct Identity {
     pub boot_time: u64,
 }
 
+impl Identity {
+    /// The group an instance is counted in: its `--group`, else its image. The one spelling
+    /// the collector uses everywhere (JSON, the `group` tag, the page, the budgets).
+    pub fn group_or_image(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.image_id)
+    }
+}
+
 /// A metric point. Identity tags are added by the collector, not sent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Point {
@@ -218,6 +226,10 @@ pub struct FileEntry {
     /// For `e` entries: why the file could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes, for regular files; absent in manifests baked before it was recorded. Not part
+    /// of the leaf hash (the content hash covers it), so adding it changed no root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// How one file differs from the baseline.
@@ -229,6 +241,21 @@ pub struct FileChange {
     /// For `changed`: which attributes: content, mode, owner, type, target, error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attrs: Vec<String>,
+    /// For `changed`: the baseline's and the box's value of each attribute that differs, as
+    /// far as they can be shown. Never contents: `content` is a short prefix of the content
+    /// hash. Absent from older agents; older collectors ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<AttrValue>,
+}
+
+/// One attribute's old (baseline) and new (on the box) value, e.g. `mode` `0644` → `0666`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttrValue {
+    /// `mode` (octal), `uid`, `gid`, `size` (bytes), `type`, `target`, `content` (the first
+    /// [`drift::SHORT_HASH`] hex digits of the content hash).
+    pub attr: String,
+    pub old: String,
+    pub new: String,
 }
 
 /// The outcome of one local check this interval.
@@ -527,6 +554,20 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
         }
         if d.entries_list.as_ref().map_or(0, Vec::len) > l.max_drift_entries {
             return Err(format!("drift: more than {} entries", l.max_drift_entries));
+        }
+        // One value per attribute at most; a value is a mode, an id, a size, a type, a short
+        // hash or a link target (a path).
+        if let Some(c) = d.changes.iter().find(|c| {
+            c.values.len() > drift::MAX_VALUES
+                || c.values
+                    .iter()
+                    .any(|v| v.attr.len() > 16 || v.old.len().max(v.new.len()) > 4096)
+        }) {
+            return Err(format!(
+                "drift: change of {:?} has more than {} values, or a value over 4096 bytes",
+                cut_to(&c.path, 256),
+                drift::MAX_VALUES
+            ));
         }
     }
     Ok(())

@@ -407,6 +407,7 @@ fn error_node(key: String, meta: Option<&fs::Metadata>, e: &io::Error) -> Option
         hash: String::new(),
         target: None,
         error: Some(error_text(e)),
+        size: None,
     };
     Some(Node::new(entry, None))
 }
@@ -432,6 +433,8 @@ fn node_for(
         hash,
         target,
         error: None,
+        // Shown as old → new next to the content hash; the leaf hash leaves it out.
+        size: (kind == 'f').then_some(m.len()),
     };
     let ft = m.file_type();
     if ft.is_dir() {
@@ -500,6 +503,7 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
                 hash,
                 target: None,
                 error: None,
+                size: Some(m.len()),
             };
             Some(Node::new(entry, Some(Fingerprint::of(&m))))
         }

@@ -268,6 +268,7 @@ fn drift_of(h: &Hostile) -> Option<DriftInfo> {
                 path: format!("/etc/f{k}"),
                 change: "changed".into(),
                 attrs: vec!["content".into()],
+                values: vec![],
             })
             .collect(),
         ..Default::default()

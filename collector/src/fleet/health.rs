@@ -518,6 +518,7 @@ mod tests {
                 path: "/etc/x".into(),
                 change: "changed".into(),
                 attrs: vec!["content".into()],
+                values: vec![],
             }],
             source: Some("registered baseline".into()),
             ..Default::default()

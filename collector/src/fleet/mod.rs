@@ -558,7 +558,7 @@ impl Fleet {
                     .filter_map(|id| inner.instances.get(id).and_then(mark_event))
                     .collect();
                 rep.holds = out
-                    .changed
+                    .holds_news
                     .iter()
                     .filter_map(|id| {
                         let h = inner.instances.get(id)?.phx.held.clone()?;
@@ -992,7 +992,12 @@ mod tests {
         let json = serde_json::to_value(q).unwrap();
         assert_eq!(json["marked"][0]["reason"], "check_failed");
         assert!(json["marked"][0]["acked_ms"].is_null());
-        assert_eq!(json["budget"]["share"], 0.1);
+        assert!(json["marked"][0]["acked_at"].is_null());
+        // Every time is Unix ms with an RFC 3339 twin.
+        let since = json["marked"][0]["since_ms"].as_i64().unwrap();
+        assert_eq!(json["marked"][0]["since_at"], clock::rfc3339(since));
+        assert!(json["marked"][0].get("since").is_none());
+        assert_eq!(json["budget"]["max_share"], 0.1);
         assert_eq!(
             v.instance("i-1").unwrap().summary.disk_max_used_percent,
             Some(99.0)

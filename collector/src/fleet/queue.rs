@@ -88,6 +88,19 @@ pub struct Outcome {
     pub forgotten: Vec<String>,
     /// Log-only: instances that would have been marked in this pass.
     pub would_mark: Vec<String>,
+    /// Instances whose hold started or changed in kind (not merely its countdown) in this
+    /// pass: what is logged and audited, so a settling mark is one line, not one per pass.
+    pub holds_news: Vec<String>,
+}
+
+/// A hold's text without its figures ("settling: waiting 4s …" and "… 675ms …" are one
+/// hold), to tell a new or changed hold from one that only counts down: every word with a
+/// digit in it goes.
+fn hold_kind(h: &str) -> String {
+    h.split_whitespace()
+        .filter(|w| !w.bytes().any(|b| b.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Where silence can start counting, and how late the collector itself is (see [`Facts`]).
@@ -390,12 +403,25 @@ pub fn evaluate(
     for (id, i) in instances.iter_mut() {
         let h = held.remove(id);
         if h != i.phx.held {
-            if let (Some(h), Some(p)) = (&h, &i.phx.problem) {
-                if rules.log_only && h.starts_with("log-only") {
-                    tracing::warn!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, "log-only: would mark for replacement");
-                } else {
-                    tracing::info!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, hold = %h, "mark held");
+            let news = h.as_deref().map(hold_kind) != i.phx.held.as_deref().map(hold_kind);
+            match (&h, &i.phx.problem, &i.phx.held) {
+                (Some(h), Some(p), _) if news => {
+                    out.holds_news.push(id.clone());
+                    if rules.log_only && h.starts_with("log-only") {
+                        tracing::warn!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, "log-only: would mark for replacement");
+                    } else {
+                        tracing::info!(instance_id = %id, reason = p.reason.as_str(), evidence = %p.evidence, hold = %h, "mark held");
+                    }
                 }
+                (None, _, Some(was)) => {
+                    let then = if i.phx.mark.is_some() {
+                        "marked"
+                    } else {
+                        "problem over"
+                    };
+                    tracing::info!(instance_id = %id, was = %was, then, "mark no longer held");
+                }
+                _ => {}
             }
             i.phx.held = h;
             out.changed.push(id.clone());
@@ -545,6 +571,7 @@ mod tests {
                 path: file.into(),
                 change: "changed".into(),
                 attrs: vec!["content".into()],
+                values: vec![],
             }];
             self.fleet.get_mut(id).unwrap().drift = Some(Arc::new(DriftInfo {
                 hash: "h".into(),
@@ -642,10 +669,25 @@ mod tests {
         let ids = s.add("web", 10);
         s.tick(3 * S, &[]);
         s.drift(&ids[4], "/etc/x");
-        assert!(s.tick(S, &[]).new_marks.is_empty());
+        let o = s.tick(S, &[]);
+        assert!(o.new_marks.is_empty());
+        assert_eq!(o.holds_news, vec![ids[4].clone()], "the hold starts: news");
         assert_eq!(s.fleet[&ids[4]].phx.held.as_deref(), Some("settling: waiting 2s for the rest of group web to report (a mass event holds all marks)"));
-        assert!(s.tick(S, &[]).new_marks.is_empty());
+        let o = s.tick(S, &[]);
+        assert!(o.new_marks.is_empty());
+        assert!(
+            o.holds_news.is_empty() && o.changed.contains(&ids[4]),
+            "a countdown changes the hold's text (shown) but is no news (logged): {o:?}"
+        );
         assert_eq!(s.tick(S, &[]).new_marks, vec![ids[4].clone()]);
+        assert_eq!(
+            hold_kind("settling: waiting 4s for group g1"),
+            hold_kind("settling: waiting 675ms for group g1")
+        );
+        assert_ne!(
+            hold_kind("settling: waiting 4s"),
+            hold_kind("protected: 4s")
+        );
     }
 
     #[test]

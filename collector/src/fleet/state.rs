@@ -256,10 +256,7 @@ pub struct Listener {
 impl Instance {
     /// The queue's group: identity.group, else the image.
     pub fn group(&self) -> &str {
-        self.identity
-            .group
-            .as_deref()
-            .unwrap_or(&self.identity.image_id)
+        self.identity.group_or_image()
     }
 
     pub fn is_gone(&self) -> bool {

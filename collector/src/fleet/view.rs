@@ -10,7 +10,7 @@ use std::sync::Arc;
 use phoenix_wire::CheckResult;
 use serde::Serialize;
 
-use super::clock::Now;
+use super::clock::{rfc3339, rfc3339_opt, Now};
 use super::diag::DiagView;
 use super::health::{DriftInfo, Reason, Rules};
 use super::queue::{Alert, QueueState};
@@ -42,15 +42,18 @@ pub struct CapAlert {
 /// How long the instance-cap alert stays up after the latest refusal.
 pub const CAP_ALERT_MS: i64 = 5 * 60_000;
 
-/// A mark as the API shows it.
+/// A mark as the API shows it. Every time is Unix ms (`_ms`) with an RFC 3339 `_at` twin.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MarkView {
     pub reason: Reason,
     pub evidence: String,
     pub since_ms: i64,
+    pub since_at: String,
     pub acked_ms: Option<i64>,
+    pub acked_at: Option<String>,
     pub acked_by: Option<String>,
     pub gone_ms: Option<i64>,
+    pub gone_at: Option<String>,
 }
 
 impl From<&Mark> for MarkView {
@@ -59,9 +62,12 @@ impl From<&Mark> for MarkView {
             reason: m.reason,
             evidence: m.evidence.clone(),
             since_ms: m.since_ms,
+            since_at: rfc3339(m.since_ms),
             acked_ms: m.acked_ms,
+            acked_at: rfc3339_opt(m.acked_ms),
             acked_by: m.acked_by.clone(),
             gone_ms: m.gone_ms,
+            gone_at: rfc3339_opt(m.gone_ms),
         }
     }
 }
@@ -71,12 +77,16 @@ impl From<&Mark> for MarkView {
 pub struct InstanceSummary {
     pub instance_id: String,
     pub image_id: String,
-    pub group: Option<String>,
+    /// The queue's group: identity.group, else the image id (the same string as the
+    /// `group` tag and the page).
+    pub group: String,
     pub hostname: String,
     pub boot_id: String,
     pub agent_version: String,
     pub first_seen_ms: i64,
+    pub first_seen_at: String,
     pub last_seen_ms: i64,
+    pub last_seen_at: String,
     pub interval_ms: u64,
     pub reports: u64,
     pub cpu_used_percent: Option<f64>,
@@ -97,6 +107,7 @@ pub struct InstanceView {
     #[serde(flatten)]
     pub summary: InstanceSummary,
     pub checks: Arc<Vec<CheckResult>>,
+    #[serde(serialize_with = "drift_json")]
     pub drift: Option<Arc<DriftInfo>>,
     /// What listens on the instance (its agent's latest set; at most
     /// [`super::state::LISTEN_KEPT`] entries, `count` says how many there were).
@@ -123,23 +134,143 @@ fn diag_summary<S: serde::Serializer>(d: &DiagView, s: S) -> Result<S::Ok, S::Er
         id: u64,
         probes: &'a str,
         requested_ms: i64,
+        requested_at: String,
         received_ms: i64,
+        received_at: String,
         bytes: usize,
     }
     #[derive(Serialize)]
     struct Summary<'a> {
-        pending: &'a Option<super::diag::Pending>,
+        pending: Option<PendingJson<'a>>,
         latest: Option<Latest<'a>>,
     }
     Summary {
-        pending: &d.pending,
+        pending: d.pending.as_ref().map(PendingJson::of),
         latest: d.latest.as_ref().map(|l| Latest {
             id: l.id,
             probes: l.probes.as_str(),
             requested_ms: l.requested_ms,
+            requested_at: rfc3339(l.requested_ms),
             received_ms: l.received_ms,
+            received_at: rfc3339(l.received_ms),
             bytes: l.bytes,
         }),
+    }
+    .serialize(s)
+}
+
+/// An outstanding diagnostics request with the `_at` twins of its times.
+#[derive(Debug, Serialize)]
+pub struct PendingJson<'a> {
+    #[serde(flatten)]
+    pending: &'a super::diag::Pending,
+    requested_at: String,
+    handed_at: Option<String>,
+}
+
+impl<'a> PendingJson<'a> {
+    pub fn of(p: &'a super::diag::Pending) -> PendingJson<'a> {
+        PendingJson {
+            pending: p,
+            requested_at: rfc3339(p.requested_ms),
+            handed_at: rfc3339_opt(p.handed_ms),
+        }
+    }
+}
+
+/// The latest diagnostics snapshot in full (`GET /v1/instances/{id}/diagnostics`).
+#[derive(Debug, Serialize)]
+pub struct LatestJson<'a> {
+    #[serde(flatten)]
+    latest: &'a super::diag::Latest,
+    requested_at: String,
+    received_at: String,
+}
+
+impl<'a> LatestJson<'a> {
+    pub fn of(l: &'a super::diag::Latest) -> LatestJson<'a> {
+        LatestJson {
+            latest: l,
+            requested_at: rfc3339(l.requested_ms),
+            received_at: rfc3339(l.received_ms),
+        }
+    }
+}
+
+/// Drift as the API shows it: the agent's scan time is Unix ns (`ts_ns`), the collector's
+/// first sighting Unix ms (`since_ms`), each with an `_at` twin. The stored [`DriftInfo`]
+/// keeps its own field names, so saved fleet state reads back unchanged.
+fn drift_json<S: serde::Serializer>(d: &Option<Arc<DriftInfo>>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Drift<'a> {
+        hash: &'a str,
+        expected: &'a Option<String>,
+        source: &'a Option<String>,
+        drifted: bool,
+        changes: &'a [phoenix_wire::FileChange],
+        note: &'a Option<String>,
+        ts_ns: i64,
+        ts_at: String,
+        since_ms: Option<i64>,
+        since_at: Option<String>,
+    }
+    d.as_deref()
+        .map(|d| Drift {
+            hash: &d.hash,
+            expected: &d.expected,
+            source: &d.source,
+            drifted: d.drifted,
+            changes: &d.changes,
+            note: &d.note,
+            ts_ns: d.ts,
+            ts_at: rfc3339(d.ts.div_euclid(1_000_000)),
+            since_ms: d.since_ms,
+            since_at: rfc3339_opt(d.since_ms),
+        })
+        .serialize(s)
+}
+
+/// A mass-event alert with the `_at` twin of its start.
+fn alerts_json<S: serde::Serializer>(alerts: &[Alert], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct AlertJson<'a> {
+        #[serde(flatten)]
+        alert: &'a Alert,
+        since_at: String,
+    }
+    s.collect_seq(alerts.iter().map(|a| AlertJson {
+        alert: a,
+        since_at: rfc3339(a.since_ms),
+    }))
+}
+
+fn cap_json<S: serde::Serializer>(c: &Option<CapAlert>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct CapJson<'a> {
+        #[serde(flatten)]
+        cap: &'a CapAlert,
+        since_at: String,
+        last_at: String,
+    }
+    c.as_ref()
+        .map(|c| CapJson {
+            cap: c,
+            since_at: rfc3339(c.since_ms),
+            last_at: rfc3339(c.last_ms),
+        })
+        .serialize(s)
+}
+
+fn store_json<S: serde::Serializer>(h: &StoreHealth, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct StoreJson<'a> {
+        #[serde(flatten)]
+        store: &'a StoreHealth,
+        down_since_at: Option<String>,
+    }
+    StoreJson {
+        store: h,
+        down_since_at: rfc3339_opt(h.down_since_ms),
     }
     .serialize(s)
 }
@@ -156,12 +287,14 @@ impl InstanceView {
             summary: InstanceSummary {
                 instance_id: a.instance_id.clone(),
                 image_id: a.image_id.clone(),
-                group: a.group.clone(),
+                group: i.group().to_owned(),
                 hostname: a.hostname.clone(),
                 boot_id: a.boot_id.clone(),
                 agent_version: a.version.clone(),
                 first_seen_ms: i.first_seen_ms,
+                first_seen_at: rfc3339(i.first_seen_ms),
                 last_seen_ms: i.last_seen_ms,
+                last_seen_at: rfc3339(i.last_seen_ms),
                 interval_ms: i.interval_ms,
                 reports: i.reports,
                 cpu_used_percent: i.cpu_used_percent,
@@ -199,15 +332,21 @@ pub struct QueueEntry {
     pub host: String,
     pub state: State,
     pub last_seen_ms: i64,
+    pub last_seen_at: String,
     pub reason: Reason,
     pub evidence: String,
     /// When the mark was made, or (held) since when the problem lasts.
-    pub since: Option<i64>,
+    pub since_ms: Option<i64>,
+    pub since_at: Option<String>,
     /// Marked and gone entries: when the recycler acked (null: not yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acked_ms: Option<Option<i64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked_at: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub gone_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gone_at: Option<String>,
     /// Held entries: why no mark was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold: Option<String>,
@@ -232,9 +371,9 @@ pub struct GroupView {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BudgetView {
-    /// The share of a group that may be marked at once, when one share covers every reason
-    /// (else the default share for reasons no budget names).
-    pub share: f64,
+    /// The largest share of a group that may be marked at once (0.1 = 10 %), when one share
+    /// covers every reason (else the default share for reasons no budget names).
+    pub max_share: f64,
     /// `--budget` as given, e.g. `drift=10%,unhealthy=20%`.
     pub spec: String,
     /// `--window`s (voluntary marks wait for one); empty: always open.
@@ -254,12 +393,15 @@ pub struct QueueView {
     pub marked: Vec<QueueEntry>,
     pub held: Vec<QueueEntry>,
     pub gone: Vec<QueueEntry>,
+    #[serde(serialize_with = "alerts_json")]
     pub alerts: Vec<Alert>,
     /// New instances refused at `--max-instances` (null: none lately).
+    #[serde(serialize_with = "cap_json")]
     pub instance_cap: Option<CapAlert>,
     pub log_only: bool,
     pub budget: BudgetView,
     /// The metrics store: while it is down agents keep their batches, and nobody is silent.
+    #[serde(serialize_with = "store_json")]
     pub store: StoreHealth,
     /// Whether this collector makes the marks (always, with the embedded fleet store).
     pub decider: bool,
@@ -348,19 +490,25 @@ pub fn build(
             host: i.identity.hostname.clone(),
             state: i.phx.state,
             last_seen_ms: i.last_seen_ms,
+            last_seen_at: rfc3339(i.last_seen_ms),
             reason,
             evidence: evidence.to_owned(),
-            since,
+            since_ms: since,
+            since_at: rfc3339_opt(since),
             acked_ms: None,
+            acked_at: None,
             gone_ms: None,
+            gone_at: None,
             hold: None,
         };
         match (&i.phx.mark, &i.phx.problem, &i.phx.held) {
             (Some(m), _, _) => {
                 let mut e = entry(m.reason, &m.evidence, Some(m.since_ms));
                 e.acked_ms = Some(m.acked_ms);
+                e.acked_at = Some(rfc3339_opt(m.acked_ms));
                 if m.gone_ms.is_some() {
                     e.gone_ms = m.gone_ms;
+                    e.gone_at = rfc3339_opt(m.gone_ms);
                     gone.push(e);
                 } else {
                     counts.marks_by_reason[m.reason.index()] += 1;
@@ -377,8 +525,8 @@ pub fn build(
         }
     }
     let by_since = |a: &QueueEntry, b: &QueueEntry| {
-        a.since
-            .cmp(&b.since)
+        a.since_ms
+            .cmp(&b.since_ms)
             .then_with(|| a.instance_id.cmp(&b.instance_id))
     };
     marked.sort_by(by_since);
@@ -425,7 +573,7 @@ pub fn build(
             instance_cap: inp.instance_cap.clone(),
             log_only: rules.log_only,
             budget: BudgetView {
-                share: rules
+                max_share: rules
                     .budget
                     .uniform_share()
                     .unwrap_or(super::policy::DEFAULT_SHARE),

@@ -2,24 +2,20 @@
 //! (and with it its credential) was wiped. Audited: a reset opens the id to the next sender.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::json;
 
 use crate::app::{authorize, Shared};
 use crate::auth::Role;
-use crate::reply::error;
+use crate::reply::ApiError;
 
 pub async fn delete_enrolment(
     State(s): State<Shared>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Response {
-    let caller = match authorize(&s, &headers, &[Role::Recycler, Role::Reader]) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
     let gate = s.identity.clone();
     let id2 = id.clone();
     // The store fsyncs: off the async threads.
@@ -34,16 +30,18 @@ pub async fn delete_enrolment(
                 &id,
                 "enrolment reset; the next report for this id enrols it",
             );
-            Json(json!({ "instance_id": id, "reset": true })).into_response()
+            Ok(Json(json!({ "instance_id": id, "reset": true })))
         }
-        Ok(Ok(false)) => error(
-            StatusCode::NOT_FOUND,
-            format!("instance {id:?} is not enrolled here (nothing to reset)"),
-        ),
-        Ok(Err(e)) => crate::reply::unavailable(
+        Ok(Ok(false)) => Err(ApiError::NotFound(format!(
+            "instance {id:?} is not enrolled here (nothing to reset)"
+        ))),
+        Ok(Err(e)) => Err(ApiError::unavailable(
             std::time::Duration::from_secs(5),
-            &format!("cannot record the reset: {e}"),
-        ),
-        Err(_) => crate::reply::unavailable(std::time::Duration::from_secs(5), "reset failed"),
+            format!("cannot record the reset: {e}"),
+        )),
+        Err(_) => Err(ApiError::unavailable(
+            std::time::Duration::from_secs(5),
+            "reset failed",
+        )),
     }
 }

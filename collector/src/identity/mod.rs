@@ -24,8 +24,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::HeaderMap;
 
 pub use enrolments::{
     Changed, Claimed, Enrolment, EnrolmentStore, FileEnrolments, NoStore, StoreError,
@@ -228,17 +227,14 @@ pub enum Refusal {
     Store(String),
 }
 
-impl Refusal {
-    pub fn into_response(self) -> Response {
-        match self {
-            Refusal::Forbidden(m) => crate::reply::error(StatusCode::FORBIDDEN, m),
-            Refusal::Full(m) => {
-                let mut r = crate::reply::error(StatusCode::TOO_MANY_REQUESTS, m);
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(60));
-                r
-            }
-            Refusal::Store(m) => crate::reply::unavailable(std::time::Duration::from_secs(5), &m),
+impl From<Refusal> for crate::reply::ApiError {
+    fn from(r: Refusal) -> Self {
+        use crate::reply::ApiError;
+        match r {
+            Refusal::Forbidden(m) => ApiError::Forbidden(m),
+            // A new id stays refused until an old one is forgotten: no point retrying soon.
+            Refusal::Full(m) => ApiError::too_many(std::time::Duration::from_secs(60), m),
+            Refusal::Store(m) => ApiError::unavailable(std::time::Duration::from_secs(5), m),
         }
     }
 }

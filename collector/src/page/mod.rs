@@ -81,6 +81,27 @@ impl fmt::Display for Esc<'_> {
     }
 }
 
+/// A drift change's attributes, with old → new where the agent sent them (`mode 0644 →
+/// 0666`), escaped. Never contents: `content` is a short hash.
+fn change_attrs(c: &phoenix_wire::FileChange) -> String {
+    if c.values.is_empty() {
+        return esc(&c.attrs.join(", ")).to_string();
+    }
+    let shown: Vec<String> = c
+        .values
+        .iter()
+        .map(|v| {
+            format!(
+                "<span class=\"attr\">{} <code>{}</code> → <code>{}</code></span>",
+                esc(&v.attr),
+                esc(&v.old),
+                esc(&v.new)
+            )
+        })
+        .collect();
+    shown.join(", ")
+}
+
 fn esc(s: &str) -> Esc<'_> {
     Esc(s)
 }
@@ -281,6 +302,7 @@ fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Resp
     match crate::app::authorize(s, &h, &READ_ROLES) {
         Ok(_) => None,
         Err(denied) => {
+            let denied = axum::response::IntoResponse::into_response(denied);
             let status = denied.status();
             let text = match status {
                 StatusCode::UNAUTHORIZED => "This page needs a reader token when opened from another machine: open it once as /?token=READER_TOKEN (the collector keeps it in a cookie for 12 hours), or send Authorization: Bearer READER_TOKEN.",
@@ -528,7 +550,7 @@ fn queue_section(o: &mut String, phx: &QueueView, now: i64) {
                 esc(&m.group),
                 esc(m.reason.as_str()),
                 esc(&m.evidence),
-                when(now, m.since.unwrap_or(0)),
+                when(now, m.since_ms.unwrap_or(0)),
                 acked,
                 idq = esc(&m.instance_id),
                 link = pct(&m.instance_id),
@@ -642,7 +664,7 @@ fn instance_fragment(s: &AppState, view: &FleetView, id: &str, now: i64) -> Opti
                         "<tr class=\"change\"><td data-label=\"File\"><code>{}</code></td><td data-label=\"Change\">{}</td><td data-label=\"Attributes\">{}</td></tr>",
                         esc(&c.path),
                         esc(&c.change),
-                        esc(&c.attrs.join(", "))
+                        change_attrs(c)
                     ).ok();
                 }
                 o.push_str("</tbody></table>");
@@ -975,6 +997,7 @@ mod tests {
                 path: format!("/etc/{evil}"),
                 change: "added".into(),
                 attrs: vec![],
+                values: vec![],
             }],
             note: Some(evil.into()),
             ..Default::default()
