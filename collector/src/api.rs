@@ -311,7 +311,7 @@ async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers, &[Role::Recycler]) {
         return r;
     }
-    Json(&s.fleet.view().queue).into_response()
+    Json(&s.fleet.queue_view().queue).into_response()
 }
 
 /// Most `window` parameters one preview takes.
@@ -436,7 +436,7 @@ async fn healthz(State(s): State<Shared>) -> Response {
 /// `GET /metrics` (open: figures only, no instance ids).
 async fn get_metrics(State(s): State<Shared>) -> Response {
     let now = s.fleet.clock().wall_ms();
-    let f = crate::selfmetrics::figures(&s.obs, &s.writer, &s.fleet.view(), now);
+    let f = crate::selfmetrics::figures(&s.obs, &s.writer, &s.fleet.queue_view(), now);
     let mut r = (StatusCode::OK, crate::selfmetrics::prometheus(&f)).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
