@@ -88,7 +88,10 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             .await
             .expect("decode does not panic")
     } else {
-        phoenix_wire::decode(&body, gz, &limits)
+        let r = phoenix_wire::decode(&body, gz, &limits);
+        // A report can wait seconds for its write: nothing it no longer needs waits with it.
+        drop(body);
+        r
     };
     let mut report = match decoded {
         Ok(r) => r,
@@ -158,6 +161,8 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     if let Some(d) = &drift {
         crate::convert::drift_line(&report.agent, d, &mut w);
     }
+    // The points are lines now; the decoded ones would only wait with the write.
+    report.metrics = Vec::new();
     let mut rejected = 0;
     if w.lines > 0 {
         let (tx, rx) = tokio::sync::oneshot::channel();

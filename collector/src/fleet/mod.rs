@@ -1581,4 +1581,34 @@ mod tests {
         assert!(v.instance("i-0").is_some(), "a standing mark stays");
         assert!(v.instance("i-1").is_none() && v.instance("i-2").is_none());
     }
+
+    #[test]
+    fn passes_leave_the_list_alone_and_a_read_shares_what_did_not_change() {
+        let (fleet, clock) = fleet(Rules::default());
+        for k in 0..3 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        fleet.pass();
+        let a = fleet.view();
+        assert_eq!(a.instances.len(), 3);
+        clock.advance(1000);
+        fleet.pass();
+        let b = fleet.view();
+        assert!(
+            Arc::ptr_eq(&a.instances, &b.instances),
+            "nothing reported: the same list"
+        );
+        take(&fleet, &report("i-1", 2, vec![], 50.0));
+        fleet.pass();
+        let q = fleet.queue_view();
+        assert_eq!(q.counts.by_state.iter().sum::<u64>(), 3);
+        let c = fleet.view();
+        let entry = |v: &FleetView, k: usize| v.instances[k].clone();
+        assert!(Arc::ptr_eq(&entry(&a, 0), &entry(&c, 0)), "i-0 is shared");
+        assert!(Arc::ptr_eq(&entry(&a, 2), &entry(&c, 2)), "i-2 is shared");
+        assert!(!Arc::ptr_eq(&entry(&a, 1), &entry(&c, 1)), "i-1 is new");
+        assert_eq!(c.instance("i-1").unwrap().summary.reports, 2);
+        assert_eq!(a.instance("i-1").unwrap().summary.reports, 1);
+        assert!(c.instance("i-9").is_none());
+    }
 }
