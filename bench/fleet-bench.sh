@@ -7,20 +7,30 @@
 #   - the time from an instance's last report to its mark in GET /v1/phoenix (instance 0 of
 #     the fleet stops reporting at SILENCE_AT seconds; expected about --silent-after plus two
 #     intervals of settling plus up to one queue tick).
+#   - the collector's memory per instance: VmHWM at the end minus the VmHWM of the same
+#     collector empty (before the first report), divided by INSTANCES;
+#   - the issue-12 criterion: no live instance marked or held, instance 0 marked within
+#     --silent-after + 2 intervals + 5 s of its last report.
 # fleetsim (tests/src/bin/fleetsim.rs) speaks the real wire format: gzip JSON reports with
-# per-boot seq numbers, ~40 Telegraf-shaped points each, the fleet spread over the interval.
+# per-boot seq numbers, ~40 Telegraf-shaped points each, each instance with its own
+# credential (--identity tofu), the fleet spread over the interval. It paces every instance
+# at its interval over CONNECTIONS keep-alive connections from 127.0.0.2..254 on one async
+# runtime (THREADS threads), and prints the rate it sent next to the rate acked: when the
+# two agree, the collector and its store are what is measured, not the simulator.
 #
 # Not a test: figures depend on the machine, and fleetsim and influxd share it with the
 # collector. Needs release binaries and influxd (Debian's influxdb package):
 #   cargo build --release -p phoenix-collector -p phoenix-e2e --bin phoenix-collector --bin fleetsim
 #   INSTANCES=10000 INTERVAL=10 DURATION=120 bench/fleet-bench.sh
+#   INSTANCES=10000 SILENCE_AT=20 SILENT_AFTER=15s DURATION=80 bench/fleet-bench.sh  # issue 12
 set -euo pipefail
 
 INSTANCES=${INSTANCES:-10000}
 INTERVAL=${INTERVAL:-10}
 POINTS=${POINTS:-40}
 DURATION=${DURATION:-120}
-THREADS=${THREADS:-64}
+THREADS=${THREADS:-1}
+CONNECTIONS=${CONNECTIONS:-1000}
 SILENCE_AT=${SILENCE_AT:-30}
 SILENT_AFTER=${SILENT_AFTER:-30s}
 DIR=${DIR:-/tmp/fleet-bench}
@@ -81,17 +91,18 @@ if [ "${WARMUP:-1}" = 1 ]; then
     start_collector "$DIR/warmup" "$DIR/collector-warmup.log"
     w0=$(date +%s.%N)
     "$FLEETSIM" --url "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --instances "$INSTANCES" \
-        --points "$POINTS" --threads "$THREADS" --rounds 1 --duration 3600 > "$DIR/warmup.json" 2> "$DIR/warmup.log"
+        --points "$POINTS" --threads "$THREADS" --connections "$CONNECTIONS" --rounds 1 --duration 3600 > "$DIR/warmup.json" 2> "$DIR/warmup.log"
     echo "warm-up: $(jq .reports_ok "$DIR/warmup.json") reports creating the series took $(awk -v a="$w0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }') s"
     kill "$COLLECTOR_PID"; wait "$COLLECTOR_PID" 2>/dev/null || true
 fi
 start_collector "$DIR/collector" "$DIR/collector.log"
+empty_hwm=$(status_kb "$COLLECTOR_PID" VmHWM)
 
 echo "fleet: $INSTANCES instances every ${INTERVAL}s, $POINTS points per report, ${DURATION}s; $(nproc) cores"
 c0=$(cpu_s "$COLLECTOR_PID"); i0=$(cpu_s "$INFLUX_PID"); t0=$(date +%s.%N)
 "$FLEETSIM" --url "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --recycler-token "$RTOKEN" \
     --instances "$INSTANCES" --interval "$INTERVAL" --points "$POINTS" --duration "$DURATION" \
-    --threads "$THREADS" --silence-at "$SILENCE_AT" > "$DIR/fleetsim.json" 2> >(tee "$DIR/fleetsim.log" >&2) &
+    --threads "$THREADS" --connections "$CONNECTIONS" --silence-at "$SILENCE_AT" > "$DIR/fleetsim.json" 2> >(tee "$DIR/fleetsim.log" >&2) &
 SIM_PID=$!
 # The queue as the recycler sees it while the fleet still reports (once it stops, the whole
 # fleet turns silent: a mass event, held, which is right but not what is measured here).
@@ -106,20 +117,23 @@ stored=$(curl -fsS "http://127.0.0.1:$INFLUX_PORT/query" --data-urlencode db=fle
 sim=$(cat "$DIR/fleetsim.json")
 
 awk -v c0="$c0" -v c1="$c1" -v i0="$i0" -v i1="$i1" -v t0="$t0" -v t1="$t1" -v rss="$rss" -v hwm="$hwm" \
-    -v ok="$(jq .reports_ok <<<"$sim")" -v rps="$(jq .reports_per_s <<<"$sim")" -v want="$(jq .wanted_reports_per_s <<<"$sim")" \
+    -v ok="$(jq .reports_ok <<<"$sim")" -v sent="$(jq .sent_per_s <<<"$sim")" -v late="$(jq .late <<<"$sim")" \
+    -v empty="$empty_hwm" -v n="$INSTANCES" -v rps="$(jq .reports_per_s <<<"$sim")" -v want="$(jq .wanted_reports_per_s <<<"$sim")" \
     -v pps="$(jq .points_per_s <<<"$sim")" -v lat="$(jq .mean_latency_ms <<<"$sim")" -v u="$(jq .unavailable <<<"$sim")" \
     -v e="$(jq .errors <<<"$sim")" -v stored="$stored" -v mark="$(jq .silent_to_mark_s <<<"$sim")" \
     -v marked="$(jq '.marked | length' <<<"$phx")" -v held="$(jq '.held | length' <<<"$phx")" 'BEGIN {
     w = t1 - t0
-    printf "reports/s acked:        %.0f (wanted %.0f); points/s %.0f; mean report latency %.1f ms\n", rps, want, pps, lat
+    printf "reports/s acked:        %.0f (wanted %.0f, fleetsim sent %.0f, %d late); points/s %.0f; mean report latency %.1f ms\n", rps, want, sent, late, pps, lat
     printf "503/429 answers:        %d; other errors: %d\n", u, e
     printf "reports acked / stored: %d / %d cpu-total points in InfluxDB\n", ok, stored
     printf "collector CPU:          %.2f cores (%.0f us per report)\n", (c1 - c0) / w, (ok > 0 ? (c1 - c0) / ok * 1e6 : 0)
-    printf "collector memory:       VmRSS %.0f MiB, VmHWM %.0f MiB\n", rss / 1024, hwm / 1024
+    printf "collector memory:       VmRSS %.0f MiB, VmHWM %.0f MiB; empty %.1f MiB: %.2f KB an instance\n", rss / 1024, hwm / 1024, empty / 1024, (hwm - empty) / n
     printf "influxd CPU:            %.2f cores\n", (i1 - i0) / w
     printf "silent to marked:       %s s (instance 0 stopped at %s s)\n", mark, '"$SILENCE_AT"'
     printf "queue near the end:     %d marked, %d held\n", marked, held
 }'
+echo "load:                  $(uptime | sed 's/.*load average/load average/') (the machine is shared)"
+echo "marked near the end:    $(jq -r '[.marked[].instance_id] | .[:10] | join(" ")' <<<"$phx") (instance 0: ${PREFIX:-i-f}-000000)"
 if [ "$(jq '.held | length' <<<"$phx")" != 0 ]; then
     echo "held, by reason (first 5):"
     jq -r '[.held[] | "\(.reason): \(.hold)"] | group_by(.) | map("  \(length) x \(.[0])") | .[:5][]' <<<"$phx"

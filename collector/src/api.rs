@@ -117,7 +117,10 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
             .await
             .expect("decode does not panic")
     } else {
-        phoenix_wire::decode(&body, gz, &limits)
+        let r = phoenix_wire::decode(&body, gz, &limits);
+        // A report can wait seconds for its write: nothing it no longer needs waits with it.
+        drop(body);
+        r
     };
     let mut report = decoded.map_err(decode_error)?;
     if s.security.mtls {
@@ -186,6 +189,8 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
     if let Some(d) = &drift {
         crate::convert::drift_line(&report.agent, d, &mut w);
     }
+    // The points are lines now; the decoded ones would only wait with the write.
+    report.metrics = Vec::new();
     let mut rejected = 0;
     if w.lines > 0 {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -311,7 +316,7 @@ async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Result<R
 /// may look (the page shows them the same queue); only recyclers ack.
 async fn get_phoenix(State(s): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
-    Ok(Json(&s.fleet.view().queue).into_response())
+    Ok(Json(&s.fleet.queue_view().queue).into_response())
 }
 
 /// Most `window` parameters one preview takes.
@@ -420,7 +425,7 @@ async fn healthz(State(s): State<Shared>) -> Response {
 /// `GET /metrics` (open: figures only, no instance ids).
 async fn get_metrics(State(s): State<Shared>) -> Response {
     let now = s.fleet.clock().wall_ms();
-    let f = crate::selfmetrics::figures(&s.obs, &s.writer, &s.fleet.view(), now);
+    let f = crate::selfmetrics::figures(&s.obs, &s.writer, &s.fleet.queue_view(), now);
     let mut r = (StatusCode::OK, crate::selfmetrics::prometheus(&f)).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,

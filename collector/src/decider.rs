@@ -85,8 +85,11 @@ fn run(fleet: &Fleet, writer: &WriterHandle, hook: Option<&Webhook>, stop: &Atom
             break;
         }
         let decided = once(fleet, writer, hook, &mut pending);
-        // A pass that marked, held or alerted is saved at once: a shared store's next
-        // decider must start from it (budgets hold across a takeover).
+        // A pass that marked or alerted is saved at once: a shared store's next decider must
+        // start from it (budgets hold across a takeover). Holds are not: a held instance's
+        // reason counts down on every pass, and saving the whole fleet for each step (up to
+        // ten passes a second under load) was most of the collector's CPU; a hold is worked
+        // out again by every pass anyway.
         if (decided || last_save.elapsed() >= SAVE_EVERY) && fleet.take_dirty() {
             last_save = Instant::now();
             save(fleet);
@@ -96,7 +99,7 @@ fn run(fleet: &Fleet, writer: &WriterHandle, hook: Option<&Webhook>, stop: &Atom
     save(fleet);
 }
 
-/// One pass and everything it leads to; true when it marked, held or alerted.
+/// One pass and everything it leads to; true when it marked or alerted.
 pub fn once(
     fleet: &Fleet,
     writer: &WriterHandle,
@@ -114,10 +117,8 @@ pub fn once(
     });
     fleet.set_metrics_store(writer.unavailable().map(|u| (u.reason, u.retry_after)));
     let rep = fleet.pass();
-    let decided = !rep.marks.is_empty()
-        || !rep.holds.is_empty()
-        || !rep.alerts_raised.is_empty()
-        || !rep.alerts_cleared.is_empty();
+    let decided =
+        !rep.marks.is_empty() || !rep.alerts_raised.is_empty() || !rep.alerts_cleared.is_empty();
     if let Some(h) = hook {
         for m in &rep.marks {
             h.send(&mark_event(m));

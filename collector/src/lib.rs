@@ -225,7 +225,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(tls) => {
             tls.watch(tls::RELOAD_POLL);
             tracing::info!(listen = %listener.local_addr()?, store = %store, tls = true, mtls = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), "phoenix-collector ready");
-            tls::serve(listener, app, tls, cfg.listen_limits, shutdown()).await;
+            listen::serve(listener, app, Some(tls), cfg.listen_limits, shutdown()).await;
         }
         None => {
             if !cfg.listen.ip().is_loopback() {

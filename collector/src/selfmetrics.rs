@@ -722,7 +722,7 @@ pub async fn run(obs: Arc<Obs>, fleet: Arc<Fleet>, writer: WriterHandle) {
     loop {
         tick.tick().await;
         let now = fleet.clock().wall_ms();
-        let f = figures(&obs, &writer, &fleet.view(), now);
+        let f = figures(&obs, &writer, &fleet.queue_view(), now);
         let mut w = Writer::default();
         point(
             &f,

@@ -7,13 +7,11 @@
 //! file, a key that does not match the certificate) keeps the old one and logs why, so a
 //! botched rotation never takes the collector off the air.
 
-use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::Router;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -200,16 +198,4 @@ pub fn check_identity(peer: Option<&PeerCert>, instance_id: &str) -> Result<(), 
     })?;
     ee.verify_is_valid_for_subject_name(&name)
         .map_err(|_| format!("the client certificate is not issued for instance {instance_id:?} (its subjectAltName must be the instance id); an instance may only report for itself"))
-}
-
-/// Serve `app` over TLS on `listener` until `shutdown` resolves (see [`crate::listen`]: the
-/// connection cap and timeouts are the same as for plain HTTP).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    tls: Arc<Reloader>,
-    limits: crate::listen::Limits,
-    shutdown: impl Future<Output = ()>,
-) {
-    crate::listen::serve(listener, app, Some(tls), limits, shutdown).await
 }

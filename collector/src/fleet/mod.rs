@@ -21,6 +21,7 @@ mod fuzz;
 pub mod health;
 pub mod policy;
 pub mod queue;
+pub mod reason;
 pub mod state;
 pub mod store;
 pub mod view;
@@ -133,6 +134,12 @@ pub struct Fleet {
     /// A verdict moved or an instance appeared since the view was built: the next read
     /// rebuilds it (rarely: ordinary reports only refresh figures, which the next pass shows).
     stale: AtomicBool,
+    /// A queue pass ran since the published view's instance list was built: the next read
+    /// of the list rebuilds it (incrementally). Passes build only the queue and counts, so a
+    /// fleet nobody reads costs no per-instance copy each second.
+    list_stale: AtomicBool,
+    /// One list rebuild at a time (readers arriving meanwhile take its result).
+    listing: Mutex<()>,
     /// One preview at a time: each copies the whole fleet under the lock.
     previewing: Mutex<()>,
 }
@@ -158,6 +165,8 @@ impl Fleet {
             wake: (Mutex::new(false), Condvar::new()),
             dirty: AtomicBool::new(false),
             stale: AtomicBool::new(false),
+            list_stale: AtomicBool::new(false),
+            listing: Mutex::new(()),
             previewing: Mutex::new(()),
         }
     }
@@ -574,14 +583,17 @@ impl Fleet {
             let instances = &inner.instances;
             inner.diag.retain(|id| instances.contains_key(id));
             self.stale.store(false, Ordering::Relaxed);
-            let v = self.build_view(&g, now);
+            // The instance list stays the published one (see `list_stale`).
+            let list = self.published().instances.clone();
+            let v = self.build_view(&g, now, list);
+            self.list_stale.store(true, Ordering::Relaxed);
             drop(g);
             self.set_view(v);
         }
         rep
     }
 
-    fn build_view(&self, g: &Inner, now: Now) -> FleetView {
+    fn build_view(&self, g: &Inner, now: Now, list: Arc<Vec<Arc<InstanceView>>>) -> FleetView {
         let inputs = view::Inputs {
             now,
             store: self
@@ -600,11 +612,26 @@ impl Fleet {
                 .filter(|(_, t)| now.mono_ms.saturating_sub(*t) < view::CAP_ALERT_MS)
                 .map(|(a, _)| a.clone()),
         };
-        view::build(&g.instances, &g.queue, &self.rules, &inputs)
+        view::with_list(&g.instances, &g.queue, &self.rules, &inputs, list)
     }
 
     fn set_view(&self, v: FleetView) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+    }
+
+    fn published(&self) -> Arc<FleetView> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The instance list of `g` now, sharing unchanged entries with the published one.
+    fn fresh_list(&self, g: &Inner) -> Arc<Vec<Arc<InstanceView>>> {
+        let prev = self.published().instances.clone();
+        let list = view::build_list(&g.instances, &g.diag.views(), &prev);
+        if view::same_list(&list, &prev) {
+            prev
+        } else {
+            Arc::new(list)
+        }
     }
 
     /// Build and publish a view now (after an ack; tests).
@@ -612,9 +639,30 @@ impl Fleet {
         let now = self.now();
         let v = {
             let g = self.lock();
-            self.build_view(&g, now)
+            self.list_stale.store(false, Ordering::Relaxed);
+            let list = self.fresh_list(&g);
+            self.build_view(&g, now, list)
         };
         self.set_view(v);
+    }
+
+    /// Rebuild the published view's instance list if a pass ran since it was built; its
+    /// queue and counts stay the latest pass's.
+    fn refresh_list(&self) {
+        let _one = self.listing.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.list_stale.swap(false, Ordering::Relaxed) {
+            return; // another reader just did
+        }
+        let list = {
+            let g = self.lock();
+            self.fresh_list(&g)
+        };
+        let mut cur = self.view.write().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&cur.instances, &list) {
+            let mut v = FleetView::clone(&cur);
+            v.instances = list;
+            *cur = Arc::new(v);
+        }
     }
 
     /// `phoenix_instance` points due: instances whose state changed or whose last point is
@@ -717,15 +765,29 @@ impl Fleet {
     /// The latest published view (at most one pass old). Never waits for a report, except
     /// that in a small fleet a read right after a verdict moved (or a new instance came)
     /// rebuilds it, so a reader sees what it just caused. A large fleet's readers always get
-    /// the latest pass's view: a rebuild copies every instance under the lock reports take,
-    /// and under a flood of new ids every read would pay for one (seconds, at 10,000).
+    /// the latest pass's queue; the instance list is rebuilt by the first read after a pass
+    /// (under the lock reports take, but only the instances that changed are copied).
     pub fn view(&self) -> Arc<FleetView> {
-        let v = self.view.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if v.instances.len() > SMALL_FLEET || !self.stale.swap(false, Ordering::Relaxed) {
+        let v = self.published();
+        if v.instances.len() <= SMALL_FLEET && self.stale.swap(false, Ordering::Relaxed) {
+            self.publish();
+        } else if self.list_stale.load(Ordering::Relaxed) {
+            self.refresh_list();
+        } else {
             return v;
         }
-        self.publish();
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.published()
+    }
+
+    /// Like [`Fleet::view`] for readers of the queue and the counts only (`/v1/phoenix`,
+    /// `/metrics`): a large fleet's instance list is left as last built (it may be older
+    /// than the queue), so these reads never copy an instance.
+    pub fn queue_view(&self) -> Arc<FleetView> {
+        let v = self.published();
+        if v.instances.len() <= SMALL_FLEET {
+            return self.view();
+        }
+        v
     }
 
     /// `GET /v1/phoenix/preview`: which instances a policy (this collector's, with `budget`
@@ -1537,5 +1599,35 @@ mod tests {
         assert_eq!(v.instances.len(), 8);
         assert!(v.instance("i-0").is_some(), "a standing mark stays");
         assert!(v.instance("i-1").is_none() && v.instance("i-2").is_none());
+    }
+
+    #[test]
+    fn passes_leave_the_list_alone_and_a_read_shares_what_did_not_change() {
+        let (fleet, clock) = fleet(Rules::default());
+        for k in 0..3 {
+            take(&fleet, &report(&format!("i-{k}"), 1, vec![], 50.0));
+        }
+        fleet.pass();
+        let a = fleet.view();
+        assert_eq!(a.instances.len(), 3);
+        clock.advance(1000);
+        fleet.pass();
+        let b = fleet.view();
+        assert!(
+            Arc::ptr_eq(&a.instances, &b.instances),
+            "nothing reported: the same list"
+        );
+        take(&fleet, &report("i-1", 2, vec![], 50.0));
+        fleet.pass();
+        let q = fleet.queue_view();
+        assert_eq!(q.counts.by_state.iter().sum::<u64>(), 3);
+        let c = fleet.view();
+        let entry = |v: &FleetView, k: usize| v.instances[k].clone();
+        assert!(Arc::ptr_eq(&entry(&a, 0), &entry(&c, 0)), "i-0 is shared");
+        assert!(Arc::ptr_eq(&entry(&a, 2), &entry(&c, 2)), "i-2 is shared");
+        assert!(!Arc::ptr_eq(&entry(&a, 1), &entry(&c, 1)), "i-1 is new");
+        assert_eq!(c.instance("i-1").unwrap().summary.reports, 2);
+        assert_eq!(a.instance("i-1").unwrap().summary.reports, 1);
+        assert!(c.instance("i-9").is_none());
     }
 }

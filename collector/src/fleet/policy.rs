@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use super::health::Reason;
+use super::reason::Reason;
 
 /// Whether a reason is routine (may wait) or the instance is already hurting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -167,7 +167,9 @@ pub fn evaluate(
     });
 
     // 1. Rules, marks that end, and each instance's own state.
-    let mut verdicts: HashMap<String, health::Verdict> = HashMap::with_capacity(instances.len());
+    // Verdicts in the map's iteration order, which stays the same until the map changes
+    // shape (nothing below inserts or removes): no id is copied or hashed for them.
+    let mut verdicts: Vec<health::Verdict> = Vec::with_capacity(instances.len());
     for (id, i) in instances.iter_mut() {
         let f = facts(i, watch);
         let v = health::judge(&f, rules, now);
@@ -198,22 +200,27 @@ pub fn evaluate(
                 }
             }
         }
-        verdicts.insert(id.clone(), v);
+        verdicts.push(v);
     }
 
     // 2. Per group: size, bad, budget in use; mass events.
     let mut groups: BTreeMap<String, (GroupBudget, BTreeMap<String, usize>)> = BTreeMap::new();
-    for (id, i) in instances.iter() {
+    for (i, v) in instances.values().zip(&verdicts) {
         let gone = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some());
         if gone {
             continue;
         }
-        let (g, reasons) = groups.entry(i.group().to_string()).or_default();
+        if !groups.contains_key(i.group()) {
+            groups.insert(i.group().to_string(), Default::default());
+        }
+        let Some((g, reasons)) = groups.get_mut(i.group()) else {
+            continue;
+        };
         g.size += 1;
         match &i.phx.mark {
             Some(m) if m.acked_ms.is_some() => g.acked += 1,
             Some(_) => g.marked += 1,
-            None if verdicts.get(id).is_some_and(|v| v.in_grace) => g.not_ready += 1,
+            None if v.in_grace => g.not_ready += 1,
             None => {}
         }
         // Age is routine recycling, not a sign of trouble: it never makes a mass event.
@@ -289,15 +296,17 @@ pub fn evaluate(
     {
         q.recent_marks.pop_front();
     }
-    let mut candidates: Vec<(Reason, i64, String)> = instances
+    let mut candidates: Vec<(Reason, i64, String, usize)> = instances
         .iter()
-        .filter(|(_, i)| i.phx.mark.is_none())
-        .filter_map(|(id, i)| {
+        .enumerate()
+        .filter(|(_, (_, i))| i.phx.mark.is_none())
+        .filter_map(|(k, (id, i))| {
             i.phx.problem.as_ref().map(|p| {
                 (
                     p.reason,
                     i.phx.problem_since_mono.unwrap_or(now.mono_ms),
                     id.clone(),
+                    k,
                 )
             })
         })
@@ -306,7 +315,10 @@ pub fn evaluate(
     // Once a pass: whether voluntary marks wait for a window (and until when).
     let window = policy::window_hold(&rules.windows, now_ms);
     let mut held: HashMap<String, String> = HashMap::new();
-    for (_, _, id) in candidates {
+    for (_, _, id, k) in candidates {
+        let Some(v) = verdicts.get(k) else {
+            continue;
+        };
         let Some(i) = instances.get_mut(&id) else {
             continue;
         };
@@ -324,7 +336,7 @@ pub fn evaluate(
             .saturating_add(interval.saturating_mul(i64::from(rules.settle_intervals)));
         // The first of its problems (worst first) that every gate lets through. An instance
         // in grace is itself counted as not ready: marking it adds no disruption.
-        let in_grace = verdicts.get(&id).is_some_and(|v| v.in_grace);
+        let in_grace = v.in_grace;
         let mut disruption = g.disruption();
         if in_grace {
             disruption.not_ready = disruption.not_ready.saturating_sub(1);
@@ -337,10 +349,7 @@ pub fn evaluate(
             disruption,
             protected: i.protected,
         };
-        let problems: &[health::Problem] = verdicts
-            .get(&id)
-            .map(|v| v.problems.as_slice())
-            .unwrap_or_default();
+        let problems: &[health::Problem] = &v.problems;
         let mut holds: Vec<String> = Vec::new();
         let mut chosen = None;
         for p in problems {
@@ -400,8 +409,12 @@ pub fn evaluate(
     q.budget = groups.into_iter().map(|(k, (g, _))| (k, g)).collect();
 
     // 4. States, and what changed.
-    for (id, i) in instances.iter_mut() {
-        let h = held.remove(id);
+    for ((id, i), v) in instances.iter_mut().zip(&verdicts) {
+        let h = if held.is_empty() {
+            None
+        } else {
+            held.remove(id)
+        };
         if h != i.phx.held {
             let news = h.as_deref().map(hold_kind) != i.phx.held.as_deref().map(hold_kind);
             match (&h, &i.phx.problem, &i.phx.held) {
@@ -426,9 +439,6 @@ pub fn evaluate(
             i.phx.held = h;
             out.changed.push(id.clone());
         }
-        let Some(v) = verdicts.get(id) else {
-            continue;
-        };
         let state = match &i.phx.mark {
             Some(m) if m.gone_ms.is_some() => State::Gone,
             Some(m) if m.acked_ms.is_some() => State::Acked,

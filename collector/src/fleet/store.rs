@@ -378,10 +378,10 @@ mod tests {
         assert_eq!(a.tracking.pegged_since, Some(1_700_000_800_000));
         assert_eq!(a.tracking.check_streaks["web"].0, 2);
         // The high-water mark became the floor: 80 and below were stored, 81 was not.
-        let b = &a.boots["boot-a"];
+        let b = a.boots.get("boot-a").unwrap();
         assert!(b.stored.contains(80) && b.stored.contains(1) && !b.stored.contains(81));
         assert!(b.applied.contains(80));
-        assert!(a.boots["boot-0"].stored.contains(12));
+        assert!(a.boots.get("boot-0").unwrap().stored.contains(12));
         let h = by("i-held").unwrap();
         assert!(h.phx.held.as_deref().unwrap().starts_with("budget"));
         assert_eq!(h.phx.problem_since_mono, Some(1_700_000_880_000));

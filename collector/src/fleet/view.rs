@@ -321,6 +321,67 @@ impl InstanceView {
                 .collect(),
         }
     }
+
+    /// Whether this view still shows `i` as [`InstanceView::of`] would, compared in place
+    /// (no allocation): a view rebuild then shares this entry instead of copying it. A
+    /// field added to `of` must be compared here too; debug builds check every reuse
+    /// against a fresh `of` (see [`build_list`]).
+    fn matches(&self, i: &Instance, diagnostics: &DiagView) -> bool {
+        let (s, a) = (&self.summary, &i.identity);
+        let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
+            (Some(m), _) => (Some(m.reason), Some(m.evidence.as_str())),
+            (None, Some(p)) => (Some(p.reason), Some(p.evidence.as_str())),
+            _ => (None, None),
+        };
+        let mark_same = match (&s.mark, &i.phx.mark) {
+            (None, None) => true,
+            (Some(v), Some(m)) => {
+                v.reason == m.reason
+                    && v.evidence == m.evidence
+                    && v.since_ms == m.since_ms
+                    && v.acked_ms == m.acked_ms
+                    && v.acked_by == m.acked_by
+                    && v.gone_ms == m.gone_ms
+            }
+            _ => false,
+        };
+        let opt_arc = |x: &Option<Arc<DriftInfo>>, y: &Option<Arc<DriftInfo>>| match (x, y) {
+            (None, None) => true,
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            _ => false,
+        };
+        s.last_seen_ms == i.last_seen_ms
+            && s.reports == i.reports
+            && s.state == i.phx.state
+            && s.instance_id == a.instance_id
+            && s.image_id == a.image_id
+            && s.group == a.group
+            && s.hostname == a.hostname
+            && s.boot_id == a.boot_id
+            && s.agent_version == a.version
+            && s.first_seen_ms == i.first_seen_ms
+            && s.interval_ms == i.interval_ms
+            && s.cpu_used_percent == i.cpu_used_percent
+            && s.mem_used_percent == i.mem_used_percent
+            && s.disk_max_used_percent == i.disk_max_used_percent
+            && s.drifted == i.drift.as_ref().map(|d| d.drifted)
+            && s.reason == reason
+            && s.evidence.as_deref() == evidence
+            && s.held == i.phx.held
+            && mark_same
+            && Arc::ptr_eq(&self.checks, &i.checks)
+            && opt_arc(&self.drift, &i.drift)
+            && Arc::ptr_eq(&self.listening, &i.listening)
+            && self.ssh == i.tracking.ssh
+            && self.diagnostics == *diagnostics
+            && self.group_key == i.group()
+            && self.check_streaks.len() == i.tracking.check_streaks.len()
+            && self
+                .check_streaks
+                .iter()
+                .zip(&i.tracking.check_streaks)
+                .all(|((k, n), (k2, (n2, _)))| k == k2 && n == n2)
+    }
 }
 
 /// One entry of the phoenix queue (`GET /v1/phoenix`: marked, held, gone).
@@ -427,9 +488,10 @@ pub struct Counts {
 pub struct FleetView {
     /// When it was built.
     pub at: Now,
-    /// Sorted by instance id.
-    pub instances: Vec<InstanceView>,
-    index: HashMap<String, usize>,
+    /// Sorted by instance id. Entries of instances that did not change since the previous
+    /// view are shared with it, and a view whose instances did not change at all shares the
+    /// whole list.
+    pub instances: Arc<Vec<Arc<InstanceView>>>,
     pub queue: QueueView,
     pub counts: Counts,
 }
@@ -447,7 +509,11 @@ impl Default for FleetView {
 
 impl FleetView {
     pub fn instance(&self, id: &str) -> Option<&InstanceView> {
-        self.index.get(id).and_then(|k| self.instances.get(*k))
+        let k = self
+            .instances
+            .binary_search_by(|v| v.summary.instance_id.as_str().cmp(id))
+            .ok()?;
+        self.instances.get(k).map(|v| &**v)
     }
 }
 
@@ -463,22 +529,72 @@ pub struct Inputs {
     pub instance_cap: Option<CapAlert>,
 }
 
+/// A whole view, its instance list built afresh.
 pub fn build(
     instances: &HashMap<String, Instance>,
     q: &QueueState,
     rules: &Rules,
     inp: &Inputs,
 ) -> FleetView {
-    let mut list: Vec<InstanceView> = instances
-        .iter()
-        .map(|(id, i)| InstanceView::of(i, inp.diag.get(id).cloned().unwrap_or_default()))
-        .collect();
-    list.sort_by(|a, b| a.summary.instance_id.cmp(&b.summary.instance_id));
-    let index = list
-        .iter()
-        .enumerate()
-        .map(|(k, v)| (v.summary.instance_id.clone(), k))
-        .collect();
+    let list = build_list(instances, &inp.diag, &[]);
+    with_list(instances, q, rules, inp, Arc::new(list))
+}
+
+/// The instance list, sorted by id, sharing the entries of `prev` (an earlier list, sorted)
+/// whose instance did not change: a rebuild allocates only for instances that reported or
+/// moved since, not for the whole fleet.
+pub fn build_list(
+    instances: &HashMap<String, Instance>,
+    diag: &HashMap<String, DiagView>,
+    prev: &[Arc<InstanceView>],
+) -> Vec<Arc<InstanceView>> {
+    let mut ids: Vec<(&str, &Instance)> = instances.iter().map(|(k, i)| (k.as_str(), i)).collect();
+    ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let none = DiagView::default();
+    let mut old = prev.iter().peekable();
+    let mut list = Vec::with_capacity(ids.len());
+    for (id, i) in ids {
+        // Both lists are sorted by id: walk the old one alongside.
+        while old
+            .peek()
+            .is_some_and(|v| v.summary.instance_id.as_str() < id)
+        {
+            old.next();
+        }
+        let d = diag.get(id).unwrap_or(&none);
+        let kept = old
+            .peek()
+            .filter(|v| v.summary.instance_id == id && v.matches(i, d))
+            .map(|v| Arc::clone(v));
+        match kept {
+            Some(v) => {
+                debug_assert_eq!(
+                    *v,
+                    InstanceView::of(i, d.clone()),
+                    "InstanceView::matches missed a field"
+                );
+                list.push(v);
+            }
+            None => list.push(Arc::new(InstanceView::of(i, d.clone()))),
+        }
+    }
+    list
+}
+
+/// Whether `list` shows exactly the entries of `prev` (the same shared entries).
+pub fn same_list(list: &[Arc<InstanceView>], prev: &[Arc<InstanceView>]) -> bool {
+    list.len() == prev.len() && list.iter().zip(prev).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// A view with the queue and counts of `instances` now and the instance list `list` (built
+/// by [`build_list`], possibly earlier: the queue pass does not rebuild it).
+pub fn with_list(
+    instances: &HashMap<String, Instance>,
+    q: &QueueState,
+    rules: &Rules,
+    inp: &Inputs,
+    list: Arc<Vec<Arc<InstanceView>>>,
+) -> FleetView {
     let mut counts = Counts::default();
     let (mut marked, mut held, mut gone) = (Vec::new(), Vec::new(), Vec::new());
     for i in instances.values() {
@@ -564,7 +680,6 @@ pub fn build(
     FleetView {
         at: inp.now,
         instances: list,
-        index,
         queue: QueueView {
             marked,
             held,

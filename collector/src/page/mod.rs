@@ -401,13 +401,13 @@ fn badge(state: &str) -> String {
 }
 
 fn fleet_fragment(s: &AppState, view: &FleetView, now: i64) -> String {
-    let rows = &view.instances;
+    let rows: Vec<&InstanceView> = view.instances.iter().map(|r| &**r).collect();
     let phx = &view.queue;
     let mut o = String::with_capacity(4096 + rows.len() * 512);
 
     // Summary.
     let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in rows {
+    for r in &rows {
         *by_state.entry(r.summary.state.as_str()).or_default() += 1;
     }
     write!(
@@ -451,7 +451,7 @@ fn fleet_fragment(s: &AppState, view: &FleetView, now: i64) -> String {
 
     // Instances by group (the list is sorted by id already).
     let mut groups: BTreeMap<&str, Vec<&InstanceView>> = BTreeMap::new();
-    for r in rows {
+    for &r in &rows {
         groups.entry(r.group_key.as_str()).or_default().push(r);
     }
     o.push_str("<section id=\"instances\">");

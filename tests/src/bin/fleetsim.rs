@@ -1,19 +1,32 @@
 //! fleetsim: many phoenix agents in one process, speaking the real wire format (gzip JSON
-//! reports, per-boot seq numbers, agent token) to a collector. For bench/fleet-bench.sh.
+//! reports, per-boot seq numbers, agent token, each instance's own credential under the
+//! collector's default `--identity tofu`) to a collector. For bench/fleet-bench.sh.
 //!
 //!   fleetsim --url http://127.0.0.1:7070 --token T --instances 10000 --interval 10 \
-//!            --points 40 --duration 60 [--threads 64] [--silence-at 20 --recycler-token R]
+//!            --points 40 --duration 60 [--connections 1000] [--threads 1] \
+//!            [--silence-at 20 --recycler-token R]
 //!
-//! Each instance reports once per interval, the fleet spread evenly over it. Every 5 s a line
-//! of figures goes to stderr; at the end one JSON line with the totals goes to stdout. With
+//! Each instance reports once per interval at its own moment, the fleet spread evenly over
+//! it. The instances share `--connections` keep-alive HTTP/1.1 connections (one report in
+//! flight on each), from source addresses 127.0.0.2 to 127.0.0.254 when the collector is on
+//! loopback, so per-peer limits see many peers as with a real fleet; an async runtime on
+//! `--threads` threads drives them all, so the rate is paced by the instances' intervals and
+//! not bound by the collector's ack latency. Every 5 s a line of figures goes to stderr
+//! (reports sent and acked per second); at the end one JSON line with the totals goes to
+//! stdout. With
 //! --rounds N every instance sends N reports as fast as the collector takes them, then it
 //! exits (a warm-up: InfluxDB 1.x creates each new series slowly). With
 //! --silence-at S the first instance stops reporting after S seconds, and the time from its
 //! last acked report until GET /v1/phoenix lists it as marked is measured.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 
 use phoenix_wire::{Identity, Point, Report, Value, VERSION};
 
@@ -25,6 +38,7 @@ struct Opts {
     points: usize,
     duration: f64,
     threads: usize,
+    connections: usize,
     gzip: bool,
     silence_at: Option<f64>,
     recycler_token: Option<String>,
@@ -35,7 +49,7 @@ struct Opts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: fleetsim --url URL --token T [--instances 10000] [--interval 10] [--points 40] [--duration 60] [--threads 64] [--no-gzip] [--silence-at S --recycler-token R] [--prefix i-f] [--group-size 100] [--rounds N]");
+    eprintln!("usage: fleetsim --url URL --token T [--instances 10000] [--interval 10] [--points 40] [--duration 60] [--connections 1000] [--threads 1] [--no-gzip] [--silence-at S --recycler-token R] [--prefix i-f] [--group-size 100] [--rounds N]");
     std::process::exit(2)
 }
 
@@ -47,7 +61,8 @@ fn opts() -> Opts {
         interval: 10.0,
         points: 40,
         duration: 60.0,
-        threads: 64,
+        threads: 1,
+        connections: 1000,
         gzip: true,
         silence_at: None,
         recycler_token: None,
@@ -67,6 +82,7 @@ fn opts() -> Opts {
             "--points" => o.points = num(v()) as usize,
             "--duration" => o.duration = num(v()),
             "--threads" => o.threads = num(v()).max(1.0) as usize,
+            "--connections" => o.connections = num(v()).max(1.0) as usize,
             "--no-gzip" => o.gzip = false,
             "--silence-at" => o.silence_at = Some(num(v())),
             "--recycler-token" => o.recycler_token = Some(v()),
@@ -224,152 +240,272 @@ fn report(id: &str, group: &str, seq: u64, points: usize, interval_ms: u64) -> R
 
 #[derive(Default)]
 struct Stats {
+    /// Reports written to a connection (the simulator's own rate).
+    sent: AtomicU64,
     ok: AtomicU64,
     unavailable: AtomicU64,
     errors: AtomicU64,
     lat_us: AtomicU64,
     late: AtomicU64,
     points: AtomicU64,
+    connects: AtomicU64,
+}
+
+impl Stats {
+    fn error(&self, what: impl std::fmt::Display) {
+        if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+            eprintln!("fleetsim: {what}");
+        }
+    }
+}
+
+/// Where the collector listens, and the source address of connection `c`: on loopback the
+/// connections spread over 127.0.0.2..=254 (Linux routes all of 127/8 to lo).
+struct Target {
+    addr: SocketAddr,
+    host: String,
+}
+
+impl Target {
+    fn of(url: &str) -> Target {
+        let hostport = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| {
+                eprintln!("fleetsim: only http:// URLs");
+                std::process::exit(2)
+            })
+            .trim_end_matches('/');
+        let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| {
+                eprintln!("fleetsim: cannot resolve {hostport}");
+                std::process::exit(2)
+            });
+        Target {
+            addr,
+            host: hostport.to_string(),
+        }
+    }
+
+    fn source(&self, c: usize) -> Option<SocketAddr> {
+        match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() => Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (c % 253) as u8)),
+                0,
+            )),
+            _ => None,
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(t: &Target, c: usize) -> std::io::Result<Sender> {
+    let sock = match t.addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(src) = t.source(c) {
+        sock.bind(src)?;
+    }
+    let stream = sock.connect(t.addr).await?;
+    stream.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        conn.await.ok();
+    });
+    Ok(send)
+}
+
+struct Shared {
+    o: Opts,
+    t: Target,
+    stats: Stats,
+    stop: AtomicBool,
+    start: Instant,
+    /// Unix ms of the silenced instance's last acked report.
+    silenced_last_ok: AtomicU64,
+    auth: String,
+}
+
+/// One connection and the instances that report over it (c, c + C, c + 2C, ...), each at its
+/// own moment of every interval.
+async fn lane(sh: Arc<Shared>, c: usize) {
+    let o = &sh.o;
+    let mine: Vec<usize> = (c..o.instances).step_by(o.connections).collect();
+    let ids: Vec<String> = mine
+        .iter()
+        .map(|k| format!("{}-{k:06}", o.prefix))
+        .collect();
+    let groups: Vec<String> = mine
+        .iter()
+        .map(|k| format!("g{:04}", k / o.group_size))
+        .collect();
+    let creds: Vec<String> = ids
+        .iter()
+        .map(|id| phoenix_e2e::trust::harness_credential(id))
+        .collect();
+    let mut seq = vec![0u64; mine.len()];
+    let interval = Duration::from_secs_f64(o.interval);
+    let mut send: Option<Sender> = None;
+    let mut round = 0u64;
+    while !sh.stop.load(Ordering::Relaxed) {
+        for (j, &k) in mine.iter().enumerate() {
+            let due = interval.mul_f64(round as f64 + k as f64 / o.instances as f64);
+            let now = sh.start.elapsed();
+            if o.rounds.is_some() {
+                // Warm-up: as fast as it goes.
+            } else if due > now {
+                tokio::time::sleep(due - now).await;
+            } else if now - due > interval {
+                sh.stats.late.fetch_add(1, Ordering::Relaxed);
+            }
+            if sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if k == 0
+                && o.silence_at
+                    .is_some_and(|s| sh.start.elapsed().as_secs_f64() >= s)
+            {
+                continue;
+            }
+            seq[j] += 1;
+            let r = report(
+                &ids[j],
+                &groups[j],
+                seq[j],
+                o.points,
+                (o.interval * 1000.0) as u64,
+            );
+            let body = if o.gzip {
+                phoenix_wire::encode(&r)
+            } else {
+                serde_json::to_vec(&r).unwrap_or_default()
+            };
+            let mut req = hyper::Request::post("/v1/reports")
+                .header("Host", &sh.t.host)
+                .header("Authorization", &sh.auth)
+                .header("Content-Type", "application/json")
+                .header(phoenix_e2e::trust::CREDENTIAL_HEADER, &creds[j]);
+            if o.gzip {
+                req = req.header("Content-Encoding", "gzip");
+            }
+            let Ok(req) = req.body(Full::new(Bytes::from(body))) else {
+                sh.stats.error("could not build a request");
+                continue;
+            };
+            // A closed connection (the collector's idle timeout, an error) is opened again.
+            if send.as_ref().is_none_or(|s| s.is_closed()) {
+                send = match connect(&sh.t, c).await {
+                    Ok(s) => {
+                        sh.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        Some(s)
+                    }
+                    Err(e) => {
+                        sh.stats.error(format_args!("connect: {e}"));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        None
+                    }
+                };
+            }
+            let Some(s) = send.as_mut() else { continue };
+            if s.ready().await.is_err() {
+                send = None;
+                sh.stats.error("connection closed");
+                continue;
+            }
+            let t0 = Instant::now();
+            sh.stats.sent.fetch_add(1, Ordering::Relaxed);
+            match s.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    if resp.into_body().collect().await.is_err() {
+                        send = None;
+                    }
+                    match status {
+                        200 => {
+                            sh.stats.ok.fetch_add(1, Ordering::Relaxed);
+                            sh.stats
+                                .points
+                                .fetch_add(r.metrics.len() as u64, Ordering::Relaxed);
+                            sh.stats
+                                .lat_us
+                                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            if k == 0 {
+                                sh.silenced_last_ok.store(now_ms(), Ordering::Relaxed);
+                            }
+                        }
+                        503 | 429 => {
+                            sh.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        s => sh.stats.error(format_args!("HTTP {s}")),
+                    }
+                }
+                Err(e) => {
+                    send = None;
+                    sh.stats.error(e);
+                }
+            }
+        }
+        round += 1;
+        if o.rounds.is_some_and(|n| round >= n) {
+            return;
+        }
+    }
 }
 
 fn main() {
-    let o = Arc::new(opts());
-    let stats = Arc::new(Stats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    // Unix ms of the silenced instance's last acked report.
-    let silenced_last_ok = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let interval = Duration::from_secs_f64(o.interval);
-    let mut handles = Vec::new();
-    for t in 0..o.threads {
-        let (o, stats, stop, silenced_last_ok) = (
-            o.clone(),
-            stats.clone(),
-            stop.clone(),
-            silenced_last_ok.clone(),
-        );
-        handles.push(std::thread::spawn(move || {
-            let cfg = ureq::Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(30)))
-                .http_status_as_error(false)
-                .build();
-            let http = ureq::Agent::new_with_config(cfg);
-            let url = format!("{}/v1/reports", o.url);
-            let auth = format!("Bearer {}", o.token);
-            let mine: Vec<usize> = (t..o.instances).step_by(o.threads).collect();
-            let mut seq = vec![0u64; mine.len()];
-            let ids: Vec<String> = mine
-                .iter()
-                .map(|k| format!("{}-{k:06}", o.prefix))
-                .collect();
-            let groups: Vec<String> = mine
-                .iter()
-                .map(|k| format!("g{:04}", k / o.group_size))
-                .collect();
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for (j, &k) in mine.iter().enumerate() {
-                    // Instance k reports at k/N of each interval.
-                    let due = interval.mul_f64(round as f64 + k as f64 / o.instances as f64);
-                    let now = start.elapsed();
-                    if o.rounds.is_some() {
-                        // Warm-up: as fast as it goes.
-                    } else if due > now {
-                        std::thread::sleep(due - now);
-                    } else if now - due > interval {
-                        stats.late.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if k == 0
-                        && o.silence_at
-                            .is_some_and(|s| start.elapsed().as_secs_f64() >= s)
-                    {
-                        continue;
-                    }
-                    seq[j] += 1;
-                    let r = report(
-                        &ids[j],
-                        &groups[j],
-                        seq[j],
-                        o.points,
-                        (o.interval * 1000.0) as u64,
-                    );
-                    let body = if o.gzip {
-                        phoenix_wire::encode(&r)
-                    } else {
-                        serde_json::to_vec(&r).unwrap()
-                    };
-                    let t0 = Instant::now();
-                    let mut req = http
-                        .post(&url)
-                        .header("Authorization", &auth)
-                        .header("Content-Type", "application/json")
-                        .header(
-                            phoenix_e2e::trust::CREDENTIAL_HEADER,
-                            &phoenix_e2e::trust::harness_credential(&ids[j]),
-                        );
-                    if o.gzip {
-                        req = req.header("Content-Encoding", "gzip");
-                    }
-                    match req.send(&body[..]) {
-                        Ok(mut resp) => {
-                            resp.body_mut().read_to_vec().ok();
-                            match resp.status().as_u16() {
-                                200 => {
-                                    stats.ok.fetch_add(1, Ordering::Relaxed);
-                                    stats
-                                        .points
-                                        .fetch_add(r.metrics.len() as u64, Ordering::Relaxed);
-                                    stats.lat_us.fetch_add(
-                                        t0.elapsed().as_micros() as u64,
-                                        Ordering::Relaxed,
-                                    );
-                                    if k == 0 {
-                                        silenced_last_ok.store(now_ms(), Ordering::Relaxed);
-                                    }
-                                }
-                                503 | 429 => {
-                                    stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                                }
-                                s => {
-                                    if stats.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                        eprintln!("fleetsim: HTTP {s}");
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            if stats.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("fleetsim: {e}");
-                            }
-                        }
-                    }
-                }
-                round += 1;
-                if o.rounds.is_some_and(|n| round >= n) {
-                    return;
-                }
-            }
-        }));
+    let o = opts();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.threads)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("fleetsim: no runtime: {e}");
+            std::process::exit(1)
+        });
+    rt.block_on(run(o));
+}
+
+async fn run(mut o: Opts) {
+    o.connections = o.connections.min(o.instances).max(1);
+    let sh = Arc::new(Shared {
+        t: Target::of(&o.url),
+        auth: format!("Bearer {}", o.token),
+        o,
+        stats: Stats::default(),
+        stop: AtomicBool::new(false),
+        start: Instant::now(),
+        silenced_last_ok: AtomicU64::new(0),
+    });
+    let o = &sh.o;
+    let stats = &sh.stats;
+    let mut lanes = tokio::task::JoinSet::new();
+    for c in 0..o.connections {
+        lanes.spawn(lane(sh.clone(), c));
     }
     // Figures every 5 s; the time to mark when an instance was silenced.
-    let mut prev = (0u64, 0u64, Instant::now());
+    let mut prev = (0u64, 0u64, 0u64, Instant::now());
     let mut marked_after_ms: Option<u64> = None;
     let recycler = o.recycler_token.clone();
     let silenced_id = format!("{}-{:06}", o.prefix, 0);
     let mut next_print = Duration::from_secs(5);
-    while start.elapsed().as_secs_f64() < o.duration
-        && !(o.rounds.is_some() && handles.iter().all(|h| h.is_finished()))
+    while sh.start.elapsed().as_secs_f64() < o.duration && !(o.rounds.is_some() && lanes.is_empty())
     {
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        while lanes.try_join_next().is_some() {}
         if let (Some(_), Some(tok), None) = (o.silence_at, &recycler, marked_after_ms) {
-            let last = silenced_last_ok.load(Ordering::Relaxed);
+            let last = sh.silenced_last_ok.load(Ordering::Relaxed);
+            let (url, tok, id) = (o.url.clone(), tok.clone(), silenced_id.clone());
             if last > 0
                 && o.silence_at
-                    .is_some_and(|s| start.elapsed().as_secs_f64() > s)
-                && is_marked(&o.url, tok, &silenced_id)
+                    .is_some_and(|s| sh.start.elapsed().as_secs_f64() > s)
+                && tokio::task::spawn_blocking(move || is_marked(&url, &tok, &id))
+                    .await
+                    .unwrap_or(false)
             {
                 let ms = now_ms().saturating_sub(last);
                 eprintln!(
@@ -379,15 +515,17 @@ fn main() {
                 marked_after_ms = Some(ms);
             }
         }
-        if start.elapsed() >= next_print {
+        if sh.start.elapsed() >= next_print {
             next_print += Duration::from_secs(5);
             let ok = stats.ok.load(Ordering::Relaxed);
+            let sent = stats.sent.load(Ordering::Relaxed);
             let lat = stats.lat_us.load(Ordering::Relaxed);
-            let dt = prev.2.elapsed().as_secs_f64();
+            let dt = prev.3.elapsed().as_secs_f64();
             let n = ok - prev.0;
             eprintln!(
-                "fleetsim: t={:.0}s {:.0} reports/s ({:.0} points/s), mean latency {:.1} ms, 503/429 {}, errors {}, late {}",
-                start.elapsed().as_secs_f64(),
+                "fleetsim: t={:.0}s sent {:.0} reports/s, acked {:.0} reports/s ({:.0} points/s), mean latency {:.1} ms, 503/429 {}, errors {}, late {}",
+                sh.start.elapsed().as_secs_f64(),
+                (sent - prev.2) as f64 / dt,
                 n as f64 / dt,
                 n as f64 * o.points as f64 / dt,
                 if n > 0 { (lat - prev.1) as f64 / n as f64 / 1000.0 } else { 0.0 },
@@ -395,21 +533,30 @@ fn main() {
                 stats.errors.load(Ordering::Relaxed),
                 stats.late.load(Ordering::Relaxed)
             );
-            prev = (ok, lat, Instant::now());
+            prev = (ok, lat, sent, Instant::now());
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    for h in handles {
-        h.join().ok();
+    sh.stop.store(true, Ordering::Relaxed);
+    let elapsed = sh.start.elapsed().as_secs_f64();
+    // Reports in flight get a moment to be answered; lanes asleep end at once.
+    let drain = tokio::time::timeout(Duration::from_secs(10), async {
+        while lanes.join_next().await.is_some() {}
+    });
+    if drain.await.is_err() {
+        lanes.abort_all();
     }
     let ok = stats.ok.load(Ordering::Relaxed);
+    let sent = stats.sent.load(Ordering::Relaxed);
     let out = serde_json::json!({
         "instances": o.instances,
         "interval_s": o.interval,
         "points_per_report": o.points,
+        "connections": o.connections,
+        "source_addresses": if sh.t.source(0).is_some() { o.connections.min(253) } else { 1 },
         "wanted_reports_per_s": o.instances as f64 / o.interval,
         "seconds": elapsed,
+        "reports_sent": sent,
+        "sent_per_s": sent as f64 / elapsed,
         "reports_ok": ok,
         "reports_per_s": ok as f64 / elapsed,
         "points_per_s": stats.points.load(Ordering::Relaxed) as f64 / elapsed,
@@ -417,6 +564,7 @@ fn main() {
         "unavailable": stats.unavailable.load(Ordering::Relaxed),
         "errors": stats.errors.load(Ordering::Relaxed),
         "late": stats.late.load(Ordering::Relaxed),
+        "connects": stats.connects.load(Ordering::Relaxed),
         "silent_to_mark_s": marked_after_ms.map(|m| m as f64 / 1000.0),
     });
     println!("{out}");
