@@ -355,7 +355,7 @@ impl InstanceView {
             && s.state == i.phx.state
             && s.instance_id == a.instance_id
             && s.image_id == a.image_id
-            && s.group == a.group
+            && s.group == i.group()
             && s.hostname == a.hostname
             && s.boot_id == a.boot_id
             && s.agent_version == a.version
