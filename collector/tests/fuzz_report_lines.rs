@@ -269,7 +269,9 @@ fn check(r: &Report) -> Result<usize, String> {
             .unwrap_or_default();
         if tags.get("instance_id") != Some(&a.instance_id)
             || tags.get("image_id") != Some(&a.image_id)
-            || tags.get("group") != a.group.as_ref()
+            // The group tag is the group, else the image id (one group string everywhere).
+            || tags.get("group").map(String::as_str)
+                != Some(a.group_or_image()).filter(|g| !g.is_empty())
         {
             return Err(format!(
                 "line {i}: identity tags {tags:?} are not the report's {a:?}"
