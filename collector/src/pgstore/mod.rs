@@ -6,7 +6,9 @@
 //! statement a second), `decide` (fenced queue writes: marks, holds, alerts, audit; budgets
 //! enforced inside the database), `verdict` (written when they change, with a wake-up),
 //! `listen` (LISTEN/NOTIFY between collectors), `pull` (what the decider reads back, by
-//! transaction-id cursor, and its fenced memory), `registry` (baselines and enrolments),
+//! transaction-id cursor, and its fenced memory), `registry` (baselines and enrolments:
+//! the SQL), `caches` (the same behind the embedded collector's traits, cached per
+//! collector and refreshed by NOTIFY),
 //! `health` (is PostgreSQL there, since when,
 //! why not), and `store`: the fleet core's `FleetStore` on top of them, which is what
 //! `--fleet-store` plugs into the collector (see its docs for what the wiring uses).

@@ -21,6 +21,9 @@
 //!   whole fleet. Collectors that do not decide take the decider's verdicts (state, marks,
 //!   holds) from these rows; a restarted collector loads them and replays the recent reports.
 //! - acks are audit rows (`phoenix_audit`, action `ack`), which the decider pulls.
+//! - `phoenix_diag`: each instance's newest diagnostics request or answer, flushed with the
+//!   reports and adopted by the others at their pull (fleet/diag.rs).
+//! - baselines and enrolments: see caches.rs (`enrolments()`, `baselines()`).
 //!
 //! Only the decider marks: [`FleetStore::is_decider`] is true while this collector holds
 //! the lease, PostgreSQL answers, and the catch-up time since it took the lease or since
