@@ -197,6 +197,8 @@ impl DriftSource {
         report.drift = Some(self.state(tree, note));
         let prev = ctx.drift_link.sending_full();
         let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
+        // The state's entries, JSON and gzip were the largest buffers an idle agent has.
+        crate::release_free_memory();
         ctx.drift_link
             .sent_full(prev, pushed.as_ref().ok().copied().flatten());
         match pushed {
