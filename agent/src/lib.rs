@@ -42,8 +42,8 @@ const SOURCE_STACK: usize = if cfg!(debug_assertions) {
 
 /// Hand the heap's free pages back to the kernel. glibc returns only the top of the heap by
 /// itself; what a burst (the first drift scan, a log backlog, a big report) freed in the
-/// middle stays resident otherwise. Called once an interval: a walk of the free lists,
-/// tens of microseconds on the agent's heap of a few hundred kB.
+/// middle stays resident otherwise. Called once an interval (and after a drift push): one
+/// walk of the free lists of a heap of about a megabyte.
 pub fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only takes the allocator's own lock.
