@@ -987,6 +987,13 @@ mod tests {
             "{:?}",
             got[0].snapshot.notes
         );
+        // Counted once the run returns to the supervisor, just after the answer went out.
+        let until = Instant::now() + Duration::from_secs(10);
+        while crate::counters::source_restarts.load(Ordering::Relaxed) <= restarts
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(crate::counters::source_restarts.load(Ordering::Relaxed) > restarts);
 
         // The first probe thread is still stuck: the next request is answered without a

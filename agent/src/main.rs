@@ -28,12 +28,9 @@ fn main() -> std::process::ExitCode {
     // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        // Fixed thresholds: glibc otherwise raises both after the first large buffer is freed
-        // (up to 32 MiB), so later big buffers (a drift state's JSON, a log batch) land in the
-        // heap and their pages stay resident after they are freed. Above 64 KiB a buffer gets
-        // its own mapping, returned whole when freed.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 10);
+        // glibc's mmap threshold stays dynamic: fixed at 64 KiB, every log batch's buffers
+        // were fresh mappings, page-faulted in and unmapped again (+20 % CPU a line in
+        // logs-bench). Freed heap goes back by `release_free_memory` instead.
     }
     let cli = Cli::parse();
     let json = match &cli.cmd {

@@ -125,6 +125,9 @@ pub struct Spool {
     next_seq: AtomicU64,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Only [`Spool::stop`] notifies this one: a thread in [`Spool::sleep`] is not woken by
+    /// every push and ack as waiters on `changed` are.
+    stopped: Condvar,
     pub stats: Stats,
     /// Called once by [`Spool::stop`], so a thread that sleeps on something else than this
     /// spool (inotify, /dev/kmsg, a request queue) is woken by the stop instead of polling for it.
@@ -221,6 +224,7 @@ impl Spool {
                 freed_at_failure: 0,
             }),
             changed: Condvar::new(),
+            stopped: Condvar::new(),
             stats: Stats::default(),
             stop_hooks: StopHooks::default(),
         })
@@ -801,6 +805,7 @@ impl Spool {
     pub fn stop(&self) {
         self.inner.lock().unwrap().stopping = true;
         self.changed.notify_all();
+        self.stopped.notify_all();
         let hooks = self.stop_hooks.0.lock().unwrap_or_else(|e| e.into_inner());
         for h in hooks.values() {
             h();
@@ -834,7 +839,7 @@ impl Spool {
             return true;
         }
         let g = self
-            .changed
+            .stopped
             .wait_timeout_while(g, d, |i| !i.stopping)
             .unwrap()
             .0;
