@@ -29,9 +29,9 @@ for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&
   --state-dir "$W/agent" --instance-id i-bench --image-id img-bench $AGENT_ARGS >"$W/agent.log" 2>&1 &
 AGENT=$!
 # The same agent with one log file and drift over /etc (the idle footprint issue 16 targets).
-# shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
 mkdir -p "$W/logs"
 : >"$W/logs/app.log"
+# shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
 ./target/release/phoenix-agent run --collector "http://127.0.0.1:$PORT" --token bench --interval "${INTERVAL}s" \
   --state-dir "$W/agent-logs" --instance-id i-bench-logs --image-id img-bench \
   --log "$W/logs/app.log" --drift-path /etc $AGENT_ARGS >"$W/agent-logs.log" 2>&1 &

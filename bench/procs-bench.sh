@@ -8,7 +8,8 @@
 #
 # Prints, for each program, CPU seconds per minute and CPU milliseconds per interval, first
 # with the extra processes absent (the box as it is), then with them. Needs python3 and
-# collectd-core. Builds the release binaries. Run as a user allowed PROCS more processes.
+# collectd-core. Builds the release binaries (NO_BUILD=1: use those in target/release). Run
+# as a user allowed PROCS more processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROCS=${PROCS:-5000}
@@ -16,7 +17,7 @@ DURATION=${DURATION:-60}
 INTERVAL=${INTERVAL:-2}
 TOP=${TOP:-10}
 command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
-cargo build --release --quiet -p phoenix-agent -p phoenix-collector
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-procs.XXXXXX)
 SLEEPERS=()
 cleanup() {
@@ -60,7 +61,7 @@ sleep 3
 
 report() {
   local label=$1
-  echo "== $label: $(ls /proc | grep -c '^[0-9]') processes on the box, ${DURATION}s at ${INTERVAL}s"
+  echo "== $label: $(find /proc -maxdepth 1 -name '[0-9]*' | wc -l) processes on the box, ${DURATION}s at ${INTERVAL}s"
   python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "collectd" "$COLLECTD" | tee "$W/$label.txt"
   awk -v i="$INTERVAL" 'NR>1 {printf "%-10s %.1f ms CPU per interval\n", $1, $4 / 60 * i * 1000}' "$W/$label.txt"
 }

@@ -21,7 +21,9 @@ use crate::procs::parse_stat;
 use phoenix_wire::diag::{
     self, Answer, Handed, KernelLine, Mount, Pressure, ProbeSet, Process, Snapshot, Socket, Sockets,
 };
-use phoenix_wire::{Ack, Identity};
+use phoenix_wire::Ack;
+
+use crate::source::Ctx;
 
 /// Ids remembered as run, so an id repeated in later acks runs once.
 const REMEMBERED: usize = 16;
@@ -64,6 +66,8 @@ struct LinkState {
     queued: Option<(Handed, usize)>,
     /// Ids queued or run already (newest last).
     seen: VecDeque<u64>,
+    /// The agent is stopping: [`DiagLink::next`] returns at once.
+    stopped: bool,
 }
 
 impl DiagLink {
@@ -85,14 +89,21 @@ impl DiagLink {
         c.notify_all();
     }
 
-    /// The next request to run, waiting up to `d`.
+    /// The next request to run, waiting up to `d` (or until [`DiagLink::stop`]).
     pub fn next(&self, d: Duration) -> Option<(Handed, usize)> {
         let (m, c) = &*self.0;
         let g = m.lock().unwrap_or_else(|e| e.into_inner());
         let (mut g, _) = c
-            .wait_timeout_while(g, d, |s| s.queued.is_none())
+            .wait_timeout_while(g, d, |s| s.queued.is_none() && !s.stopped)
             .unwrap_or_else(|e| e.into_inner());
         g.queued.take()
+    }
+
+    /// Wake the worker for good: the agent stops.
+    pub fn stop(&self) {
+        let (m, c) = &*self.0;
+        m.lock().unwrap_or_else(|e| e.into_inner()).stopped = true;
+        c.notify_all();
     }
 }
 
@@ -612,72 +623,182 @@ pub trait Post: Send + Sync {
     fn collectors(&self) -> usize;
 }
 
-/// The worker: runs each request and posts its snapshot, until `stopping` says so. Tries
-/// the collector that handed the request out first (it holds the request), then the others,
-/// a few rounds with a pause; a snapshot that no collector took is dropped (the request
-/// expires there, and can be made again).
-pub fn run(
+/// How long one probe set may run before its request is answered with a note instead.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stack of the thread that runs a probe set: the probes read /proc line by line and keep
+/// their lists on the heap.
+const PROBE_STACK: usize = 256 << 10;
+
+/// Runs a probe set: [`Probes::take`] in the agent; tests put in one that wedges or panics.
+pub type Take = Arc<dyn Fn(ProbeSet) -> Snapshot + Send + Sync>;
+
+/// The diagnostics worker, run as a [`Source`](crate::source::Source) under
+/// [`supervise::run`](crate::supervise::run), so a failed run is logged, counted in
+/// `source_restarts` and started again with backoff like every other source. Each probe set
+/// runs on its own thread with [`PROBE_TIMEOUT`]: one that panics (in a build that unwinds)
+/// or wedges on a hung /proc read still gets its request answered, with a note saying so,
+/// and the worker goes on with the next request after the restart. While a wedged probe
+/// thread is still alive no second one starts (requests are answered with a note), so a
+/// stuck kernel read costs one thread, not one per request.
+#[derive(Clone)]
+pub struct DiagSource {
     link: DiagLink,
-    probes: Probes,
-    identity: Arc<Identity>,
+    take: Take,
     post: Arc<dyn Post>,
-    stopping: impl Fn() -> bool,
-) {
-    while !stopping() {
-        let Some((h, from)) = link.next(Duration::from_millis(500)) else {
-            continue;
-        };
-        tracing::info!(
-            request = h.id,
-            probes = h.probes.as_str(),
-            "running diagnostics"
-        );
-        let snapshot = probes.take(h.probes);
-        let answer = Answer {
-            v: phoenix_wire::VERSION,
-            agent: (*identity).clone(),
-            request_id: h.id,
-            snapshot,
-        };
-        let body = phoenix_wire::gzip(&serde_json::to_vec(&answer).unwrap_or_default());
-        let n = post.collectors().max(1);
-        let mut sent = false;
-        'rounds: for round in 0..3 {
+    pub timeout: Duration,
+    /// A probe thread is running (set by it, cleared when it ends, even by a panic).
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for DiagSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiagSource")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Clears the busy flag when the probe thread ends, however it ends.
+struct Busy(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl DiagSource {
+    pub fn new(link: DiagLink, probes: Probes, post: Arc<dyn Post>) -> DiagSource {
+        let probes = Arc::new(probes);
+        DiagSource::with_take(link, Arc::new(move |set| probes.take(set)), post)
+    }
+
+    pub fn with_take(link: DiagLink, take: Take, post: Arc<dyn Post>) -> DiagSource {
+        DiagSource {
+            link,
+            take,
+            post,
+            timeout: PROBE_TIMEOUT,
+            busy: Default::default(),
+        }
+    }
+
+    /// Run `set` on a probe thread, waiting at most `timeout`.
+    fn take_bounded(&self, set: ProbeSet) -> Result<Snapshot, String> {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err("the previous probe set is still running (a /proc read hangs?)".into());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (take, busy) = (self.take.clone(), Busy(self.busy.clone()));
+        let spawned = std::thread::Builder::new()
+            .name("diag-probe".into())
+            .stack_size(PROBE_STACK)
+            .spawn(move || {
+                let _busy = busy;
+                tx.send(take(set)).ok();
+            });
+        if let Err(e) = spawned {
+            self.busy.store(false, Ordering::SeqCst);
+            return Err(format!("cannot start the probe thread: {e}"));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(s) => Ok(s),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "the probe set did not finish within {}s",
+                self.timeout.as_secs_f64()
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the probe set failed (panicked)".into())
+            }
+        }
+    }
+
+    /// Post `answer` to the collector that handed the request out first (it holds the
+    /// request), then the others, a few rounds with a pause; a snapshot that no collector
+    /// took is dropped (the request expires there, and can be made again).
+    fn send(&self, ctx: &Ctx, answer: &Answer, from: usize) {
+        let body = phoenix_wire::gzip(&serde_json::to_vec(answer).unwrap_or_default());
+        let n = self.post.collectors().max(1);
+        for round in 0..3 {
             for k in 0..n {
                 let idx = (from + k) % n;
-                match post.post_diagnostics(idx, &body) {
+                match self.post.post_diagnostics(idx, &body) {
                     Ok(()) => {
-                        sent = true;
-                        break 'rounds;
+                        tracing::info!(
+                            request = answer.request_id,
+                            took_ms = answer.snapshot.took_ms,
+                            bytes = body.len(),
+                            "diagnostics sent"
+                        );
+                        return;
                     }
                     Err(e) => {
-                        tracing::warn!(request = h.id, collector = idx, error = %e, "diagnostics not taken")
+                        tracing::warn!(request = answer.request_id, collector = idx, error = %e, "diagnostics not taken")
                     }
                 }
             }
-            // A pause before the next round, in steps that notice the agent stopping.
-            let until = Instant::now() + Duration::from_secs(1 << round);
-            while Instant::now() < until && !stopping() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if stopping() {
-                break;
+            if ctx.sleep(Duration::from_secs(1 << round)) {
+                return;
             }
         }
-        if sent {
+    }
+}
+
+impl crate::source::Source for DiagSource {
+    fn name(&self) -> &'static str {
+        "diag"
+    }
+
+    /// Until the agent stops: run each request and post its snapshot. Err after a probe set
+    /// that failed or timed out (its request answered with a note), so the supervisor logs
+    /// it and starts the worker again after its backoff.
+    fn run(self: Box<Self>, ctx: Ctx) -> anyhow::Result<()> {
+        let link = self.link.clone();
+        ctx.spool.on_stop("diag", move || link.stop());
+        while !ctx.spool.stopping() {
+            // No timeout needed: a request or the stop wakes the wait.
+            let Some((h, from)) = self.link.next(Duration::from_secs(3600)) else {
+                continue;
+            };
             tracing::info!(
                 request = h.id,
-                took_ms = answer.snapshot.took_ms,
-                bytes = body.len(),
-                "diagnostics sent"
+                probes = h.probes.as_str(),
+                "running diagnostics"
             );
+            let started = Instant::now();
+            let (snapshot, failed) = match self.take_bounded(h.probes) {
+                Ok(s) => (s, None),
+                Err(why) => {
+                    let s = Snapshot {
+                        probes: h.probes,
+                        taken_ns: crate::metrics::now_ns(),
+                        took_ms: started.elapsed().as_millis().min(u64::MAX as u128) as u64,
+                        notes: vec![why.clone()],
+                        ..Default::default()
+                    };
+                    (s, Some(why))
+                }
+            };
+            let answer = Answer {
+                v: phoenix_wire::VERSION,
+                agent: (*ctx.identity).clone(),
+                request_id: h.id,
+                snapshot,
+            };
+            self.send(&ctx, &answer, from);
+            if let Some(why) = failed {
+                anyhow::bail!("diagnostics request {}: {why}", h.id);
+            }
         }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use phoenix_wire::Identity;
 
     fn ack(id: Option<u64>) -> Ack {
         Ack {
@@ -763,6 +884,155 @@ mod tests {
             snapshot: s,
         };
         phoenix_wire::diag::validate(&answer).unwrap();
+    }
+
+    /// The collector's side of `Post`: keeps every answer it is sent.
+    #[derive(Default)]
+    struct Collector(Mutex<Vec<Answer>>);
+
+    impl Post for Collector {
+        fn post_diagnostics(&self, _idx: usize, body: &[u8]) -> Result<(), String> {
+            let json = phoenix_wire::gunzip_limited(body, 1 << 20).map_err(|e| e.to_string())?;
+            let a: Answer = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+            diag::validate(&a)?;
+            self.0.lock().unwrap().push(a);
+            Ok(())
+        }
+        fn collectors(&self) -> usize {
+            1
+        }
+    }
+
+    impl Collector {
+        /// The answers so far, once there are `n` (polled with a deadline).
+        fn wait_for(&self, n: usize) -> Vec<Answer> {
+            let until = Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = self.0.lock().unwrap().clone();
+                if got.len() >= n || Instant::now() > until {
+                    return got;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    fn test_ctx(dir: &Path) -> Ctx {
+        Ctx {
+            identity: Arc::new(Identity {
+                instance_id: "i-diag".into(),
+                image_id: "img-diag".into(),
+                ..Default::default()
+            }),
+            spool: Arc::new(crate::spool::Spool::open(&dir.join("spool"), 1 << 20).unwrap()),
+            state_dir: dir.to_path_buf(),
+            interval: Duration::from_secs(10),
+            drift_link: Default::default(),
+        }
+    }
+
+    /// The bad day: a probe set that wedges, then one that panics. Each request is still
+    /// answered (with a note saying why), the failures are counted as restarts, no second
+    /// probe thread starts while the wedged one lives, and the worker answers normally after.
+    #[test]
+    fn a_wedged_or_panicking_probe_set_is_answered_and_the_worker_restarted() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = test_ctx(dir.path());
+        let link = DiagLink::default();
+        let collector = Arc::new(Collector::default());
+        let (release, wedge) = std::sync::mpsc::channel::<()>();
+        let wedge = Mutex::new(wedge);
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let take: Take = Arc::new(move |set| {
+            match c.fetch_add(1, Ordering::SeqCst) {
+                // Wedged until the test lets it go, like a read of a hung NFS mount.
+                0 => {
+                    wedge.lock().unwrap().recv().ok();
+                }
+                1 => panic!("a probe bug"),
+                _ => {}
+            }
+            Snapshot {
+                probes: set,
+                notes: vec!["ran".into()],
+                ..Default::default()
+            }
+        });
+        let mut src = DiagSource::with_take(link.clone(), take, collector.clone());
+        // Long enough for a panic to print its backtrace in a debug build.
+        src.timeout = Duration::from_secs(3);
+        let again = src.clone();
+        let watch = src.clone();
+        let restarts = crate::counters::source_restarts.load(Ordering::Relaxed);
+        let worker = {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || {
+                crate::supervise::run(Box::new(src), ctx, move || {
+                    Ok(Some(
+                        Box::new(again.clone()) as Box<dyn crate::source::Source>
+                    ))
+                })
+            })
+        };
+        let ask = |id| link.on_ack(&ack(Some(id)), 0);
+
+        ask(1);
+        let got = collector.wait_for(1);
+        assert_eq!(got.len(), 1, "the wedged request is answered");
+        assert_eq!(got[0].request_id, 1);
+        assert!(
+            got[0].snapshot.notes[0].contains("did not finish"),
+            "{:?}",
+            got[0].snapshot.notes
+        );
+        // Counted once the run returns to the supervisor, just after the answer went out.
+        let until = Instant::now() + Duration::from_secs(10);
+        while crate::counters::source_restarts.load(Ordering::Relaxed) <= restarts
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(crate::counters::source_restarts.load(Ordering::Relaxed) > restarts);
+
+        // The first probe thread is still stuck: the next request is answered without a
+        // second one.
+        ask(2);
+        let got = collector.wait_for(2);
+        assert_eq!(got.len(), 2);
+        assert!(
+            got[1].snapshot.notes[0].contains("still running"),
+            "{:?}",
+            got[1].snapshot.notes
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no second probe thread");
+
+        release.send(()).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while watch.busy.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!watch.busy.load(Ordering::SeqCst), "the stuck thread ended");
+        // Requests run again: a panic is answered too...
+        ask(3);
+        let got = collector.wait_for(3);
+        assert_eq!(got.len(), 3);
+        assert!(
+            got[2].snapshot.notes[0].contains("panicked"),
+            "{:?}",
+            got[2].snapshot.notes
+        );
+        // ...and after the restart's backoff, the next one runs normally.
+        ask(4);
+        let got = collector.wait_for(4);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3].request_id, 4);
+        assert_eq!(got[3].snapshot.notes, vec!["ran".to_string()]);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        ctx.spool.stop();
+        worker.join().unwrap();
     }
 
     #[test]

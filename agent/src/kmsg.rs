@@ -232,6 +232,7 @@ impl Source for KmsgSource {
         counts.publish();
         RUNNING.store(true, Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), resume_after = ?last_seq, "reading kernel messages");
+        let stop = StopFd::new(&ctx);
         let mut buf = vec![0u8; 16 * 1024];
         let mut last_ts = 0i64;
         loop {
@@ -306,7 +307,7 @@ impl Source for KmsgSource {
                     Err(e) => tracing::error!(error = %e, "could not queue kernel lines"),
                 }
             }
-            if ctx.spool.stopping() || wait_readable(&f, &ctx) {
+            if ctx.spool.stopping() || wait_readable(&f, stop.as_ref(), &ctx) {
                 return Ok(());
             }
             // A plain file always polls readable: pace it instead.
@@ -317,15 +318,51 @@ impl Source for KmsgSource {
     }
 }
 
-/// Wait until the device has a record (or a second passed); true when the agent stops.
-fn wait_readable(f: &std::fs::File, ctx: &Ctx) -> bool {
-    let mut p = libc::pollfd {
-        fd: f.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd we own, for at most 1000 ms.
-    let n = unsafe { libc::poll(&mut p, 1, 1000) };
+/// An eventfd the spool's stop makes readable, so the wait for a kernel record needs no
+/// timeout to notice the agent stopping.
+struct StopFd(std::os::fd::OwnedFd);
+
+impl StopFd {
+    fn new(ctx: &Ctx) -> Option<std::sync::Arc<StopFd>> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; a non-negative result is a descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return None; // the wait falls back to its timeout
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let s = std::sync::Arc::new(StopFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+        let w = s.clone();
+        ctx.spool.on_stop(NAME, move || {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to a descriptor `w` keeps open.
+            unsafe { libc::write(w.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        });
+        Some(s)
+    }
+}
+
+/// Longest a wait for a kernel record lasts without the stop eventfd (a backstop only).
+const WAIT_MS: libc::c_int = 60_000;
+
+/// Wait until the device has a record or the agent stops (true).
+fn wait_readable(f: &std::fs::File, stop: Option<&std::sync::Arc<StopFd>>, ctx: &Ctx) -> bool {
+    let mut p = [
+        libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.map_or(-1, |s| s.0.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // Without the eventfd, a short timeout keeps a stop noticed within a second.
+    let timeout = if stop.is_some() { WAIT_MS } else { 1000 };
+    // SAFETY: two pollfds we own (a negative fd is ignored by poll).
+    let n = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout) };
     if n < 0 {
         // EINTR and friends: do not spin.
         return ctx.sleep(Duration::from_millis(200));

@@ -32,6 +32,26 @@ use anyhow::Context;
 use config::RunConfig;
 use source::{Ctx, Source};
 
+/// Stack of each source's thread (the default is 2 MiB). Only touched pages cost RSS, so this
+/// bounds address space, not memory; debug builds keep the default, their frames are larger.
+const SOURCE_STACK: usize = if cfg!(debug_assertions) {
+    2 << 20
+} else {
+    1 << 20
+};
+
+/// Hand the heap's free pages back to the kernel. glibc returns only the top of the heap by
+/// itself; what a burst (the first drift scan, a log backlog, a big report) freed in the
+/// middle stays resident otherwise. Called once an interval (and after a drift push): one
+/// walk of the free lists of a heap of about a megabyte.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only takes the allocator's own lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Build every source the configuration asks for.
 pub fn sources(cfg: &RunConfig) -> anyhow::Result<Vec<Box<dyn Source>>> {
     let mut out: Vec<Box<dyn Source>> = Vec::new();
@@ -135,6 +155,7 @@ pub fn run(
         threads.push(
             std::thread::Builder::new()
                 .name(name.into())
+                .stack_size(SOURCE_STACK)
                 .spawn(move || supervise::run(src, ctx, rebuild))?,
         );
     }
@@ -157,11 +178,15 @@ pub fn run(
             ..Default::default()
         };
         let post: Arc<dyn diag::Post> = Arc::new(sender.diag_poster());
-        let (identity, spool) = (ctx.identity.clone(), spool.clone());
+        let src = diag::DiagSource::new(diag_link, probes, post);
+        let again = src.clone();
+        let rebuild = move || Ok(Some(Box::new(again.clone()) as Box<dyn Source>));
+        let ctx = ctx.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("diag".into())
-                .spawn(move || diag::run(diag_link, probes, identity, post, || spool.stopping()))?,
+                .stack_size(SOURCE_STACK)
+                .spawn(move || supervise::run(Box::new(src), ctx, rebuild))?,
         );
     }
     sender.max_in_flight = cfg.max_in_flight;

@@ -708,6 +708,8 @@ impl Source for MetricsSource {
                 Err(crate::spool::SpoolError::Stopping) => return Ok(()),
                 Err(e) => tracing::error!(error = %e, "could not queue metrics"),
             }
+            // Once an interval, for the whole agent: the other sources' bursts freed memory too.
+            crate::release_free_memory();
             let wait = jitter
                 .spread(ctx.interval)
                 .saturating_sub(started.elapsed());

@@ -54,6 +54,7 @@ pub struct Procs {
     last: Option<(Instant, u64)>,
     users: HashMap<u32, String>,
     users_loaded: Option<Instant>,
+    users_mtime: Option<std::time::SystemTime>,
     clk_tck: u64,
     page_size: u64,
     self_pid: u32,
@@ -77,6 +78,7 @@ impl Procs {
             last: None,
             users: HashMap::new(),
             users_loaded: None,
+            users_mtime: None,
             clk_tck: if tck > 0 { tck as u64 } else { 100 },
             page_size: if page > 0 { page as u64 } else { 4096 },
             self_pid: std::process::id(),
@@ -247,14 +249,21 @@ impl Procs {
         parse_stat(&self.buf)
     }
 
-    /// The name of a uid from /etc/passwd, reread at most once a minute when a uid is unknown.
+    /// The name of a uid from /etc/passwd. An unknown uid rereads the file only when its
+    /// mtime changed, and at most once a minute: a process whose uid has no name (a
+    /// container's) then costs one stat, not a parse of the file every interval.
     fn user(&mut self, uid: u32) -> String {
         if !self.users.contains_key(&uid)
             && self
                 .users_loaded
                 .is_none_or(|t| t.elapsed().as_secs() >= 60)
         {
-            self.users = read_passwd(Path::new("/etc/passwd"));
+            let passwd = Path::new("/etc/passwd");
+            let mtime = std::fs::metadata(passwd).and_then(|m| m.modified()).ok();
+            if self.users_loaded.is_none() || mtime != self.users_mtime {
+                self.users = read_passwd(passwd);
+                self.users_mtime = mtime;
+            }
             self.users_loaded = Some(Instant::now());
         }
         self.users

@@ -125,7 +125,26 @@ pub struct Spool {
     next_seq: AtomicU64,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Only [`Spool::stop`] notifies this one: a thread in [`Spool::sleep`] is not woken by
+    /// every push and ack as waiters on `changed` are.
+    stopped: Condvar,
     pub stats: Stats,
+    /// Called once by [`Spool::stop`], so a thread that sleeps on something else than this
+    /// spool (inotify, /dev/kmsg, a request queue) is woken by the stop instead of polling for it.
+    stop_hooks: StopHooks,
+}
+
+type StopHook = Box<dyn Fn() + Send + Sync>;
+
+/// One hook per name: a source started again replaces its old hook instead of adding one.
+#[derive(Default)]
+struct StopHooks(Mutex<BTreeMap<&'static str, StopHook>>);
+
+impl std::fmt::Debug for StopHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_list().entries(g.keys()).finish()
+    }
 }
 
 /// How many seqs one save of the `seq` file covers: one fsync per this many batches.
@@ -205,7 +224,9 @@ impl Spool {
                 freed_at_failure: 0,
             }),
             changed: Condvar::new(),
+            stopped: Condvar::new(),
             stats: Stats::default(),
+            stop_hooks: StopHooks::default(),
         })
     }
 
@@ -784,6 +805,27 @@ impl Spool {
     pub fn stop(&self) {
         self.inner.lock().unwrap().stopping = true;
         self.changed.notify_all();
+        self.stopped.notify_all();
+        let hooks = self.stop_hooks.0.lock().unwrap_or_else(|e| e.into_inner());
+        for h in hooks.values() {
+            h();
+        }
+    }
+
+    /// Run `wake` when the agent stops (at once if it is stopping already). `name` keys it:
+    /// registering the same name again replaces the hook.
+    pub fn on_stop(&self, name: &'static str, wake: impl Fn() + Send + Sync + 'static) {
+        self.stop_hooks
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, Box::new(wake));
+        if self.stopping() {
+            let hooks = self.stop_hooks.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = hooks.get(name) {
+                h();
+            }
+        }
     }
 
     pub fn stopping(&self) -> bool {
@@ -797,7 +839,7 @@ impl Spool {
             return true;
         }
         let g = self
-            .changed
+            .stopped
             .wait_timeout_while(g, d, |i| !i.stopping)
             .unwrap()
             .0;

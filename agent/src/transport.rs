@@ -215,6 +215,22 @@ pub struct Sender {
     diag_link: crate::diag::DiagLink,
 }
 
+/// Stack of a sending thread: a TLS handshake runs on it (the default is 2 MiB; only touched
+/// pages cost memory).
+const SEND_STACK: usize = if cfg!(debug_assertions) {
+    2 << 20
+} else {
+    1 << 20
+};
+
+/// The sending threads: the queue they take batches from and how many run.
+struct Pool {
+    rx: Arc<std::sync::Mutex<mpsc::Receiver<(usize, Entry)>>>,
+    started: usize,
+    /// A thread could not be started: no more are tried.
+    failed: bool,
+}
+
 /// The sender's HTTP client as the diagnostics worker sees it.
 #[derive(Debug, Clone)]
 pub struct DiagPoster(Arc<Client>);
@@ -294,21 +310,20 @@ impl Sender {
         self.client.send(idx, entry)
     }
 
-    /// Start the sending threads: each takes a batch, sends it, reports the outcome. Returns
-    /// where to hand them batches and how many started (0: send on the dispatcher itself).
-    fn workers(&self, tx: &mpsc::Sender<Msg>) -> (mpsc::Sender<(usize, Entry)>, usize) {
-        let (work_tx, work_rx) = mpsc::channel::<(usize, Entry)>();
-        let work_rx = Arc::new(std::sync::Mutex::new(work_rx));
-        let mut started = 0;
-        for i in 0..self.max_in_flight.max(1) {
+    /// Start sending threads until `want` run (at most `max_in_flight`): each takes a
+    /// batch, sends it, reports the outcome. Started on demand, so an idle agent whose
+    /// batches go out one at a time keeps one thread, not `max_in_flight`.
+    fn grow(&self, pool: &mut Pool, tx: &mpsc::Sender<Msg>, want: usize) {
+        while pool.started < want.min(self.max_in_flight.max(1)) && !pool.failed {
             let (client, tx, spool, work_rx) = (
                 self.client.clone(),
                 tx.clone(),
                 self.spool.clone(),
-                work_rx.clone(),
+                pool.rx.clone(),
             );
             let spawned = std::thread::Builder::new()
-                .name(format!("send-{i}"))
+                .name(format!("send-{}", pool.started))
+                .stack_size(SEND_STACK)
                 .spawn(move || loop {
                     // The lock is held only while waiting for the next batch.
                     let next = work_rx
@@ -327,20 +342,24 @@ impl Sender {
                     spool.poke();
                 });
             match spawned {
-                Ok(_) => started += 1,
+                Ok(_) => pool.started += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a sending thread; fewer batches go out at once");
-                    break;
+                    pool.failed = true;
                 }
             }
         }
-        (work_tx, started)
     }
 
     /// Until the agent stops: send, settle acks in order, back off, fail over.
     pub fn run(&self) {
         let (tx, rx) = mpsc::channel::<Msg>();
-        let (work, senders) = self.workers(&tx);
+        let (work, work_rx) = mpsc::channel::<(usize, Entry)>();
+        let mut pool = Pool {
+            rx: Arc::new(std::sync::Mutex::new(work_rx)),
+            started: 0,
+            failed: false,
+        };
         let mut st = State {
             inflight: BTreeSet::new(),
             retry: BTreeSet::new(),
@@ -381,15 +400,19 @@ impl Sender {
             }
             let window = if st.fails > 0 {
                 1
+            } else if pool.failed {
+                self.max_in_flight.min(pool.started.max(1))
             } else {
-                self.max_in_flight.min(senders.max(1))
+                self.max_in_flight.max(1)
             };
             let resting = st.retry_at.is_some_and(|t| now < t);
             if !resting && st.inflight.len() < window {
                 if let Some(entry) = self.next_entry(&mut st) {
+                    // One thread per batch in flight, started when first needed.
+                    self.grow(&mut pool, &tx, st.inflight.len() + 1);
                     st.inflight.insert(entry.seq);
                     let idx = st.active;
-                    if senders == 0 {
+                    if pool.started == 0 {
                         let seq = entry.seq;
                         let out = self.client.send(idx, &entry);
                         self.handle(&mut st, Msg::Sent { seq, idx, out });

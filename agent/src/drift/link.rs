@@ -21,10 +21,25 @@ struct Inner {
     /// Spool seq of the last full state queued (0: none). Acks of older batches were judged
     /// before that state reached the collector, so their requests are stale.
     answered: AtomicU64,
+    /// Wakes the drift source's wait when a resend is asked for, so it need not poll.
+    waker: Waker,
 }
 
-/// How often the drift source looks for a resend request between inotify events.
-pub const RESEND_POLL: Duration = Duration::from_millis(250);
+type Wake = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct Waker(Mutex<Option<Wake>>);
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().is_ok_and(|g| g.is_some());
+        f.write_str(if set { "Waker(set)" } else { "Waker(none)" })
+    }
+}
+
+/// Longest the drift source waits between inotify events before it looks for a resend
+/// request by itself; the request normally wakes it at once (see [`DriftLink::set_waker`]).
+pub const RESEND_POLL: Duration = Duration::from_secs(30);
 
 impl DriftLink {
     /// The root of the drift source's latest scan or event, once it has one.
@@ -44,7 +59,15 @@ impl DriftLink {
     pub fn on_ack(&self, ack: &Ack) {
         if ack.resend_drift && ack.accepted >= self.0.answered.load(Ordering::SeqCst) {
             self.0.resend.store(true, Ordering::SeqCst);
+            if let Some(w) = &*self.0.waker.0.lock().unwrap_or_else(|p| p.into_inner()) {
+                w();
+            }
         }
+    }
+
+    /// The drift source's wake-up, called after a resend request is noted.
+    pub fn set_waker(&self, wake: impl Fn() + Send + Sync + 'static) {
+        *self.0.waker.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(wake));
     }
 
     /// True once per request: the drift source then queues its full state.

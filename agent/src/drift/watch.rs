@@ -197,6 +197,8 @@ impl DriftSource {
         report.drift = Some(self.state(tree, note));
         let prev = ctx.drift_link.sending_full();
         let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
+        // The state's entries, JSON and gzip were the largest buffers an idle agent has.
+        crate::release_free_memory();
         ctx.drift_link
             .sent_full(prev, pushed.as_ref().ok().copied().flatten());
         match pushed {
@@ -252,11 +254,28 @@ impl Source for DriftSource {
     }
 
     fn run(self: Box<Self>, ctx: Ctx) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::channel();
+        // inotify's events, and `None` to wake the wait: a resend request or the agent
+        // stopping, so an idle box's drift thread sleeps until something happens.
+        let (tx, rx) = mpsc::channel::<Option<notify::Result<Event>>>();
         let config = Config::default()
             .with_follow_symlinks(false)
             .with_event_kinds(EventKindMask::CORE);
-        let mut watcher = notify::RecommendedWatcher::new(tx, config)?;
+        let events = tx.clone();
+        let mut watcher = notify::RecommendedWatcher::new(
+            move |ev| {
+                // The receiver is gone only when this source is ending.
+                events.send(Some(ev)).ok();
+            },
+            config,
+        )?;
+        let wake = std::sync::Mutex::new(tx.clone());
+        ctx.drift_link.set_waker(move || {
+            wake.lock().map(|t| t.send(None)).ok();
+        });
+        let wake = std::sync::Mutex::new(tx);
+        ctx.spool.on_stop("drift", move || {
+            wake.lock().map(|t| t.send(None)).ok();
+        });
         // Watches go in before the first scan, so nothing changes unseen between the two.
         let degraded = self.watch_all(&mut watcher);
         if degraded.is_some() {
@@ -283,10 +302,10 @@ impl Source for DriftSource {
                 next_full = now + rescan_every;
                 degraded.clone()
             } else {
-                // Short waits so a stop and a resend request are noticed promptly.
+                // A stop or a resend request sends `None`; the timeout is a backstop.
                 let first = match rx.recv_timeout((next_full - now).min(super::link::RESEND_POLL)) {
-                    Ok(ev) => ev,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) | Err(mpsc::RecvTimeoutError::Timeout) => {
                         if self.answer_resend(
                             &ctx,
                             &tree,
@@ -304,8 +323,9 @@ impl Source for DriftSource {
                 let mut batch = vec![first];
                 while start.elapsed() < MAX_BATCH {
                     match rx.recv_timeout(QUIET.min(MAX_BATCH.saturating_sub(start.elapsed()))) {
-                        Ok(ev) => batch.push(ev),
-                        Err(_) => break,
+                        Ok(Some(ev)) => batch.push(ev),
+                        // A stop or a resend: this batch is applied and pushed first.
+                        Ok(None) | Err(_) => break,
                     }
                 }
                 match self.apply(&mut tree, batch) {

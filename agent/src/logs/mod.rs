@@ -352,6 +352,7 @@ impl Tailer {
         }
         t.scan(now, first_start && !t.opts.from_start);
         t.watch.set_dirs(t.dirs.clone());
+        t.watch.wake_on_stop(&t.ctx.spool);
         // A line written between the scan and the watches going in raised no event.
         for f in &mut t.files {
             f.pending |= f.file.is_some();
@@ -586,10 +587,8 @@ impl Tailer {
             return Ok(());
         }
         let mut report = self.ctx.report();
-        report.logs = std::mem::replace(
-            &mut self.batch.lines,
-            Vec::with_capacity(self.opts.max_batch_lines.min(1024)),
-        );
+        // Grown as lines come: an idle box's batches of a line or two keep no room for 1,024.
+        report.logs = std::mem::take(&mut self.batch.lines);
         let n = report.logs.len() as u64;
         self.batch.bytes = 0;
         self.batch.started = None;

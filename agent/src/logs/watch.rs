@@ -17,8 +17,9 @@ use crate::spool::Spool;
 
 /// Paths remembered between two rounds; past this the next round is a full one instead.
 const MAX_PATHS: usize = 16 * 1024;
-/// Longest a wait sleeps before looking whether the agent stops.
-const STOP_CHECK: Duration = Duration::from_secs(1);
+/// Longest a wait sleeps before looking whether the agent stops. The spool's stop hook wakes
+/// the wait at once; this is only a backstop, and the safety poll comes sooner anyway.
+const STOP_CHECK: Duration = Duration::from_secs(60);
 
 /// What happened since the tailer last looked.
 #[derive(Debug, Default)]
@@ -152,6 +153,16 @@ impl Watch {
     pub(super) fn take(&self) -> Events {
         let mut g = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut *g)
+    }
+
+    /// From now on the agent stopping wakes [`Watch::wait`] at once.
+    pub(super) fn wake_on_stop(&self, spool: &Spool) {
+        let s = self.shared.clone();
+        spool.on_stop("logs", move || {
+            // Under the lock: a waiter between its stop check and its wait cannot miss this.
+            let _g = s.events.lock().unwrap_or_else(|e| e.into_inner());
+            s.woken.notify_all();
+        });
     }
 
     /// Sleep until an event, `deadline`, or the agent stopping (true).
