@@ -292,6 +292,18 @@ fn credential_ok(c: &str) -> bool {
     (32..=256).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_graphic())
 }
 
+fn no_credential() -> Refusal {
+    Refusal::Forbidden(format!(
+        "no instance credential: this collector runs --identity tofu, so reports must carry the agent's {CREDENTIAL_HEADER} header (upgrade phoenix-agent, or start the collector with --identity shared)"
+    ))
+}
+
+fn no_aws_document() -> Refusal {
+    Refusal::Forbidden(format!(
+        "this collector runs --identity aws: send the EC2 instance identity document and signature ({AWS_DOCUMENT_HEADER}, {AWS_SIGNATURE_HEADER}; phoenix-agent run --identity aws)"
+    ))
+}
+
 impl Gate {
     /// Load the enrolments the store kept.
     pub fn open(
@@ -350,6 +362,33 @@ impl Gate {
         self.len() == 0
     }
 
+    /// Before the body is read: the rate-limit key of the proof this request carries of who
+    /// sent it, or the refusal it would get after decoding anyway (no proof at all). Only a
+    /// proof the sender holds keys a bucket, so a forger cannot spend its victim's:
+    /// the credential's hash (tofu), the signature's (aws), the client certificate's (mtls).
+    /// `shared` has none: only the token and the peer address limit it.
+    pub fn caller_key(
+        &self,
+        p: &Presented,
+        cert: Option<&crate::tls::PeerCert>,
+    ) -> Result<Option<String>, Refusal> {
+        match &self.mode {
+            Mode::Tofu => match p.credential {
+                Some(c) => Ok(Some(format!("cred/{}", hex(&sha256(c))))),
+                None => Err(no_credential()),
+            },
+            Mode::Aws(_) => match (p.aws_document, p.aws_signature) {
+                (Some(_), Some(s)) => Ok(Some(format!("aws/{}", hex(&sha256(s))))),
+                _ => Err(no_aws_document()),
+            },
+            Mode::Mtls => Ok(cert.map(|c| {
+                let d = ring::digest::digest(&ring::digest::SHA256, c.0.as_ref());
+                format!("cert/{}", hex(d.as_ref()))
+            })),
+            Mode::Shared => Ok(None),
+        }
+    }
+
     /// May this request speak for `instance_id`? Enrols it on its first report.
     pub fn admit(
         &self,
@@ -360,9 +399,7 @@ impl Gate {
         let cred = match &self.mode {
             Mode::Tofu => {
                 let Some(c) = p.credential else {
-                    return Err(Refusal::Forbidden(format!(
-                        "no instance credential: this collector runs --identity tofu, so reports must carry the agent's {CREDENTIAL_HEADER} header (upgrade phoenix-agent, or start the collector with --identity shared)"
-                    )));
+                    return Err(no_credential());
                 };
                 if !credential_ok(c) {
                     return Err(Refusal::Forbidden(format!(
@@ -373,9 +410,7 @@ impl Gate {
             }
             Mode::Aws(v) => {
                 let (Some(d), Some(s)) = (p.aws_document, p.aws_signature) else {
-                    return Err(Refusal::Forbidden(format!(
-                        "this collector runs --identity aws: send the EC2 instance identity document and signature ({AWS_DOCUMENT_HEADER}, {AWS_SIGNATURE_HEADER}; phoenix-agent run --identity aws)"
-                    )));
+                    return Err(no_aws_document());
                 };
                 let doc = v.verify(d, s).map_err(Refusal::Forbidden)?;
                 if doc.instance_id != instance_id {
