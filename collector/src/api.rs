@@ -124,12 +124,14 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
         }
     }
     // Before anything the report could change (rate buckets, dedupe, fleet state, points).
-    let presented = crate::identity::Presented::from_headers(&headers);
-    if let Err(r) = s.identity.admit(
+    if let Err(r) = crate::identity::http::admit(
+        &s.identity,
         &report.agent.instance_id,
-        &presented,
+        &headers,
         crate::fleet::clock::wall_now_ms(),
-    ) {
+    )
+    .await
+    {
         match &r {
             crate::identity::Refusal::Forbidden(why) => {
                 tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
@@ -151,28 +153,32 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
     {
         return crate::security::too_many(wait, &format!("instance {}", report.agent.instance_id));
     }
-    if s.fleet.is_stored(&report.agent, report.seq) {
-        return crate::selfmetrics::duplicate(
-            Json(Ack {
-                accepted: report.seq,
-                duplicate: true,
-                rejected_points: 0,
-                // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
-                resend_drift: s
-                    .fleet
-                    .admit(&report, None, report.drift_root.clone())
-                    .resend_drift,
-                diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
-            })
-            .into_response(),
-        );
+    // The fleet calls below take the fleet's lock: see `may_block`.
+    let dup = crate::app::may_block(|| {
+        s.fleet.is_stored(&report.agent, report.seq).then(|| Ack {
+            accepted: report.seq,
+            duplicate: true,
+            rejected_points: 0,
+            // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
+            resend_drift: s
+                .fleet
+                .admit(&report, None, report.drift_root.clone())
+                .resend_drift,
+            diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
+        })
+    });
+    if let Some(ack) = dup {
+        return crate::selfmetrics::duplicate(Json(ack).into_response());
     }
-    let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
-    // Proof of life at arrival, before (and whatever becomes of) the write: a store that
-    // cannot take points is no sign that the instance is dead.
-    let admission = s
-        .fleet
-        .admit(&report, drift.clone(), report.drift_root.clone());
+    let (drift, admission) = crate::app::may_block(|| {
+        let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
+        // Proof of life at arrival, before (and whatever becomes of) the write: a store that
+        // cannot take points is no sign that the instance is dead.
+        let admission = s
+            .fleet
+            .admit(&report, drift.clone(), report.drift_root.clone());
+        (drift, admission)
+    });
     s.fleet
         .note_lateness(arrived.elapsed().as_millis().min(i64::MAX as u128) as i64);
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
@@ -216,14 +222,17 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Response {
             Err(_) => return unavailable(Duration::from_secs(5), "collector writer stopped"),
         }
     }
-    s.fleet.stored(&report.agent, report.seq);
-    s.obs.logs.record(&report.agent.instance_id, &report.logs);
+    let diagnostics = crate::app::may_block(|| {
+        s.fleet.stored(&report.agent, report.seq);
+        s.obs.logs.record(&report.agent.instance_id, &report.logs);
+        s.fleet.diagnostics_for_ack(&report.agent)
+    });
     Json(Ack {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
         resend_drift: admission.resend_drift,
-        diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
+        diagnostics,
     })
     .into_response()
 }
@@ -634,10 +643,13 @@ async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Response {
             return error(StatusCode::FORBIDDEN, why);
         }
     }
-    let presented = crate::identity::Presented::from_headers(&headers);
-    if let Err(r) = s
-        .identity
-        .admit(&instance, &presented, crate::fleet::clock::wall_now_ms())
+    if let Err(r) = crate::identity::http::admit(
+        &s.identity,
+        &instance,
+        &headers,
+        crate::fleet::clock::wall_now_ms(),
+    )
+    .await
     {
         return r.into_response();
     }

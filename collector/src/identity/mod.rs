@@ -244,6 +244,9 @@ pub enum Admitted {
 struct Known {
     /// SHA-256 of the credential (tofu only).
     cred: Option<[u8; 32]>,
+    /// Its enrolment is being written to the store (outside the lock: an fsync per new id
+    /// under it would stall every report of every known id behind a flood of new ones).
+    pending: bool,
     enrolled_ms: i64,
     first_ms: i64,
     last_ms: i64,
@@ -323,6 +326,7 @@ impl Gate {
                 id,
                 Known {
                     cred: Some(cred),
+                    pending: false,
                     enrolled_ms: e.enrolled_ms,
                     first_ms: e.enrolled_ms.min(now_ms),
                     last_ms: now_ms,
@@ -432,6 +436,12 @@ impl Gate {
                     )));
                 }
             }
+            if k.pending {
+                // Not yet durable: answering it now could let a crash hand the id to another.
+                return Err(Refusal::Store(format!(
+                    "the enrolment of {instance_id:?} is being recorded; retry"
+                )));
+            }
             k.last_ms = k.last_ms.max(now_ms);
             return Ok(Admitted::Known);
         }
@@ -448,29 +458,66 @@ impl Gate {
                 self.limits.max_instances
             )));
         }
-        if let Some(c) = &cred {
-            let e = Enrolment {
-                credential_sha256: hex(c),
-                enrolled_ms: now_ms,
-            };
-            if let Err(e) = self.store.enrolled(instance_id, &e) {
-                tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
-                return Err(Refusal::Store(format!(
-                    "cannot record the enrolment now ({e}); keep the batch and retry"
-                )));
-            }
-            tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
-        }
+        // Claimed now (the cap counts it, a rival credential is refused), durable below.
         g.insert(
             instance_id.to_owned(),
             Known {
                 cred,
+                pending: cred.is_some(),
                 enrolled_ms: now_ms,
                 first_ms: now_ms,
                 last_ms: now_ms,
             },
         );
-        Ok(Admitted::New)
+        drop(g);
+        let Some(c) = &cred else {
+            return Ok(Admitted::New);
+        };
+        let e = Enrolment {
+            credential_sha256: hex(c),
+            enrolled_ms: now_ms,
+        };
+        let written = self.store.enrolled(instance_id, &e);
+        let mut g = self.known.lock().unwrap();
+        let ours = g.get(instance_id).map(|k| k.pending && k.cred == cred);
+        match (written, ours) {
+            (Ok(()), Some(true)) => {
+                if let Some(k) = g.get_mut(instance_id) {
+                    k.pending = false;
+                }
+                drop(g);
+                tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
+                Ok(Admitted::New)
+            }
+            (Ok(()), None) => {
+                // Reset while it was being written: the store must not keep it either.
+                drop(g);
+                if let Err(e) = self.store.removed(instance_id) {
+                    tracing::warn!(error = %e, instance_id = %instance_id, "cannot record the reset of an enrolment made meanwhile");
+                }
+                Err(Refusal::Store(format!(
+                    "the enrolment of {instance_id:?} was reset while it was recorded; retry"
+                )))
+            }
+            (Ok(()), Some(false)) => Err(Refusal::Store(format!(
+                "the enrolment of {instance_id:?} changed while it was recorded; retry"
+            ))),
+            (Err(e), ours) => {
+                if ours == Some(true) {
+                    g.remove(instance_id);
+                }
+                drop(g);
+                tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
+                Err(Refusal::Store(format!(
+                    "cannot record the enrolment now ({e}); keep the batch and retry"
+                )))
+            }
+        }
+    }
+
+    /// Whether `instance_id` is known (a report for it cannot enrol, so the store is not written).
+    pub fn is_known(&self, instance_id: &str) -> bool {
+        self.known.lock().unwrap().contains_key(instance_id)
     }
 
     /// Forget an id's enrolment, so the next report for it enrols afresh. `Ok(false)` when
