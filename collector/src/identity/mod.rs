@@ -367,29 +367,23 @@ impl Gate {
     }
 
     /// Before the body is read: the rate-limit key of the proof this request carries of who
-    /// sent it, or the refusal it would get after decoding anyway (no proof at all). Only a
-    /// proof the sender holds keys a bucket, so a forger cannot spend its victim's:
-    /// the credential's hash (tofu), the signature's (aws), the client certificate's (mtls).
-    /// `shared` has none: only the token and the peer address limit it.
-    pub fn caller_key(
-        &self,
-        p: &Presented,
-        cert: Option<&crate::tls::PeerCert>,
-    ) -> Result<Option<String>, Refusal> {
+    /// sent it. Only a proof the sender holds keys a bucket, so a forger cannot spend its
+    /// victim's: the credential's hash (tofu), the signature's (aws), the client
+    /// certificate's (mtls). `shared` has none, nor a request without its mode's proof (that
+    /// one is refused after decoding, whose 400s come first): only the token and the peer
+    /// address limit those.
+    pub fn caller_key(&self, p: &Presented, cert: Option<&crate::tls::PeerCert>) -> Option<String> {
         match &self.mode {
-            Mode::Tofu => match p.credential {
-                Some(c) => Ok(Some(format!("cred/{}", hex(&sha256(c))))),
-                None => Err(no_credential()),
-            },
-            Mode::Aws(_) => match (p.aws_document, p.aws_signature) {
-                (Some(_), Some(s)) => Ok(Some(format!("aws/{}", hex(&sha256(s))))),
-                _ => Err(no_aws_document()),
-            },
-            Mode::Mtls => Ok(cert.map(|c| {
+            Mode::Tofu => p.credential.map(|c| format!("cred/{}", hex(&sha256(c)))),
+            Mode::Aws(_) => p
+                .aws_document
+                .and(p.aws_signature)
+                .map(|s| format!("aws/{}", hex(&sha256(s)))),
+            Mode::Mtls => cert.map(|c| {
                 let d = ring::digest::digest(&ring::digest::SHA256, c.0.as_ref());
                 format!("cert/{}", hex(d.as_ref()))
-            })),
-            Mode::Shared => Ok(None),
+            }),
+            Mode::Shared => None,
         }
     }
 
