@@ -711,21 +711,23 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
             .as_u64()
             .is_some_and(|n| n >= want)
             .then_some(a)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no instance-cap alert for {outcomes:?}: {}",
-            c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body
-        )
     });
     eprintln!(
-        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during ({lists} reads), {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}; instance-cap alert: {}",
+        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during ({lists} reads), {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}; instance-cap alert: {:?}",
         peak_kib / 1024,
         worst_list.as_millis(),
         list_after.as_millis(),
         stalled.as_millis(),
         calm_seen,
-        cap["message"]
+        cap.as_ref().map(|a| a["message"].clone())
+    );
+    // Figures first (above), then what must hold. The cap is reached only if the flood
+    // outruns the sweep that forgets ids silent for 15 min after a short life: on a box too
+    // loaded to send 12,000 reports in 15 min it is not, and this says so.
+    assert!(
+        cap.is_some(),
+        "no instance-cap alert for {outcomes:?} (flood took {flood_s:.0} s): {}",
+        c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body
     );
     assert!(
         peak_kib < 256 * 1024,
