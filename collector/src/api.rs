@@ -61,17 +61,35 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// The gates every agent request passes before its body is read: the agent token, the
-/// peer's rate limit and address, then the body within `--max-body`. Reports and
-/// diagnostics answers share them so they cannot drift apart.
+/// The gates every agent request passes before its body is read (so a flood costs hash
+/// lookups, not gunzips and parses), in every `--identity` mode: the agent token, the
+/// peer's rate limit, the token's, the caller proof's,
+/// then the body within `--max-body`. Reports and diagnostics answers share them so they
+/// cannot drift apart.
 async fn agent_request(
     s: &Shared,
     req: Request,
 ) -> Result<(HeaderMap, Option<crate::tls::PeerCert>, axum::body::Bytes), ApiError> {
     let headers = req.headers().clone();
-    authorize(s, &headers, &[Role::Agent])?;
+    let caller = authorize(s, &headers, &[Role::Agent])?;
     s.security.check_peer(&req)?;
     let peer = req.extensions().get::<crate::tls::PeerCert>().cloned();
+    let token = &caller.token_name;
+    if let Err(wait) = s.security.agent_tokens.check(&format!("token/{token}")) {
+        return Err(crate::security::too_many(
+            wait,
+            &format!("agent token {token} (--agent-token-rate-limit)"),
+        ));
+    }
+    let presented = crate::identity::Presented::from_headers(&headers);
+    if let Some(key) = s.identity.caller_key(&presented, peer.as_ref()) {
+        if let Err(wait) = s.security.callers.check(&key) {
+            return Err(crate::security::too_many(
+                wait,
+                "this instance's credential",
+            ));
+        }
+    }
     let body = read_body(req, s.max_body).await?;
     Ok((headers, peer, body))
 }
@@ -130,12 +148,14 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
         }
     }
     // Before anything the report could change (rate buckets, dedupe, fleet state, points).
-    let presented = crate::identity::Presented::from_headers(&headers);
-    if let Err(r) = s.identity.admit(
+    if let Err(r) = crate::identity::http::admit(
+        &s.identity,
         &report.agent.instance_id,
-        &presented,
+        &headers,
         crate::fleet::clock::wall_now_ms(),
-    ) {
+    )
+    .await
+    {
         match &r {
             crate::identity::Refusal::Forbidden(why) => {
                 tracing::warn!(instance_id = %report.agent.instance_id, reason = %why, "report refused: it cannot speak for this instance");
@@ -160,28 +180,32 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
             &format!("instance {}", report.agent.instance_id),
         ));
     }
-    if s.fleet.is_stored(&report.agent, report.seq) {
-        return Ok(crate::selfmetrics::duplicate(
-            Json(Ack {
-                accepted: report.seq,
-                duplicate: true,
-                rejected_points: 0,
-                // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
-                resend_drift: s
-                    .fleet
-                    .admit(&report, None, report.drift_root.clone())
-                    .resend_drift,
-                diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
-            })
-            .into_response(),
-        ));
+    // The fleet calls below take the fleet's lock: see `may_block`.
+    let dup = crate::app::may_block(|| {
+        s.fleet.is_stored(&report.agent, report.seq).then(|| Ack {
+            accepted: report.seq,
+            duplicate: true,
+            rejected_points: 0,
+            // Admit it anyway (a retry is a sign of life), and ask for drift if stale.
+            resend_drift: s
+                .fleet
+                .admit(&report, None, report.drift_root.clone())
+                .resend_drift,
+            diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
+        })
+    });
+    if let Some(ack) = dup {
+        return Ok(crate::selfmetrics::duplicate(Json(ack).into_response()));
     }
-    let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
-    // Proof of life at arrival, before (and whatever becomes of) the write: a store that
-    // cannot take points is no sign that the instance is dead.
-    let admission = s
-        .fleet
-        .admit(&report, drift.clone(), report.drift_root.clone());
+    let (drift, admission) = crate::app::may_block(|| {
+        let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
+        // Proof of life at arrival, before (and whatever becomes of) the write: a store that
+        // cannot take points is no sign that the instance is dead.
+        let admission = s
+            .fleet
+            .admit(&report, drift.clone(), report.drift_root.clone());
+        (drift, admission)
+    });
     s.fleet
         .note_lateness(arrived.elapsed().as_millis().min(i64::MAX as u128) as i64);
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
@@ -218,14 +242,17 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
             }
         }
     }
-    s.fleet.stored(&report.agent, report.seq);
-    s.obs.logs.record(&report.agent.instance_id, &report.logs);
+    let diagnostics = crate::app::may_block(|| {
+        s.fleet.stored(&report.agent, report.seq);
+        s.obs.logs.record(&report.agent.instance_id, &report.logs);
+        s.fleet.diagnostics_for_ack(&report.agent)
+    });
     Ok(Json(Ack {
         accepted: report.seq,
         duplicate: false,
         rejected_points: rejected,
         resend_drift: admission.resend_drift,
-        diagnostics: s.fleet.diagnostics_for_ack(&report.agent),
+        diagnostics,
     })
     .into_response())
 }
@@ -298,16 +325,72 @@ async fn post_baseline(
     }
 }
 
-async fn list_instances(State(s): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// Instances one `GET /v1/instances` answers without `?limit=`: a page of a 10,000-instance
+/// fleet, not all of it (10,000 summaries are megabytes of JSON to build per read, and slow
+/// every reader while a flood of new ids keeps the fleet full).
+pub const LIST_DEFAULT_LIMIT: usize = 1000;
+/// Most instances one page may ask for.
+pub const LIST_MAX_LIMIT: usize = 10_000;
+
+/// `?limit=&offset=` of the fleet list: (limit, offset), or why not.
+fn list_page(q: Option<&str>) -> Result<(usize, usize), String> {
+    let (mut limit, mut offset) = (LIST_DEFAULT_LIMIT, 0usize);
+    for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+        let n = || {
+            v.parse::<usize>().map_err(|_| {
+                format!(
+                    "{k}={:?} is not a whole number",
+                    phoenix_wire::cut_to(&v, 64)
+                )
+            })
+        };
+        match k.as_ref() {
+            "limit" => limit = n()?,
+            "offset" => offset = n()?,
+            other => {
+                return Err(format!(
+                    "unknown parameter {:?}: use limit and offset",
+                    phoenix_wire::cut_to(other, 64)
+                ))
+            }
+        }
+    }
+    if !(1..=LIST_MAX_LIMIT).contains(&limit) {
+        return Err(format!("limit must be 1 to {LIST_MAX_LIMIT}"));
+    }
+    Ok((limit, offset))
+}
+
+/// `GET /v1/instances?limit=&offset=`: a page of the fleet, sorted by instance id, from the
+/// published snapshot (never the fleet lock). `total` is the fleet's size; `next_offset` is
+/// where the next page starts (null on the last).
+async fn list_instances(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
     authorize(&s, &headers, &[Role::Recycler, Role::Reader])?;
+    let (limit, offset) = list_page(q.as_deref()).map_err(ApiError::BadRequest)?;
     /// Serialised straight from the snapshot: no `serde_json::Value` tree of the whole fleet.
     #[derive(serde::Serialize)]
     struct List<'a> {
         instances: Vec<&'a crate::fleet::view::InstanceSummary>,
+        total: usize,
+        offset: usize,
+        limit: usize,
+        next_offset: Option<usize>,
     }
     let v = s.fleet.view();
+    let total = v.instances.len();
+    let page = v.instances.iter().skip(offset).take(limit);
+    let instances: Vec<_> = page.map(|i| &i.summary).collect();
+    let end = offset.saturating_add(instances.len());
     let list = List {
-        instances: v.instances.iter().map(|i| &i.summary).collect(),
+        instances,
+        total,
+        offset,
+        limit,
+        next_offset: (end < total).then_some(end),
     };
     Ok(Json(list).into_response())
 }
@@ -525,9 +608,13 @@ async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Result<Respo
     if s.security.mtls {
         crate::tls::check_identity(peer.as_ref(), &instance).map_err(ApiError::Forbidden)?;
     }
-    let presented = crate::identity::Presented::from_headers(&headers);
-    s.identity
-        .admit(&instance, &presented, crate::fleet::clock::wall_now_ms())?;
+    crate::identity::http::admit(
+        &s.identity,
+        &instance,
+        &headers,
+        crate::fleet::clock::wall_now_ms(),
+    )
+    .await?;
     if let Err(wait) = s.security.limiter.check(&format!("instance/{instance}")) {
         return Err(crate::security::too_many(
             wait,
@@ -541,5 +628,179 @@ async fn post_diagnostics(State(s): State<Shared>, req: Request) -> Result<Respo
             Ok(Json(json!({ "accepted": id })).into_response())
         }
         Err(e) => Err(ApiError::Conflict(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Gate, Limits, Mode, NoStore};
+    use crate::security::{Limiter, Rate};
+    use std::sync::Arc;
+
+    const AGENT: &str = "agent-1";
+
+    /// One request a second (and a burst of one) for every limiter named.
+    fn one(on: bool) -> Limiter {
+        Limiter::new(on.then_some(Rate {
+            per_sec: 0.001,
+            burst: 1.0,
+        }))
+    }
+
+    fn aws_mode() -> Mode {
+        use rustls::pki_types::pem::PemObject;
+        let pem = include_bytes!("identity/testdata/aws-test-cert.pem");
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        Mode::Aws(crate::identity::aws::AwsVerifier::new(certs, vec![]).unwrap())
+    }
+
+    fn app(dir: &std::path::Path, mode: Mode, peers: bool, callers: bool, tokens: bool) -> Router {
+        let mut t = crate::auth::Tokens::default();
+        t.add(Role::Agent, AGENT);
+        let sink =
+            Arc::new(crate::sink::file::FileSink::new(dir.join("influx"), "phoenix").unwrap());
+        let mtls = matches!(mode, Mode::Mtls);
+        router(Arc::new(AppState {
+            identity: Arc::new(Gate::open(mode, Limits::default(), Box::new(NoStore), 0).unwrap()),
+            schema: Default::default(),
+            tokens: t,
+            baselines: crate::baselines::Baselines::open(&dir.join("baselines")).unwrap(),
+            writer: crate::writer::start(sink, crate::writer::Settings::default()),
+            fleet: Arc::new(crate::fleet::Fleet::in_memory(Default::default())),
+            limits: phoenix_wire::Limits::default(),
+            max_body: 1 << 20,
+            store: "test".into(),
+            security: crate::security::Security {
+                limiter: one(false),
+                peers: one(peers),
+                callers: one(callers),
+                agent_tokens: one(tokens),
+                mtls,
+            },
+            obs: Arc::new(crate::selfmetrics::Obs::default()),
+        }))
+    }
+
+    /// POST a body that is not gzip at all: a 400 says it was unzipped, anything else that
+    /// a gate before the gunzip answered.
+    async fn report(app: &Router, peer: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+        let mut b = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/reports")
+            .header("authorization", format!("Bearer {AGENT}"))
+            .header("content-encoding", "gzip");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(axum::body::Body::from("this is not gzip")).unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(
+            peer.parse::<std::net::SocketAddr>().unwrap(),
+        ));
+        req.extensions_mut().insert(crate::tls::PeerCert(Arc::new(
+            rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]),
+        )));
+        let r = tower_service::Service::call(&mut app.clone(), req)
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// What each mode's agents present.
+    fn proof(mode: &str) -> Vec<(&'static str, &'static str)> {
+        match mode {
+            "tofu" => vec![(
+                crate::identity::CREDENTIAL_HEADER,
+                "0123456789abcdef0123456789abcdef-box-a",
+            )],
+            "aws" => vec![
+                (crate::identity::AWS_DOCUMENT_HEADER, "ZG9j"),
+                (crate::identity::AWS_SIGNATURE_HEADER, "c2ln"),
+            ],
+            _ => vec![],
+        }
+    }
+
+    fn modes() -> Vec<(&'static str, Mode)> {
+        vec![
+            ("tofu", Mode::Tofu),
+            ("aws", aws_mode()),
+            ("mtls", Mode::Mtls),
+            ("shared", Mode::Shared),
+        ]
+    }
+
+    #[tokio::test]
+    async fn in_every_mode_the_peer_limit_answers_before_the_gunzip() {
+        for (name, mode) in modes() {
+            let d = tempfile::tempdir().unwrap();
+            let a = app(d.path(), mode, true, false, false);
+            let h = proof(name);
+            let (st, body) = report(&a, "10.0.0.1:5000", &h).await;
+            assert_eq!(
+                st,
+                StatusCode::BAD_REQUEST,
+                "{name}: unzipped first: {body}"
+            );
+            let (st, body) = report(&a, "10.0.0.1:5001", &h).await;
+            assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{name}: {body}");
+            assert!(body.contains("peer 10.0.0.1"), "{name}: {body}");
+            // Another peer has its own bucket.
+            let (st, _) = report(&a, "10.0.0.2:5000", &h).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn in_every_mode_the_agent_token_limit_answers_before_the_gunzip() {
+        for (name, mode) in modes() {
+            let d = tempfile::tempdir().unwrap();
+            let a = app(d.path(), mode, false, false, true);
+            let h = proof(name);
+            assert_eq!(
+                report(&a, "10.0.0.1:1", &h).await.0,
+                StatusCode::BAD_REQUEST
+            );
+            // From another peer: the token is the fleet's, wherever it is sent from.
+            let (st, body) = report(&a, "10.0.0.9:1", &h).await;
+            assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{name}: {body}");
+            assert!(body.contains("agent token"), "{name}: {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_caller_proof_limit_answers_before_the_gunzip_where_a_mode_has_one() {
+        for (name, mode) in modes() {
+            let d = tempfile::tempdir().unwrap();
+            let a = app(d.path(), mode, false, true, false);
+            let h = proof(name);
+            assert_eq!(
+                report(&a, "10.0.0.1:1", &h).await.0,
+                StatusCode::BAD_REQUEST
+            );
+            let (st, body) = report(&a, "10.0.0.2:1", &h).await;
+            if name == "shared" {
+                // Nothing says who sent it: only the token and peer limits apply.
+                assert_eq!(st, StatusCode::BAD_REQUEST, "{name}: {body}");
+                continue;
+            }
+            assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{name}: {body}");
+            assert!(body.contains("credential"), "{name}: {body}");
+            if name == "tofu" {
+                // Another box's credential is another bucket: a forger cannot spend its victim's.
+                let other = [(
+                    crate::identity::CREDENTIAL_HEADER,
+                    "0123456789abcdef0123456789abcdef-box-b",
+                )];
+                assert_eq!(
+                    report(&a, "10.0.0.2:1", &other).await.0,
+                    StatusCode::BAD_REQUEST
+                );
+            }
+        }
     }
 }

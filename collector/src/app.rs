@@ -89,3 +89,16 @@ pub async fn read_body(req: Request, max: usize) -> Result<Bytes, ApiError> {
             ))
         })
 }
+
+/// Run `f`, which may wait for the fleet's lock (a queue pass over a large fleet holds it for
+/// a while), without holding an async worker hostage: on the multi-threaded runtime the
+/// worker first hands its other tasks (readers, known agents, the accept loop) to another
+/// thread. Under a flood of reports this is what keeps `GET /v1/instances` answering.
+pub fn may_block<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}

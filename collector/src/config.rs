@@ -237,6 +237,10 @@ pub struct Args {
     /// Reports per peer address, checked before the body is read, e.g. 200/s or off [default: 500/s].
     #[arg(long, env = "PHOENIX_PEER_RATE_LIMIT")]
     pub peer_rate_limit: Option<String>,
+    /// Reports per agent token (a fleet's, when it shares one), checked before the body is
+    /// read, e.g. 2000/s or off [default: 5000/s].
+    #[arg(long, env = "PHOENIX_AGENT_TOKEN_RATE_LIMIT")]
+    pub agent_token_rate_limit: Option<String>,
     /// Share fleet state with other collectors in PostgreSQL, e.g.
     /// postgres://phoenix@db.internal:5432/phoenix (the schema is created and migrated by the
     /// collector). Every role's token must then be given (generated ones are single-node).
@@ -280,6 +284,7 @@ pub struct Config {
     /// Connection cap and timeouts of the listener.
     pub listen_limits: crate::listen::Limits,
     pub peer_rate_limit: Option<crate::security::Rate>,
+    pub agent_token_rate_limit: Option<crate::security::Rate>,
     /// `--fleet-store`; None: embedded (`<data-dir>/fleet.json`).
     pub fleet_store: Option<FleetStoreConfig>,
 }
@@ -469,6 +474,11 @@ impl Args {
             None,
         )
         .map_err(|e| anyhow::anyhow!(e.replace("--rate-limit", "--peer-rate-limit")))?;
+        let agent_token_rate_limit = crate::security::Rate::parse(
+            pick!(agent_token_rate_limit).as_deref().unwrap_or("5000/s"),
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!(e.replace("--rate-limit", "--agent-token-rate-limit")))?;
         let fleet_store = match pick!(fleet_store) {
             None => None,
             Some(url) => {
@@ -486,6 +496,7 @@ impl Args {
             identity,
             listen_limits,
             peer_rate_limit,
+            agent_token_rate_limit,
             tls,
             rate_limit,
             max_points,

@@ -216,6 +216,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         security: security::Security {
             limiter: security::Limiter::new(cfg.rate_limit),
             peers: security::Limiter::new(cfg.peer_rate_limit),
+            callers: security::Limiter::new(cfg.rate_limit),
+            agent_tokens: security::Limiter::new(cfg.agent_token_rate_limit),
             mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         },
         obs,

@@ -126,6 +126,11 @@ pub struct Security {
     pub limiter: Limiter,
     /// Reports per peer address, taken before the body is read or unzipped.
     pub peers: Limiter,
+    /// Agent requests per caller proof (see [`crate::identity::Gate::caller_key`]), before
+    /// the body: `--rate-limit`.
+    pub callers: Limiter,
+    /// Agent requests per agent token, before the body: `--agent-token-rate-limit`.
+    pub agent_tokens: Limiter,
     /// `--client-ca` is set: a report's instance id must match the client certificate.
     pub mtls: bool,
 }
@@ -135,6 +140,8 @@ impl Default for Security {
         Security {
             limiter: Limiter::new(None),
             peers: Limiter::new(None),
+            callers: Limiter::new(None),
+            agent_tokens: Limiter::new(None),
             mtls: false,
         }
     }

@@ -696,7 +696,10 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
     let t = Instant::now();
     let list = c.get("/v1/instances", Some(READER_TOKEN));
     let list_after = t.elapsed();
-    let known = list.json()["instances"].as_array().unwrap().len();
+    let list = list.json();
+    let known = list["total"].as_u64().unwrap() as usize;
+    let page = list["instances"].as_array().unwrap().len();
+    assert!(page <= 1000, "a page of {page} instances by default");
     peak_kib = peak_kib.max(trust::peak_rss_kib(pid).unwrap_or(0));
     let outcomes = outcomes.lock().unwrap().clone();
     // The refusals at the cap are an alert for operators in the queue the recycler reads
@@ -709,29 +712,35 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
             .as_u64()
             .is_some_and(|n| n >= want)
             .then_some(a)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no instance-cap alert for {outcomes:?}: {}",
-            c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body
-        )
     });
     eprintln!(
-        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during ({lists} reads), {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}; instance-cap alert: {}",
+        "FLOOD: {total} reports in {flood_s:.1} s, outcomes {outcomes:?}; collector peak RSS {} MiB; fleet list worst {} ms during ({lists} reads), {} ms after ({known} instances); calm agent longest stall {} ms, reports {:?}; instance-cap alert: {:?}",
         peak_kib / 1024,
         worst_list.as_millis(),
         list_after.as_millis(),
         stalled.as_millis(),
         calm_seen,
-        cap["message"]
+        cap.as_ref().map(|a| a["message"].clone())
+    );
+    // Figures first (above), then what must hold. The cap is reached only if the flood
+    // outruns the sweep that forgets ids silent for 15 min after a short life: on a box too
+    // loaded to send 12,000 reports in 15 min it is not, and this says so.
+    assert!(
+        cap.is_some(),
+        "no instance-cap alert for {outcomes:?} (flood took {flood_s:.0} s): {}",
+        c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body
     );
     assert!(
         peak_kib < 256 * 1024,
         "collector peak RSS {} MiB",
         peak_kib / 1024
     );
-    // The list is served from the fleet's published snapshot. During the flood it measured
-    // 1.4 s worst (debug build, loaded 2-core box): printed above, not yet under 1 s.
+    // The list is a page of the fleet's published snapshot, and new ids enrol off the async
+    // threads that serve it: the slowest of the reads during the flood, and the one after.
+    assert!(
+        worst_list < Duration::from_secs(1),
+        "fleet list took {worst_list:?} at worst during the flood ({lists} reads)"
+    );
     assert!(
         list_after < Duration::from_secs(1),
         "fleet list took {list_after:?}"
@@ -752,5 +761,83 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
     assert!(
         stalled < Duration::from_secs(10),
         "calm agent stalled {stalled:?}: {calm_seen:?}"
+    );
+}
+
+#[test]
+fn made_up_ids_that_go_silent_raise_no_mass_event_and_a_real_drift_is_still_marked() {
+    let c = Collector::start(&["--grace", "2s", "--silent-after", "3s"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("app.conf"), "listen = 8080\n").unwrap();
+    let base = tmp.path().join("baseline.json");
+    bake(&tree, &base, "img-web", &c.url());
+    let watched = |id: &str| {
+        Agent::start(
+            &c.url(),
+            id,
+            &[
+                "--image-id",
+                "img-web",
+                "--group",
+                "web",
+                "--baseline",
+                base.to_str().unwrap(),
+                "--drift-path",
+                tree.to_str().unwrap(),
+                "--interval",
+                "1s",
+            ],
+        )
+    };
+    let calm = watched("i-web-real-1");
+    // 30 ids a token holder makes up in group web, one report each (each enrols), then silence.
+    for k in 0..30 {
+        let id = format!("i-web-fake-{k:02}");
+        let r = report(
+            Identity {
+                instance_id: id.clone(),
+                image_id: "img-web".into(),
+                group: Some("web".into()),
+                hostname: id.clone(),
+                boot_id: "b".into(),
+                version: "0".into(),
+                boot_time: 0,
+            },
+            1,
+        );
+        let cred = harness_credential(&id);
+        let resp = post_with(&c, &r, &[(CREDENTIAL_HEADER, cred.as_str())]);
+        assert_eq!(resp.status, 200, "{id}: {}", resp.body);
+    }
+    // Past their grace and --silent-after: shown silent, yet no mass event in web.
+    wait_for(Duration::from_secs(30), || {
+        let v = instance(&c, "i-web-fake-00")?;
+        (v["state"] == "unhealthy").then_some(())
+    })
+    .unwrap_or_else(|| panic!("made-up ids never shown silent"));
+    let q = c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).json();
+    assert_eq!(q["alerts"], serde_json::json!([]), "{q:#}");
+    assert!(
+        !q.to_string().contains("i-web-fake-"),
+        "a made-up id is marked or held: {q:#}"
+    );
+    // A real instance of web whose files drift is marked, not held.
+    std::fs::write(tree.join("app.conf"), "listen = 9090\n").unwrap();
+    let marked = wait_for(Duration::from_secs(30), || {
+        let q = c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).json();
+        assert_eq!(q["alerts"], serde_json::json!([]), "{q:#}");
+        q["marked"]
+            .as_array()?
+            .iter()
+            .any(|m| m["instance_id"] == "i-web-real-1" && m["reason"] == "drift")
+            .then_some(())
+    });
+    assert!(
+        marked.is_some(),
+        "the drifted real instance was not marked: {}\n{}",
+        c.get("/v1/phoenix", Some(RECYCLER_TOKEN)).body,
+        calm.log_text()
     );
 }

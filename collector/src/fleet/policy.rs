@@ -469,6 +469,28 @@ pub fn window_hold(w: &Windows, wall_ms: i64) -> Option<String> {
     ))
 }
 
+/// An instance that never reported past its grace period and has since been silent for more
+/// than three intervals (no mark standing): a box that died booting, or an id a token holder
+/// made up and abandoned. It counts in no group's size, bad count or not-ready share and is
+/// not marked for its silence (there may be no box to replace); the identity gate's sweep
+/// forgets it. One that reported past grace is a member, healthy or not: a rollout whose new
+/// boxes never get healthy must still raise a mass event.
+pub fn died_young(
+    f: &super::health::Facts,
+    silent_for_ms: i64,
+    rules: &super::health::Rules,
+    marked: bool,
+) -> bool {
+    let grace = super::health::ms(rules.grace);
+    let lived = f.last_seen_mono.saturating_sub(f.first_seen_mono);
+    let late = f.late_ms.max(0);
+    let suspect = super::health::interval_of(f.interval_ms)
+        .saturating_mul(3)
+        .saturating_add(late);
+    let silent = super::health::ms(rules.silent_after).saturating_add(late);
+    !marked && lived < grace && (silent_for_ms > suspect || silent_for_ms >= silent)
+}
+
 /// What a group has in disruption: marked or acked for any reason, and not ready (in grace).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Disruption {

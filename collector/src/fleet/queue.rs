@@ -167,13 +167,21 @@ pub fn evaluate(
     });
 
     // 1. Rules, marks that end, and each instance's own state.
-    // Verdicts in the map's iteration order, which stays the same until the map changes
-    // shape (nothing below inserts or removes): no id is copied or hashed for them.
+    // Verdicts (and whether each id died young) in the map's iteration order, which stays
+    // the same until the map changes shape (nothing below inserts or removes): no id is
+    // copied or hashed for them.
     let mut verdicts: Vec<health::Verdict> = Vec::with_capacity(instances.len());
+    let mut died_young: Vec<bool> = Vec::with_capacity(instances.len());
     for (id, i) in instances.iter_mut() {
         let f = facts(i, watch);
         let v = health::judge(&f, rules, now);
         let silent_for = health::silent_for_ms(&f, now);
+        died_young.push(policy::died_young(
+            &f,
+            silent_for,
+            rules,
+            i.phx.mark.is_some(),
+        ));
         let worst = v.worst().cloned();
         if worst.as_ref().map(|p| p.reason) != i.phx.problem.as_ref().map(|p| p.reason) {
             i.phx.problem_since_ms = worst.as_ref().map(|_| now_ms);
@@ -205,9 +213,12 @@ pub fn evaluate(
 
     // 2. Per group: size, bad, budget in use; mass events.
     let mut groups: BTreeMap<String, (GroupBudget, BTreeMap<String, usize>)> = BTreeMap::new();
-    for (i, v) in instances.values().zip(&verdicts) {
+    for ((i, v), young) in instances.values().zip(&verdicts).zip(&died_young) {
         let gone = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some());
-        if gone {
+        // An id that never reported past its grace and fell silent is no member of its
+        // group: 30 ids made up by a token holder and abandoned must not make a mass event
+        // (which holds every real mark in the group) nor fill the budget as "not ready".
+        if gone || *young {
             continue;
         }
         if !groups.contains_key(i.group()) {
@@ -299,7 +310,7 @@ pub fn evaluate(
     let mut candidates: Vec<(Reason, i64, String, usize)> = instances
         .iter()
         .enumerate()
-        .filter(|(_, (_, i))| i.phx.mark.is_none())
+        .filter(|(k, (_, i))| i.phx.mark.is_none() && !died_young.get(*k).copied().unwrap_or(false))
         .filter_map(|(k, (id, i))| {
             i.phx.problem.as_ref().map(|p| {
                 (
@@ -701,6 +712,47 @@ mod tests {
     }
 
     #[test]
+    fn made_up_ids_that_fall_silent_young_raise_no_mass_event_and_hold_no_mark() {
+        let mut s = Sim::new(Rules {
+            mass_event: 0.2,
+            ..quick()
+        });
+        let real = s.add("web", 4);
+        s.tick(3 * S, &[]);
+        // 30 ids a token holder made up: one report each, then nothing.
+        let fakes: Vec<String> = (0..30).map(|k| format!("i-fake-{k:02}")).collect();
+        for f in &fakes {
+            s.add_one("web", f);
+        }
+        let quiet: Vec<&str> = fakes.iter().map(String::as_str).collect();
+        // Well past their grace and --silent-after: silent, yet no members of web.
+        for _ in 0..8 {
+            let o = s.tick(S, &quiet);
+            assert!(o.new_marks.is_empty(), "{:?}", o.new_marks);
+            assert!(o.alerts_raised.is_empty(), "{:?}", o.alerts_raised);
+        }
+        assert_eq!(s.state(&fakes[0]), State::Unhealthy, "shown silent");
+        assert_eq!(s.fleet[&fakes[0]].phx.held, None);
+        let b = &s.q.budget["web"];
+        assert_eq!((b.size, b.bad, b.not_ready), (4, 0, 0), "{b:?}");
+        // A real drifted instance in web is still marked.
+        s.drift(&real[1], "/etc/app.conf");
+        let o = s.tick(S, &quiet);
+        assert_eq!(o.new_marks, vec![real[1].clone()]);
+        assert!(s.q.alerts.is_empty());
+        // A real box that reported past its grace and then died is a member: marked silent.
+        let mut s = Sim::new(quick());
+        let ids = s.add("web", 10);
+        s.tick(3 * S, &[]);
+        let dead = [ids[0].as_str()];
+        let mut marked = Vec::new();
+        for _ in 0..6 {
+            marked.extend(s.tick(S, &dead).new_marks);
+        }
+        assert_eq!(marked, vec![ids[0].clone()]);
+    }
+
+    #[test]
     fn budget_arithmetic() {
         let r = Rules {
             mass_event: 0.5,
@@ -1002,10 +1054,10 @@ mod tests {
         assert!(s.tick(S, &[&ids[1]]).new_marks.is_empty());
         assert_eq!(
             s.fleet[&ids[2]].phx.held.as_deref(),
-            Some("budget: 9 of at most 1 in group web in disruption for drift (0 marked, 0 acked, 9 not ready)"),
-            "the other nine are not ready yet"
+            Some("budget: 8 of at most 1 in group web in disruption for drift (0 marked, 0 acked, 8 not ready)"),
+            "the other eight are not ready yet (the ninth fell silent young: no member)"
         );
-        assert_eq!(s.q.budget["web"].not_ready, 10);
+        assert_eq!(s.q.budget["web"].not_ready, 9);
         // Grace over: the drift (worst) takes the one slot; the failing check waits.
         let o = s.tick(300 * S, &[]);
         assert_eq!(o.new_marks, vec![ids[2].clone()]);

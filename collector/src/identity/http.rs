@@ -45,3 +45,30 @@ pub async fn delete_enrolment(
         )),
     }
 }
+
+/// [`super::Gate::admit`] for a request's headers. A known id is checked in place (a hash
+/// and a map lookup); a new one may enrol, and enrolling fsyncs the store: that runs on the
+/// blocking pool, so a flood of new ids never holds the async threads that serve known
+/// agents and readers.
+pub async fn admit(
+    gate: &std::sync::Arc<super::Gate>,
+    instance_id: &str,
+    headers: &HeaderMap,
+    now_ms: i64,
+) -> Result<super::Admitted, super::Refusal> {
+    if gate.is_known(instance_id) || gate.mode() != super::ModeName::Tofu {
+        return gate.admit(
+            instance_id,
+            &super::Presented::from_headers(headers),
+            now_ms,
+        );
+    }
+    let (g, id, h) = (gate.clone(), instance_id.to_owned(), headers.clone());
+    tokio::task::spawn_blocking(move || g.admit(&id, &super::Presented::from_headers(&h), now_ms))
+        .await
+        .unwrap_or_else(|_| {
+            Err(super::Refusal::Store(
+                "the enrolment was interrupted; retry".into(),
+            ))
+        })
+}

@@ -21,7 +21,7 @@ mod fuzz;
 pub mod http;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use axum::http::HeaderMap;
@@ -251,6 +251,9 @@ pub enum Admitted {
 struct Known {
     /// SHA-256 of the credential (tofu only).
     cred: Option<[u8; 32]>,
+    /// Its enrolment is being written to the store (outside the lock: an fsync per new id
+    /// under it would stall every report of every known id behind a flood of new ones).
+    pending: bool,
     enrolled_ms: i64,
     first_ms: i64,
     last_ms: i64,
@@ -263,9 +266,6 @@ pub struct Gate {
     limits: Limits,
     store: Box<dyn EnrolmentStore>,
     known: Mutex<HashMap<String, Known>>,
-    /// New ids being claimed in the store right now (changed under `known`'s lock): they
-    /// hold a place, so `--max-instances` is never passed while the lock is let go.
-    claiming: AtomicUsize,
     /// New ids refused because the collector was full (an alert for operators).
     pub refused_full: AtomicU64,
     last_full_warning_ms: Mutex<i64>,
@@ -327,6 +327,18 @@ fn credential_ok(c: &str) -> bool {
     (32..=256).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_graphic())
 }
 
+fn no_credential() -> Refusal {
+    Refusal::Forbidden(format!(
+        "no instance credential: this collector runs --identity tofu, so reports must carry the agent's {CREDENTIAL_HEADER} header (upgrade phoenix-agent, or start the collector with --identity shared)"
+    ))
+}
+
+fn no_aws_document() -> Refusal {
+    Refusal::Forbidden(format!(
+        "this collector runs --identity aws: send the EC2 instance identity document and signature ({AWS_DOCUMENT_HEADER}, {AWS_SIGNATURE_HEADER}; phoenix-agent run --identity aws)"
+    ))
+}
+
 impl Gate {
     /// Load the enrolments the store kept.
     pub fn open(
@@ -346,6 +358,7 @@ impl Gate {
                 id,
                 Known {
                     cred: Some(cred),
+                    pending: false,
                     enrolled_ms: e.enrolled_ms,
                     first_ms: e.enrolled_ms.min(now_ms),
                     last_ms: now_ms,
@@ -357,7 +370,6 @@ impl Gate {
             limits,
             store,
             known: Mutex::new(known),
-            claiming: AtomicUsize::new(0),
             refused_full: AtomicU64::new(0),
             last_full_warning_ms: Mutex::new(i64::MIN),
         })
@@ -386,6 +398,27 @@ impl Gate {
         self.len() == 0
     }
 
+    /// Before the body is read: the rate-limit key of the proof this request carries of who
+    /// sent it. Only a proof the sender holds keys a bucket, so a forger cannot spend its
+    /// victim's: the credential's hash (tofu), the signature's (aws), the client
+    /// certificate's (mtls). `shared` has none, nor a request without its mode's proof (that
+    /// one is refused after decoding, whose 400s come first): only the token and the peer
+    /// address limit those.
+    pub fn caller_key(&self, p: &Presented, cert: Option<&crate::tls::PeerCert>) -> Option<String> {
+        match &self.mode {
+            Mode::Tofu => p.credential.map(|c| format!("cred/{}", hex(&sha256(c)))),
+            Mode::Aws(_) => p
+                .aws_document
+                .and(p.aws_signature)
+                .map(|s| format!("aws/{}", hex(&sha256(s)))),
+            Mode::Mtls => cert.map(|c| {
+                let d = ring::digest::digest(&ring::digest::SHA256, c.0.as_ref());
+                format!("cert/{}", hex(d.as_ref()))
+            }),
+            Mode::Shared => None,
+        }
+    }
+
     /// May this request speak for `instance_id`? Enrols it on its first report.
     pub fn admit(
         &self,
@@ -396,9 +429,7 @@ impl Gate {
         let cred = match &self.mode {
             Mode::Tofu => {
                 let Some(c) = p.credential else {
-                    return Err(Refusal::Forbidden(format!(
-                        "no instance credential: this collector runs --identity tofu, so reports must carry the agent's {CREDENTIAL_HEADER} header (upgrade phoenix-agent, or start the collector with --identity shared)"
-                    )));
+                    return Err(no_credential());
                 };
                 if !credential_ok(c) {
                     return Err(Refusal::Forbidden(format!(
@@ -409,9 +440,7 @@ impl Gate {
             }
             Mode::Aws(v) => {
                 let (Some(d), Some(s)) = (p.aws_document, p.aws_signature) else {
-                    return Err(Refusal::Forbidden(format!(
-                        "this collector runs --identity aws: send the EC2 instance identity document and signature ({AWS_DOCUMENT_HEADER}, {AWS_SIGNATURE_HEADER}; phoenix-agent run --identity aws)"
-                    )));
+                    return Err(no_aws_document());
                 };
                 let doc = v.verify(d, s).map_err(Refusal::Forbidden)?;
                 if doc.instance_id != instance_id {
@@ -434,10 +463,16 @@ impl Gate {
                     return Err(mismatch(instance_id));
                 }
             }
+            if k.pending {
+                // Not yet durable: answering it now could let a crash hand the id to another.
+                return Err(Refusal::Store(format!(
+                    "the enrolment of {instance_id:?} is being recorded; retry"
+                )));
+            }
             k.last_ms = k.last_ms.max(now_ms);
             return Ok(Admitted::Known);
         }
-        if g.len() + self.claiming.load(Ordering::Relaxed) >= self.limits.max_instances {
+        if g.len() >= self.limits.max_instances {
             drop(g);
             self.refused_full.fetch_add(1, Ordering::Relaxed);
             let mut w = self.last_full_warning_ms.lock().unwrap();
@@ -450,64 +485,86 @@ impl Gate {
                 self.limits.max_instances
             )));
         }
-        let mut enrolled_ms = now_ms;
-        let mut admitted = Admitted::New;
-        if let Some(c) = &cred {
-            let e = Enrolment {
-                credential_sha256: hex(c),
+        // Claimed now (the cap counts it, a rival credential is refused, a retry of the same
+        // one waits), durable below: the store is written without the gate's lock, so known
+        // instances keep verifying meanwhile (and while a shared store is down).
+        g.insert(
+            instance_id.to_owned(),
+            Known {
+                cred,
+                pending: cred.is_some(),
                 enrolled_ms: now_ms,
-            };
-            // A shared store is a network round trip: not under the lock, so enrolled
-            // instances keep verifying meanwhile (and while it is down); it decides the
-            // first writer itself. A local one is the whole truth: under the lock, so two
-            // senders of one new id cannot both be first.
-            let claimed = if self.store.is_shared() {
-                self.claiming.fetch_add(1, Ordering::Relaxed);
-                drop(g);
-                let r = self.store.claim(instance_id, &e);
-                g = self.known.lock().unwrap();
-                self.claiming.fetch_sub(1, Ordering::Relaxed);
-                r
-            } else {
-                self.store.claim(instance_id, &e)
-            };
-            let claimed = match claimed {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
-                    return Err(Refusal::Store(format!(
-                        "cannot record the enrolment now ({e}); keep the batch and retry"
-                    )));
+                first_ms: now_ms,
+                last_ms: now_ms,
+            },
+        );
+        drop(g);
+        let Some(c) = &cred else {
+            return Ok(Admitted::New);
+        };
+        let e = Enrolment {
+            credential_sha256: hex(c),
+            enrolled_ms: now_ms,
+        };
+        // A shared store decides the first writer itself, across collectors.
+        let claimed = self.store.claim(instance_id, &e);
+        let mut g = self.known.lock().unwrap();
+        let ours = g.get(instance_id).map(|k| k.pending && k.cred == cred);
+        match (claimed, ours) {
+            (Ok(claimed), Some(true)) => {
+                // The first writer's credential stands, wherever it enrolled.
+                let first = matches!(
+                    unhex(&claimed.stored.credential_sha256),
+                    Some(want) if ct_eq(&want, c)
+                );
+                if !first {
+                    g.remove(instance_id);
+                    return Err(mismatch(instance_id));
                 }
-            };
-            // The first writer's credential stands, wherever it enrolled.
-            match unhex(&claimed.stored.credential_sha256) {
-                Some(want) if ct_eq(&want, c) => {}
-                _ => return Err(mismatch(instance_id)),
+                if let Some(k) = g.get_mut(instance_id) {
+                    k.pending = false;
+                    k.enrolled_ms = claimed.stored.enrolled_ms;
+                    k.first_ms = k.first_ms.min(claimed.stored.enrolled_ms);
+                }
+                drop(g);
+                if claimed.new {
+                    tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
+                    Ok(Admitted::New)
+                } else {
+                    Ok(Admitted::Known)
+                }
             }
-            enrolled_ms = claimed.stored.enrolled_ms;
-            if claimed.new {
-                tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
-            } else {
-                admitted = Admitted::Known;
+            (Ok(claimed), None) => {
+                // Reset while it was being written: the store must not keep it either.
+                drop(g);
+                if claimed.new {
+                    if let Err(e) = self.store.removed(instance_id) {
+                        tracing::warn!(error = %e, instance_id = %instance_id, "cannot record the reset of an enrolment made meanwhile");
+                    }
+                }
+                Err(Refusal::Store(format!(
+                    "the enrolment of {instance_id:?} was reset while it was recorded; retry"
+                )))
+            }
+            (Ok(_), Some(false)) => Err(Refusal::Store(format!(
+                "the enrolment of {instance_id:?} changed while it was recorded; retry"
+            ))),
+            (Err(e), ours) => {
+                if ours == Some(true) {
+                    g.remove(instance_id);
+                }
+                drop(g);
+                tracing::error!(error = %e, instance_id = %instance_id, "cannot record an enrolment");
+                Err(Refusal::Store(format!(
+                    "cannot record the enrolment now ({e}); keep the batch and retry"
+                )))
             }
         }
-        if let Some(Known {
-            cred: Some(want), ..
-        }) = g.get(instance_id)
-        {
-            if cred.as_ref().is_some_and(|got| !ct_eq(want, got)) {
-                return Err(mismatch(instance_id));
-            }
-        }
-        let k = g.entry(instance_id.to_owned()).or_insert(Known {
-            cred,
-            enrolled_ms,
-            first_ms: enrolled_ms.min(now_ms),
-            last_ms: now_ms,
-        });
-        k.last_ms = k.last_ms.max(now_ms);
-        Ok(admitted)
+    }
+
+    /// Whether `instance_id` is known (a report for it cannot enrol, so the store is not written).
+    pub fn is_known(&self, instance_id: &str) -> bool {
+        self.known.lock().unwrap().contains_key(instance_id)
     }
 
     /// Forget an id's enrolment, so the next report for it enrols afresh. `Ok(false)` when
