@@ -179,6 +179,10 @@ pub struct Args {
     /// for fleets that still use SSH. Off by default: SSH on is reason `ssh`, like drift.
     #[arg(long, env = "PHOENIX_SSH_ALLOWED")]
     pub ssh_allowed: bool,
+    /// Grafana's base URL, e.g. https://grafana.internal: the fleet page links each instance
+    /// to the shipped dashboard (uid phoenix-fleet) with var-instance set [default: no links].
+    #[arg(long, env = "PHOENIX_GRAFANA_URL")]
+    pub grafana_url: Option<String>,
     /// URL to POST each new mark to (JSON, signed).
     #[arg(long, env = "PHOENIX_WEBHOOK")]
     pub webhook: Option<String>,
@@ -282,6 +286,8 @@ pub struct Config {
     pub peer_rate_limit: Option<crate::security::Rate>,
     /// `--fleet-store`; None: embedded (`<data-dir>/fleet.json`).
     pub fleet_store: Option<FleetStoreConfig>,
+    /// `--grafana-url`, checked to be http(s) and without a trailing slash.
+    pub grafana_url: Option<String>,
 }
 
 fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
@@ -481,7 +487,20 @@ impl Args {
                 Some(FleetStoreConfig { url, lease })
             }
         };
+        let grafana_url = match pick!(grafana_url) {
+            None => None,
+            Some(u) => {
+                let u = u.trim().trim_end_matches('/').to_owned();
+                let scheme_ok = u.starts_with("http://") || u.starts_with("https://");
+                anyhow::ensure!(
+                    scheme_ok && u.len() > "https://".len() && !u.contains(['?', '#', '"', '<', '>', ' ']),
+                    "--grafana-url: {u:?} is not a plain http:// or https:// address; give Grafana's base URL, e.g. https://grafana.internal"
+                );
+                Some(u)
+            }
+        };
         Ok(Config {
+            grafana_url,
             fleet_store,
             identity,
             listen_limits,

@@ -577,6 +577,7 @@ impl Fleet {
                 .clone(),
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
+            watch_since_mono: self.watch(g).since_mono,
             diag: g.diag.views(),
             instance_cap: self
                 .cap

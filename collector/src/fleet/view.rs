@@ -14,7 +14,7 @@ use super::clock::Now;
 use super::diag::DiagView;
 use super::health::{DriftInfo, Reason, Rules};
 use super::queue::{Alert, QueueState};
-use super::state::{Instance, ListenSet, Mark, State};
+use super::state::{Instance, KernelEvents, ListenSet, Mark, State, TopProcs, Trend};
 
 /// How the metrics store (InfluxDB, or the file sink) is doing, as the decider last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -115,6 +115,48 @@ pub struct InstanceView {
     /// Consecutive failed reports per failing check.
     #[serde(skip)]
     pub check_streaks: BTreeMap<String, u32>,
+    /// For the page, from the reports this collector took: CPU and memory samples, the top
+    /// processes, kernel counters and lines.
+    #[serde(skip)]
+    pub trend: Trend,
+    #[serde(skip)]
+    pub top: Arc<TopProcs>,
+    #[serde(skip)]
+    pub kernel: Arc<KernelEvents>,
+    /// How long it had been silent when the view was built (monotonic ms, counted from when
+    /// this collector could first have heard it, as the rules count).
+    #[serde(skip)]
+    pub silent_ms: i64,
+    /// The state a person is shown: see [`shown_state`].
+    #[serde(skip)]
+    pub shown: &'static str,
+}
+
+/// The state the page shows: the queue's, except that an instance still in grace (`new`,
+/// where silence marks nothing yet) that stopped reporting shows `suspect` past three
+/// intervals and `silent` past `--silent-after`, the thresholds the rules apply after grace.
+pub fn shown_state(
+    state: State,
+    silent_ms: i64,
+    interval_ms: u64,
+    rules: &Rules,
+    late_ms: i64,
+) -> &'static str {
+    if state != State::New {
+        return state.as_str();
+    }
+    let late = late_ms.max(0);
+    if silent_ms >= super::health::ms(rules.silent_after).saturating_add(late) {
+        "silent"
+    } else if silent_ms
+        > super::health::interval_of(interval_ms)
+            .saturating_mul(3)
+            .saturating_add(late)
+    {
+        State::Suspect.as_str()
+    } else {
+        state.as_str()
+    }
 }
 
 fn diag_summary<S: serde::Serializer>(d: &DiagView, s: S) -> Result<S::Ok, S::Error> {
@@ -145,7 +187,12 @@ fn diag_summary<S: serde::Serializer>(d: &DiagView, s: S) -> Result<S::Ok, S::Er
 }
 
 impl InstanceView {
-    fn of(i: &Instance, diagnostics: DiagView) -> InstanceView {
+    fn of(i: &Instance, diagnostics: DiagView, rules: &Rules, inp: &Inputs) -> InstanceView {
+        let silent_ms = inp
+            .now
+            .mono_ms
+            .saturating_sub(i.last_seen_mono.max(inp.watch_since_mono))
+            .max(0);
         let a = &i.identity;
         let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
             (Some(m), _) => (Some(m.reason), Some(m.evidence.clone())),
@@ -186,6 +233,11 @@ impl InstanceView {
                 .iter()
                 .map(|(k, (n, _))| (k.clone(), *n))
                 .collect(),
+            trend: i.trend.clone(),
+            top: i.top.clone(),
+            kernel: i.kernel.clone(),
+            silent_ms,
+            shown: shown_state(i.phx.state, silent_ms, i.interval_ms, rules, inp.late_ms),
         }
     }
 }
@@ -319,6 +371,9 @@ pub struct Inputs {
     /// Diagnostics by instance id (only instances with a request or a snapshot).
     pub diag: HashMap<String, DiagView>,
     pub instance_cap: Option<CapAlert>,
+    /// Monotonic ms from which silence counts (this collector's start, or the end of a
+    /// metrics-store outage).
+    pub watch_since_mono: i64,
 }
 
 pub fn build(
@@ -329,7 +384,9 @@ pub fn build(
 ) -> FleetView {
     let mut list: Vec<InstanceView> = instances
         .iter()
-        .map(|(id, i)| InstanceView::of(i, inp.diag.get(id).cloned().unwrap_or_default()))
+        .map(|(id, i)| {
+            InstanceView::of(i, inp.diag.get(id).cloned().unwrap_or_default(), rules, inp)
+        })
         .collect();
     list.sort_by(|a, b| a.summary.instance_id.cmp(&b.summary.instance_id));
     let index = list
