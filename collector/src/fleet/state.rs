@@ -914,6 +914,111 @@ mod tests {
     }
 
     #[test]
+    fn the_trend_ring_keeps_the_latest_samples_in_a_fixed_size() {
+        assert!(std::mem::size_of::<Trend>() <= 2 * TREND_LEN + 2);
+        let mut t = Trend::default();
+        assert!(t.is_empty() && t.cpu().is_empty());
+        for k in 0..TREND_LEN + 10 {
+            t.push(Some(k as f64), None);
+        }
+        let cpu = t.cpu();
+        assert_eq!(cpu.len(), TREND_LEN);
+        assert_eq!(cpu[0], Some(10));
+        assert_eq!(cpu[TREND_LEN - 1], Some(69));
+        assert!(t.mem().iter().all(Option::is_none));
+        // Hostile figures are clamped, never a panic.
+        t.push(Some(f64::NAN), Some(1e300));
+        t.push(Some(-5.0), Some(f64::INFINITY));
+        assert_eq!(t.cpu()[TREND_LEN - 2..], [None, Some(0)]);
+        assert_eq!(t.mem()[TREND_LEN - 2..], [Some(100), None]);
+    }
+
+    #[test]
+    fn procstat_points_and_kernel_lines_are_kept_bounded() {
+        use phoenix_wire::{LogLine, Point};
+        let proc_point = |k: i64| Point {
+            m: "procstat".into(),
+            tags: [
+                ("process_name".to_string(), "x".repeat(500)),
+                ("user".to_string(), "root".to_string()),
+            ]
+            .into(),
+            fields: [
+                ("pid".to_string(), Value::Int(k)),
+                ("cpu_usage".to_string(), Value::Float(k as f64)),
+                ("memory_rss".to_string(), Value::Int(-1)),
+            ]
+            .into(),
+            ts: 1,
+        };
+        let line = |k: usize| LogLine {
+            src: if k % 2 == 0 { "kernel" } else { "app" }.into(),
+            ts: k as i64,
+            offset: 0,
+            msg: format!("{k} {}", "y".repeat(1000)),
+            escaped: false,
+            part: None,
+            tags: [("level".to_string(), "err".to_string())].into(),
+            fields: Default::default(),
+        };
+        let mut metrics: Vec<Point> = (1..=100).map(proc_point).collect();
+        metrics.push(Point {
+            m: "phoenix_kernel".into(),
+            tags: Default::default(),
+            fields: [("oom_kills".to_string(), Value::Int(2))].into(),
+            ts: 1,
+        });
+        let r = Report {
+            v: 1,
+            agent: Identity {
+                instance_id: "i-1".into(),
+                ..Default::default()
+            },
+            seq: 1,
+            interval_ms: 1000,
+            metrics,
+            logs: (0..100).map(line).collect(),
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+            protected: None,
+        };
+        let f = Figures::of(&r);
+        let top = f.top.as_ref().unwrap();
+        assert_eq!(top.len(), TOP_KEPT);
+        assert_eq!(top[0].pid, 100, "highest CPU first");
+        assert!(top[0].name.len() <= 64 && top[0].memory_rss.is_none());
+        assert_eq!(f.kernel.unwrap().oom_kills, 2);
+        assert_eq!(f.kernel_lines.len(), KERNEL_LINES_KEPT);
+        assert!(
+            f.kernel_lines[0].msg.starts_with("60 "),
+            "the newest kernel lines"
+        );
+        assert!(f
+            .kernel_lines
+            .iter()
+            .all(|l| l.msg.len() <= KERNEL_LINE_BYTES));
+        // Not shared through the fleet store: only the counters travel.
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(
+            !json.contains("procstat") && !json.contains("yyyy"),
+            "{json}"
+        );
+        // Applied twice, the ring stays at its size.
+        let mut m = std::collections::HashMap::new();
+        let rules = Rules::default();
+        for seq in 1..=3 {
+            let mut o = Observation::of(&r, None, None, Now::default());
+            o.seq = seq;
+            apply(&mut m, &o, &rules);
+        }
+        let i = &m["i-1"];
+        assert_eq!(i.kernel.lines.len(), KERNEL_LINES_KEPT);
+        assert_eq!(i.top.list.len(), TOP_KEPT);
+        assert_eq!(i.trend.cpu().len(), 0, "no CPU figure, no sample");
+    }
+
+    #[test]
     fn a_window_answers_only_for_what_was_inserted_and_one_seq_cannot_poison_it() {
         let mut w = SeqWindow::default();
         assert!(!w.contains(0) && !w.contains(5));

@@ -502,3 +502,82 @@ pub fn build(
         counts,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use phoenix_wire::{Identity, Point, Report, Value, VERSION};
+
+    use super::super::{Fleet, ManualClock, MemoryStore, Rules, State};
+
+    fn report(seq: u64, cpu_idle: f64) -> Report {
+        Report {
+            v: VERSION,
+            agent: Identity {
+                instance_id: "i-1".into(),
+                image_id: "img".into(),
+                hostname: "h".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            },
+            seq,
+            interval_ms: 2000,
+            metrics: vec![Point {
+                m: "cpu".into(),
+                tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
+                fields: [("usage_idle".to_string(), Value::Float(cpu_idle))].into(),
+                ts: 1,
+            }],
+            logs: vec![],
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+            protected: None,
+        }
+    }
+
+    #[test]
+    fn in_grace_a_silent_instance_shows_suspect_then_silent_by_the_monotonic_clock() {
+        let rules = Rules {
+            grace: Duration::from_secs(300),
+            silent_after: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let f = Fleet::new(rules, clock.clone(), Arc::new(MemoryStore));
+        for seq in 1..=3 {
+            f.admit(&report(seq, 90.0 - seq as f64 * 10.0), None, None);
+            clock.advance(2000);
+        }
+        f.pass();
+        let shown = |f: &Fleet| {
+            let v = f.view();
+            let i = v.instance("i-1").unwrap();
+            (i.summary.state, i.shown, i.silent_ms)
+        };
+        assert_eq!(shown(&f), (State::New, "new", 2000));
+        // 47 s without a report at a 2 s interval: still in grace (nothing is marked), but a
+        // person must see that it stopped.
+        clock.advance(45_000);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "suspect", 47_000));
+        // An NTP step moves the wall clock only: the shown state does not move with it.
+        clock.step_wall(-3_600_000);
+        f.pass();
+        assert_eq!(shown(&f).1, "suspect");
+        clock.advance(73_000);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "silent", 120_000));
+        // It reports again: new, as the queue says.
+        f.admit(&report(4, 50.0), None, None);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "new", 0));
+        // The trend holds one sample per report, oldest first.
+        let v = f.view();
+        let t = &v.instance("i-1").unwrap().trend;
+        assert_eq!(t.cpu(), [Some(20), Some(30), Some(40), Some(50)]);
+        assert_eq!(t.mem(), [None, None, None, None]);
+    }
+}
