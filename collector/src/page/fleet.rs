@@ -45,7 +45,7 @@ pub(super) fn fragment(s: &AppState, view: &FleetView, now: i64) -> Markup {
         @for a in &phx.alerts {
             p.banner.bad { "Mass event in group " b { (a.group) } ": " (a.message) }
         }
-        (queue_section(phx, now))
+        // The instances first (what a glance is for), the queue and its budgets after.
         section #instances {
             @if groups.is_empty() {
                 h2 { "Instances" }
@@ -55,6 +55,7 @@ pub(super) fn fragment(s: &AppState, view: &FleetView, now: i64) -> Markup {
                 (group_table(s, group, list, now))
             }
         }
+        (queue_section(phx, now))
     }
 }
 

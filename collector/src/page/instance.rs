@@ -30,10 +30,9 @@ pub(super) fn fragment(page: &Settings, v: &InstanceView, logs: &[KeptLine], now
         h2 #instance data-instance=(id) data-state=(v.shown) { (id) " " (badge(v.shown)) }
         (facts(v, now))
         div.cols {
-            (checks(v))
+            div { (checks(v)) (ssh(v)) }
             (drift(v, now))
         }
-        (ssh(v))
         div.cols {
             (processes(v, now))
             (listening(v, now))

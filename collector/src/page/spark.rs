@@ -60,6 +60,7 @@ pub(super) fn sparkline(t: &Trend) -> Markup {
     html! {
         svg.spark width="120" height="24" viewBox="0 0 120 24" role="img" aria-label=(title) data-samples=(cpu.len()) {
             title { (title) }
+            rect.frame x="0" y="0" width="120" height="24" rx="2" {}
             line.grid x1="0" y1="12" x2="120" y2="12" {}
             path.mem d=(path(&mem)) {}
             path.cpu d=(path(&cpu)) {}
