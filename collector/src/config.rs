@@ -542,6 +542,37 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_url_is_a_plain_http_address() {
+        let url = |v: &str| {
+            Args::try_parse_from(["phoenix-collector", "--grafana-url", v])
+                .unwrap()
+                .resolve()
+                .map(|c| c.grafana_url)
+        };
+        assert_eq!(
+            url("https://grafana.internal:3000/").unwrap().as_deref(),
+            Some("https://grafana.internal:3000")
+        );
+        for bad in [
+            "javascript:alert(1)",
+            "grafana.internal",
+            "https://",
+            "http://g/\"><x",
+        ] {
+            let e = url(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--grafana-url") && e.contains("https://grafana.internal"),
+                "{e}"
+            );
+        }
+        let none = Args::try_parse_from(["phoenix-collector"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(none.grafana_url, None);
+    }
+
+    #[test]
     fn windows_and_the_mass_event_floor_come_from_flags_and_files() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");

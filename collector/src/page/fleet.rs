@@ -70,11 +70,12 @@ fn group_table(s: &AppState, group: &str, list: &[&InstanceView], now: i64) -> M
             small { (list.len()) " instance" @if list.len() != 1 { "s" } ", image " (images.join(", ")) }
         }
         table.fleet {
+            // Fixed column widths, so the tables of every group line up.
             thead { tr {
-                th { "Instance" } th { "State" } th { "Reason" } th { "Checks" } th { "Drift" }
+                th.c-id { "Instance" } th.c-state { "State" } th { "Reason" } th.c-checks { "Checks" } th.c-drift { "Drift" }
                 th.trend title="CPU (solid) and memory (dashed) of the latest reports, 0–100%" { "Trend" }
-                th.num { "CPU" } th.num { "Mem" } th { "Last seen" } th { "Agent" }
-                @if grafana { th { "Grafana" } }
+                th.num.c-pct { "CPU" } th.num.c-pct { "Mem" } th.c-seen { "Last seen" } th.c-agent { "Agent" }
+                @if grafana { th.c-link { "Grafana" } }
             } }
             tbody {
                 @for v in list { (row(s, v, now)) }

@@ -8,6 +8,7 @@ use phoenix_wire::diag::Snapshot;
 use phoenix_wire::FileChange;
 
 use super::{badge, bytes, pct, pct_cell, short, when, Settings};
+use crate::fleet::state::Listener;
 use crate::fleet::view::InstanceView;
 use crate::selfmetrics::KeptLine;
 
@@ -180,20 +181,36 @@ fn processes(v: &InstanceView, now: i64) -> Markup {
             @if top.list.is_empty() {
                 p.muted { "No procstat figures from this agent yet (--top-processes 0 turns them off); a diagnostics snapshot below lists every process." }
             } @else {
-                table.procs {
-                    thead { tr { th { "Process" } th { "User" } th.num { "PID" } th.num { "CPU" } th.num { "RSS" } th.num { "Threads" } th.num { "FDs" } } }
-                    tbody {
-                        @for p in &top.list {
-                            tr.proc data-pid=(p.pid) {
-                                td data-label="Process" { code { (p.name) } }
-                                td data-label="User" { (p.user) }
-                                td.num data-label="PID" { (p.pid) }
-                                td.num data-label="CPU" { (p.cpu_usage.map(|c| format!("{c:.1}%")).unwrap_or_else(|| "–".into())) }
-                                td.num data-label="RSS" { (p.memory_rss.map(bytes).unwrap_or_else(|| "–".into())) }
-                                td.num data-label="Threads" { (opt(p.num_threads)) }
-                                td.num data-label="FDs" { (opt(p.num_fds)) }
-                            }
-                        }
+                (proc_table(&top.list[..top.list.len().min(SHOWN)]))
+                @if top.list.len() > SHOWN {
+                    details #more-procs {
+                        summary { (top.list.len() - SHOWN) " more" }
+                        (proc_table(&top.list[SHOWN..]))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows of the top-process and socket tables shown before a "more" fold: the page stays a
+/// glance.
+const SHOWN: usize = 10;
+
+fn proc_table(list: &[crate::fleet::state::TopProc]) -> Markup {
+    html! {
+        table.procs {
+            thead { tr { th { "Process" } th { "User" } th.num { "PID" } th.num { "CPU" } th.num { "RSS" } th.num { "Threads" } th.num { "FDs" } } }
+            tbody {
+                @for p in list {
+                    tr.proc data-pid=(p.pid) {
+                        td data-label="Process" { code { (p.name) } }
+                        td data-label="User" { (p.user) }
+                        td.num data-label="PID" { (p.pid) }
+                        td.num data-label="CPU" { (p.cpu_usage.map(|c| format!("{c:.1}%")).unwrap_or_else(|| "–".into())) }
+                        td.num data-label="RSS" { (p.memory_rss.map(bytes).unwrap_or_else(|| "–".into())) }
+                        td.num data-label="Threads" { (opt(p.num_threads)) }
+                        td.num data-label="FDs" { (opt(p.num_fds)) }
                     }
                 }
             }
@@ -216,22 +233,46 @@ fn listening(v: &InstanceView, now: i64) -> Markup {
             @if l.list.is_empty() {
                 p.muted { @if l.at_ms > 0 { "Nothing listens." } @else { "No listening set from this agent yet (sent when it changes, and every 5 minutes)." } }
             } @else {
-                table.sockets {
-                    thead { tr { th { "Proto" } th { "Address" } th.num { "Port" } th { "Process" } th.num { "PID" } } }
-                    tbody {
-                        @for s in &l.list {
-                            tr.sock.bad[s.port == 22 && s.proto == "tcp"] data-port=(s.port) {
-                                td data-label="Proto" { (s.proto) }
-                                td data-label="Address" { code { (s.address) } }
-                                td.num data-label="Port" { (s.port) }
-                                td data-label="Process" { (s.process.as_deref().unwrap_or("?")) }
-                                td.num data-label="PID" { (s.pid.map(|p| p.to_string()).unwrap_or_else(|| "–".into())) }
-                            }
-                        }
+                @let list = sockets_ssh_first(&l.list);
+                (socket_table(&list[..list.len().min(SHOWN)]))
+                @if list.len() > SHOWN {
+                    details #more-sockets {
+                        summary { (list.len() - SHOWN) " more" }
+                        (socket_table(&list[SHOWN..]))
                     }
                 }
                 @if (l.list.len() as u64) < l.count {
                     p.muted { "Showing " (l.list.len()) " of " (l.count) "." }
+                }
+            }
+        }
+    }
+}
+
+fn is_ssh(s: &Listener) -> bool {
+    s.port == 22 && s.proto == "tcp"
+}
+
+/// A listener on TCP 22 is the one to see first.
+fn sockets_ssh_first(list: &[Listener]) -> Vec<&Listener> {
+    let mut v: Vec<&Listener> = list.iter().collect();
+    v.sort_by_key(|s| !is_ssh(s));
+    v
+}
+
+fn socket_table(list: &[&Listener]) -> Markup {
+    html! {
+        table.sockets {
+            thead { tr { th { "Proto" } th { "Address" } th.num { "Port" } th { "Process" } th.num { "PID" } } }
+            tbody {
+                @for s in list {
+                    tr.sock.bad[is_ssh(s)] data-port=(s.port) {
+                        td data-label="Proto" { (s.proto) }
+                        td data-label="Address" { code { (s.address) } }
+                        td.num data-label="Port" { (s.port) }
+                        td data-label="Process" { (s.process.as_deref().unwrap_or("?")) }
+                        td.num data-label="PID" { (s.pid.map(|p| p.to_string()).unwrap_or_else(|| "–".into())) }
+                    }
                 }
             }
         }
