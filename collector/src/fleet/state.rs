@@ -952,7 +952,7 @@ mod tests {
             ts: 1,
         };
         let line = |k: usize| LogLine {
-            src: if k % 2 == 0 { "kernel" } else { "app" }.into(),
+            src: if k.is_multiple_of(2) { "kernel" } else { "app" }.into(),
             ts: k as i64,
             offset: 0,
             msg: format!("{k} {}", "y".repeat(1000)),

@@ -268,6 +268,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
 
 /// Who reads: the token's name (from Authorization or the cookie), or `loopback` for a
 /// local request without one; else the refusal to answer with.
+#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
 fn reader(s: &AppState, req: &Request) -> Result<String, Response> {
     let presented = match req.headers().get(header::AUTHORIZATION) {
         Some(a) => crate::auth::bearer(a.to_str().ok()).map(str::to_owned),
