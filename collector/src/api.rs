@@ -681,6 +681,7 @@ mod tests {
                 mtls,
             },
             obs: Arc::new(crate::selfmetrics::Obs::default()),
+            page: Default::default(),
         }))
     }
 

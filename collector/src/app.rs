@@ -29,6 +29,8 @@ pub struct AppState {
     pub security: crate::security::Security,
     /// Self-metrics and the last log lines per instance (fleet page, /metrics).
     pub obs: Arc<crate::selfmetrics::Obs>,
+    /// What the fleet page links to (`--grafana-url`).
+    pub page: crate::page::Settings,
 }
 
 pub type Shared = Arc<AppState>;

@@ -179,6 +179,10 @@ pub struct Args {
     /// for fleets that still use SSH. Off by default: SSH on is reason `ssh`, like drift.
     #[arg(long, env = "PHOENIX_SSH_ALLOWED")]
     pub ssh_allowed: bool,
+    /// Grafana's base URL, e.g. https://grafana.internal: the fleet page links each instance
+    /// to the shipped dashboard (uid phoenix-fleet) with var-instance set [default: no links].
+    #[arg(long, env = "PHOENIX_GRAFANA_URL")]
+    pub grafana_url: Option<String>,
     /// URL to POST each new mark to (JSON, signed).
     #[arg(long, env = "PHOENIX_WEBHOOK")]
     pub webhook: Option<String>,
@@ -287,6 +291,8 @@ pub struct Config {
     pub agent_token_rate_limit: Option<crate::security::Rate>,
     /// `--fleet-store`; None: embedded (`<data-dir>/fleet.json`).
     pub fleet_store: Option<FleetStoreConfig>,
+    /// `--grafana-url`, checked to be http(s) and without a trailing slash.
+    pub grafana_url: Option<String>,
 }
 
 fn dur(v: Option<&str>, default: &str, flag: &str) -> anyhow::Result<Duration> {
@@ -491,7 +497,20 @@ impl Args {
                 Some(FleetStoreConfig { url, lease })
             }
         };
+        let grafana_url = match pick!(grafana_url) {
+            None => None,
+            Some(u) => {
+                let u = u.trim().trim_end_matches('/').to_owned();
+                let scheme_ok = u.starts_with("http://") || u.starts_with("https://");
+                anyhow::ensure!(
+                    scheme_ok && u.len() > "https://".len() && !u.contains(['?', '#', '"', '<', '>', ' ']),
+                    "--grafana-url: {u:?} is not a plain http:// or https:// address; give Grafana's base URL, e.g. https://grafana.internal"
+                );
+                Some(u)
+            }
+        };
         Ok(Config {
+            grafana_url,
             fleet_store,
             identity,
             listen_limits,
@@ -531,6 +550,37 @@ mod tests {
         assert!(parse_budget("lots").unwrap_err().contains("10%"));
         let b = parse_budget("drift=10%,unhealthy=20%,expired=5%").unwrap();
         assert_eq!(b.allowed("silent", 10), 2);
+    }
+
+    #[test]
+    fn the_grafana_url_is_a_plain_http_address() {
+        let url = |v: &str| {
+            Args::try_parse_from(["phoenix-collector", "--grafana-url", v])
+                .unwrap()
+                .resolve()
+                .map(|c| c.grafana_url)
+        };
+        assert_eq!(
+            url("https://grafana.internal:3000/").unwrap().as_deref(),
+            Some("https://grafana.internal:3000")
+        );
+        for bad in [
+            "javascript:alert(1)",
+            "grafana.internal",
+            "https://",
+            "http://g/\"><x",
+        ] {
+            let e = url(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--grafana-url") && e.contains("https://grafana.internal"),
+                "{e}"
+            );
+        }
+        let none = Args::try_parse_from(["phoenix-collector"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(none.grafana_url, None);
     }
 
     #[test]

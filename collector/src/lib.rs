@@ -221,6 +221,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             mtls: cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         },
         obs,
+        page: page::Settings {
+            grafana_url: cfg.grafana_url.clone(),
+        },
     });
     let app = api::router(state);
     match tls {

@@ -1,7 +1,11 @@
 //! The fleet page in a real headless Chromium, driven through chromedriver's W3C WebDriver
 //! HTTP API, against a collector fed by real agents: the page lists the instances, shows a
 //! drifted instance's changed file and a marked one's reason, updates itself without a
-//! reload, escapes what agents send, and fits a phone's width. Screenshots are kept under
+//! reload, escapes what agents send, and fits a phone's width. The fleet list has checks,
+//! drift and trend columns and links to Grafana; an instance page shows processes, sockets and
+//! a diagnostics snapshot its button asked for; an instance in grace that goes quiet shows
+//! `suspect`, then `silent`. Screenshots of the fleet and of an instance page are written to
+//! `docs/page-fleet.png` and `docs/page-instance.png` (1280x800); the others are kept under
 //! `<target>/page-test/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (installed by `.ci/run` via
@@ -234,6 +238,11 @@ fn fleet_page_in_headless_chromium() {
         "page",
         "--grace",
         "1s",
+        "--grafana-url",
+        "http://grafana.invalid:3000/",
+        // Whether this box runs SSH (or another test listens on :22) is the machine's
+        // business here; the ssh rule has its own test (diagnose.rs).
+        "--ssh-allowed",
     ]);
     let tmp = tempfile::tempdir().unwrap();
 
@@ -317,14 +326,42 @@ fn fleet_page_in_headless_chromium() {
     );
     let groups = b.eval("return Array.from(document.querySelectorAll('#instances h2[data-group]')).map(function (h) { return h.getAttribute('data-group'); }).join(',');");
     assert_eq!(groups, "db,web");
-    let web1 = b.eval("var r = document.querySelector('tr[data-instance=\"i-web-1\"]'); return Array.from(r.cells).map(function (c) { return c.textContent; });");
+    let cell = |id: &str, label: &str| {
+        b.eval(&format!("var c = document.querySelector('#instances tr[data-instance=\"{id}\"] td[data-label=\"{label}\"]'); return c ? c.textContent : null;"))
+    };
     assert!(
-        web1[3].as_str().unwrap().contains("s ago"),
-        "last seen: {web1}"
+        cell("i-web-1", "Last seen")
+            .as_str()
+            .unwrap()
+            .contains("s ago"),
+        "last seen"
     );
-    assert!(web1[4].as_str().unwrap().ends_with('%'), "CPU: {web1}");
-    assert!(web1[5].as_str().unwrap().ends_with('%'), "memory: {web1}");
-    assert_eq!(web1[6], env!("CARGO_PKG_VERSION"), "agent version: {web1}");
+    assert!(cell("i-web-1", "CPU").as_str().unwrap().ends_with('%'));
+    assert!(cell("i-web-1", "Mem").as_str().unwrap().ends_with('%'));
+    assert_eq!(cell("i-web-1", "Agent"), env!("CARGO_PKG_VERSION"));
+    // The checks column: no checks, or the failing ones by name; the drift column.
+    assert_eq!(cell("i-web-1", "Checks"), "–");
+    let failing = b.wait_js("i-web-2's failing check in the list", Duration::from_secs(45), "var c = document.querySelector('#instances tr[data-instance=\"i-web-2\"] td[data-label=\"Checks\"]'); return c && c.textContent.indexOf('failing') === 0 ? c.textContent : null;");
+    assert_eq!(failing, "failing: db");
+    assert_eq!(cell("i-web-1", "Drift"), "unknown", "no --drift-path");
+    assert_eq!(cell("i-db-1", "Drift"), "clean");
+    // A sparkline per instance from the collector's own figures, growing with each report.
+    let samples = b.wait_js("a sparkline of a few reports", Duration::from_secs(45), "var s = document.querySelector('#instances tr[data-instance=\"i-web-1\"] svg.spark'); var n = s ? parseInt(s.getAttribute('data-samples'), 10) : 0; return n >= 3 && s.querySelector('path.cpu').getAttribute('d').indexOf('L') > 0 ? n : null;");
+    assert!(samples.as_i64().unwrap() >= 3, "{samples}");
+    let title = b.eval("return document.querySelector('#instances tr[data-instance=\"i-web-1\"] svg.spark title').textContent;");
+    assert!(
+        title.as_str().unwrap().contains("CPU") && title.as_str().unwrap().contains("memory"),
+        "{title}"
+    );
+    // Links: Grafana per instance and in the header, the policy preview.
+    assert_eq!(
+        b.eval("return document.querySelector('#instances tr[data-instance=\"i-web-1\"] a.grafana').getAttribute('href');"),
+        "http://grafana.invalid:3000/d/phoenix-fleet/phoenix-fleet?var-instance=i-web-1"
+    );
+    assert_eq!(
+        b.eval("return document.getElementById('preview-link').getAttribute('href');"),
+        "/v1/phoenix/preview"
+    );
 
     // The failing check gets i-web-2 marked; the page shows it without a reload.
     let st = b.wait_js("i-web-2 marked for its failing check", Duration::from_secs(20), &format!("var s = (function () {{ {} }})(); return s && s.indexOf('marked|check_failed') === 0 ? s : null;", row_js("i-web-2")));
@@ -348,6 +385,8 @@ fn fleet_page_in_headless_chromium() {
         held_text.as_str().unwrap().contains("budget"),
         "held because of the budget: {held_text}"
     );
+    let drift = b.wait_js("the drift column", Duration::from_secs(45), &format!("var c = document.querySelector('#instances tr[data-instance=\"{held_db}\"] td[data-label=\"Drift\"]'); return c && c.textContent.indexOf('drifted') === 0 ? c.textContent : null;"));
+    assert_eq!(drift, "drifted (1 change)");
     let budget = b.eval("return Array.from(document.querySelectorAll('table.budget tr')).map(function (r) { return r.innerText; }).join('\\n');");
     assert!(
         budget.as_str().unwrap().contains("1 of 1"),
@@ -367,7 +406,15 @@ fn fleet_page_in_headless_chromium() {
         "the page was reloaded instead of updated"
     );
     let shots = target_dir().join("page-test");
-    b.screenshot(&shots.join("fleet.png"));
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    // A desk's screen for the screenshots kept in docs/.
+    b.cmd("POST", "/goog/cdp/execute", Some(json!({"cmd": "Emulation.setDeviceMetricsOverride", "params": {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": false}})));
+    b.wait_js(
+        "five sparklines",
+        Duration::from_secs(45),
+        "return document.querySelectorAll('#instances svg.spark').length >= 5;",
+    );
+    b.screenshot(&docs.join("page-fleet.png"));
 
     // Drill-down of the drifted, marked instance: its changed file and its reason.
     b.goto(&format!("{}/instances/{marked_db}", c.url()));
@@ -385,7 +432,71 @@ fn fleet_page_in_headless_chromium() {
         b.eval("return document.getElementById('reason').textContent;"),
         "drift"
     );
-    b.screenshot(&shots.join("instance.png"));
+    // Its top processes (the agent's procstat points; the agent always lists itself, maybe
+    // in the fold past the first rows, whose text a closed <details> hides from innerText) and
+    // what listens on the box (the collector itself, at least).
+    let me = b.wait_js("the agent among the top processes", Duration::from_secs(45), "var r = Array.from(document.querySelectorAll('#processes tr.proc')).filter(function (r) { return r.textContent.indexOf('phoenix-agent') >= 0; }); return r.length ? r[0].textContent : null;");
+    assert!(me.as_str().unwrap().contains("MiB"), "RSS shown: {me}");
+    let port = c.port;
+    b.wait_js(
+        "the collector's port among the listening sockets",
+        Duration::from_secs(45),
+        &format!("return !!document.querySelector('#listening tr.sock[data-port=\"{port}\"]');"),
+    );
+    let ssh = b.eval("return document.getElementById('ssh').innerText;");
+    assert!(
+        ssh.as_str().unwrap().contains("Off") || ssh.as_str().unwrap().contains("SSH is on"),
+        "{ssh}"
+    );
+    // The diagnostics button: the page's own script asks, the agent answers with its next
+    // report, and the snapshot shows with the agent's own process in it.
+    assert!(b.eval("return document.getElementById('no-diag') !== null;") == true);
+    b.eval("document.getElementById('diag-request').click(); return true;");
+    let latest = b.wait_js(
+        "a diagnostics snapshot",
+        Duration::from_secs(45),
+        "var l = document.getElementById('diag-latest'); return l ? l.innerText : null;",
+    );
+    assert!(latest.as_str().unwrap().contains("full"), "{latest}");
+    // The busiest processes of the snapshot, with their command lines; secrets masked.
+    let rows = b.eval("return document.querySelectorAll('#diag-processes tr.dproc').length;");
+    assert!(rows.as_i64().unwrap() >= 5, "{rows} rows");
+    let text = b.eval("return document.getElementById('diagnostics').textContent;");
+    assert!(
+        !text.as_str().unwrap().contains(AGENT_TOKEN),
+        "a token shown on the page"
+    );
+    let (st, body) = {
+        let r = c.get(
+            &format!("/v1/instances/{marked_db}/diagnostics"),
+            Some(READER_TOKEN),
+        );
+        (r.status, r.body)
+    };
+    assert_eq!(st, 200);
+    let snap: Value = serde_json::from_str(&body).unwrap();
+    let procs = snap["latest"]["snapshot"]["processes"].as_array().unwrap();
+    assert!(
+        procs.iter().any(|p| p["name"] == "phoenix-agent"),
+        "the agent's own process is in the snapshot"
+    );
+    assert!(
+        body.contains("\"requested_by\":\"loopback\""),
+        "asked from the page on loopback: {body}"
+    );
+    // An open section stays open across the page's refresh.
+    b.eval("var d = document.getElementById('diag-sockets'); d.open = true; d.__before = 1; return true;");
+    b.wait_js(
+        "the page's next refresh",
+        Duration::from_secs(45),
+        "var d = document.getElementById('diag-sockets'); return d && !d.__before;",
+    );
+    assert_eq!(
+        b.eval("return document.getElementById('diag-sockets').open;"),
+        true
+    );
+    b.eval("window.scrollTo(0, 0); return true;");
+    b.screenshot(&docs.join("page-instance.png"));
 
     // The failed check and the last log lines, hostile text shown as text.
     b.goto(&format!("{}/instances/i-web-2", c.url()));
@@ -445,6 +556,66 @@ fn fleet_page_in_headless_chromium() {
 }
 
 #[test]
+fn an_instance_in_grace_that_goes_quiet_shows_suspect_then_silent() {
+    // Grace is long, so silence marks nothing yet; the page must still show that the box
+    // stopped (three intervals: suspect; --silent-after: silent), while the queue's state
+    // stays `new`.
+    let c = Collector::start(&["--grace", "10m", "--silent-after", "15s", "--ssh-allowed"]);
+    let mut quiet = Agent::start(&c.url(), "i-quiet", &["--group", "web"]);
+    let _talker = Agent::start(&c.url(), "i-talker", &["--group", "web"]);
+    let b = Browser::start();
+    b.goto(&format!("{}/", c.url()));
+    let state = |id: &str| {
+        format!("var r = document.querySelector('#instances tr[data-instance=\"{id}\"]'); return r ? r.getAttribute('data-state') + '|' + r.querySelector('td[data-label=\"State\"]').textContent : null;")
+    };
+    assert_eq!(
+        b.wait_js("i-quiet listed", Duration::from_secs(45), &state("i-quiet")),
+        "new|new"
+    );
+    quiet.kill();
+    let st = b.wait_js(
+        "i-quiet suspect",
+        Duration::from_secs(45),
+        &format!(
+            "var s = (function () {{ {} }})(); return s === 'suspect|suspect' ? s : null;",
+            state("i-quiet")
+        ),
+    );
+    assert_eq!(st, "suspect|suspect");
+    b.wait_js(
+        "i-talker, still reporting, new",
+        Duration::from_secs(45),
+        &format!(
+            "var s = (function () {{ {} }})(); return s === 'new|new';",
+            state("i-talker")
+        ),
+    );
+    let v = c.get("/v1/instances/i-quiet", Some(READER_TOKEN)).json();
+    assert_eq!(
+        v["state"], "new",
+        "the queue's state: nothing is marked in grace"
+    );
+    b.wait_js(
+        "i-quiet silent",
+        Duration::from_secs(45),
+        &format!(
+            "var s = (function () {{ {} }})(); return s === 'silent|silent';",
+            state("i-quiet")
+        ),
+    );
+    // The summary counts what the rows show, and the instance page says for how long.
+    let chips = b.eval("return document.getElementById('summary').innerText;");
+    assert!(chips.as_str().unwrap().contains("1 silent"), "{chips}");
+    b.goto(&format!("{}/instances/i-quiet", c.url()));
+    let silence = b.wait_js(
+        "the silence on the instance page",
+        Duration::from_secs(45),
+        "var s = document.getElementById('silence'); return s ? s.textContent : null;",
+    );
+    assert!(silence.as_str().unwrap().contains("in grace"), "{silence}");
+}
+
+#[test]
 fn page_answers_plain_http_clients_with_escaped_html() {
     // Without a browser: what curl sees, from loopback (open). Ids are restricted by the wire
     // format, but a hostname or an agent version can hold markup.
@@ -463,10 +634,27 @@ fn page_answers_plain_http_clients_with_escaped_html() {
         },
         seq: 1,
         interval_ms: 1000,
-        metrics: vec![],
+        metrics: vec![phoenix_wire::Point {
+            m: "procstat".into(),
+            tags: [
+                ("process_name".to_string(), evil.to_string()),
+                ("user".to_string(), "root".to_string()),
+            ]
+            .into(),
+            fields: [("pid".to_string(), phoenix_wire::Value::Int(7))].into(),
+            ts: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as i64,
+        }],
         logs: vec![],
         drift: None,
-        checks: vec![],
+        checks: vec![phoenix_wire::CheckResult {
+            name: "web".into(),
+            ok: false,
+            detail: format!("HTTP 500 {evil}"),
+            duration_ms: 2,
+        }],
         drift_root: None,
         protected: None,
     };
@@ -498,6 +686,21 @@ fn page_answers_plain_http_clients_with_escaped_html() {
     assert_eq!(inst.status, 200, "{}", inst.body);
     assert!(inst.body.contains("data-instance=\"i/evil:1\""));
     assert!(!inst.body.contains("<script>x"));
+    assert!(
+        inst.body
+            .contains("HTTP 500 &lt;script&gt;x&lt;/script&gt;"),
+        "the check detail, escaped"
+    );
+    assert!(
+        inst.body
+            .contains("<code>&lt;script&gt;x&lt;/script&gt;</code>"),
+        "the process name, escaped"
+    );
+    assert_eq!(
+        inst.body.matches("<script").count(),
+        1,
+        "only the page's own"
+    );
     assert_eq!(c.get("/instances/nobody", None).status, 404);
     // ?token= with a reader token sets the cookie and drops the token from the address.
     let no_redirects = ureq::Agent::new_with_config(

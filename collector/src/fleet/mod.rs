@@ -603,6 +603,7 @@ impl Fleet {
                 .clone(),
             decider: self.store.is_decider(),
             late_ms: late_ms_of(&g.late),
+            watch_since_mono: self.watch(g).since_mono,
             diag: g.diag.views(),
             instance_cap: self
                 .cap
@@ -626,7 +627,12 @@ impl Fleet {
     /// The instance list of `g` now, sharing unchanged entries with the published one.
     fn fresh_list(&self, g: &Inner) -> Arc<Vec<Arc<InstanceView>>> {
         let prev = self.published().instances.clone();
-        let list = view::build_list(&g.instances, &g.diag.views(), &prev);
+        let list = view::build_list(
+            &g.instances,
+            &g.diag.views(),
+            self.watch(g).since_mono,
+            &prev,
+        );
         if view::same_list(&list, &prev) {
             prev
         } else {

@@ -21,6 +21,15 @@ pub const BOOTS_KEPT: usize = 4;
 pub const LISTEN_KEPT: usize = 256;
 /// Longest SSH evidence kept, in bytes.
 const SSH_EVIDENCE_KEPT: usize = 1024;
+/// Samples of (CPU %, memory %) kept per instance for the page's sparklines: ten minutes at
+/// the default 10 s interval, in 122 bytes.
+pub const TREND_LEN: usize = 60;
+/// Top processes kept per instance (the agent sends the top N by CPU and by RSS, N = 10 by
+/// default, plus itself).
+pub const TOP_KEPT: usize = 24;
+/// Kernel log lines kept per instance, and the longest kept (bytes): at most about 5 KB.
+pub const KERNEL_LINES_KEPT: usize = 20;
+const KERNEL_LINE_BYTES: usize = 240;
 
 /// Out-of-order seqs remembered above a window's floor. An agent keeps a few batches in
 /// flight (4), so a seq this many stored batches behind the newest is no longer in flight.
@@ -230,6 +239,130 @@ pub struct Instance {
     /// `phoenix_listen` points), at most [`LISTEN_KEPT`].
     #[serde(default)]
     pub listening: Arc<ListenSet>,
+    /// The page's view of the last reports, kept in memory only (not saved, not shared with
+    /// other collectors: a restart or another collector starts them anew): CPU and memory
+    /// samples, the top processes, the kernel's counters and latest lines.
+    #[serde(skip)]
+    pub trend: Trend,
+    #[serde(skip)]
+    pub top: Arc<TopProcs>,
+    #[serde(skip)]
+    pub kernel: Arc<KernelEvents>,
+}
+
+/// The latest [`TREND_LEN`] samples of CPU and memory use, whole percent, in a fixed ring.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Trend {
+    cpu: [u8; TREND_LEN],
+    mem: [u8; TREND_LEN],
+    /// Where the next sample goes, and how many are kept.
+    next: u8,
+    len: u8,
+}
+
+/// A sample the report did not carry.
+const NO_SAMPLE: u8 = u8::MAX;
+
+impl Default for Trend {
+    fn default() -> Self {
+        Trend {
+            cpu: [NO_SAMPLE; TREND_LEN],
+            mem: [NO_SAMPLE; TREND_LEN],
+            next: 0,
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for Trend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trend")
+            .field("cpu", &self.cpu())
+            .field("mem", &self.mem())
+            .finish()
+    }
+}
+
+impl Trend {
+    pub fn push(&mut self, cpu: Option<f64>, mem: Option<f64>) {
+        let whole = |v: Option<f64>| match v {
+            Some(v) if v.is_finite() => v.clamp(0.0, 100.0).round() as u8,
+            _ => NO_SAMPLE,
+        };
+        let k = usize::from(self.next);
+        self.cpu[k] = whole(cpu);
+        self.mem[k] = whole(mem);
+        self.next = ((k + 1) % TREND_LEN) as u8;
+        self.len = (usize::from(self.len) + 1).min(TREND_LEN) as u8;
+    }
+
+    fn series(&self, ring: &[u8; TREND_LEN]) -> Vec<Option<u8>> {
+        let len = usize::from(self.len);
+        let start = (usize::from(self.next) + TREND_LEN - len) % TREND_LEN;
+        (0..len)
+            .map(|k| Some(ring[(start + k) % TREND_LEN]).filter(|v| *v != NO_SAMPLE))
+            .collect()
+    }
+
+    /// CPU use per sample, oldest first (None: that report carried no CPU figure).
+    pub fn cpu(&self) -> Vec<Option<u8>> {
+        self.series(&self.cpu)
+    }
+
+    /// Memory use per sample, oldest first.
+    pub fn mem(&self) -> Vec<Option<u8>> {
+        self.series(&self.mem)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The agent's latest `procstat` points: its top processes by CPU and by memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopProcs {
+    /// Highest CPU first; at most [`TOP_KEPT`].
+    pub list: Vec<TopProc>,
+    /// Unix ms of the report that carried them (0: none yet).
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopProc {
+    pub name: String,
+    pub user: String,
+    pub pid: u32,
+    /// Percent of one core over the agent's interval.
+    pub cpu_usage: Option<f64>,
+    pub memory_rss: Option<u64>,
+    pub num_threads: Option<u64>,
+    pub num_fds: Option<u64>,
+}
+
+/// Kernel events: the agent's `phoenix_kernel` counters and its latest kernel log lines.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelEvents {
+    pub counts: Option<KernelCounts>,
+    /// Oldest first; at most [`KERNEL_LINES_KEPT`], each cut to a few hundred bytes.
+    pub lines: std::collections::VecDeque<KernelLog>,
+}
+
+/// `phoenix_kernel`: events counted this boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelCounts {
+    pub oom_kills: u64,
+    pub segfaults: u64,
+    pub hung_tasks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelLog {
+    /// Unix ns, as the agent stamped it.
+    pub ts: i64,
+    /// The `level` tag (err, warning, info …).
+    pub level: String,
+    pub msg: String,
 }
 
 /// The seq windows of an instance's latest boots (at most [`BOOTS_KEPT`]), by boot id. A
@@ -395,6 +528,16 @@ pub struct Figures {
     /// The listening set, when the report carried one (`phoenix_listen_set`).
     #[serde(default)]
     pub listening: Option<ListenSet>,
+    /// `phoenix_kernel`, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelCounts>,
+    /// `procstat` points and kernel log lines, for the page of the collector that took the
+    /// report: not shared with other collectors (a few KB a report through the fleet store
+    /// for what only a person reading one instance looks at).
+    #[serde(skip)]
+    pub top: Option<Vec<TopProc>>,
+    #[serde(skip)]
+    pub kernel_lines: Vec<KernelLog>,
 }
 
 impl Figures {
@@ -451,6 +594,42 @@ impl Figures {
                         pid,
                     });
                 }
+                "phoenix_kernel" => {
+                    let n = |k: &str| match p.fields.get(k) {
+                        Some(Value::Int(v)) => (*v).max(0) as u64,
+                        _ => 0,
+                    };
+                    out.kernel = Some(KernelCounts {
+                        oom_kills: n("oom_kills"),
+                        segfaults: n("segfaults"),
+                        hung_tasks: n("hung_tasks"),
+                    });
+                }
+                "procstat" => {
+                    let top = out.top.get_or_insert_with(Vec::new);
+                    let Some(Value::Int(pid)) = p.fields.get("pid") else {
+                        continue;
+                    };
+                    let n = |k: &str| match p.fields.get(k) {
+                        Some(Value::Int(v)) => u64::try_from(*v).ok(),
+                        _ => None,
+                    };
+                    let tag = |k: &str| {
+                        p.tags
+                            .get(k)
+                            .map(|v| phoenix_wire::cut_to(v, 64))
+                            .unwrap_or_default()
+                    };
+                    top.push(TopProc {
+                        name: tag("process_name"),
+                        user: tag("user"),
+                        pid: u32::try_from(*pid).unwrap_or(0),
+                        cpu_usage: f(p, "cpu_usage"),
+                        memory_rss: n("memory_rss"),
+                        num_threads: n("num_threads"),
+                        num_fds: n("num_fds"),
+                    });
+                }
                 "cpu" if p.tags.get("cpu").map(String::as_str) == Some("cpu-total") => {
                     out.cpu_used_percent = f(p, "usage_idle").map(|i| 100.0 - i);
                 }
@@ -469,6 +648,33 @@ impl Figures {
                 _ => {}
             }
         }
+        if let Some(top) = &mut out.top {
+            top.sort_by(|a, b| {
+                let cpu = |p: &TopProc| p.cpu_usage.unwrap_or(0.0);
+                cpu(b)
+                    .total_cmp(&cpu(a))
+                    .then(b.memory_rss.cmp(&a.memory_rss))
+                    .then(a.pid.cmp(&b.pid))
+            });
+            top.truncate(TOP_KEPT);
+        }
+        // Kernel lines: from the kmsg source (`src=kernel`); only the newest few are kept.
+        let kernel = r
+            .logs
+            .iter()
+            .filter(|l| l.src == "kernel")
+            .collect::<Vec<_>>();
+        out.kernel_lines = kernel[kernel.len().saturating_sub(KERNEL_LINES_KEPT)..]
+            .iter()
+            .map(|l| KernelLog {
+                ts: l.ts,
+                level: phoenix_wire::cut_to(
+                    l.tags.get("level").map(String::as_str).unwrap_or(""),
+                    16,
+                ),
+                msg: phoenix_wire::cut_to(&l.msg, KERNEL_LINE_BYTES),
+            })
+            .collect();
         if let Some(set) = &mut out.listening {
             listeners.sort();
             listeners.dedup();
@@ -602,6 +808,29 @@ fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
             let mut set = set.clone();
             set.at_ms = o.at.wall_ms;
             inst.listening = Arc::new(set);
+        }
+        if f.cpu_used_percent.is_some() || f.mem_used_percent.is_some() {
+            inst.trend.push(f.cpu_used_percent, f.mem_used_percent);
+        }
+        if let Some(top) = &f.top {
+            inst.top = Arc::new(TopProcs {
+                list: top.clone(),
+                at_ms: o.at.wall_ms,
+            });
+        }
+        // Copied on write (the published view shares it): only when something is new.
+        let counts_moved = f.kernel.is_some() && f.kernel != inst.kernel.counts;
+        if counts_moved || !f.kernel_lines.is_empty() {
+            let k = Arc::make_mut(&mut inst.kernel);
+            if counts_moved {
+                k.counts = f.kernel;
+            }
+            for l in &f.kernel_lines {
+                if k.lines.len() >= KERNEL_LINES_KEPT {
+                    k.lines.pop_front();
+                }
+                k.lines.push_back(l.clone());
+            }
         }
     }
     if !o.checks.is_empty() {
@@ -783,6 +1012,111 @@ mod tests {
         let set = Figures::of(&r).listening.unwrap();
         assert_eq!(set.list.len(), LISTEN_KEPT);
         assert_eq!(set.count, LISTEN_KEPT as u64);
+    }
+
+    #[test]
+    fn the_trend_ring_keeps_the_latest_samples_in_a_fixed_size() {
+        assert!(std::mem::size_of::<Trend>() <= 2 * TREND_LEN + 2);
+        let mut t = Trend::default();
+        assert!(t.is_empty() && t.cpu().is_empty());
+        for k in 0..TREND_LEN + 10 {
+            t.push(Some(k as f64), None);
+        }
+        let cpu = t.cpu();
+        assert_eq!(cpu.len(), TREND_LEN);
+        assert_eq!(cpu[0], Some(10));
+        assert_eq!(cpu[TREND_LEN - 1], Some(69));
+        assert!(t.mem().iter().all(Option::is_none));
+        // Hostile figures are clamped, never a panic.
+        t.push(Some(f64::NAN), Some(1e300));
+        t.push(Some(-5.0), Some(f64::INFINITY));
+        assert_eq!(t.cpu()[TREND_LEN - 2..], [None, Some(0)]);
+        assert_eq!(t.mem()[TREND_LEN - 2..], [Some(100), None]);
+    }
+
+    #[test]
+    fn procstat_points_and_kernel_lines_are_kept_bounded() {
+        use phoenix_wire::{LogLine, Point};
+        let proc_point = |k: i64| Point {
+            m: "procstat".into(),
+            tags: [
+                ("process_name".to_string(), "x".repeat(500)),
+                ("user".to_string(), "root".to_string()),
+            ]
+            .into(),
+            fields: [
+                ("pid".to_string(), Value::Int(k)),
+                ("cpu_usage".to_string(), Value::Float(k as f64)),
+                ("memory_rss".to_string(), Value::Int(-1)),
+            ]
+            .into(),
+            ts: 1,
+        };
+        let line = |k: usize| LogLine {
+            src: if k.is_multiple_of(2) { "kernel" } else { "app" }.into(),
+            ts: k as i64,
+            offset: 0,
+            msg: format!("{k} {}", "y".repeat(1000)),
+            escaped: false,
+            part: None,
+            tags: [("level".to_string(), "err".to_string())].into(),
+            fields: Default::default(),
+        };
+        let mut metrics: Vec<Point> = (1..=100).map(proc_point).collect();
+        metrics.push(Point {
+            m: "phoenix_kernel".into(),
+            tags: Default::default(),
+            fields: [("oom_kills".to_string(), Value::Int(2))].into(),
+            ts: 1,
+        });
+        let r = Report {
+            v: 1,
+            agent: Identity {
+                instance_id: "i-1".into(),
+                ..Default::default()
+            },
+            seq: 1,
+            interval_ms: 1000,
+            metrics,
+            logs: (0..100).map(line).collect(),
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+            protected: None,
+        };
+        let f = Figures::of(&r);
+        let top = f.top.as_ref().unwrap();
+        assert_eq!(top.len(), TOP_KEPT);
+        assert_eq!(top[0].pid, 100, "highest CPU first");
+        assert!(top[0].name.len() <= 64 && top[0].memory_rss.is_none());
+        assert_eq!(f.kernel.unwrap().oom_kills, 2);
+        assert_eq!(f.kernel_lines.len(), KERNEL_LINES_KEPT);
+        assert!(
+            f.kernel_lines[0].msg.starts_with("60 "),
+            "the newest kernel lines"
+        );
+        assert!(f
+            .kernel_lines
+            .iter()
+            .all(|l| l.msg.len() <= KERNEL_LINE_BYTES));
+        // Not shared through the fleet store: only the counters travel.
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(
+            !json.contains("procstat") && !json.contains("yyyy"),
+            "{json}"
+        );
+        // Applied twice, the ring stays at its size.
+        let mut m = std::collections::HashMap::new();
+        let rules = Rules::default();
+        for seq in 1..=3 {
+            let mut o = Observation::of(&r, None, None, Now::default());
+            o.seq = seq;
+            apply(&mut m, &o, &rules);
+        }
+        let i = &m["i-1"];
+        assert_eq!(i.kernel.lines.len(), KERNEL_LINES_KEPT);
+        assert_eq!(i.top.list.len(), TOP_KEPT);
+        assert_eq!(i.trend.cpu().len(), 0, "no CPU figure, no sample");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::clock::{rfc3339, rfc3339_opt, Now};
 use super::diag::DiagView;
 use super::health::{DriftInfo, Reason, Rules};
 use super::queue::{Alert, QueueState};
-use super::state::{Instance, ListenSet, Mark, State};
+use super::state::{Instance, KernelEvents, ListenSet, Mark, State, TopProcs, Trend};
 
 /// How the metrics store (InfluxDB, or the file sink) is doing, as the decider last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -126,6 +126,47 @@ pub struct InstanceView {
     /// Consecutive failed reports per failing check.
     #[serde(skip)]
     pub check_streaks: BTreeMap<String, u32>,
+    /// For the page, from the reports this collector took: CPU and memory samples, the top
+    /// processes, kernel counters and lines.
+    #[serde(skip)]
+    pub trend: Trend,
+    #[serde(skip)]
+    pub top: Arc<TopProcs>,
+    #[serde(skip)]
+    pub kernel: Arc<KernelEvents>,
+    /// Monotonic ms from which its silence counts: its latest report, or when this collector
+    /// could first have heard it, as the rules count. A fact, not a duration, so a shared
+    /// entry stays true while time passes; [`FleetView::silent_ms`] and
+    /// [`FleetView::shown`] turn it into what a person is shown.
+    #[serde(skip)]
+    pub heard_mono: i64,
+}
+
+/// The state the page shows: the queue's, except that an instance still in grace (`new`,
+/// where silence marks nothing yet) that stopped reporting shows `suspect` past three
+/// intervals and `silent` past `--silent-after`, the thresholds the rules apply after grace.
+pub fn shown_state(
+    state: State,
+    silent_ms: i64,
+    interval_ms: u64,
+    silent_after_ms: i64,
+    late_ms: i64,
+) -> &'static str {
+    if state != State::New {
+        return state.as_str();
+    }
+    let late = late_ms.max(0);
+    if silent_ms >= silent_after_ms.saturating_add(late) {
+        "silent"
+    } else if silent_ms
+        > super::health::interval_of(interval_ms)
+            .saturating_mul(3)
+            .saturating_add(late)
+    {
+        State::Suspect.as_str()
+    } else {
+        state.as_str()
+    }
 }
 
 fn diag_summary<S: serde::Serializer>(d: &DiagView, s: S) -> Result<S::Ok, S::Error> {
@@ -276,7 +317,7 @@ fn store_json<S: serde::Serializer>(h: &StoreHealth, s: S) -> Result<S::Ok, S::E
 }
 
 impl InstanceView {
-    fn of(i: &Instance, diagnostics: DiagView) -> InstanceView {
+    fn of(i: &Instance, diagnostics: DiagView, watch_since_mono: i64) -> InstanceView {
         let a = &i.identity;
         let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
             (Some(m), _) => (Some(m.reason), Some(m.evidence.clone())),
@@ -319,6 +360,10 @@ impl InstanceView {
                 .iter()
                 .map(|(k, (n, _))| (k.clone(), *n))
                 .collect(),
+            trend: i.trend.clone(),
+            top: i.top.clone(),
+            kernel: i.kernel.clone(),
+            heard_mono: i.last_seen_mono.max(watch_since_mono),
         }
     }
 
@@ -326,7 +371,7 @@ impl InstanceView {
     /// (no allocation): a view rebuild then shares this entry instead of copying it. A
     /// field added to `of` must be compared here too; debug builds check every reuse
     /// against a fresh `of` (see [`build_list`]).
-    fn matches(&self, i: &Instance, diagnostics: &DiagView) -> bool {
+    fn matches(&self, i: &Instance, diagnostics: &DiagView, watch_since_mono: i64) -> bool {
         let (s, a) = (&self.summary, &i.identity);
         let (reason, evidence) = match (&i.phx.mark, &i.phx.problem) {
             (Some(m), _) => (Some(m.reason), Some(m.evidence.as_str())),
@@ -375,6 +420,10 @@ impl InstanceView {
             && self.ssh == i.tracking.ssh
             && self.diagnostics == *diagnostics
             && self.group_key == i.group()
+            && self.heard_mono == i.last_seen_mono.max(watch_since_mono)
+            && self.trend == i.trend
+            && Arc::ptr_eq(&self.top, &i.top)
+            && Arc::ptr_eq(&self.kernel, &i.kernel)
             && self.check_streaks.len() == i.tracking.check_streaks.len()
             && self
                 .check_streaks
@@ -494,6 +543,8 @@ pub struct FleetView {
     pub instances: Arc<Vec<Arc<InstanceView>>>,
     pub queue: QueueView,
     pub counts: Counts,
+    /// `--silent-after` in ms, for [`FleetView::shown`].
+    pub silent_after_ms: i64,
 }
 
 impl Default for FleetView {
@@ -508,6 +559,22 @@ impl Default for FleetView {
 }
 
 impl FleetView {
+    /// How long `v` had been silent when this view was built (monotonic ms).
+    pub fn silent_ms(&self, v: &InstanceView) -> i64 {
+        self.at.mono_ms.saturating_sub(v.heard_mono).max(0)
+    }
+
+    /// The state a person is shown for `v`: see [`shown_state`].
+    pub fn shown(&self, v: &InstanceView) -> &'static str {
+        shown_state(
+            v.summary.state,
+            self.silent_ms(v),
+            v.summary.interval_ms,
+            self.silent_after_ms,
+            self.queue.late_ms,
+        )
+    }
+
     pub fn instance(&self, id: &str) -> Option<&InstanceView> {
         let k = self
             .instances
@@ -527,6 +594,9 @@ pub struct Inputs {
     /// Diagnostics by instance id (only instances with a request or a snapshot).
     pub diag: HashMap<String, DiagView>,
     pub instance_cap: Option<CapAlert>,
+    /// Monotonic ms from which silence counts (this collector's start, or the end of a
+    /// metrics-store outage).
+    pub watch_since_mono: i64,
 }
 
 /// A whole view, its instance list built afresh.
@@ -536,7 +606,7 @@ pub fn build(
     rules: &Rules,
     inp: &Inputs,
 ) -> FleetView {
-    let list = build_list(instances, &inp.diag, &[]);
+    let list = build_list(instances, &inp.diag, inp.watch_since_mono, &[]);
     with_list(instances, q, rules, inp, Arc::new(list))
 }
 
@@ -546,6 +616,7 @@ pub fn build(
 pub fn build_list(
     instances: &HashMap<String, Instance>,
     diag: &HashMap<String, DiagView>,
+    watch_since_mono: i64,
     prev: &[Arc<InstanceView>],
 ) -> Vec<Arc<InstanceView>> {
     let mut ids: Vec<(&str, &Instance)> = instances.iter().map(|(k, i)| (k.as_str(), i)).collect();
@@ -564,18 +635,18 @@ pub fn build_list(
         let d = diag.get(id).unwrap_or(&none);
         let kept = old
             .peek()
-            .filter(|v| v.summary.instance_id == id && v.matches(i, d))
+            .filter(|v| v.summary.instance_id == id && v.matches(i, d, watch_since_mono))
             .map(|v| Arc::clone(v));
         match kept {
             Some(v) => {
                 debug_assert_eq!(
                     *v,
-                    InstanceView::of(i, d.clone()),
+                    InstanceView::of(i, d.clone(), watch_since_mono),
                     "InstanceView::matches missed a field"
                 );
                 list.push(v);
             }
-            None => list.push(Arc::new(InstanceView::of(i, d.clone()))),
+            None => list.push(Arc::new(InstanceView::of(i, d.clone(), watch_since_mono))),
         }
     }
     list
@@ -706,5 +777,85 @@ pub fn with_list(
             late_ms: inp.late_ms,
         },
         counts,
+        silent_after_ms: super::health::ms(rules.silent_after),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use phoenix_wire::{Identity, Point, Report, Value, VERSION};
+
+    use super::super::{Fleet, ManualClock, MemoryStore, Rules, State};
+
+    fn report(seq: u64, cpu_idle: f64) -> Report {
+        Report {
+            v: VERSION,
+            agent: Identity {
+                instance_id: "i-1".into(),
+                image_id: "img".into(),
+                hostname: "h".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            },
+            seq,
+            interval_ms: 2000,
+            metrics: vec![Point {
+                m: "cpu".into(),
+                tags: [("cpu".to_string(), "cpu-total".to_string())].into(),
+                fields: [("usage_idle".to_string(), Value::Float(cpu_idle))].into(),
+                ts: 1,
+            }],
+            logs: vec![],
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+            protected: None,
+        }
+    }
+
+    #[test]
+    fn in_grace_a_silent_instance_shows_suspect_then_silent_by_the_monotonic_clock() {
+        let rules = Rules {
+            grace: Duration::from_secs(300),
+            silent_after: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let f = Fleet::new(rules, clock.clone(), Arc::new(MemoryStore));
+        for seq in 1..=3 {
+            f.admit(&report(seq, 90.0 - seq as f64 * 10.0), None, None);
+            clock.advance(2000);
+        }
+        f.pass();
+        let shown = |f: &Fleet| {
+            let v = f.view();
+            let i = v.instance("i-1").unwrap();
+            (i.summary.state, v.shown(i), v.silent_ms(i))
+        };
+        assert_eq!(shown(&f), (State::New, "new", 2000));
+        // 47 s without a report at a 2 s interval: still in grace (nothing is marked), but a
+        // person must see that it stopped.
+        clock.advance(45_000);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "suspect", 47_000));
+        // An NTP step moves the wall clock only: the shown state does not move with it.
+        clock.step_wall(-3_600_000);
+        f.pass();
+        assert_eq!(shown(&f).1, "suspect");
+        clock.advance(73_000);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "silent", 120_000));
+        // It reports again: new, as the queue says.
+        f.admit(&report(4, 50.0), None, None);
+        f.pass();
+        assert_eq!(shown(&f), (State::New, "new", 0));
+        // The trend holds one sample per report, oldest first.
+        let v = f.view();
+        let t = &v.instance("i-1").unwrap().trend;
+        assert_eq!(t.cpu(), [Some(20), Some(30), Some(40), Some(50)]);
+        assert_eq!(t.mem(), [None, None, None, None]);
     }
 }

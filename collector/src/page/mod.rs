@@ -1,10 +1,13 @@
 //! The fleet page: `GET /` (instances by group, the phoenix queue) and `GET /instances/{id}`
-//! (drift, checks, last log lines), rendered on the server as plain HTML. A small script
-//! fetches the same page with `?fragment=1` every few seconds and swaps it in, so the page
-//! stays current without a reload; without script a `<noscript>` refresh does the same.
+//! (checks, drift, processes, sockets, kernel events, diagnostics, last log lines), rendered on
+//! the server with maud templates. A small script fetches the same page with `?fragment=1`
+//! every few seconds and swaps it in, so the page stays current without a reload; without
+//! script a `<noscript>` refresh does the same. Reading never needs script; asking an instance
+//! for diagnostics (a button) does.
 //!
-//! Everything an agent sends (instance ids, paths, log lines, check details) is hostile input:
-//! every dynamic string goes through [`Esc`], and the Content-Security-Policy allows only the
+//! Everything an agent sends (instance ids, paths, log lines, check details, process names) is
+//! hostile input: maud escapes every value it splices in unless told otherwise, and nothing
+//! here tells it otherwise for agent text. The Content-Security-Policy allows only the
 //! collector's own stylesheet and script, so even a missed escape could not run code.
 //!
 //! Access: open to requests from loopback (the operator on the box, or an SSH tunnel); from
@@ -14,24 +17,34 @@
 //! page it navigates to, so a cookie is the only way a person on a phone can keep reading; it
 //! is HttpOnly so no script can read the token back, SameSite=Strict so other sites cannot
 //! make the browser use it, and the redirect keeps the token out of history and Referer.
+//!
+//! The diagnostics button POSTs to `/instances/{id}/diagnostics` under the same access, and
+//! only from the page itself: the request must carry the `X-Phoenix-Page` header (another
+//! site's page cannot add a header to a cross-origin request without a CORS preflight, which
+//! this collector never grants) and the browser's `Sec-Fetch-Site: same-origin` (or, from a
+//! browser too old to send it, an `Origin` naming this host). The loopback opening matters
+//! here: without these checks any web page the operator opens could make their browser ask.
 
-use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+mod fleet;
+mod instance;
+mod spark;
+
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
+use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
 use crate::app::{AppState, Shared};
 use crate::auth::Role;
 use crate::fleet::clock::{ago, utc};
-use crate::fleet::view::{FleetView, InstanceView, QueueView};
 
-/// How often the page fetches itself again; a large fleet's page (about 0.5 KB a row) less
+/// How often the page fetches itself again; a large fleet's page (about 1 KB a row) less
 /// often, so a phone left open does not pull megabytes a minute.
 pub const REFRESH_MS: u32 = 3000;
 pub const REFRESH_LARGE_MS: u32 = 10_000;
@@ -39,14 +52,40 @@ const LARGE_FLEET: usize = 300;
 const COOKIE: &str = "phoenix_reader";
 const COOKIE_MAX_AGE_S: u32 = 12 * 3600;
 const READ_ROLES: [Role; 2] = [Role::Reader, Role::Recycler];
+/// The header the page's own script sends with the diagnostics request.
+pub const PAGE_HEADER: &str = "x-phoenix-page";
 const CSS: &str = include_str!("page.css");
 const JS: &str = include_str!("page.js");
 const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// What the page links to beyond the collector.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// `--grafana-url` (checked, no trailing slash): each instance links to the shipped
+    /// dashboard with `var-instance` set.
+    pub grafana_url: Option<String>,
+}
+
+/// The shipped dashboard's uid (image-snippets/grafana/dashboards/phoenix-fleet.json).
+const GRAFANA_DASHBOARD: &str = "phoenix-fleet";
+
+impl Settings {
+    /// The Grafana dashboard of one instance, if `--grafana-url` is set.
+    pub fn grafana_link(&self, instance_id: &str) -> Option<String> {
+        self.grafana_url.as_ref().map(|g| {
+            format!(
+                "{g}/d/{GRAFANA_DASHBOARD}/phoenix-fleet?var-instance={}",
+                pct(instance_id)
+            )
+        })
+    }
+}
 
 pub fn routes() -> Router<Shared> {
     Router::new()
         .route("/", get(fleet_page))
         .route("/instances/{id}", get(instance_page))
+        .route("/instances/{id}/diagnostics", post(request_diagnostics))
         .route(
             "/static/page.css",
             get(|| async { asset(CSS, "text/css; charset=utf-8") }),
@@ -55,55 +94,6 @@ pub fn routes() -> Router<Shared> {
             "/static/page.js",
             get(|| async { asset(JS, "text/javascript; charset=utf-8") }),
         )
-}
-
-/// HTML-escapes its text when formatted.
-#[derive(Debug)]
-pub struct Esc<'a>(pub &'a str);
-
-impl fmt::Display for Esc<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut last = 0;
-        for (i, c) in self.0.char_indices() {
-            let rep = match c {
-                '&' => "&amp;",
-                '<' => "&lt;",
-                '>' => "&gt;",
-                '"' => "&quot;",
-                '\'' => "&#39;",
-                _ => continue,
-            };
-            f.write_str(&self.0[last..i])?;
-            f.write_str(rep)?;
-            last = i + 1;
-        }
-        f.write_str(&self.0[last..])
-    }
-}
-
-/// A drift change's attributes, with old → new where the agent sent them (`mode 0644 →
-/// 0666`), escaped. Never contents: `content` is a short hash.
-fn change_attrs(c: &phoenix_wire::FileChange) -> String {
-    if c.values.is_empty() {
-        return esc(&c.attrs.join(", ")).to_string();
-    }
-    let shown: Vec<String> = c
-        .values
-        .iter()
-        .map(|v| {
-            format!(
-                "<span class=\"attr\">{} <code>{}</code> → <code>{}</code></span>",
-                esc(&v.attr),
-                esc(&v.old),
-                esc(&v.new)
-            )
-        })
-        .collect();
-    shown.join(", ")
-}
-
-fn esc(s: &str) -> Esc<'_> {
-    Esc(s)
 }
 
 /// Percent-encode all but unreserved characters (a path segment or a cookie value).
@@ -167,7 +157,7 @@ fn accepts_gzip(h: &HeaderMap) -> bool {
 /// tenfold, and the page fetches itself every few seconds.
 fn html_gz(status: StatusCode, body: String, gzip: bool) -> Response {
     if !gzip || body.len() < 1024 {
-        return html(status, body);
+        return html_response(status, body);
     }
     use std::io::Write;
     let mut e = flate2::write::GzEncoder::new(
@@ -176,9 +166,9 @@ fn html_gz(status: StatusCode, body: String, gzip: bool) -> Response {
     );
     let packed = e.write_all(body.as_bytes()).and_then(|_| e.finish());
     let Ok(packed) = packed else {
-        return html(status, body);
+        return html_response(status, body);
     };
-    let mut r = html(status, packed);
+    let mut r = html_response(status, packed);
     r.headers_mut()
         .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     r.headers_mut()
@@ -186,7 +176,7 @@ fn html_gz(status: StatusCode, body: String, gzip: bool) -> Response {
     r
 }
 
-fn html(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
+fn html_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     let mut r = (status, body.into()).into_response();
     let h = r.headers_mut();
     h.insert(
@@ -210,24 +200,42 @@ fn html(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
     r
 }
 
-fn shell(title: &str, src: &str, every_ms: u32, inner: &str) -> String {
+/// The whole document around a fragment: the header with its links, and the live region
+/// the script refreshes from `src`.
+fn shell(s: &AppState, title: &str, src: &str, every_ms: u32, inner: Markup) -> String {
     let v = env!("CARGO_PKG_VERSION");
-    format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>{title}</title><link rel=\"stylesheet\" href=\"/static/page.css?v={v}\">\
-<script src=\"/static/page.js?v={v}\" defer></script>\
-<noscript><meta http-equiv=\"refresh\" content=\"10\"></noscript></head>\n<body>\
-<header><h1><a href=\"/\">Phoenix fleet</a></h1><span id=\"status\" class=\"status\" role=\"status\">live</span></header>\n\
-<main id=\"live\" data-src=\"{src}\" data-every=\"{every_ms}\">{inner}</main>\n</body></html>\n",
-        title = esc(title),
-        src = esc(src),
-    )
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) }
+                link rel="stylesheet" href={ "/static/page.css?v=" (v) };
+                script src={ "/static/page.js?v=" (v) } defer {}
+                noscript { meta http-equiv="refresh" content="10"; }
+            }
+            body {
+                header {
+                    h1 { a href="/" { "Phoenix fleet" } }
+                    nav {
+                        a href="/v1/phoenix/preview" id="preview-link" title="What a policy would mark, before it is applied (docs/policy.md)" { "Policy preview" }
+                        @if let Some(g) = &s.page.grafana_url {
+                            a href={ (g) "/d/" (GRAFANA_DASHBOARD) "/phoenix-fleet" } id="grafana-link" rel="noopener noreferrer" { "Grafana" }
+                        }
+                        span #status .status role="status" { "live" }
+                    }
+                }
+                main #live data-src=(src) data-every=(every_ms) { (inner) }
+            }
+        }
+    }
+    .into_string()
 }
 
-fn error_page(status: StatusCode, text: &str) -> Response {
-    let inner = format!("<h2>{}</h2><p>{}</p>", status.as_u16(), esc(text));
-    html(status, shell("Phoenix fleet", "/", REFRESH_MS, &inner))
+fn error_page(s: &AppState, status: StatusCode, text: &str) -> Response {
+    let inner = html! { h2 { (status.as_u16()) } p { (text) } };
+    html_response(status, shell(s, "Phoenix fleet", "/", REFRESH_MS, inner))
 }
 
 #[derive(Deserialize, Default)]
@@ -258,11 +266,53 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
     None
 }
 
+/// Who reads: the token's name (from Authorization or the cookie), or `loopback` for a
+/// local request without one; else the refusal to answer with.
+#[allow(clippy::result_large_err)] // an axum Response, answered at once, never stored
+fn reader(s: &AppState, req: &Request) -> Result<String, Response> {
+    let presented = match req.headers().get(header::AUTHORIZATION) {
+        Some(a) => crate::auth::bearer(a.to_str().ok()).map(str::to_owned),
+        None => cookie_token(req.headers()),
+    };
+    if from_loopback(req) {
+        // Open on loopback: a token only names who asked (a stale cookie locks no one out).
+        let named = presented
+            .as_deref()
+            .and_then(|t| s.tokens.check(Some(t), &READ_ROLES));
+        return Ok(named.map_or_else(|| "loopback".into(), |c| c.token_name));
+    }
+    let mut h = HeaderMap::new();
+    if let Some(v) = presented.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()) {
+        h.insert(header::AUTHORIZATION, v);
+    }
+    match crate::app::authorize(s, &h, &READ_ROLES) {
+        Ok(c) => Ok(c.token_name),
+        Err(denied) => {
+            let denied = axum::response::IntoResponse::into_response(denied);
+            let status = denied.status();
+            let text = match status {
+                StatusCode::UNAUTHORIZED => "This page needs a reader token when opened from another machine: open it once as /?token=READER_TOKEN (the collector keeps it in a cookie for 12 hours), or send Authorization: Bearer READER_TOKEN.",
+                StatusCode::FORBIDDEN => "This token's role may not read the fleet page; use a reader or recycler token.",
+                StatusCode::TOO_MANY_REQUESTS => "Too many requests with this token (--rate-limit); wait a moment.",
+                _ => "Access denied.",
+            };
+            let mut r = error_page(s, status, text);
+            for k in [header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+                if let Some(v) = denied.headers().get(&k) {
+                    r.headers_mut().insert(k, v.clone());
+                }
+            }
+            Err(r)
+        }
+    }
+}
+
 /// None: serve the page; Some(r): answer with `r` instead (a redirect, or a refusal).
 fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Response> {
     if let Some(t) = &q.token {
         if s.tokens.check(Some(t.trim()), &READ_ROLES).is_none() {
             return Some(error_page(
+                s,
                 StatusCode::UNAUTHORIZED,
                 "That token is not a reader or recycler token of this collector.",
             ));
@@ -288,37 +338,7 @@ fn access(s: &AppState, req: &Request, path: &str, q: &PageQuery) -> Option<Resp
         );
         return Some(r);
     }
-    if from_loopback(req) {
-        return None;
-    }
-    let mut h = HeaderMap::new();
-    if let Some(a) = req.headers().get(header::AUTHORIZATION) {
-        h.insert(header::AUTHORIZATION, a.clone());
-    } else if let Some(t) = cookie_token(req.headers()) {
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
-            h.insert(header::AUTHORIZATION, v);
-        }
-    }
-    match crate::app::authorize(s, &h, &READ_ROLES) {
-        Ok(_) => None,
-        Err(denied) => {
-            let denied = axum::response::IntoResponse::into_response(denied);
-            let status = denied.status();
-            let text = match status {
-                StatusCode::UNAUTHORIZED => "This page needs a reader token when opened from another machine: open it once as /?token=READER_TOKEN (the collector keeps it in a cookie for 12 hours), or send Authorization: Bearer READER_TOKEN.",
-                StatusCode::FORBIDDEN => "This token's role may not read the fleet page; use a reader or recycler token.",
-                StatusCode::TOO_MANY_REQUESTS => "Too many requests with this token (--rate-limit); wait a moment.",
-                _ => "Access denied.",
-            };
-            let mut r = error_page(status, text);
-            for k in [header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
-                if let Some(v) = denied.headers().get(&k) {
-                    r.headers_mut().insert(k, v.clone());
-                }
-            }
-            Some(r)
-        }
-    }
+    reader(s, req).err()
 }
 
 fn query(req: &Request) -> PageQuery {
@@ -334,9 +354,9 @@ async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
     }
     let gz = accepts_gzip(req.headers());
     let view = s.fleet.view();
-    let inner = fleet_fragment(&s, &view, s.fleet.clock().wall_ms());
+    let inner = fleet::fragment(&s, &view, s.fleet.clock().wall_ms());
     if q.fragment.is_some() {
-        return html_gz(StatusCode::OK, inner, gz);
+        return html_gz(StatusCode::OK, inner.into_string(), gz);
     }
     let every = if view.instances.len() > LARGE_FLEET {
         REFRESH_LARGE_MS
@@ -345,7 +365,7 @@ async fn fleet_page(State(s): State<Shared>, req: Request) -> Response {
     };
     html_gz(
         StatusCode::OK,
-        shell("Phoenix fleet", "/?fragment=1", every, &inner),
+        shell(&s, "Phoenix fleet", "/?fragment=1", every, inner),
         gz,
     )
 }
@@ -357,364 +377,125 @@ async fn instance_page(State(s): State<Shared>, Path(id): Path<String>, req: Req
         return r;
     }
     let view = s.fleet.view();
-    let Some(inner) = instance_fragment(&s, &view, &id, s.fleet.clock().wall_ms()) else {
+    let Some(v) = view.instance(&id) else {
         let text = format!("No instance {id:?} has reported to this collector (or it was forgotten after going away).");
         if q.fragment.is_some() {
-            return html(StatusCode::NOT_FOUND, format!("<p>{}</p>", esc(&text)));
+            return html_response(StatusCode::NOT_FOUND, html! { p { (text) } }.into_string());
         }
-        return error_page(StatusCode::NOT_FOUND, &text);
+        return error_page(&s, StatusCode::NOT_FOUND, &text);
     };
+    let logs = s.obs.logs.lines(&id);
+    let shown = (view.shown(v), view.silent_ms(v));
+    let inner = instance::fragment(&s.page, shown, v, &logs, s.fleet.clock().wall_ms());
     let gz = accepts_gzip(req.headers());
     if q.fragment.is_some() {
-        return html_gz(StatusCode::OK, inner, gz);
+        return html_gz(StatusCode::OK, inner.into_string(), gz);
     }
     html_gz(
         StatusCode::OK,
         shell(
+            &s,
             &format!("{id} · Phoenix"),
             &format!("{path}?fragment=1"),
             REFRESH_MS,
-            &inner,
+            inner,
         ),
         gz,
     )
 }
 
-/// "12 s ago" for a Unix ms time, with the exact UTC time as a tooltip.
-fn when(now: i64, t_ms: i64) -> String {
-    if t_ms <= 0 {
-        return "never".into();
+/// Whether a request comes from a page of this collector, as the browser tells it.
+fn same_origin(h: &HeaderMap) -> bool {
+    if let Some(site) = h.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin";
     }
-    format!(
-        "<time datetime=\"{iso}\" title=\"{iso}\">{rel}</time>",
-        iso = utc(t_ms),
-        rel = ago(now, t_ms)
-    )
+    let (Some(origin), Some(host)) = (h.get(header::ORIGIN), h.get(header::HOST)) else {
+        return false;
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let bare = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or("");
+    !bare.is_empty() && host.as_bytes() == bare.as_bytes()
+}
+
+/// `POST /instances/{id}/diagnostics`: the page's button. Asks for the full, fixed probe set
+/// (the same as `POST /v1/instances/{id}/diagnostics` with `{"probes":"full"}`); the body is
+/// not read.
+async fn request_diagnostics(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, Response> {
+    use crate::reply::ApiError;
+    if req.headers().get(PAGE_HEADER).is_none() || !same_origin(req.headers()) {
+        tracing::warn!(instance_id = %id, status = 403, "refused a diagnostics request from outside the page");
+        return Err(ApiError::Forbidden(
+            "only the fleet page's own button may ask here; scripts use POST /v1/instances/{id}/diagnostics with a reader token".into(),
+        )
+        .into_response());
+    }
+    let by = reader(&s, &req)?;
+    let probes = phoenix_wire::diag::ProbeSet::Full;
+    use crate::fleet::diag::DiagError;
+    match s.fleet.request_diagnostics(&id, probes, &by) {
+        Ok(p) => {
+            crate::audit::record(
+                &s.writer,
+                "diagnostics",
+                &by,
+                &id,
+                &format!(
+                    "asked for probe set {} from the fleet page (request {})",
+                    probes.as_str(),
+                    p.id
+                ),
+            );
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "instance_id": id, "request_id": p.id, "probes": probes, "state": "pending" })),
+            )
+                .into_response())
+        }
+        Err(e @ DiagError::Unknown(_)) => Err(ApiError::NotFound(e.to_string()).into_response()),
+        Err(e) => Err(ApiError::Conflict(e.to_string()).into_response()),
+    }
+}
+
+/// "12 s ago" for a Unix ms time, with the exact UTC time as a tooltip.
+fn when(now: i64, t_ms: i64) -> Markup {
+    if t_ms <= 0 {
+        return html! { "never" };
+    }
+    let iso = utc(t_ms);
+    html! { time datetime=(iso) title=(iso) { (ago(now, t_ms)) } }
 }
 
 fn pct_cell(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.0}%")).unwrap_or_else(|| "–".into())
 }
 
-fn badge(state: &str) -> String {
-    format!("<span class=\"st st-{s}\">{s}</span>", s = esc(state))
+fn badge(state: &str) -> Markup {
+    html! { span class={ "st st-" (state) } { (state) } }
 }
 
-fn fleet_fragment(s: &AppState, view: &FleetView, now: i64) -> String {
-    let rows: Vec<&InstanceView> = view.instances.iter().map(|r| &**r).collect();
-    let phx = &view.queue;
-    let mut o = String::with_capacity(4096 + rows.len() * 512);
-
-    // Summary.
-    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &rows {
-        *by_state.entry(r.summary.state.as_str()).or_default() += 1;
+/// 1.2 GiB, 340 MiB, 12 KiB.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
     }
-    write!(
-        o,
-        "<ul class=\"chips\" id=\"summary\"><li><b>{}</b> instances</li>",
-        rows.len()
-    )
-    .ok();
-    for (st, n) in &by_state {
-        write!(o, "<li>{n} {}</li>", badge(st)).ok();
-    }
-    o.push_str("</ul>");
-    if let Some(d) = s.writer.unavailable() {
-        write!(o, "<p class=\"banner bad\" id=\"store-down\">The store is not taking writes: {}. Agents keep their data and retry; silence does not count meanwhile.</p>", esc(&d.reason)).ok();
-    }
-    if let Some(fs) = s.fleet.store_status().filter(|f| !f.up) {
-        write!(
-            o,
-            "<p class=\"banner bad\" id=\"fleet-store-down\">{}</p>",
-            esc(fs.reason.as_deref().unwrap_or("fleet store unavailable"))
-        )
-        .ok();
-    }
-    if !phx.decider {
-        o.push_str("<p class=\"banner\">This collector is not the decider: another one makes the marks.</p>");
-    }
-    if phx.log_only {
-        o.push_str("<p class=\"banner\">--log-only: nothing is marked for replacement; would-be marks are listed as held.</p>");
-    }
-    for a in &phx.alerts {
-        write!(
-            o,
-            "<p class=\"banner bad\">Mass event in group <b>{}</b>: {}</p>",
-            esc(&a.group),
-            esc(&a.message)
-        )
-        .ok();
-    }
-
-    queue_section(&mut o, phx, now);
-
-    // Instances by group (the list is sorted by id already).
-    let mut groups: BTreeMap<&str, Vec<&InstanceView>> = BTreeMap::new();
-    for &r in &rows {
-        groups.entry(r.group_key.as_str()).or_default().push(r);
-    }
-    o.push_str("<section id=\"instances\">");
-    if groups.is_empty() {
-        o.push_str("<h2>Instances</h2><p class=\"muted\">No agent has reported yet.</p>");
-    }
-    for (group, list) in groups {
-        let mut images: Vec<&str> = list.iter().map(|r| r.summary.image_id.as_str()).collect();
-        images.sort_unstable();
-        images.dedup();
-        write!(
-            o,
-            "<h2 data-group=\"{g}\">{g} <small>{} instance{}, image {}</small></h2>",
-            list.len(),
-            if list.len() == 1 { "" } else { "s" },
-            esc(&images.join(", ")),
-            g = esc(group)
-        )
-        .ok();
-        o.push_str("<table><thead><tr><th>Instance</th><th>State</th><th>Reason</th><th>Last seen</th><th class=\"num\">CPU</th><th class=\"num\">Mem</th><th>Agent</th></tr></thead><tbody>");
-        for v in list {
-            let r = &v.summary;
-            let st = r.state.as_str();
-            write!(o, "<tr class=\"inst\" data-instance=\"{id}\" data-state=\"{st}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{id}</a><small class=\"evidence\">{host}</small></td><td data-label=\"State\">{badge}</td><td data-label=\"Reason\">",
-                id = esc(&r.instance_id), link = pct(&r.instance_id), host = esc(&r.hostname), badge = badge(st)).ok();
-            match r.reason {
-                Some(reason) => {
-                    write!(
-                        o,
-                        "<span class=\"reason\">{}</span><span class=\"evidence\">{}</span>",
-                        esc(reason.as_str()),
-                        esc(r.evidence.as_deref().unwrap_or(""))
-                    )
-                    .ok();
-                }
-                None => o.push_str("<span class=\"muted\">–</span>"),
-            }
-            if let Some(h) = &r.held {
-                write!(o, "<span class=\"held\">held: {}</span>", esc(h)).ok();
-            }
-            write!(o, "</td><td data-label=\"Last seen\">{}</td><td class=\"num\" data-label=\"CPU\">{}</td><td class=\"num\" data-label=\"Mem\">{}</td><td data-label=\"Agent\">{}</td></tr>",
-                when(now, r.last_seen_ms), pct_cell(r.cpu_used_percent), pct_cell(r.mem_used_percent), esc(&r.agent_version)).ok();
-        }
-        o.push_str("</tbody></table>");
-    }
-    o.push_str("</section>");
-    o
-}
-
-fn queue_section(o: &mut String, phx: &QueueView, now: i64) {
-    let b = &phx.budget;
-    write!(
-        o,
-        "<section id=\"queue\"><h2>Phoenix queue <small>budget {} of a group, {} of {} marks in the last minute{} (<a href=\"/v1/phoenix/preview\" id=\"preview\">preview a policy</a>, docs/policy.md)</small></h2>",
-        esc(&b.spec),
-        b.marks_last_minute,
-        b.rate_per_min,
-        if b.windows.is_empty() { String::new() } else { format!("; voluntary marks in {}", esc(&b.windows.join("; "))) },
-    ).ok();
-    if !b.groups.is_empty() {
-        o.push_str("<table class=\"budget\"><thead><tr><th>Group</th><th class=\"num\">Size</th><th class=\"num\">Bad</th><th class=\"num\">Budget in use</th><th class=\"num\">Free</th></tr></thead><tbody>");
-        for g in &b.groups {
-            write!(
-                o,
-                "<tr><td data-label=\"Group\">{}</td><td class=\"num\" data-label=\"Size\">{}</td><td class=\"num\" data-label=\"Bad\">{}</td><td class=\"num\" data-label=\"In use\">{} of {}{}</td><td class=\"num\" data-label=\"Free\">{}</td></tr>",
-                esc(&g.group),
-                g.size,
-                g.bad,
-                g.marked.saturating_add(g.acked).saturating_add(g.not_ready),
-                g.allowed,
-                match (g.acked, g.not_ready) {
-                    (0, 0) => String::new(),
-                    (a, 0) => format!(" ({a} acked)"),
-                    (0, n) => format!(" ({n} not ready)"),
-                    (a, n) => format!(" ({a} acked, {n} not ready)"),
-                },
-                g.free
-            ).ok();
-        }
-        o.push_str("</tbody></table>");
-    }
-    o.push_str("<h3>Marked for replacement</h3>");
-    if phx.marked.is_empty() {
-        o.push_str("<p class=\"muted\" id=\"no-marks\">No instance is marked.</p>");
+    if u == 0 {
+        format!("{n} B")
+    } else if v < 10.0 {
+        format!("{v:.1} {}", UNITS[u])
     } else {
-        o.push_str("<table id=\"marked\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Since</th><th>Recycler</th></tr></thead><tbody>");
-        for m in &phx.marked {
-            let acked = m
-                .acked_ms
-                .flatten()
-                .map(|t| format!("acked {}", when(now, t)))
-                .unwrap_or_else(|| "waiting".into());
-            write!(
-                o,
-                "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Since\">{}</td><td data-label=\"Recycler\">{}</td></tr>",
-                esc(&m.group),
-                esc(m.reason.as_str()),
-                esc(&m.evidence),
-                when(now, m.since_ms.unwrap_or(0)),
-                acked,
-                idq = esc(&m.instance_id),
-                link = pct(&m.instance_id),
-            ).ok();
-        }
-        o.push_str("</tbody></table>");
+        format!("{v:.0} {}", UNITS[u])
     }
-    if !phx.held.is_empty() {
-        o.push_str("<h3>Held marks</h3><table id=\"held\"><thead><tr><th>Instance</th><th>Group</th><th>Reason</th><th>Held because</th></tr></thead><tbody>");
-        for m in &phx.held {
-            write!(
-                o,
-                "<tr data-instance=\"{idq}\"><td data-label=\"Instance\"><a href=\"/instances/{link}\">{idq}</a></td><td data-label=\"Group\">{}</td><td data-label=\"Reason\"><span class=\"reason\">{}</span><span class=\"evidence\">{}</span></td><td data-label=\"Held\">{}</td></tr>",
-                esc(&m.group),
-                esc(m.reason.as_str()),
-                esc(&m.evidence),
-                esc(m.hold.as_deref().unwrap_or("")),
-                idq = esc(&m.instance_id),
-                link = pct(&m.instance_id),
-            ).ok();
-        }
-        o.push_str("</tbody></table>");
-    }
-    o.push_str("</section>");
-}
-
-fn instance_fragment(s: &AppState, view: &FleetView, id: &str, now: i64) -> Option<String> {
-    let v = view.instance(id)?;
-    let i = &v.summary;
-    let logs = s.obs.logs.lines(id);
-    let mut o = String::with_capacity(8192);
-    write!(o, "<p><a href=\"/\">&larr; fleet</a></p><h2 id=\"instance\" data-instance=\"{id}\">{id} {}</h2>", badge(i.state.as_str()), id = esc(id)).ok();
-    o.push_str("<dl class=\"facts\">");
-    let mut fact = |k: &str, v: String| {
-        write!(o, "<dt>{k}</dt><dd>{v}</dd>").ok();
-    };
-    fact("Image", format!("<code>{}</code>", esc(&i.image_id)));
-    fact("Group", esc(&v.group_key).to_string());
-    fact("Host", esc(&i.hostname).to_string());
-    fact("Agent", esc(&i.agent_version).to_string());
-    fact("Boot", format!("<code>{}</code>", esc(&i.boot_id)));
-    fact("First seen", when(now, i.first_seen_ms));
-    fact("Last seen", when(now, i.last_seen_ms));
-    fact(
-        "Reports",
-        format!("{} every {} s", i.reports, i.interval_ms / 1000),
-    );
-    fact(
-        "CPU / memory / fullest disk",
-        format!(
-            "{} / {} / {}",
-            pct_cell(i.cpu_used_percent),
-            pct_cell(i.mem_used_percent),
-            pct_cell(i.disk_max_used_percent)
-        ),
-    );
-    match (&i.mark, i.reason) {
-        (Some(m), _) => {
-            let acked = match (m.acked_ms, &m.acked_by) {
-                (Some(t), by) => format!(
-                    "; acked {} by {}",
-                    when(now, t),
-                    esc(by.as_deref().unwrap_or("?"))
-                ),
-                (None, _) => String::new(),
-            };
-            fact("Marked", format!("<span class=\"reason\" id=\"reason\">{}</span> {}{acked}<span class=\"evidence\">{}</span>", esc(m.reason.as_str()), when(now, m.since_ms), esc(&m.evidence)));
-        }
-        (None, Some(reason)) => fact(
-            "Problem",
-            format!(
-                "<span class=\"reason\" id=\"reason\">{}</span><span class=\"evidence\">{}</span>",
-                esc(reason.as_str()),
-                esc(i.evidence.as_deref().unwrap_or(""))
-            ),
-        ),
-        (None, None) => {}
-    }
-    if let Some(h) = &i.held {
-        fact("Mark held", esc(h).to_string());
-    }
-    o.push_str("</dl>");
-
-    o.push_str("<section id=\"drift\"><h3>Drift</h3>");
-    match &v.drift {
-        None => o.push_str("<p class=\"muted\">This agent watches no files (no --drift-path).</p>"),
-        Some(d) => {
-            let verdict = if d.drifted { "<b>drifted</b>" } else { "clean" };
-            write!(
-                o,
-                "<p>{verdict} against the {}",
-                esc(d.source.as_deref().unwrap_or("(no baseline)"))
-            )
-            .ok();
-            if let Some(since) = d.since_ms {
-                write!(o, ", since {}", when(now, since)).ok();
-            }
-            write!(o, ". Hash <code>{}</code>", esc(short(&d.hash))).ok();
-            if let Some(e) = &d.expected {
-                write!(o, ", expected <code>{}</code>", esc(short(e))).ok();
-            }
-            o.push_str(".</p>");
-            if let Some(n) = &d.note {
-                write!(o, "<p class=\"muted\">{}</p>", esc(n)).ok();
-            }
-            if !d.changes.is_empty() {
-                o.push_str("<table id=\"changes\"><thead><tr><th>File</th><th>Change</th><th>Attributes</th></tr></thead><tbody>");
-                for c in &d.changes {
-                    write!(
-                        o,
-                        "<tr class=\"change\"><td data-label=\"File\"><code>{}</code></td><td data-label=\"Change\">{}</td><td data-label=\"Attributes\">{}</td></tr>",
-                        esc(&c.path),
-                        esc(&c.change),
-                        change_attrs(c)
-                    ).ok();
-                }
-                o.push_str("</tbody></table>");
-            }
-        }
-    }
-    o.push_str("</section><section id=\"checks\"><h3>Checks</h3>");
-    if v.checks.is_empty() {
-        o.push_str("<p class=\"muted\">No checks configured (--check).</p>");
-    } else {
-        let mut checks: Vec<_> = v.checks.iter().collect();
-        checks.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.name.cmp(&b.name)));
-        o.push_str("<table><thead><tr><th>Check</th><th>Result</th><th>Detail</th><th class=\"num\">Took</th></tr></thead><tbody>");
-        for c in &checks {
-            let streak = v.check_streaks.get(&c.name).copied().unwrap_or(0);
-            let result = if c.ok {
-                "ok".to_string()
-            } else {
-                format!("<b>failed</b> ({streak} in a row)")
-            };
-            write!(
-                o,
-                "<tr class=\"check{}\" data-check=\"{name}\"><td data-label=\"Check\">{name}</td><td data-label=\"Result\">{result}</td><td data-label=\"Detail\">{}</td><td class=\"num\" data-label=\"Took\">{} ms</td></tr>",
-                if c.ok { "" } else { " fail" },
-                esc(&c.detail),
-                c.duration_ms,
-                name = esc(&c.name),
-            ).ok();
-        }
-        o.push_str("</tbody></table>");
-    }
-    write!(o, "</section><section id=\"logs\"><h3>Last log lines <small>up to {}; the store has them all</small></h3>", crate::selfmetrics::LOG_LINES_KEPT).ok();
-    if logs.is_empty() {
-        o.push_str("<p class=\"muted\">No log lines since this collector started.</p>");
-    } else {
-        o.push_str("<ol class=\"logs\">");
-        for l in logs.iter().rev() {
-            let mut flags = String::new();
-            if l.escaped {
-                flags.push_str(" · not UTF-8, bytes as \\xNN");
-            }
-            if l.cut {
-                flags.push_str(" · cut");
-            }
-            write!(o, "<li class=\"log\"><small>{} · <code>{}</code>{}</small><span class=\"msg\">{}</span></li>", when(now, l.ts / 1_000_000), esc(&l.src), esc(&flags), esc(&l.msg)).ok();
-        }
-        o.push_str("</ol>");
-    }
-    o.push_str("</section>");
-    Some(o)
 }
 
 fn short(h: &str) -> &str {
@@ -729,10 +510,20 @@ mod tests {
     #[test]
     fn escaping_and_encoding() {
         assert_eq!(
-            esc("<img src=x onerror=\"alert('1')\">&").to_string(),
-            "&lt;img src=x onerror=&quot;alert(&#39;1&#39;)&quot;&gt;&amp;"
+            html! { p title=("\"><img src=x onerror=alert(1)>") { ("<b>&</b>") } }.into_string(),
+            "<p title=\"&quot;&gt;&lt;img src=x onerror=alert(1)&gt;\">&lt;b&gt;&amp;&lt;/b&gt;</p>"
         );
-        assert_eq!(esc("plain é").to_string(), "plain é");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(300 << 20), "300 MiB");
+        let g = Settings {
+            grafana_url: Some("https://grafana.example".into()),
+        };
+        assert_eq!(
+            g.grafana_link("i-1/x").unwrap(),
+            "https://grafana.example/d/phoenix-fleet/phoenix-fleet?var-instance=i-1%2Fx"
+        );
+        assert_eq!(Settings::default().grafana_link("i-1"), None);
         assert_eq!(pct("i-1/../<x> é"), "i-1%2F..%2F%3Cx%3E%20%C3%A9");
         assert_eq!(
             unpct(&pct("to;ken=\"x\" é")).as_deref(),
@@ -759,6 +550,9 @@ mod tests {
             store: "test".into(),
             security: crate::security::Security::default(),
             obs: Arc::new(crate::selfmetrics::Obs::default()),
+            page: Settings {
+                grafana_url: Some("https://grafana.example".into()),
+            },
         })
     }
 
@@ -951,35 +745,99 @@ mod tests {
         assert_eq!(call(&app, "/metrics", far, &[]).await.0, StatusCode::OK);
     }
 
+    fn point(
+        m: &str,
+        tags: &[(&str, &str)],
+        fields: Vec<(&str, phoenix_wire::Value)>,
+    ) -> phoenix_wire::Point {
+        phoenix_wire::Point {
+            m: m.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ts: 1,
+        }
+    }
+
     #[tokio::test]
     async fn hostile_agent_text_is_escaped_everywhere() {
+        use phoenix_wire::Value;
         let tmp = tempfile::tempdir().unwrap();
         let s = state(tmp.path());
         let evil = "<script>alert(1)</script>\"'&";
+        let identity = phoenix_wire::Identity {
+            instance_id: evil.into(),
+            image_id: format!("img{evil}"),
+            group: Some(format!("g{evil}")),
+            hostname: evil.into(),
+            boot_id: "b".into(),
+            version: evil.into(),
+            boot_time: 0,
+        };
+        let log = |src: &str, msg: String| phoenix_wire::LogLine {
+            src: src.into(),
+            ts: 1,
+            offset: 0,
+            msg,
+            escaped: false,
+            part: None,
+            tags: [("level".to_string(), evil.to_string())].into(),
+            fields: Default::default(),
+        };
         let r = phoenix_wire::Report {
             v: phoenix_wire::VERSION,
-            agent: phoenix_wire::Identity {
-                instance_id: evil.into(),
-                image_id: format!("img{evil}"),
-                group: Some(format!("g{evil}")),
-                hostname: evil.into(),
-                boot_id: "b".into(),
-                version: evil.into(),
-                boot_time: 0,
-            },
+            agent: identity.clone(),
             seq: 1,
             interval_ms: 1000,
-            metrics: vec![],
-            logs: vec![phoenix_wire::LogLine {
-                src: evil.into(),
-                ts: 1,
-                offset: 0,
-                msg: format!("GET /{evil}"),
-                escaped: false,
-                part: None,
-                tags: Default::default(),
-                fields: Default::default(),
-            }],
+            metrics: vec![
+                point(
+                    "cpu",
+                    &[("cpu", "cpu-total")],
+                    vec![("usage_idle", Value::Float(75.0))],
+                ),
+                point("mem", &[], vec![("used_percent", Value::Float(40.0))]),
+                point(
+                    "procstat",
+                    &[("process_name", evil), ("user", evil)],
+                    vec![
+                        ("pid", Value::Int(42)),
+                        ("cpu_usage", Value::Float(12.5)),
+                        ("memory_rss", Value::Int(3 << 20)),
+                    ],
+                ),
+                point("phoenix_listen_set", &[], vec![("count", Value::Int(1))]),
+                point(
+                    "phoenix_listen",
+                    &[
+                        ("proto", "tcp"),
+                        ("address", evil),
+                        ("port", "8080"),
+                        ("process_name", evil),
+                    ],
+                    vec![("pid", Value::Int(42))],
+                ),
+                point("phoenix_kernel", &[], vec![("oom_kills", Value::Int(1))]),
+                point(
+                    "phoenix_ssh",
+                    &[],
+                    vec![
+                        ("found", Value::Bool(true)),
+                        ("evidence", Value::Str(evil.into())),
+                    ],
+                ),
+            ],
+            logs: vec![
+                log(evil, format!("GET /{evil}")),
+                log(
+                    "kernel",
+                    format!("Out of memory: Killed process 4242 ({evil})"),
+                ),
+            ],
             drift: None,
             checks: vec![phoenix_wire::CheckResult {
                 name: evil.into(),
@@ -996,14 +854,53 @@ mod tests {
             changes: vec![phoenix_wire::FileChange {
                 path: format!("/etc/{evil}"),
                 change: "added".into(),
-                attrs: vec![],
-                values: vec![],
+                attrs: vec![evil.into()],
+                values: vec![phoenix_wire::AttrValue {
+                    attr: evil.into(),
+                    old: evil.into(),
+                    new: evil.into(),
+                }],
             }],
             note: Some(evil.into()),
             ..Default::default()
         };
         s.fleet.admit(&r, Some(drift), None);
         s.obs.logs.record(evil, &r.logs);
+        // A diagnostics snapshot whose every string is hostile too.
+        let p = s
+            .fleet
+            .request_diagnostics(evil, phoenix_wire::diag::ProbeSet::Full, evil)
+            .unwrap();
+        let proc_ = phoenix_wire::diag::Process {
+            pid: 7,
+            user: evil.into(),
+            name: evil.into(),
+            state: "R".into(),
+            cmdline: format!("/bin/{evil} --x"),
+            ..Default::default()
+        };
+        let snap = phoenix_wire::diag::Snapshot {
+            processes: Some(vec![proc_]),
+            failed_units: Some(vec![evil.into()]),
+            notes: vec![evil.into()],
+            kernel: Some(vec![phoenix_wire::diag::KernelLine {
+                priority: 3,
+                usec: 1,
+                message: evil.into(),
+            }]),
+            ..Default::default()
+        };
+        s.fleet
+            .answer_diagnostics(
+                phoenix_wire::diag::Answer {
+                    v: phoenix_wire::VERSION,
+                    agent: identity,
+                    request_id: p.id,
+                    snapshot: snap,
+                },
+                100,
+            )
+            .unwrap();
         s.fleet.pass();
         let app = crate::api::router(s);
         let (st, _, fleet) = call(&app, "/", "127.0.0.1:1", &[]).await;
@@ -1016,21 +913,171 @@ mod tests {
         )
         .await;
         assert_eq!(st, StatusCode::OK, "{inst}");
+        let escaped = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;'&amp;";
         for page in [&fleet, &inst] {
             assert!(!page.contains("<script>alert"), "{page}");
             assert!(!page.contains("\"'&<"));
-            assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;"));
+            assert!(page.contains(escaped), "{page}");
             // The only script tag is the page's own.
             assert_eq!(page.matches("<script").count(), 1);
         }
-        assert!(
-            inst.contains("GET /&lt;script&gt;"),
-            "the log line is shown, escaped"
-        );
-        assert!(
-            inst.contains("/etc/&lt;script&gt;"),
-            "the changed file is shown, escaped"
-        );
+        // Every place agent text lands on the instance page, escaped.
+        for (what, at) in [
+            ("the log line", format!("GET /{escaped}")),
+            ("the changed file", format!("/etc/{escaped}")),
+            ("the process name", format!("<code>{escaped}</code></td>")),
+            (
+                "the check detail",
+                format!("<td data-label=\"Detail\">{escaped}</td>"),
+            ),
+            (
+                "the kernel line",
+                format!("Killed process 4242 ({escaped})"),
+            ),
+            ("the command line", format!("/bin/{escaped} --x")),
+            ("the SSH evidence", format!("SSH is on: </b>{escaped}")),
+        ] {
+            assert!(inst.contains(&at), "{what} is shown, escaped: {inst}");
+        }
+        assert!(inst.contains("<b>1</b> OOM kills"), "{inst}");
         assert!(fleet.contains(&format!("/instances/{}", pct(evil))));
+        assert!(
+            fleet.contains(&format!(
+                "https://grafana.example/d/phoenix-fleet/phoenix-fleet?var-instance={}",
+                pct(evil)
+            )),
+            "the Grafana link: {fleet}"
+        );
+        assert!(
+            fleet.contains("failing: &lt;script&gt;"),
+            "the checks column: {fleet}"
+        );
+        assert!(
+            fleet.contains("drifted</span> <small>(1 change)</small>"),
+            "{fleet}"
+        );
+        assert!(fleet.contains("<svg class=\"spark\""), "the trend: {fleet}");
+    }
+
+    async fn post(
+        app: &Router,
+        uri: &str,
+        peer: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String) {
+        let mut b = axum::http::Request::builder().method("POST").uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(axum::body::Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        let r = tower_service::Service::call(&mut app.clone(), req)
+            .await
+            .unwrap();
+        let status = r.status();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_diagnostics_button_asks_only_from_the_page_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = state(tmp.path());
+        let r = phoenix_wire::Report {
+            v: phoenix_wire::VERSION,
+            agent: phoenix_wire::Identity {
+                instance_id: "i-1".into(),
+                image_id: "img".into(),
+                hostname: "h".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            },
+            seq: 1,
+            interval_ms: 1000,
+            metrics: vec![],
+            logs: vec![],
+            drift: None,
+            checks: vec![],
+            drift_root: None,
+            protected: None,
+        };
+        s.fleet.admit(&r, None, None);
+        s.fleet.publish();
+        let fleet = s.fleet.clone();
+        let app = crate::api::router(s);
+        let url = "/instances/i-1/diagnostics";
+        let local = "127.0.0.1:9";
+        let page = [(PAGE_HEADER, "1"), ("sec-fetch-site", "same-origin")];
+        // Another site's page: a plain form post (no header), or a fetch the browser marks
+        // cross-site. Both refused, even from loopback where reading is open.
+        for h in [
+            &[("sec-fetch-site", "same-origin")][..],
+            &[(PAGE_HEADER, "1"), ("sec-fetch-site", "cross-site")][..],
+            &[
+                (PAGE_HEADER, "1"),
+                ("origin", "http://evil.example"),
+                ("host", "127.0.0.1:7070"),
+            ][..],
+            &[(PAGE_HEADER, "1")][..],
+        ] {
+            let (st, body) = post(&app, url, local, h).await;
+            assert_eq!(st, StatusCode::FORBIDDEN, "{h:?}: {body}");
+            assert!(body.contains("/v1/instances/{id}/diagnostics"), "{body}");
+        }
+        assert!(fleet
+            .view()
+            .instance("i-1")
+            .unwrap()
+            .diagnostics
+            .pending
+            .is_none());
+        // From elsewhere the page's access rules hold: no token, no request.
+        let far = "10.0.0.1:9";
+        assert_eq!(
+            post(&app, url, far, &page).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        // The page itself, with the reader's cookie: accepted and named after the token.
+        let mut with_cookie = page.to_vec();
+        with_cookie.push(("cookie", "phoenix_reader=reader-1"));
+        let (st, body) = post(&app, url, far, &with_cookie).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+        let pending = fleet.diagnostics_for_ack(&r.agent).unwrap();
+        assert_eq!(pending.probes, phoenix_wire::diag::ProbeSet::Full);
+        fleet.publish();
+        let v = fleet.view();
+        let p = v
+            .instance("i-1")
+            .unwrap()
+            .diagnostics
+            .pending
+            .clone()
+            .unwrap();
+        assert!(p.requested_by.starts_with("reader"), "{p:?}");
+        // One at a time; an older browser's Origin check passes the same way.
+        let (st, body) = post(
+            &app,
+            url,
+            local,
+            &[
+                (PAGE_HEADER, "1"),
+                ("origin", "http://127.0.0.1:7070"),
+                ("host", "127.0.0.1:7070"),
+            ],
+        )
+        .await;
+        assert_eq!(st, StatusCode::CONFLICT, "{body}");
+        assert_eq!(
+            post(&app, "/instances/nobody/diagnostics", local, &page)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        // The instance page shows the request waiting, and the button off meanwhile.
+        let (_, _, inst) = call(&app, "/instances/i-1", local, &[]).await;
+        assert!(inst.contains("waiting for its answer"), "{inst}");
+        assert!(inst.contains("id=\"diag-request\""), "{inst}");
+        assert!(inst.contains("disabled"), "{inst}");
     }
 }
