@@ -69,7 +69,7 @@ poll() {
       continue
     fi
     local why
-    why="$(jq -r --arg id "$id" '.marked[] | select(.instance_id == $id) | "\(.reason): \(.evidence)"' <<<"$body")"
+    why="$(jq -r --arg id "$id" '.marked[] | select(.instance_id == $id) | "\(.reason): \(.evidence); marked at \(.since_at // "?")"' <<<"$body")"
     if [ "${PHOENIX_DRY_RUN:-0}" = 1 ]; then
       log "dry run: would run aws autoscaling set-instance-health --instance-id $id --health-status Unhealthy ($why)"
       continue

@@ -727,6 +727,10 @@ fn a_fleet_gets_its_sick_instances_marked_safely_and_recycled() {
         stderr.contains("mass event") || stderr.contains("alert"),
         "the recycler shows the alert: {stderr}"
     );
+    assert!(
+        stderr.contains("; marked at 20"),
+        "the recycler names when each mark was made (since_at): {stderr}"
+    );
     let calls = std::fs::read_to_string(&aws_log).unwrap();
     let mut calls: Vec<&str> = calls.lines().collect();
     calls.sort();
