@@ -14,9 +14,11 @@
 # fleetsim (tests/src/bin/fleetsim.rs) speaks the real wire format: gzip JSON reports with
 # per-boot seq numbers, ~40 Telegraf-shaped points each, each instance with its own
 # credential (--identity tofu), the fleet spread over the interval. It paces every instance
-# at its interval over CONNECTIONS keep-alive connections from 127.0.0.2..254 on one async
-# runtime (THREADS threads), and prints the rate it sent next to the rate acked: when the
-# two agree, the collector and its store are what is measured, not the simulator.
+# at its interval in CONNECTIONS lanes of up to PER_LANE keep-alive connections each (one
+# report in flight per connection; 3,000 by default, under the collector's 4,096 cap), from
+# 127.0.0.2..254, on one async runtime (THREADS threads), and prints the rate it sent next
+# to the rate acked and how many reports went out late: when none is late, the collector
+# and its store are what is measured, not the simulator.
 #
 # Not a test: figures depend on the machine, and fleetsim and influxd share it with the
 # collector. Needs release binaries and influxd (Debian's influxdb package):
@@ -31,6 +33,7 @@ POINTS=${POINTS:-40}
 DURATION=${DURATION:-120}
 THREADS=${THREADS:-1}
 CONNECTIONS=${CONNECTIONS:-1000}
+PER_LANE=${PER_LANE:-3}
 SILENCE_AT=${SILENCE_AT:-30}
 SILENT_AFTER=${SILENT_AFTER:-30s}
 DIR=${DIR:-/tmp/fleet-bench}
@@ -91,7 +94,7 @@ if [ "${WARMUP:-1}" = 1 ]; then
     start_collector "$DIR/warmup" "$DIR/collector-warmup.log"
     w0=$(date +%s.%N)
     "$FLEETSIM" --url "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --instances "$INSTANCES" \
-        --points "$POINTS" --threads "$THREADS" --connections "$CONNECTIONS" --rounds 1 --duration 3600 > "$DIR/warmup.json" 2> "$DIR/warmup.log"
+        --points "$POINTS" --threads "$THREADS" --connections "$CONNECTIONS" --per-lane "$PER_LANE" --rounds 1 --duration 3600 > "$DIR/warmup.json" 2> "$DIR/warmup.log"
     echo "warm-up: $(jq .reports_ok "$DIR/warmup.json") reports creating the series took $(awk -v a="$w0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }') s"
     kill "$COLLECTOR_PID"; wait "$COLLECTOR_PID" 2>/dev/null || true
 fi
@@ -102,7 +105,7 @@ echo "fleet: $INSTANCES instances every ${INTERVAL}s, $POINTS points per report,
 c0=$(cpu_s "$COLLECTOR_PID"); i0=$(cpu_s "$INFLUX_PID"); t0=$(date +%s.%N)
 "$FLEETSIM" --url "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --recycler-token "$RTOKEN" \
     --instances "$INSTANCES" --interval "$INTERVAL" --points "$POINTS" --duration "$DURATION" \
-    --threads "$THREADS" --connections "$CONNECTIONS" --silence-at "$SILENCE_AT" > "$DIR/fleetsim.json" 2> >(tee "$DIR/fleetsim.log" >&2) &
+    --threads "$THREADS" --connections "$CONNECTIONS" --per-lane "$PER_LANE" --silence-at "$SILENCE_AT" > "$DIR/fleetsim.json" 2> >(tee "$DIR/fleetsim.log" >&2) &
 SIM_PID=$!
 # The queue as the recycler sees it while the fleet still reports (once it stops, the whole
 # fleet turns silent: a mass event, held, which is right but not what is measured here).

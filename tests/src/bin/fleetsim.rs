@@ -7,11 +7,12 @@
 //!            [--silence-at 20 --recycler-token R]
 //!
 //! Each instance reports once per interval at its own moment, the fleet spread evenly over
-//! it. The instances share `--connections` keep-alive HTTP/1.1 connections (one report in
-//! flight on each), from source addresses 127.0.0.2 to 127.0.0.254 when the collector is on
-//! loopback, so per-peer limits see many peers as with a real fleet; an async runtime on
-//! `--threads` threads drives them all, so the rate is paced by the instances' intervals and
-//! not bound by the collector's ack latency. Every 5 s a line of figures goes to stderr
+//! it. The instances are dealt to `--connections` lanes; a lane sends each report when it is
+//! due, over a free keep-alive HTTP/1.1 connection of its own (up to `--per-lane` reports in
+//! flight, one per connection), from source addresses 127.0.0.2 to 127.0.0.254 when the
+//! collector is on loopback, so per-peer limits see many peers as with a real fleet. An
+//! async runtime on `--threads` threads drives them all: the rate is paced by the instances'
+//! intervals, not bound by the collector's ack latency. Every 5 s a line of figures goes to stderr
 //! (reports sent and acked per second); at the end one JSON line with the totals goes to
 //! stdout. With
 //! --rounds N every instance sends N reports as fast as the collector takes them, then it
@@ -39,6 +40,8 @@ struct Opts {
     duration: f64,
     threads: usize,
     connections: usize,
+    /// Reports of one lane in flight at once, each on its own connection.
+    per_lane: usize,
     gzip: bool,
     silence_at: Option<f64>,
     recycler_token: Option<String>,
@@ -49,7 +52,7 @@ struct Opts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: fleetsim --url URL --token T [--instances 10000] [--interval 10] [--points 40] [--duration 60] [--connections 1000] [--threads 1] [--no-gzip] [--silence-at S --recycler-token R] [--prefix i-f] [--group-size 100] [--rounds N]");
+    eprintln!("usage: fleetsim --url URL --token T [--instances 10000] [--interval 10] [--points 40] [--duration 60] [--connections 1000] [--per-lane 3] [--threads 1] [--no-gzip] [--silence-at S --recycler-token R] [--prefix i-f] [--group-size 100] [--rounds N]");
     std::process::exit(2)
 }
 
@@ -63,6 +66,7 @@ fn opts() -> Opts {
         duration: 60.0,
         threads: 1,
         connections: 1000,
+        per_lane: 3,
         gzip: true,
         silence_at: None,
         recycler_token: None,
@@ -83,6 +87,7 @@ fn opts() -> Opts {
             "--duration" => o.duration = num(v()),
             "--threads" => o.threads = num(v()).max(1.0) as usize,
             "--connections" => o.connections = num(v()).max(1.0) as usize,
+            "--per-lane" => o.per_lane = num(v()).clamp(1.0, 64.0) as usize,
             "--no-gzip" => o.gzip = false,
             "--silence-at" => o.silence_at = Some(num(v())),
             "--recycler-token" => o.recycler_token = Some(v()),
@@ -350,7 +355,8 @@ async fn lane(sh: Arc<Shared>, c: usize) {
         .collect();
     let mut seq = vec![0u64; mine.len()];
     let interval = Duration::from_secs_f64(o.interval);
-    let mut send: Option<Sender> = None;
+    let pool: Arc<std::sync::Mutex<Vec<Sender>>> = Arc::default();
+    let lane_slots = Arc::new(tokio::sync::Semaphore::new(o.per_lane));
     let mut round = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
         for (j, &k) in mine.iter().enumerate() {
@@ -364,7 +370,7 @@ async fn lane(sh: Arc<Shared>, c: usize) {
                 sh.stats.late.fetch_add(1, Ordering::Relaxed);
             }
             if sh.stop.load(Ordering::Relaxed) {
-                return;
+                break;
             }
             if k == 0
                 && o.silence_at
@@ -397,63 +403,86 @@ async fn lane(sh: Arc<Shared>, c: usize) {
                 sh.stats.error("could not build a request");
                 continue;
             };
-            // A closed connection (the collector's idle timeout, an error) is opened again.
-            if send.as_ref().is_none_or(|s| s.is_closed()) {
-                send = match connect(&sh.t, c).await {
-                    Ok(s) => {
-                        sh.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        Some(s)
-                    }
-                    Err(e) => {
-                        sh.stats.error(format_args!("connect: {e}"));
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        None
-                    }
-                };
-            }
-            let Some(s) = send.as_mut() else { continue };
-            if s.ready().await.is_err() {
-                send = None;
-                sh.stats.error("connection closed");
-                continue;
-            }
-            let t0 = Instant::now();
-            sh.stats.sent.fetch_add(1, Ordering::Relaxed);
-            match s.send_request(req).await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    if resp.into_body().collect().await.is_err() {
-                        send = None;
-                    }
-                    match status {
-                        200 => {
-                            sh.stats.ok.fetch_add(1, Ordering::Relaxed);
-                            sh.stats
-                                .points
-                                .fetch_add(r.metrics.len() as u64, Ordering::Relaxed);
-                            sh.stats
-                                .lat_us
-                                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                            if k == 0 {
-                                sh.silenced_last_ok.store(now_ms(), Ordering::Relaxed);
-                            }
-                        }
-                        503 | 429 => {
-                            sh.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                        }
-                        s => sh.stats.error(format_args!("HTTP {s}")),
-                    }
-                }
-                Err(e) => {
-                    send = None;
-                    sh.stats.error(e);
-                }
-            }
+            // Sent from a task of its own: the next instance's moment does not wait for
+            // this ack. At most `--per-lane` reports of this lane are in flight, each on its
+            // own keep-alive connection (a real fleet has a connection per agent).
+            let Ok(permit) = lane_slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (sh, pool, points) = (sh.clone(), pool.clone(), r.metrics.len() as u64);
+            tokio::spawn(async move {
+                post(&sh, c, &pool, req, k == 0, points).await;
+                drop(permit);
+            });
         }
         round += 1;
         if o.rounds.is_some_and(|n| round >= n) {
-            return;
+            break;
         }
+    }
+    // The lane ends when its reports in flight are answered.
+    lane_slots.acquire_many(o.per_lane as u32).await.ok();
+}
+
+/// Send one report over a free connection of the lane's pool (or a new one), and count how
+/// it went.
+async fn post(
+    sh: &Shared,
+    c: usize,
+    pool: &std::sync::Mutex<Vec<Sender>>,
+    req: hyper::Request<Full<Bytes>>,
+    silenced: bool,
+    points: u64,
+) {
+    let free = pool.lock().ok().and_then(|mut p| p.pop());
+    // A closed connection (the collector's idle timeout, an error) is opened again.
+    let mut s = match free.filter(|s| !s.is_closed()) {
+        Some(s) => s,
+        None => match connect(&sh.t, c).await {
+            Ok(s) => {
+                sh.stats.connects.fetch_add(1, Ordering::Relaxed);
+                s
+            }
+            Err(e) => {
+                sh.stats.error(format_args!("connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+        },
+    };
+    if s.ready().await.is_err() {
+        sh.stats.error("connection closed");
+        return;
+    }
+    let t0 = Instant::now();
+    sh.stats.sent.fetch_add(1, Ordering::Relaxed);
+    match s.send_request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let whole = resp.into_body().collect().await.is_ok();
+            match status {
+                200 => {
+                    sh.stats.ok.fetch_add(1, Ordering::Relaxed);
+                    sh.stats.points.fetch_add(points, Ordering::Relaxed);
+                    sh.stats
+                        .lat_us
+                        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if silenced {
+                        sh.silenced_last_ok.store(now_ms(), Ordering::Relaxed);
+                    }
+                }
+                503 | 429 => {
+                    sh.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+                s => sh.stats.error(format_args!("HTTP {s}")),
+            }
+            if whole {
+                if let Ok(mut p) = pool.lock() {
+                    p.push(s);
+                }
+            }
+        }
+        Err(e) => sh.stats.error(e),
     }
 }
 
@@ -551,7 +580,8 @@ async fn run(mut o: Opts) {
         "instances": o.instances,
         "interval_s": o.interval,
         "points_per_report": o.points,
-        "connections": o.connections,
+        "lanes": o.connections,
+        "per_lane": o.per_lane,
         "source_addresses": if sh.t.source(0).is_some() { o.connections.min(253) } else { 1 },
         "wanted_reports_per_s": o.instances as f64 / o.interval,
         "seconds": elapsed,
