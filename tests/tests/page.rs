@@ -428,6 +428,12 @@ fn fleet_page_in_headless_chromium() {
         change.contains("app/app.conf") && change.contains("changed") && change.contains("content"),
         "{change}"
     );
+    // Old → new per attribute, as the agent compared them with its baseline: the content as
+    // a short hash, never the contents themselves.
+    assert!(
+        change.contains(" → ") && !change.contains("9090"),
+        "old → new values, no contents: {change}"
+    );
     assert_eq!(
         b.eval("return document.getElementById('reason').textContent;"),
         "drift"
