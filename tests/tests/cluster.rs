@@ -1,8 +1,8 @@
 //! Three collectors sharing one real PostgreSQL (`--fleet-store`), one real influxd, and ten
 //! real agents of one group, each given all three collectors in a different order. One
 //! scenario, in steps, each asserted on every collector:
-//! 1. one drift is marked once (one `mark` audit point in InfluxDB) and seen alike through
-//!    every collector;
+//! 1. one drift is marked once (one `mark` audit point in InfluxDB, one fenced `mark` row in
+//!    PostgreSQL's `phoenix_audit`) and seen alike through every collector;
 //! 2. `kill -9` of the collector holding the lease: another decides within 2× the lease
 //!    time, every agent is served by the survivors, nobody healthy is marked, the queue is
 //!    unchanged;
@@ -299,6 +299,20 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
         n,
         Some(1),
         "one mark audited across the cluster\n{}",
+        logs(&cs)
+    );
+    // And once in PostgreSQL's own trail, by the decider, under its fence.
+    let sql = format!(
+        "SELECT count(*) FROM phoenix_audit WHERE action = 'mark' AND instance_id = '{first}' AND fence IS NOT NULL AND actor LIKE 'collector:%'"
+    );
+    let rows = wait_for(Duration::from_secs(20), || {
+        let n: u64 = pg.scalar(&sql).parse().unwrap_or(0);
+        (n >= 1).then_some(n)
+    });
+    assert_eq!(
+        rows,
+        Some(1),
+        "one mark row in phoenix_audit\n{}",
         logs(&cs)
     );
     let queue_before = marked(live(&cs)[0].1);

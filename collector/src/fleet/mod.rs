@@ -98,6 +98,35 @@ pub struct PassReport {
     pub would_mark: Vec<String>,
 }
 
+impl PassReport {
+    /// What this pass decided, as an audit trail keeps it.
+    pub fn decisions(&self) -> Vec<store::Decision> {
+        let at_ms = self.at.wall_ms;
+        let marks = self.marks.iter().map(|m| store::Decision {
+            at_ms,
+            action: "mark",
+            instance_id: Some(m.instance_id.clone()),
+            group: m.group.clone(),
+            detail: serde_json::json!({"reason": m.reason.as_str(), "evidence": m.evidence}),
+        });
+        let holds = self.holds.iter().map(|(id, why)| store::Decision {
+            at_ms,
+            action: "hold",
+            instance_id: Some(id.clone()),
+            group: String::new(),
+            detail: serde_json::json!({ "held": why }),
+        });
+        let alerts = self.alerts_raised.iter().map(|a| store::Decision {
+            at_ms,
+            action: "alert",
+            instance_id: None,
+            group: a.group.clone(),
+            detail: serde_json::json!({"message": a.message, "bad": a.bad, "size": a.size}),
+        });
+        marks.chain(holds).chain(alerts).collect()
+    }
+}
+
 /// The `phoenix_instance` point of one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstancePoint {
@@ -589,6 +618,10 @@ impl Fleet {
             self.list_stale.store(true, Ordering::Relaxed);
             drop(g);
             self.set_view(v);
+        }
+        let decisions = rep.decisions();
+        if !decisions.is_empty() {
+            self.store.audit(&decisions);
         }
         rep
     }

@@ -19,6 +19,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::queue::QueueState;
+
+/// One decision of the queue pass, as an audit trail keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub at_ms: i64,
+    /// `mark`, `hold` or `alert`.
+    pub action: &'static str,
+    /// The instance (a mark or a hold), or None for a group's alert.
+    pub instance_id: Option<String>,
+    pub group: String,
+    pub detail: serde_json::Value,
+}
 use super::state::{Instance, Observation};
 
 /// The fleet state format this collector writes.
@@ -102,6 +114,11 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     fn ack(&self, _instance_id: &str, _by: &str, _at_ms: i64) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// The decider's decisions of one pass (marks, holds, mass-event alerts), for a shared
+    /// store's own audit trail: every collector of a cluster reads one trail. The embedded
+    /// store keeps none beyond the `phoenix_audit` points the decider writes to InfluxDB.
+    fn audit(&self, _decisions: &[Decision]) {}
 
     /// A diagnostics request made here, or an answer taken here, for the other collectors.
     fn share_diag(&self, _instance_id: &str, _d: &super::diag::Shared) -> Result<(), StoreError> {

@@ -41,7 +41,9 @@ use super::{lease::check_fence, PgError, PgOptions, PgStore, OP_TIMEOUT, WAKE_CH
 use crate::fleet::clock::Clock;
 use crate::fleet::queue::QueueState;
 use crate::fleet::state::{Instance, Observation, Phx};
-use crate::fleet::store::{FleetStore, Pulled, SharedStatus, Snapshot, StoreError, VERSION};
+use crate::fleet::store::{
+    Decision, FleetStore, Pulled, SharedStatus, Snapshot, StoreError, VERSION,
+};
 
 /// Reports older than this are deleted (the decider's rows hold what they did long before).
 pub const KEEP_REPORTS_MS: i64 = 5 * 60_000;
@@ -128,6 +130,10 @@ pub struct PgFleetStore {
     max_reports: usize,
     cursor: Mutex<Option<i64>>,
     written: Mutex<Written>,
+    /// Decisions waiting for the next save, which writes them as audit rows under the
+    /// same fence (at most [`MAX_AUDIT_WAITING`]; older ones are dropped, and counted in a
+    /// warning, while PostgreSQL is away that long).
+    audit: Mutex<Vec<Decision>>,
     /// Stops the runtime's thread when the store is dropped.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -190,6 +196,7 @@ impl PgFleetStore {
             max_reports,
             cursor: Mutex::new(None),
             written: Mutex::default(),
+            audit: Mutex::default(),
             _stop: stop,
         });
         let s = Arc::clone(&store);
@@ -462,6 +469,7 @@ struct SaveJob {
     all: Vec<String>,
     queue: String,
     prune_before: Option<i64>,
+    audit: Vec<Decision>,
 }
 
 async fn save_rows(c: &mut Client, j: &SaveJob) -> Result<(), PgError> {
@@ -510,10 +518,42 @@ async fn save_rows(c: &mut Client, j: &SaveJob) -> Result<(), PgError> {
         )
         .await?;
     }
+    if !j.audit.is_empty() {
+        let at: Vec<i64> = j.audit.iter().map(|d| d.at_ms).collect();
+        let action: Vec<&str> = j.audit.iter().map(|d| d.action).collect();
+        let ids: Vec<Option<&str>> = j.audit.iter().map(|d| d.instance_id.as_deref()).collect();
+        let groups: Vec<&str> = j.audit.iter().map(|d| d.group.as_str()).collect();
+        let details: Vec<String> = j.audit.iter().map(|d| d.detail.to_string()).collect();
+        // The decider's own decisions, under the fence just checked: a collector that lost
+        // the lease cannot add to the trail.
+        tx.execute(
+            "INSERT INTO phoenix_audit (at_ms, actor, action, instance_id, group_name, detail, fence)
+             SELECT a, 'collector:' || $6, x, i, NULLIF(g, ''), d::jsonb, $7
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+               AS u(a, x, i, g, d)",
+            &[&at, &action, &ids, &groups, &details, &j.holder, &j.fence],
+        )
+        .await?;
+    }
     tx.execute("SELECT pg_notify($1, 'fleet')", &[&WAKE_CHANNEL])
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Most decisions waiting for a save (a whole mass event's holds fit many times over).
+const MAX_AUDIT_WAITING: usize = 10_000;
+
+/// Drops the oldest decisions past [`MAX_AUDIT_WAITING`], saying how many.
+fn bound_audit(a: &mut Vec<Decision>) {
+    if a.len() > MAX_AUDIT_WAITING {
+        let over = a.len() - MAX_AUDIT_WAITING;
+        a.drain(..over);
+        tracing::warn!(
+            dropped = over,
+            "fleet store: PostgreSQL has been away too long to keep every decision for its audit table; the oldest are left to the phoenix_audit points in InfluxDB"
+        );
+    }
 }
 
 /// Rows as read back: (instance, body, saved_ms, saved_mono).
@@ -790,18 +830,29 @@ impl FleetStore for PgFleetStore {
             all,
             queue,
             prune_before,
+            audit: std::mem::take(&mut *self.audit.lock().unwrap()),
         };
         drop(w);
         let pg = Arc::clone(&self.pg);
-        let r = self.call(async move {
-            let mut g = pg.work().await;
-            let r = match pg.ensure(&mut g).await {
-                Ok(c) => super::timed(save_rows(c, &job)).await,
-                Err(e) => Err(e),
-            };
-            pg.note(&r, &mut g);
-            r
-        });
+        let (r, unsaved) = self
+            .call(async move {
+                let mut g = pg.work().await;
+                let r = match pg.ensure(&mut g).await {
+                    Ok(c) => super::timed(save_rows(c, &job)).await,
+                    Err(e) => Err(e),
+                };
+                pg.note(&r, &mut g);
+                let unsaved = if r.is_err() { job.audit } else { Vec::new() };
+                Ok::<_, PgError>((r, unsaved))
+            })
+            .unwrap_or_else(|e| (Err(e), Vec::new()));
+        if !unsaved.is_empty() {
+            // Kept for the next save, before what was decided meanwhile.
+            let mut a = self.audit.lock().unwrap();
+            let newer = std::mem::replace(&mut *a, unsaved);
+            a.extend(newer);
+            bound_audit(&mut a);
+        }
         let mut w = self.written.lock().unwrap();
         match r {
             Ok(()) => {
@@ -822,6 +873,12 @@ impl FleetStore for PgFleetStore {
                 Err(self.unavailable(e))
             }
         }
+    }
+
+    fn audit(&self, decisions: &[Decision]) {
+        let mut a = self.audit.lock().unwrap();
+        a.extend(decisions.iter().cloned());
+        bound_audit(&mut a);
     }
 
     fn is_decider(&self) -> bool {
