@@ -562,7 +562,17 @@ mod tests {
         peer: &str,
         headers: &[(&str, &str)],
     ) -> (StatusCode, HeaderMap, String) {
-        let mut b = axum::http::Request::builder().uri(uri);
+        call_with("GET", app, uri, peer, headers).await
+    }
+
+    async fn call_with(
+        method: &str,
+        app: &Router,
+        uri: &str,
+        peer: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -577,7 +587,7 @@ mod tests {
         (
             parts.status,
             parts.headers,
-            String::from_utf8(bytes.to_vec()).unwrap(),
+            String::from_utf8_lossy(&bytes).into_owned(),
         )
     }
 
@@ -959,25 +969,15 @@ mod tests {
         assert!(fleet.contains("<svg class=\"spark\""), "the trend: {fleet}");
     }
 
+    /// A POST through the router: [`call_with`] with status and body only.
     async fn post(
         app: &Router,
         uri: &str,
         peer: &str,
         headers: &[(&str, &str)],
     ) -> (StatusCode, String) {
-        let mut b = axum::http::Request::builder().method("POST").uri(uri);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let mut req = b.body(axum::body::Body::empty()).unwrap();
-        req.extensions_mut()
-            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
-        let r = tower_service::Service::call(&mut app.clone(), req)
-            .await
-            .unwrap();
-        let status = r.status();
-        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        let (st, _, body) = call_with("POST", app, uri, peer, headers).await;
+        (st, body)
     }
 
     #[tokio::test]
