@@ -105,9 +105,18 @@ pub fn load_certs(p: &Path) -> Result<Vec<Certificate<'static>>, TlsError> {
 
 /// The roots the collector's certificate is checked against: `--ca-file`, else the system
 /// bundle when there is one, else the Mozilla roots built into the agent.
-pub fn roots(opts: &TlsOptions) -> Result<RootCerts, TlsError> {
+///
+/// `https` says whether any collector is `https://`. When none is, the system bundle is not
+/// read: parsing it (about 220 kB of PEM on Debian) was a tenth of an idle agent's heap, for
+/// roots no connection would use (the client follows no redirects, so no `https://` URL can
+/// appear later). An explicit `--ca-file` is still read, so a wrong path is still an error.
+pub fn roots(opts: &TlsOptions, https: bool) -> Result<RootCerts, TlsError> {
     if let Some(ca) = &opts.ca_file {
         return Ok(RootCerts::new_with_certs(&load_certs(ca)?));
+    }
+    if !https {
+        // The built-in roots are static data: nothing is parsed or allocated for them.
+        return Ok(RootCerts::WebPki);
     }
     let system = Path::new(SYSTEM_BUNDLE);
     if system.exists() {
@@ -121,7 +130,14 @@ pub fn roots(opts: &TlsOptions) -> Result<RootCerts, TlsError> {
     Ok(RootCerts::WebPki)
 }
 
-pub fn tls_config(opts: &TlsOptions) -> Result<TlsConfig, TlsError> {
+/// Whether any of `collectors` is reached over TLS: what [`http_agent`] is told.
+pub fn any_https(collectors: &[String]) -> bool {
+    collectors
+        .iter()
+        .any(|c| c.to_ascii_lowercase().starts_with("https://"))
+}
+
+pub fn tls_config(opts: &TlsOptions, https: bool) -> Result<TlsConfig, TlsError> {
     let client = match (&opts.client_cert, &opts.client_key) {
         (None, None) => None,
         (Some(c), Some(k)) => {
@@ -133,14 +149,15 @@ pub fn tls_config(opts: &TlsOptions) -> Result<TlsConfig, TlsError> {
         _ => return Err(TlsError::HalfClientCert),
     };
     Ok(TlsConfig::builder()
-        .root_certs(roots(opts)?)
+        .root_certs(roots(opts, https)?)
         .client_cert(client)
         .build())
 }
 
 /// The HTTP client the sender uses: verified TLS, no redirects, bounded timeouts, and HTTP
-/// statuses as values (the sender decides what each means).
-pub fn http_agent(opts: &TlsOptions) -> Result<ureq::Agent, TlsError> {
+/// statuses as values (the sender decides what each means). `https`: whether any collector
+/// is `https://` (see [`roots`]).
+pub fn http_agent(opts: &TlsOptions, https: bool) -> Result<ureq::Agent, TlsError> {
     let cfg = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_global(Some(Duration::from_secs(60)))
@@ -148,7 +165,7 @@ pub fn http_agent(opts: &TlsOptions) -> Result<ureq::Agent, TlsError> {
         // A redirect could send the next request, token and all, somewhere else or downgrade
         // it to http://; the collector never redirects, so none is followed.
         .max_redirects(0)
-        .tls_config(tls_config(opts)?)
+        .tls_config(tls_config(opts, https)?)
         .user_agent(concat!("phoenix-agent/", env!("CARGO_PKG_VERSION")))
         .build();
     Ok(ureq::Agent::new_with_config(cfg))
@@ -194,29 +211,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ca.pem");
         std::fs::write(&f, "not a certificate\n").unwrap();
-        let e = roots(&TlsOptions {
-            ca_file: Some(f.clone()),
-            ..Default::default()
-        })
+        let e = roots(
+            &TlsOptions {
+                ca_file: Some(f.clone()),
+                ..Default::default()
+            },
+            false,
+        )
         .unwrap_err();
         assert!(e.to_string().contains("ca.pem"), "{e}");
-        let e = roots(&TlsOptions {
-            ca_file: Some(dir.path().join("missing.pem")),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("missing.pem"), "{e}");
-        let e = tls_config(&TlsOptions {
-            client_cert: Some(f),
-            ..Default::default()
-        })
+        // An explicit --ca-file is read whatever the collectors' scheme.
+        for https in [true, false] {
+            let e = roots(
+                &TlsOptions {
+                    ca_file: Some(dir.path().join("missing.pem")),
+                    ..Default::default()
+                },
+                https,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("missing.pem"), "{e}");
+        }
+        let e = tls_config(
+            &TlsOptions {
+                client_cert: Some(f),
+                ..Default::default()
+            },
+            false,
+        )
         .unwrap_err();
         assert!(matches!(e, TlsError::HalfClientCert));
     }
 
     #[test]
-    fn system_bundle_is_used_when_present() {
-        let r = roots(&TlsOptions::default()).unwrap();
+    fn system_bundle_is_used_when_present_and_only_for_https() {
+        let r = roots(&TlsOptions::default(), false).unwrap();
+        assert!(matches!(r, RootCerts::WebPki), "{r:?}");
+        let r = roots(&TlsOptions::default(), true).unwrap();
         if Path::new(SYSTEM_BUNDLE).exists() {
             assert!(
                 matches!(r, RootCerts::Specific(ref c) if c.len() > 10),

@@ -255,7 +255,7 @@ impl Sender {
         spool: Arc<Spool>,
         state_dir: PathBuf,
     ) -> Sender {
-        let http = crate::tls::http_agent(&Default::default())
+        let http = crate::tls::http_agent(&Default::default(), crate::tls::any_https(collectors))
             .expect("the default TLS settings read no file that could fail");
         Sender::with_http(http, collectors, token, spool, state_dir)
     }
