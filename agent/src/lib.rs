@@ -96,7 +96,7 @@ pub fn run(
     for c in &cfg.collectors {
         tls::check_url(c, cfg.tls.insecure_http)?;
     }
-    let http = tls::http_agent(&cfg.tls, tls::any_https(&cfg.collectors))?;
+    let http = tls::http_agent(&cfg.tls, &cfg.collectors)?;
     let spool = Arc::new(spool::Spool::open(
         &cfg.state_dir.join("spool"),
         cfg.spool_max,

@@ -130,13 +130,6 @@ pub fn roots(opts: &TlsOptions, https: bool) -> Result<RootCerts, TlsError> {
     Ok(RootCerts::WebPki)
 }
 
-/// Whether any of `collectors` is reached over TLS: what [`http_agent`] is told.
-pub fn any_https(collectors: &[String]) -> bool {
-    collectors
-        .iter()
-        .any(|c| c.to_ascii_lowercase().starts_with("https://"))
-}
-
 pub fn tls_config(opts: &TlsOptions, https: bool) -> Result<TlsConfig, TlsError> {
     let client = match (&opts.client_cert, &opts.client_key) {
         (None, None) => None,
@@ -155,9 +148,13 @@ pub fn tls_config(opts: &TlsOptions, https: bool) -> Result<TlsConfig, TlsError>
 }
 
 /// The HTTP client the sender uses: verified TLS, no redirects, bounded timeouts, and HTTP
-/// statuses as values (the sender decides what each means). `https`: whether any collector
-/// is `https://` (see [`roots`]).
-pub fn http_agent(opts: &TlsOptions, https: bool) -> Result<ureq::Agent, TlsError> {
+/// statuses as values (the sender decides what each means). The roots are read only when
+/// one of `collectors` is `https://` (see [`roots`]).
+pub fn http_agent(opts: &TlsOptions, collectors: &[String]) -> Result<ureq::Agent, TlsError> {
+    let https = collectors.iter().any(|c| {
+        c.get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+    });
     let cfg = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_global(Some(Duration::from_secs(60)))

@@ -248,18 +248,6 @@ impl crate::diag::Post for DiagPoster {
 }
 
 impl Sender {
-    /// A sender with the default TLS settings (system CAs, no client certificate).
-    pub fn new(
-        collectors: &[String],
-        token: Option<String>,
-        spool: Arc<Spool>,
-        state_dir: PathBuf,
-    ) -> Sender {
-        let http = crate::tls::http_agent(&Default::default(), crate::tls::any_https(collectors))
-            .expect("the default TLS settings read no file that could fail");
-        Sender::with_http(http, collectors, token, spool, state_dir)
-    }
-
     /// A sender over `http` (see [`crate::tls::http_agent`]) to `collectors`, in order of
     /// preference.
     pub fn with_http(
