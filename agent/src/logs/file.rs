@@ -149,6 +149,37 @@ pub(super) struct Tracked {
     /// File size at the last check, and when it last changed.
     pub size: u64,
     pub changed_at: Instant,
+    /// The file's ctime at the last check, if it was already old then (see `Stamp`).
+    pub stamp: Option<Stamp>,
+}
+
+/// A file's status-change time (ctime, which truncation and every write move) as of a check.
+/// An unchanged size alone does not prove an unchanged file: copytruncate followed by the
+/// same number of bytes (fixed-width lines) gives the same size with other lines in it.
+/// Equal size and equal ctime do, but only once the ctime is older than the kernel's
+/// timestamp granularity, so a rewrite within the same clock tick cannot hide behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp(i64, i64);
+
+impl Stamp {
+    /// How old a ctime must be before it vouches for the file: well above the coarse clock
+    /// tick (1-10 ms) that file timestamps use.
+    const SETTLED_NS: i128 = 1_000_000_000;
+
+    /// The stamp of `md`, or None while its ctime is too recent to vouch for anything.
+    pub(super) fn of(md: &std::fs::Metadata) -> Option<Stamp> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let ct = md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128;
+        (now - ct >= Self::SETTLED_NS).then_some(Stamp(md.ctime(), md.ctime_nsec()))
+    }
+
+    /// True when `md` is the file this stamp was taken of, unchanged since.
+    pub(super) fn vouches_for(self, md: &std::fs::Metadata) -> bool {
+        self == Stamp(md.ctime(), md.ctime_nsec())
+    }
 }
 
 impl Tracked {
@@ -164,6 +195,7 @@ impl Tracked {
         let mut t = Tracked::closed(src, path, md.dev(), md.ino(), head, offset, now);
         t.file = Some(file);
         t.size = md.len();
+        t.stamp = Stamp::of(md);
         t.pending = false;
         t
     }
@@ -197,6 +229,7 @@ impl Tracked {
             tail_since: None,
             size: offset,
             changed_at: now,
+            stamp: None,
         }
     }
 }

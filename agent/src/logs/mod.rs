@@ -874,7 +874,10 @@ impl Tailer {
         };
         let md = file.metadata().map_err(io_err(Path::new(&f.src)))?;
         let size = md.len();
-        if size == f.size && size >= f.offset {
+        // The size alone would let a copytruncate refilled to the same size pass unseen,
+        // and its lines be read from the wrong offset: the head is compared unless an old
+        // enough ctime says nothing at all happened to the file.
+        if size == f.size && size >= f.offset && f.stamp.is_some_and(|s| s.vouches_for(&md)) {
             return Ok(false);
         }
         let same_head = file::head_matches(file, f.head).map_err(io_err(Path::new(&f.src)))?;
@@ -907,6 +910,7 @@ impl Tailer {
                 .and_then(|h| file::head_of(h).ok())
                 .unwrap_or(Head::EMPTY);
             f.size = size;
+            f.stamp = file::Stamp::of(&md);
             f.changed_at = now;
             if let Some(copy) = copy {
                 // Read the copy's unread rest first: it comes before the new lines.
@@ -924,8 +928,11 @@ impl Tailer {
             }
         }
         let f = &mut self.files[i];
+        if size != f.size {
+            f.changed_at = now;
+        }
         f.size = size;
-        f.changed_at = now;
+        f.stamp = file::Stamp::of(&md);
         Ok(false)
     }
 

@@ -426,6 +426,49 @@ fn copytruncate_is_detected_and_the_copy_read_to_its_end() {
 }
 
 #[test]
+fn copytruncate_refilled_to_the_size_last_seen_is_still_caught() {
+    // An unchanged size is no proof of an unchanged file: fixed-width lines written after a
+    // copytruncate can bring it back to exactly the size the tailer last saw. Read from the
+    // old offset, that is the middle of another line; the head must be compared anyway.
+    let env = Env::new();
+    let a = env.path("app.log");
+    File::create(&a).unwrap();
+    let mut t = env.tailer(env.opts("app.log"));
+    write_lines(&a, 100..150);
+    // No newline yet: the offset stops before this line, 16 bytes short of the size seen.
+    append(&a, b"line 150 unfinis");
+    t.step(Instant::now()).unwrap();
+    let seen = fs::metadata(&a).unwrap().len();
+    append(&a, b"hed\n");
+    copytruncate(&a, &env.path("app.log.1"));
+    // Other lines, exactly `seen` bytes, so the old offset falls inside the last of them.
+    let mut b: Vec<Vec<u8>> = (200..210)
+        .map(|i| format!("line {i} second file\n").into_bytes())
+        .collect();
+    let used: usize = b.iter().map(Vec::len).sum();
+    let mut last = b"line 210 ".to_vec();
+    last.resize(seen as usize - used - 1, b'y');
+    last.push(b'\n');
+    b.push(last);
+    append(&a, &b.concat());
+    assert_eq!(fs::metadata(&a).unwrap().len(), seen);
+    t.step(Instant::now()).unwrap();
+    t.step(Instant::now()).unwrap();
+    let got = reassemble(&env.drain());
+    let mut want: Vec<Vec<u8>> = (100..150)
+        .map(|i| format!("line {i} \"quoted\", k=v").into_bytes())
+        .collect();
+    want.push(b"line 150 unfinished".to_vec());
+    want.extend(b.iter().map(|l| l[..l.len() - 1].to_vec()));
+    let text = |v: &[Vec<u8>]| -> Vec<String> {
+        v.iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    };
+    assert_eq!(text(&got[&src(&a)]), text(&want));
+}
+
+#[test]
 fn partial_line_waits_for_its_newline_then_flushes() {
     let env = Env::new();
     let a = env.path("app.log");
