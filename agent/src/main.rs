@@ -59,17 +59,36 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL")
-        .unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::prelude::*;
+    // `Targets` takes `level` and `target=level` lists: all an agent's log needs. EnvFilter's
+    // span and field matchers compile regexes at start-up, which cost the idle agent about
+    // 0.5 MB of resident code and heap (docs/benchmarks.md).
+    let filter = match log_filter(std::env::var("PHOENIX_LOG_LEVEL").ok().as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("phoenix-agent: PHOENIX_LOG_LEVEL: {e}; logging at info (give a level such as debug, or target=level pairs separated by commas)");
+            log_filter(None).expect("the default filter parses")
+        }
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal: a log file or the journal gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        b.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        b.init();
+        registry.with(fmt).init();
+    }
+}
+
+/// The log filter from `PHOENIX_LOG_LEVEL` (unset or empty: info).
+fn log_filter(
+    var: Option<&str>,
+) -> Result<tracing_subscriber::filter::Targets, tracing_subscriber::filter::ParseError> {
+    match var.map(str::trim) {
+        None | Some("") => "info".parse(),
+        Some(v) => v.parse(),
     }
 }
 
@@ -89,5 +108,23 @@ fn spawn_signal_thread(spool: std::sync::Arc<phoenix_agent::spool::Spool>) {
             tracing::info!(signal = sig, "stopping");
             spool.stop();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_levels_and_target_lists_parse_and_nonsense_is_named() {
+        let f = log_filter(None).unwrap();
+        assert!(f.would_enable("phoenix_agent::logs", &Level::INFO));
+        assert!(!f.would_enable("phoenix_agent::logs", &Level::DEBUG));
+        let f = log_filter(Some("warn,phoenix_agent::logs=trace")).unwrap();
+        assert!(f.would_enable("phoenix_agent::logs", &Level::TRACE));
+        assert!(!f.would_enable("phoenix_agent::spool", &Level::INFO));
+        assert!(f.would_enable("phoenix_agent::spool", &Level::WARN));
+        assert!(log_filter(Some("phoenix_agent=loud")).is_err());
     }
 }
