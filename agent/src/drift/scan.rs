@@ -56,27 +56,77 @@ impl Fingerprint {
     }
 }
 
+/// One entry as kept between scans: compact, because an idle agent holds one per watched path
+/// for its whole life. The path is the map's key (stored once), hashes are bytes, not hex; the
+/// wire form ([`FileEntry`]) is rebuilt only when a report is queued.
 #[derive(Debug, Clone)]
 struct Node {
-    entry: FileEntry,
+    kind: u8,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// BLAKE3 of the contents (`f`) or of the link target (`l`).
+    hash: Option<[u8; 32]>,
+    size: Option<u64>,
+    /// The link target (`l`) or why the path could not be read (`e`).
+    extra: Option<Box<str>>,
     leaf: [u8; 32],
     fp: Option<Fingerprint>,
 }
 
 impl Node {
-    fn new(entry: FileEntry, fp: Option<Fingerprint>) -> Node {
-        Node {
-            leaf: leaf_hash(&entry),
-            entry,
+    fn new(key: &str, entry: Parts, fp: Option<Fingerprint>) -> Node {
+        let mut n = Node {
+            kind: entry.kind,
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+            hash: entry.hash,
+            size: entry.size,
+            extra: entry.extra.map(String::into_boxed_str),
+            leaf: [0; 32],
             fp,
+        };
+        n.leaf = leaf_hash(&n.entry(key));
+        n
+    }
+
+    /// The wire form of this node at `key`.
+    fn entry(&self, key: &str) -> FileEntry {
+        let kind = char::from(self.kind);
+        let extra = || self.extra.as_deref().map(str::to_owned);
+        FileEntry {
+            path: key.to_owned(),
+            kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            hash: self
+                .hash
+                .map(|h| blake3::Hash::from(h).to_hex().to_string())
+                .unwrap_or_default(),
+            target: if kind == 'l' { extra() } else { None },
+            error: if kind == 'e' { extra() } else { None },
+            size: self.size,
         }
     }
+}
+
+/// What a walked path turned out to be, before it becomes a [`Node`].
+struct Parts {
+    kind: u8,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    hash: Option<[u8; 32]>,
+    size: Option<u64>,
+    extra: Option<String>,
 }
 
 /// The current entries of the watched trees, sorted by path, each with its cached leaf hash.
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<Box<str>, Node>,
 }
 
 impl Tree {
@@ -95,18 +145,18 @@ impl Tree {
 
     /// The entries, sorted by path.
     pub fn entries(&self) -> Vec<FileEntry> {
-        self.nodes.values().map(|n| n.entry.clone()).collect()
+        self.nodes.iter().map(|(k, n)| n.entry(k)).collect()
     }
 
-    pub fn get(&self, key: &str) -> Option<&FileEntry> {
-        self.nodes.get(key).map(|n| &n.entry)
+    pub fn get(&self, key: &str) -> Option<FileEntry> {
+        self.nodes.get(key).map(|n| n.entry(key))
     }
 
     /// Remove `key` and everything below it; returns what was removed.
-    fn take_subtree(&mut self, key: &str) -> BTreeMap<String, Node> {
+    fn take_subtree(&mut self, key: &str) -> BTreeMap<Box<str>, Node> {
         let mut out = BTreeMap::new();
-        if let Some(n) = self.nodes.remove(key) {
-            out.insert(key.to_string(), n);
+        if let Some((k, n)) = self.nodes.remove_entry(key) {
+            out.insert(k, n);
         }
         let prefix = if key.ends_with('/') {
             key.to_string()
@@ -117,9 +167,12 @@ impl Tree {
         let mut end = prefix.clone();
         end.pop();
         end.push('0');
-        let keys: Vec<String> = self
+        let keys: Vec<Box<str>> = self
             .nodes
-            .range(prefix..end)
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Excluded(end.as_str()),
+            ))
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
@@ -188,7 +241,7 @@ impl Scanner {
         }
         let mut tree = Tree::default();
         for (k, n) in self.build(items, None) {
-            tree.nodes.insert(k, n);
+            tree.nodes.insert(k.into_boxed_str(), n);
         }
         tree
     }
@@ -212,8 +265,8 @@ impl Scanner {
                 }
                 Err(e) => {
                     tree.take_subtree(&key);
-                    if let Some(node) = error_node(key.clone(), None, &e) {
-                        tree.nodes.insert(key, node);
+                    if let Some(node) = error_node(&key, None, &e) {
+                        tree.nodes.insert(key.into_boxed_str(), node);
                     }
                     continue;
                 }
@@ -235,7 +288,7 @@ impl Scanner {
             // always read again.
             let prev = meta_is_dir(&items, path).then_some(&old);
             for (k, node) in self.build(items, prev) {
-                tree.nodes.insert(k, node);
+                tree.nodes.insert(k.into_boxed_str(), node);
             }
         }
         n
@@ -338,7 +391,7 @@ impl Scanner {
     fn build(
         &self,
         items: Vec<Item>,
-        prev: Option<&BTreeMap<String, Node>>,
+        prev: Option<&BTreeMap<Box<str>, Node>>,
     ) -> Vec<(String, Node)> {
         let threads = self.threads.min(items.len() / 64 + 1);
         if threads <= 1 {
@@ -397,61 +450,62 @@ fn error_text(e: &io::Error) -> String {
     e.kind().to_string()
 }
 
-fn error_node(key: String, meta: Option<&fs::Metadata>, e: &io::Error) -> Option<Node> {
-    let entry = FileEntry {
-        path: key,
-        kind: 'e',
+fn error_node(key: &str, meta: Option<&fs::Metadata>, e: &io::Error) -> Option<Node> {
+    let parts = Parts {
+        kind: b'e',
         mode: meta.map_or(0, |m| m.mode() & 0o7777),
         uid: meta.map_or(0, |m| m.uid()),
         gid: meta.map_or(0, |m| m.gid()),
-        hash: String::new(),
-        target: None,
-        error: Some(error_text(e)),
+        hash: None,
+        extra: Some(error_text(e)),
         size: None,
     };
-    Some(Node::new(entry, None))
+    Some(Node::new(key, parts, None))
 }
 
 /// Build the node for one walked item; None when the path vanished meanwhile.
 fn node_for(
     it: &Item,
-    prev: Option<&BTreeMap<String, Node>>,
+    prev: Option<&BTreeMap<Box<str>, Node>>,
     buf: &mut [u8],
     hashed: &AtomicUsize,
 ) -> Option<Node> {
     let m = match (&it.meta, &it.err) {
         (Some(m), None) => m,
-        (m, Some(e)) => return error_node(it.key.clone(), m.as_ref(), e),
+        (m, Some(e)) => return error_node(&it.key, m.as_ref(), e),
         (None, None) => return lazy_file(it, buf, hashed),
     };
-    let entry = |kind: char, m: &fs::Metadata, hash: String, target: Option<String>| FileEntry {
-        path: it.key.clone(),
+    let parts = |kind: u8, m: &fs::Metadata, hash: Option<[u8; 32]>, extra: Option<String>| Parts {
         kind,
         mode: m.mode() & 0o7777,
         uid: m.uid(),
         gid: m.gid(),
         hash,
-        target,
-        error: None,
+        extra,
         // Shown as old → new next to the content hash; the leaf hash leaves it out.
-        size: (kind == 'f').then_some(m.len()),
+        size: (kind == b'f').then_some(m.len()),
     };
+    let key = it.key.as_str();
     let ft = m.file_type();
     if ft.is_dir() {
-        Some(Node::new(entry('d', m, String::new(), None), None))
+        Some(Node::new(key, parts(b'd', m, None, None), None))
     } else if ft.is_symlink() {
         match fs::read_link(&it.path) {
             Ok(t) => {
-                let hash = blake3::hash(t.as_os_str().as_bytes()).to_hex().to_string();
-                Some(Node::new(entry('l', m, hash, Some(path_text(&t))), None))
+                let hash = *blake3::hash(t.as_os_str().as_bytes()).as_bytes();
+                Some(Node::new(
+                    key,
+                    parts(b'l', m, Some(hash), Some(path_text(&t))),
+                    None,
+                ))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => error_node(it.key.clone(), Some(m), &e),
+            Err(e) => error_node(key, Some(m), &e),
         }
     } else if ft.is_file() {
         let fp = Fingerprint::of(m);
-        if let Some(old) = prev.and_then(|p| p.get(&it.key)) {
-            if old.fp == Some(fp) && old.entry.kind == 'f' {
+        if let Some(old) = prev.and_then(|p| p.get(key)) {
+            if old.fp == Some(fp) && old.kind == b'f' {
                 return Some(old.clone());
             }
         }
@@ -459,14 +513,15 @@ fn node_for(
         match hash_file(&it.path, buf) {
             // Attributes from fstat of the file that was read, so they match the content.
             Ok((hash, fm)) => Some(Node::new(
-                entry('f', &fm, hash, None),
+                key,
+                parts(b'f', &fm, Some(hash), None),
                 Some(Fingerprint::of(&fm)),
             )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => error_node(it.key.clone(), Some(m), &e),
+            Err(e) => error_node(key, Some(m), &e),
         }
     } else {
-        Some(Node::new(entry('o', m, String::new(), None), None))
+        Some(Node::new(key, parts(b'o', m, None, None), None))
     }
 }
 
@@ -476,7 +531,7 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
     let fallback = |e: io::Error, buf: &mut [u8]| -> Option<Node> {
         // Unreadable, or no longer a regular file: lstat decides what it is now.
         match fs::symlink_metadata(&it.path) {
-            Ok(m) if m.is_file() => error_node(it.key.clone(), Some(&m), &e),
+            Ok(m) if m.is_file() => error_node(&it.key, Some(&m), &e),
             Ok(m) => node_for(
                 &Item {
                     key: it.key.clone(),
@@ -489,30 +544,28 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
                 hashed,
             ),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => error_node(it.key.clone(), None, &e),
+            Err(e) => error_node(&it.key, None, &e),
         }
     };
     match hash_file(&it.path, buf) {
         Ok((hash, m)) => {
-            let entry = FileEntry {
-                path: it.key.clone(),
-                kind: 'f',
+            let parts = Parts {
+                kind: b'f',
                 mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
-                hash,
-                target: None,
-                error: None,
+                hash: Some(hash),
+                extra: None,
                 size: Some(m.len()),
             };
-            Some(Node::new(entry, Some(Fingerprint::of(&m))))
+            Some(Node::new(&it.key, parts, Some(Fingerprint::of(&m))))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => fallback(e, buf),
     }
 }
 
-fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(String, fs::Metadata)> {
+fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<([u8; 32], fs::Metadata)> {
     let mut f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -534,5 +587,5 @@ fn hash_file(path: &Path, buf: &mut [u8]) -> io::Result<(String, fs::Metadata)> 
             Err(e) => return Err(e),
         }
     }
-    Ok((h.finalize().to_hex().to_string(), meta))
+    Ok((*h.finalize().as_bytes(), meta))
 }

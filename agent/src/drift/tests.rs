@@ -15,7 +15,7 @@ fn scanner(root: &Path, excludes: &[&str]) -> Scanner {
     Scanner::new(&[root.to_path_buf()], Excludes::new(excludes), 2)
 }
 
-fn entry<'a>(t: &'a Tree, p: &Path) -> &'a FileEntry {
+fn entry(t: &Tree, p: &Path) -> FileEntry {
     t.get(&path_text(p))
         .unwrap_or_else(|| panic!("no entry for {}", p.display()))
 }
