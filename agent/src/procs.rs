@@ -210,8 +210,8 @@ impl Procs {
             if let Some(c) = r.cpu {
                 fields.insert("cpu_usage".into(), Value::Float(c));
             }
-            if let Ok(fds) = std::fs::read_dir(self.proc.join(r.pid.to_string()).join("fd")) {
-                fields.insert("num_fds".into(), int(fds.count() as u64));
+            if let Some(n) = count_fds(&self.proc.join(r.pid.to_string()).join("fd")) {
+                fields.insert("num_fds".into(), int(n));
             }
             let mut tags = BTreeMap::from([("user".to_string(), user)]);
             if !r.comm.is_empty() {
@@ -244,9 +244,22 @@ impl Procs {
         p.push(pid.to_string());
         p.push("stat");
         let mut f = std::fs::File::open(&p).ok()?;
-        self.buf.clear();
-        f.read_to_end(&mut self.buf).ok()?;
-        parse_stat(&self.buf)
+        // Plain reads into the kept buffer: `read_to_end` would fstat first to size it, one
+        // more syscall per process per interval for a file whose size is always 0.
+        self.buf.resize(STAT_BUF, 0);
+        let mut n = 0;
+        loop {
+            if n == self.buf.len() {
+                self.buf.resize(n * 2, 0);
+            }
+            match f.read(&mut self.buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        parse_stat(&self.buf[..n])
     }
 
     /// The name of a uid from /etc/passwd. An unknown uid rereads the file only when its
@@ -306,6 +319,19 @@ pub(crate) struct Stat {
     pub(crate) rss_pages: u64,
 }
 
+/// Room for one /proc/PID/stat (about 300 bytes; the name is at most 64).
+const STAT_BUF: usize = 1024;
+
+/// How many descriptors the process has open. Since Linux 6.2 the size of /proc/PID/fd says
+/// it in one stat; before, that size is 0 and the directory is listed.
+fn count_fds(dir: &Path) -> Option<u64> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.size() > 0 => Some(m.size()),
+        Ok(_) => std::fs::read_dir(dir).ok().map(|d| d.count() as u64),
+        Err(_) => None,
+    }
+}
+
 /// `/proc/PID/stat`. The name sits in parentheses and may itself hold spaces and `)`, so the
 /// numbers are read after the last `)`.
 pub(crate) fn parse_stat(b: &[u8]) -> Option<Stat> {
@@ -344,6 +370,24 @@ pub(crate) fn read_passwd(p: &Path) -> HashMap<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_descriptors_are_counted_as_the_listing_counts_them() {
+        // A sleeping child: its descriptors (stdio, and whatever the test harness passed
+        // down) do not change while they are counted both ways.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let dir = PathBuf::from(format!("/proc/{}/fd", child.id()));
+        let listed = std::fs::read_dir(&dir).unwrap().count() as u64;
+        let counted = count_fds(&dir);
+        child.kill().ok();
+        child.wait().ok();
+        assert!(listed >= 3, "stdin, stdout and stderr at least: {listed}");
+        assert_eq!(counted, Some(listed));
+        assert_eq!(count_fds(Path::new("/proc/0/fd")), None);
+    }
 
     #[test]
     fn stat_with_a_hostile_name() {
