@@ -361,10 +361,17 @@ impl DecodeError {
     }
 }
 
-/// Serialise and gzip a report.
+/// Serialise and gzip a report, streaming: the JSON is never held whole, which for a drift
+/// report's full entry list is the largest buffer an idle agent would otherwise allocate.
 pub fn encode(report: &Report) -> Vec<u8> {
-    let json = serde_json::to_vec(report).expect("a report always serialises");
-    gzip(&json)
+    let enc = flate2::write::GzEncoder::new(Vec::with_capacity(4096), flate2::Compression::fast());
+    // serde_json writes token by token; the buffer hands the compressor whole blocks.
+    let mut w = std::io::BufWriter::with_capacity(16 << 10, enc);
+    serde_json::to_writer(&mut w, report).expect("a report always serialises");
+    w.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|e| e.finish())
+        .expect("writing to a Vec cannot fail")
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {

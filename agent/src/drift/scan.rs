@@ -19,7 +19,7 @@ use super::glob::Excludes;
 
 /// Read size for content hashing: big enough that BLAKE3 hashes many chunks per call with SIMD
 /// and the syscall count stays low on big files, small enough to stay in L2.
-const READ_BUF: usize = 256 << 10;
+const READ_BUF: usize = 64 << 10;
 
 /// The text form of a path used as the entry's key: the path itself when it is UTF-8 without
 /// backslashes, else the lossless escaped form of [`phoenix_wire::logtext`] (backslashes
