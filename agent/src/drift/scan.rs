@@ -56,11 +56,11 @@ impl Fingerprint {
     }
 }
 
-/// One entry as kept between scans: compact, because an idle agent holds one per watched path
-/// for its whole life. The path is the map's key (stored once), hashes are bytes, not hex; the
-/// wire form ([`FileEntry`]) is rebuilt only when a report is queued.
+/// What a walked path is: an entry without its path, compact, because an idle agent holds one
+/// per watched path for its whole life. Hashes are bytes, not hex; the wire form
+/// ([`FileEntry`]) is rebuilt only when a report is queued.
 #[derive(Debug, Clone)]
-struct Node {
+struct Parts {
     kind: u8,
     mode: u32,
     uid: u32,
@@ -70,28 +70,29 @@ struct Node {
     size: Option<u64>,
     /// The link target (`l`) or why the path could not be read (`e`).
     extra: Option<Box<str>>,
+}
+
+/// One entry as kept between scans; its path is the tree's key (stored once).
+#[derive(Debug, Clone)]
+struct Node {
+    parts: Parts,
     leaf: [u8; 32],
     fp: Option<Fingerprint>,
 }
 
 impl Node {
-    fn new(key: &str, entry: Parts, fp: Option<Fingerprint>) -> Node {
-        let mut n = Node {
-            kind: entry.kind,
-            mode: entry.mode,
-            uid: entry.uid,
-            gid: entry.gid,
-            hash: entry.hash,
-            size: entry.size,
-            extra: entry.extra.map(String::into_boxed_str),
-            leaf: [0; 32],
-            fp,
-        };
-        n.leaf = leaf_hash(&n.entry(key));
-        n
+    fn new(key: &str, parts: Parts, fp: Option<Fingerprint>) -> Node {
+        let leaf = leaf_hash(&parts.entry(key));
+        Node { parts, leaf, fp }
     }
 
-    /// The wire form of this node at `key`.
+    fn entry(&self, key: &str) -> FileEntry {
+        self.parts.entry(key)
+    }
+}
+
+impl Parts {
+    /// The wire form of this entry at `key`.
     fn entry(&self, key: &str) -> FileEntry {
         let kind = char::from(self.kind);
         let extra = || self.extra.as_deref().map(str::to_owned);
@@ -110,17 +111,6 @@ impl Node {
             size: self.size,
         }
     }
-}
-
-/// What a walked path turned out to be, before it becomes a [`Node`].
-struct Parts {
-    kind: u8,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    hash: Option<[u8; 32]>,
-    size: Option<u64>,
-    extra: Option<String>,
 }
 
 /// The current entries of the watched trees, sorted by path, each with its cached leaf hash.
@@ -457,7 +447,7 @@ fn error_node(key: &str, meta: Option<&fs::Metadata>, e: &io::Error) -> Option<N
         uid: meta.map_or(0, |m| m.uid()),
         gid: meta.map_or(0, |m| m.gid()),
         hash: None,
-        extra: Some(error_text(e)),
+        extra: Some(error_text(e).into_boxed_str()),
         size: None,
     };
     Some(Node::new(key, parts, None))
@@ -475,16 +465,17 @@ fn node_for(
         (m, Some(e)) => return error_node(&it.key, m.as_ref(), e),
         (None, None) => return lazy_file(it, buf, hashed),
     };
-    let parts = |kind: u8, m: &fs::Metadata, hash: Option<[u8; 32]>, extra: Option<String>| Parts {
-        kind,
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        hash,
-        extra,
-        // Shown as old → new next to the content hash; the leaf hash leaves it out.
-        size: (kind == b'f').then_some(m.len()),
-    };
+    let parts =
+        |kind: u8, m: &fs::Metadata, hash: Option<[u8; 32]>, extra: Option<Box<str>>| Parts {
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            hash,
+            extra,
+            // Shown as old → new next to the content hash; the leaf hash leaves it out.
+            size: (kind == b'f').then_some(m.len()),
+        };
     let key = it.key.as_str();
     let ft = m.file_type();
     if ft.is_dir() {
@@ -495,7 +486,7 @@ fn node_for(
                 let hash = *blake3::hash(t.as_os_str().as_bytes()).as_bytes();
                 Some(Node::new(
                     key,
-                    parts(b'l', m, Some(hash), Some(path_text(&t))),
+                    parts(b'l', m, Some(hash), Some(path_text(&t).into_boxed_str())),
                     None,
                 ))
             }
@@ -505,7 +496,7 @@ fn node_for(
     } else if ft.is_file() {
         let fp = Fingerprint::of(m);
         if let Some(old) = prev.and_then(|p| p.get(key)) {
-            if old.fp == Some(fp) && old.kind == b'f' {
+            if old.fp == Some(fp) && old.parts.kind == b'f' {
                 return Some(old.clone());
             }
         }
