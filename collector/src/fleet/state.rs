@@ -198,6 +198,10 @@ pub struct BootSeqs {
     pub stored: SeqWindow,
     /// Monotonic ms of the latest report of this boot (the oldest boot goes first).
     pub last_mono: i64,
+    /// Seq of the drift state applied last. The agent keeps several batches in flight, so an
+    /// older state can arrive after a newer one; it must not overwrite it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -781,7 +785,13 @@ pub fn apply(
     out.first_time = !boot.applied.contains(o.seq);
     if out.first_time {
         boot.applied.insert(o.seq);
-        apply_effects(inst, o, rules);
+        let newer_drift = o.drift.is_some() && boot.drift_seq.is_none_or(|s| s < o.seq);
+        if newer_drift {
+            boot.drift_seq = Some(o.seq);
+        } else if o.drift.is_some() {
+            tracing::debug!(instance_id = %o.identity.instance_id, seq = o.seq, "an older drift state arrived after a newer one; not applied");
+        }
+        apply_effects(inst, o, rules, newer_drift);
     }
     out.resend_drift = o
         .drift_root
@@ -790,7 +800,7 @@ pub fn apply(
     out
 }
 
-fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
+fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules, drift_is_newer: bool) {
     inst.reports = inst.reports.saturating_add(1);
     let f = &o.figures;
     if !f.is_empty() {
@@ -853,7 +863,7 @@ fn apply_effects(inst: &mut Instance, o: &Observation, rules: &Rules) {
         rules,
         o.at.mono_ms,
     );
-    if let Some(d) = &o.drift {
+    if let Some(d) = o.drift.as_ref().filter(|_| drift_is_newer) {
         let mut d = d.clone();
         d.since_ms = match &inst.drift {
             _ if !d.drifted => None,
@@ -893,6 +903,51 @@ pub fn is_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_drift_state_arriving_late_does_not_overwrite_a_newer_one() {
+        let obs = |seq: u64, boot: &str, drifted: bool| Observation {
+            identity: Identity {
+                instance_id: "i-1".into(),
+                boot_id: boot.into(),
+                ..Default::default()
+            },
+            seq,
+            interval_ms: 10_000,
+            at: Now {
+                wall_ms: 1_000 + seq as i64,
+                mono_ms: 1_000 + seq as i64,
+            },
+            figures: Figures::default(),
+            checks: vec![],
+            drift: Some(DriftInfo {
+                hash: if drifted { "new" } else { "base" }.into(),
+                drifted,
+                ..Default::default()
+            }),
+            drift_root: None,
+            protected: None,
+        };
+        let rules = Rules::default();
+        let mut m = std::collections::HashMap::new();
+        let drifted = |m: &std::collections::HashMap<String, Instance>| {
+            m["i-1"].drift.as_ref().map(|d| d.drifted)
+        };
+        // Sent as 4 (clean) then 5 (drifted); 5 arrives first.
+        assert!(apply(&mut m, &obs(5, "b1", true), &rules).first_time);
+        let late = apply(&mut m, &obs(4, "b1", false), &rules);
+        assert!(late.first_time, "its other effects still count, once");
+        assert_eq!(drifted(&m), Some(true), "the late, older state was ignored");
+        // A newer state of the same boot applies, and so does any state of another boot.
+        apply(&mut m, &obs(6, "b1", false), &rules);
+        assert_eq!(drifted(&m), Some(false));
+        apply(&mut m, &obs(1, "b2", true), &rules);
+        assert_eq!(drifted(&m), Some(true));
+        // The order survives a save and load of the state.
+        let saved = serde_json::to_string(&m["i-1"]).unwrap();
+        let mut back: Instance = serde_json::from_str(&saved).unwrap();
+        assert_eq!(back.boot("b1", 0).drift_seq, Some(6));
+    }
 
     #[test]
     fn boots_are_a_short_list_saved_as_a_map_oldest_out_first() {
