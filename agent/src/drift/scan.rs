@@ -85,13 +85,23 @@ impl Node {
         let leaf = leaf_hash(&parts.entry(key));
         Node { parts, leaf, fp }
     }
-
-    fn entry(&self, key: &str) -> FileEntry {
-        self.parts.entry(key)
-    }
 }
 
 impl Parts {
+    /// What `m` says of a path of this kind. Size only for files: shown as old → new next
+    /// to the content hash, and left out of the leaf hash.
+    fn of(kind: u8, m: &fs::Metadata, hash: Option<[u8; 32]>, extra: Option<Box<str>>) -> Parts {
+        Parts {
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            hash,
+            extra,
+            size: (kind == b'f').then_some(m.len()),
+        }
+    }
+
     /// The wire form of this entry at `key`.
     fn entry(&self, key: &str) -> FileEntry {
         let kind = char::from(self.kind);
@@ -135,11 +145,11 @@ impl Tree {
 
     /// The entries, sorted by path.
     pub fn entries(&self) -> Vec<FileEntry> {
-        self.nodes.iter().map(|(k, n)| n.entry(k)).collect()
+        self.nodes.iter().map(|(k, n)| n.parts.entry(k)).collect()
     }
 
     pub fn get(&self, key: &str) -> Option<FileEntry> {
-        self.nodes.get(key).map(|n| n.entry(key))
+        self.nodes.get(key).map(|n| n.parts.entry(key))
     }
 
     /// Remove `key` and everything below it; returns what was removed.
@@ -465,28 +475,17 @@ fn node_for(
         (m, Some(e)) => return error_node(&it.key, m.as_ref(), e),
         (None, None) => return lazy_file(it, buf, hashed),
     };
-    let parts =
-        |kind: u8, m: &fs::Metadata, hash: Option<[u8; 32]>, extra: Option<Box<str>>| Parts {
-            kind,
-            mode: m.mode() & 0o7777,
-            uid: m.uid(),
-            gid: m.gid(),
-            hash,
-            extra,
-            // Shown as old → new next to the content hash; the leaf hash leaves it out.
-            size: (kind == b'f').then_some(m.len()),
-        };
     let key = it.key.as_str();
     let ft = m.file_type();
     if ft.is_dir() {
-        Some(Node::new(key, parts(b'd', m, None, None), None))
+        Some(Node::new(key, Parts::of(b'd', m, None, None), None))
     } else if ft.is_symlink() {
         match fs::read_link(&it.path) {
             Ok(t) => {
                 let hash = *blake3::hash(t.as_os_str().as_bytes()).as_bytes();
                 Some(Node::new(
                     key,
-                    parts(b'l', m, Some(hash), Some(path_text(&t).into_boxed_str())),
+                    Parts::of(b'l', m, Some(hash), Some(path_text(&t).into_boxed_str())),
                     None,
                 ))
             }
@@ -505,14 +504,14 @@ fn node_for(
             // Attributes from fstat of the file that was read, so they match the content.
             Ok((hash, fm)) => Some(Node::new(
                 key,
-                parts(b'f', &fm, Some(hash), None),
+                Parts::of(b'f', &fm, Some(hash), None),
                 Some(Fingerprint::of(&fm)),
             )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => error_node(key, Some(m), &e),
         }
     } else {
-        Some(Node::new(key, parts(b'o', m, None, None), None))
+        Some(Node::new(key, Parts::of(b'o', m, None, None), None))
     }
 }
 
@@ -539,18 +538,11 @@ fn lazy_file(it: &Item, buf: &mut [u8], hashed: &AtomicUsize) -> Option<Node> {
         }
     };
     match hash_file(&it.path, buf) {
-        Ok((hash, m)) => {
-            let parts = Parts {
-                kind: b'f',
-                mode: m.mode() & 0o7777,
-                uid: m.uid(),
-                gid: m.gid(),
-                hash: Some(hash),
-                extra: None,
-                size: Some(m.len()),
-            };
-            Some(Node::new(&it.key, parts, Some(Fingerprint::of(&m))))
-        }
+        Ok((hash, m)) => Some(Node::new(
+            &it.key,
+            Parts::of(b'f', &m, Some(hash), None),
+            Some(Fingerprint::of(&m)),
+        )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => fallback(e, buf),
     }

@@ -168,17 +168,18 @@ impl Stamp {
 
     /// The stamp of `md`, or None while its ctime is too recent to vouch for anything.
     pub(super) fn of(md: &std::fs::Metadata) -> Option<Stamp> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0);
-        let ct = md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128;
-        (now - ct >= Self::SETTLED_NS).then_some(Stamp(md.ctime(), md.ctime_nsec()))
+        let s = Stamp::read(md);
+        let ct = s.0 as i128 * 1_000_000_000 + s.1 as i128;
+        (super::now_ns() as i128 - ct >= Self::SETTLED_NS).then_some(s)
     }
 
     /// True when `md` is the file this stamp was taken of, unchanged since.
     pub(super) fn vouches_for(self, md: &std::fs::Metadata) -> bool {
-        self == Stamp(md.ctime(), md.ctime_nsec())
+        self == Stamp::read(md)
+    }
+
+    fn read(md: &std::fs::Metadata) -> Stamp {
+        Stamp(md.ctime(), md.ctime_nsec())
     }
 }
 
