@@ -315,9 +315,26 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
             .then_some(())
     });
     let hold = hold_of(&c, id).unwrap();
+    let read_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // The countdown was written at some moment between the test's start and now, so it lies
+    // between the time left now and the time left at the start (whole minutes, rounded down).
+    // A fixed "2h" failed when start-up took over a minute under CI load ("opens in 1h59m").
+    let left_min = hold
+        .split_once("opens in ")
+        .and_then(|(_, t)| t.split_once('h'))
+        .and_then(|(h, m)| {
+            let m = m.strip_suffix('m')?;
+            Some(h.parse::<i64>().ok()? * 60 + m.parse::<i64>().ok()?)
+        });
+    assert!(hold.contains(&window), "{hold}");
     assert!(
-        hold.contains(&window) && hold.contains("opens in 2h"),
-        "{hold}"
+        left_min.is_some_and(|m| m * 60 <= start_s - now_s && m * 60 + 60 > start_s - read_s),
+        "{hold}: wanted between {}s and {}s left",
+        start_s - read_s,
+        start_s - now_s
     );
     never_for(&c, Duration::from_secs(4), "window closed", || {
         let q = phoenix(&c);
