@@ -18,6 +18,14 @@
 //!
 //! The highest seq handed out is kept in `seq` (fsync + rename, reserved in blocks), so seqs
 //! keep increasing within a boot even when every batch was acked and the clock stepped back.
+//!
+//! Metric entries are the exception to "fsync before send": one is written and renamed at
+//! once (so an agent restart finds it: the page cache outlives the process) but synced only
+//! if it is still here [`SYNC_AFTER`] later, see [`Spool::sync_overdue`]. With a collector
+//! that answers, the ack removes it first and the idle agent's one write per interval costs no
+//! fsync. What that risks is a metric sample of the last second on a kernel crash or power
+//! loss; a torn entry is then caught by its stored length and set aside. Log and drift
+//! entries carry checkpoints, whose order a crash must not break, so they keep the fsync.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -64,6 +72,10 @@ pub struct Meta {
     /// [`Spool::reseq`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reseqs: u8,
+    /// The body's length when written: an entry cut short by a crash before its sync is
+    /// set aside at start-up instead of being sent (older entries have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
     /// Acked (or settled) and waiting for the batches before it.
     #[serde(skip)]
     pub done: bool,
@@ -106,6 +118,8 @@ struct Inner {
     write_backoff: Duration,
     rest_until: Option<Instant>,
     freed_at_failure: u64,
+    /// Metric entries written but not yet fsynced, with when they were written.
+    unsynced: BTreeMap<u64, Instant>,
 }
 
 /// Counters the agent reports about itself in `phoenix_agent`.
@@ -151,6 +165,9 @@ impl std::fmt::Debug for StopHooks {
 const SEQ_RESERVE: u64 = 4096;
 const MIN_WRITE_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_WRITE_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a metric entry may stay in the page cache only: a collector that answers acks
+/// it well within this, so it is removed unsynced.
+pub const SYNC_AFTER: Duration = Duration::from_secs(1);
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -183,6 +200,13 @@ impl Spool {
                 continue;
             };
             match read_entry(&ent.path()) {
+                Ok((meta, _)) if meta.len.is_some_and(|n| n != meta.bytes) => {
+                    tracing::warn!(file = %ent.path().display(), want = meta.len, got = meta.bytes, "spool entry cut short (a crash before its sync) set aside");
+                    best_effort(
+                        "fs::rename",
+                        fs::rename(ent.path(), dir.join(format!("{name}.corrupt"))),
+                    );
+                }
                 Ok((mut meta, body)) => {
                     meta.bytes = body.len() as u64;
                     meta.done = meta.settled;
@@ -222,6 +246,7 @@ impl Spool {
                 write_backoff: Duration::ZERO,
                 rest_until: None,
                 freed_at_failure: 0,
+                unsynced: BTreeMap::new(),
             }),
             changed: Condvar::new(),
             stopped: Condvar::new(),
@@ -323,6 +348,7 @@ impl Spool {
             reseqs,
             done: false,
             bytes: body.len() as u64,
+            len: Some(body.len() as u64),
         };
         let need = meta.bytes;
         let deadline = Instant::now() + wait;
@@ -351,12 +377,15 @@ impl Spool {
                 self.stats.log_waits.fetch_add(1, Ordering::Relaxed);
             } else if !resting {
                 drop(g);
-                let written = self.write(seq, &meta, &body);
+                let written = self.write(seq, &meta, &body, kind != Kind::Metrics);
                 g = self.inner.lock().unwrap();
                 match written {
                     Ok(()) => {
                         g.write_backoff = Duration::ZERO;
                         g.rest_until = None;
+                        if kind == Kind::Metrics {
+                            g.unsynced.insert(seq, Instant::now());
+                        }
                         break;
                     }
                     Err(e) => {
@@ -446,6 +475,7 @@ impl Spool {
             .map(|(s, _)| *s);
         let Some(v) = victim else { return false };
         let m = g.index.remove(&v).expect("found above");
+        g.unsynced.remove(&v);
         g.bytes -= m.bytes;
         g.freed += 1;
         g.generation += 1;
@@ -466,8 +496,10 @@ impl Spool {
         self.dir.join(format!("{seq:020}.batch"))
     }
 
-    /// Write an entry durably. Saves a new seq ceiling first when `seq` reaches the old one.
-    fn write(&self, seq: u64, meta: &Meta, body: &[u8]) -> io::Result<()> {
+    /// Write an entry, durably unless `durable` is false (then [`Spool::sync_overdue`] syncs
+    /// it if it is still here later). Saves a new seq ceiling first when `seq` reaches the old
+    /// one; that one is always synced, so no seq is handed out twice.
+    fn write(&self, seq: u64, meta: &Meta, body: &[u8], durable: bool) -> io::Result<()> {
         self.save_ceiling(seq)?;
         let tmp = self.dir.join(format!(".tmp-{seq}"));
         let res = (|| {
@@ -476,10 +508,15 @@ impl Spool {
             head.push(b'\n');
             f.write_all(&head)?;
             f.write_all(body)?;
-            f.sync_data()?;
+            if durable {
+                f.sync_data()?;
+            }
             drop(f);
             fs::rename(&tmp, self.path(seq))?;
-            sync_dir(&self.dir)
+            if durable {
+                sync_dir(&self.dir)?;
+            }
+            Ok(())
         })();
         if res.is_err() {
             // A half-written temp file on a full disk would only take the room we wait for.
@@ -499,6 +536,51 @@ impl Spool {
         write_atomic(&self.dir.join("seq"), ceiling.to_string().as_bytes())?;
         g.ceiling = ceiling;
         Ok(())
+    }
+
+    /// When the oldest entry written without a sync is due for one ([`Spool::sync_overdue`]).
+    pub fn sync_due(&self) -> Option<Instant> {
+        let g = self.inner.lock().unwrap();
+        g.unsynced.values().min().map(|t| *t + SYNC_AFTER)
+    }
+
+    /// Fsync every entry written without a sync at least `age` ago that is still here (not
+    /// acked yet: the collector is slow or away), then the directory once. An entry that
+    /// cannot be synced stays (it is sent as usual) and the failure is counted and logged:
+    /// retrying an fsync that failed does not make its data durable.
+    pub fn sync_overdue(&self, age: Duration) {
+        let now = Instant::now();
+        let due: Vec<u64> = {
+            let mut g = self.inner.lock().unwrap();
+            let due: Vec<u64> = g
+                .unsynced
+                .iter()
+                .filter(|(_, t)| now.saturating_duration_since(**t) >= age)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in &due {
+                g.unsynced.remove(s);
+            }
+            due
+        };
+        let mut synced = false;
+        for seq in due {
+            match fs::File::open(self.path(seq)).and_then(|f| f.sync_data()) {
+                Ok(()) => synced = true,
+                // Acked and removed meanwhile: nothing left to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    counters::add(&counters::spool_write_errors, 1);
+                    tracing::warn!(seq, error = %e, "cannot fsync a spool entry; it is still sent, but may not survive a crash");
+                }
+            }
+        }
+        if synced {
+            if let Err(e) = sync_dir(&self.dir) {
+                counters::add(&counters::spool_write_errors, 1);
+                tracing::warn!(error = %e, "cannot fsync the spool directory");
+            }
+        }
     }
 
     /// A change counter for [`Spool::wait_change`].
@@ -704,6 +786,7 @@ impl Spool {
     fn settle(&self, seq: u64, meta: &Meta) -> io::Result<()> {
         let mut m = meta.clone();
         m.settled = true;
+        m.len = None; // header only now
         let mut head = serde_json::to_vec(&m).expect("meta serialises");
         head.push(b'\n');
         write_atomic(&self.path(seq), &head)?;
@@ -791,6 +874,7 @@ impl Spool {
 
     fn remove(&self, seq: u64) {
         let mut g = self.inner.lock().unwrap();
+        g.unsynced.remove(&seq);
         if let Some(m) = g.index.remove(&seq) {
             g.bytes -= m.bytes;
             g.freed += 1;
@@ -1280,5 +1364,66 @@ mod tests {
         assert_eq!(acked_off(dir.path()), Some(5));
         s.ack(&again, dir.path()).unwrap();
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_metric_entry_is_synced_only_if_it_outlives_its_ack_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        // Log entries carry checkpoints: synced before push returns, nothing left due.
+        s.push(Kind::Logs, report(0, 1), ckpt(1), Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.sync_due(), None);
+        let before = Instant::now();
+        let a = s
+            .push(Kind::Metrics, report(2, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let due = s.sync_due().expect("a metric entry waits for its sync");
+        assert!(due >= before + SYNC_AFTER, "{due:?}");
+        // Not old enough: nothing is synced, it stays due.
+        s.sync_overdue(SYNC_AFTER);
+        assert_eq!(s.sync_due(), Some(due));
+        // Acked (and removed) first: it is never synced, and nothing is left due.
+        let head = s.oldest(Duration::ZERO).unwrap();
+        s.ack(&head, dir.path()).unwrap();
+        let e = s.get(a).unwrap();
+        s.ack(&e, dir.path()).unwrap();
+        assert!(s.is_empty());
+        assert_eq!(s.sync_due(), None);
+        // Still there when due (the collector is away): synced, no longer due, and kept.
+        let b = s
+            .push(Kind::Metrics, report(2, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        s.sync_overdue(Duration::ZERO);
+        assert_eq!(s.sync_due(), None);
+        assert_eq!(s.get(b).map(|e| e.meta.points), Some(2));
+    }
+
+    #[test]
+    fn an_entry_cut_short_before_its_sync_is_set_aside_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let a = s
+            .push(Kind::Metrics, report(50, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        let b = s
+            .push(Kind::Metrics, report(3, 0), None, Duration::ZERO)
+            .unwrap()
+            .unwrap();
+        drop(s);
+        // What a crash leaves of a file whose data had not reached the disk: its start.
+        let path = dir.path().join(format!("{a:020}.batch"));
+        let len = fs::metadata(&path).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 10).unwrap();
+        drop(f);
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.oldest(Duration::ZERO).map(|e| e.seq), Some(b));
+        assert!(dir.path().join(format!("{a:020}.batch.corrupt")).exists());
     }
 }

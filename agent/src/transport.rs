@@ -376,6 +376,10 @@ impl Sender {
             if st.promote_at.is_some_and(|t| now >= t) {
                 self.promote(&mut st);
             }
+            let sync_at = self.spool.sync_due();
+            if sync_at.is_some_and(|t| now >= t) {
+                self.spool.sync_overdue(crate::spool::SYNC_AFTER);
+            }
             if st.active != 0 && !st.probing && now >= st.next_probe {
                 st.probing = true;
                 let (client, tx, spool) = (self.client.clone(), tx.clone(), self.spool.clone());
@@ -417,6 +421,7 @@ impl Sender {
             for t in [
                 st.retry_at,
                 st.promote_at,
+                sync_at.filter(|t| *t > now),
                 (st.active != 0).then_some(st.next_probe),
             ]
             .into_iter()
@@ -440,6 +445,8 @@ impl Sender {
                 Err(_) => break,
             }
         }
+        // What is left waits for the next start: on disk, not only in the page cache.
+        self.spool.sync_overdue(Duration::ZERO);
     }
 
     /// The next batch to send: a retry first, then the next new one in seq order.
