@@ -181,7 +181,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
         ));
     }
     // The fleet calls below take the fleet's lock: see `may_block`.
-    let dup = crate::app::may_block(|| {
+    let dup = crate::app::may_block(&s.fleet, || {
         s.fleet.is_stored(&report.agent, report.seq).then(|| Ack {
             accepted: report.seq,
             duplicate: true,
@@ -197,7 +197,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
     if let Some(ack) = dup {
         return Ok(crate::selfmetrics::duplicate(Json(ack).into_response()));
     }
-    let (drift, admission) = crate::app::may_block(|| {
+    let (drift, admission) = crate::app::may_block(&s.fleet, || {
         let drift = report.drift.as_ref().map(|d| judge_drift(&s, &report, d));
         // Proof of life at arrival, before (and whatever becomes of) the write: a store that
         // cannot take points is no sign that the instance is dead.
@@ -242,7 +242,7 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
             }
         }
     }
-    let diagnostics = crate::app::may_block(|| {
+    let diagnostics = crate::app::may_block(&s.fleet, || {
         s.fleet.stored(&report.agent, report.seq);
         s.obs.logs.record(&report.agent.instance_id, &report.logs);
         s.fleet.diagnostics_for_ack(&report.agent)

@@ -245,6 +245,16 @@ impl Fleet {
         self.store.status()
     }
 
+    /// Whether a call through this door would wait for the fleet's lock right now (a queue
+    /// pass holds it): the async handlers step off their worker only then
+    /// (`app::may_block`). A moment later it may differ; that only costs one short wait.
+    pub fn busy(&self) -> bool {
+        matches!(
+            self.inner.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere must not turn every later report into a panic too.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
