@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -118,14 +118,18 @@ enum Op {
 #[derive(Debug)]
 pub struct FileEnrolments {
     path: PathBuf,
-    file: Mutex<Option<File>>,
+    /// The open file and how many lines were written to it.
+    file: Mutex<(Option<Arc<File>>, u64)>,
+    /// How many of those lines an fsync has covered (see [`FileEnrolments::append`]).
+    synced: Mutex<u64>,
 }
 
 impl FileEnrolments {
     pub fn new(data_dir: &Path) -> FileEnrolments {
         FileEnrolments {
             path: data_dir.join("enrolments.log"),
-            file: Mutex::new(None),
+            file: Mutex::new((None, 0)),
+            synced: Mutex::new(0),
         }
     }
 
@@ -140,24 +144,40 @@ impl FileEnrolments {
         }
     }
 
+    /// Append one line and return once it is on disk. An enrolment answered but lost in a
+    /// crash would let the next sender claim the id, so every line waits for an fsync; but
+    /// one fsync covers every line written before it started (group commit), so a fleet that
+    /// boots at once shares fsyncs instead of queueing one per new instance behind the
+    /// file's lock.
     fn append(&self, op: &Op) -> Result<(), StoreError> {
-        let mut g = self.file.lock().unwrap();
-        if g.is_none() {
-            *g = Some(
-                OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .open(&self.path)
-                    .map_err(|e| self.err(e))?,
-            );
-        }
-        let f = g.as_mut().expect("opened above");
         let mut line = serde_json::to_vec(op).expect("plain structs serialize");
         line.push(b'\n');
-        f.write_all(&line).map_err(|e| self.err(e))?;
-        // An enrolment answered but lost in a crash would let the next sender claim the id.
-        f.sync_data().map_err(|e| self.err(e))
+        let (f, mine) = {
+            let mut g = self.file.lock().unwrap();
+            if g.0.is_none() {
+                g.0 = Some(Arc::new(
+                    OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .mode(0o600)
+                        .open(&self.path)
+                        .map_err(|e| self.err(e))?,
+                ));
+            }
+            let f = g.0.clone().expect("opened above");
+            (&*f).write_all(&line).map_err(|e| self.err(e))?;
+            g.1 += 1;
+            (f, g.1)
+        };
+        let mut synced = self.synced.lock().unwrap();
+        if *synced >= mine {
+            return Ok(()); // an fsync that started after our write covered it
+        }
+        // Every line written so far is covered by the fsync below.
+        let upto = self.file.lock().unwrap().1;
+        f.sync_data().map_err(|e| self.err(e))?;
+        *synced = upto;
+        Ok(())
     }
 }
 
@@ -359,5 +379,34 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+    }
+
+    #[test]
+    fn enrolments_written_at_once_all_return_durable_and_all_load_again() {
+        // Many first reports at once (a fleet booting) share fsyncs; each append must still
+        // return only after its own line is written, and every line must load again.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileEnrolments::new(dir.path()));
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for n in 0..25 {
+                        let e = Enrolment {
+                            credential_sha256: format!("{t:02}{n:02}"),
+                            enrolled_ms: n,
+                        };
+                        store.enrolled(&format!("i-{t}-{n}"), &e).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*store.synced.lock().unwrap(), 400);
+        let loaded = FileEnrolments::new(dir.path()).load().unwrap();
+        assert_eq!(loaded.len(), 400);
+        assert_eq!(loaded["i-7-3"].credential_sha256, "0703");
     }
 }
