@@ -63,6 +63,16 @@ cleanup() {
 }
 trap cleanup EXIT
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / hz }' "/proc/$1/stat"; }
+# CPU seconds of the threads of $1 whose name starts with $2 (threads that ended are not counted:
+# use it for the long-lived ones, the queue driver and the InfluxDB writers).
+thread_cpu_s() {
+    local hz sum=0 t
+    hz=$(getconf CLK_TCK)
+    for t in /proc/"$1"/task/*; do
+        case "$(cat "$t/comm" 2>/dev/null)" in "$2"*) sum=$(awk -v s="$sum" -v hz="$hz" '{ sub(/.*\) /, ""); print s + ($12 + $13) / hz }' "$t/stat") ;; esac
+    done
+    echo "$sum"
+}
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 rm -rf "$DIR"
@@ -98,11 +108,20 @@ if [ "${WARMUP:-1}" = 1 ]; then
     echo "warm-up: $(jq .reports_ok "$DIR/warmup.json") reports creating the series took $(awk -v a="$w0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }') s"
     kill "$COLLECTOR_PID"; wait "$COLLECTOR_PID" 2>/dev/null || true
 fi
+# The instances enrolled (trust on first use) in the warm-up stay enrolled, as after a
+# collector restart: a first report's enrolment is an fsync, once in an instance's life, and
+# in a 60 s run it would be charged to a sixth of the reports. ENROLLED=0 measures a fleet's
+# very first minute instead (every instance enrols during the run). The empty figure then
+# holds the gate's table of known ids (about 1 MB at 10,000).
+if [ "${WARMUP:-1}" = 1 ] && [ "${ENROLLED:-1}" = 1 ] && [ -f "$DIR/warmup/enrolments.log" ]; then
+    cp "$DIR/warmup/enrolments.log" "$DIR/collector/"
+fi
 start_collector "$DIR/collector" "$DIR/collector.log"
 empty_hwm=$(status_kb "$COLLECTOR_PID" VmHWM)
 
 echo "fleet: $INSTANCES instances every ${INTERVAL}s, $POINTS points per report, ${DURATION}s; $(nproc) cores"
 c0=$(cpu_s "$COLLECTOR_PID"); i0=$(cpu_s "$INFLUX_PID"); t0=$(date +%s.%N)
+d0=$(thread_cpu_s "$COLLECTOR_PID" phoenix-decider); w0=$(thread_cpu_s "$COLLECTOR_PID" influx-writer)
 "$FLEETSIM" --url "http://127.0.0.1:$COLLECTOR_PORT" --token "$TOKEN" --recycler-token "$RTOKEN" \
     --instances "$INSTANCES" --interval "$INTERVAL" --points "$POINTS" --duration "$DURATION" \
     --threads "$THREADS" --connections "$CONNECTIONS" --per-lane "$PER_LANE" --silence-at "$SILENCE_AT" > "$DIR/fleetsim.json" 2> >(tee "$DIR/fleetsim.log" >&2) &
@@ -113,13 +132,14 @@ sleep $((DURATION - 3))
 phx=$(curl -fsS -H "Authorization: Bearer $RTOKEN" "http://127.0.0.1:$COLLECTOR_PORT/v1/phoenix")
 wait "$SIM_PID"
 c1=$(cpu_s "$COLLECTOR_PID"); i1=$(cpu_s "$INFLUX_PID"); t1=$(date +%s.%N)
+d1=$(thread_cpu_s "$COLLECTOR_PID" phoenix-decider); w1=$(thread_cpu_s "$COLLECTOR_PID" influx-writer)
 rss=$(status_kb "$COLLECTOR_PID" VmRSS); hwm=$(status_kb "$COLLECTOR_PID" VmHWM)
 sleep 2
 stored=$(curl -fsS "http://127.0.0.1:$INFLUX_PORT/query" --data-urlencode db=fleet \
     --data-urlencode "q=SELECT count(usage_idle) FROM cpu WHERE cpu = 'cpu-total'" | jq '.results[0].series[0].values[0][1] // 0')
 sim=$(cat "$DIR/fleetsim.json")
 
-awk -v c0="$c0" -v c1="$c1" -v i0="$i0" -v i1="$i1" -v t0="$t0" -v t1="$t1" -v rss="$rss" -v hwm="$hwm" \
+awk -v d0="$d0" -v d1="$d1" -v w0="$w0" -v w1="$w1" -v c0="$c0" -v c1="$c1" -v i0="$i0" -v i1="$i1" -v t0="$t0" -v t1="$t1" -v rss="$rss" -v hwm="$hwm" \
     -v ok="$(jq .reports_ok <<<"$sim")" -v sent="$(jq .sent_per_s <<<"$sim")" -v late="$(jq .late <<<"$sim")" \
     -v empty="$empty_hwm" -v n="$INSTANCES" -v rps="$(jq .reports_per_s <<<"$sim")" -v want="$(jq .wanted_reports_per_s <<<"$sim")" \
     -v pps="$(jq .points_per_s <<<"$sim")" -v lat="$(jq .mean_latency_ms <<<"$sim")" -v u="$(jq .unavailable <<<"$sim")" \
@@ -134,6 +154,9 @@ awk -v c0="$c0" -v c1="$c1" -v i0="$i0" -v i1="$i1" -v t0="$t0" -v t1="$t1" -v r
     # life), so under a saturated InfluxDB the per-acked figure charges their CPU to the few
     # acked ones; this one divides by every report answered.
     printf "                        %.0f us per report answered (acked + 503/429)\n", ((ok + u) > 0 ? (c1 - c0) / (ok + u) * 1e6 : 0)
+    # Where it went: the passes of the queue driver over the whole fleet (a cost per pass, not
+    # per report), the InfluxDB writers, and the rest (HTTP, decode, admission, line protocol).
+    printf "                        queue driver %.2f cores, InfluxDB writers %.2f, the rest %.2f\n", (d1 - d0) / w, (w1 - w0) / w, (c1 - c0 - (d1 - d0) - (w1 - w0)) / w
     printf "collector memory:       VmRSS %.0f MiB, VmHWM %.0f MiB; empty %.1f MiB: %.2f KB an instance\n", rss / 1024, hwm / 1024, empty / 1024, (hwm - empty) / n
     printf "influxd CPU:            %.2f cores\n", (i1 - i0) / w
     printf "silent to marked:       %s s (instance 0 stopped at %s s)\n", mark, '"$SILENCE_AT"'

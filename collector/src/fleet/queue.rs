@@ -217,9 +217,10 @@ pub fn evaluate(
     // 2. Per group: size, bad, budget in use; mass events.
     // Each instance finds its group through a hash of the borrowed name (a group's name is
     // copied once per pass, not compared along a tree per instance: at 10,000 instances the
-    // tree's string compares were a third of the pass).
+    // tree's string compares were a third of the pass). foldhash, seeded per process, because
+    // std's SipHash of each name was then as costly as the tree had been.
     let mut slots: Vec<(String, GroupTally)> = Vec::new();
-    let mut slot_of: HashMap<&str, usize> = HashMap::new();
+    let mut slot_of: HashMap<&str, usize, foldhash::fast::RandomState> = HashMap::default();
     for ((i, v), young) in instances.values().zip(&verdicts).zip(&died_young) {
         let gone = i.phx.mark.as_ref().is_some_and(|m| m.gone_ms.is_some());
         // An id that never reported past its grace and fell silent is no member of its
