@@ -200,13 +200,6 @@ impl Spool {
                 continue;
             };
             match read_entry(&ent.path()) {
-                Ok((meta, _)) if meta.len.is_some_and(|n| n != meta.bytes) => {
-                    tracing::warn!(file = %ent.path().display(), want = meta.len, got = meta.bytes, "spool entry cut short (a crash before its sync) set aside");
-                    best_effort(
-                        "fs::rename",
-                        fs::rename(ent.path(), dir.join(format!("{name}.corrupt"))),
-                    );
-                }
                 Ok((mut meta, body)) => {
                     meta.bytes = body.len() as u64;
                     meta.done = meta.settled;
@@ -550,19 +543,14 @@ impl Spool {
     /// retrying an fsync that failed does not make its data durable.
     pub fn sync_overdue(&self, age: Duration) {
         let now = Instant::now();
-        let due: Vec<u64> = {
-            let mut g = self.inner.lock().unwrap();
-            let due: Vec<u64> = g
-                .unsynced
-                .iter()
-                .filter(|(_, t)| now.saturating_duration_since(**t) >= age)
-                .map(|(s, _)| *s)
-                .collect();
-            for s in &due {
-                g.unsynced.remove(s);
+        let mut due = Vec::new();
+        self.inner.lock().unwrap().unsynced.retain(|s, t| {
+            let keep = now.saturating_duration_since(*t) < age;
+            if !keep {
+                due.push(*s);
             }
-            due
-        };
+            keep
+        });
         let mut synced = false;
         for seq in due {
             match fs::File::open(self.path(seq)).and_then(|f| f.sync_data()) {
@@ -940,6 +928,12 @@ fn read_entry(path: &Path) -> io::Result<(Meta, Vec<u8>)> {
     let mut meta: Meta = serde_json::from_slice(&data[..nl]).map_err(io::Error::other)?;
     let body = data[nl + 1..].to_vec();
     meta.bytes = body.len() as u64;
+    if let Some(want) = meta.len.filter(|n| *n != meta.bytes) {
+        return Err(io::Error::other(format!(
+            "cut short (a crash before its sync?): body of {} bytes, {want} written",
+            meta.bytes
+        )));
+    }
     Ok((meta, body))
 }
 

@@ -309,11 +309,14 @@ pub fn collector_with_clock(extra: &[&str], clock: &FakeClock) -> Collector {
 pub fn clock_offset(c: &Collector) -> Option<i64> {
     let r = c.get("/healthz", None);
     let theirs = http_date(r.header("date")?)?;
-    let ours = std::time::SystemTime::now()
+    Some(theirs - unix_now_s())
+}
+
+/// This process's wall clock in Unix seconds (the fake clock only moves the collector's).
+pub fn unix_now_s() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
-    Some(theirs - ours)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Unix seconds of an IMF-fixdate (`Tue, 01 Dec 2026 20:27:01 GMT`), the only form servers

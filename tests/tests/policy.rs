@@ -275,10 +275,7 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
     let _one = serial();
     // A daily window from two hours from now (UTC, whole minutes) for an hour: it may run
     // across midnight, which the window handles.
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now_s = unix_now_s();
     let start_s = (now_s + 2 * 3600) / 60 * 60 + 60;
     let hm = |s: i64| {
         format!(
@@ -315,10 +312,7 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
             .then_some(())
     });
     let hold = hold_of(&c, id).unwrap();
-    let read_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let read_s = unix_now_s();
     // The countdown was written at some moment between the test's start and now, so it lies
     // between the time left now and the time left at the start (whole minutes, rounded down).
     // A fixed "2h" failed when start-up took over a minute under CI load ("opens in 1h59m").
@@ -341,10 +335,7 @@ fn a_window_that_has_not_opened_holds_drift_until_it_opens() {
         (!entries(&q, "marked").is_empty()).then(|| format!("marked: {q}"))
     });
     // The collector's wall clock moves to 30 s into the window.
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now_s = unix_now_s();
     clock.set_offset(start_s + 30 - now_s);
     until(
         &c,

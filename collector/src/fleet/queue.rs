@@ -142,10 +142,10 @@ pub fn facts(i: &Instance, w: Watch) -> Facts<'_> {
     }
 }
 
-/// One pass over the fleet at `now`.
 /// A group's budget in this pass, and how many of its members are bad for each reason.
 type GroupTally = (GroupBudget, BTreeMap<String, usize>);
 
+/// One pass over the fleet at `now`.
 pub fn evaluate(
     instances: &mut HashMap<String, Instance>,
     q: &mut QueueState,
@@ -260,7 +260,6 @@ pub fn evaluate(
             *reasons.entry(r.as_str().to_string()).or_default() += 1;
         }
     }
-    drop(slot_of);
     let mut groups: BTreeMap<String, GroupTally> = slots.into_iter().collect();
     for (name, (g, reasons)) in &mut groups {
         g.limits = rules.budget.limits(g.size);
