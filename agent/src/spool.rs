@@ -285,20 +285,20 @@ impl Spool {
     /// Log entries wait (up to `wait`) while the spool is full or the state dir cannot be
     /// written; metric entries evict the oldest metric entries. Returns the seq, or None when
     /// a log entry timed out waiting for room, or a metric entry had to be dropped.
-    pub fn push(
+    pub fn push<L: serde::Serialize>(
         &self,
         kind: Kind,
-        report: Report,
+        report: Report<L>,
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
     ) -> Result<Option<u64>, SpoolError> {
         self.push_with(kind, report, checkpoint, wait, 0)
     }
 
-    fn push_with(
+    fn push_with<L: serde::Serialize>(
         &self,
         kind: Kind,
-        report: Report,
+        report: Report<L>,
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
         reseqs: u8,
@@ -321,11 +321,11 @@ impl Spool {
         res
     }
 
-    fn push_as(
+    fn push_as<L: serde::Serialize>(
         &self,
         seq: u64,
         kind: Kind,
-        mut report: Report,
+        mut report: Report<L>,
         checkpoint: Option<(String, serde_json::Value)>,
         wait: Duration,
         reseqs: u8,

@@ -26,8 +26,12 @@ pub const VERSION: u32 = 1;
 pub const MAX_FIELD_STRING: usize = 64 * 1024 - 1;
 
 /// One batch from one agent.
+///
+/// `L` is how a drift state's full entry list is held: decoded reports own a
+/// `Vec<FileEntry>`; an agent serialises its list straight from its own index (any
+/// `Serialize` that writes a sequence of [`FileEntry`]), so the whole list is never built.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Report {
+pub struct Report<L = Vec<FileEntry>> {
     /// Wire format major version, [`VERSION`].
     pub v: u32,
     pub agent: Identity,
@@ -43,7 +47,7 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogLine>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drift: Option<DriftState>,
+    pub drift: Option<DriftState<L>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckResult>,
     /// The agent's current drift root (hex, the [`DriftState::hash`] of its latest scan or
@@ -63,6 +67,36 @@ pub struct Report {
 
 /// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
 /// `group` tags of every point, so an agent cannot tag points as another instance.
+impl<L> Report<L> {
+    /// The same report carrying `drift`, whose entry list may be held another way.
+    pub fn with_drift<M>(self, drift: DriftState<M>) -> Report<M> {
+        let Report {
+            v,
+            agent,
+            seq,
+            interval_ms,
+            metrics,
+            logs,
+            drift: _,
+            checks,
+            drift_root,
+            protected,
+        } = self;
+        Report {
+            v,
+            agent,
+            seq,
+            interval_ms,
+            metrics,
+            logs,
+            drift: Some(drift),
+            checks,
+            drift_root,
+            protected,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Identity {
     pub instance_id: String,
@@ -177,8 +211,10 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// The agent's current view of its watched files against its baseline.
+///
+/// `L` holds `entries_list`, as for [`Report`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct DriftState {
+pub struct DriftState<L = Vec<FileEntry>> {
     /// Merkle root over the current entries (hex BLAKE3).
     pub hash: String,
     /// Root of the baseline the agent has on disk, if any.
@@ -199,7 +235,7 @@ pub struct DriftState {
     /// The full current entry list, sent so the collector can diff against a registered
     /// baseline. Paths and hashes only, never contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entries_list: Option<Vec<FileEntry>>,
+    pub entries_list: Option<L>,
     /// [`drift::HASH_VERSION`] of `hash` and `entries_list` (None: 1, agents before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_version: Option<u32>,
@@ -363,7 +399,7 @@ impl DecodeError {
 
 /// Serialise and gzip a report, streaming: the JSON is never held whole, which for a drift
 /// report's full entry list is the largest buffer an idle agent would otherwise allocate.
-pub fn encode(report: &Report) -> Vec<u8> {
+pub fn encode<L: Serialize>(report: &Report<L>) -> Vec<u8> {
     let enc = flate2::write::GzEncoder::new(Vec::with_capacity(4096), flate2::Compression::fast());
     // serde_json writes token by token; the buffer hands the compressor whole blocks.
     let mut w = std::io::BufWriter::with_capacity(16 << 10, enc);

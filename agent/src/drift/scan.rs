@@ -123,6 +123,16 @@ impl Parts {
     }
 }
 
+/// [`Tree::entries_list`]: serialises as the sequence [`Tree::entries`] would.
+#[derive(Debug, Clone, Copy)]
+pub struct EntriesList<'a>(&'a Tree);
+
+impl serde::Serialize for EntriesList<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.nodes.iter().map(|(k, n)| n.parts.entry(k)))
+    }
+}
+
 /// The current entries of the watched trees, sorted by path, each with its cached leaf hash.
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
@@ -146,6 +156,12 @@ impl Tree {
     /// The entries, sorted by path.
     pub fn entries(&self) -> Vec<FileEntry> {
         self.nodes.iter().map(|(k, n)| n.parts.entry(k)).collect()
+    }
+
+    /// The entries, sorted by path, as a list that serialises straight from the tree: a drift
+    /// report's full list is never held whole (it was the largest buffer of an idle agent).
+    pub fn entries_list(&self) -> EntriesList<'_> {
+        EntriesList(self)
     }
 
     pub fn get(&self, key: &str) -> Option<FileEntry> {
@@ -235,11 +251,25 @@ impl Scanner {
     /// Read every watched file. Nothing is reused from earlier scans: this is the check that
     /// catches whatever inotify missed.
     pub fn full_scan(&self) -> Tree {
+        let mut tree = Tree::default();
+        if self.threads <= 1 {
+            // What `run` does: each file is hashed as the walk reaches it and goes straight
+            // into the tree, so the scan never holds a list of every path and its metadata
+            // next to the tree (that list was an idle agent's peak RSS, issue 16).
+            let mut buf = vec![0u8; READ_BUF];
+            for r in &self.roots {
+                self.walk(r, false, &mut |it| {
+                    if let Some(n) = node_for(&it, None, &mut buf, &self.hashed) {
+                        tree.nodes.insert(it.key.into_boxed_str(), n);
+                    }
+                });
+            }
+            return tree;
+        }
         let mut items = Vec::new();
         for r in &self.roots {
-            self.walk(r, &mut items, false);
+            self.walk(r, false, &mut |it| items.push(it));
         }
-        let mut tree = Tree::default();
         for (k, n) in self.build(items, None) {
             tree.nodes.insert(k.into_boxed_str(), n);
         }
@@ -274,7 +304,7 @@ impl Scanner {
             let old = tree.take_subtree(&key);
             let items = if meta.is_dir() {
                 let mut items = Vec::new();
-                self.walk(path, &mut items, true);
+                self.walk(path, true, &mut |it| items.push(it));
                 items
             } else {
                 vec![Item {
@@ -309,7 +339,7 @@ impl Scanner {
     /// Without `stat_files`, regular files (known from the directory listing's d_type) are not
     /// lstat'ed here: the fstat after opening them gives the same attributes, which saves one
     /// syscall per file on a full scan. Refreshes stat them to compare fingerprints.
-    fn walk(&self, start: &Path, items: &mut Vec<Item>, stat_files: bool) {
+    fn walk(&self, start: &Path, stat_files: bool, emit: &mut impl FnMut(Item)) {
         let key = path_text(start);
         if self.excludes.matches(&key) {
             return;
@@ -324,9 +354,12 @@ impl Scanner {
             }
         };
         let mut stack = vec![(start.to_path_buf(), key, meta)];
+        // One directory's files and errors, emitted after the directory itself (whose error
+        // is known only once its listing is read): a walk emits `start` first.
+        let mut items = Vec::new();
         while let Some((path, key, meta)) = stack.pop() {
             if !meta.is_dir() {
-                items.push(Item {
+                emit(Item {
                     key,
                     path,
                     meta: Some(meta),
@@ -334,17 +367,17 @@ impl Scanner {
                 });
                 continue;
             }
-            let at = items.len();
-            items.push(Item {
+            let mut dir = Item {
                 key,
                 path: path.clone(),
                 meta: Some(meta),
                 err: None,
-            });
+            };
             let rd = match fs::read_dir(&path) {
                 Ok(rd) => rd,
                 Err(e) => {
-                    items[at].err = Some(e);
+                    dir.err = Some(e);
+                    emit(dir);
                     continue;
                 }
             };
@@ -354,7 +387,7 @@ impl Scanner {
                     Err(e) => {
                         // The listing broke off: the directory is reported unreadable rather
                         // than silently short of entries.
-                        items[at].err = Some(e);
+                        dir.err = Some(e);
                         break;
                     }
                 };
@@ -384,6 +417,8 @@ impl Scanner {
                     }),
                 }
             }
+            emit(dir);
+            items.drain(..).for_each(&mut *emit);
         }
     }
 

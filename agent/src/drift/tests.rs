@@ -679,3 +679,73 @@ fn every_report_carries_the_root_and_a_resend_request_gets_the_full_state() {
     ctx.spool.stop();
     h.join().unwrap().unwrap();
 }
+
+/// A drift report's list is serialised straight from the tree; the collector must decode
+/// exactly the entries a built list would have carried, in the same order, under the same root.
+#[test]
+fn the_streamed_entry_list_decodes_to_the_built_one() {
+    let d = tempfile::tempdir().unwrap();
+    sample_tree(d.path());
+    fs::write(d.path().join("etc/unicode é ✓"), "x").unwrap();
+    let tree = scanner(d.path(), &[]).full_scan();
+    let built = tree.entries();
+    assert!(built.len() >= 7, "{built:?}");
+    let state = phoenix_wire::DriftState {
+        hash: tree.root(),
+        entries: tree.len() as u64,
+        entries_list: Some(tree.entries_list()),
+        baseline: None,
+        changes: vec![],
+        ts: 0,
+        note: None,
+        hash_version: None,
+        baseline_hash_version: None,
+    };
+    let report = phoenix_wire::Report::<Vec<FileEntry>> {
+        v: phoenix_wire::VERSION,
+        agent: phoenix_wire::Identity::default(),
+        seq: 1,
+        interval_ms: 0,
+        metrics: vec![],
+        logs: vec![],
+        drift: None,
+        checks: vec![],
+        drift_root: None,
+        protected: None,
+    }
+    .with_drift(state);
+    let body = phoenix_wire::encode(&report);
+    let json = phoenix_wire::gunzip_limited(&body, 1 << 20).unwrap();
+    let back: phoenix_wire::Report = serde_json::from_slice(&json).unwrap();
+    let list = back.drift.unwrap().entries_list.unwrap();
+    assert_eq!(list, built);
+    assert_eq!(root_of_entries(&list), tree.root());
+}
+
+/// `run` scans on one thread, hashing as it walks; bake and drift walk first and hash on
+/// several. Both must give the same entries and root, or a clean box would show drift.
+#[test]
+fn a_one_thread_scan_and_a_parallel_one_give_the_same_tree() {
+    let d = tempfile::tempdir().unwrap();
+    sample_tree(d.path());
+    for i in 0..150 {
+        let sub = d.path().join(format!("etc/d{}/e{}", i % 7, i % 3));
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(
+            sub.join(format!("f{i}")),
+            format!("content {i}\n").repeat(i),
+        )
+        .unwrap();
+    }
+    fs::create_dir_all(d.path().join("etc/empty")).unwrap();
+    fs::write(d.path().join("etc/skip.swp"), "x").unwrap();
+    let one = Scanner::new(&[d.path().to_path_buf()], Excludes::new(&["*.swp"]), 1).full_scan();
+    let four = Scanner::new(&[d.path().to_path_buf()], Excludes::new(&["*.swp"]), 4).full_scan();
+    assert!(one.len() > 170, "{}", one.len());
+    assert_eq!(one.entries(), four.entries());
+    assert_eq!(one.root(), four.root());
+    assert!(one
+        .get(&path_text(&d.path().join("etc/skip.swp")))
+        .is_none());
+    assert_eq!(entry(&one, &d.path().join("etc/empty")).kind, 'd');
+}

@@ -11,6 +11,7 @@ use notify::{Config, Event, EventKind, EventKindMask, RecursiveMode, Watcher};
 use phoenix_wire::drift::{diff, Manifest};
 use phoenix_wire::{DriftState, FileEntry};
 
+use super::scan::EntriesList;
 use super::{find_baseline, load_baseline, DriftError, Excludes, Scanner, Tree, DEFAULT_EXCLUDES};
 use crate::config::RunConfig;
 use crate::counters;
@@ -94,23 +95,24 @@ impl DriftSource {
         Ok(Some(DriftSource::new(scanner, baseline, cfg.drift_rescan)))
     }
 
-    fn state(&self, tree: &Tree, note: Option<String>) -> DriftState {
-        let entries = tree.entries();
+    fn state<'t>(&self, tree: &'t Tree, note: Option<String>) -> DriftState<EntriesList<'t>> {
+        let root = tree.root();
         let changes = match &self.baseline {
             Some(b) if !phoenix_wire::drift::computes(b.hash_version) => Vec::new(),
-            Some(b) if b.root != tree.root() => diff(&b.entries, &entries),
+            // Only a drifted box builds its entries whole, and drops them before encoding.
+            Some(b) if b.root != root => diff(&b.entries, &tree.entries()),
             _ => Vec::new(),
         };
         DriftState {
-            hash: tree.root(),
+            hash: root,
             baseline: self.baseline.as_ref().map(|b| b.root.clone()),
             changes,
-            entries: entries.len() as u64,
+            entries: tree.len() as u64,
             ts: now_ns(),
             note,
             // Always the full list: the collector diffs it against a registered baseline, and
             // a list it has to assemble from deltas would break on any lost report.
-            entries_list: Some(entries),
+            entries_list: Some(tree.entries_list()),
             hash_version: Some(phoenix_wire::drift::HASH_VERSION),
             baseline_hash_version: self.baseline.as_ref().map(|b| b.hash_version),
         }
@@ -193,8 +195,7 @@ impl DriftSource {
     fn push(&self, ctx: &Ctx, tree: &Tree, note: Option<String>) -> Option<u64> {
         // The root first, so this report and every later one (metrics, logs) carry it.
         ctx.drift_link.set_root(tree.root());
-        let mut report = ctx.report();
-        report.drift = Some(self.state(tree, note));
+        let report = ctx.report().with_drift(self.state(tree, note));
         let prev = ctx.drift_link.sending_full();
         let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
         // The state's entries, JSON and gzip were the largest buffers an idle agent has.
