@@ -117,7 +117,7 @@ pub fn credential(state_dir: &Path) -> anyhow::Result<String> {
 
 /// IMDSv2: a session token, then the identity document and its signature.
 pub fn fetch_aws(imds_url: &str, timeout: Duration) -> anyhow::Result<AwsProof> {
-    let cfg = ureq::Agent::config_builder()
+    let cfg = crate::tls::lean_buffers(ureq::Agent::config_builder())
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
         .build();

@@ -106,7 +106,7 @@ fn on_ec2(root: &Path) -> bool {
 }
 
 fn imds() -> (Option<String>, Option<String>) {
-    let cfg = ureq::Agent::config_builder()
+    let cfg = crate::tls::lean_buffers(ureq::Agent::config_builder())
         .timeout_global(Some(Duration::from_millis(500)))
         .http_status_as_error(false)
         .build();

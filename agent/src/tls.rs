@@ -147,6 +147,23 @@ pub fn tls_config(opts: &TlsOptions, https: bool) -> Result<TlsConfig, TlsError>
         .build())
 }
 
+/// Each way's buffer of the agent's own HTTP connections (sender, IMDS, enrolment). ureq's
+/// default is 128 KiB each, zero-filled and so resident from the first request: 256 KiB of an
+/// idle agent's ~6 MiB (issue 16). The agent's request heads and the answers it reads are a
+/// few hundred bytes, and a large body goes out in writes of this size instead. A response
+/// head over it is refused as too large (the collector's are under 1 KiB). Health checks
+/// keep ureq's defaults: their servers are not ours, and a big header must not fail a check.
+pub const HTTP_BUFFER: usize = 16 << 10;
+
+/// `b` with [`HTTP_BUFFER`]-sized connection buffers and response-head limit.
+pub fn lean_buffers(
+    b: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
+) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    b.input_buffer_size(HTTP_BUFFER)
+        .output_buffer_size(HTTP_BUFFER)
+        .max_response_header_size(HTTP_BUFFER)
+}
+
 /// The HTTP client the sender uses: verified TLS, no redirects, bounded timeouts, and HTTP
 /// statuses as values (the sender decides what each means). The roots are read only when
 /// one of `collectors` is `https://` (see [`roots`]).
@@ -155,7 +172,7 @@ pub fn http_agent(opts: &TlsOptions, collectors: &[String]) -> Result<ureq::Agen
         c.get(..8)
             .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
     });
-    let cfg = ureq::Agent::config_builder()
+    let cfg = lean_buffers(ureq::Agent::config_builder())
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
