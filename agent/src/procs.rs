@@ -59,6 +59,12 @@ pub struct Procs {
     page_size: u64,
     self_pid: u32,
     buf: Vec<u8>,
+    /// `/proc/PID/stat` files kept open between passes, at most `max_open`: reading an open
+    /// one from offset 0 regenerates it, one pread instead of an open, a read and a close (the
+    /// open's path walk was most of the pass). Once its process has exited a read fails
+    /// (ESRCH), so a pid the kernel hands to a new process is never read through the old file.
+    stats: HashMap<u32, std::fs::File>,
+    max_open: usize,
 }
 
 impl Procs {
@@ -83,6 +89,8 @@ impl Procs {
             page_size: if page > 0 { page as u64 } else { 4096 },
             self_pid: std::process::id(),
             buf: Vec::with_capacity(1024),
+            stats: HashMap::new(),
+            max_open: max_open_stats(),
         }
     }
 
@@ -157,6 +165,8 @@ impl Procs {
                 threads: st.threads,
             });
         }
+        // Files of processes not seen in this pass are of processes gone.
+        self.stats.retain(|pid, _| next_seen.contains_key(pid));
         self.seen = next_seen;
         self.last = Some((now, uptime_ticks));
         let mut fields: BTreeMap<String, Value> = states
@@ -240,6 +250,13 @@ impl Procs {
     }
 
     fn read_stat(&mut self, pid: u32) -> Option<Stat> {
+        if let Some(f) = self.stats.get(&pid) {
+            if let Some(st) = read_open_stat(f, &mut self.buf) {
+                return Some(st);
+            }
+            // Gone: the pid may already be another process's, opened afresh below.
+            self.stats.remove(&pid);
+        }
         let mut p = self.proc.clone();
         p.push(pid.to_string());
         p.push("stat");
@@ -248,8 +265,12 @@ impl Procs {
         // Through `Take`, read_to_end does not statx and lseek the file to size the buffer
         // first (a /proc file's size is 0): two syscalls less per process per interval, and
         // a bound on what is read.
-        f.take(MAX_STAT).read_to_end(&mut self.buf).ok()?;
-        parse_stat(&self.buf)
+        (&f).take(MAX_STAT).read_to_end(&mut self.buf).ok()?;
+        let st = parse_stat(&self.buf)?;
+        if self.stats.len() < self.max_open {
+            self.stats.insert(pid, f);
+        }
+        Some(st)
     }
 
     /// The name of a uid from /etc/passwd. An unknown uid rereads the file only when its
@@ -311,6 +332,37 @@ pub(crate) struct Stat {
 
 /// Most read of one /proc/PID/stat (about 300 bytes; the name is at most 64).
 const MAX_STAT: u64 = 4096;
+
+/// Read an open `/proc/PID/stat` again from its start; None once its process is gone.
+fn read_open_stat(f: &std::fs::File, buf: &mut Vec<u8>) -> Option<Stat> {
+    use std::os::unix::fs::FileExt;
+    buf.clear();
+    buf.resize(MAX_STAT as usize, 0);
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(n);
+    parse_stat(buf)
+}
+
+/// How many stat files a pass keeps open: min(128, an eighth of the open-file limit), so
+/// the logs' quarter and the rest of the agent always have theirs.
+fn max_open_stats() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    let limit = if ok { r.rlim_cur } else { 1024 };
+    (limit / 8).min(128) as usize
+}
 
 /// How many descriptors the process has open. Since Linux 6.2 the size of /proc/PID/fd says
 /// it in one stat; before, that size is 0 and the directory is listed.
@@ -429,6 +481,45 @@ mod tests {
         let mut ts: Vec<i64> = st.iter().map(|p| p.ts).collect();
         ts.dedup();
         assert_eq!(ts.len(), st.len(), "each point at its own nanosecond");
+    }
+
+    /// The kept files: a live process is read through its open file pass after pass with
+    /// figures that move, and an exited one's file is dropped and the process not counted.
+    #[test]
+    fn kept_stat_files_follow_a_live_process_and_drop_an_exited_one() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut p = Procs::new("/proc", 500);
+        let mut out = Vec::new();
+        p.sample(1, &mut out);
+        assert!(p.stats.contains_key(&pid), "the child's stat file is kept");
+        let ticks = |p: &Procs| p.seen[&pid].ticks;
+        let first = ticks(&p);
+        // Poll with a deadline: the busy child's ticks move as soon as it has run a tick.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while ticks(&p) == first {
+            assert!(Instant::now() < deadline, "the child's ticks never moved");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            out.clear();
+            p.sample(2, &mut out);
+            assert!(p.stats.contains_key(&pid));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        out.clear();
+        p.sample(3, &mut out);
+        assert!(!p.seen.contains_key(&pid), "an exited process is not counted");
+        assert!(!p.stats.contains_key(&pid), "nor is its file kept");
+        // A process opened fresh each pass when the cap is reached: same counts.
+        let mut capped = Procs::new("/proc", 0);
+        capped.max_open = 0;
+        let mut a = Vec::new();
+        capped.sample(4, &mut a);
+        assert!(capped.stats.is_empty());
+        assert!(!capped.seen.is_empty());
     }
 
     #[test]
