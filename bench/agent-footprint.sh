@@ -5,6 +5,7 @@
 #   bench/agent-footprint.sh             # 180 s at a 10 s interval
 #   DURATION=300 bench/agent-footprint.sh
 #   AGENT_ARGS="--top-processes 0" bench/agent-footprint.sh   # extra flags for both agents [default: --top-processes 10]
+#   AGENT_B=/tmp/old/phoenix-agent bench/agent-footprint.sh    # also that binary with logs+drift, side by side
 # The box's process count is printed: the top-processes scan reads /proc/<pid> of every one.
 #
 # Needs: collectd-core (apt-get install -y collectd-core), python3. Builds the release binaries.
@@ -16,7 +17,7 @@ AGENT_ARGS=${AGENT_ARGS:---top-processes 10}
 command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-footprint.XXXXXX)
-cleanup() { kill "${AGENT:-}" "${AGENT_LOGS:-}" "${COLLECTOR:-}" "${COLLECTD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { kill "${AGENT:-}" "${AGENT_LOGS:-}" "${AGENT_B_PID:-}" "${COLLECTOR:-}" "${COLLECTD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -36,6 +37,19 @@ mkdir -p "$W/logs"
   --state-dir "$W/agent-logs" --instance-id i-bench-logs --image-id img-bench \
   --log "$W/logs/app.log" --drift-path /etc $AGENT_ARGS >"$W/agent-logs.log" 2>&1 &
 AGENT_LOGS=$!
+# An A/B of two builds in one run: runs differ by more than a change is worth (page cache,
+# timer slack), agents side by side do not.
+B=()
+if [ -n "${AGENT_B:-}" ]; then
+  mkdir -p "$W/logs-b"
+  : >"$W/logs-b/app.log"
+  # shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
+  "$AGENT_B" run --collector "http://127.0.0.1:$PORT" --token bench --interval "${INTERVAL}s" \
+    --state-dir "$W/agent-b" --instance-id i-bench-b --image-id img-bench \
+    --log "$W/logs-b/app.log" --drift-path /etc $AGENT_ARGS >"$W/agent-b.log" 2>&1 &
+  AGENT_B_PID=$!
+  B=("logs+drift-B" "$AGENT_B_PID")
+fi
 
 # collectd with the plugins that match the agent's metrics, same interval, sending over UDP
 # (its network plugin) as it would to a central server.
@@ -64,7 +78,7 @@ COLLECTD=$!
 sleep "${SETTLE:-5}"
 echo "processes on the box: $(find /proc -maxdepth 1 -name '[0-9]*' | wc -l); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "measuring for ${DURATION}s at a ${INTERVAL}s interval (agent pid $AGENT, agent with logs+drift pid $AGENT_LOGS, collectd pid $COLLECTD)"
-python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "logs+drift" "$AGENT_LOGS" "collectd" "$COLLECTD" | tee "$W/result.txt"
+python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "logs+drift" "$AGENT_LOGS" "collectd" "$COLLECTD" "${B[@]}" | tee "$W/result.txt"
 # shellcheck disable=SC2046
 set -- $(awk '$1=="phoenix"{a=$2" "$4} $1=="logs+drift"{l=$2" "$4} $1=="collectd"{c=$2" "$4} END{print a, l, c}' "$W/result.txt")
 python3 - "$@" <<'PY'
@@ -73,6 +87,7 @@ a_rss, a_cpu, l_rss, l_cpu, c_rss, c_cpu = map(float, sys.argv[1:7])
 for name, rss, cpu in (("metrics only", a_rss, a_cpu), ("logs+drift", l_rss, l_cpu)):
     print(f"ratio agent ({name})/collectd: peak RSS {rss / c_rss:.2f}x ({rss / 1024:.2f} MiB), CPU {cpu / max(c_cpu, 1e-9):.2f}x")
 PY
+[ -z "${AGENT_B:-}" ] || awk '$1=="collectd"{c=$4; cr=$2} $1=="logs+drift-B"{b=$4; br=$2} END{printf "ratio %s (logs+drift)/collectd: peak RSS %.2fx (%.2f MiB), CPU %.2fx\n", "'"$AGENT_B"'", br/cr, br/1024, b/c}' "$W/result.txt"
 SIZE=$(stat -c %s target/release/phoenix-agent)
 echo "phoenix-agent stripped release binary: $SIZE bytes ($(python3 -c "print(round($SIZE/1048576, 2))") MiB)"
 echo "targets: peak RSS <= 8 MiB (8192 kB), <= 0.03 CPU-s/min, binary <= 5 MiB; with logs+drift <= 3x collectd's CPU-s/min and <= 6 MiB peak RSS"
