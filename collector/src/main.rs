@@ -1,14 +1,6 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    // Two malloc arenas, one per async worker: glibc's default of up to eight per core gives
-    // each blocking-pool thread its own, whose freed pages stay resident (fleet-bench's VmHWM,
-    // issue 16).
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
     let args = phoenix_collector::config::Args::parse();
     let json = args.log_format.as_deref() == Some("json");
     let filter = tracing_subscriber::EnvFilter::try_from_env("PHOENIX_LOG_LEVEL")
