@@ -1,5 +1,9 @@
 use clap::Parser;
 
+/// jemalloc: see collector/Cargo.toml for the figures that chose it.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let args = phoenix_collector::config::Args::parse();
     let json = args.log_format.as_deref() == Some("json");

@@ -196,7 +196,7 @@ fn three_collectors_one_postgres_ten_agents_marks_once_survive_kill_9_outage_and
     // Enrolments are shared: agent 0 enrolled through collector 0; a forger holding the agent
     // token but not its credential is refused by collector 1, which never heard from it.
     let victim = instance(cs[0].as_ref().unwrap(), &ids[0]).unwrap();
-    let forged = Report {
+    let forged: Report = Report {
         v: VERSION,
         agent: Identity {
             instance_id: ids[0].clone(),
