@@ -21,6 +21,10 @@ unset PHOENIX_LISTEN PHOENIX_DATA_DIR # given as flags below
 if [ -n "${PHOENIX_BIN_DIR:-}" ]; then
   BIN=$PHOENIX_BIN_DIR
 else
+  # ring and the collector's jemalloc build C code: say what is missing before cargo fails.
+  for tool in cc make; do
+    command -v "$tool" >/dev/null || { echo "run-local: '$tool' not found; the build needs a C toolchain: apt-get install -y build-essential" >&2; exit 1; }
+  done
   echo "run-local: building phoenix-agent and phoenix-collector (release; the first build takes a few minutes)" >&2
   cargo build --release -p phoenix-agent -p phoenix-collector
   BIN=./target/release

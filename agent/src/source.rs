@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use phoenix_wire::{Identity, Report, VERSION};
+use phoenix_wire::{Identity, Report};
 
 use crate::drift::DriftLink;
 use crate::spool::Spool;
@@ -23,16 +23,9 @@ impl Ctx {
     /// An empty report carrying this agent's identity; the spool sets its seq.
     pub fn report(&self) -> Report {
         Report {
-            v: VERSION,
-            agent: (*self.identity).clone(),
-            seq: 0,
             interval_ms: self.interval.as_millis() as u64,
-            metrics: Vec::new(),
-            logs: Vec::new(),
-            drift: None,
-            checks: Vec::new(),
             drift_root: self.drift_link.root(),
-            protected: None,
+            ..Report::new((*self.identity).clone())
         }
     }
 

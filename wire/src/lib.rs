@@ -67,6 +67,24 @@ pub struct Report<L = Vec<FileEntry>> {
 
 /// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
 /// `group` tags of every point, so an agent cannot tag points as another instance.
+impl Report {
+    /// An empty report of `agent`: this wire version, seq 0, no interval, nothing carried.
+    pub fn new(agent: Identity) -> Report {
+        Report {
+            v: VERSION,
+            agent,
+            seq: 0,
+            interval_ms: 0,
+            metrics: Vec::new(),
+            logs: Vec::new(),
+            drift: None,
+            checks: Vec::new(),
+            drift_root: None,
+            protected: None,
+        }
+    }
+}
+
 impl<L> Report<L> {
     /// The same report carrying `drift`, whose entry list may be held another way.
     pub fn with_drift<M>(self, drift: DriftState<M>) -> Report<M> {

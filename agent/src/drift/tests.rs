@@ -701,19 +701,7 @@ fn the_streamed_entry_list_decodes_to_the_built_one() {
         hash_version: None,
         baseline_hash_version: None,
     };
-    let report = phoenix_wire::Report::<Vec<FileEntry>> {
-        v: phoenix_wire::VERSION,
-        agent: phoenix_wire::Identity::default(),
-        seq: 1,
-        interval_ms: 0,
-        metrics: vec![],
-        logs: vec![],
-        drift: None,
-        checks: vec![],
-        drift_root: None,
-        protected: None,
-    }
-    .with_drift(state);
+    let report = phoenix_wire::Report::new(phoenix_wire::Identity::default()).with_drift(state);
     let body = phoenix_wire::encode(&report);
     let json = phoenix_wire::gunzip_limited(&body, 1 << 20).unwrap();
     let back: phoenix_wire::Report = serde_json::from_slice(&json).unwrap();

@@ -605,16 +605,9 @@ mod tests {
             };
             s.fleet.admit(
                 &phoenix_wire::Report {
-                    v: phoenix_wire::VERSION,
-                    agent,
                     seq: 1,
                     interval_ms: 1000,
-                    metrics: vec![],
-                    logs: vec![],
-                    drift: None,
-                    checks: vec![],
-                    drift_root: None,
-                    protected: None,
+                    ..phoenix_wire::Report::new(agent)
                 },
                 None,
                 None,
