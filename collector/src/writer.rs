@@ -244,6 +244,22 @@ impl Worker {
         if (200..300).contains(&resp.status) {
             return Ok(Vec::new());
         }
+        if jobs.len() > 1
+            && matches!(resp.status, 400 | 422)
+            && bad_lines_named(&resp.body).is_empty()
+        {
+            // The store dropped points without naming them (a field type conflict), so whose
+            // they were cannot be told from the batch, and each report's ack must count its
+            // own. Each job is written again alone: the store kept the batch's valid points,
+            // and a point written again overwrites itself, so nothing is doubled.
+            self.stats.splits.fetch_add(1, Ordering::Relaxed);
+            let mut bad = Vec::new();
+            for j in jobs {
+                let lines: Vec<&str> = job_lines(j).collect();
+                bad.extend(self.write_lines(&lines)?);
+            }
+            return Ok(bad);
+        }
         let lines: Vec<&str> = jobs.iter().flat_map(job_lines).collect();
         self.answer(&lines, resp)
     }
@@ -424,12 +440,24 @@ mod tests {
             }
             let text = std::str::from_utf8(body).unwrap();
             let mut errs = Vec::new();
+            let mut conflicts = 0;
             for l in text.lines() {
                 if l.contains("BAD") {
                     errs.push(format!("unable to parse '{l}': invalid field format"));
+                } else if l.contains("CONFLICT") {
+                    // Like a field type conflict: dropped, counted, not named.
+                    conflicts += 1;
                 } else {
                     self.stored.lock().unwrap().push(l.to_owned());
                 }
+            }
+            if errs.is_empty() && conflicts > 0 {
+                let e = format!("partial write: field type conflict dropped={conflicts}");
+                return Ok(Response {
+                    status: 400,
+                    retry_after: None,
+                    body: serde_json::json!({ "error": e }).to_string(),
+                });
             }
             if errs.is_empty() {
                 Ok(Response {
@@ -558,6 +586,16 @@ mod tests {
             .lock()
             .unwrap()
             .ends_with(&["d v=1i 1".to_string(), "e v=1i 2".to_string()]));
+        // A point dropped unnamed (a type conflict) in a batch of two reports: counted
+        // against the report that sent it, not the first line of the batch.
+        let jobs = vec![
+            job("f v=1i 1\n", vec![9]),
+            job("g v=1i 2\nCONFLICT 3\n", vec![9, 20]),
+        ];
+        let bad = w.write_jobs(&jobs).unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(job_lines(&jobs[1]).any(|l| l == bad[0]), "{bad:?}");
+        assert!(!job_lines(&jobs[0]).any(|l| l == bad[0]), "{bad:?}");
     }
 
     #[test]
