@@ -40,6 +40,22 @@ const SOURCE_STACK: usize = if cfg!(debug_assertions) {
     1 << 20
 };
 
+/// The soft open-file limit (RLIMIT_NOFILE), 1024 if it cannot be read: the agent's sources
+/// size what they keep open from it.
+pub fn open_file_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    if ok {
+        r.rlim_cur
+    } else {
+        1024
+    }
+}
+
 /// Hand the heap's free pages back to the kernel. glibc returns only the top of the heap by
 /// itself; what a burst (the first drift scan, a log backlog, a big report) freed in the
 /// middle stays resident otherwise. Called once an interval (and after a drift push): one

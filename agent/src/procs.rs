@@ -354,14 +354,7 @@ fn read_open_stat(f: &std::fs::File, buf: &mut Vec<u8>) -> Option<Stat> {
 /// How many stat files a pass keeps open: min(128, an eighth of the open-file limit), so
 /// the logs' quarter and the rest of the agent always have theirs.
 fn max_open_stats() -> usize {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
-    let limit = if ok { r.rlim_cur } else { 1024 };
-    (limit / 8).min(128) as usize
+    (crate::open_file_limit() / 8).min(128) as usize
 }
 
 /// How many descriptors the process has open. Since Linux 6.2 the size of /proc/PID/fd says

@@ -252,7 +252,6 @@ impl Worker {
             // they were cannot be told from the batch, and each report's ack must count its
             // own. Each job is written again alone: the store kept the batch's valid points,
             // and a point written again overwrites itself, so nothing is doubled.
-            self.stats.splits.fetch_add(1, Ordering::Relaxed);
             let mut bad = Vec::new();
             for j in jobs {
                 let lines: Vec<&str> = job_lines(j).collect();

@@ -65,8 +65,6 @@ pub struct Report<L = Vec<FileEntry>> {
     pub protected: Option<bool>,
 }
 
-/// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
-/// `group` tags of every point, so an agent cannot tag points as another instance.
 impl Report {
     /// An empty report of `agent`: this wire version, seq 0, no interval, nothing carried.
     pub fn new(agent: Identity) -> Report {
@@ -115,6 +113,8 @@ impl<L> Report<L> {
     }
 }
 
+/// Who is speaking. The collector turns these into the `host`, `instance_id`, `image_id` and
+/// `group` tags of every point, so an agent cannot tag points as another instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Identity {
     pub instance_id: String,

@@ -129,7 +129,7 @@ pub struct EntriesList<'a>(&'a Tree);
 
 impl serde::Serialize for EntriesList<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.nodes.iter().map(|(k, n)| n.parts.entry(k)))
+        s.collect_seq(self.0.iter_entries())
     }
 }
 
@@ -155,7 +155,12 @@ impl Tree {
 
     /// The entries, sorted by path.
     pub fn entries(&self) -> Vec<FileEntry> {
-        self.nodes.iter().map(|(k, n)| n.parts.entry(k)).collect()
+        self.iter_entries().collect()
+    }
+
+    /// Each entry in path order, built from its node as it is reached.
+    fn iter_entries(&self) -> impl Iterator<Item = FileEntry> + '_ {
+        self.nodes.iter().map(|(k, n)| n.parts.entry(k))
     }
 
     /// The entries, sorted by path, as a list that serialises straight from the tree: a drift

@@ -95,8 +95,13 @@ impl DriftSource {
         Ok(Some(DriftSource::new(scanner, baseline, cfg.drift_rescan)))
     }
 
-    fn state<'t>(&self, tree: &'t Tree, note: Option<String>) -> DriftState<EntriesList<'t>> {
-        let root = tree.root();
+    /// The full state of `tree`, whose Merkle root is `root`.
+    fn state<'t>(
+        &self,
+        tree: &'t Tree,
+        root: String,
+        note: Option<String>,
+    ) -> DriftState<EntriesList<'t>> {
         let changes = match &self.baseline {
             Some(b) if !phoenix_wire::drift::computes(b.hash_version) => Vec::new(),
             // Only a drifted box builds its entries whole, and drops them before encoding.
@@ -194,8 +199,9 @@ impl DriftSource {
     /// Queue the full state; the spool seq it got, or None when it could not be queued.
     fn push(&self, ctx: &Ctx, tree: &Tree, note: Option<String>) -> Option<u64> {
         // The root first, so this report and every later one (metrics, logs) carry it.
-        ctx.drift_link.set_root(tree.root());
-        let report = ctx.report().with_drift(self.state(tree, note));
+        let root = tree.root();
+        ctx.drift_link.set_root(root.clone());
+        let report = ctx.report().with_drift(self.state(tree, root, note));
         let prev = ctx.drift_link.sending_full();
         let pushed = ctx.spool.push(Kind::Drift, report, None, Duration::ZERO);
         // The state's entries, JSON and gzip were the largest buffers an idle agent has.

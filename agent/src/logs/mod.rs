@@ -122,14 +122,7 @@ impl Options {
 /// checkpoints, sockets and the other sources, so a glob over thousands of files can never
 /// starve them.
 pub fn default_max_open_files() -> usize {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
-    let limit = if ok { r.rlim_cur } else { 1024 };
-    (limit / 4).clamp(1, 256) as usize
+    (crate::open_file_limit() / 4).clamp(1, 256) as usize
 }
 
 /// The `logs` source: one thread tailing every file the patterns name.
