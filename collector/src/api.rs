@@ -167,6 +167,11 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
         }
         return Err(r.into());
     }
+    // hyper parses a request's head into slices of the connection's read buffer, so these
+    // headers keep that whole buffer (8 KiB or more) allocated. A report can wait seconds for
+    // its write, and under a saturated store thousands wait: free it before they do.
+    drop(headers);
+    drop(peer);
     s.schema
         .enforce(&mut report)
         .map_err(ApiError::BadRequest)?;
@@ -208,6 +213,12 @@ async fn post_report(State(s): State<Shared>, req: Request) -> Result<Response, 
     });
     s.fleet
         .note_lateness(arrived.elapsed().as_millis().min(i64::MAX as u128) as i64);
+    // A report the writer would refuse now is told so before it builds any lines: under a
+    // saturated store most reports get this 503, and the line protocol was most of its cost.
+    // Its proof of life (above) stands either way.
+    if !report.metrics.is_empty() || !report.logs.is_empty() || drift.is_some() {
+        s.writer.room().map_err(cannot_store)?;
+    }
     let mut w = Writer::with_capacity(256 * (report.metrics.len() + report.logs.len()) + 256);
     crate::convert::report_lines(&report, &mut w);
     if let Some(d) = &drift {

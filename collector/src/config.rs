@@ -127,6 +127,11 @@ pub struct Args {
     #[arg(long, env = "PHOENIX_MAX_REPORT")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
     pub max_report: Option<String>,
+    /// Most line protocol waiting for the store; past it reports get 503 (agents keep and
+    /// resend them) until the writers catch up [default: 64MiB].
+    #[arg(long, env = "PHOENIX_MAX_WRITE_QUEUE")]
+    #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
+    pub max_write_queue: Option<String>,
     /// After an instance's first report only drift counts for this long [default: 300s].
     #[arg(long, env = "PHOENIX_GRACE")]
     #[serde(default, deserialize_with = "phoenix_wire::confval::opt_text")]
@@ -277,6 +282,7 @@ pub struct Config {
     pub tokens: Vec<(crate::auth::Role, String)>,
     pub max_body: usize,
     pub max_report: usize,
+    pub max_write_queue: usize,
     pub health: crate::fleet::Rules,
     pub webhook: Option<(String, String)>,
     /// HTTPS certificate, key and optional client CA.
@@ -528,6 +534,11 @@ impl Args {
             tokens,
             max_body: size(pick!(max_body).as_deref(), "8MiB", "max-body")?,
             max_report: size(pick!(max_report).as_deref(), "64MiB", "max-report")?,
+            max_write_queue: size(
+                pick!(max_write_queue).as_deref(),
+                "64MiB",
+                "max-write-queue",
+            )?,
             health,
             webhook,
         })

@@ -169,7 +169,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
                 cfg.listen
             )
         })?;
-    let writer = writer::start(sink, writer::Settings::default());
+    let writer = writer::start(
+        sink,
+        writer::Settings {
+            queue_bytes: cfg.max_write_queue,
+            ..Default::default()
+        },
+    );
     let limits = phoenix_wire::Limits {
         max_decompressed: cfg.max_report,
         max_points: cfg.max_points,

@@ -357,6 +357,7 @@ pub struct Figures {
     pub write_splits: u64,
     pub write_latency: HistogramSnap,
     pub queue_depth: u64,
+    pub queue_bytes: u64,
     pub store_up: bool,
     pub instances_by_state: [u64; STATES.len()],
     /// Standing marks (marked or acked, not gone), by reason.
@@ -389,6 +390,7 @@ pub fn figures(obs: &Obs, writer: &WriterHandle, fleet: &FleetView, now_ms: i64)
         write_splits: st.splits.load(Ordering::Relaxed),
         write_latency: st.write_latency.snapshot(),
         queue_depth: st.queue_depth.load(Ordering::Relaxed),
+        queue_bytes: st.queue_bytes.load(Ordering::Relaxed),
         store_up: writer.unavailable().is_none(),
         log_instances: obs.logs.instances() as u64,
         reports_in_flight: obs.in_flight.load(Ordering::Relaxed),
@@ -550,6 +552,13 @@ pub fn prometheus(f: &Figures) -> String {
         "Batches waiting for a store writer.",
     );
     writeln!(o, "phoenix_collector_write_queue_depth {}", f.queue_depth).ok();
+    head(
+        &mut o,
+        "phoenix_collector_write_queue_bytes",
+        "gauge",
+        "Bytes of line protocol in those batches (--max-write-queue).",
+    );
+    writeln!(o, "phoenix_collector_write_queue_bytes {}", f.queue_bytes).ok();
     head(
         &mut o,
         "phoenix_collector_instances",

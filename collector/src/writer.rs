@@ -49,6 +49,8 @@ pub struct WriterStats {
     pub write_ns_total: AtomicU64,
     pub splits: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Bytes of line protocol in the jobs of `queue_depth`.
+    pub queue_bytes: AtomicU64,
     pub last_write_ns: AtomicU64,
     pub write_latency: crate::hist::Histogram,
 }
@@ -56,6 +58,8 @@ pub struct WriterStats {
 #[derive(Debug, Clone)]
 pub struct WriterHandle {
     tx: SyncSender<Job>,
+    max_queue_jobs: u64,
+    max_queue_bytes: u64,
     down: Arc<Mutex<Option<(Instant, String)>>>,
     pub stats: Arc<WriterStats>,
 }
@@ -66,6 +70,9 @@ pub struct Settings {
     pub batch_lines: usize,
     /// Jobs that may wait for a writer before reports get 503.
     pub queue: usize,
+    /// Bytes of line protocol that may wait for a writer before reports get 503. One job is
+    /// always let into an empty queue, however large, so a big report cannot starve.
+    pub queue_bytes: usize,
     /// Writers working at once.
     pub writers: usize,
 }
@@ -75,6 +82,7 @@ impl Default for Settings {
         Settings {
             batch_lines: 5000,
             queue: 1024,
+            queue_bytes: 64 << 20,
             writers: 2,
         }
     }
@@ -83,23 +91,19 @@ impl Default for Settings {
 impl WriterHandle {
     /// Queue a job without blocking. Fails at once when the store is down or the queue full.
     pub fn submit(&self, job: Job) -> Result<(), (Job, Unavailable)> {
-        if let Some(u) = self.unavailable() {
+        if let Err(u) = self.room() {
             return Err((job, u));
         }
+        // Counted before the send: a writer may take the job (and subtract) at once.
+        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .queue_bytes
+            .fetch_add(job.body.len() as u64, Ordering::Relaxed);
         match self.tx.try_send(job) {
-            Ok(()) => {
-                self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(TrySendError::Full(job)) => Err((
-                job,
-                Unavailable {
-                    retry_after: Duration::from_secs(2),
-                    reason: "collector write queue is full".into(),
-                },
-            )),
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job)) => Err((self.unqueued(job), queue_full())),
             Err(TrySendError::Disconnected(job)) => Err((
-                job,
+                self.unqueued(job),
                 Unavailable {
                     retry_after: Duration::from_secs(5),
                     reason: "collector writer stopped".into(),
@@ -108,9 +112,46 @@ impl WriterHandle {
         }
     }
 
+    fn unqueued(&self, job: Job) -> Job {
+        self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .queue_bytes
+            .fetch_sub(job.body.len() as u64, Ordering::Relaxed);
+        job
+    }
+
+    /// Whether a job would be queued now: Err while the store is down or the queue holds its
+    /// most bytes. A report asks before it builds its lines, so one that would be refused
+    /// costs no line protocol and holds none while its 503 is sent.
+    pub fn room(&self) -> Result<(), Unavailable> {
+        if let Some(u) = self.unavailable() {
+            return Err(u);
+        }
+        if self.stats.queue_depth.load(Ordering::Relaxed) >= self.max_queue_jobs {
+            return Err(queue_full());
+        }
+        if self.stats.queue_bytes.load(Ordering::Relaxed) >= self.max_queue_bytes {
+            return Err(Unavailable {
+                retry_after: Duration::from_secs(2),
+                reason: format!(
+                    "collector write queue holds its most ({} MiB of points waiting for the store)",
+                    self.max_queue_bytes >> 20
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Some(reason) while the store is known to be down.
     pub fn unavailable(&self) -> Option<Unavailable> {
         down_now(&self.down)
+    }
+}
+
+fn queue_full() -> Unavailable {
+    Unavailable {
+        retry_after: Duration::from_secs(2),
+        reason: "collector write queue is full".into(),
     }
 }
 
@@ -145,7 +186,13 @@ pub fn start(sink: Arc<dyn Sink>, settings: Settings) -> WriterHandle {
             .spawn(move || w.run())
             .expect("spawn writer");
     }
-    WriterHandle { tx, down, stats }
+    WriterHandle {
+        tx,
+        max_queue_jobs: settings.queue as u64,
+        max_queue_bytes: settings.queue_bytes.max(1) as u64,
+        down,
+        stats,
+    }
 }
 
 struct Worker {
@@ -181,6 +228,10 @@ impl Worker {
             self.stats
                 .queue_depth
                 .fetch_sub(jobs.len() as u64, Ordering::Relaxed);
+            self.stats.queue_bytes.fetch_sub(
+                jobs.iter().map(|j| j.body.len() as u64).sum(),
+                Ordering::Relaxed,
+            );
             let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
             if jobs.is_empty() {
                 continue;
@@ -507,6 +558,7 @@ mod tests {
                 batch_lines: 100,
                 queue: 16,
                 writers: 1,
+                ..Settings::default()
             },
         );
         // 413: split until each piece fits; everything arrives.
@@ -595,6 +647,87 @@ mod tests {
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(job_lines(&jobs[1]).any(|l| l == bad[0]), "{bad:?}");
         assert!(!job_lines(&jobs[0]).any(|l| l == bad[0]), "{bad:?}");
+    }
+
+    /// A store that takes nothing until the test opens it, so jobs stay in the queue.
+    struct Gated {
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+    }
+
+    impl Sink for Gated {
+        fn write(&self, _: &[&[u8]]) -> Result<Response, SinkError> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            Ok(Response {
+                status: 204,
+                retry_after: None,
+                body: String::new(),
+            })
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    #[test]
+    fn the_queue_holds_at_most_its_bytes_but_always_one_job() {
+        let sink = Arc::new(Gated {
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+        });
+        let h = start(
+            sink.clone(),
+            Settings {
+                batch_lines: 1,
+                queue: 100,
+                queue_bytes: 100,
+                writers: 1,
+            },
+        );
+        let until = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !f() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // The writer takes the first job and waits in the store with it.
+        let first = submit(&h, "a v=1i 1\n");
+        until("the writer to take the first job", &|| {
+            h.stats.queue_depth.load(Ordering::Relaxed) == 0
+        });
+        // The queue is empty, so a job over the byte limit is let in...
+        let big = "b v=2i 2\n".repeat(20);
+        let second = submit(&h, &big);
+        assert_eq!(
+            h.stats.queue_bytes.load(Ordering::Relaxed),
+            big.len() as u64
+        );
+        // ...and nothing after it: the report is told before it builds lines, and a job
+        // submitted anyway is handed back whole.
+        let full = h.room().unwrap_err();
+        assert!(full.reason.contains("holds its most"), "{full:?}");
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let (back, why) = h
+            .submit(Job {
+                body: "c v=3i 3\n".into(),
+                ends: vec![9],
+                reply: tx,
+            })
+            .unwrap_err();
+        assert_eq!((back.body.as_str(), why), ("c v=3i 3\n", full));
+        assert_eq!(h.stats.queue_depth.load(Ordering::Relaxed), 1);
+        // The store takes the two: the queue is empty and open again.
+        *sink.open.lock().unwrap() = true;
+        sink.opened.notify_all();
+        assert_eq!(first.blocking_recv().unwrap(), Ok(Written { rejected: 0 }));
+        assert_eq!(second.blocking_recv().unwrap(), Ok(Written { rejected: 0 }));
+        assert_eq!(h.stats.queue_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(h.stats.queue_depth.load(Ordering::Relaxed), 0);
+        assert_eq!(h.room(), Ok(()));
     }
 
     #[test]

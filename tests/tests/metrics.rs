@@ -200,6 +200,7 @@ fn metrics_endpoint_counts_every_outcome_and_parses_as_prometheus_text() {
     );
     assert_eq!(value(&s, "phoenix_collector_store_up", &[]), 1.0);
     assert_eq!(value(&s, "phoenix_collector_write_queue_depth", &[]), 0.0);
+    assert_eq!(value(&s, "phoenix_collector_write_queue_bytes", &[]), 0.0);
     let known: f64 = [
         "new",
         "healthy",
