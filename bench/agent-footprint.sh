@@ -17,7 +17,7 @@ AGENT_ARGS=${AGENT_ARGS:---top-processes 10}
 command -v collectd >/dev/null || { echo "collectd not found: apt-get install -y collectd-core" >&2; exit 1; }
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p phoenix-agent -p phoenix-collector
 W=$(mktemp -d /tmp/phoenix-footprint.XXXXXX)
-cleanup() { kill "${AGENT:-}" "${AGENT_LOGS:-}" "${AGENT_B_PID:-}" "${COLLECTOR:-}" "${COLLECTD:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { kill "${AGENT:-}" "${AGENT_LOGS:-}" "${AGENT_B_PID:-}" "${COLLECTOR:-}" "${COLLECTD:-}" "${COLLECTD_TCP:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -74,11 +74,24 @@ CONF
 mkdir -p "$W/collectd"
 collectd -f -C "$W/collectd.conf" >"$W/collectd.log" 2>&1 &
 COLLECTD=$!
+# The same collectd plus tcpconns counting every TCP state (what the agent's netstat
+# measurement does, through the same kernel inet_diag walk): the peer doing the agent's work.
+sed -e "s|$W/collectd\([\"/.]\)|$W/collectd-tcp\1|g" "$W/collectd.conf" >"$W/collectd-tcp.conf"
+cat >>"$W/collectd-tcp.conf" <<CONF
+LoadPlugin tcpconns
+<Plugin tcpconns>
+  ListeningPorts false
+  AllPortsSummary true
+</Plugin>
+CONF
+mkdir -p "$W/collectd-tcp"
+collectd -f -C "$W/collectd-tcp.conf" >"$W/collectd-tcp.log" 2>&1 &
+COLLECTD_TCP=$!
 # Past the start: the first drift scan of /etc is a one-off, not the idle cost.
 sleep "${SETTLE:-5}"
 echo "processes on the box: $(find /proc -maxdepth 1 -name '[0-9]*' | wc -l); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "measuring for ${DURATION}s at a ${INTERVAL}s interval (agent pid $AGENT, agent with logs+drift pid $AGENT_LOGS, collectd pid $COLLECTD)"
-python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "logs+drift" "$AGENT_LOGS" "collectd" "$COLLECTD" "${B[@]}" | tee "$W/result.txt"
+python3 bench/footprint.py "$DURATION" "phoenix" "$AGENT" "logs+drift" "$AGENT_LOGS" "collectd" "$COLLECTD" "collectd+tcp" "$COLLECTD_TCP" "${B[@]}" | tee "$W/result.txt"
 # shellcheck disable=SC2046
 set -- $(awk '$1=="phoenix"{a=$2" "$4} $1=="logs+drift"{l=$2" "$4} $1=="collectd"{c=$2" "$4} END{print a, l, c}' "$W/result.txt")
 python3 - "$@" <<'PY'
@@ -87,6 +100,7 @@ a_rss, a_cpu, l_rss, l_cpu, c_rss, c_cpu = map(float, sys.argv[1:7])
 for name, rss, cpu in (("metrics only", a_rss, a_cpu), ("logs+drift", l_rss, l_cpu)):
     print(f"ratio agent ({name})/collectd: peak RSS {rss / c_rss:.2f}x ({rss / 1024:.2f} MiB), CPU {cpu / max(c_cpu, 1e-9):.2f}x")
 PY
+awk '$1=="collectd+tcp"{c=$4; cr=$2} $1=="logs+drift"{l=$4; lr=$2} END{printf "ratio agent (logs+drift)/collectd+tcp: peak RSS %.2fx, CPU %.2fx\n", lr/cr, l/c}' "$W/result.txt"
 [ -z "${AGENT_B:-}" ] || awk '$1=="collectd"{c=$4; cr=$2} $1=="logs+drift-B"{b=$4; br=$2} END{printf "ratio %s (logs+drift)/collectd: peak RSS %.2fx (%.2f MiB), CPU %.2fx\n", "'"$AGENT_B"'", br/cr, br/1024, b/c}' "$W/result.txt"
 SIZE=$(stat -c %s target/release/phoenix-agent)
 echo "phoenix-agent stripped release binary: $SIZE bytes ($(python3 -c "print(round($SIZE/1048576, 2))") MiB)"
