@@ -5,7 +5,6 @@
 //! structural rule a hostile or buggy sender could break before anything reaches InfluxDB.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,9 +14,11 @@ pub mod confval;
 mod cut;
 pub mod diag;
 pub mod drift;
+mod gunzip;
 pub mod logtext;
 
 pub use cut::{cut_to, cut_value, MAX_TAG_VALUE};
+pub use gunzip::gunzip_limited;
 
 /// Major version of the wire format. A collector rejects any other major with a 400.
 pub const VERSION: u32 = 1;
@@ -441,7 +442,7 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 /// Decompress (bounded), parse and validate a report.
 pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, DecodeError> {
     let json: std::borrow::Cow<'_, [u8]> = if gzipped {
-        gunzip_limited(body, limits.max_decompressed)?.into()
+        gunzip::gunzip_reusing(body, limits.max_decompressed)?.into()
     } else {
         if body.len() > limits.max_decompressed {
             return Err(DecodeError::TooLarge(limits.max_decompressed));
@@ -473,19 +474,6 @@ pub fn decode(body: &[u8], gzipped: bool, limits: &Limits) -> Result<Report, Dec
     let now = limits.now_ns.unwrap_or_else(bounds::now_ns);
     bounds::check_numbers(&report, now, limits).map_err(DecodeError::Invalid)?;
     Ok(report)
-}
-
-/// Gunzip at most `max` bytes; more is an error rather than an allocation (gzip bombs).
-pub fn gunzip_limited(body: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::with_capacity((body.len() * 4).min(max));
-    // The body is in memory already: the bufread decoder reads it in place, where the read
-    // one would copy it through a 32 KiB buffer it allocates and zeroes for every report.
-    let mut dec = flate2::bufread::MultiGzDecoder::new(body).take((max as u64).saturating_add(1));
-    dec.read_to_end(&mut out).map_err(DecodeError::Gzip)?;
-    if out.len() > max {
-        return Err(DecodeError::TooLarge(max));
-    }
-    Ok(out)
 }
 
 /// Instance, image and group ids: what cloud providers use, nothing that needs escaping.
