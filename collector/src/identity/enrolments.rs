@@ -272,7 +272,20 @@ mod tests {
     struct Cluster {
         stored: Mutex<HashMap<String, Enrolment>>,
         changed: Mutex<Vec<String>>,
+        /// A full reload's snapshot, answered once by `changed`.
+        reloaded: Mutex<Option<HashMap<String, Enrolment>>>,
         down: std::sync::atomic::AtomicBool,
+        /// Runs once inside the next claim, before it writes: what other collectors and
+        /// other requests do while a claim is on the wire.
+        meanwhile: Mutex<Option<Meanwhile>>,
+    }
+
+    struct Meanwhile(Box<dyn FnOnce() + Send>);
+
+    impl std::fmt::Debug for Meanwhile {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Meanwhile")
+        }
     }
 
     impl EnrolmentStore for std::sync::Arc<Cluster> {
@@ -290,6 +303,10 @@ mod tests {
             if self.down.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(StoreError::Shared("down".into()));
             }
+            let meanwhile = self.meanwhile.lock().unwrap().take();
+            if let Some(Meanwhile(f)) = meanwhile {
+                f();
+            }
             let mut g = self.stored.lock().unwrap();
             let new = !g.contains_key(id);
             let stored = g.entry(id.into()).or_insert_with(|| e.clone()).clone();
@@ -299,6 +316,9 @@ mod tests {
             true
         }
         fn changed(&self) -> Option<Changed> {
+            if let Some(all) = self.reloaded.lock().unwrap().take() {
+                return Some(Changed::All(all));
+            }
             let ids = std::mem::take(&mut *self.changed.lock().unwrap());
             (!ids.is_empty()).then_some(Changed::Ids(ids))
         }
@@ -342,6 +362,93 @@ mod tests {
         assert_eq!(b.admit("i-1", &with(forger), 5), Ok(Admitted::New));
         assert!(matches!(
             a.admit("i-1", &with(a_cred), 6),
+            Err(Refusal::Forbidden(_))
+        ));
+    }
+
+    /// The gate, and a hook that can reach it from inside its own store's claim.
+    fn racing_gate(
+        cluster: &std::sync::Arc<Cluster>,
+    ) -> std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::identity::Gate>>> {
+        use crate::identity::{Gate, Limits, Mode};
+        let gate = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0);
+        let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+        cell.set(std::sync::Arc::new(gate.unwrap())).unwrap();
+        cell
+    }
+
+    fn with(c: &str) -> crate::identity::Presented<'_> {
+        crate::identity::Presented {
+            credential: Some(c),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reload_while_a_claim_is_on_the_wire_keeps_it_and_every_loser_is_refused_not_retried() {
+        // As CI once raced it: another collector's box wins i-race, and this collector's
+        // reload snapshot (which holds the winner, not our claim in flight) arrives while
+        // our claim is on the wire and a rival request of this collector comes in.
+        use crate::identity::Refusal;
+        let (ours, rival, winner) = (
+            "0123456789abcdef0123456789abcdef-ours",
+            "0123456789abcdef0123456789abcdef-rival",
+            "0123456789abcdef0123456789abcdef-winner",
+        );
+        let cluster = std::sync::Arc::new(Cluster::default());
+        let gate = racing_gate(&cluster);
+        let won = Enrolment {
+            credential_sha256: crate::identity::hex(&crate::identity::sha256(winner)),
+            enrolled_ms: 1,
+        };
+        let rival_got = std::sync::Arc::new(Mutex::new(None));
+        let (c, g, r) = (cluster.clone(), gate.clone(), rival_got.clone());
+        *cluster.meanwhile.lock().unwrap() = Some(Meanwhile(Box::new(move || {
+            c.stored
+                .lock()
+                .unwrap()
+                .insert("i-race".into(), won.clone());
+            *c.reloaded.lock().unwrap() = Some(HashMap::from([("i-race".into(), won)]));
+            *r.lock().unwrap() = Some(g.get().unwrap().admit("i-race", &with(rival), 2));
+        })));
+        let gate = gate.get().unwrap();
+        let got = gate.admit("i-race", &with(ours), 2);
+        assert!(matches!(got, Err(Refusal::Forbidden(_))), "{got:?}");
+        let rival_got = rival_got.lock().unwrap().take().unwrap();
+        assert!(
+            matches!(rival_got, Err(Refusal::Forbidden(_))),
+            "{rival_got:?}"
+        );
+        assert_eq!(
+            gate.admit("i-race", &with(winner), 3),
+            Ok(crate::identity::Admitted::Known)
+        );
+    }
+
+    #[test]
+    fn a_rival_that_enrols_after_our_claim_was_dropped_wins_and_ours_is_refused_not_retried() {
+        // A reset notification drops our claim in flight; a rival request of this collector
+        // then enrols first in the store. The store's answer is final for both.
+        use crate::identity::{Admitted, Refusal};
+        let (ours, rival) = (
+            "0123456789abcdef0123456789abcdef-ours",
+            "0123456789abcdef0123456789abcdef-rival",
+        );
+        let cluster = std::sync::Arc::new(Cluster::default());
+        let gate = racing_gate(&cluster);
+        let rival_got = std::sync::Arc::new(Mutex::new(None));
+        let (c, g, r) = (cluster.clone(), gate.clone(), rival_got.clone());
+        *cluster.meanwhile.lock().unwrap() = Some(Meanwhile(Box::new(move || {
+            c.changed.lock().unwrap().push("i-x".into());
+            *r.lock().unwrap() = Some(g.get().unwrap().admit("i-x", &with(rival), 2));
+        })));
+        let gate = gate.get().unwrap();
+        let got = gate.admit("i-x", &with(ours), 2);
+        assert!(matches!(got, Err(Refusal::Forbidden(_))), "{got:?}");
+        assert_eq!(rival_got.lock().unwrap().take(), Some(Ok(Admitted::New)));
+        assert_eq!(gate.admit("i-x", &with(rival), 3), Ok(Admitted::Known));
+        assert!(matches!(
+            gate.admit("i-x", &with(ours), 3),
             Err(Refusal::Forbidden(_))
         ));
     }

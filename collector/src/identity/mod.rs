@@ -308,7 +308,10 @@ fn drop_changed(known: &mut HashMap<String, Known>, c: Changed) {
                 known.remove(&id);
             }
         }
+        // A claim still being written is not in a snapshot read before it landed; its own
+        // claim, which the store answers, decides it.
         Changed::All(stored) => known.retain(|id, k| match k.cred {
+            _ if k.pending => true,
             None => true,
             Some(have) => stored
                 .get(id)
@@ -546,9 +549,35 @@ impl Gate {
                     "the enrolment of {instance_id:?} was reset while it was recorded; retry"
                 )))
             }
-            (Ok(_), Some(false)) => Err(Refusal::Store(format!(
-                "the enrolment of {instance_id:?} changed while it was recorded; retry"
-            ))),
+            (Ok(claimed), Some(false)) => {
+                // Our cached claim was dropped (another collector's change arrived) and a
+                // rival's took its place meanwhile. The store's answer stands over either:
+                // the rival's own claim gets the same answer.
+                let first = matches!(
+                    unhex(&claimed.stored.credential_sha256),
+                    Some(want) if ct_eq(&want, c)
+                );
+                if !first {
+                    return Err(mismatch(instance_id));
+                }
+                g.insert(
+                    instance_id.to_owned(),
+                    Known {
+                        cred,
+                        pending: false,
+                        enrolled_ms: claimed.stored.enrolled_ms,
+                        first_ms: claimed.stored.enrolled_ms.min(now_ms),
+                        last_ms: now_ms,
+                    },
+                );
+                drop(g);
+                if claimed.new {
+                    tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
+                    Ok(Admitted::New)
+                } else {
+                    Ok(Admitted::Known)
+                }
+            }
             (Err(e), ours) => {
                 if ours == Some(true) {
                     g.remove(instance_id);
