@@ -514,21 +514,32 @@ impl Gate {
         let mut g = self.known.lock().unwrap();
         let ours = g.get(instance_id).map(|k| k.pending && k.cred == cred);
         match (claimed, ours) {
-            (Ok(claimed), Some(true)) => {
-                // The first writer's credential stands, wherever it enrolled.
+            (Ok(claimed), Some(was_ours)) => {
+                // The first writer's credential stands, wherever it enrolled. When the
+                // cached claim is no longer ours (another collector's change dropped it and
+                // a rival's took its place), the store's answer still decides: the rival's
+                // own claim gets the same one.
                 let first = matches!(
                     unhex(&claimed.stored.credential_sha256),
                     Some(want) if ct_eq(&want, c)
                 );
                 if !first {
-                    g.remove(instance_id);
+                    if was_ours {
+                        g.remove(instance_id);
+                    }
                     return Err(mismatch(instance_id));
                 }
-                if let Some(k) = g.get_mut(instance_id) {
-                    k.pending = false;
-                    k.enrolled_ms = claimed.stored.enrolled_ms;
-                    k.first_ms = k.first_ms.min(claimed.stored.enrolled_ms);
-                }
+                // Ours was inserted by this call at now_ms and left alone while pending.
+                g.insert(
+                    instance_id.to_owned(),
+                    Known {
+                        cred,
+                        pending: false,
+                        enrolled_ms: claimed.stored.enrolled_ms,
+                        first_ms: claimed.stored.enrolled_ms.min(now_ms),
+                        last_ms: now_ms,
+                    },
+                );
                 drop(g);
                 if claimed.new {
                     tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
@@ -548,35 +559,6 @@ impl Gate {
                 Err(Refusal::Store(format!(
                     "the enrolment of {instance_id:?} was reset while it was recorded; retry"
                 )))
-            }
-            (Ok(claimed), Some(false)) => {
-                // Our cached claim was dropped (another collector's change arrived) and a
-                // rival's took its place meanwhile. The store's answer stands over either:
-                // the rival's own claim gets the same answer.
-                let first = matches!(
-                    unhex(&claimed.stored.credential_sha256),
-                    Some(want) if ct_eq(&want, c)
-                );
-                if !first {
-                    return Err(mismatch(instance_id));
-                }
-                g.insert(
-                    instance_id.to_owned(),
-                    Known {
-                        cred,
-                        pending: false,
-                        enrolled_ms: claimed.stored.enrolled_ms,
-                        first_ms: claimed.stored.enrolled_ms.min(now_ms),
-                        last_ms: now_ms,
-                    },
-                );
-                drop(g);
-                if claimed.new {
-                    tracing::info!(instance_id = %instance_id, "instance enrolled (tofu)");
-                    Ok(Admitted::New)
-                } else {
-                    Ok(Admitted::Known)
-                }
             }
             (Err(e), ours) => {
                 if ours == Some(true) {
