@@ -288,7 +288,7 @@ mod tests {
         }
     }
 
-    impl EnrolmentStore for std::sync::Arc<Cluster> {
+    impl EnrolmentStore for Arc<Cluster> {
         fn load(&self) -> Result<HashMap<String, Enrolment>, StoreError> {
             Ok(self.stored.lock().unwrap().clone())
         }
@@ -326,17 +326,12 @@ mod tests {
 
     #[test]
     fn a_shared_store_decides_first_writer_cache_verifies_while_down() {
-        use crate::identity::{Admitted, Gate, Limits, Mode, Presented, Refusal};
+        use crate::identity::{Admitted, Refusal};
         use std::sync::atomic::Ordering;
         let a_cred = "0123456789abcdef0123456789abcdef-box-a";
         let forger = "0123456789abcdef0123456789abcdef-forger";
-        let with = |c| Presented {
-            credential: Some(c),
-            ..Default::default()
-        };
-        let cluster = std::sync::Arc::new(Cluster::default());
-        let a = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0).unwrap();
-        let b = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0).unwrap();
+        let cluster = Arc::new(Cluster::default());
+        let (a, b) = (tofu_gate(&cluster), tofu_gate(&cluster));
         assert_eq!(a.admit("i-1", &with(a_cred), 1), Ok(Admitted::New));
         // b never saw i-1: the store's enrolment decides, not b's empty memory.
         assert!(matches!(
@@ -366,15 +361,12 @@ mod tests {
         ));
     }
 
-    /// The gate, and a hook that can reach it from inside its own store's claim.
-    fn racing_gate(
-        cluster: &std::sync::Arc<Cluster>,
-    ) -> std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::identity::Gate>>> {
+    /// A tofu gate over the shared fake; an `Arc`, so a `meanwhile` hook can call it from
+    /// inside its own store's claim.
+    fn tofu_gate(cluster: &Arc<Cluster>) -> Arc<crate::identity::Gate> {
         use crate::identity::{Gate, Limits, Mode};
         let gate = Gate::open(Mode::Tofu, Limits::default(), Box::new(cluster.clone()), 0);
-        let cell = std::sync::Arc::new(std::sync::OnceLock::new());
-        cell.set(std::sync::Arc::new(gate.unwrap())).unwrap();
-        cell
+        Arc::new(gate.unwrap())
     }
 
     fn with(c: &str) -> crate::identity::Presented<'_> {
@@ -395,13 +387,13 @@ mod tests {
             "0123456789abcdef0123456789abcdef-rival",
             "0123456789abcdef0123456789abcdef-winner",
         );
-        let cluster = std::sync::Arc::new(Cluster::default());
-        let gate = racing_gate(&cluster);
+        let cluster = Arc::new(Cluster::default());
+        let gate = tofu_gate(&cluster);
         let won = Enrolment {
             credential_sha256: crate::identity::hex(&crate::identity::sha256(winner)),
             enrolled_ms: 1,
         };
-        let rival_got = std::sync::Arc::new(Mutex::new(None));
+        let rival_got = Arc::new(Mutex::new(None));
         let (c, g, r) = (cluster.clone(), gate.clone(), rival_got.clone());
         *cluster.meanwhile.lock().unwrap() = Some(Meanwhile(Box::new(move || {
             c.stored
@@ -409,9 +401,8 @@ mod tests {
                 .unwrap()
                 .insert("i-race".into(), won.clone());
             *c.reloaded.lock().unwrap() = Some(HashMap::from([("i-race".into(), won)]));
-            *r.lock().unwrap() = Some(g.get().unwrap().admit("i-race", &with(rival), 2));
+            *r.lock().unwrap() = Some(g.admit("i-race", &with(rival), 2));
         })));
-        let gate = gate.get().unwrap();
         let got = gate.admit("i-race", &with(ours), 2);
         assert!(matches!(got, Err(Refusal::Forbidden(_))), "{got:?}");
         let rival_got = rival_got.lock().unwrap().take().unwrap();
@@ -434,15 +425,14 @@ mod tests {
             "0123456789abcdef0123456789abcdef-ours",
             "0123456789abcdef0123456789abcdef-rival",
         );
-        let cluster = std::sync::Arc::new(Cluster::default());
-        let gate = racing_gate(&cluster);
-        let rival_got = std::sync::Arc::new(Mutex::new(None));
+        let cluster = Arc::new(Cluster::default());
+        let gate = tofu_gate(&cluster);
+        let rival_got = Arc::new(Mutex::new(None));
         let (c, g, r) = (cluster.clone(), gate.clone(), rival_got.clone());
         *cluster.meanwhile.lock().unwrap() = Some(Meanwhile(Box::new(move || {
             c.changed.lock().unwrap().push("i-x".into());
-            *r.lock().unwrap() = Some(g.get().unwrap().admit("i-x", &with(rival), 2));
+            *r.lock().unwrap() = Some(g.admit("i-x", &with(rival), 2));
         })));
-        let gate = gate.get().unwrap();
         let got = gate.admit("i-x", &with(ours), 2);
         assert!(matches!(got, Err(Refusal::Forbidden(_))), "{got:?}");
         assert_eq!(rival_got.lock().unwrap().take(), Some(Ok(Admitted::New)));

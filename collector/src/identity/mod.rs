@@ -310,13 +310,14 @@ fn drop_changed(known: &mut HashMap<String, Known>, c: Changed) {
         }
         // A claim still being written is not in a snapshot read before it landed; its own
         // claim, which the store answers, decides it.
-        Changed::All(stored) => known.retain(|id, k| match k.cred {
-            _ if k.pending => true,
-            None => true,
-            Some(have) => stored
-                .get(id)
-                .and_then(|e| unhex(&e.credential_sha256))
-                .is_some_and(|want| ct_eq(&want, &have)),
+        Changed::All(stored) => known.retain(|id, k| {
+            k.pending
+                || k.cred.is_none_or(|have| {
+                    stored
+                        .get(id)
+                        .and_then(|e| unhex(&e.credential_sha256))
+                        .is_some_and(|want| ct_eq(&want, &have))
+                })
         }),
     }
 }
