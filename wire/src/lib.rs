@@ -494,9 +494,21 @@ pub fn valid_id(s: &str) -> bool {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && s.bytes().all(|b| NAME_BYTE[usize::from(b)])
         && !s.starts_with('_')
 }
+
+/// The bytes of [`valid_name`]: A-Z a-z 0-9 _. A table load a byte, where the test it stands
+/// for cost several compares (callgrind: 3 % of a 40-point report, ~300 names in each).
+static NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric() || b == b'_' as usize;
+        b += 1;
+    }
+    t
+};
 
 /// Measurements the collector writes itself from what it judged or did. An agent that could
 /// send them could forge a drift verdict, a health state or an audit record.
@@ -701,6 +713,19 @@ mod tests {
             drift_root: None,
             protected: None,
         }
+    }
+
+    #[test]
+    fn names_take_exactly_ascii_letters_digits_and_underscore() {
+        for b in 0..=255u8 {
+            let want = b.is_ascii_alphanumeric() || b == b'_';
+            assert_eq!(NAME_BYTE[usize::from(b)], want, "byte {b:#04x}");
+            // Every byte of every position, not only the first (which may not be `_`).
+            let s = String::from_utf8_lossy(&[b'a', b, b'z']).into_owned();
+            assert_eq!(valid_name(&s), want, "{s:?}");
+        }
+        assert!(!valid_name("_x") && !valid_name("") && !valid_name(&"a".repeat(65)));
+        assert!(valid_name(&"a".repeat(64)));
     }
 
     #[test]
