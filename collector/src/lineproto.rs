@@ -38,6 +38,38 @@ pub fn lines<'a>(body: &'a str, ends: &'a [usize]) -> impl Iterator<Item = &'a s
     })
 }
 
+/// A tag escaped once, for the many lines that carry it: a report's identity tags go on
+/// each of its points, and a log batch's path on each of its lines (escaping them again for
+/// every line was about half of the escaper's calls, 3 % of a 40-point report).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tag {
+    /// The key as given: what lines sort their tags by.
+    key: String,
+    /// `,key=value`, escaped; empty for a tag that is not written (an empty key or value).
+    text: String,
+}
+
+impl Tag {
+    pub fn new(key: &str, value: &str) -> Tag {
+        let mut text = String::new();
+        if !key.is_empty() && !value.is_empty() {
+            text.reserve(key.len() + value.len() + 2);
+            text.push(',');
+            escape_into(&mut text, key, KEY);
+            text.push('=');
+            escape_into(&mut text, value, KEY);
+        }
+        Tag {
+            key: key.to_owned(),
+            text,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
 /// One point being written; finish with [`PointWriter::end`].
 #[derive(Debug)]
 pub struct PointWriter<'a> {
@@ -82,6 +114,13 @@ impl PointWriter<'_> {
         escape_into(&mut self.w.buf, key, KEY);
         self.w.buf.push('=');
         escape_into(&mut self.w.buf, value, KEY);
+        self
+    }
+
+    /// A tag escaped beforehand; the same place in the line as [`PointWriter::tag`].
+    pub fn tag_escaped(self, tag: &Tag) -> Self {
+        debug_assert_eq!(self.fields, 0, "tags go before fields");
+        self.w.buf.push_str(&tag.text);
         self
     }
 
@@ -310,6 +349,22 @@ mod tests {
             a.point("m").str_field(&key, &text).end(1);
             let mut b = Writer::default();
             b.point("m").field(&key, &Value::Str(text.clone())).end(1);
+            prop_assert_eq!(a.buf, b.buf);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_tag_escaped_beforehand_writes_what_tag_writes(
+            key in "[a-z ,=\\\n]{0,8}",
+            value in "[a-z ,=\\\n\té]{0,12}",
+        ) {
+            let mut a = Writer::default();
+            a.point("m").tag(&key, &value).field("v", &Value::Int(1)).end(1);
+            let mut b = Writer::default();
+            let t = Tag::new(&key, &value);
+            prop_assert_eq!(t.key(), key.as_str());
+            b.point("m").tag_escaped(&t).field("v", &Value::Int(1)).end(1);
             prop_assert_eq!(a.buf, b.buf);
         }
     }
