@@ -8,7 +8,6 @@
 //! collector acked the batch. A checkpoint from another boot means the whole buffer of this
 //! boot is new. The counters travel in the checkpoint too, so a restart does not reset them.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use phoenix_wire::{LogLine, Point, Value};
+use phoenix_wire::{LogLine, Map, Point, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::source::{Ctx, Source};
@@ -42,8 +41,8 @@ pub fn kernel_point(ts: i64) -> Option<Point> {
     let f = |a: &AtomicU64| Value::Int(a.load(Ordering::Relaxed).min(i64::MAX as u64) as i64);
     Some(Point {
         m: "phoenix_kernel".into(),
-        tags: BTreeMap::new(),
-        fields: BTreeMap::from([
+        tags: Map::new(),
+        fields: Map::from([
             ("oom_kills".to_string(), f(&OOM_KILLS)),
             ("segfaults".to_string(), f(&SEGFAULTS)),
             ("hung_tasks".to_string(), f(&HUNG_TASKS)),
@@ -379,11 +378,11 @@ fn log_line(r: &Record, ts: i64) -> LogLine {
         msg: phoenix_wire::cut_to(&r.text, phoenix_wire::MAX_FIELD_STRING),
         escaped: false,
         part: None,
-        tags: BTreeMap::from([
+        tags: Map::from([
             ("src".to_string(), "kernel".to_string()),
             ("level".to_string(), level.to_string()),
         ]),
-        fields: BTreeMap::from([
+        fields: Map::from([
             (
                 "seq".to_string(),
                 Value::Int(r.seq.min(i64::MAX as u64) as i64),

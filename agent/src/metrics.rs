@@ -3,12 +3,12 @@
 //! (sysinfo was measured and set aside: it has no per-state CPU times, iowait, steal or
 //! diskio, and refreshing it costs more than reading the same files ourselves.)
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phoenix_wire::{Point, Value};
+use phoenix_wire::{Map, Point, Value};
 
 use crate::source::{Ctx, Source};
 use crate::spool::Kind;
@@ -195,7 +195,7 @@ impl CpuTimes {
             + self.steal
     }
 
-    fn usage_since(&self, p: &CpuTimes) -> Option<BTreeMap<String, Value>> {
+    fn usage_since(&self, p: &CpuTimes) -> Option<Map<Value>> {
         let total = self.total().checked_sub(p.total())? as f64;
         if total <= 0.0 {
             return None;
@@ -205,7 +205,7 @@ impl CpuTimes {
         let puser = p.user.saturating_sub(p.guest);
         let nice = self.nice.saturating_sub(self.guest_nice);
         let pnice = p.nice.saturating_sub(p.guest_nice);
-        Some(BTreeMap::from([
+        Some(Map::from([
             ("usage_user".into(), pct(user, puser)),
             ("usage_nice".into(), pct(nice, pnice)),
             ("usage_system".into(), pct(self.system, p.system)),
@@ -223,12 +223,7 @@ impl CpuTimes {
     }
 }
 
-fn point<const N: usize>(
-    m: &str,
-    tags: [(&str, String); N],
-    fields: BTreeMap<String, Value>,
-    ts: i64,
-) -> Point {
+fn point<const N: usize>(m: &str, tags: [(&str, String); N], fields: Map<Value>, ts: i64) -> Point {
     Point {
         m: m.into(),
         // Values come from the box (mount paths, device names): cut to what the wire takes.
@@ -259,7 +254,7 @@ fn ssh_point(
             .take(20)
             .map(|d| format!("running: {}[{}]", d.name, d.pid)),
     );
-    let fields = BTreeMap::from([
+    let fields = Map::from([
         (
             "found".into(),
             Value::Bool(!on_22.is_empty() || !daemons.is_empty()),
@@ -299,7 +294,7 @@ fn swap(proc: &Path, ts: i64, out: &mut Vec<Point>) {
     };
     // SAFETY: sysconf only reads a configuration value.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    let fields = BTreeMap::from([
+    let fields = Map::from([
         ("total".into(), int(total)),
         ("used".into(), int(used)),
         ("free".into(), int(free)),
@@ -328,7 +323,7 @@ fn kernel(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             .and_then(|v| v.split_ascii_whitespace().next())
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let mut fields = BTreeMap::new();
+    let mut fields = Map::new();
     for (key, field) in [
         ("ctxt ", "context_switches"),
         ("intr ", "interrupts"),
@@ -380,7 +375,7 @@ fn mem(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         .copied()
         .unwrap_or(free + buffered + cached);
     let used = total.saturating_sub(free + buffered + cached);
-    let fields = BTreeMap::from([
+    let fields = Map::from([
         ("total".into(), int(total)),
         ("available".into(), int(available)),
         ("used".into(), int(used)),
@@ -425,7 +420,7 @@ fn net(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         if v.len() < 16 {
             continue;
         }
-        let fields = BTreeMap::from([
+        let fields = Map::from([
             ("bytes_recv".into(), int(v[0])),
             ("packets_recv".into(), int(v[1])),
             ("err_in".into(), int(v[2])),
@@ -504,7 +499,7 @@ fn disk(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             0.0
         };
         let (itotal, ifree) = (st.f_files, st.f_ffree);
-        let fields = BTreeMap::from([
+        let fields = Map::from([
             ("total".into(), int(total)),
             ("free".into(), int(avail)),
             ("used".into(), int(used)),
@@ -555,7 +550,7 @@ fn diskio(proc: &Path, ts: i64, out: &mut Vec<Point>) {
             continue;
         }
         let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-        let fields = BTreeMap::from([
+        let fields = Map::from([
             ("reads".into(), int(n(3))),
             ("merged_reads".into(), int(n(4))),
             ("read_bytes".into(), int(n(5) * 512)),
@@ -593,7 +588,7 @@ fn system(proc: &Path, ts: i64, out: &mut Vec<Point>) {
         .lines()
         .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
         .count();
-    let fields = BTreeMap::from([
+    let fields = Map::from([
         ("load1".into(), Value::Float(l[0])),
         ("load5".into(), Value::Float(l[1])),
         ("load15".into(), Value::Float(l[2])),
@@ -634,7 +629,7 @@ pub fn self_point(ctx: &Ctx, ts: i64) -> Point {
                 .unwrap_or(0);
         }
     }
-    let mut fields = BTreeMap::from([
+    let mut fields = Map::from([
         ("spool_bytes".into(), int(ctx.spool.bytes())),
         ("spool_batches".into(), int(ctx.spool.len() as u64)),
         (
@@ -663,7 +658,7 @@ pub fn self_point(ctx: &Ctx, ts: i64) -> Point {
     }
     Point {
         m: "phoenix_agent".into(),
-        tags: BTreeMap::from([("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
+        tags: Map::from([("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]),
         fields,
         ts,
     }
@@ -810,7 +805,7 @@ mod tests {
         let p = point(
             "disk",
             [("path", long.clone()), ("device", "sda".into())],
-            BTreeMap::from([("total".to_string(), Value::Int(1))]),
+            Map::from([("total".to_string(), Value::Int(1))]),
             1,
         );
         assert!(p.tags["path"].len() <= phoenix_wire::MAX_TAG_VALUE);

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use phoenix_wire::{Point, Value};
+use phoenix_wire::{Map, Point, Value};
 
 /// Process names that mean a way in by SSH is running.
 const SSH_DAEMONS: [&str; 2] = ["sshd", "dropbear"];
@@ -169,7 +169,7 @@ impl Procs {
         self.stats.retain(|pid, _| next_seen.contains_key(pid));
         self.seen = next_seen;
         self.last = Some((now, uptime_ticks));
-        let mut fields: BTreeMap<String, Value> = states
+        let mut fields: Map<Value> = states
             .into_iter()
             .map(|(k, v)| (k.to_string(), Value::Int(v)))
             .collect();
@@ -177,7 +177,7 @@ impl Procs {
         fields.insert("total_threads".into(), Value::Int(threads));
         out.push(Point {
             m: "processes".into(),
-            tags: BTreeMap::new(),
+            tags: Map::new(),
             fields,
             ts,
         });
@@ -212,7 +212,7 @@ impl Procs {
         pick.dedup_by_key(|r| r.pid);
         for (i, r) in pick.into_iter().enumerate() {
             let user = self.user(r.uid);
-            let mut fields = BTreeMap::from([
+            let mut fields = Map::from([
                 ("pid".to_string(), Value::Int(r.pid as i64)),
                 ("memory_rss".to_string(), int(r.rss)),
                 ("num_threads".to_string(), int(r.threads)),
@@ -223,7 +223,7 @@ impl Procs {
             if let Some(n) = count_fds(&self.proc.join(r.pid.to_string()).join("fd")) {
                 fields.insert("num_fds".into(), int(n));
             }
-            let mut tags = BTreeMap::from([("user".to_string(), user)]);
+            let mut tags = Map::from([("user".to_string(), user)]);
             if !r.comm.is_empty() {
                 tags.insert("process_name".into(), phoenix_wire::cut_value(&r.comm));
             }

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use phoenix_wire::{Point, Value};
+use phoenix_wire::{Map, Point, Value};
 
 #[path = "netlink.rs"]
 pub mod netlink;
@@ -267,7 +267,7 @@ impl Sockets {
         let (counts, listen) = self.read(Source::Auto);
         out.push(Point {
             m: "netstat".into(),
-            tags: BTreeMap::new(),
+            tags: Map::new(),
             fields: counts
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), Value::Int(v)))
@@ -391,8 +391,8 @@ fn set_point(owned: &[Owned], ts: i64) -> Point {
     }
     Point {
         m: "phoenix_listen_set".into(),
-        tags: BTreeMap::new(),
-        fields: BTreeMap::from([
+        tags: Map::new(),
+        fields: Map::from([
             ("count".to_string(), Value::Int(owned.len() as i64)),
             (
                 "set".to_string(),
@@ -419,7 +419,7 @@ pub fn describe(o: &Owned) -> String {
 }
 
 fn listen_point(o: &Owned, ts: i64) -> Point {
-    let mut tags = BTreeMap::from([
+    let mut tags = Map::from([
         ("proto".to_string(), o.listen.proto.to_string()),
         ("address".to_string(), o.listen.address.clone()),
         ("port".to_string(), o.listen.port.to_string()),
@@ -427,7 +427,7 @@ fn listen_point(o: &Owned, ts: i64) -> Point {
     if let Some(p) = &o.process {
         tags.insert("process_name".into(), phoenix_wire::cut_value(p));
     }
-    let mut fields = BTreeMap::from([(
+    let mut fields = Map::from([(
         "inode".to_string(),
         Value::Int(o.listen.inode.min(i64::MAX as u64) as i64),
     )]);

@@ -269,7 +269,14 @@ mod tests {
                 Some(tags[at + 6..].split(',').next().unwrap_or(""))
             })
             .collect();
-        let want = [Some("/a"), Some("/a"), Some("/c"), None, Some("/c"), Some("/a")];
+        let want = [
+            Some("/a"),
+            Some("/a"),
+            Some("/c"),
+            None,
+            Some("/c"),
+            Some("/a"),
+        ];
         assert_eq!(paths[..6], want);
         // A path with a space keeps it, escaped, inside the tag value.
         assert!(w.iter().nth(6).unwrap().contains(",path=/x\\ y message="));

@@ -194,8 +194,8 @@ fn fit(v: &mut Value, want: Kind, m: &str, field: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use phoenix_wire::Map;
     use phoenix_wire::{Identity, LogLine, Point};
-    use std::collections::BTreeMap;
 
     fn report(metrics: Vec<Point>, logs: Vec<LogLine>) -> Report {
         Report {
@@ -215,8 +215,8 @@ mod tests {
     fn pt(m: &str, k: &str, v: Value) -> Point {
         Point {
             m: m.into(),
-            tags: BTreeMap::new(),
-            fields: BTreeMap::from([(k.to_string(), v)]),
+            tags: Map::new(),
+            fields: Map::from([(k.to_string(), v)]),
             ts: 1,
         }
     }
@@ -229,8 +229,8 @@ mod tests {
             msg: "m".into(),
             escaped: false,
             part: None,
-            tags: BTreeMap::new(),
-            fields: BTreeMap::from([(k.to_string(), v)]),
+            tags: Map::new(),
+            fields: Map::from([(k.to_string(), v)]),
         }
     }
 

@@ -2,7 +2,7 @@
 //! parser, the same figures in InfluxDB as `phoenix_collector`, and one JSON object per log
 //! line from both programs with `--log-format json`.
 
-use std::collections::BTreeMap;
+use phoenix_wire::Map;
 use std::time::Duration;
 
 use phoenix_e2e::*;
@@ -29,8 +29,8 @@ fn report(instance: &str, seq: u64) -> Report {
         interval_ms: 1000,
         metrics: vec![Point {
             m: "app".into(),
-            tags: BTreeMap::new(),
-            fields: BTreeMap::from([("v".to_string(), Value::Int(seq as i64))]),
+            tags: Map::new(),
+            fields: Map::from([("v".to_string(), Value::Int(seq as i64))]),
             ts,
         }],
         logs: vec![],

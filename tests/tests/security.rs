@@ -3,7 +3,7 @@
 //! their roles and out of logs, hostile reports refused while others are served, a log line
 //! crafted as line protocol, rate limits under a flood, and a load figure with TLS on.
 
-use std::collections::BTreeMap;
+use phoenix_wire::Map;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -208,8 +208,8 @@ fn report(instance: &str, seq: u64, points: usize) -> Report {
         metrics: (0..points)
             .map(|i| Point {
                 m: "secload".into(),
-                tags: BTreeMap::from([("n".to_string(), i.to_string())]),
-                fields: BTreeMap::from([("v".to_string(), Value::Int(seq as i64))]),
+                tags: Map::from([("n".to_string(), i.to_string())]),
+                fields: Map::from([("v".to_string(), Value::Int(seq as i64))]),
                 ts: now + i as i64,
             })
             .collect(),

@@ -1,7 +1,7 @@
 //! The spine: real agent → real collector → real influxd, and the collector's answers to
 //! every kind of good and bad report.
 
-use std::collections::BTreeMap;
+use phoenix_wire::Map;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
@@ -35,8 +35,8 @@ fn report(instance: &str, seq: u64, points: Vec<Point>) -> Report {
 fn pt(m: &str, field: &str, v: Value, ts: i64) -> Point {
     Point {
         m: m.into(),
-        tags: BTreeMap::new(),
-        fields: BTreeMap::from([(field.to_string(), v)]),
+        tags: Map::new(),
+        fields: Map::from([(field.to_string(), v)]),
         ts,
     }
 }
@@ -292,8 +292,8 @@ fn partial_writes_drop_only_the_bad_points_and_oversized_batches_are_split() {
     let many: Vec<Point> = (0..200)
         .map(|i| Point {
             m: "split".into(),
-            tags: BTreeMap::from([("k".to_string(), format!("series-{i:03}-{}", "p".repeat(40)))]),
-            fields: BTreeMap::from([("v".to_string(), Value::Int(i))]),
+            tags: Map::from([("k".to_string(), format!("series-{i:03}-{}", "p".repeat(40)))]),
+            fields: Map::from([("v".to_string(), Value::Int(i))]),
             ts: t + i,
         })
         .collect();

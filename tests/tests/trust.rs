@@ -220,8 +220,8 @@ fn a_forged_max_seq_costs_the_victim_no_line() {
         msg: "forged".into(),
         escaped: false,
         part: None,
-        tags: BTreeMap::new(),
-        fields: BTreeMap::new(),
+        tags: phoenix_wire::Map::new(),
+        fields: phoenix_wire::Map::new(),
     }];
     assert_all_forgeries_refused(&c, &forged);
 
@@ -630,8 +630,8 @@ fn a_flood_of_made_up_ids_is_bounded_and_a_calm_agent_keeps_being_served() {
                     msg: l.clone(),
                     escaped: false,
                     part: None,
-                    tags: BTreeMap::new(),
-                    fields: BTreeMap::new(),
+                    tags: phoenix_wire::Map::new(),
+                    fields: phoenix_wire::Map::new(),
                 })
                 .collect();
             let body = phoenix_wire::encode(&r);

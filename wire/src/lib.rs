@@ -4,8 +4,6 @@
 //! calls [`encode`]; the collector calls [`decode`] with its limits, which checks every
 //! structural rule a hostile or buggy sender could break before anything reaches InfluxDB.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 pub mod bounds;
@@ -16,9 +14,11 @@ pub mod diag;
 pub mod drift;
 mod gunzip;
 pub mod logtext;
+pub mod map;
 
 pub use cut::{cut_to, cut_value, MAX_TAG_VALUE};
 pub use gunzip::gunzip_limited;
+pub use map::Map;
 
 /// Major version of the wire format. A collector rejects any other major with a 400.
 pub const VERSION: u32 = 1;
@@ -144,9 +144,9 @@ impl Identity {
 pub struct Point {
     /// Measurement name (Telegraf's: cpu, mem, net, disk, diskio, system; or phoenix_*).
     pub m: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tags: BTreeMap<String, String>,
-    pub fields: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub tags: Map<String>,
+    pub fields: Map<Value>,
     /// Unix nanoseconds, set by the agent so a retried batch overwrites itself.
     pub ts: i64,
 }
@@ -218,11 +218,11 @@ pub struct LogLine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<u32>,
     /// Extra tags (journal: unit, level); files get `level` from the text at the collector.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub tags: Map<String>,
     /// Extra fields (journal: pid, comm, priority).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub fields: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub fields: Map<Value>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -642,7 +642,7 @@ fn validate(r: &Report, l: &Limits) -> Result<(), String> {
     Ok(())
 }
 
-fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String> {
+fn check_tags(tags: &Map<String>, l: &Limits) -> Result<(), String> {
     for (k, v) in tags {
         if !valid_name(k) || k == "time" {
             return Err(format!(
@@ -656,7 +656,7 @@ fn check_tags(tags: &BTreeMap<String, String>, l: &Limits) -> Result<(), String>
     Ok(())
 }
 
-fn check_fields(fields: &BTreeMap<String, Value>, l: &Limits) -> Result<(), String> {
+fn check_fields(fields: &Map<Value>, l: &Limits) -> Result<(), String> {
     for (k, v) in fields {
         if !valid_name(k) || k == "time" {
             return Err(format!(
@@ -685,7 +685,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Report {
-        let mut fields = BTreeMap::new();
+        let mut fields = Map::new();
         fields.insert("usage_idle".to_string(), Value::Float(97.5));
         fields.insert("n".to_string(), Value::Int(3));
         Report {

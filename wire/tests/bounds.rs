@@ -2,7 +2,7 @@
 //! their bounds, and a refusal names the field, the value and the bound. Property-tested over
 //! the whole ranges of the integer types, with the collector's clock pinned and at extremes.
 
-use std::collections::BTreeMap;
+use phoenix_wire::Map;
 
 use phoenix_wire::bounds::{MAX_CHECK_MS, MAX_INTERVAL_MS, MIN_BOOT_TIME, MIN_INTERVAL_MS};
 use phoenix_wire::{
@@ -40,7 +40,7 @@ fn report(now: i64) -> Report {
         interval_ms: 10_000,
         metrics: vec![Point {
             m: "cpu".into(),
-            tags: BTreeMap::new(),
+            tags: Map::new(),
             fields: [("usage_idle".to_string(), Value::Float(90.0))].into(),
             ts: now,
         }],
@@ -51,8 +51,8 @@ fn report(now: i64) -> Report {
             msg: "hello".into(),
             escaped: false,
             part: None,
-            tags: BTreeMap::new(),
-            fields: BTreeMap::new(),
+            tags: Map::new(),
+            fields: Map::new(),
         }],
         drift: Some(DriftState {
             hash: "ab".repeat(32),

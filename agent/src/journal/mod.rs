@@ -38,7 +38,6 @@ mod export;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -48,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use phoenix_wire::{logtext, LogLine, Value, MAX_FIELD_STRING};
+use phoenix_wire::{logtext, LogLine, Map, Value, MAX_FIELD_STRING};
 use serde::{Deserialize, Serialize};
 
 use crate::counters;
@@ -964,7 +963,7 @@ impl Reader {
             [one] => Cow::Borrowed(one),
             many => Cow::Owned(many.join(&b'\n')),
         };
-        let mut tags = BTreeMap::new();
+        let mut tags = Map::new();
         if let Some(u) = e.unit.or(e.identifier).filter(|u| !u.is_empty()) {
             tags.insert("unit".to_string(), tag_text(u));
         }
@@ -975,7 +974,7 @@ impl Reader {
                 logtext::level_of_priority(p).to_string(),
             );
         }
-        let mut fields = BTreeMap::new();
+        let mut fields = Map::new();
         if let Some(pid) = e
             .pid
             .and_then(|p| std::str::from_utf8(p).ok()?.parse::<i64>().ok())
