@@ -72,9 +72,6 @@ fn gunzip_with(d: &mut DecompressorOxide, body: &[u8], max: usize) -> Result<Vec
         d.init();
         let start = filled;
         loop {
-            if filled > max {
-                return Err(DecodeError::TooLarge(max));
-            }
             if filled == out.len() {
                 // The trailer's figure first; then doubling, but never past one byte over
                 // the limit (that byte proves "more").
@@ -96,6 +93,10 @@ fn gunzip_with(d: &mut DecompressorOxide, body: &[u8], max: usize) -> Result<Vec
             );
             pos += used_in;
             filled += used_out;
+            // The output never grows past max + 1: that byte proves "more".
+            if filled > max {
+                return Err(DecodeError::TooLarge(max));
+            }
             match status {
                 TINFLStatus::Done => break,
                 TINFLStatus::HasMoreOutput => {}
@@ -104,9 +105,6 @@ fn gunzip_with(d: &mut DecompressorOxide, body: &[u8], max: usize) -> Result<Vec
                 }
                 other => return Err(bad(format!("corrupt deflate stream: {other:?}"))),
             }
-        }
-        if filled > max {
-            return Err(DecodeError::TooLarge(max));
         }
         let trailer = body
             .get(pos..pos + 8)

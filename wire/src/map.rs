@@ -31,10 +31,6 @@ impl<V> Map<V> {
         Map(Vec::new())
     }
 
-    pub fn with_capacity(n: usize) -> Map<V> {
-        Map(Vec::with_capacity(n))
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -55,10 +51,6 @@ impl<V> Map<V> {
 
     pub fn get(&self, key: &str) -> Option<&V> {
         self.find(key).ok().map(|i| &self.0[i].1)
-    }
-
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
-        self.find(key).ok().map(|i| &mut self.0[i].1)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -95,10 +87,6 @@ impl<V> Map<V> {
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.0.iter().map(|(k, _)| k)
     }
-
-    pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, v)| v)
-    }
 }
 
 impl<V> Default for Map<V> {
@@ -134,14 +122,6 @@ impl<'a, V> IntoIterator for &'a Map<V> {
     type IntoIter = Iter<'a, V>;
     fn into_iter(self) -> Iter<'a, V> {
         self.iter()
-    }
-}
-
-impl<V> IntoIterator for Map<V> {
-    type Item = (String, V);
-    type IntoIter = std::vec::IntoIter<(String, V)>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
     }
 }
 
@@ -184,8 +164,9 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Map<V> {
                 let Some(first) = a.next_entry::<String, V>()? else {
                     return Ok(Map::new());
                 };
-                let mut m = Map::with_capacity(8);
-                m.0.push(first);
+                let mut entries = Vec::with_capacity(8);
+                entries.push(first);
+                let mut m = Map(entries);
                 while let Some((k, v)) = a.next_entry::<String, V>()? {
                     m.insert(k, v);
                 }
